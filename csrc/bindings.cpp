@@ -1,0 +1,46 @@
+// The schema of every pefttorch op, in one place. Kernels register per backend with
+// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and autograd are registered from
+// Python (pefttorch/ops.py).
+#include <torch/library.h>
+
+#include "build_config.h"
+
+TORCH_LIBRARY(pefttorch, m) {
+  // y = x W^T + bias + scaling * dropout(x) A^T B^T, and s = dropout(x) A^T (tokens, r) for backward.
+  m.def(
+      "lora_linear_forward(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? bias, "
+      "float scaling, float dropout_p, Tensor? seed) -> (Tensor y, Tensor s)");
+  // Gradients of lora_linear_forward w.r.t. (x, weight, lora_a, lora_b, bias), each only if its mask bit is set.
+  m.def(
+      "lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor? s, float scaling, float dropout_p, Tensor? seed, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+}
+
+#ifdef PEFTTORCH_PYTHON_MODULE
+#include <Python.h>
+
+// `import pefttorch._C` loads this library, which registers the ops above as a side effect. The module
+// holds no functions (ops are reached through torch.ops.pefttorch), only what the binary was built with.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C",
+                            "pefttorch's compiled ops, registered under torch.ops.pefttorch on import.", -1,
+                            nullptr};
+  PyObject* m = PyModule_Create(&def);
+  if (m == nullptr) return nullptr;
+#ifdef PEFTTORCH_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(m, "VERSION", PEFTTORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "TORCH_VERSION", PEFTTORCH_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(m, "CUDA_ARCHS", PEFTTORCH_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(m, "CUDA_VERSION", PEFTTORCH_CUDA_VERSION) < 0 ||
+      PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
+#endif

@@ -1,0 +1,38 @@
+"""pefttorch: parameter-efficient fine-tuning for PyTorch with fused C++/CUDA kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops  # loads pefttorch._C and registers fake kernels and autograd; keep first
+from . import functional, nn, reference
+
+__version__ = ops._C.VERSION
+
+
+def build_info() -> dict:
+    """What the compiled extension was built with.
+
+    Keys: ``version`` (pefttorch), ``torch_version`` (the torch it was built against), ``cuda`` (CUDA
+    kernels compiled in), ``cuda_version`` and ``cuda_archs`` (targets, e.g. ``["8.0+PTX", "9.0a"]``;
+    empty without CUDA), ``ops`` (the registered op names) and ``devices`` (the backends with kernels).
+    """
+    c = ops._C
+    names = ["lora_linear_forward", "lora_linear_backward"]
+    devices = [
+        key.lower()
+        for key in ("CPU", "CUDA")
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pefttorch::{n}", key) for n in names)
+    ]
+    return {
+        "version": c.VERSION,
+        "torch_version": c.TORCH_VERSION,
+        "cuda": bool(c.WITH_CUDA),
+        "cuda_version": c.CUDA_VERSION or None,
+        "cuda_archs": [a for a in c.CUDA_ARCHS.split(";") if a],
+        "ops": names,
+        "devices": devices,
+    }
+
+
+__all__ = ["build_info", "functional", "nn", "reference", "__version__"]

@@ -1,0 +1,5 @@
+"""Modules built on pefttorch's fused ops."""
+
+from .lora import LoRALinear
+
+__all__ = ["LoRALinear"]

@@ -1,0 +1,144 @@
+"""LoRALinear: an nn.Linear with a trainable low-rank update, computed by the fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional
+
+
+class LoRALinear(nn.Module):
+    """``y = x W^T + b + scaling * dropout(x) A^T B^T`` with W and b frozen.
+
+    ``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). A starts
+    Kaiming-uniform and B at zero, so the layer starts out equal to the base layer. Build one around an
+    existing layer with :meth:`from_linear`; :meth:`merge` folds the update into W for inference and
+    :meth:`unmerge` takes it out again.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRALinear: r must be a positive integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self._init_base()
+        self.reset_lora_parameters()
+
+    def _init_base(self) -> None:
+        # nn.Linear's own initialisation, for layers not built from an existing one.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (as nn.Linear initialises its weight), B zero: the update starts at 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> LoRALinear:
+        """Wraps ``linear``: shares (and freezes) its weight and bias, adds A and B beside them."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            bias=linear.bias is not None,
+            device="meta",  # the base tensors are replaced below: do not allocate them twice
+            dtype=w.dtype,
+        )
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return functional.lora_linear(
+            x,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.bias,
+            scaling=self.scaling,
+            dropout=self.lora_dropout,
+            training=self.training,
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` in float32 (or float64), the update merge() adds to W."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += scaling * B A, in place; forward then runs the plain linear layer."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undoes merge(): W -= scaling * B A (exact up to rounding in W's dtype)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+            f"bias={self.bias is not None}, rslora={self.use_rslora}, merged={self.merged}"
+        )

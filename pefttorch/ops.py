@@ -1,0 +1,90 @@
+"""Python side of the custom ops: fake (meta) kernels for torch.compile, and autograd formulas.
+
+The schemas and the CPU/CUDA kernels are registered by the compiled extension (csrc/bindings.cpp);
+this module adds what PyTorch needs to trace and differentiate them, and typed wrappers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _extension
+
+_C = _extension.load()
+
+_ops = torch.ops.pefttorch
+
+
+# --------------------------------------------------------------------------------------------------
+# lora_linear
+
+
+@torch.library.register_fake("pefttorch::lora_linear_forward")
+def _lora_linear_forward_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "lora_linear_forward: x.size(-1) != weight.size(1)")
+    tokens = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    s = x.new_empty((tokens, lora_a.shape[0]))
+    return y, s
+
+
+@torch.library.register_fake("pefttorch::lora_linear_backward")
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output_mask):
+    need_x, need_w, need_a, need_b, need_bias = output_mask
+    return (
+        grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if need_x else None,
+        torch.empty_like(weight) if need_w else None,
+        torch.empty_like(lora_a) if need_a else None,
+        torch.empty_like(lora_b) if need_b else None,
+        grad_y.new_empty((weight.shape[0],)) if need_bias else None,
+    )
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed = inputs
+    _, s = output
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    # Save only what the requested gradients use: x for dW and dA, s for dB (weight and the adapter
+    # factors are parameters, so keeping a reference to them costs no memory).
+    ctx.save_for_backward(
+        x if (need_w or need_a) else None,
+        weight,
+        lora_a,
+        lora_b,
+        s if need_b else None,
+        seed,
+    )
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.mask = [need_x, need_w, need_a, need_b, bias is not None and need_bias]
+
+
+def _lora_linear_backward(ctx, grad_y, grad_s):
+    # s is an internal result handed to backward, not part of the function's value: its gradient is
+    # ignored by design (functional.lora_linear never exposes it).
+    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+    grads = _ops.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, ctx.mask
+    )
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(
+    "pefttorch::lora_linear_forward", _lora_linear_backward, setup_context=_lora_linear_setup_context
+)
+
+
+def lora_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw op: returns (y, s) where s = dropout(x) A^T is what backward reuses."""
+    return _ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)

@@ -1,0 +1,91 @@
+"""Pure-PyTorch versions of every pefttorch op: the oracle the kernels are tested against.
+
+They favour plainness over speed and share no code with the C++/CUDA kernels, including the dropout
+mask, which is recomputed here from the same counter-based definition (see csrc/common/philox.h).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for a 32-bit constant a and int64 tensor b < 2**32.
+
+    The 64-bit product would overflow int64, so it is formed from 16-bit pieces of a: every
+    intermediate stays below 2**49.
+    """
+    p = (a & 0xFFFF) * b  # < 2**48
+    q = (a >> 16) * b  # < 2**48
+    mid = q + (p >> 16)  # a*b = mid * 2**16 + (p & 0xFFFF)
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (p & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """Philox4x32-10 of int64 counters of shape (..., 4) (32-bit words) under a 64-bit key (k0, k1).
+
+    Returns the four 32-bit output words as int64, shape (..., 4).
+    """
+    c0, c1, c2, c3 = (counter[..., i].to(torch.int64) for i in range(4))
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W[0]) & _MASK32
+        k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def dropout_threshold(p: float) -> int:
+    """Philox words below this are dropped: floor(p * 2**32), as the kernels compute it."""
+    return min(math.floor(p * 4294967296.0), 0xFFFFFFFF)
+
+
+def dropout_keep(numel: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The keep mask (bool, shape (numel,)) of the first `numel` elements in row-major order."""
+    seed &= (1 << 64) - 1
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(groups)
+    counter = torch.stack([groups & _MASK32, groups >> 32, zero, zero], dim=-1)
+    words = philox4x32_10(counter, (seed & _MASK32, seed >> 32)).reshape(-1)[:numel]
+    return words >= dropout_threshold(p)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout of x with the mask the kernels draw for (p, seed).
+
+    Element i of x, counted row-major over its logical shape, is kept with probability 1 - p; kept
+    elements are multiplied by 1 / (1 - p), dropped ones by 0 (so NaN stays NaN, as in torch.dropout).
+    """
+    if p == 0.0:
+        return x
+    keep = dropout_keep(x.numel(), p, seed, x.device).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """y = x W^T + b + scaling * dropout(x) A^T B^T, differentiable by autograd."""
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs the seed the kernel was given")
+    x_d = dropout(x, dropout_p, seed) if dropout_p > 0.0 else x
+    return F.linear(x, weight, bias) + scaling * ((x_d @ lora_a.t()) @ lora_b.t())
