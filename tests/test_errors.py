@@ -1,0 +1,78 @@
+"""Bad input gets a clear error that names the tensor and what was expected, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import HAS_CUDA, rand
+
+from pefttorch import functional, ops
+
+
+def args(**over):
+    base = dict(x=rand(4, 8), weight=rand(6, 8), lora_a=rand(2, 8), lora_b=rand(6, 2), bias=rand(6))
+    base.update(over)
+    return base
+
+
+def call(**over):
+    a = args(**over)
+    return functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], a["bias"],
+                                  dropout=over.get("dropout", 0.0))
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(x=rand(4, 7)), r"x\.size\(-1\) must equal in_features"),
+        (dict(lora_a=rand(2, 9)), r"lora_a\.size\(1\) must equal in_features"),
+        (dict(lora_b=rand(5, 2)), r"lora_b\.size\(0\) must equal out_features"),
+        (dict(lora_b=rand(6, 3)), r"lora_b\.size\(1\) must equal the rank"),
+        (dict(lora_a=rand(0, 8), lora_b=rand(6, 0)), r"rank r = lora_a\.size\(0\) must be at least 1"),
+        (dict(bias=rand(5)), r"bias\.size\(0\) must equal out_features"),
+        (dict(bias=rand(6, 1)), r"bias must be 1-D"),
+        (dict(weight=rand(6, 8, 1)), r"weight must be 2-D"),
+        (dict(x=torch.tensor(1.0)), r"x must have at least one dimension"),
+        (dict(lora_a=rand(2, 8, dtype=torch.float64)), r"lora_a has dtype Double but x has Float"),
+        (dict(x=rand(4, 8, dtype=torch.bfloat16)), r"has dtype Float but x has BFloat16"),
+        (dict(x=torch.ones(4, 8, dtype=torch.int32), weight=torch.ones(6, 8, dtype=torch.int32)),
+         r"x has unsupported dtype Int"),
+    ],
+)
+def test_bad_input_is_a_clear_runtime_error(over, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(**over)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_dropout_is_a_value_error(p):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        call(dropout=p)
+
+
+def test_op_level_dropout_checks():
+    a = args()
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        ops.lora_linear_forward(a["x"], a["weight"], a["lora_a"], a["lora_b"], None, 1.0, 1.0, torch.tensor(1))
+    with pytest.raises(RuntimeError, match="needs a seed tensor"):
+        ops.lora_linear_forward(a["x"], a["weight"], a["lora_a"], a["lora_b"], None, 1.0, 0.5, None)
+    with pytest.raises(RuntimeError, match="seed must be an int64 tensor with one element"):
+        ops.lora_linear_forward(a["x"], a["weight"], a["lora_a"], a["lora_b"], None, 1.0, 0.5, torch.tensor(1.0))
+
+
+def test_backward_op_missing_saved_tensors():
+    a = args()
+    gy = rand(4, 6)
+    with pytest.raises(RuntimeError, match="x is needed for the weight or lora_a gradient"):
+        torch.ops.pefttorch.lora_linear_backward(gy, None, a["weight"], a["lora_a"], a["lora_b"], None, 1.0, 0.0,
+                                                 None, [False, False, True, False, False])
+    with pytest.raises(RuntimeError, match="s is needed for the lora_b gradient"):
+        torch.ops.pefttorch.lora_linear_backward(gy, None, a["weight"], a["lora_a"], a["lora_b"], None, 1.0, 0.0,
+                                                 None, [False, False, False, True, False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_mixed_devices():
+    with pytest.raises(RuntimeError, match=r"weight is on cpu but x is on cuda"):
+        call(x=rand(4, 8, device="cuda"))

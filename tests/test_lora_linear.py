@@ -1,0 +1,149 @@
+"""The fused LoRA linear op against the pure-PyTorch reference: forward and every gradient."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from helpers import DEVICES, DTYPES, assert_close_to_oracle, rand
+from hypothesis import given, settings
+
+from pefttorch import functional, ops, reference
+
+# (leading dims of x, in_features, out_features, r): odd sizes, 1-token inputs, 3-D inputs, ranks that
+# are not multiples of 16 and ranks above the 64-wide CUDA tile.
+SHAPES = [
+    ((1,), 3, 5, 1),
+    ((3,), 17, 33, 3),
+    ((17,), 64, 48, 16),
+    ((2, 5), 20, 12, 4),
+    ((3, 7), 33, 65, 17),
+    ((130,), 72, 40, 70),
+]
+
+
+def _x_view(kind: str, lead, in_features, dtype, device):
+    """x of shape (*lead, in_features) with the memory layout `kind`."""
+    if kind == "contiguous":
+        return rand(*lead, in_features, dtype=dtype, device=device)
+    if kind == "padded_rows":  # unit inner stride, row stride > in_features: no copy needed
+        return rand(*lead, in_features + 5, dtype=dtype, device=device)[..., :in_features]
+    if kind == "strided":  # every other column: inner stride 2
+        return rand(*lead, 2 * in_features, dtype=dtype, device=device)[..., ::2]
+    if kind == "transposed":  # (in, *lead) transposed into place
+        return rand(in_features, *reversed(lead), dtype=dtype, device=device).permute(
+            *range(len(lead), 0, -1), 0
+        )
+    raise ValueError(kind)
+
+
+def run_case(lead, in_features, out_features, r, dtype, device, *, bias=True, dropout_p=0.0,
+             x_kind="contiguous", weight_grad=False, x_grad=True, scaling=0.7, seed=1234):
+    x = _x_view(x_kind, lead, in_features, dtype, device).requires_grad_(x_grad)
+    assert x.shape == (*lead, in_features)
+    weight = rand(out_features, in_features, dtype=dtype, device=device, requires_grad=weight_grad, scale=0.2)
+    lora_a = rand(r, in_features, dtype=dtype, device=device, requires_grad=True, scale=0.2)
+    lora_b = rand(out_features, r, dtype=dtype, device=device, requires_grad=True, scale=0.2)
+    b = rand(out_features, dtype=dtype, device=device, requires_grad=True) if bias else None
+    inputs = [t for t in (x, weight, lora_a, lora_b, b) if t is not None and t.requires_grad]
+    grad_y = rand(*lead, out_features, dtype=dtype, device=device)
+
+    seed_t = torch.tensor(seed) if dropout_p > 0 else None
+    y, s = ops.lora_linear_forward(x, weight, lora_a, lora_b, b, scaling, dropout_p, seed_t)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+
+    def ref(cast):
+        leaves = [t.detach().to(cast).requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (x, weight, lora_a, lora_b, b)]
+        out = reference.lora_linear(*leaves, scaling=scaling, dropout_p=dropout_p, seed=seed)
+        want = [t for t in leaves if t is not None and t.requires_grad]
+        return out, torch.autograd.grad(out, want, grad_y.to(cast))
+
+    y_base, g_base = ref(dtype)
+    y_oracle, g_oracle = ref(torch.float64)
+    assert y.device.type == device and s.shape == (x.numel() // in_features, r)
+    assert_close_to_oracle("y", y, y_base, y_oracle)
+    names = [n for n, t in zip(("x", "weight", "lora_a", "lora_b", "bias"), (x, weight, lora_a, lora_b, b))
+             if t is not None and t.requires_grad]
+    for name, g, gb, go in zip(names, grads, g_base, g_oracle):
+        assert_close_to_oracle(f"d{name}", g, gb, go)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_matches_reference(shape, dtype, device, dropout_p):
+    run_case(*shape, dtype, device, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_kind", ["padded_rows", "strided", "transposed"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_strided_inputs(x_kind, dtype, device, dropout_p):
+    run_case((4, 6), 24, 10, 5, dtype, device, x_kind=x_kind, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_no_bias_and_weight_grad(device, dropout_p):
+    run_case((9,), 13, 11, 2, torch.float32, device, bias=False, weight_grad=True, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_adapter_grads(device):
+    # x needs no grad: the common case of a first layer fed by a frozen embedding.
+    run_case((5,), 16, 8, 4, torch.float32, device, x_grad=False, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_empty_input(device, lead):
+    x = rand(*lead, 8, device=device, requires_grad=True)
+    w = rand(6, 8, device=device)
+    a = rand(2, 8, device=device, requires_grad=True)
+    b = rand(6, 2, device=device, requires_grad=True)
+    y = functional.lora_linear(x, w, a, b, rand(6, device=device), dropout=0.1)
+    assert y.shape == (*lead, 6)
+    gx, ga, gb = torch.autograd.grad(y.sum(), (x, a, b))
+    assert gx.shape == x.shape and (ga == 0).all() and (gb == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_through_dropout(device):
+    # A NaN in x must reach s = dropout(x) A^T even where dropout drops it (as torch.dropout does:
+    # NaN * 0 = NaN), rather than being silently zeroed.
+    x = rand(4, 8, device=device)
+    x[1, 3] = float("nan")
+    w, a, b = rand(5, 8, device=device), rand(2, 8, device=device), rand(5, 2, device=device)
+    _, s = ops.lora_linear_forward(x, w, a, b, None, 1.0, 0.999, torch.tensor(7))
+    assert torch.isnan(s[1]).all() and not torch.isnan(s[[0, 2, 3]]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_matches_module_formula(device):
+    x, w, a, b = rand(3, 4, 8, device=device), rand(5, 8, device=device), rand(2, 8, device=device), rand(
+        5, 2, device=device)
+    bias = rand(5, device=device)
+    y = functional.lora_linear(x, w, a, b, bias, scaling=2.0)
+    want = x @ w.t() + bias + 2.0 * (x @ a.t() @ b.t())  # written out, independent of reference.py
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # training=False disables dropout whatever its probability
+    torch.testing.assert_close(functional.lora_linear(x, w, a, b, bias, scaling=2.0, dropout=0.9,
+                                                      training=False), y)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    r=st.integers(1, 20),
+    dropout_p=st.sampled_from([0.0, 0.25, 0.9]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_property_any_shape_float64(lead, in_features, out_features, r, dropout_p, bias, seed):
+    run_case(tuple(lead), in_features, out_features, r, torch.float64, "cpu", bias=bias, dropout_p=dropout_p,
+             seed=seed, weight_grad=True)

@@ -1,0 +1,110 @@
+"""pefttorch.nn.LoRALinear: wrapping, initialisation, training, merge/unmerge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICES, DTYPES
+
+from pefttorch.nn import LoRALinear
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_shares_freezes_and_starts_at_base(device, bias):
+    base = torch.nn.Linear(20, 9, bias=bias, device=device)
+    layer = LoRALinear.from_linear(base, r=4, lora_alpha=16, lora_dropout=0.1)
+    assert layer.weight is base.weight and not layer.weight.requires_grad
+    assert (layer.bias is base.bias) if bias else layer.bias is None
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (9, 4)
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.lora_A.abs().sum() > 0 and (layer.lora_B == 0).all()
+    assert layer.scaling == 4.0
+    x = torch.randn(2, 7, 20, device=device)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x))
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_kaiming_uniform_bound_of_a():
+    layer = LoRALinear(256, 8, r=64)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear: gain sqrt(1/3) * sqrt(3/fan_in)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+
+
+def test_rslora_scaling():
+    assert LoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5])
+def test_bad_rank(r):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        LoRALinear(8, 8, r=r)
+
+
+def test_bad_dropout_and_type():
+    with pytest.raises(ValueError, match="lora_dropout"):
+        LoRALinear(8, 8, lora_dropout=1.0)
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains(device):
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(16, 4, device=device), r=4, lora_alpha=4, lora_dropout=0.1)
+    target = torch.nn.Linear(16, 4, device=device)
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=3e-2)
+    x = torch.randn(256, 16, device=device)
+    with torch.no_grad():
+        y_t = target(x)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(layer(x), y_t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_unmerge_round_trip(device, dtype):
+    base = torch.nn.Linear(24, 10, device=device, dtype=dtype)
+    layer = LoRALinear.from_linear(base, r=3, lora_alpha=6).eval()
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 24, device=device, dtype=dtype)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and "merged=True" in repr(layer)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(layer(x), y, rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    # exact up to one rounding of W in its own dtype
+    eps = torch.finfo(dtype).eps
+    assert (layer.weight - w0).abs().max() <= 2 * eps * w0.abs().max()
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_extra_repr():
+    text = repr(LoRALinear(8, 4, r=2, lora_alpha=4, lora_dropout=0.05))
+    for part in ("in_features=8", "out_features=4", "r=2", "lora_alpha=4", "scaling=2", "lora_dropout=0.05",
+                 "merged=False"):
+        assert part in text
+
+
+def test_state_dict_round_trip():
+    a = LoRALinear(8, 4, r=2)
+    torch.nn.init.normal_(a.lora_B)
+    b = LoRALinear(8, 4, r=2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(a(x), b(x))
+    assert set(a.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
