@@ -1,0 +1,63 @@
+// Just enough of CUDA to run pefttorch's kernels as plain C++ on the CPU, for tests on machines with no
+// GPU: each block runs as blockDim.x real threads (so __syncthreads is a real barrier and a missing one
+// can show), blocks run one after another (so `__shared__`, which becomes a function-local static, is
+// owned by one block at a time). Only 1-D blocks; no warp intrinsics (kernels reach those through
+// mma.cuh, whose plain-C++ version uses none).
+#pragma once
+
+#if defined(__CUDACC__)
+#error "cuda_emulation.h is for host compilers only"
+#endif
+
+#include <barrier>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace pt_emu {
+inline thread_local dim3 thread_idx, block_idx;
+inline dim3 block_dim, grid_dim;
+inline thread_local std::barrier<>* block_barrier = nullptr;
+
+// Runs kernel(args...) over the grid.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, unsigned threads, Kernel kernel, Args... args) {
+  grid_dim = grid;
+  block_dim = dim3(threads);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> bar(threads);
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            thread_idx = dim3(t);
+            block_idx = dim3(bx, by, bz);
+            block_barrier = &bar;
+            kernel(args...);
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+}
+}  // namespace pt_emu
+
+#define threadIdx (pt_emu::thread_idx)
+#define blockIdx (pt_emu::block_idx)
+#define blockDim (pt_emu::block_dim)
+#define gridDim (pt_emu::grid_dim)
+#define __syncthreads() (pt_emu::block_barrier->arrive_and_wait())
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
