@@ -16,7 +16,7 @@ SETUPTOOLS := setuptools>=77,<82
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip "$(SETUPTOOLS)" wheel
+	$(PY) -m pip install --upgrade pip "$(SETUPTOOLS)" wheel ninja
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install --no-build-isolation -e '.[dev]'
 	touch $@

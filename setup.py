@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import sources  # noqa: E402
 
 
-
 def _find_cuda_home() -> None:
     """Sets CUDA_HOME to a real toolkit when it is unset.
 

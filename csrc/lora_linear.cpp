@@ -5,8 +5,8 @@
 //           s = dropout(x) A^T      device kernel (mask regenerated, x never copied) or a GEMM if p = 0
 //           y += scaling * s B^T    one GEMM accumulating into y (beta = 1): no separate scale/add/cast
 // Backward: ds = scaling * dy B,  dB = scaling * dy^T s,  dbias = sum(dy)
-//           dx = dy W, then dx += mask * (ds A) / (1 - p) in place (one buffer)
-//           dA = ds^T dropout(x),  dW = dy^T x
+//           dx = dy W, then dx += mask * (ds A) / (1 - p) in place (one buffer),
+//           dA = ds^T dropout(x) (both from one device call, which may share the mask),  dW = dy^T x
 #include "ops.h"
 
 #include "common/checks.h"
@@ -119,18 +119,16 @@ LoraGrads lora_linear_backward(const LoraDropoutKernels& k, const at::Tensor& gr
   }
   if (need_x || need_a) {
     const at::Tensor ds = mm_scaled(dy, lora_b, scaling);  // (tokens, r), contiguous
-    if (need_x) {
-      at::Tensor dx2 = at::mm(dy, weight);  // fresh and contiguous: the low-rank term accumulates into it
-      if (!d.active) {
-        dx2.addmm_(ds, lora_a);
-      } else if (tokens > 0) {
-        k.expand_accumulate(dx2, ds, lora_a.contiguous(), d);
-      }
-      dx = dx2.view(with_last_dim(grad_y.sizes(), in));
+    at::Tensor dx2, da_;
+    if (need_x) dx2 = at::mm(dy, weight);  // fresh and contiguous: the low-rank term accumulates into it
+    if (!d.active || tokens == 0) {
+      if (need_x) dx2.addmm_(ds, lora_a);
+      if (need_a) da_ = at::mm(ds.t(), x2);
+    } else {
+      k.backward(ds, x2, lora_a.contiguous(), d, need_x ? &dx2 : nullptr, need_a ? &da_ : nullptr);
     }
-    if (need_a) {
-      da = (d.active && tokens > 0) ? k.grad_a(ds, x2, d) : at::mm(ds.t(), x2);
-    }
+    if (need_x) dx = dx2.view(with_last_dim(grad_y.sizes(), in));
+    if (need_a) da = da_;
   }
   if (need_w) dw = at::mm(dy.t(), x2);
   if (need_bias) dbias = dy.sum(0);

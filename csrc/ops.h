@@ -23,11 +23,12 @@ namespace pefttorch {
 struct LoraDropoutKernels {
   // s = dropout(x) @ lora_a^T
   void (*down)(const at::Tensor& x, const at::Tensor& lora_a, const Dropout& d, at::Tensor& s);
-  // dx += dropout_mask * (ds @ lora_a) / (1 - p), in place
-  void (*expand_accumulate)(at::Tensor& dx, const at::Tensor& ds, const at::Tensor& lora_a,
-                            const Dropout& d);
-  // returns ds^T @ dropout(x), shape (r, in)
-  at::Tensor (*grad_a)(const at::Tensor& ds, const at::Tensor& x, const Dropout& d);
+  // The low-rank path's backward through dropout, for whichever of the two is asked for (the other
+  // pointer is null); one call, so a backend can regenerate the mask once for both:
+  //   *dx += dropout_mask * (ds @ lora_a) / (1 - p)   in place
+  //   *da  = ds^T @ dropout(x)                        (r, in), allocated by the kernel
+  void (*backward)(const at::Tensor& ds, const at::Tensor& x, const at::Tensor& lora_a, const Dropout& d,
+                   at::Tensor* dx, at::Tensor* da);
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const LoraDropoutKernels& k, const at::Tensor& x,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import ops  # loads pefttorch._C and registers fake kernels and autograd; keep first
-from . import functional, nn, reference
+from . import (
+    functional,
+    nn,
+    ops,  # loads pefttorch._C and registers fake kernels and autograd; keep first
+    reference,
+)
 
 __version__ = ops._C.VERSION
 

@@ -63,9 +63,9 @@ def run_case(lead, in_features, out_features, r, dtype, device, *, bias=True, dr
     y_oracle, g_oracle = ref(torch.float64)
     assert y.device.type == device and s.shape == (x.numel() // in_features, r)
     assert_close_to_oracle("y", y, y_base, y_oracle)
-    names = [n for n, t in zip(("x", "weight", "lora_a", "lora_b", "bias"), (x, weight, lora_a, lora_b, b))
+    names = [n for n, t in zip(("x", "weight", "lora_a", "lora_b", "bias"), (x, weight, lora_a, lora_b, b), strict=True)
              if t is not None and t.requires_grad]
-    for name, g, gb, go in zip(names, grads, g_base, g_oracle):
+    for name, g, gb, go in zip(names, grads, g_base, g_oracle, strict=True):
         assert_close_to_oracle(f"d{name}", g, gb, go)
 
 
@@ -132,6 +132,24 @@ def test_functional_matches_module_formula(device):
     # training=False disables dropout whatever its probability
     torch.testing.assert_close(functional.lora_linear(x, w, a, b, bias, scaling=2.0, dropout=0.9,
                                                       training=False), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_inputs_are_not_modified(device, dtype, dropout_p):
+    tensors = [rand(2, 9, 12, dtype=dtype, device=device), rand(7, 12, dtype=dtype, device=device),
+               rand(3, 12, dtype=dtype, device=device), rand(7, 3, dtype=dtype, device=device),
+               rand(7, dtype=dtype, device=device)]
+    before = [t.clone() for t in tensors]
+    leaves = [t.requires_grad_() for t in tensors]
+    y, s = ops.lora_linear_forward(*leaves, 0.5, dropout_p, torch.tensor(5) if dropout_p else None)
+    grad_y = rand(*y.shape, dtype=dtype, device=device)
+    g_before = grad_y.clone()
+    torch.autograd.grad(y, leaves, grad_y)
+    for name, t, b in zip(("x", "weight", "lora_a", "lora_b", "bias"), tensors, before, strict=True):
+        assert torch.equal(t.detach(), b), f"{name} was modified"
+    assert torch.equal(grad_y, g_before), "grad_y was modified"
 
 
 @settings(max_examples=25, deadline=None)

@@ -68,7 +68,15 @@ at::Tensor grad_a_cuda(const at::Tensor& ds, const at::Tensor& x, const Dropout&
   return ws.sum(0).to(x.scalar_type());
 }
 
-const LoraDropoutKernels kCudaKernels{down_cuda, expand_accumulate_cuda, grad_a_cuda};
+// Two kernels: on the GPU regenerating the mask costs a few integer instructions per element, less
+// than keeping one pass's tiles around for the other.
+void backward_cuda(const at::Tensor& ds, const at::Tensor& x, const at::Tensor& lora_a, const Dropout& d,
+                   at::Tensor* dx, at::Tensor* da) {
+  if (dx) expand_accumulate_cuda(*dx, ds, lora_a, d);
+  if (da) *da = grad_a_cuda(ds, x, d);
+}
+
+const LoraDropoutKernels kCudaKernels{down_cuda, backward_cuda};
 
 }  // namespace
 }  // namespace pefttorch::cuda

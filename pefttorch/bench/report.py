@@ -1,0 +1,145 @@
+"""Benchmark output: the run's metadata, a table, JSON, a plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def metadata(device: torch.device, dtype: torch.dtype) -> dict:
+    import pefttorch
+
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device_type": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "pefttorch": pefttorch.__version__,
+        "build": pefttorch.build_info(),
+        "commit": _git_commit(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        meta["peft"] = None
+    return meta
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json(path: Path, meta: dict, rows: list[dict], targets: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": rows,
+               "targets": [{"target": t, "met": met, "measured": m} for t, met, m in targets]}
+    path.write_text(json.dumps(payload, indent=1))
+
+
+def _fmt_ms(row: dict | None) -> str:
+    if row is None or row.get("ms") is None:
+        return "-"
+    text = f"{row['ms']:.3f}"
+    if row.get("ratio_to_base") is not None and row["impl"] != "base":
+        text += f" ({row['ratio_to_base']:.2f}x)"
+    return text if row.get("ok", True) else f"[red]MISMATCH[/red] {text}"
+
+
+def print_table(meta: dict, rows: list[dict], impls: list[str], targets: list, console=None) -> None:
+    """One line per shape and mode: ms of each implementation (ratio to the base layer), pefttorch's
+    speed-up over HF PEFT, peak memory, tokens/s."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if console.width < 140:  # piped output defaults to 80 columns, too narrow for this table
+        console.width = 140
+    table = Table(title=f"LoRA layer, {meta['dtype']} on {meta['device']} (torch {meta['torch']}, "
+                        f"pefttorch {meta['pefttorch']}, peft {meta.get('peft') or 'absent'}); ms, median",
+                  title_justify="left")
+    table.add_column("tokens x in->out, rank, dropout")
+    table.add_column("pass")
+    for impl in impls:
+        table.add_column(impl + (" ms" if impl == "base" else " (/base)"), justify="right")
+    table.add_column("pefttorch speed-up vs peft", justify="right")
+    table.add_column("peak MiB base/peft/ours", justify="right")
+    table.add_column("ours Mtok/s", justify="right")
+    by = {(r["shape"], r["mode"], r["impl"]): r for r in rows}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for mode in ("fwd", "fwd+bwd"):
+            cells = [_fmt_ms(by.get((shape, mode, impl))) for impl in impls]
+            ours = by.get((shape, mode, "pefttorch"))
+            speed = f"{ours['speedup_vs_peft']:.2f}x" if ours and ours.get("speedup_vs_peft") else "-"
+            peaks = "/".join(
+                f"{by[(shape, mode, i)]['peak_mib']:.0f}"
+                if (shape, mode, i) in by and by[(shape, mode, i)]["peak_mib"] is not None else "-"
+                for i in ("base", "peft", "pefttorch"))
+            tps = f"{ours['tokens_per_s'] / 1e6:.2f}" if ours and ours.get("tokens_per_s") else "-"
+            table.add_row(shape, mode, *cells, speed, peaks, tps)
+    console.print(table)
+    for row in rows:
+        if not row.get("ok", True):
+            console.print(f"[red]mismatch[/red] {row['impl']} at {row['shape']}: {row['note']}")
+    for target, met, measured in targets:
+        console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
+
+
+def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
+    """Ratio to the base layer per shape, one bar per implementation, forward and forward+backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    by = {(r["shape"], r["mode"], r["impl"]): r for r in rows}
+    shown = [i for i in impls if i != "base"]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(shapes) * len(shown) / 2), 8), sharex=True)
+    width = 0.8 / max(1, len(shown))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for k, impl in enumerate(shown):
+            xs, ys, bad = [], [], []
+            for s, shape in enumerate(shapes):
+                r = by.get((shape, mode, impl))
+                if r and r.get("ratio_to_base") is not None:
+                    xs.append(s + (k - (len(shown) - 1) / 2) * width)
+                    ys.append(r["ratio_to_base"])
+                    bad.append(not r.get("ok", True))
+            bars = ax.bar(xs, ys, width, label=impl)
+            for bar, b in zip(bars, bad, strict=True):
+                if b:
+                    bar.set_hatch("xx")
+                    bar.set_edgecolor("red")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{mode}: time / base layer")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=len(shown), fontsize=8)
+    axes[0].set_title(f"LoRA layer, {meta['dtype']} on {meta['device']}\ntorch {meta['torch']}, "
+                      f"commit {meta.get('commit')}; lower is better, hatched = mismatch", fontsize=9)
+    axes[1].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""The LoRA benchmark harness: rows, ratios, mismatch flagging, JSON, --compare (tiny shapes, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pefttorch.bench import cli_lora, lora
+
+TINY = lora.Shape(32, 24, 16, 4, 0.1)
+
+
+def test_rows_ratios_and_accuracy():
+    rows = lora.run_shape(TINY, ["base", "torch", "pefttorch"], torch.float32, torch.device("cpu"), repeat=1)
+    assert {(r.impl, r.mode) for r in rows} == {(i, m) for i in ("base", "torch", "pefttorch") for m in lora.MODES}
+    for r in rows:
+        assert r.ok, r.note
+        assert r.ms > 0 and r.tokens_per_s > 0
+        assert r.ratio_to_base == pytest.approx(r.ms / next(
+            b.ms for b in rows if b.impl == "base" and b.mode == r.mode))
+
+
+def test_wrong_implementation_is_flagged_not_reported_as_a_win(monkeypatch):
+    real_build = lora.build
+
+    def wrong_build(impl, shape, w, dtype, device):
+        layer = real_build(impl, shape, w, dtype, device)
+        if impl == "torch":  # drops the low-rank update: fast, and wrong
+            lin = real_build("base", shape, w, dtype, device)
+            layer.call = layer.eval_call = lin.call
+        return layer
+
+    monkeypatch.setattr(lora, "build", wrong_build)
+    rows = lora.run_shape(TINY, ["base", "torch"], torch.float32, torch.device("cpu"), repeat=1)
+    wrong = [r for r in rows if r.impl == "torch"]
+    assert wrong and all(not r.ok for r in wrong)
+    assert any(r.note.startswith("y:") for r in wrong)  # the accuracy check names what differs
+
+
+def test_shape_parsing():
+    assert lora.Shape.parse("8192x4096x11008r64p0.1") == lora.Shape(8192, 4096, 11008, 64, 0.1)
+    assert lora.Shape.parse("16x8x8r2").dropout == 0.0
+    with pytest.raises(ValueError, match="TOKENSxINxOUTrRANK"):
+        lora.Shape.parse("8192x4096")
+
+
+def test_cli_json_plot_and_compare(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--device", "cpu", "--shapes", "16x20x12r3p0.2", "--impls", "base,pefttorch", "--repeat", "1",
+            "--json", str(out)]
+    assert cli_lora.main(args) == 0
+    data = json.loads(out.read_text())
+    assert {"date", "device", "torch", "pefttorch", "commit", "build", "dtype"} <= set(data["meta"])
+    assert {r["impl"] for r in data["rows"]} == {"base", "pefttorch"}
+    assert all({"shape", "mode", "ms", "ratio_to_base", "ok", "tokens_per_s"} <= set(r) for r in data["rows"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert cli_lora.main([*args, "--json", str(tmp_path / "r2.json"), "--compare", str(out)]) == 0
+    assert "change against" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_impl(capsys):
+    assert cli_lora.main(["--device", "cpu", "--impls", "nope", "--quick"]) == 2
