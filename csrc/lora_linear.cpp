@@ -75,10 +75,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const LoraDropoutKernels&
   const at::Tensor w_t = weight.t();
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w_t) : at::mm(x2, w_t);
   at::Tensor s;
-  if (d.active) {
+  if (d.active && x2.numel() > 0) {
     s = at::empty({x2.size(0), lora_a.size(0)}, x.options());
-    if (x2.size(0) > 0) k.down(x2, lora_a.contiguous(), d, s);
-  } else {
+    k.down(x2, lora_a.contiguous(), d, s);
+  } else {  // also empty inputs, where there is nothing to drop (and no grid to launch)
     s = at::mm(x2, lora_a.t());
   }
   y.addmm_(s, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
@@ -121,7 +121,7 @@ LoraGrads lora_linear_backward(const LoraDropoutKernels& k, const at::Tensor& gr
     const at::Tensor ds = mm_scaled(dy, lora_b, scaling);  // (tokens, r), contiguous
     at::Tensor dx2, da_;
     if (need_x) dx2 = at::mm(dy, weight);  // fresh and contiguous: the low-rank term accumulates into it
-    if (!d.active || tokens == 0) {
+    if (!d.active || tokens == 0 || in == 0) {  // nothing to drop, and no grid to launch
       if (need_x) dx2.addmm_(ds, lora_a);
       if (need_a) da_ = at::mm(ds.t(), x2);
     } else {

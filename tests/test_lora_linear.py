@@ -111,6 +111,18 @@ def test_empty_input(device, lead):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_zero_in_features(device):
+    x = rand(3, 0, device=device, requires_grad=True)
+    w, a, b = rand(4, 0, device=device), rand(2, 0, device=device, requires_grad=True), rand(4, 2, device=device,
+                                                                                             requires_grad=True)
+    bias = rand(4, device=device)
+    y = functional.lora_linear(x, w, a, b, bias, dropout=0.5)
+    torch.testing.assert_close(y, bias.expand(3, 4))
+    gx, ga, gb = torch.autograd.grad(y.sum(), (x, a, b))
+    assert gx.shape == (3, 0) and ga.shape == (2, 0) and (gb == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_propagates_through_dropout(device):
     # A NaN in x must reach s = dropout(x) A^T even where dropout drops it (as torch.dropout does:
     # NaN * 0 = NaN), rather than being silently zeroed.

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <optional>
 
@@ -60,7 +61,8 @@ inline void check_dropout(const char* op, double p, const std::optional<at::Tens
 // The (tokens, features) view of a (..., features) tensor with unit stride along features: a view when
 // the strides allow it (the common case), a copy only when they do not.
 inline at::Tensor as_rows(const at::Tensor& t, int64_t features) {
-  at::Tensor rows = t.reshape({-1, features});
+  const int64_t tokens = c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);  // not -1: in may be 0
+  at::Tensor rows = t.reshape({tokens, features});
   if (rows.size(1) > 1 && rows.stride(1) != 1) rows = rows.contiguous();
   return rows;
 }
