@@ -39,6 +39,13 @@ constexpr int kThreads = 128;  // 4 warps
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The rank tile expand and grad_a use: fp64 tiles stop at 32 ranks, where 64 would not fit the 48 KB of
+// static shared memory (expand) or would spill registers (grad_a's fp64 accumulators).
+template <typename T>
+constexpr int rank_tile_for(int tile) {
+  return sizeof(T) == 8 && tile > 32 ? 32 : tile;
+}
+
 // v = dropout(x)[row, col .. col+3], zero outside the (rows, cols) matrix. The mask index is
 // row * cols + col, as in csrc/common/philox.h, whatever the row stride ld.
 template <typename T, typename acc_t>
@@ -241,7 +248,7 @@ struct GradASplit {
 // Splits the tokens of grad_a so the grid fills the GPU about four times over, each split at least 256
 // rows and a multiple of 32 (the kernel's row step).
 inline GradASplit grad_a_split(int64_t M, int64_t K, int64_t R, int RN, int64_t sms) {
-  const int64_t tiles = ceil_div(K, 64) * ceil_div(R, RN);
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(K, 64) * ceil_div(R, RN));
   const int64_t want = std::clamp<int64_t>(ceil_div(4 * sms, tiles), 1, std::max<int64_t>(1, ceil_div(M, 256)));
   const int64_t rows = ceil_div(ceil_div(M, want), 32) * 32;
   return {ceil_div(M, rows), rows};

@@ -134,6 +134,10 @@ struct WmmaMma {
   }
 };
 
+// Kernels size shared memory and workspaces by Mma<T>::acc_t, and the host pass (which sees the FMA
+// version) must agree with the device pass (which may see this one).
+static_assert(std::is_same_v<WmmaMma<c10::Half>::acc_t, AccType<c10::Half>::type> &&
+              std::is_same_v<WmmaMma<c10::BFloat16>::acc_t, AccType<c10::BFloat16>::type>);
 #endif  // __CUDACC__
 
 // bf16 WMMA needs sm_80. The choice is made per compilation pass: device code for sm_80+ gets tensor

@@ -60,7 +60,7 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
     expect_close("down " + name, s, at::mm(xd, a.to(at::kDouble).t()), tol);
 
     // expand: dx += mask * (ds a)
-    constexpr int RC = (sizeof(T) == 8 && TILE > 32) ? 32 : TILE;
+    constexpr int RC = rank_tile_for<T>(TILE);
     const at::Tensor dx0 = at::randn({M, K}).to(dtype);
     at::Tensor dx = dx0.clone();
     pt_emu::launch(dim3(ceil_div(M, 64), ceil_div(K, 64)), kThreads, lora_expand_dropout_kernel<T, RC>,
@@ -68,13 +68,14 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
     expect_close("expand " + name, dx, dx0.to(at::kDouble) + fx * at::mm(ds.to(at::kDouble), a.to(at::kDouble)), tol);
 
     // grad_a: sum over splits of ds^T dropout(x), with the launcher's split and with small splits
+    constexpr int RN = rank_tile_for<T>(TILE);
     for (const int64_t sms : {int64_t{132}, int64_t{1000}}) {
-      GradASplit split = grad_a_split(M, K, R, TILE, sms);
+      GradASplit split = grad_a_split(M, K, R, RN, sms);
       if (sms == 1000) split = {ceil_div(M, 32), 32};  // as many splits as rows allow
       using acc_t = typename AccType<T>::type;
       at::Tensor ws = at::full({split.splits, R, K}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
-      pt_emu::launch(dim3(ceil_div(K, 64), ceil_div(R, TILE), split.splits), kThreads,
-                     lora_grad_a_dropout_kernel<T, TILE>, ds.const_data_ptr<T>(), x.const_data_ptr<T>(), x.stride(0),
+      pt_emu::launch(dim3(ceil_div(K, 64), ceil_div(R, RN), split.splits), kThreads,
+                     lora_grad_a_dropout_kernel<T, RN>, ds.const_data_ptr<T>(), x.const_data_ptr<T>(), x.stride(0),
                      ws.mutable_data_ptr<acc_t>(), M, K, R, split.rows_per_split, d);
       expect_close("grad_a " + name + " splits=" + std::to_string(split.splits), ws.sum(0),
                    at::mm(ds.to(at::kDouble).t(), xd), tol);
