@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import (
-    functional,
-    nn,
-    ops,  # loads pefttorch._C and registers fake kernels and autograd; keep first
-    reference,
-)
+# `ops` loads pefttorch._C (the op schemas and kernels) and registers fake kernels and autograd; every
+# module that calls an op imports it.
+from . import functional, nn, ops, reference
+from .integrations.peft import AccelerateReport, accelerate, deaccelerate
+from .peft_model import PeftModel, get_peft_model
+from .tuners.lora import LoraConfig
 
 __version__ = ops._C.VERSION
 
@@ -39,4 +39,16 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "functional", "nn", "reference", "__version__"]
+__all__ = [
+    "AccelerateReport",
+    "LoraConfig",
+    "PeftModel",
+    "__version__",
+    "accelerate",
+    "build_info",
+    "deaccelerate",
+    "functional",
+    "get_peft_model",
+    "nn",
+    "reference",
+]

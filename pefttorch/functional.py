@@ -41,7 +41,8 @@ def lora_linear(
         training: dropout is applied only when True.
         generator: CPU generator the dropout seed is drawn from (default: torch's global one).
 
-    All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device. The mask
+    All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device; under
+    torch.autocast they are cast to the autocast dtype, as F.linear's inputs would be. The mask
     is regenerated in backward from a seed, never stored; only x and the ``(tokens, r)`` product
     ``dropout(x) A^T`` are kept for backward, and only when a gradient needs them.
     """
@@ -50,5 +51,15 @@ def lora_linear(
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
     p = dropout if training else 0.0
     seed = draw_seed(generator) if p > 0.0 else None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: compute in the autocast dtype. The op itself is not autocast-aware,
+        # so cast here and keep the GEMMs inside it from being cast a second time.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            y, _ = ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, float(scaling), p, seed)
+        return y
     y, _ = ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, float(scaling), p, seed)
     return y

@@ -62,3 +62,20 @@ def test_cli_json_plot_and_compare(tmp_path, capsys):
 
 def test_cli_rejects_unknown_impl(capsys):
     assert cli_lora.main(["--device", "cpu", "--impls", "nope", "--quick"]) == 2
+
+
+@pytest.mark.slow
+def test_model_bench_cross_checks_the_lora_runs(tmp_path):
+    from pefttorch.bench import cli_model
+
+    out = tmp_path / "m.json"
+    assert cli_model.main(["--device", "cpu", "--runs", "full,peft,peft+accelerate,pefttorch", "--steps", "2",
+                           "--warmup", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    runs = {r["run"]: r for r in data["rows"]}
+    assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch"}
+    assert all(r["ok"] and r["step_ms"] > 0 for r in runs.values())
+    # the LoRA runs start from the same adapter weights: same losses, step by step
+    for name in ("peft+accelerate", "pefttorch"):
+        assert runs[name]["losses"] == pytest.approx(runs["peft"]["losses"], rel=1e-4)
+    assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]

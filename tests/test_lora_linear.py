@@ -5,6 +5,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import DEVICES, DTYPES, assert_close_to_oracle, rand
 from hypothesis import given, settings
 
@@ -162,6 +163,21 @@ def test_inputs_are_not_modified(device, dtype, dropout_p):
     for name, t, b in zip(("x", "weight", "lora_a", "lora_b", "bias"), tensors, before, strict=True):
         assert torch.equal(t.detach(), b), f"{name} was modified"
     assert torch.equal(grad_y, g_before), "grad_y was modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_computes_in_the_autocast_dtype(device):
+    x = rand(5, 16, device=device, requires_grad=True)
+    w, bias = rand(8, 16, device=device), rand(8, device=device)
+    a, b = rand(4, 16, device=device, requires_grad=True), rand(8, 4, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = functional.lora_linear(x, w, a, b, bias, scaling=0.5)
+        want = F.linear(x, w, bias) + 0.5 * F.linear(F.linear(x, a), b)  # what autocast makes of it
+    assert y.dtype == want.dtype == torch.bfloat16
+    oracle = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), bias.double(), scaling=0.5)
+    assert_close_to_oracle("y under autocast", y, want, oracle)
+    grads = torch.autograd.grad(y.float().sum(), (x, a, b))
+    assert all(g.dtype == torch.float32 for g in grads)  # back to the leaves' dtype, as autocast does
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,0 +1,198 @@
+"""Whole-model training step: full fine-tuning (the bound), HF PEFT LoRA, HF PEFT LoRA after
+pefttorch.accelerate, and pefttorch LoRA, measured one after another in the same process.
+
+All LoRA runs start from the same adapter weights (HF PEFT's initialisation, copied by name: the layouts
+are the same), so their losses must agree step by step; a run that drifts is flagged.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .timing import sync
+
+RUNS = ("full", "peft", "peft+accelerate", "pefttorch")
+RUN_HELP = {
+    "full": "full fine-tuning, every weight trained (the bound)",
+    "peft": "HF PEFT LoRA, its defaults (fp32 adapter weights in a bf16 model)",
+    "peft+accelerate": "the same HF PEFT model after pefttorch.accelerate(model)",
+    "pefttorch": "pefttorch.get_peft_model with the same LoraConfig",
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    mlp: int
+    vocab: int
+    heads: int
+    batch: int
+    seq: int
+
+    @property
+    def label(self) -> str:
+        return f"llama h{self.hidden} L{self.layers} mlp{self.mlp} v{self.vocab}, {self.batch}x{self.seq} tokens"
+
+
+GPU_SHAPE = ModelShape(hidden=2048, layers=16, mlp=5632, vocab=32000, heads=16, batch=8, seq=1024)
+CPU_SHAPE = ModelShape(hidden=256, layers=4, mlp=688, vocab=4000, heads=4, batch=2, seq=128)
+
+
+@dataclass
+class RunResult:
+    run: str
+    step_ms: float | None = None
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    trainable: int | None = None
+    losses: list | None = None
+    ok: bool = True
+    note: str = ""
+    ratio_to_full: float | None = None
+    ratio_to_peft: float | None = None
+
+
+def build_model(shape: ModelShape, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.mlp,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.heads, max_position_embeddings=max(2048, shape.seq))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def _lora_config_kwargs(r: int, dropout: float) -> dict:
+    return dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear")
+
+
+def _make(run: str, shape, dtype, device, r, dropout, adapter_state):
+    model = build_model(shape, dtype, device)
+    if run == "full":
+        return model
+    if run in ("peft", "peft+accelerate"):
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(**_lora_config_kwargs(r, dropout)))
+        if run == "peft+accelerate":
+            import pefttorch
+
+            report = pefttorch.accelerate(model, verbose=False)
+            if report.skipped:
+                raise RuntimeError(f"accelerate left layers unswitched: {report}")
+    elif run == "pefttorch":
+        import pefttorch
+
+        model = pefttorch.get_peft_model(model, pefttorch.LoraConfig(**_lora_config_kwargs(r, dropout)))
+    else:
+        raise ValueError(f"unknown run {run!r}; known: {', '.join(RUNS)}")
+    if adapter_state is not None:
+        missing = model.load_state_dict(adapter_state, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"adapter weights do not fit {run}: {missing.unexpected_keys[:3]}")
+    return model
+
+
+def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.device, steps: int, warmup: int,
+            r: int = 16, dropout: float = 0.0, adapter_state: dict | None = None) -> tuple[RunResult, dict | None]:
+    """Times `steps` training steps after `warmup`; returns the result and (for the first LoRA run)
+    its initial adapter weights, for the others to start from."""
+    result = RunResult(run)
+    model = _make(run, shape, dtype, device, r, dropout, adapter_state)
+    initial = None
+    if run != "full" and adapter_state is None:
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    params = [p for p in model.parameters() if p.requires_grad]
+    result.trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    batches = [torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
+               for _ in range(warmup + steps)]
+    model.train()
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    losses = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for ids in batches[:warmup]:
+        losses.append(step(ids))
+    sync(device)
+    times = []
+    for ids in batches[warmup:]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step(ids))
+            end.record()
+            times.append((start, end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            losses.append(step(ids))
+            times.append(time.perf_counter() - t0)
+    sync(device)
+    ms = [s.elapsed_time(e) for s, e in times] if device.type == "cuda" else [t * 1e3 for t in times]
+    result.step_ms = sorted(ms)[len(ms) // 2]
+    result.tokens_per_s = shape.batch * shape.seq / (result.step_ms * 1e-3)
+    if device.type == "cuda":
+        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    result.losses = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in result.losses):
+        result.ok, result.note = False, "non-finite loss"
+    return result, initial
+
+
+def release(device: torch.device) -> None:
+    """Frees what the previous run left, so each run's peak memory is its own (call between runs)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compare(results: list[RunResult], dtype: torch.dtype, check_losses: bool = True) -> None:
+    """Ratios, and (without dropout, whose masks differ between libraries) the LoRA runs' losses checked
+    against HF PEFT's: they start from the same weights and see the same batches."""
+    by = {r.run: r for r in results}
+    full, peft = by.get("full"), by.get("peft")
+    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    for r in results:
+        if full and full.step_ms and r.step_ms:
+            r.ratio_to_full = r.step_ms / full.step_ms
+        if peft and peft.step_ms and r.step_ms:
+            r.ratio_to_peft = r.step_ms / peft.step_ms
+        if check_losses and r.run != "full" and peft and r is not peft and peft.losses and r.losses:
+            worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r.losses, peft.losses, strict=True))
+            if worst > tol:
+                r.ok = False
+                r.note = f"losses differ from HF PEFT's by up to {worst:.2%} (tolerance {tol:.0%})"
+
+
+def check_targets(results: list[RunResult]) -> list[tuple[str, bool, str]]:
+    by = {r.run: r for r in results}
+    out = []
+    ours, full, peft = by.get("pefttorch"), by.get("full"), by.get("peft")
+    if ours and full and ours.step_ms and full.step_ms:
+        out.append(("pefttorch LoRA step <= 0.80x full fine-tuning", ours.ok and ours.ratio_to_full <= 0.80,
+                    f"{ours.ratio_to_full:.3f}x"))
+    if ours and peft and ours.peak_gib is not None and peft.peak_gib is not None:
+        ratio = ours.peak_gib / peft.peak_gib
+        out.append(("pefttorch peak memory <= 0.80x HF PEFT's", ratio <= 0.80, f"{ratio:.3f}x"))
+    return out
+
+
+def as_dicts(results: list[RunResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,56 @@
+"""Adapters on disk in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..tuners.lora.config import LoraConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older HF PEFT saves (a pickled state dict)
+
+
+def save_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save(directory)
+    # safetensors refuses tensors that share memory (tied weights in a saved head): write copies.
+    save_file({k: v.detach().clone().contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+
+
+def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / WEIGHTS_NAME))
+    if (directory / LEGACY_WEIGHTS_NAME).is_file():
+        return torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
+
+
+def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:
+    """Copies the saved tensors into adapter `adapter_name` of `lora_model` (a LoraModel), after checking
+    that the file has exactly the tensors, of exactly the shapes, that this model's adapter has."""
+    saved = read_adapter_tensors(directory)
+    expected = lora_model.adapter_state_dict(adapter_name)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in sorted(set(saved) & set(expected)) if saved[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        def listing(title, items):
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+        raise ValueError(
+            f"the adapter in {directory} does not fit this model"
+            + (listing("missing from the file", missing) if missing else "")
+            + (listing("in the file but not in the model", unexpected) if unexpected else "")
+            + (listing("shape mismatches", mismatched) if mismatched else "")
+        )
+    with torch.no_grad():
+        for key, value in saved.items():
+            expected[key].copy_(value)

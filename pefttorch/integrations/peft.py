@@ -1,0 +1,109 @@
+"""``pefttorch.accelerate``: pefttorch's fused kernel inside a model built by HF PEFT, in place.
+
+Each HF PEFT ``lora.Linear`` it can serve gets pefttorch's forward as an instance attribute; the layer
+object, its class, its parameters and its adapters stay HF PEFT's, so the user's optimizer, PEFT's
+``save_pretrained``, adapter switching and merging all keep working. ``deaccelerate`` removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..tuners.lora.layer import is_linear, lora_forward
+
+logger = logging.getLogger("pefttorch")
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` switched to pefttorch's kernel, and what it left alone and why."""
+
+    switched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"pefttorch.accelerate: {len(self.switched)} LoRA layer(s) switched to pefttorch kernels, "
+                 f"{len(self.skipped)} left as they were"]
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            lines.append(f"  not switched ({reason}): {', '.join(names[:4])}" + (" ..." if len(names) > 4 else ""))
+        return "\n".join(lines)
+
+
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as peft_lora_layer
+    except ImportError as err:
+        raise ImportError("pefttorch.accelerate works on models built by HF PEFT: install peft") from err
+    return peft_lora_layer
+
+
+def _unsupported(layer) -> str | None:
+    """Why this HF PEFT LoRA layer cannot be served (None: it can)."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    if not is_linear(base):
+        return f"base layer is {type(base).__name__}, not nn.Linear/Conv1D (e.g. quantized)"
+    if any(getattr(layer, "use_dora", {}).values()):
+        return "DoRA"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias"
+    if getattr(layer, "lora_variant", None):
+        return f"LoRA variant {sorted(layer.lora_variant)}"
+    return None
+
+
+def _accelerated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # Per-call features pefttorch does not serve go to HF PEFT's own forward: extra arguments (e.g. the
+    # adapter_names of mixed-batch inference) and adapters that became unsupported after the switch.
+    if args or kwargs or _unsupported(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_forward(self, x)
+
+
+def accelerate(model: nn.Module, verbose: bool = True) -> AccelerateReport:
+    """Switches the LoRA ``Linear`` layers of a model built by HF PEFT (``peft.get_peft_model`` or
+    ``PeftModel.from_pretrained``) to pefttorch's fused kernel, in place; outputs and gradients are
+    those of HF PEFT within floating-point tolerance.
+
+    Layers it cannot serve (DoRA, quantized base layers, LoRA on embeddings or convolutions, ...) stay
+    as they were. Returns a report of what was switched and why the rest was not (also logged at INFO
+    when `verbose`). :func:`deaccelerate` undoes it.
+    """
+    peft_lora = _peft_lora()
+    report = AccelerateReport()
+    for name, module in model.named_modules():
+        if isinstance(module, peft_lora.Linear):
+            reason = _unsupported(module)
+            if reason is None:
+                module.forward = types.MethodType(_accelerated_forward, module)
+                report.switched.append(name)
+            else:
+                report.skipped[name] = reason
+        elif isinstance(module, peft_lora.LoraLayer):
+            report.skipped[name] = f"{type(module).__name__} LoRA layers are not served"
+    if verbose:
+        logger.info("%s", report)
+    return report
+
+
+def deaccelerate(model: nn.Module) -> int:
+    """Gives every layer switched by :func:`accelerate` its HF PEFT forward back; returns how many."""
+    count = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _accelerated_forward:
+            del module.forward
+            count += 1
+    return count
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _accelerated_forward

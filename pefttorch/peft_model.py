@@ -1,0 +1,264 @@
+"""PeftModel and get_peft_model: HF PEFT's user-facing API over pefttorch's LoRA layers.
+
+A PeftModel behaves like the model it wraps (forward, generate, config, HF Trainer, gradient
+checkpointing; other attributes are forwarded) and reads and writes adapters in HF PEFT's format, so
+adapters move freely between pefttorch and ``peft``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .tuners.lora.config import CONFIG_NAME, LoraConfig
+from .tuners.lora.model import LoraModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. Build one with :func:`get_peft_model` or :meth:`from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"pefttorch.PeftModel takes a pefttorch.LoraConfig, got {type(config).__name__}")
+        if isinstance(model, PeftModel):
+            raise TypeError("the model has adapters already: use add_adapter() to add another")
+        self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
+        if _checkpointing_enabled(model):
+            self._enable_input_require_grads()
+        # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the
+        # dataset columns the model's forward accepts).
+        self.__class__ = _class_for(type(model))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ inspection
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each tensor counted once."""
+        seen, trainable, total = set(), 0, 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Adds a second (third, ...) adapter; it is not made active (see set_adapter)."""
+        active = self.active_adapters
+        self.base_model.inject_adapter(peft_config, adapter_name)
+        self.base_model.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activates one adapter, or several whose updates add up; only active adapters train."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model computes as the base model (modules_to_save use their originals)."""
+        self.base_model.set_adapters_disabled(True)
+        try:
+            yield
+        finally:
+            self.base_model.set_adapters_disabled(False)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        self.base_model.merge_adapter(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with the active adapters merged into its weights, LoRA layers removed."""
+        return self.base_model.unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The base model as it was, LoRA layers removed, nothing merged."""
+        return self.base_model.unload(merge=False)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """The wrapped model's gradient_checkpointing_enable, keeping the adapters reachable."""
+        self.base_model.model.gradient_checkpointing_enable(**kwargs)
+        self._enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """The wrapped model's activation_checkpointing_enable (transformers 5's name for it), keeping the
+        adapters reachable."""
+        self.base_model.model.activation_checkpointing_enable(**kwargs)
+        self._enable_input_require_grads()
+
+    def _enable_input_require_grads(self) -> None:
+        # With reentrant checkpointing a segment whose inputs need no grad returns outputs that need none
+        # either: the frozen embeddings would cut the adapters off from the loss. Make them need grad.
+        model = self.base_model.model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        **kwargs) -> None:
+        """Writes each adapter in HF PEFT's format: ``adapter_config.json`` and
+        ``adapter_model.safetensors``; the adapter "default" in `save_directory`, others in
+        ``save_directory/<name>`` (as HF PEFT does). Extra keyword arguments are accepted for
+        compatibility and ignored."""
+        from .integrations.hf_format import save_adapter
+
+        names = selected_adapters or list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
+        base = self.get_base_model()
+        for name in names:
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name]
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+            save_adapter(directory, config, self.base_model.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> PeftModel:
+        """Loads an adapter saved by pefttorch or by HF PEFT (LoRA) into `model`.
+
+        With ``is_trainable=False`` (the default, as in HF PEFT) the adapter is frozen and the model put
+        in eval mode. A missing file, keys that do not fit the model or an unsupported adapter type raise
+        and leave `model` unchanged.
+        """
+        config = _load_config(model_id, is_trainable)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        try:
+            peft_model._load_weights(model_id, adapter_name)
+        except Exception:
+            peft_model.base_model.unload(merge=False)  # restores the model as it was given
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Loads another saved adapter next to the existing ones (not made active)."""
+        config = _load_config(model_id, is_trainable)
+        active = self.active_adapters
+        self.base_model.inject_adapter(config, adapter_name)
+        try:
+            self._load_weights(model_id, adapter_name)
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        finally:
+            if adapter_name in self.peft_config or active:
+                self.base_model.set_adapter(active)
+
+    def _load_weights(self, model_id, adapter_name: str) -> None:
+        from .integrations.hf_format import load_adapter_weights
+
+        load_adapter_weights(Path(model_id), self.base_model, adapter_name)
+
+
+def _checkpointing_enabled(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first: no warning
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _load_config(model_id, is_trainable: bool) -> LoraConfig:
+    directory = Path(model_id)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{model_id}: no such adapter directory (pefttorch loads from local folders)")
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
+    config = LoraConfig.from_pretrained(directory)
+    config.inference_mode = not is_trainable
+    return config
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """Adds a LoRA adapter to `model` (as HF PEFT's get_peft_model does) and freezes everything else.
+
+    The layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D) become pefttorch
+    LoRA layers computed by the fused kernel. With ``autocast_adapter_dtype`` (the default, as in HF
+    PEFT) adapter weights of a float16/bfloat16 model are kept in float32.
+    """
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+# One PeftModel subclass per wrapped model class, whose forward shows that class's signature.
+_CLASSES: dict[type, type] = {}
+
+
+def _class_for(model_cls: type) -> type:
+    if model_cls not in _CLASSES:
+        @functools.wraps(model_cls.forward)
+        def forward(self, *args, **kwargs):
+            return self.base_model.model(*args, **kwargs)
+
+        forward.__doc__ = f"Calls the wrapped {model_cls.__name__}'s forward. " + (model_cls.forward.__doc__ or "")
+        _CLASSES[model_cls] = type(f"PeftModelFor{model_cls.__name__}", (PeftModel,),
+                                   {"forward": forward, "__module__": __name__, "__qualname__": "PeftModel"})
+    return _CLASSES[model_cls]
+
+
+# Pickling (torch.save of a whole model, deepcopy) cannot name the per-class subclasses: rebuild them.
+def _reduce(self):
+    state = self.__dict__.copy()
+    return (_rebuild, (type(self.base_model.model), state))
+
+
+def _rebuild(model_cls, state):
+    obj = PeftModel.__new__(_class_for(model_cls))
+    obj.__dict__.update(state)
+    return obj
+
+
+PeftModel.__reduce__ = _reduce

@@ -1,0 +1,186 @@
+"""LoraConfig: HF PEFT's LoRA configuration fields, with the same names, meanings and JSON format."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+# Target modules when the config gives none, per model_type (the attention projections PEFT users know).
+DEFAULT_TARGET_MODULES = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "marian": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+}
+# As in HF PEFT: for sequence classification the new head is trained in full and saved with the adapter.
+TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"]}
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+# Fields of HF PEFT's LoraConfig that pefttorch does not implement; an adapter_config.json that sets one
+# to anything but its default is refused rather than loaded as something else.
+_UNSUPPORTED_PEFT_FIELDS = {
+    "use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
+    "use_bdlora": None, "megatron_config": None,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of a LoRA adapter; field names and meanings follow HF PEFT's ``LoraConfig``.
+
+    Args:
+        r: rank of the update (default 8).
+        lora_alpha: the update is scaled by ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input, in [0, 1).
+        target_modules: module names (a module matches if its name equals one or ends with ``.name``), a
+            regular expression matched against the full module name, or ``"all-linear"`` (every linear
+            layer except the output head). None: the defaults for the model type (e.g. q_proj, v_proj).
+        exclude_modules: names or a regular expression of modules never adapted.
+        bias: which biases train and are saved with the adapter: ``"none"``, ``"all"`` or ``"lora_only"``.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        init_lora_weights: True (A Kaiming-uniform, B zero: the model starts unchanged), False (B random
+            too, for tests) or ``"gaussian"`` (A normal with std 1/r).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a new classifier).
+        rank_pattern, alpha_pattern: per-module r / lora_alpha, keyed by module name or regex.
+        layers_to_transform, layers_pattern: adapt only these layer indices (of the ModuleList named by
+            layers_pattern, default: the first numbered one).
+        fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D.
+        task_type: HF PEFT's task type (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); SEQ_CLS trains the head.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    peft_type = "LORA"
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"LoraConfig: {msg}")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+            raise bad(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise bad(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            raise bad(f"init_lora_weights={self.init_lora_weights!r} is not supported by pefttorch; supported: "
+                      f"{', '.join(map(repr, INIT_LORA_WEIGHTS))}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise bad(f"task_type must be one of {', '.join(TASK_TYPES)} or None, got {self.task_type!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise bad(f"{name} must be a dict of module name (or regex) to value, got {type(pattern).__name__}")
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise bad(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))
+            if not self.target_modules:
+                raise bad("target_modules is empty")
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern and not self.layers_to_transform:
+            raise bad("layers_pattern only makes sense together with layers_to_transform")
+        if self.modules_to_save is None and self.task_type in TASK_MODULES_TO_SAVE:
+            self.modules_to_save = list(TASK_MODULES_TO_SAVE[self.task_type])
+
+    @property
+    def scaling(self) -> float:
+        return self.scaling_for(self.r, self.lora_alpha)
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    # ---------------------------------------------------------------- HF PEFT's adapter_config.json
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peft_type"] = self.peft_type
+        return d
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """From an adapter_config.json written by pefttorch or HF PEFT.
+
+        Fields of HF PEFT that do not change what a LoRA adapter computes (or are at their defaults) are
+        ignored; a different adapter type, or a LoRA feature pefttorch does not implement, is an error.
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"adapter type {peft_type!r} is not supported: pefttorch loads LORA adapters")
+        for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
+            value = data.get(key, default)
+            if value not in (default, None, False, {}, []):
+                raise ValueError(f"this LoRA adapter uses {key}={value!r}, which pefttorch does not support")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if kwargs.get("init_lora_weights") not in INIT_LORA_WEIGHTS:
+            # The initialisation of a trained adapter does not matter for loading it.
+            kwargs["init_lora_weights"] = True
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> LoraConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved adapter")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+_init = LoraConfig.__init__
+
+
+def _checked_init(self, *args, **kwargs):
+    # A misspelt field is an error that names it, suggests the closest field and lists them all.
+    names = [f.name for f in fields(LoraConfig)]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"LoraConfig got unknown field(s) {', '.join(hints)}; fields are: {', '.join(names)}")
+    _init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _checked_init

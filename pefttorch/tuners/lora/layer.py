@@ -1,0 +1,211 @@
+"""LoRA layers for transformers models, laid out like HF PEFT's (so state_dict keys are the same) and
+computed by pefttorch's fused kernel.
+
+``lora_forward`` is written against that layout only (base_layer, lora_A/lora_B/lora_dropout dicts,
+scaling, active_adapters, ...), so it serves both pefttorch's LoraLayer and, through
+``pefttorch.accelerate``, HF PEFT's own ``lora.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ... import functional
+
+
+def conv1d_class():
+    """transformers' Conv1D (GPT-2 style: weight stored (in, out)), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency of the integration
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape  # Conv1D keeps (in, out)
+    return in_features, out_features
+
+
+def dropout_p(module: nn.Module) -> tuple[float, bool]:
+    """(probability, active) of a dropout module, or of nn.Identity (no dropout)."""
+    if isinstance(module, nn.Dropout):
+        return module.p, module.training
+    return 0.0, False
+
+
+def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + sum over active adapters of scaling * B A dropout(x)``, the first adapter fused with
+    the base layer in one pefttorch op; further active adapters (rare) add unfused terms."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    base = layer.base_layer
+    if layer.disable_adapters or layer.merged or not active:
+        return base(x)
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # (out, in) view, no copy
+    first, rest = active[0], active[1:]
+    p, training = dropout_p(layer.lora_dropout[first])
+    # Adapter weights may be kept in fp32 next to a 16-bit base (HF PEFT's default): cast these small
+    # matrices, not the large activations, and let autograd carry the gradient back to fp32.
+    y = functional.lora_linear(
+        x, weight, layer.lora_A[first].weight.to(x.dtype), layer.lora_B[first].weight.to(x.dtype), base.bias,
+        scaling=layer.scaling[first], dropout=p, training=training,
+    )
+    for name in rest:
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        h = layer.lora_dropout[name](x.to(a.weight.dtype))
+        y = y + (b(a(h)) * layer.scaling[name]).to(y.dtype)
+    return y
+
+
+class LoraLayer(nn.Module):
+    """An nn.Linear or transformers Conv1D (``base_layer``, frozen) with LoRA adapters.
+
+    Attribute names and state_dict keys are those of HF PEFT's ``lora.Linear``:
+    ``base_layer.weight``, ``lora_A.<adapter>.weight`` (r, in), ``lora_B.<adapter>.weight`` (out, r).
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        if not is_linear(base_layer):
+            raise TypeError(f"LoraLayer wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # Model code sometimes reads a projection's weight (dtype checks, tied weights): show the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def update_layer(self, name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights,
+                     use_rslora: bool, dtype: torch.dtype | None = None) -> None:
+        """Adds adapter `name` (A (r, in), B (out, r)) on the base weight's device."""
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": dtype or w.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.reset_lora_parameters(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, name: str, init_lora_weights) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.device.type == "meta":
+            return
+        if init_lora_weights is False:  # both random (nn.Linear's initialisation): for tests
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.forward takes only the input tensor")
+        return lora_forward(self, x)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B A`` in float32 (float64 for float64 weights), laid out like the base weight."""
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        delta = (self.lora_B[name].weight.to(acc) @ self.lora_A[name].weight.to(acc)) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Adds the active (or the given) adapters into the base weight, each once."""
+        w = self.base_layer.weight
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                delta = self.delta_weight(name)
+                w.copy_(w.to(delta.dtype) + delta)
+                self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        w = self.base_layer.weight
+        while self.merged_adapters:
+            delta = self.delta_weight(self.merged_adapters.pop())
+            w.copy_(w.to(delta.dtype) - delta)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in d:
+                del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.lora_A)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], " \
+               f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for each adapter (e.g. a new classification head), next to the frozen
+    original, which serves while adapters are disabled. Same layout as HF PEFT's wrapper."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        self.original_module.requires_grad_(False)
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def active_module(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module(), name)

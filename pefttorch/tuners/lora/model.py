@@ -1,0 +1,318 @@
+"""LoraModel: finds the layers a LoraConfig targets in a model, swaps in LoraLayers, and manages adapters."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .layer import LoraLayer, ModulesToSaveWrapper, is_linear
+
+ALL_LINEAR = "all-linear"
+PREFIX = "base_model.model."  # HF PEFT's key prefix in saved adapters
+
+
+def _name_matches(name: str, keys) -> bool:
+    """HF PEFT's rule for lists of names: the module's name is a key or ends with ``.key``."""
+    return any(name == k or name.endswith(f".{k}") for k in keys)
+
+
+def _matches(spec, name: str) -> bool:
+    """A list of names, or a regular expression matched against the whole module name."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return _name_matches(name, spec)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """rank_pattern / alpha_pattern lookup: the first key that is a suffix (or regex suffix) of name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:
+    """Index of the block a module belongs to: the number after ``<layers_pattern>.`` (default: the first
+    numbered component), e.g. 3 for ``model.layers.3.self_attn.q_proj``."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _in_modules_to_save(name: str, modules_to_save) -> bool:
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Module  # the linear layer, or the LoraLayer already wrapping it
+    r: int
+    alpha: float
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    raise ValueError(
+        f"LoraConfig.target_modules is not set and pefttorch has no default for model type {model_type!r}; "
+        f"set it to module names, a regex or 'all-linear' (defaults exist for: {', '.join(DEFAULT_TARGET_MODULES)})"
+    )
+
+
+def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """The layers `config` adapts, with their rank and alpha, found without changing the model.
+
+    A layer that already carries adapters (a LoraLayer) is matched by its own name, for a second adapter.
+    Raises ValueError when nothing matches (listing what could have) or when a matched module is not a
+    linear layer.
+    """
+    spec = resolve_target_modules(model, config)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets, unsupported, linear_names = [], [], Counter()
+    inside: tuple[str, ...] = ()  # subtrees of LoraLayers and modules_to_save wrappers: not candidates
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            inside += (name + ".",)
+            if isinstance(module, ModulesToSaveWrapper):
+                continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        linear = is_linear(base)
+        if linear:
+            linear_names[name.rsplit(".", 1)[-1]] += 1
+        matched = (linear and base is not head) if spec == ALL_LINEAR else _matches(spec, name)
+        if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
+                or _in_modules_to_save(name, config.modules_to_save)
+                or (config.layers_to_transform
+                    and _layer_index(name, config.layers_pattern) not in config.layers_to_transform)):
+            continue
+        if not linear:
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        r = _pattern_value(config.rank_pattern, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        targets.append(Target(name, module, r, alpha))
+    if unsupported:
+        raise ValueError(
+            "pefttorch LoRA adapts nn.Linear and transformers Conv1D layers; these matched modules are not: "
+            + ", ".join(unsupported[:10]) + (" ..." if len(unsupported) > 10 else "")
+        )
+    if not targets:
+        available = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(linear_names.items()))
+        raise ValueError(
+            f"target_modules={spec!r} matched no linear layer of {type(model).__name__}"
+            + (f" (with exclude_modules={config.exclude_modules!r}, layers_to_transform="
+               f"{config.layers_to_transform!r})" if config.exclude_modules or config.layers_to_transform else "")
+            + f". Linear layers available to match: {available or 'none'}"
+        )
+    return targets
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted model as ``self.model`` (so keys read ``base_model.model.…`` inside a PeftModel,
+    as in HF PEFT) and the adapters' configs as ``self.peft_config``."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        # unload() gives the model back as it came, trainability included
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.inject_adapter(config, adapter_name)
+        self.set_adapter([adapter_name])
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ adapters
+
+    def lora_layers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
+
+    def save_wrappers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
+        """Adds adapter `adapter_name` to every layer `config` targets. Checks everything first: on error
+        the model is left as it was."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+        targets = plan_targets(self.model, config)
+        if config.modules_to_save:
+            missing = [m for m in config.modules_to_save
+                       if not any(_in_modules_to_save(n, [m]) for n, _ in self.model.named_modules())]
+            # HF PEFT's task defaults name several possible heads ("classifier", "score"): one suffices.
+            if len(missing) == len(config.modules_to_save):
+                raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
+        corrected = []
+        for t in targets:
+            if isinstance(t.module, LoraLayer):
+                layer = t.module
+            else:
+                fan_in_fan_out = not isinstance(t.module, nn.Linear)  # Conv1D stores (in, out)
+                if config.fan_in_fan_out and not fan_in_fan_out:
+                    corrected.append(t.name)
+                layer = LoraLayer(t.module, fan_in_fan_out=fan_in_fan_out)
+                _set_submodule(self.model, t.name, layer)
+            w_dtype = layer.base_layer.weight.dtype
+            dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
+                else w_dtype
+            layer.update_layer(adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights,
+                               config.use_rslora, dtype=dtype)
+        if corrected:
+            # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
+            # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
+            warnings.warn(f"fan_in_fan_out=True does not fit {len(corrected)} nn.Linear layer(s) "
+                          f"({', '.join(corrected[:3])}{' ...' if len(corrected) > 3 else ''}): using (out, in)",
+                          stacklevel=2)
+        for name, module in list(self.model.named_modules()):
+            if not config.modules_to_save or not _name_matches(name, config.modules_to_save):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+            elif not any(isinstance(p, ModulesToSaveWrapper) for p in self._parents(name)):
+                _set_submodule(self.model, name, ModulesToSaveWrapper(module, adapter_name))
+        self.peft_config[adapter_name] = config
+
+    def _parents(self, name: str):
+        parts = name.split(".")
+        return [self.model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Makes these adapters the active ones (their parameters train; the others are frozen)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
+        self.active_adapters = names
+        for _, layer in self.lora_layers():
+            layer.active_adapters = [n for n in names if n in layer.lora_A]
+        for _, wrapper in self.save_wrappers():
+            wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        self.model.requires_grad_(False)
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if config.inference_mode:
+                continue
+            for _, layer in self.lora_layers():
+                if name in layer.lora_A:
+                    layer.lora_A[name].requires_grad_(True)
+                    layer.lora_B[name].requires_grad_(True)
+                    if config.bias == "lora_only" and layer.base_layer.bias is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+            for _, wrapper in self.save_wrappers():
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(True)
+            if config.bias == "all":
+                for pname, p in self.model.named_parameters():
+                    if pname.endswith("bias") and ".original_module." not in pname:
+                        p.requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; adapters are: {list(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            layer.delete_adapter(name)
+        for _, wrapper in self.save_wrappers():
+            if name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[name]
+        del self.peft_config[name]
+        remaining = [a for a in self.active_adapters if a != name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        for _, layer in self.lora_layers():
+            layer.disable_adapters = disabled
+        for _, wrapper in self.save_wrappers():
+            wrapper.disable_adapters = disabled
+
+    # ------------------------------------------------------------------ merging and unloading
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        for _, layer in self.lora_layers():
+            layer.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        """Replaces every LoraLayer by its base layer (with the active adapters merged in if `merge`, else
+        exactly the original weights) and every modules_to_save wrapper by the module in use."""
+        for name, layer in self.lora_layers():
+            if merge:
+                layer.merge()
+            else:
+                layer.unmerge()
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in self.save_wrappers():
+            _set_submodule(self.model, name, wrapper.active_module() if merge else wrapper.original_module)
+        for p in self.model.parameters():
+            p.requires_grad_(self._requires_grad.get(id(p), True))
+        return self.model
+
+    # ------------------------------------------------------------------ state dicts in HF PEFT's format
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors under HF PEFT's saved key names (``base_model.model.<path>.lora_A.weight``,
+        the adapter name removed), biases per ``config.bias`` and modules_to_save copies included.
+
+        The tensors share storage with the model's parameters: loading copies into them."""
+        config = self.peft_config[name]
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self.lora_layers():
+            if name in layer.lora_A:
+                out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+                out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+                if config.bias == "lora_only" and layer.base_layer.bias is not None:
+                    out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
+        for path, wrapper in self.save_wrappers():
+            if name in wrapper.modules_to_save:
+                for key, value in wrapper.modules_to_save[name].state_dict().items():
+                    out[f"{PREFIX}{path}.{key}"] = value
+        if config.bias == "all":
+            for key, value in self.model.state_dict().items():
+                if key.endswith("bias") and ".lora_" not in key and ".original_module." not in key \
+                        and ".modules_to_save." not in key:
+                    out[f"{PREFIX}{key}"] = value
+        return {k: v.detach() for k, v in out.items()}

@@ -1,0 +1,59 @@
+"""Worker of tests/test_distributed.py: one rank of a 2-process CPU (gloo) run."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+BATCH, LENGTH = 4, 7
+
+
+def batch():
+    return torch.randint(1, 95, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+
+
+def build():
+    from hf_models import FAMILIES
+
+    import pefttorch
+
+    torch.manual_seed(0)
+    model = FAMILIES["llama"].build()
+    return pefttorch.get_peft_model(model, pefttorch.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                init_lora_weights=False, lora_dropout=0.0))
+
+
+def single_process_grads() -> dict[str, torch.Tensor]:
+    model = build()
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build()
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            named = model.module.named_parameters
+        elif mode == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.get_base_model().model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            named = model.named_parameters
+        else:
+            raise ValueError(mode)
+        ids = batch().chunk(world)[rank]  # equal shares: the mean of the ranks' losses is the full batch's
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {}
+        for n, p in named():
+            if p.requires_grad:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[n] = g.detach().clone()
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,32 @@
+"""torch.compile of a transformers model patched with pefttorch LoRA layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from pefttorch import LoraConfig, get_peft_model
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_compiled_llama_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(r=4, target_modules="all-linear",
+                                                                 init_lora_weights=False)).train()
+    ids = torch.randint(1, 95, (2, 9), generator=torch.Generator().manual_seed(1))
+    # our op must not be the cause of any graph break
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    compiled = torch.compile(model)
+    loss_c = compiled(input_ids=ids, labels=ids).loss
+    grads_c = torch.autograd.grad(loss_c, [p for p in model.parameters() if p.requires_grad])
+    loss = model(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

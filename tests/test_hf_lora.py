@@ -1,0 +1,355 @@
+"""LoRA on transformers models: get_peft_model, training, save/load in HF PEFT's format both ways,
+merging, generation, gradient checkpointing; on tiny Llama, BERT, T5, GPT-2 (Conv1D) and Marian."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from pefttorch import LoraConfig, PeftModel, get_peft_model
+from pefttorch.tuners.lora import LoraLayer
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+def fresh(family, seed=0):
+    torch.manual_seed(seed)
+    return family.build().eval()
+
+
+def inputs_of(family, seed=1):
+    return family.inputs(torch.Generator().manual_seed(seed))
+
+
+def logits(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def loss_and_grads(model, inputs):
+    model.train()
+    model.zero_grad()
+    kwargs = dict(inputs)
+    kwargs.setdefault("labels", kwargs["input_ids"])
+    loss = model(**kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_starts_as_the_base_model_and_only_adapters_train(family):
+    base = fresh(family)
+    inp = inputs_of(family)
+    want = logits(base, inp)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=family.targets))
+    torch.testing.assert_close(logits(model, inp), want)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    n_train, n_all = model.get_nb_trainable_parameters()
+    assert n_train == sum(p.numel() for p in model.parameters() if p.requires_grad) and n_all > n_train
+    assert model.config is model.get_base_model().config  # attributes reach the wrapped model
+
+
+def test_backward_reaches_every_adapter_and_nothing_else(family):
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False,
+                                                     lora_dropout=0.1))
+    loss, grads = loss_and_grads(model, inputs_of(family))
+    assert torch.isfinite(loss)
+    assert all(g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items() if g.abs().sum() == 0]
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_outputs_and_grads_match_hf_peft(family, tmp_path):
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(r=4, lora_alpha=8, target_modules=family.targets,
+                                                                init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(fresh(family), tmp_path, is_trainable=True)
+    inp = inputs_of(family)
+    torch.testing.assert_close(logits(ours, inp), logits(theirs, inp), rtol=1e-5, atol=1e-5)
+    loss_o, g_o = loss_and_grads(ours, inp)
+    loss_t, g_t = loss_and_grads(theirs, inp)
+    torch.testing.assert_close(loss_o, loss_t)
+    assert g_o.keys() == g_t.keys()  # same parameter names as HF PEFT
+    for name in g_o:
+        torch.testing.assert_close(g_o[name], g_t[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_save_load_round_trips_with_hf_peft(family, tmp_path):
+    inp = inputs_of(family)
+    ours = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    want = logits(ours, inp)
+    ours.save_pretrained(tmp_path / "ours")
+    assert {p.name for p in (tmp_path / "ours").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+    again = PeftModel.from_pretrained(fresh(family), tmp_path / "ours")
+    torch.testing.assert_close(logits(again, inp), want)
+    assert not any(p.requires_grad for p in again.parameters())  # is_trainable=False, as in HF PEFT
+    assert not again.training
+
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, inp), want)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = PeftModel.from_pretrained(fresh(family), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back, inp), want)
+
+
+def test_generate_matches_hf_peft(family, tmp_path):
+    if not family.generative:
+        pytest.skip("not a generative model")
+    ours = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    ids = inputs_of(family)["input_ids"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    out_ours = ours.eval().generate(input_ids=ids, **kwargs)
+    out_theirs = theirs.eval().generate(input_ids=ids, **kwargs)
+    assert torch.equal(out_ours, out_theirs)
+
+
+def test_merge_and_unload(family):
+    inp = inputs_of(family)
+    base = fresh(family)
+    original = logits(base, inp)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    want = logits(model, inp)
+    assert not torch.allclose(want, original)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, inp), want, rtol=1e-5, atol=1e-5)  # merged layers run as the base
+    model.unmerge_adapter()
+    merged = model.merge_and_unload()
+    assert merged is base and not any(isinstance(m, LoraLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, inp), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_gives_back_the_original(family):
+    inp = inputs_of(family)
+    base = fresh(family)
+    original = logits(base, inp)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    model.merge_adapter()
+    back = model.unload()
+    torch.testing.assert_close(logits(back, inp), original, rtol=1e-6, atol=1e-6)
+    assert back.state_dict().keys() == state.keys()
+    assert {n: p.requires_grad for n, p in back.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    family = FAMILIES[name]
+    inp = inputs_of(family)
+    plain = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    ckpt = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=family.targets, init_lora_weights=False))
+    ckpt.load_state_dict(plain.state_dict())
+    enable = getattr(ckpt, "activation_checkpointing_enable", None) if hasattr(
+        type(ckpt.get_base_model()), "activation_checkpointing_enable") else None
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _, g_plain = loss_and_grads(plain, inp)
+    _, g_ckpt = loss_and_grads(ckpt, inp)
+    assert g_plain.keys() == g_ckpt.keys()
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------------- adapters
+
+
+def test_multiple_adapters_switch_add_up_and_delete():
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    base = fresh(family)
+    original = logits(base, inp)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    y_a = logits(model, inp)
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj", "o_proj"], init_lora_weights=False))
+    assert model.active_adapters == ["default"]
+    torch.testing.assert_close(logits(model, inp), y_a)
+    model.set_adapter("b")
+    y_b = logits(model, inp)
+    assert not torch.allclose(y_b, y_a)
+    assert all(p.requires_grad == (".b." in n) for n, p in model.named_parameters() if ".lora_" in n)
+
+    # both active: the updates add up, which merging both must reproduce
+    model.set_adapter(["default", "b"])
+    y_ab = logits(model, inp)
+    reference = copy.deepcopy(model)
+    reference.merge_adapter()
+    torch.testing.assert_close(logits(reference, inp), y_ab, rtol=1e-5, atol=1e-5)
+
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inp), original)
+    torch.testing.assert_close(logits(model, inp), y_ab)
+
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["b"] and model.active_adapters == ["b"]
+    torch.testing.assert_close(logits(model, inp), y_b)
+    assert not any("default" in n for n, _ in model.named_parameters())
+
+
+def test_multiple_adapters_save_and_load(tmp_path):
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "other" / "adapter_config.json").exists()
+    model.set_adapter("other")
+    want_other = logits(model, inp)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    loaded.load_adapter(tmp_path / "other", "other")
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded, inp), want_other)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    theirs.load_adapter(tmp_path / "other", "other")
+    theirs.set_adapter("other")
+    torch.testing.assert_close(logits(theirs, inp), want_other)
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def test_target_selection_options():
+    family = FAMILIES["llama"]
+    model = fresh(family)
+
+    def adapted(config):
+        m = get_peft_model(copy.deepcopy(model), config)
+        return {n.removeprefix("base_model.model."): mod for n, mod in m.named_modules() if isinstance(mod, LoraLayer)}
+
+    everything = adapted(LoraConfig(target_modules="all-linear"))
+    assert "lm_head" not in everything and "model.layers.0.mlp.down_proj" in everything
+    assert len(everything) == 2 * 7  # q k v o gate up down per layer
+    assert set(adapted(LoraConfig(target_modules=r".*\.(q|k)_proj"))) == {
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qk"}
+    assert set(adapted(LoraConfig(target_modules=["q_proj"], layers_to_transform=[1]))) == {
+        "model.layers.1.self_attn.q_proj"}
+    assert "model.layers.0.mlp.down_proj" not in adapted(LoraConfig(target_modules="all-linear",
+                                                                    exclude_modules=["down_proj"]))
+    ranks = adapted(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                               alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32}))
+    assert ranks["model.layers.0.self_attn.v_proj"].r["default"] == 2
+    assert ranks["model.layers.0.self_attn.q_proj"].scaling["default"] == 2.0
+    assert ranks["model.layers.1.self_attn.q_proj"].scaling["default"] == 8.0
+    assert adapted(LoraConfig(target_modules=["q_proj"], use_rslora=True, r=4, lora_alpha=8))[
+        "model.layers.0.self_attn.q_proj"].scaling["default"] == 4.0
+
+
+def test_default_targets_per_model_type():
+    model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig())
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert names == {"q_proj", "v_proj"}
+
+
+def test_bias_options_and_modules_to_save(tmp_path):
+    family = FAMILIES["bert"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["query"], bias="lora_only",
+                                                     task_type="SEQ_CLS", init_lora_weights=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("query.base_layer.bias") for n in trainable)
+    assert any("classifier.modules_to_save.default" in n for n in trainable)
+    torch.nn.init.normal_(model.base_model.model.classifier.modules_to_save["default"].weight)
+    want = logits(model, inp)
+    with model.disable_adapter():  # the original head serves again
+        assert not torch.allclose(logits(model, inp), want)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(theirs, inp), want)
+    again = PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(again, inp), want)
+
+    all_bias = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["query"], bias="all"))
+    assert all(p.requires_grad for n, p in all_bias.named_parameters() if n.endswith(".bias")
+               and "original_module" not in n)
+
+
+def test_config_errors():
+    model = fresh(FAMILIES["llama"])
+    with pytest.raises(ValueError, match=r"matched no linear layer.*available to match: .*q_proj \(x2\)"):
+        get_peft_model(model, LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        LoraConfig(r=0)
+    with pytest.raises(TypeError, match=r"unknown field\(s\) 'lora_alfa' \(did you mean 'lora_alpha'\?\)"):
+        LoraConfig(lora_alfa=16)
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        LoraConfig(lora_dropout=1.0)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported"):
+        LoraConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match=r"adapts nn.Linear and transformers Conv1D.*embed_tokens \(Embedding\)"):
+        get_peft_model(model, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # failed calls changed nothing
+    with pytest.raises(ValueError, match="no default for model type"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig())
+    with pytest.raises(TypeError, match="takes a pefttorch.LoraConfig"):
+        get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()}, {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def test_load_errors_leave_the_model_unchanged(tmp_path):
+    family = FAMILIES["llama"]
+    model = fresh(family)
+    before = _snapshot(model)
+
+    with pytest.raises(FileNotFoundError, match="no such adapter directory"):
+        PeftModel.from_pretrained(model, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        PeftModel.from_pretrained(model, tmp_path / "empty")
+
+    # keys that do not fit: an adapter of another architecture
+    get_peft_model(fresh(FAMILIES["gpt2"]), LoraConfig(target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        PeftModel.from_pretrained(model, tmp_path / "gpt2")
+    # same targets, other shapes
+    import json
+
+    get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "r4")
+    cfg = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
+    cfg["r"] = 8  # config and weights disagree
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="(?s)does not fit this model.*shape mismatches"):
+        PeftModel.from_pretrained(model, tmp_path / "r4")
+    # an adapter type pefttorch does not load
+    cfg.update(r=4, peft_type="IA3")
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="adapter type 'IA3' is not supported"):
+        PeftModel.from_pretrained(model, tmp_path / "r4")
+    cfg.update(peft_type="LORA", use_dora=True)
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_dora=True, which pefttorch does not support"):
+        PeftModel.from_pretrained(model, tmp_path / "r4")
+
+    after = _snapshot(model)
+    assert before[0] == after[0] and before[2] == after[2]
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+def test_deepcopy_and_pickle(tmp_path):
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    want = logits(model, inp)
+    torch.testing.assert_close(logits(copy.deepcopy(model), inp), want)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded).__name__ == type(model).__name__
+    torch.testing.assert_close(logits(loaded, inp), want)
