@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from pefttorch.bench import cli_lora, lora
+from pefttorch.bench import lora
+from pefttorch.cli import main
 
 TINY = lora.Shape(32, 24, 16, 4, 0.1)
 
@@ -48,31 +49,34 @@ def test_shape_parsing():
 
 def test_cli_json_plot_and_compare(tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = ["--device", "cpu", "--shapes", "16x20x12r3p0.2", "--impls", "base,pefttorch", "--repeat", "1",
-            "--json", str(out)]
-    assert cli_lora.main(args) == 0
+    args = ["bench", "lora", "--device", "cpu", "--shapes", "16x20x12r3p0.2", "--impls", "base,pefttorch",
+            "--repeat", "1", "--json", str(out)]
+    assert main(args) == 0
     data = json.loads(out.read_text())
-    assert {"date", "device", "torch", "pefttorch", "commit", "build", "dtype"} <= set(data["meta"])
-    assert {r["impl"] for r in data["rows"]} == {"base", "pefttorch"}
-    assert all({"shape", "mode", "ms", "ratio_to_base", "ok", "tokens_per_s"} <= set(r) for r in data["rows"])
-    assert out.with_suffix(".png").stat().st_size > 0
-    assert cli_lora.main([*args, "--json", str(tmp_path / "r2.json"), "--compare", str(out)]) == 0
-    assert "change against" in capsys.readouterr().out
+    assert {"date", "device", "torch", "pefttorch", "peft", "commit", "build", "dtype"} <= set(data["meta"])
+    rows = data["suites"]["lora"]["rows"]
+    assert {r["impl"] for r in rows} == {"base", "pefttorch"}
+    assert all({"shape", "mode", "ms", "ratio_to_base", "ok", "tokens_per_s", "peak_mib"} <= set(r) for r in rows)
+    assert (tmp_path / "r-lora.png").stat().st_size > 0
+    assert main([*args, "--json", str(tmp_path / "r2.json"), "--compare", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "change against" in printed and "pefttorch" in printed and "%" in printed
 
 
-def test_cli_rejects_unknown_impl(capsys):
-    assert cli_lora.main(["--device", "cpu", "--impls", "nope", "--quick"]) == 2
+def test_cli_rejects_unknown_suite_and_impl():
+    assert main(["bench", "nope", "--device", "cpu"]) == 2
+    with pytest.raises(SystemExit, match="unknown implementations"):
+        main(["bench", "lora", "--device", "cpu", "--impls", "nope", "--quick"])
 
 
 @pytest.mark.slow
 def test_model_bench_cross_checks_the_lora_runs(tmp_path):
-    from pefttorch.bench import cli_model
-
     out = tmp_path / "m.json"
-    assert cli_model.main(["--device", "cpu", "--runs", "full,peft,peft+accelerate,pefttorch", "--steps", "2",
-                           "--warmup", "1", "--json", str(out)]) == 0
+    assert main(["bench", "model", "--device", "cpu", "--runs", "full,peft,peft+accelerate,pefttorch", "--steps",
+                 "2", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    runs = {r["run"]: r for r in data["rows"]}
+    runs = {r["run"]: r for r in data["suites"]["model"]["rows"]}
+    assert (tmp_path / "m-model.png").stat().st_size > 0
     assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch"}
     assert all(r["ok"] and r["step_ms"] > 0 for r in runs.values())
     # the LoRA runs start from the same adapter weights: same losses, step by step

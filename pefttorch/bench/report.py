@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 import subprocess
 from pathlib import Path
@@ -49,13 +48,6 @@ def _git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json(path: Path, meta: dict, rows: list[dict], targets: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "rows": rows,
-               "targets": [{"target": t, "met": met, "measured": m} for t, met, m in targets]}
-    path.write_text(json.dumps(payload, indent=1))
 
 
 def _fmt_ms(row: dict | None) -> str:
@@ -139,6 +131,59 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
     axes[0].set_title(f"LoRA layer, {meta['dtype']} on {meta['device']}\ntorch {meta['torch']}, "
                       f"commit {meta.get('commit')}; lower is better, hatched = mismatch", fontsize=9)
     axes[1].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_model_table(meta: dict, model_label: str, r: int, rows: list[dict], targets: list, console=None) -> None:
+    """One line per run: step time, ratios to full fine-tuning and to HF PEFT, tokens/s, peak memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"training step, {model_label}, {meta['dtype']} on {meta['device']}, LoRA r={r} "
+                        f"all-linear, AdamW (torch {meta['torch']}, peft {meta.get('peft') or 'absent'})",
+                  title_justify="left")
+    for col in ("run", "step ms", "/ full", "/ peft", "tokens/s", "peak GiB", "trainable", "matches peft"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for row in rows:
+        table.add_row(row["run"], fmt(row["step_ms"], ".1f"), fmt(row["ratio_to_full"], ".2f"),
+                      fmt(row["ratio_to_peft"], ".2f"), fmt(row["tokens_per_s"], ",.0f"), fmt(row["peak_gib"], ".2f"),
+                      fmt(row["trainable"], ",d"), "yes" if row["ok"] else f"[red]no: {row['note']}[/red]")
+    console.print(table)
+    for target, met, measured in targets:
+        console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
+
+
+def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
+    """Step time and peak memory of each run, relative to full fine-tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if r.get("step_ms")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["run"] for r in runs]
+    axes[0].bar(names, [r["ratio_to_full"] or 0 for r in runs], color=["grey"] + ["C0"] * (len(runs) - 1))
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].set_ylabel("step time / full fine-tuning")
+    if all(r.get("peak_gib") is not None for r in runs):
+        axes[1].bar(names, [r["peak_gib"] for r in runs], color=["grey"] + ["C1"] * (len(runs) - 1))
+        axes[1].set_ylabel("peak GiB")
+    else:
+        axes[1].text(0.5, 0.5, "peak memory: GPU only", ha="center", va="center")
+        axes[1].set_axis_off()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"training step on {meta['device']} ({meta['dtype']}), torch {meta['torch']}, "
+                 f"commit {meta.get('commit')}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

