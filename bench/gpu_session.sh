@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in one call (device time is scarce): build with all cores,
-# the whole test suite (GPU tests included), the C++ tests, then the LoRA benchmark. Logs and results go
+# the whole test suite (GPU tests included), then the LoRA layer and training-step benchmarks. Logs and results go
 # to $OUT (the device tool's output folder) or build/gpu-session; copy the JSON/PNG worth keeping into
 # bench/results/ afterwards.
 #   run: bash bench/gpu_session.sh [extra bench_lora.py arguments]
@@ -23,6 +23,9 @@ $PY -c "import pefttorch, json; print(json.dumps(pefttorch.build_info()))" | tee
 echo "== tests"
 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -25
 
-echo "== benchmark"
-$PY bench/bench_lora.py --json "$OUT/lora.json" --plot "$OUT/lora.png" "$@" 2>&1 | tee "$OUT/bench.log" \
-  | grep -v "lora bench" | tail -70
+echo "== benchmarks"
+$PY -m pefttorch info | tee "$OUT/info.txt"
+$PY -m pefttorch bench lora --json "$OUT/lora.json" --plot "$OUT/lora.png" "$@" 2>&1 | tee "$OUT/bench-lora.log" \
+  | grep -v "^lora: " | tail -60
+$PY -m pefttorch bench model --json "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/bench-model.log" \
+  | grep -v "^model: " | tail -20

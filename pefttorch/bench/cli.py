@@ -45,9 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from rich.console import Console
 
     from . import report
+
+    # HF PEFT still calls transformers APIs that transformers 5 deprecates: not the user's concern here
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
 
     console = Console()
     if console.width < 140:  # piped output defaults to 80 columns, too narrow for the tables

@@ -32,6 +32,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 50, wa
             end.record()
         sync(device)
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    import logging
+
+    # torch.utils.benchmark loads cpp_extension, which logs a CUDA_HOME guess on GPU-less machines
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
     fn()  # warm-up
