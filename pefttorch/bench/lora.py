@@ -113,6 +113,19 @@ class _Wrap(nn.Module):
         return self.lin(x)
 
 
+def _in_eval_mode(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """module's forward with dropout off (eval mode), leaving it in train mode afterwards."""
+
+    def call(x):
+        module.eval()
+        try:
+            return module(x)
+        finally:
+            module.train()
+
+    return call
+
+
 def build(impl: str, shape: Shape, w: dict, dtype: torch.dtype, device: torch.device) -> Layer:
     """Builds `impl` on the weights in w (weight, bias, lora_A, lora_B) and scaling w['scaling']."""
     scaling = w["scaling"]
@@ -148,32 +161,14 @@ def build(impl: str, shape: Shape, w: dict, dtype: torch.dtype, device: torch.de
             lora.lora_A["default"].weight.copy_(w["lora_A"])
             lora.lora_B["default"].weight.copy_(w["lora_B"])
         params = [lora.lora_A["default"].weight, lora.lora_B["default"].weight]
-        model.train()
-
-        def eval_call(x):
-            model.eval()
-            try:
-                return model(x)
-            finally:
-                model.train()
-
-        return Layer(model, params, eval_call, [model])
+        return Layer(model.train(), params, _in_eval_mode(model), [model])
     if impl == "pefttorch":
         layer = LoRALinear.from_linear(linear(), r=shape.r, lora_alpha=scaling * shape.r,
                                        lora_dropout=shape.dropout)
         with torch.no_grad():
             layer.lora_A.copy_(w["lora_A"])
             layer.lora_B.copy_(w["lora_B"])
-        layer.train()
-
-        def eval_call(x):
-            layer.eval()
-            try:
-                return layer(x)
-            finally:
-                layer.train()
-
-        return Layer(layer, [layer.lora_A, layer.lora_B], eval_call, [layer])
+        return Layer(layer.train(), [layer.lora_A, layer.lora_B], _in_eval_mode(layer), [layer])
     raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
 
 
