@@ -63,3 +63,18 @@ def lora_linear(
         return y
     y, _ = ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, float(scaling), p, seed)
     return y
+
+
+@torch.no_grad()
+def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
+                sign: float = 1.0, fan_in_fan_out: bool = False) -> None:
+    """``weight += sign * scaling * B A`` in place (transposed if the weight is stored (in, out)).
+
+    The update is formed in float32 (float64 for float64 weights) and rounded once into the weight's
+    dtype, so merging and then unmerging (sign -1) restores the weight up to that rounding.
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    delta = (lora_b.to(acc) @ lora_a.to(acc)) * scaling
+    if fan_in_fan_out:
+        delta = delta.t()
+    weight.copy_(weight.to(acc) + sign * delta)

@@ -195,8 +195,7 @@ class PeftModel(nn.Module):
             self.base_model.delete_adapter(adapter_name)
             raise
         finally:
-            if adapter_name in self.peft_config or active:
-                self.base_model.set_adapter(active)
+            self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
 
     def _load_weights(self, model_id, adapter_name: str) -> None:
         from .integrations.hf_format import load_adapter_weights

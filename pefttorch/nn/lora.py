@@ -113,27 +113,18 @@ class LoRALinear(nn.Module):
             training=self.training,
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` in float32 (or float64), the update merge() adds to W."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
-
-    @torch.no_grad()
     def merge(self) -> None:
         """W += scaling * B A, in place; forward then runs the plain linear layer."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
-        delta = self.delta_weight()
-        self.weight.copy_(self.weight.to(delta.dtype) + delta)
+        functional.merge_lora_(self.weight, self.lora_A, self.lora_B, self.scaling)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undoes merge(): W -= scaling * B A (exact up to rounding in W's dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
-        delta = self.delta_weight()
-        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        functional.merge_lora_(self.weight, self.lora_A, self.lora_B, self.scaling, sign=-1.0)
         self.merged = False
 
     def extra_repr(self) -> str:

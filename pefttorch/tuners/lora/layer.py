@@ -137,28 +137,20 @@ class LoraLayer(nn.Module):
             raise TypeError(f"{type(self).__name__}.forward takes only the input tensor")
         return lora_forward(self, x)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * B A`` in float32 (float64 for float64 weights), laid out like the base weight."""
-        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
-        delta = (self.lora_B[name].weight.to(acc) @ self.lora_A[name].weight.to(acc)) * self.scaling[name]
-        return delta.t() if self.fan_in_fan_out else delta
+    def _merge(self, name: str, sign: float) -> None:
+        functional.merge_lora_(self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.scaling[name], sign=sign, fan_in_fan_out=self.fan_in_fan_out)
 
-    @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Adds the active (or the given) adapters into the base weight, each once."""
-        w = self.base_layer.weight
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                delta = self.delta_weight(name)
-                w.copy_(w.to(delta.dtype) + delta)
+                self._merge(name, 1.0)
                 self.merged_adapters.append(name)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        w = self.base_layer.weight
         while self.merged_adapters:
-            delta = self.delta_weight(self.merged_adapters.pop())
-            w.copy_(w.to(delta.dtype) - delta)
+            self._merge(self.merged_adapters.pop(), -1.0)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
