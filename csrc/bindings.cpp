@@ -15,6 +15,15 @@ TORCH_LIBRARY(pefttorch, m) {
       "lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor? s, float scaling, float dropout_p, Tensor? seed, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // Density loss of activations a: (mean(a^2 / (a^2 + eps)), share of |a| > threshold), 0-dim float32 (float64 for float64 a).
+  m.def("density_loss(Tensor a, float eps, float threshold) -> (Tensor loss, Tensor density)");
+  // Gradient of density_loss's loss w.r.t. a: grad * 2 a eps / (a^2 + eps)^2 / numel(a), one pass over a.
+  m.def("density_loss_backward(Tensor grad, Tensor a, float eps) -> Tensor");
+  // MLP with activations of magnitude <= threshold treated as zero, computing only the active neurons:
+  // y = (act(x W_in^T + b_in) [* (x W_up^T + b_up)]) masked @ W_down_t + b_down; W_down_t is (intermediate, out).
+  m.def(
+      "sparse_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor? w_up, Tensor? b_up, Tensor w_down_t, "
+      "Tensor? b_down, str activation, float threshold) -> Tensor");
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

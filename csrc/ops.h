@@ -7,6 +7,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/philox.h"
@@ -45,6 +46,61 @@ LoraGrads lora_linear_backward(const LoraDropoutKernels& k, const at::Tensor& gr
                                const at::Tensor& lora_a, const at::Tensor& lora_b,
                                const std::optional<at::Tensor>& s, double scaling, double dropout_p,
                                const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask);
+
+// ---------------------------------------------------------------------------------------------------
+// Density loss (sparse activations, as in DEFT): loss = mean(a^2 / (a^2 + eps)), density = share of
+// |a| > threshold. A backend supplies the two one-pass kernels over a (contiguous).
+struct DensityKernels {
+  // (sum of a^2 / (a^2 + eps), count of |a| > threshold) as float64 and int64 0-dim tensors on a's device
+  std::tuple<at::Tensor, at::Tensor> (*forward)(const at::Tensor& a, double eps, double threshold);
+  // grad (0-dim, on a's device) * 2 a eps / (a^2 + eps)^2 * scale, in a's dtype
+  at::Tensor (*backward)(const at::Tensor& grad, const at::Tensor& a, double eps, double scale);
+};
+
+std::tuple<at::Tensor, at::Tensor> density_loss(const DensityKernels& k, const at::Tensor& a, double eps,
+                                                double threshold);
+at::Tensor density_loss_backward(const DensityKernels& k, const at::Tensor& grad, const at::Tensor& a, double eps);
+
+// ---------------------------------------------------------------------------------------------------
+// Sparse MLP for inference.
+enum class Activation { kReLU, kGELU, kGELUTanh, kSiLU };
+Activation parse_activation(const std::string& name);
+at::Tensor apply_activation(const at::Tensor& pre, Activation act);
+
+struct SparseMlpArgs {
+  at::Tensor x;  // (tokens, hidden), unit inner stride
+  at::Tensor w_in, b_in, w_up, b_up, w_down_t, b_down;  // optional ones undefined; weights contiguous
+  Activation activation;
+  double threshold;
+};
+
+// A backend's sparse path for `tokens` rows; returns (tokens, out) or an undefined tensor to ask for
+// the dense path (e.g. too many tokens for its kernel).
+using SparseMlpKernel = at::Tensor (*)(const SparseMlpArgs& args);
+
+at::Tensor sparse_mlp(SparseMlpKernel k, const at::Tensor& x, const at::Tensor& w_in,
+                      const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& w_up,
+                      const std::optional<at::Tensor>& b_up, const at::Tensor& w_down_t,
+                      const std::optional<at::Tensor>& b_down, const std::string& activation, double threshold);
+// The dense computation with the same mask: the fallback, and the path for many tokens.
+at::Tensor sparse_mlp_dense(const SparseMlpArgs& args);
+
+// Registers the density loss and sparse MLP ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const DensityKernels& D, SparseMlpKernel S>
+void register_sparse_activation_ops(torch::Library& m) {
+  m.impl("density_loss", [](const at::Tensor& a, double eps, double threshold) {
+    return density_loss(D, a, eps, threshold);
+  });
+  m.impl("density_loss_backward", [](const at::Tensor& grad, const at::Tensor& a, double eps) {
+    return density_loss_backward(D, grad, a, eps);
+  });
+  m.impl("sparse_mlp",
+         [](const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
+            const std::optional<at::Tensor>& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& w_down_t,
+            const std::optional<at::Tensor>& b_down, c10::string_view activation, double threshold) {
+           return sparse_mlp(S, x, w_in, b_in, w_up, b_up, w_down_t, b_down, std::string(activation), threshold);
+         });
+}
 
 // Registers the LoRA linear ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
 template <const LoraDropoutKernels& K>

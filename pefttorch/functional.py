@@ -78,3 +78,63 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     if fan_in_fan_out:
         delta = delta.t()
     weight.copy_(weight.to(acc) + sign * delta)
+
+
+def density_loss(
+    a: torch.Tensor, eps: float = 1e-7, threshold: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DEFT's density loss of activations `a` and their measured density, in one pass over `a`.
+
+    Returns ``(loss, density)``: ``loss = mean(a^2 / (a^2 + eps))``, a smooth count of the non-zero
+    activations (differentiable in `a`), and ``density``, the share of ``|a| > threshold`` (default
+    ``sqrt(eps)``, where each term of the loss is 1/2). Both are 0-dim float32 tensors (float64 for
+    float64 `a`). Backward makes one more pass over `a` and keeps nothing but `a` itself.
+    """
+    return ops.density_loss(a, float(eps), default_density_threshold(eps) if threshold is None else float(threshold))
+
+
+def default_density_threshold(eps: float) -> float:
+    """|a| above which an activation counts as active: sqrt(eps), where a^2 / (a^2 + eps) = 1/2."""
+    return float(eps) ** 0.5
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    b_in: torch.Tensor | None = None,
+    w_up: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str = "relu",
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """An MLP that treats activations of magnitude <= `threshold` as zero and skips those neurons.
+
+    ``g = activation(x W_in^T + b_in)``; for a gated MLP (`w_up` given) ``h = g * (x W_up^T + b_up)``,
+    otherwise ``h = g``; ``y = mask(h) W_down_t + b_down`` where the mask keeps ``|g| > threshold``.
+
+    Args:
+        x: ``(..., hidden)``.
+        w_in, w_up: ``(intermediate, hidden)``, as an nn.Linear's weight.
+        w_down_t: the down projection *transposed*, ``(intermediate, out)``, so an active neuron's row is
+            contiguous (store it that way once; :class:`pefttorch.nn.SparseMLP` does).
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        threshold: >= 0. At 0 the result equals the dense MLP up to rounding.
+
+    For up to 16 tokens (decode) the kernels compute the gate for every neuron and the up and down
+    projections only for active ones; above that, or when most neurons are active, a dense path with
+    the same mask. Inference only: when a gradient is needed the pure-PyTorch reference computes it.
+    """
+    args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, float(threshold))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+        from . import reference
+
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"sparse_mlp: unsupported activation {activation!r}; supported: "
+                             f"{', '.join(reference.ACTIVATIONS)}")
+        if threshold < 0:
+            raise ValueError(f"sparse_mlp: threshold must be >= 0, got {threshold}")
+        return reference.sparse_mlp(*args)
+    return ops.sparse_mlp(*args)

@@ -88,3 +88,69 @@ def lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw op: returns (y, s) where s = dropout(x) A^T is what backward reuses."""
     return _ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# density_loss (DEFT): loss and activation density in one pass; backward in one pass over a
+
+
+def _stat_dtype(a: torch.Tensor) -> torch.dtype:
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pefttorch::density_loss")
+def _density_loss_fake(a, eps, threshold):
+    return a.new_empty((), dtype=_stat_dtype(a)), a.new_empty((), dtype=_stat_dtype(a))
+
+
+@torch.library.register_fake("pefttorch::density_loss_backward")
+def _density_loss_backward_fake(grad, a, eps):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+def _density_loss_setup_context(ctx, inputs, output):
+    a, eps, _ = inputs
+    # a is the layer's activation, alive anyway for the next layer's input: saving it keeps nothing new.
+    ctx.save_for_backward(a)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _density_loss_backward(ctx, grad_loss, grad_density):
+    (a,) = ctx.saved_tensors
+    return _ops.density_loss_backward(grad_loss, a, ctx.eps), None, None
+
+
+torch.library.register_autograd(
+    "pefttorch::density_loss", _density_loss_backward, setup_context=_density_loss_setup_context
+)
+
+
+def density_loss(a: torch.Tensor, eps: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean(a^2 / (a^2 + eps)), share of |a| > threshold): 0-dim float32 (float64 for float64 a)."""
+    return _ops.density_loss(a, eps, threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse_mlp (DEFT inference): computes only the neurons whose activation exceeds the threshold
+
+
+@torch.library.register_fake("pefttorch::sparse_mlp")
+def _sparse_mlp_fake(x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold):
+    torch._check(x.shape[-1] == w_in.shape[1], lambda: "sparse_mlp: x.size(-1) != w_in.size(1)")
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[1]))
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    activation: str,
+    threshold: float,
+) -> torch.Tensor:
+    """The raw op (no autograd: an inference kernel). w_down_t is the down projection transposed, (inter, out)."""
+    return _ops.sparse_mlp(x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold)

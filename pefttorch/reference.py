@@ -89,3 +89,54 @@ def lora_linear(
         raise ValueError("dropout_p > 0 needs the seed the kernel was given")
     x_d = dropout(x, dropout_p, seed) if dropout_p > 0.0 else x
     return F.linear(x, weight, bias) + scaling * ((x_d @ lora_a.t()) @ lora_b.t())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse activations (DEFT)
+
+
+def density_loss(a: torch.Tensor, eps: float) -> torch.Tensor:
+    """mean(a^2 / (a^2 + eps)), in float32 (float64 for float64 a): near 1 for |a| >> sqrt(eps), 0 at 0."""
+    a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
+    a2 = a * a
+    return (a2 / (a2 + eps)).mean()
+
+
+def activation_density(a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Share of the elements of a with |a| > threshold (compared in float32; float64 for float64 a)."""
+    a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
+    return (a.abs() > threshold).to(a.dtype).mean()
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    activation: str,
+    threshold: float,
+) -> torch.Tensor:
+    """The MLP with every activation of magnitude <= threshold set to zero, computed densely.
+
+    g = act(x W_in^T + b_in); h = g, or g * (x W_up^T + b_up) for a gated MLP; h is zeroed where
+    |g| <= threshold; y = h W_down_t + b_down, with w_down_t = W_down^T of shape (intermediate, out).
+    """
+    g = ACTIVATIONS[activation](F.linear(x, w_in, b_in))
+    h = g * F.linear(x, w_up, b_up) if w_up is not None else g
+    if threshold > 0.0:
+        # compared in float32 at least, as the kernels do (a half-precision threshold would be rounded)
+        active = g.abs().to(torch.promote_types(g.dtype, torch.float32)) > threshold
+        h = torch.where(active, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    y = h @ w_down_t
+    return y + b_down if b_down is not None else y
