@@ -9,6 +9,14 @@ import torch
 from . import functional, nn, ops, reference
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .peft_model import PeftModel, get_peft_model
+from .tuners.density import (
+    DensityLoss,
+    DensityLossCallback,
+    DensityLossConfig,
+    attach_density_loss,
+    find_mlp_blocks,
+    sparsify,
+)
 from .tuners.lora import LoraConfig
 
 __version__ = ops._C.VERSION
@@ -22,7 +30,7 @@ def build_info() -> dict:
     empty without CUDA), ``ops`` (the registered op names) and ``devices`` (the backends with kernels).
     """
     c = ops._C
-    names = ["lora_linear_forward", "lora_linear_backward"]
+    names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp"]
     devices = [
         key.lower()
         for key in ("CPU", "CUDA")
@@ -41,14 +49,20 @@ def build_info() -> dict:
 
 __all__ = [
     "AccelerateReport",
+    "DensityLoss",
+    "DensityLossCallback",
+    "DensityLossConfig",
     "LoraConfig",
     "PeftModel",
     "__version__",
     "accelerate",
+    "attach_density_loss",
     "build_info",
     "deaccelerate",
+    "find_mlp_blocks",
     "functional",
     "get_peft_model",
     "nn",
     "reference",
+    "sparsify",
 ]

@@ -31,6 +31,8 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
+        self.density_loss = None  # the DensityLoss hooks when an adapter's config asks for the density loss
+        self._attach_density_loss(config)
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
         # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the
@@ -91,6 +93,19 @@ class PeftModel(nn.Module):
         active = self.active_adapters
         self.base_model.inject_adapter(peft_config, adapter_name)
         self.base_model.set_adapter(active)
+        self._attach_density_loss(peft_config)
+
+    def _attach_density_loss(self, config: LoraConfig) -> None:
+        if config.density_loss is None:
+            return
+        if self.density_loss is not None:
+            if self.density_loss.config != config.density_loss:
+                raise ValueError("a density loss with another config is attached already: one per model")
+            return
+        from .tuners.density import attach_density_loss
+
+        # hooked on this wrapper, so the term joins the loss of the calls the user (or Trainer) makes
+        self.density_loss = attach_density_loss(self, config.density_loss)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activates one adapter, or several whose updates add up; only active adapters train."""
@@ -115,12 +130,20 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapters merged into its weights, LoRA layers removed."""
+        """The base model with the active adapters merged into its weights, LoRA layers (and density loss
+        hooks) removed."""
+        self._detach_density_loss()
         return self.base_model.unload(merge=True)
 
     def unload(self) -> nn.Module:
-        """The base model as it was, LoRA layers removed, nothing merged."""
+        """The base model as it was, LoRA layers (and density loss hooks) removed, nothing merged."""
+        self._detach_density_loss()
         return self.base_model.unload(merge=False)
+
+    def _detach_density_loss(self) -> None:
+        if self.density_loss is not None:
+            self.density_loss.remove()
+            self.density_loss = None
 
     # ------------------------------------------------------------------ gradient checkpointing
 

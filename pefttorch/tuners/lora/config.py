@@ -62,6 +62,9 @@ class LoraConfig:
             layers_pattern, default: the first numbered one).
         fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D.
         task_type: HF PEFT's task type (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); SEQ_CLS trains the head.
+        density_loss: a :class:`pefttorch.DensityLossConfig` (or its fields as a dict) to train with DEFT's
+            density loss on the MLP activations (see :func:`pefttorch.attach_density_loss`); pefttorch only,
+            a training setting: not written to adapter_config.json.
     """
 
     r: int = 8
@@ -82,6 +85,7 @@ class LoraConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    density_loss: Any = None  # DensityLossConfig | dict | None
 
     peft_type = "LORA"
 
@@ -116,6 +120,14 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern and not self.layers_to_transform:
             raise bad("layers_pattern only makes sense together with layers_to_transform")
+        if self.density_loss is not None:
+            from ..density import DensityLossConfig
+
+            if isinstance(self.density_loss, dict):
+                self.density_loss = DensityLossConfig(**self.density_loss)
+            if not isinstance(self.density_loss, DensityLossConfig):
+                raise bad(f"density_loss must be a DensityLossConfig, a dict of its fields or None, got "
+                          f"{type(self.density_loss).__name__}")
         if self.modules_to_save is None and self.task_type in TASK_MODULES_TO_SAVE:
             self.modules_to_save = list(TASK_MODULES_TO_SAVE[self.task_type])
 
@@ -130,6 +142,7 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("density_loss")  # a training setting of pefttorch's, unknown to HF PEFT
         d["peft_type"] = self.peft_type
         return d
 

@@ -1,0 +1,150 @@
+"""SparseMLP: an MLP block for inference that computes only the neurons a token activates (DEFT)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional
+
+
+def _weight_rows(layer: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or transformers Conv1D as (out, in) rows, without a copy for nn.Linear."""
+    from ..tuners.lora.layer import LoraLayer, conv1d_class, is_linear
+
+    if isinstance(layer, LoraLayer):
+        raise ValueError("the MLP holds LoRA layers: merge the adapters first (merge_and_unload()), then sparsify")
+    if not is_linear(layer):
+        raise ValueError(f"SparseMLP is built from nn.Linear or Conv1D projections, got {type(layer).__name__}")
+    conv1d = conv1d_class()
+    return layer.weight.detach().t() if conv1d is not None and isinstance(layer, conv1d) else layer.weight.detach()
+
+
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach()
+
+
+class SparseMLP(nn.Module):
+    """``y = mask(h) W_down^T + b_down``, ``h = act(x W_in^T + b_in)`` (times ``x W_up^T + b_up`` if gated),
+    where the mask zeroes every neuron whose activation has magnitude <= ``threshold``.
+
+    For up to 16 tokens (decode) pefttorch's kernels compute the gate for every neuron, then read the up
+    and down projection rows of the active neurons only, so the time follows the activation density; above
+    16 tokens, or when most neurons are active, a dense path with the same mask serves.
+
+    Error: at ``threshold = 0`` the output equals the dense MLP up to rounding. Above 0, each output
+    element differs from the dense MLP's by at most ``threshold * sum_i |u_i| |W_down[o, i]|`` over the
+    masked neurons i, with ``u_i = 1`` for an ungated MLP and the up projection's value for a gated one
+    (see :meth:`error_bound`). DEFT's density loss trains the activations to sit at zero or well above it,
+    which keeps this small.
+
+    The weights are frozen and shared with the MLP it was built from, except the down projection, kept
+    transposed (``w_down_t``, ``(intermediate, out)``) so an active neuron's row is contiguous. It is an
+    inference module, created in eval mode: calling it in training mode is an error (the dropout of the
+    original block is not reproduced).
+    """
+
+    def __init__(self, w_in: torch.Tensor, w_down_t: torch.Tensor, *, b_in: torch.Tensor | None = None,
+                 w_up: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+                 b_down: torch.Tensor | None = None, activation: str = "relu", threshold: float = 0.0) -> None:
+        super().__init__()
+        threshold = float(threshold)
+        if not threshold >= 0.0:  # also refuses NaN
+            raise ValueError(f"SparseMLP: threshold must be >= 0, got {threshold}")
+        from ..reference import ACTIVATIONS
+
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"SparseMLP: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        if w_in.dim() != 2 or w_down_t.dim() != 2 or w_down_t.shape[0] != w_in.shape[0]:
+            raise ValueError(f"SparseMLP: w_in (intermediate, hidden) and w_down_t (intermediate, out) must agree on "
+                             f"intermediate, got {tuple(w_in.shape)} and {tuple(w_down_t.shape)}")
+        if w_up is not None and w_up.shape != w_in.shape:
+            raise ValueError(f"SparseMLP: w_up must have w_in's shape {tuple(w_in.shape)}, got {tuple(w_up.shape)}")
+
+        given = {"w_in": w_in, "b_in": b_in, "w_up": w_up, "b_up": b_up, "w_down_t": w_down_t, "b_down": b_down}
+        mixed = {k: t.dtype for k, t in given.items() if t is not None and t.dtype != w_in.dtype}
+        if mixed:
+            raise ValueError(f"SparseMLP: all weights must have w_in's dtype {w_in.dtype}, got {mixed}")
+
+        def frozen(t):
+            # contiguous once here: the kernels read rows (a no-op for nn.Linear weights, which are shared)
+            return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=False)
+
+        self.w_in, self.b_in, self.w_up, self.b_up = frozen(w_in), frozen(b_in), frozen(w_up), frozen(b_up)
+        self.w_down_t, self.b_down = frozen(w_down_t), frozen(b_down)
+        self.activation = activation
+        self.threshold = threshold
+        self.eval()  # an inference module starts ready for inference
+
+    @classmethod
+    def from_linears(cls, gate: nn.Module, down: nn.Module, activation: str | nn.Module, threshold: float = 0.0,
+                     up: nn.Module | None = None) -> SparseMLP:
+        """From the projections of an MLP (nn.Linear or transformers Conv1D) and its activation (a name or an
+        activation module such as nn.GELU or transformers' GELUActivation)."""
+        from ..tuners.density.mlp import activation_name
+
+        act = activation if isinstance(activation, str) else activation_name(activation)
+        w_in = _weight_rows(gate)
+        # T5 keeps `wo` in float32 in half-precision models; the kernels compute in one dtype, w_in's
+        w_down_t, b_down = _weight_rows(down).t().to(w_in.dtype), _bias(down)
+        return cls(w_in, w_down_t, b_in=_bias(gate), w_up=None if up is None else _weight_rows(up),
+                   b_up=None if up is None else _bias(up), b_down=None if b_down is None else b_down.to(w_in.dtype),
+                   activation=act, threshold=threshold)
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, threshold: float = 0.0) -> SparseMLP:
+        """From a transformers MLP block: Llama-style gated (gate_proj, up_proj, down_proj), T5's
+        DenseReluDense (gated or not), GPT-2's MLP, or a BERT/BART layer (whose MLP is spread over the
+        layer: use :func:`pefttorch.sparsify` to swap those in place)."""
+        from ..tuners.density.mlp import SUPPORTED, layout_of
+
+        layout = layout_of(mlp)
+        if layout is None:
+            raise ValueError(f"{type(mlp).__name__} is not an MLP block SparseMLP knows; supported are the MLPs of "
+                             f"{SUPPORTED}")
+        part = mlp.get_submodule
+        return cls.from_linears(part(layout.gate), part(layout.down), part(layout.act), threshold,
+                                up=part(layout.up) if layout.up else None)
+
+    @property
+    def in_features(self) -> int:
+        return self.w_in.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w_down_t.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("SparseMLP is an inference module: call model.eval() first (it does not reproduce the "
+                               "original block's dropout, and its mask has no gradient)")
+        return functional.sparse_mlp(x, self.w_in, self.w_down_t, b_in=self.b_in, w_up=self.w_up, b_up=self.b_up,
+                                     b_down=self.b_down, activation=self.activation, threshold=self.threshold)
+
+    @torch.no_grad()
+    def active_share(self, x: torch.Tensor) -> float:
+        """Share of neurons some token of `x` activates: what the sparse kernel's cost follows."""
+        from ..reference import ACTIVATIONS
+
+        g = ACTIVATIONS[self.activation](torch.nn.functional.linear(x.to(self.w_in.dtype), self.w_in, self.b_in))
+        return (g.abs() > self.threshold).reshape(-1, g.shape[-1]).any(0).float().mean().item()
+
+    @torch.no_grad()
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Per output element, the bound on |SparseMLP(x) - dense MLP(x)| (exact arithmetic) stated above."""
+        from ..reference import ACTIVATIONS
+
+        x = x.to(self.w_in.dtype)
+        g = ACTIVATIONS[self.activation](torch.nn.functional.linear(x, self.w_in, self.b_in))
+        u = torch.nn.functional.linear(x, self.w_up, self.b_up).abs() if self.w_up is not None else torch.ones_like(g)
+        masked = (g.abs() <= self.threshold).to(g.dtype)
+        return self.threshold * ((masked * u) @ self.w_down_t.abs())
+
+    def extra_repr(self) -> str:
+        kind = "gated" if self.w_up is not None else "ungated"
+        return (f"in_features={self.in_features}, intermediate_size={self.intermediate_size}, "
+                f"out_features={self.out_features}, {kind}, activation={self.activation}, threshold={self.threshold:g}")

