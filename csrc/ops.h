@@ -53,7 +53,8 @@ LoraGrads lora_linear_backward(const LoraDropoutKernels& k, const at::Tensor& gr
 struct DensityKernels {
   // (sum of a^2 / (a^2 + eps), count of |a| > threshold) as float64 and int64 0-dim tensors on a's device
   std::tuple<at::Tensor, at::Tensor> (*forward)(const at::Tensor& a, double eps, double threshold);
-  // grad (0-dim, on a's device) * 2 a eps / (a^2 + eps)^2 * scale, in a's dtype
+  // grad (0-dim, on a's device, any float dtype) * 2 a eps / (a^2 + eps)^2 * scale, in a's dtype, computed in
+  // float32 (float64 for float64 a)
   at::Tensor (*backward)(const at::Tensor& grad, const at::Tensor& a, double eps, double scale);
 };
 

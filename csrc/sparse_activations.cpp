@@ -30,7 +30,7 @@ at::Tensor density_loss_backward(const DensityKernels& k, const at::Tensor& grad
   TORCH_CHECK(grad.numel() == 1, "density_loss_backward: grad must have one element, got shape ", grad.sizes());
   check_same_device("density_loss_backward", grad, "grad", a, "a");
   TORCH_CHECK(a.numel() > 0, "density_loss_backward: a is empty");
-  const at::Tensor ga = k.backward(grad.reshape({}).to(at::kFloat), a.contiguous(), eps, 1.0 / a.numel());
+  const at::Tensor ga = k.backward(grad.reshape({}), a.contiguous(), eps, 1.0 / a.numel());
   return ga.view(a.sizes());
 }
 

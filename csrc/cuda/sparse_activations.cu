@@ -20,29 +20,29 @@ int64_t reduce_blocks(int64_t n) {
 std::tuple<at::Tensor, at::Tensor> density_forward_cuda(const at::Tensor& a, double eps, double threshold) {
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t n = a.numel(), blocks = reduce_blocks(n);
-  at::Tensor sums = at::empty({blocks}, a.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({blocks}, a.options().dtype(at::kDouble));
   at::Tensor counts = at::empty({blocks}, a.options().dtype(at::kLong));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "density_forward", [&] {
     density_forward_kernel<scalar_t><<<blocks, kReduceThreads, 0, stream>>>(
-        a.const_data_ptr<scalar_t>(), n, static_cast<float>(eps), static_cast<float>(threshold),
-        sums.mutable_data_ptr<float>(), reinterpret_cast<long long*>(counts.mutable_data_ptr<int64_t>()));
+        a.const_data_ptr<scalar_t>(), n, eps, threshold, sums.mutable_data_ptr<double>(),
+        reinterpret_cast<long long*>(counts.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // the block partials are summed in float64, in a fixed order: deterministic
-  return {sums.sum(0, /*keepdim=*/false, at::kDouble), counts.sum()};
+  return {sums.sum(), counts.sum()};
 }
 
 at::Tensor density_backward_cuda(const at::Tensor& grad, const at::Tensor& a, double eps, double scale) {
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t n = a.numel();
   at::Tensor ga = at::empty_like(a);
-  const at::Tensor g = grad.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "density_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     density_backward_kernel<scalar_t><<<reduce_blocks(n), kReduceThreads, 0, stream>>>(
-        g.const_data_ptr<float>(), a.const_data_ptr<scalar_t>(), n, static_cast<float>(eps),
-        static_cast<float>(scale), ga.mutable_data_ptr<scalar_t>());
+        g.const_data_ptr<acc_t>(), a.const_data_ptr<scalar_t>(), n, eps, scale, ga.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return ga;

@@ -1,13 +1,14 @@
 // Device code of the sparse-activation ops (launchers: sparse_activations.cu). Kept apart, like
 // lora_linear_kernels.cuh, so the CPU emulation test can compile and run it without a GPU.
 //
-//   density_forward:  per-block partial sums of a^2 / (a^2 + eps) and counts of |a| > threshold
+//   density_forward:  per-block partial sums (float64) of a^2 / (a^2 + eps) and counts of |a| > threshold
 //   density_backward: ga = g * 2 a eps / (a^2 + eps)^2 * scale, one pass
 //   sparse_mlp_in:    one warp per neuron: the gate (or only) projection for every token, the activation,
 //                     and, for gated MLPs, the up projection only where the neuron is active
 //   sparse_mlp_down:  the down projection over active neurons only, partial sums per neuron split
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -34,24 +35,28 @@ __device__ __forceinline__ float activate(float v, Act act) {
   return v;
 }
 
+// Terms in opmath precision (float32; float64 for float64 a), sums in float64: accurate for any size, and
+// the reduction order is fixed, so results are deterministic.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    density_forward_kernel(const T* __restrict__ a, int64_t n, float eps, float threshold, float* __restrict__ sums,
+    density_forward_kernel(const T* __restrict__ a, int64_t n, double eps, double threshold, double* __restrict__ sums,
                            long long* __restrict__ counts) {
-  __shared__ float s_sum[kReduceThreads];
+  using acc_t = at::opmath_type<T>;
+  __shared__ double s_sum[kReduceThreads];
   __shared__ long long s_cnt[kReduceThreads];
-  float sum = 0.f;
+  const acc_t e = static_cast<acc_t>(eps), thr = static_cast<acc_t>(threshold);
+  double sum = 0.0;
   long long cnt = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float v = static_cast<float>(a[i]), v2 = v * v;
-    sum += v2 / (v2 + eps);
-    cnt += fabsf(v) > threshold;
+    const acc_t v = static_cast<acc_t>(a[i]), v2 = v * v;
+    sum += static_cast<double>(v2 / (v2 + e));
+    cnt += (v < 0 ? -v : v) > thr;
   }
   s_sum[threadIdx.x] = sum;
   s_cnt[threadIdx.x] = cnt;
   __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half /= 2) {  // fixed tree: deterministic
+  for (int half = kReduceThreads / 2; half > 0; half /= 2) {
     if (static_cast<int>(threadIdx.x) < half) {
       s_sum[threadIdx.x] += s_sum[threadIdx.x + half];
       s_cnt[threadIdx.x] += s_cnt[threadIdx.x + half];
@@ -64,14 +69,16 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// grad is 0-dim on the device (reading it on the host would synchronise), in acc_t.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    density_backward_kernel(const float* __restrict__ grad, const T* __restrict__ a, int64_t n, float eps,
-                            float scale, T* __restrict__ ga) {
-  const float k = 2.f * eps * scale * grad[0];
+    density_backward_kernel(const at::opmath_type<T>* __restrict__ grad, const T* __restrict__ a, int64_t n,
+                            double eps, double scale, T* __restrict__ ga) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t e = static_cast<acc_t>(eps), k = static_cast<acc_t>(2.0 * eps * scale) * grad[0];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float v = static_cast<float>(a[i]), d = v * v + eps;
+    const acc_t v = static_cast<acc_t>(a[i]), d = v * v + e;
     ga[i] = static_cast<T>(k * v / (d * d));
   }
 }

@@ -31,21 +31,23 @@ void check_density(at::ScalarType dtype, int64_t n, int64_t blocks, double tol) 
   at::Tensor a = (at::randn({n}) * 0.01).to(dtype);
   a.index_put_({at::arange(0, n, 7)}, 0);  // exact zeros, as ReLU gives
   const float eps = 1e-5f, thr = 3e-3f;
-  at::Tensor sums = at::full({blocks}, std::nan(""), at::kFloat);
+  at::Tensor sums = at::full({blocks}, std::nan(""), at::kDouble);
   at::Tensor counts = at::full({blocks}, -1, at::kLong);
   pt_emu::launch(dim3(blocks), kReduceThreads, density_forward_kernel<T>, a.const_data_ptr<T>(), n, eps, thr,
-                 sums.mutable_data_ptr<float>(), reinterpret_cast<long long*>(counts.mutable_data_ptr<int64_t>()));
+                 sums.mutable_data_ptr<double>(), reinterpret_cast<long long*>(counts.mutable_data_ptr<int64_t>()));
   const at::Tensor ad = a.to(at::kDouble), a2 = ad * ad;
-  expect_close("density sum " + name, sums.sum().reshape({1}), (a2 / (a2 + eps)).sum().reshape({1}), 1e-5);
+  expect_close("density sum " + name, sums.sum().reshape({1}), (a2 / (a2 + eps)).sum().reshape({1}),
+               std::min(tol, 1e-6));
   const int64_t want_count = (ad.abs() > thr).sum().item<int64_t>();
   if (counts.sum().item<int64_t>() != want_count) {
     std::fprintf(stderr, "FAILED density count %s\n", name.c_str());
     ++failures;
   }
-  at::Tensor grad = at::full({1}, 0.7f);
+  using acc_t = at::opmath_type<T>;
+  at::Tensor grad = at::full({1}, 0.7, c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor ga = at::full({n}, std::nan(""), dtype);
-  pt_emu::launch(dim3(blocks), kReduceThreads, density_backward_kernel<T>, grad.const_data_ptr<float>(),
-                 a.const_data_ptr<T>(), n, eps, 1.0f / n, ga.mutable_data_ptr<T>());
+  pt_emu::launch(dim3(blocks), kReduceThreads, density_backward_kernel<T>, grad.const_data_ptr<acc_t>(),
+                 a.const_data_ptr<T>(), n, double{eps}, 1.0 / n, ga.mutable_data_ptr<T>());
   const at::Tensor want = 0.7 * 2 * ad * eps / (a2 + eps).pow(2) / n;
   expect_close("density backward " + name, ga, want, tol);
 }
@@ -123,6 +125,7 @@ int main() {
   at::manual_seed(0);
   for (const int64_t n : {int64_t{1}, int64_t{1000}, int64_t{70001}}) {
     for (const int64_t blocks : {int64_t{1}, int64_t{3}}) {
+      check_density<double>(at::kDouble, n, blocks, 1e-12);
       check_density<float>(at::kFloat, n, blocks, 1e-5);
       check_density<c10::BFloat16>(at::kBFloat16, n, blocks, 1e-2);
       check_density<c10::Half>(at::kHalf, n, blocks, 1e-2);
