@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in one call (device time is scarce): build with all cores,
-# the whole test suite (GPU tests included), then the LoRA layer and training-step benchmarks. Logs and results go
-# to $OUT (the device tool's output folder) or build/gpu-session; copy the JSON/PNG worth keeping into
-# bench/results/ afterwards.
+# the whole test suite (GPU tests included), then the LoRA layer, training-step and sparse-MLP (DEFT decode)
+# benchmarks. Logs and results go to $OUT (the device tool's output folder) or build/gpu-session; copy the
+# JSON/PNG worth keeping into bench/results/ afterwards (lora.json, model.json, sparse.json and their PNGs).
 #   run: bash bench/gpu_session.sh [extra bench_lora.py arguments]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +29,5 @@ $PY -m pefttorch bench lora --json "$OUT/lora.json" --plot "$OUT/lora.png" "$@" 
   | grep -v "^lora: " | tail -60
 $PY -m pefttorch bench model --json "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/bench-model.log" \
   | grep -v "^model: " | tail -20
+$PY -m pefttorch bench sparse --json "$OUT/sparse.json" --plot "$OUT/sparse.png" 2>&1 | tee "$OUT/bench-sparse.log" \
+  | grep -v "^sparse: " | tail -60

@@ -85,6 +85,10 @@ at::Tensor sparse_mlp(SparseMlpKernel k, const at::Tensor& x, const at::Tensor& 
                       const std::optional<at::Tensor>& b_down, const std::string& activation, double threshold);
 // The dense computation with the same mask: the fallback, and the path for many tokens.
 at::Tensor sparse_mlp_dense(const SparseMlpArgs& args);
+// Its two halves, so a kernel that computed the gate g = act(x W_in^T + b_in) (in x's dtype) and then finds
+// too many neurons active can finish densely without computing the gate again.
+at::Tensor sparse_mlp_gate(const SparseMlpArgs& args);
+at::Tensor sparse_mlp_dense_from_gate(const SparseMlpArgs& args, const at::Tensor& g);
 
 // Registers the density loss and sparse MLP ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
 template <const DensityKernels& D, SparseMlpKernel S>

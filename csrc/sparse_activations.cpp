@@ -58,9 +58,14 @@ at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t :
 
 }  // namespace
 
-at::Tensor sparse_mlp_dense(const SparseMlpArgs& a) {
+at::Tensor sparse_mlp_gate(const SparseMlpArgs& a) {
   const at::Tensor pre = a.b_in.defined() ? at::addmm(a.b_in, a.x, a.w_in.t()) : at::mm(a.x, a.w_in.t());
-  const at::Tensor g = apply_activation(pre, a.activation);
+  return apply_activation(pre, a.activation);
+}
+
+at::Tensor sparse_mlp_dense(const SparseMlpArgs& a) { return sparse_mlp_dense_from_gate(a, sparse_mlp_gate(a)); }
+
+at::Tensor sparse_mlp_dense_from_gate(const SparseMlpArgs& a, const at::Tensor& g) {
   at::Tensor h = a.w_up.defined() ? g * (a.b_up.defined() ? at::addmm(a.b_up, a.x, a.w_up.t()) : at::mm(a.x, a.w_up.t()))
                                   : g;
   // the mask compares in float32 (float64 for float64), as the kernels do: in half precision the threshold

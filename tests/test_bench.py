@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pefttorch.bench import lora
+from pefttorch.bench import lora, sparse
 from pefttorch.cli import main
 
 TINY = lora.Shape(32, 24, 16, 4, 0.1)
@@ -83,3 +83,75 @@ def test_model_bench_cross_checks_the_lora_runs(tmp_path):
     for name in ("peft+accelerate", "pefttorch"):
         assert runs[name]["losses"] == pytest.approx(runs["peft"]["losses"], rel=1e-4)
     assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]
+
+
+# ---- the sparse MLP suite (DEFT decode): tiny MLPs on the CPU
+
+TINY_MLPS = (sparse.MLPShape(32, 96, 24, "silu", gated=True, bias=False),
+             sparse.MLPShape(24, 64, 24, "gelu", gated=False, bias=True))
+
+
+def test_sparse_threshold_hits_the_density_of_neurons_active_for_any_token():
+    g = torch.randn(4, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for density in (0.05, 0.25, 0.5):
+        thr = sparse.choose_threshold(g, density, torch.float32)
+        assert (g.abs() > thr).any(0).double().mean().item() == pytest.approx(density, abs=1e-9)
+    assert sparse.choose_threshold(g, 1.0, torch.float32) == 0.0
+
+
+def test_sparse_wrong_kernels_are_flagged():
+    shape = TINY_MLPS[0]
+    w = sparse.make_weights(shape, torch.float32, torch.device("cpu"))
+    x = torch.randn(4, shape.hidden, generator=torch.Generator().manual_seed(1))
+    g, _ = sparse._exact(w, x, shape)
+    thr = sparse.choose_threshold(g, 0.25, torch.float32)
+    with torch.inference_mode():
+        assert sparse.accuracy_note(sparse.CALLS["pefttorch"], w, x, shape, thr) == ""
+        assert sparse.accuracy_note(sparse.CALLS["reference"], w, x, shape, thr) == ""
+        assert sparse.accuracy_note(sparse.CALLS["dense"], w, x, shape, None) == ""
+        # the dense MLP where the masked one is wanted: keeps activations well below the threshold
+        assert sparse.accuracy_note(sparse.CALLS["dense"], w, x, shape, thr).startswith("mask:")
+        # the right mask, but without the up projection
+        no_up = sparse.accuracy_note(lambda w, x, s, t: sparse.CALLS["pefttorch"]({**w, "w_up": None}, x, s, t),
+                                     w, x, shape, thr)
+        assert no_up.startswith("y:")
+
+
+def test_sparse_suite_json_plot_and_compare(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    args = ["bench", "sparse", "--device", "cpu", "--shapes", "32x96:silu:gated,24x64x16:gelu:bias",
+            "--tokens", "1,5", "--densities", "0.25,1", "--repeat", "1", "--json", str(out)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert {"date", "device", "torch", "pefttorch", "commit", "dtype"} <= set(data["meta"])
+    suite = data["suites"]["sparse"]
+    rows = suite["rows"]
+    assert {r["shape"] for r in rows} == {"32->96->32 silu gated", "24->64->16 gelu bias"}
+    assert len(rows) == 2 * 2 * (1 + 2 * 2)  # per MLP and token count: dense, and reference + pefttorch per density
+    for r in rows:
+        assert r["ok"], (r["impl"], r["shape"], r["tokens"], r["target_density"], r["note"])
+        assert {"tokens", "target_density", "density", "token_density", "threshold", "ms", "speedup_vs_dense",
+                "tokens_per_s", "weight_copies"} <= set(r)
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["speedup_vs_dense"] > 0
+        if r["impl"] != "dense":
+            # the threshold leaves the target share of neurons active for some token (to one neuron)
+            assert abs(r["density"] - r["target_density"]) <= 1 / r["inter"] + 1e-9
+            assert r["token_density"] <= r["density"]
+    assert {(c["shape"], c["tokens"]) for c in suite["crossover"]} == {(r["shape"], r["tokens"]) for r in rows}
+    assert (tmp_path / "s-sparse.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "sparse MLP" in printed and "MISMATCH" not in printed
+    again = ["bench", "sparse", "--device", "cpu", "--shapes", "32x96:silu:gated", "--tokens", "5", "--densities",
+             "0.25", "--repeat", "1", "--json", str(tmp_path / "s2.json"), "--compare", str(out)]
+    assert main(again) == 0
+    printed = capsys.readouterr().out
+    assert "change against" in printed and "32->96->32 silu gated 5 0.25 pefttorch" in printed
+
+
+def test_sparse_shape_parsing():
+    assert sparse.MLPShape.parse("4096x11008:silu:gated") == sparse.MLPShape(4096, 11008, 4096, "silu", True, False)
+    assert sparse.MLPShape.parse("1024x4096x512:gelu:bias") == sparse.MLPShape(1024, 4096, 512, "gelu", False, True)
+    with pytest.raises(ValueError, match="HIDDENxINTER"):
+        sparse.MLPShape.parse("4096x11008:tanh")
+    with pytest.raises(SystemExit, match="densities"):
+        main(["bench", "sparse", "--device", "cpu", "--densities", "0,0.5"])

@@ -70,21 +70,24 @@ const DensityKernels kCpuDensity{density_forward_cpu, density_backward_cpu};
 
 // Above this many tokens nearly every neuron is active for one of them: the dense path serves.
 constexpr int64_t kMaxSparseTokens = 16;
-// Above this share of active neurons, reading only active rows no longer beats the BLAS GEMM
-// (measured on the development CPU, see bench/results/sparse_mlp-cpu.md).
-constexpr double kDenseAboveDensity = 0.6;
+
+// Share of active neurons above which reading only their rows no longer beats the BLAS GEMMs. Measured on
+// the development CPU (bench/results/sparse_mlp-cpu.md): the sparse path stops paying at 28-42% density
+// for 1-2 tokens and at 47-72% for 4-16 (where the dense GEMM gets relatively slower), so 0.30 and 0.45
+// with a margin; the fallback reuses the gate computed here, so it costs what the dense MLP costs.
+double dense_above_density(int64_t tokens) { return tokens <= 3 ? 0.30 : 0.45; }
 
 at::Tensor sparse_mlp_cpu(const SparseMlpArgs& a) {
   const int64_t tokens = a.x.size(0), hidden = a.w_in.size(1), inter = a.w_in.size(0), out = a.w_down_t.size(1);
   if (tokens > kMaxSparseTokens) return {};
   // The gate (or the only) projection is needed for every neuron to know which are active.
   const auto acc = at::toOpMathType(a.x.scalar_type());
-  const at::Tensor pre = a.b_in.defined() ? at::addmm(a.b_in, a.x, a.w_in.t()) : at::mm(a.x, a.w_in.t());
-  const at::Tensor g = apply_activation(pre, a.activation).to(acc).contiguous();  // (tokens, inter)
+  const at::Tensor gate = sparse_mlp_gate(a);                // (tokens, inter), x's dtype
+  const at::Tensor g = gate.to(acc).contiguous();             // exact widening: the same values
   const at::Tensor active = (g.abs() > a.threshold).any(0);
   const at::Tensor idx = active.nonzero().view({-1});
   const int64_t n_active = idx.size(0);
-  if (n_active > kDenseAboveDensity * inter) return {};
+  if (n_active > dense_above_density(tokens) * inter) return sparse_mlp_dense_from_gate(a, gate);
 
   at::Tensor y = at::zeros({tokens, out}, a.x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "sparse_mlp", [&] {

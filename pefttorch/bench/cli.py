@@ -1,8 +1,8 @@
 """`pefttorch bench`: the benchmark suites, side by side with the bound and with HF PEFT.
 
-Suites: ``lora`` (the LoRA layer over a grid of shapes) and ``model`` (a training step of a
-Llama-style model). With no suite named, a quick default set of both runs: about a minute on a laptop
-CPU, a few minutes on one GPU.
+Suites: ``lora`` (the LoRA layer over a grid of shapes), ``model`` (a training step of a Llama-style
+model) and ``sparse`` (DEFT's sparse-activation MLP at decode, over activation densities). With no suite
+named, a quick default set of all runs: about a minute on a laptop CPU, a few minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("lora", "model")
+SUITES = ("lora", "model", "sparse")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import lora, model
+    from . import lora, model, sparse
 
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)} "
                    "(default: a quick run of all)")
@@ -27,10 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--quick", action="store_true", help="fewer shapes and steps")
     p.add_argument("--shapes", default=None,
-                   help="lora: comma-separated TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1")
+                   help="lora: comma-separated TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1; sparse: "
+                   "comma-separated HIDDENxINTER[xOUT]:ACTIVATION[:gated][:bias], e.g. 4096x11008:silu:gated")
     p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
     p.add_argument("--runs", default=",".join(model.RUNS), help="model: runs to make")
-    p.add_argument("--repeat", type=int, default=50, help="lora: timed calls per measurement on GPU")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="lora, sparse: timed calls per measurement on GPU (default 50; sparse quick 20)")
+    p.add_argument("--tokens", default=None,
+                   help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
+    p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
+                   f"(default {','.join(f'{d:g}' for d in sparse.DENSITIES)})")
     p.add_argument("--steps", type=int, default=None, help="model: timed steps (default 10, quick 4)")
     p.add_argument("--r", type=int, default=16, help="model: LoRA rank")
     p.add_argument("--dropout", type=float, default=0.0, help="model: LoRA dropout (0: losses are cross-checked)")
@@ -40,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
     p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
     p.epilog = ("lora implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in lora.IMPL_HELP.items())
-                + "\nmodel runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items()))
+                + "\nmodel runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items())
+                + "\nsparse implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in sparse.IMPL_HELP.items()))
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
@@ -79,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
 
     meta = report.metadata(device, dtype)
     results, ok = {}, True
+    runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse}
     for suite in suites:
-        rows, targets, suite_ok, extra = (_run_lora if suite == "lora" else _run_model)(
-            args, device, dtype, quick, peft_missing is not None, console)
+        rows, targets, suite_ok, extra = runners[suite](args, device, dtype, quick, peft_missing is not None, console)
         ok &= suite_ok
         results[suite] = {"rows": rows, "targets": [{"target": t, "met": m, "measured": v} for t, m, v in targets],
                           **extra}
         plot_path = _plot_path(args, suite, len(suites))
-        (report.plot if suite == "lora" else report.plot_model)(plot_path, meta, rows, extra.get("impls"))
+        _plotter(suite)(plot_path, meta, rows, extra.get("impls"))
         console.print(f"plot: {plot_path}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
@@ -102,6 +109,12 @@ def _peft_missing() -> str | None:
     except ImportError:
         return "HF PEFT is not installed (pip install peft): its columns are skipped"
     return None
+
+
+def _plotter(suite: str):
+    from . import report, sparse
+
+    return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot}[suite]
 
 
 def _plot_path(args, suite: str, n_suites: int) -> Path:
@@ -126,7 +139,7 @@ def _run_lora(args, device, dtype, quick, no_peft, console):
     rows: list[lora.Row] = []
     with tqdm(total=len(shapes) * len(impls), desc="lora", unit="impl") as bar:
         for shape in shapes:
-            rows += lora.run_shape(shape, impls, dtype, device, args.repeat,
+            rows += lora.run_shape(shape, impls, dtype, device, args.repeat or 50,
                                    progress=lambda text: (bar.set_postfix_str(text), bar.update(0)))
             bar.update(len(impls))
     targets = lora.check_targets(rows, dtype)
@@ -165,12 +178,49 @@ def _run_model(args, device, dtype, quick, no_peft, console):
     return rows, targets, all(r.ok for r in results), {"model": shape.label, "r": args.r, "steps": steps}
 
 
+def _run_sparse(args, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import report, sparse
+
+    shapes, tokens, densities = sparse.default_grid(device, quick)
+    try:
+        if args.shapes:
+            shapes = [sparse.MLPShape.parse(s) for s in args.shapes.split(",")]
+        if args.tokens:
+            tokens = tuple(int(t) for t in args.tokens.split(","))
+        if args.densities:
+            densities = tuple(float(d) for d in args.densities.split(","))
+    except ValueError as err:
+        raise SystemExit(f"sparse: {err}") from err
+    if not all(0.0 < d <= 1.0 for d in densities) or not all(t > 0 for t in tokens):
+        raise SystemExit("sparse: densities must be in (0, 1] and token counts positive")
+    repeat = args.repeat or (20 if quick else 50)
+    rows: list[sparse.Row] = []
+    per_shape = len(tokens) * (1 + 2 * len(densities))
+    with tqdm(total=len(shapes) * per_shape, desc="sparse", unit="row") as bar:
+        for shape in shapes:
+            rows += sparse.run_shape(shape, tokens, densities, dtype, device, repeat,
+                                     progress=lambda text: (bar.set_postfix_str(text), bar.update(1)))
+            if device.type == "cuda":  # the next MLP's weight copies start from a clean slate
+                torch.cuda.empty_cache()
+    dict_rows = sparse.as_dicts(rows)
+    sparse.print_table(report.metadata(device, dtype), dict_rows, console)
+    targets = sparse.check_targets(dict_rows, dtype)
+    report.print_targets(targets, console)
+    return dict_rows, targets, all(r.ok for r in rows), {
+        "impls": list(sparse.IMPLS), "tokens": list(tokens), "densities": list(densities),
+        "crossover": sparse.crossover(dict_rows)}
+
+
 def _row_key(suite: str, row: dict) -> tuple:
+    if suite == "sparse":
+        return (row["shape"], row["tokens"], row["target_density"], row["impl"])
     return (row["shape"], row["mode"], row["impl"]) if suite == "lora" else (row["run"],)
 
 
 def _row_ms(suite: str, row: dict):
-    return row.get("ms") if suite == "lora" else row.get("step_ms")
+    return row.get("step_ms") if suite == "model" else row.get("ms")
 
 
 def compare(console, old: dict, results: dict) -> None:
@@ -183,6 +233,6 @@ def compare(console, old: dict, results: dict) -> None:
             o = before.get(_row_key(suite, row))
             new_ms, old_ms = _row_ms(suite, row), _row_ms(suite, o) if o else None
             if new_ms and old_ms:
-                label = " ".join(map(str, _row_key(suite, row)))
-                console.print(f"  {suite:5} {label:52} {old_ms:9.3f} -> {new_ms:9.3f} ms "
+                label = " ".join(str(k) for k in _row_key(suite, row) if k is not None)
+                console.print(f"  {suite:6} {label:52} {old_ms:9.3f} -> {new_ms:9.3f} ms "
                               f"({(new_ms / old_ms - 1) * 100:+.1f}%)")

@@ -94,8 +94,7 @@ def print_table(meta: dict, rows: list[dict], impls: list[str], targets: list, c
     for row in rows:
         if not row.get("ok", True):
             console.print(f"[red]mismatch[/red] {row['impl']} at {row['shape']}: {row['note']}")
-    for target, met, measured in targets:
-        console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
+    print_targets(targets, console)
 
 
 def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
@@ -157,8 +156,7 @@ def print_model_table(meta: dict, model_label: str, r: int, rows: list[dict], ta
                       fmt(row["ratio_to_peft"], ".2f"), fmt(row["tokens_per_s"], ",.0f"), fmt(row["peak_gib"], ".2f"),
                       fmt(row["trainable"], ",d"), "yes" if row["ok"] else f"[red]no: {row['note']}[/red]")
     console.print(table)
-    for target, met, measured in targets:
-        console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
+    print_targets(targets, console)
 
 
 def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
@@ -188,3 +186,8 @@ def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_targets(targets: list, console) -> None:
+    for target, met, measured in targets:
+        console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
