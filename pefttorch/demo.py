@@ -73,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--output", type=Path, default=Path("build/demo"), help="adapter and loss plot go here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--density-loss", type=float, default=None, metavar="WEIGHT",
+                   help="train with DEFT's density loss of this weight on the MLP activations (and LoRA on the MLP "
+                        "input projection too, so the activations can move)")
+    p.add_argument("--density-threshold", type=float, default=0.05,
+                   help="|activation| above which a neuron counts as active in the reported density (default 0.05)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,15 +118,30 @@ def run(args: argparse.Namespace) -> int:
     def accuracy(model):
         return (predict(model) == test_labels).float().mean().item()
 
-    config = pefttorch.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["query", "key", "value"],
-                                  lora_dropout=0.1, task_type="SEQ_CLS")  # SEQ_CLS: the new head trains too
+    def density(model):
+        """Mean over layers of the share of MLP activations with |a| > threshold on the test set."""
+        handle = pefttorch.attach_density_loss(model, pefttorch.DensityLossConfig(threshold=args.density_threshold))
+        predict(model)
+        handle.remove()
+        return handle.mean_density("eval")
+
+    targets = ["query", "key", "value"]
+    density_config = None
+    if args.density_loss is not None:
+        targets.append("intermediate.dense")
+        density_config = pefttorch.DensityLossConfig(weight=args.density_loss, threshold=args.density_threshold)
+    config = pefttorch.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
+                                  task_type="SEQ_CLS", density_loss=density_config)  # SEQ_CLS: the head trains too
     model = pefttorch.get_peft_model(load_base(), config)
     trainable, total = model.get_nb_trainable_parameters()
     before = accuracy(model)
-    print(f"MiniLM ({total / 1e6:.1f}M parameters) + LoRA r={args.r} on query/key/value and the classifier: "
-          f"{trainable:,d} trainable ({100 * trainable / total:.2f}%), on {device}")
+    density_before = density(model)
+    print(f"MiniLM ({total / 1e6:.1f}M parameters) + LoRA r={args.r} on {'/'.join(targets)} and the classifier: "
+          f"{trainable:,d} trainable ({100 * trainable / total:.2f}%), on {device}"
+          + (f"; density loss weight {args.density_loss:g}" if density_config else ""))
     print(f"task: {len(train)} training and {len(test)} test reviews (test phrasings unseen in training)")
-    print(f"accuracy before fine-tuning: {before:.1%}")
+    print(f"accuracy before fine-tuning: {before:.1%}; MLP activation density (|a| > {args.density_threshold:g}) "
+          f"{density_before:.1%}")
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     rng = random.Random(args.seed)
@@ -142,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     after = accuracy(model)
     print(f"accuracy after {args.steps} steps: {after:.1%} (was {before:.1%}); {seconds:.1f} s, "
           f"{args.steps * args.batch_size / seconds:.0f} examples/s, peak memory {_peak_memory_mib(device):.0f} MiB")
+    print(f"MLP activation density after: {density(model):.1%} (was {density_before:.1%})")
 
     out = args.output
     adapter_dir = out / "minilm-lora"

