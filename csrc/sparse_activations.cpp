@@ -68,8 +68,9 @@ at::Tensor sparse_mlp_dense(const SparseMlpArgs& a) { return sparse_mlp_dense_fr
 at::Tensor sparse_mlp_dense_from_gate(const SparseMlpArgs& a, const at::Tensor& g) {
   at::Tensor h = a.w_up.defined() ? g * (a.b_up.defined() ? at::addmm(a.b_up, a.x, a.w_up.t()) : at::mm(a.x, a.w_up.t()))
                                   : g;
-  // the mask compares in float32 (float64 for float64), as the kernels do: in half precision the threshold
-  // itself would be rounded, and the two paths could disagree on a neuron right at it
+  // the mask compares in float32 (float64 for float64), as the CPU kernel does: in half precision the
+  // threshold itself would be rounded. (The CUDA kernel compares its float32 gate before rounding to x's
+  // dtype, so on CUDA a neuron within rounding of the threshold may fall either way between the paths.)
   if (a.threshold > 0.0) {
     h = at::where(g.abs().to(at::toOpMathType(g.scalar_type())) > a.threshold, h, at::zeros({}, h.options()));
   }

@@ -124,8 +124,8 @@ def sparse_mlp(
         threshold: >= 0. At 0 the result equals the dense MLP up to rounding.
 
     For up to 16 tokens (decode) the kernels compute the gate for every neuron and the up and down
-    projections only for active ones; above that, or when most neurons are active, a dense path with
-    the same mask. Inference only: when a gradient is needed the pure-PyTorch reference computes it.
+    projections only for active ones; above that, or (on the CPU) when most neurons are active, a dense
+    path with the same mask. Inference only: when a gradient is needed the pure-PyTorch reference computes it.
     """
     args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, float(threshold))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):

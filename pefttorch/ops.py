@@ -110,7 +110,9 @@ def _density_loss_backward_fake(grad, a, eps):
 
 def _density_loss_setup_context(ctx, inputs, output):
     a, eps, _ = inputs
-    # a is the layer's activation, alive anyway for the next layer's input: saving it keeps nothing new.
+    # a itself, no copy: autograd keeps it anyway when the next layer's weight (or LoRA A) needs a gradient;
+    # otherwise it is the one activation-sized tensor per layer that any loss on a must keep (the reference
+    # formula keeps a^2 and a^2 + eps besides).
     ctx.save_for_backward(a)
     ctx.eps = eps
     ctx.mark_non_differentiable(output[1])

@@ -32,7 +32,11 @@ class PeftModel(nn.Module):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
         self.density_loss = None  # the DensityLoss hooks when an adapter's config asks for the density loss
-        self._attach_density_loss(config)
+        try:
+            self._attach_density_loss(config)
+        except Exception:
+            self.base_model.unload(merge=False)  # the model is given back as it came
+            raise
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
         # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the

@@ -135,7 +135,7 @@ def sparse_mlp(
     g = ACTIVATIONS[activation](F.linear(x, w_in, b_in))
     h = g * F.linear(x, w_up, b_up) if w_up is not None else g
     if threshold > 0.0:
-        # compared in float32 at least, as the kernels do (a half-precision threshold would be rounded)
+        # compared in float32 at least, as the CPU kernel does (a half-precision threshold would be rounded)
         active = g.abs().to(torch.promote_types(g.dtype, torch.float32)) > threshold
         h = torch.where(active, h, torch.zeros((), dtype=h.dtype, device=h.device))
     y = h @ w_down_t

@@ -4,6 +4,8 @@ short run on the real MiniLM where the density falls while the task trains."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hf_models import FAMILIES
@@ -239,3 +241,57 @@ def test_density_falls_on_the_real_minilm():
     assert density[-1] < 0.8 * density[0], density  # ... while the density falls
     _, control = train(0.0)
     assert density[-1] < control[-1] - 0.1, (density, control)  # because of the loss term
+
+
+def test_save_and_deepcopy_a_model_with_the_loss(tmp_path):
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
+    model.train()
+    model(input_ids=ids, labels=ids)  # the handle now holds a forward's graph
+    torch.save(model, tmp_path / "m.pt")
+    for other in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(model)):
+        other.train()
+        out = other(input_ids=ids, labels=ids)
+        # the copy's hooks feed the copy's own handle (and not the original's)
+        assert other.density_loss is not model.density_loss and len(other.density_loss._losses) == 2
+        with torch.no_grad():
+            plain = other.get_base_model()(input_ids=ids, labels=ids)  # root hooks are on the PeftModel only
+        torch.testing.assert_close(out.loss.detach(), plain.loss + other.density_loss.loss().detach())
+
+
+def test_no_grad_pass_in_training_mode_keeps_the_losses():
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
+    model.train()
+    model(input_ids=ids, labels=ids)
+    term = model.density_loss.loss()
+    with torch.no_grad():  # e.g. a reference pass between forward and backward
+        model(input_ids=ids)
+    assert torch.equal(model.density_loss.loss(), term)
+
+
+def test_trainer_loss_kwargs_weigh_the_term_by_the_micro_batch_share():
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
+    model.train()
+    labels = ids.clone()
+    labels[0, :3] = -100
+    n = int(labels.ne(-100).sum())
+    # as the Trainer calls it under gradient accumulation: this micro-batch holds n of the 4n items
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(4 * n))
+    term = model.density_loss.loss()
+    with torch.no_grad():
+        plain = model.get_base_model()(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(4 * n))
+    torch.testing.assert_close(out.loss.detach(), plain.loss + term.detach() / 4)
+
+
+def test_failed_attach_leaves_the_model_unchanged():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="found no MLP block"):
+        get_peft_model(model, LoraConfig(target_modules=["0"], density_loss={}))
+    assert type(model[0]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="1e-18"):
+        DensityLossConfig(eps=1e-23)

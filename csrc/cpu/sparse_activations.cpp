@@ -59,7 +59,7 @@ at::Tensor density_backward_cpu(const at::Tensor& grad, const at::Tensor& a, dou
     at::parallel_for(0, a.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t v = static_cast<acc_t>(p[i]), d = v * v + e;
-        o[i] = static_cast<scalar_t>(k * v / (d * d));
+        o[i] = static_cast<scalar_t>((k / d) * (v / d));  // not / (d * d), which underflows for tiny eps
       }
     });
   });

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const acc_t v = static_cast<acc_t>(a[i]), d = v * v + e;
-    ga[i] = static_cast<T>(k * v / (d * d));
+    ga[i] = static_cast<T>((k / d) * (v / d));  // not / (d * d), which underflows for tiny eps
   }
 }
 

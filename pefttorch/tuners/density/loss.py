@@ -42,8 +42,9 @@ class DensityLossConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"DensityLossConfig: weight must be a finite number >= 0, got {self.weight!r}")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"DensityLossConfig: eps must be a finite number > 0, got {self.eps!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 1e-18):
+            # below that, (a^2 + eps)^2 in the float32 gradient underflows
+            raise ValueError(f"DensityLossConfig: eps must be a finite number >= 1e-18, got {self.eps!r}")
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
             raise ValueError(f"DensityLossConfig: threshold must be >= 0 or None, got {self.threshold!r}")
 
@@ -84,37 +85,55 @@ class DensityLoss:
         self._no_grad_layers: set[str] = set()  # layers that ran in training mode without grad (see loss())
         self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._counts: dict[str, dict[str, int]] = defaultdict(dict)
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        self._root_grad = False  # whether the model's current call is a training forward with grad
+        self._share = None  # this call's share of the Trainer's accumulated batch (see _start)
+        # Hooks are picklable objects (not closures), so models with the loss can be saved and deep-copied.
+        self._handles = [m.register_forward_hook(_LayerHook(self, name)) for name, m in self.modules.items()]
         # The model's own call starts a fresh set of per-layer losses, and adds their term to its loss.
-        self._handles.append(model.register_forward_pre_hook(self._start))
+        self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._add_to_output))
+
+    def __getstate__(self) -> dict:
+        # the latest forward's losses carry its autograd graph: not part of a saved or copied model
+        state = self.__dict__.copy()
+        state.update(_losses={}, _no_grad_layers=set(), _root_grad=False, _share=None)
+        return state
 
     @property
     def layers(self) -> list[str]:
         return list(self.modules)
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or output.numel() == 0:
-                return
-            loss, density = functional.density_loss(output, self.config.eps, self.config.density_threshold)
-            if torch._C._current_graph_task_id() != -1:
-                # Gradient checkpointing recomputes the forward inside backward: the op must run again (the
-                # recomputation has to save what the forward saved) but was counted already.
-                return
-            mode = "train" if module.training else "eval"
-            if module.training and torch.is_grad_enabled():
-                self._losses[name] = loss
-            elif module.training:
-                self._no_grad_layers.add(name)
-            sums = self._sums[mode]
-            sums[name] = sums[name] + density if name in sums else density
-            self._counts[mode][name] = self._counts[mode].get(name, 0) + 1
-        return hook
+    def _record(self, name: str, module: nn.Module, output) -> None:
+        if not isinstance(output, torch.Tensor) or output.numel() == 0:
+            return
+        loss, density = functional.density_loss(output, self.config.eps, self.config.density_threshold)
+        if torch._C._current_graph_task_id() != -1:
+            # Gradient checkpointing recomputes the forward inside backward: the op must run again (the
+            # recomputation has to save what the forward saved) but was counted already.
+            return
+        mode = "train" if module.training else "eval"
+        if module.training and torch.is_grad_enabled():
+            self._losses[name] = loss
+        elif module.training and self._root_grad:
+            self._no_grad_layers.add(name)
+        sums = self._sums[mode]
+        sums[name] = sums[name] + density if name in sums else density
+        self._counts[mode][name] = self._counts[mode].get(name, 0) + 1
 
-    def _start(self, module, args):
+    def _start(self, module, args, kwargs):
+        self._root_grad = module.training and torch.is_grad_enabled()
+        if not self._root_grad:
+            return  # a no-grad call (evaluation, a reference pass) keeps the training forward's losses
         self._losses = {}
         self._no_grad_layers = set()
+        # With the HF Trainer's loss kwargs the task loss is a sum over the micro-batch divided by the items
+        # of the whole accumulated (and, across processes, gathered) batch, and the Trainer neither divides
+        # by the accumulation steps nor averages over processes. Weigh the term by this micro-batch's share of
+        # the items so that, summed like the task loss, it is the density loss of the whole batch.
+        self._share = None
+        total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+        if total is not None and isinstance(labels, torch.Tensor):
+            self._share = labels.ne(-100).sum() / total
 
     def _check_complete(self) -> None:
         if self._no_grad_layers:
@@ -126,7 +145,8 @@ class DensityLoss:
                 "e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
 
     def _add_to_output(self, module, args, output):
-        if not (module.training and torch.is_grad_enabled()):
+        root_grad, self._root_grad = self._root_grad, False  # the call is over: layers called directly are not in it
+        if not root_grad:
             return None
         self._check_complete()
         if not self._losses:
@@ -134,7 +154,10 @@ class DensityLoss:
         task_loss = output.get("loss") if isinstance(output, dict) else None  # HF ModelOutput is a dict
         if task_loss is None:
             return None
-        output["loss"] = task_loss + self.loss().to(task_loss.dtype)
+        term = self.loss()
+        if self._share is not None:
+            term = term * self._share.to(term.device)
+        output["loss"] = task_loss + term.to(task_loss.device, task_loss.dtype)
         return output
 
     def loss(self) -> torch.Tensor:
@@ -142,7 +165,9 @@ class DensityLoss:
         self._check_complete()
         if not self._losses:
             raise RuntimeError("no density loss recorded: run a forward pass in training mode with grad enabled")
-        return self.config.weight * torch.stack(list(self._losses.values())).mean()
+        losses = list(self._losses.values())
+        device = losses[0].device  # layers may sit on several GPUs (device_map)
+        return self.config.weight * torch.stack([v.to(device) for v in losses]).mean()
 
     def densities(self, mode: str = "train", reset: bool = True) -> dict[str, float]:
         """Mean activation density per hooked layer over the forwards in `mode` since the last reset."""
@@ -177,6 +202,16 @@ class DensityLoss:
 
     def __repr__(self) -> str:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
+
+
+class _LayerHook:
+    """Forward hook of one activation module: records its loss and density in the owner."""
+
+    def __init__(self, owner: DensityLoss, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __call__(self, module, inputs, output):
+        self.owner._record(self.name, module, output)
 
 
 def attach_density_loss(model: nn.Module, config: DensityLossConfig | None = None) -> DensityLoss:
