@@ -130,10 +130,7 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
     axes[0].set_title(f"LoRA layer, {meta['dtype']} on {meta['device']}\ntorch {meta['torch']}, "
                       f"commit {meta.get('commit')}; lower is better, hatched = mismatch", fontsize=9)
     axes[1].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_model_table(meta: dict, model_label: str, r: int, rows: list[dict], targets: list, console=None) -> None:
@@ -182,12 +179,19 @@ def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"training step on {meta['device']} ({meta['dtype']}), torch {meta['torch']}, "
                  f"commit {meta.get('commit')}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_targets(targets: list, console) -> None:
     for target, met, measured in targets:
         console.print(f"target {'[green]met[/green]' if met else '[red]missed[/red]'}: {target} ({measured})")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Writes a benchmark plot (creating its folder) and frees the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

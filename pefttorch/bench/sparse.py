@@ -439,7 +439,6 @@ def plot(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"sparse MLP at decode, {meta['dtype']} on {meta['device']}\ntorch {meta['torch']}, commit "
                  f"{meta.get('commit')}; higher is better, red x = mismatch", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .report import save_figure
+
+    save_figure(fig, path)
