@@ -123,6 +123,15 @@ def _plot_path(args, suite: str, n_suites: int) -> Path:
     return args.json.with_name(f"{args.json.stem}-{suite}.png")
 
 
+def _names(spec: str, known, what: str) -> list[str]:
+    """A comma-separated list of names, each one of `known`; otherwise exit with the known ones."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = set(names) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
+    return names
+
+
 def _run_lora(args, device, dtype, quick, no_peft, console):
     from tqdm import tqdm
 
@@ -130,10 +139,7 @@ def _run_lora(args, device, dtype, quick, no_peft, console):
 
     shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
               else lora.default_shapes(device, quick))
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    unknown = set(impls) - set(lora.IMPLS)
-    if unknown:
-        raise SystemExit(f"unknown implementations {sorted(unknown)}; known: {', '.join(lora.IMPLS)}")
+    impls = _names(args.impls, lora.IMPLS, "implementations")
     if no_peft:
         impls = [i for i in impls if i not in ("peft", "peft-model-dtype")]
     rows: list[lora.Row] = []
@@ -154,10 +160,7 @@ def _run_model(args, device, dtype, quick, no_peft, console):
     from . import model, report
 
     shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = set(runs) - set(model.RUNS)
-    if unknown:
-        raise SystemExit(f"unknown runs {sorted(unknown)}; known: {', '.join(model.RUNS)}")
+    runs = _names(args.runs, model.RUNS, "runs")
     if no_peft:
         runs = [r for r in runs if r not in ("peft", "peft+accelerate")]
     steps = args.steps or (4 if quick else 10)

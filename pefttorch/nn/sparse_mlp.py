@@ -126,21 +126,23 @@ class SparseMLP(nn.Module):
         return functional.sparse_mlp(x, self.w_in, self.w_down_t, b_in=self.b_in, w_up=self.w_up, b_up=self.b_up,
                                      b_down=self.b_down, activation=self.activation, threshold=self.threshold)
 
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        """act(x W_in^T + b_in) in plain PyTorch, for the diagnostics below."""
+        from ..reference import ACTIVATIONS
+
+        return ACTIVATIONS[self.activation](torch.nn.functional.linear(x, self.w_in, self.b_in))
+
     @torch.no_grad()
     def active_share(self, x: torch.Tensor) -> float:
         """Share of neurons some token of `x` activates: what the sparse kernel's cost follows."""
-        from ..reference import ACTIVATIONS
-
-        g = ACTIVATIONS[self.activation](torch.nn.functional.linear(x.to(self.w_in.dtype), self.w_in, self.b_in))
+        g = self._gate(x.to(self.w_in.dtype))
         return (g.abs() > self.threshold).reshape(-1, g.shape[-1]).any(0).float().mean().item()
 
     @torch.no_grad()
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         """Per output element, the bound on |SparseMLP(x) - dense MLP(x)| (exact arithmetic) stated above."""
-        from ..reference import ACTIVATIONS
-
         x = x.to(self.w_in.dtype)
-        g = ACTIVATIONS[self.activation](torch.nn.functional.linear(x, self.w_in, self.b_in))
+        g = self._gate(x)
         u = torch.nn.functional.linear(x, self.w_up, self.b_up).abs() if self.w_up is not None else torch.ones_like(g)
         masked = (g.abs() <= self.threshold).to(g.dtype)
         return self.threshold * ((masked * u) @ self.w_down_t.abs())
