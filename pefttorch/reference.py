@@ -140,3 +140,34 @@ def sparse_mlp(
         h = torch.where(active, h, torch.zeros((), dtype=h.dtype, device=h.device))
     y = h @ w_down_t
     return y + b_down if b_down is not None else y
+
+
+def _opmath(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
+    """One half of a reversible layer (MEFT): y = scale * x + f, in x's dtype (the stream's).
+
+    f (the output of F or G, in the model's dtype) is widened; the sum is formed in float32 (float64
+    for float64 streams) and rounded once.
+    """
+    acc = _opmath(x)
+    return (scale * x.to(acc) + f.to(acc)).to(x.dtype)
+
+
+def reversible_coupling_backward(
+    y: torch.Tensor, f: torch.Tensor, grad_y: torch.Tensor, grad_other: torch.Tensor, vjp: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward step of y = scale * x + f(other stream), which needs no saved x:
+
+    x = (y - f) / scale (the input, reconstructed), grad_x = scale * grad_y, and the other stream's
+    gradient updated with the vector-Jacobian product of f: grad_other + vjp. Results in y's dtype,
+    each formed in float32 (float64 for float64 streams) and rounded once.
+    """
+    acc = _opmath(y)
+    x = ((y.to(acc) - f.to(acc)) / scale).to(y.dtype)
+    grad_x = (scale * grad_y.to(acc)).to(y.dtype)
+    grad_other_out = (grad_other.to(acc) + vjp.to(acc)).to(y.dtype)
+    return x, grad_x, grad_other_out
