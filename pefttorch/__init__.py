@@ -18,6 +18,7 @@ from .tuners.density import (
     sparsify,
 )
 from .tuners.lora import LoraConfig
+from .tuners.meft import MeftConfig
 
 __version__ = ops._C.VERSION
 
@@ -53,6 +54,7 @@ __all__ = [
     "DensityLossCallback",
     "DensityLossConfig",
     "LoraConfig",
+    "MeftConfig",
     "PeftModel",
     "__version__",
     "accelerate",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -16,21 +17,29 @@ from torch import nn
 
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.model import LoraModel
+from .tuners.meft.config import PEFT_TYPE as MEFT
+from .tuners.meft.config import MeftConfig
+from .tuners.meft.model import MeftModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class PeftModel(nn.Module):
-    """A model with LoRA adapters. Build one with :func:`get_peft_model` or :meth:`from_pretrained`."""
+    """A model with LoRA adapters (or MEFT's reversible adapters). Build one with :func:`get_peft_model` or
+    :meth:`from_pretrained`."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"pefttorch.PeftModel takes a pefttorch.LoraConfig, got {type(config).__name__}")
+        if not isinstance(config, (LoraConfig, MeftConfig)):
+            raise TypeError("pefttorch.PeftModel takes a pefttorch.LoraConfig or pefttorch.MeftConfig, got "
+                            f"{type(config).__name__}")
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
-        self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
+        if isinstance(config, MeftConfig):
+            self.base_model = MeftModel(model, config, adapter_name)
+        else:
+            self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
         self.density_loss = None  # the DensityLoss hooks when an adapter's config asks for the density loss
         try:
             self._attach_density_loss(config)
@@ -99,8 +108,8 @@ class PeftModel(nn.Module):
         self.base_model.set_adapter(active)
         self._attach_density_loss(peft_config)
 
-    def _attach_density_loss(self, config: LoraConfig) -> None:
-        if config.density_loss is None:
+    def _attach_density_loss(self, config) -> None:
+        if getattr(config, "density_loss", None) is None:
             return
         if self.density_loss is not None:
             if self.density_loss.config != config.density_loss:
@@ -237,24 +246,26 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
     return False
 
 
-def _load_config(model_id, is_trainable: bool) -> LoraConfig:
+def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     directory = Path(model_id)
     if not directory.is_dir():
         raise FileNotFoundError(f"{model_id}: no such adapter directory (pefttorch loads from local folders)")
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
-    config = LoraConfig.from_pretrained(directory)
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    config = MeftConfig.from_dict(data) if data.get("peft_type") == MEFT else LoraConfig.from_dict(data)
     config.inference_mode = not is_trainable
     return config
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True) -> PeftModel:
-    """Adds a LoRA adapter to `model` (as HF PEFT's get_peft_model does) and freezes everything else.
+    """Adds an adapter to `model` (as HF PEFT's get_peft_model does) and freezes everything else.
 
-    The layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D) become pefttorch
-    LoRA layers computed by the fused kernel. With ``autocast_adapter_dtype`` (the default, as in HF
-    PEFT) adapter weights of a float16/bfloat16 model are kept in float32.
+    With a LoraConfig, the layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D)
+    become pefttorch LoRA layers computed by the fused kernel; with ``autocast_adapter_dtype`` (the
+    default, as in HF PEFT) adapter weights of a float16/bfloat16 model are kept in float32. With a
+    MeftConfig, the layer stack becomes reversible, with adapters (see :class:`MeftConfig`).
     """
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"
+from .._config import CONFIG_NAME, reject_unknown_fields, save_config
 
 # Target modules when the config gives none, per model_type (the attention projections PEFT users know).
 DEFAULT_TARGET_MODULES = {
@@ -40,6 +39,7 @@ _UNSUPPORTED_PEFT_FIELDS = {
 }
 
 
+@reject_unknown_fields
 @dataclass
 class LoraConfig:
     """Configuration of a LoRA adapter; field names and meanings follow HF PEFT's ``LoraConfig``.
@@ -147,9 +147,7 @@ class LoraConfig:
         return d
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        save_config(self, directory)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
@@ -178,22 +176,3 @@ class LoraConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved adapter")
         return cls.from_dict(json.loads(path.read_text()))
-
-
-_init = LoraConfig.__init__
-
-
-def _checked_init(self, *args, **kwargs):
-    # A misspelt field is an error that names it, suggests the closest field and lists them all.
-    names = [f.name for f in fields(LoraConfig)]
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, names, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise TypeError(f"LoraConfig got unknown field(s) {', '.join(hints)}; fields are: {', '.join(names)}")
-    _init(self, *args, **kwargs)
-
-
-LoraConfig.__init__ = _checked_init

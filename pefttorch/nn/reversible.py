@@ -1,0 +1,227 @@
+"""Reversible two-stream layer stacks (MEFT): backward reconstructs each layer's input from its output.
+
+A reversible layer maps two streams (x1, x2) to
+
+    y1 = lam * x1 + F(x2)
+    y2 = beta * x2 + G(y1)
+
+(and optionally swaps them), so its input can be recomputed from its output:
+x2 = (y2 - G(y1)) / beta, x1 = (y1 - F(x2)) / lam. :func:`reversible_stack` runs a stack of such layers
+keeping for backward only the stack's final two streams (plus the random-number state of each F and G
+call when they run in training mode, so dropout masks repeat), whatever the depth. Backward walks the
+layers top-down, recomputing F and G under autograd one at a time, and meets the two halves with the
+fused coupling kernels (:func:`pefttorch.functional.reversible_coupling` and its backward step).
+
+The streams stay in their own dtype (float32 by default) while F and G run in the model's dtype: the
+reconstruction then only has to undo float32 rounding, and F and G see bit-identical inputs in
+backward nearly always, so the error does not compound across layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import functional, ops
+
+Context = dict  # what every F and G call receives besides its stream (attention mask, rotary tables, ...)
+
+
+@dataclass
+class Block:
+    """F or G of a reversible layer: ``fn(x, context)`` in the model's dtype, and the modules whose
+    parameters it uses (to hand their gradients back)."""
+
+    fn: Callable[[torch.Tensor, Context], torch.Tensor]
+    modules: Sequence[nn.Module]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for m in self.modules:
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+
+@dataclass
+class ReversibleLayer:
+    f: Block
+    g: Block
+    lam: float
+    beta: float
+    swap: bool
+
+
+# Relative error of the reconstructed stack input above which backward warns: the lower layers' gradients
+# are then computed from visibly wrong activations.
+WARN_ERROR = 1e-3
+
+
+@dataclass
+class ReconstructionReport:
+    """What a backward through :func:`reversible_stack` learnt about its reconstruction.
+
+    ``input_error``: the largest absolute error of the stack's input as reconstructed by backward, relative
+    to the input's largest magnitude (always measured: the input is kept, one tensor whatever the depth).
+    ``errors``: with ``debug``, the same per layer (bottom first); costs a copy of every layer's input, so
+    for debugging only.
+    """
+
+    debug: bool = False
+    input_error: float | None = None
+    errors: list[float] = field(default_factory=list)
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+
+def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
+    scale = max(max(w.abs().max().item() for w in want), 1e-30)
+    return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)) / scale
+
+
+def _step(layer: ReversibleLayer, x1, x2, context, dtype, rng: list | None = None):
+    """One layer forward; with `rng` a list, the random states before F and before G are appended to it."""
+    if rng is not None:
+        rng.append(_RngState(x1.device))
+    y1 = functional.reversible_coupling(x1, layer.f.fn(x2.to(dtype), context), layer.lam)
+    if rng is not None:
+        rng.append(_RngState(x1.device))
+    y2 = functional.reversible_coupling(x2, layer.g.fn(y1.to(dtype), context), layer.beta)
+    return (y2, y1) if layer.swap else (y1, y2)
+
+
+class _RngState:
+    """The CPU generator's state and that of the stream's CUDA device, to replay dropout in backward."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class _Run:
+    """What the autograd function needs besides tensors: the layers, their context, and the settings of
+    the forward pass that backward must repeat (autocast, random states)."""
+
+    def __init__(self, layers, context, dtype, params, report):
+        self.layers, self.context, self.dtype, self.report = layers, context, dtype, report
+        self.params = params
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.rng: list[list[_RngState] | None] = []  # per layer: the states before F and G, if replayed
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: _Run, x1, x2, *params):
+        device = x1.device
+        inputs = (x1,) if x1 is x2 else (x1, x2)
+        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        # Random state only matters when some module draws random numbers (dropout in training mode).
+        replay = any(m.training for layer in run.layers for m in (*layer.f.modules, *layer.g.modules))
+        for layer in run.layers:
+            if run.report.debug:
+                run.report.inputs.append((x1.clone(), x2.clone()))
+            states = [] if replay else None
+            x1, x2 = _step(layer, x1, x2, run.context, run.dtype, states)
+            run.rng.append(states)
+        ctx.run = run
+        # The stack's outputs, all that backward needs whatever the depth, and its input, to measure how well
+        # backward reconstructs it.
+        ctx.save_for_backward(x1, x2, *inputs)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, grad1, grad2):
+        run: _Run = ctx.run
+        o1, o2, *inputs = ctx.saved_tensors
+        grad1 = torch.zeros_like(o1) if grad1 is None else grad1
+        grad2 = torch.zeros_like(o2) if grad2 is None else grad2
+        grads: list[torch.Tensor | None] = [None] * len(run.params)
+        device_type, enabled, dtype = ctx.autocast
+
+        def vjp(block: Block, rng, x, grad_out):
+            """Recomputes block(x) under autograd; returns (output, d out/d x ^T grad_out) and accumulates
+            the gradients of the block's parameters."""
+            params = [p for p in block.trainable_parameters() if id(p) in run.index]
+            with contextlib.ExitStack() as stack:
+                if rng is not None:
+                    stack.enter_context(rng.replay())
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+                x = x.detach().requires_grad_()
+                out = block.fn(x.to(run.dtype), run.context)
+                results = torch.autograd.grad(out, [x, *params], grad_out.to(out.dtype), allow_unused=True)
+            for p, g in zip(params, results[1:], strict=True):
+                if g is not None:
+                    i = run.index[id(p)]
+                    grads[i] = g if grads[i] is None else grads[i] + g
+            dx = results[0] if results[0] is not None else torch.zeros_like(x)
+            return out.detach(), dx
+
+        for i in reversed(range(len(run.layers))):
+            layer, rng = run.layers[i], run.rng[i]
+            rng_f, rng_g = rng if rng is not None else (None, None)
+            (y1, y2), (dy1, dy2) = ((o2, o1), (grad2, grad1)) if layer.swap else ((o1, o2), (grad1, grad2))
+            # G's half: x2 = (y2 - G(y1)) / beta; y1's gradient gains G's vector-Jacobian product.
+            g, v = vjp(layer.g, rng_g, y1, dy2)
+            x2, dx2, dy1 = ops.reversible_coupling_backward(y2, g, dy2, dy1, v, layer.beta)
+            # F's half: x1 = (y1 - F(x2)) / lam; x2's gradient gains F's.
+            f, v = vjp(layer.f, rng_f, x2, dy1)
+            x1, dx1, dx2 = ops.reversible_coupling_backward(y1, f, dy1, dx2, v, layer.lam)
+            if run.report.debug:
+                run.report.errors.insert(0, _relative_error((x1, x2), run.report.inputs[i]))
+            o1, o2, grad1, grad2 = x1, x2, dx1, dx2
+        run.report.inputs.clear()
+        error = _relative_error((o1, o2), (inputs[0], inputs[-1]))
+        run.report.input_error = error
+        if not error <= WARN_ERROR:
+            warnings.warn(
+                f"reversible backward: the reconstructed input of the {len(run.layers)} reversible layers is off by "
+                f"{error:.1e} (relative), so the lower layers' gradients are inaccurate. Each layer amplifies "
+                "rounding errors by 1/lam and 1/beta: make fewer layers reversible or use float64 streams "
+                "(see MeftConfig's num_rev_layers and stream_dtype).", stacklevel=2)
+        return None, grad1, grad2, *grads
+
+
+def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: torch.Tensor, context: Context,
+                     dtype: torch.dtype, *, reversible: bool = True,
+                     report: ReconstructionReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs `layers` on the streams (x1, x2) (in the stream dtype); F and G get their input cast to
+    `dtype`. With ``reversible`` (and a gradient to compute) backward reconstructs activations instead
+    of keeping them; otherwise autograd caches them as usual (same values, for comparison and for
+    inference). Tensors in `context` must not need gradients: nothing would carry them back. `report`, if
+    given, receives what backward measures of its reconstruction (see :class:`ReconstructionReport`)."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for layer in layers:
+        for p in (*layer.f.trainable_parameters(), *layer.g.trainable_parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or bool(params))
+    if not (reversible and needs_grad):
+        for layer in layers:
+            x1, x2 = _step(layer, x1, x2, context, dtype)
+        return x1, x2
+    for name, value in context.items():
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"reversible layers: {name} requires grad, but the reversible backward "
+                                 "carries gradients only to the streams and the layers' parameters")
+    report = ReconstructionReport() if report is None else report
+    report.errors.clear()
+    return _ReversibleFunction.apply(_Run(list(layers), context, dtype, params, report), x1, x2, *params)

@@ -1,0 +1,273 @@
+"""MeftModel: turns a model's layer stack into reversible layers with adapters (MEFT).
+
+The transformer layers stay where they are (their parameters keep their names); each gets its adapters
+as ``<layer>.meft_adapters.<kind>``, and the layer list is replaced by a :class:`ReversibleLayerList`
+which, while its parent module runs forward, presents the whole stack as one callable: the model's own
+forward (embeddings, masks, rotary tables, final norm, head) runs unchanged and hands the stack the
+per-layer arguments it would give layer 0.
+
+Saved format (our own; HF PEFT has no MEFT): ``adapter_config.json`` (the MeftConfig's fields plus
+``"peft_type": "MEFT"``) and ``adapter_model.safetensors`` holding every adapter tensor under its name in
+the wrapped model (e.g. ``bert.encoder.layer.0.meft_adapters.ffn.down.weight``) and the full state of the
+``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
+from .arch import Family, find_family
+from .config import MeftConfig
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class MeftAdapter(nn.Module):
+    """Linear(d, bottleneck) -> activation -> dropout -> Linear(bottleneck, d), weights N(0, 0.02), biases
+    zero. Computes in its own dtype (float32 in a half-precision model, so the optimizer updates small
+    weights accurately) and returns its input's dtype."""
+
+    def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", dropout: float = 0.0,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck, dtype=dtype, device=device)
+        self.act = _ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, hidden, dtype=dtype, device=device)
+        for linear in (self.down, self.up):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(x.to(self.down.weight.dtype))))).to(x.dtype)
+
+
+class ReversibleLayerList(nn.ModuleList):
+    """The model's layer list, unchanged as a container (indexing, len, state dict), except that while
+    its parent's forward runs, iterating or slicing it yields one callable: the whole MEFT stack."""
+
+    def __init__(self, layers: nn.ModuleList, runner) -> None:
+        super().__init__(layers)
+        self._runner = runner
+        self._active = False
+
+    def __iter__(self):
+        return iter([self._runner]) if self._active else super().__iter__()
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice) and self._active:
+            return [self._runner]
+        if isinstance(idx, slice):
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+
+def _set_active(layers: ReversibleLayerList, value: bool, *unused) -> None:
+    layers._active = value
+
+
+# The blocks of a layer, as functions of (x, context) bound to the layer's modules at call time (never
+# stored closures, so copies of the model compute with their own modules).
+def _layer_block(family: Family, layer, x, context):
+    adapters = layer.meft_adapters
+    attn = family.attention(layer, x, context, adapters["attn"] if "attn" in adapters else None)
+    return family.mlp(layer, attn, context, adapters["ffn"])
+
+
+def _attention_block(family: Family, layer, x, context):
+    return family.attention(layer, x, context, layer.meft_adapters["attn"])
+
+
+def _mlp_block(family: Family, layer, x, context):
+    return family.mlp(layer, x, context, layer.meft_adapters["ffn"])
+
+
+def _adapter_block(layer, x, context):
+    return layer.meft_adapters["coupling"](x)
+
+
+def _adapter_kinds(variant: str, reversible: bool) -> tuple[str, ...]:
+    if variant == "meft3":
+        return ("attn", "ffn")
+    return ("ffn", "coupling") if reversible else ("ffn",)
+
+
+class MeftModel(nn.Module):
+    """Holds the adapted model as ``self.model`` and the config as ``self.peft_config[adapter_name]``."""
+
+    def __init__(self, model: nn.Module, config: MeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        family = find_family(model)
+        parent, attr = family.container(model)
+        layers = getattr(parent, attr)
+        if isinstance(layers, ReversibleLayerList):
+            raise ValueError("this model has MEFT adapters already")
+        depth = len(layers)
+        n_rev = depth if config.num_rev_layers is None else config.num_rev_layers
+        if n_rev > depth:
+            raise ValueError(f"MeftConfig: num_rev_layers={n_rev} but the model has {depth} layers")
+        for layer in layers:
+            family.check_layer(layer)
+        hidden = model.config.hidden_size
+        if config.bottleneck > hidden:
+            raise ValueError(f"MeftConfig: bottleneck {config.bottleneck} is wider than the hidden size {hidden}")
+        targets = self._modules_to_save(model, config)
+
+        self.model = model
+        self.peft_config = {adapter_name: config}
+        self.active_adapters = [adapter_name]
+        self.reversible = True  # False: the same two-stream model, with activations cached by autograd
+        self.disabled = False
+        self._family = family
+        self._container = (parent, attr)
+        self._num_rev = n_rev
+        self._report = ReconstructionReport(debug=config.debug_reconstruction)
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, layer in enumerate(layers):
+            weight = next(layer.parameters())
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+            layer.meft_adapters = nn.ModuleDict({
+                kind: MeftAdapter(hidden, config.bottleneck, config.adapter_activation, config.adapter_dropout,
+                                  dtype=dtype, device=weight.device)
+                for kind in _adapter_kinds(config.variant, i < n_rev)
+            })
+        wrapped = ReversibleLayerList(layers, self._run_layers)
+        setattr(parent, attr, wrapped)
+        self._hooks = [parent.register_forward_pre_hook(functools.partial(_set_active, wrapped, True)),
+                       parent.register_forward_hook(functools.partial(_set_active, wrapped, False), always_call=True)]
+        trainable = not config.inference_mode
+        for layer in layers:
+            layer.meft_adapters.requires_grad_(trainable)
+        for _, module in targets:
+            module.requires_grad_(trainable)
+
+    @staticmethod
+    def _modules_to_save(model: nn.Module, config: MeftConfig) -> list[tuple[str, nn.Module]]:
+        names = config.modules_to_save or []
+        found = [(n, m) for n, m in model.named_modules() if any(n == k or n.endswith("." + k) for k in names)]
+        missing = [k for k in names if not any(n == k or n.endswith("." + k) for n, _ in found)]
+        if missing:
+            raise ValueError(f"MeftConfig: modules_to_save {missing} match no module of the model")
+        return found
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ the stack
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        parent, attr = self._container
+        return getattr(parent, attr)
+
+    def reversible_layers(self) -> list[ReversibleLayer]:
+        config = self.peft_config[self.active_adapters[0]]
+        lam, beta, swap = config.scales
+        family, out = self._family, []
+        for layer in list(self.layers._modules.values())[: self._num_rev]:
+            adapter = Block(functools.partial(_adapter_block, layer), [layer.meft_adapters["coupling"]]) \
+                if config.variant != "meft3" else None
+            if config.variant == "meft1":
+                f, g = Block(functools.partial(_layer_block, family, layer), [layer]), adapter
+            elif config.variant == "meft2":
+                f, g = adapter, Block(functools.partial(_layer_block, family, layer), [layer])
+            else:
+                f = Block(functools.partial(_attention_block, family, layer), [layer])
+                g = Block(functools.partial(_mlp_block, family, layer), [layer])
+            out.append(ReversibleLayer(f, g, lam, beta, swap))
+        return out
+
+    def _run_layers(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layers = list(self.layers._modules.values())
+        if self.disabled:
+            for layer in layers:
+                hidden_states = layer(hidden_states, *args, **kwargs)
+            return hidden_states
+        config = self.peft_config[self.active_adapters[0]]
+        context = self._family.context(args, kwargs)
+        dtype = hidden_states.dtype
+        stack = self.reversible_layers()
+        if stack and self.reversible and torch.is_grad_enabled():
+            cache = context.get("past_key_values")
+            if cache is not None:
+                if cache.get_seq_length() > 0:
+                    raise ValueError("MEFT: a reversible backward cannot recompute attention over a filled "
+                                     "key/value cache; train without past_key_values")
+                context["past_key_values"] = None  # backward recomputes attention: it must not write twice
+        x = hidden_states.to(config.stream_dtype)
+        y1, y2 = reversible_stack(stack, x, x, context, dtype, reversible=self.reversible, report=self._report)
+        h = ((y1 + y2) * 0.5).to(dtype) if stack else hidden_states
+        for layer in layers[self._num_rev:]:
+            h = _layer_block(self._family, layer, h, context)
+        return h
+
+    def reconstruction_errors(self) -> list[float]:
+        """Per reversible layer (bottom first), the error of its reconstructed input in the last backward,
+        relative to the input's largest magnitude. Needs ``MeftConfig(debug_reconstruction=True)``."""
+        if not self._report.debug:
+            raise RuntimeError("per-layer errors are recorded only with MeftConfig(debug_reconstruction=True); "
+                               "reconstruction_error() gives the stack's, always")
+        return list(self._report.errors)
+
+    def reconstruction_error(self) -> float | None:
+        """The error of the stack's input as the last backward reconstructed it (relative to its largest
+        magnitude), or None before the first reversible backward."""
+        return self._report.input_error
+
+    # ------------------------------------------------------------------ PeftModel's adapter API
+
+    def set_adapter(self, names) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        if names != self.active_adapters:
+            raise ValueError(f"MEFT holds one adapter ({self.active_adapters[0]!r}); cannot activate {names}")
+
+    def inject_adapter(self, config, adapter_name: str) -> None:
+        raise NotImplementedError("MEFT holds one adapter per model: its layers are rebuilt around it")
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError("MEFT holds one adapter per model: use unload() to remove it")
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        raise NotImplementedError("MEFT's adapters change how layers connect: they cannot be merged into weights")
+
+    def unmerge_adapter(self) -> None:
+        raise NotImplementedError("MEFT's adapters are never merged")
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        """The model with its original layer list, adapters removed, trainability as it came (modules_to_save
+        keep what they learned: they were trained in place)."""
+        if merge:
+            self.merge_adapter()
+        for hook in self._hooks:
+            hook.remove()
+        parent, attr = self._container
+        layers = nn.ModuleList(list(self.layers._modules.values()))
+        for layer in layers:
+            del layer.meft_adapters
+        setattr(parent, attr, layers)
+        for p in self.model.parameters():
+            p.requires_grad_(self._requires_grad.get(id(p), True))
+        return self.model
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (sharing storage with the model's) under their names in the wrapped model."""
+        config = self.peft_config[name]
+        out = {k: v for k, v in self.model.state_dict().items() if ".meft_adapters." in k}
+        for path, module in self._modules_to_save(self.model, config):
+            out.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
+        return {k: v.detach() for k, v in out.items()}
