@@ -24,6 +24,12 @@ TORCH_LIBRARY(pefttorch, m) {
   m.def(
       "sparse_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor? w_up, Tensor? b_up, Tensor w_down_t, "
       "Tensor? b_down, str activation, float threshold) -> Tensor");
+  // One half of a reversible layer (MEFT): y = scale * x + f in x's dtype; f (same shape) may have another float dtype.
+  m.def("reversible_coupling(Tensor x, Tensor f, float scale) -> Tensor");
+  // Its backward step in one pass: x = (y - f) / scale, grad_x = scale * grad_y, grad_other + vjp, in y's dtype.
+  m.def(
+      "reversible_coupling_backward(Tensor y, Tensor f, Tensor grad_y, Tensor grad_other, Tensor vjp, float scale) "
+      "-> (Tensor x, Tensor grad_x, Tensor grad_other_out)");
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

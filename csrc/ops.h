@@ -126,4 +126,41 @@ void register_lora_linear(torch::Library& m) {
          });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Reversible coupling (MEFT): one half of a reversible layer, y = scale * x + f, where f is F or G of the
+// other stream. The stream (x, y and their gradients) keeps its own dtype, usually float32, while f and the
+// vector-Jacobian product vjp come in the model's dtype; each result is formed in float32 (float64 for a
+// float64 stream) and rounded once. Backends get contiguous tensors of one shape, numel > 0, and the
+// outputs allocated (contiguous, in the stream's dtype).
+struct ReversibleBackwardArgs {
+  at::Tensor y, f, grad_y, grad_other, vjp;  // inputs
+  at::Tensor x, grad_x, grad_other_out;      // outputs
+  double scale;
+};
+
+struct ReversibleKernels {
+  // y = scale * x + f
+  void (*forward)(const at::Tensor& x, const at::Tensor& f, double scale, const at::Tensor& y);
+  // in one pass: x = (y - f) / scale, grad_x = scale * grad_y, grad_other_out = grad_other + vjp
+  void (*backward)(const ReversibleBackwardArgs& a);
+};
+
+at::Tensor reversible_coupling(const ReversibleKernels& k, const at::Tensor& x, const at::Tensor& f, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reversible_coupling_backward(
+    const ReversibleKernels& k, const at::Tensor& y, const at::Tensor& f, const at::Tensor& grad_y,
+    const at::Tensor& grad_other, const at::Tensor& vjp, double scale);
+
+// Registers the reversible coupling ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const ReversibleKernels& K>
+void register_reversible_ops(torch::Library& m) {
+  m.impl("reversible_coupling", [](const at::Tensor& x, const at::Tensor& f, double scale) {
+    return reversible_coupling(K, x, f, scale);
+  });
+  m.impl("reversible_coupling_backward",
+         [](const at::Tensor& y, const at::Tensor& f, const at::Tensor& grad_y, const at::Tensor& grad_other,
+            const at::Tensor& vjp, double scale) {
+           return reversible_coupling_backward(K, y, f, grad_y, grad_other, vjp, scale);
+         });
+}
+
 }  // namespace pefttorch

@@ -138,3 +138,21 @@ def sparse_mlp(
             raise ValueError(f"sparse_mlp: threshold must be >= 0, got {threshold}")
         return reference.sparse_mlp(*args)
     return ops.sparse_mlp(*args)
+
+
+def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
+    """One half of a reversible layer (MEFT): ``y = scale * x + f``.
+
+    Args:
+        x: the stream this half updates, in the stream's dtype (usually float32); any shape and strides.
+        f: ``F`` or ``G`` applied to the other stream, of x's shape and device, in any float dtype (usually
+            the model's, bfloat16 or float16).
+        scale: the coupling factor (MEFT's lambda or beta); finite and nonzero, since the input is reconstructed
+            in backward as ``x = (y - f) / scale``.
+
+    Returns ``y`` in x's dtype, formed in float32 (float64 for a float64 stream) and rounded once. The
+    gradients are ``scale * grad_y`` for x (in x's dtype) and ``grad_y`` for f (in f's dtype); nothing is
+    saved for backward. A reversible block's own backward uses :func:`pefttorch.ops.reversible_coupling_backward`
+    to reconstruct x and update both streams' gradients in one pass.
+    """
+    return ops.reversible_coupling(x, f, float(scale))

@@ -156,3 +156,49 @@ def sparse_mlp(
 ) -> torch.Tensor:
     """The raw op (no autograd: an inference kernel). w_down_t is the down projection transposed, (inter, out)."""
     return _ops.sparse_mlp(x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# reversible_coupling (MEFT): y = scale * x + f in the stream's dtype; its backward step reconstructs x
+
+
+@torch.library.register_fake("pefttorch::reversible_coupling")
+def _reversible_coupling_fake(x, f, scale):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("pefttorch::reversible_coupling_backward")
+def _reversible_coupling_backward_fake(y, f, grad_y, grad_other, vjp, scale):
+    return y.new_empty(y.shape), y.new_empty(y.shape), y.new_empty(y.shape)
+
+
+def _reversible_coupling_setup_context(ctx, inputs, output):
+    _, f, scale = inputs
+    # Nothing saved: the gradients are linear in grad_y (saving no activation is what a reversible layer is for).
+    ctx.scale = scale
+    ctx.f_dtype = f.dtype
+
+
+def _reversible_coupling_backward(ctx, grad_y):
+    need_x, need_f = ctx.needs_input_grad[:2]
+    grad_x = grad_y * ctx.scale if need_x else None  # grad_y has x's dtype: y's
+    grad_f = grad_y.to(ctx.f_dtype) if need_f else None
+    return grad_x, grad_f, None
+
+
+torch.library.register_autograd(
+    "pefttorch::reversible_coupling", _reversible_coupling_backward, setup_context=_reversible_coupling_setup_context
+)
+
+
+def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = scale * x + f in x's dtype (the stream's); f has x's shape and any float dtype. Differentiable."""
+    return _ops.reversible_coupling(x, f, scale)
+
+
+def reversible_coupling_backward(
+    y: torch.Tensor, f: torch.Tensor, grad_y: torch.Tensor, grad_other: torch.Tensor, vjp: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward step of y = scale * x + f, in one pass and in y's dtype: (x reconstructed as (y - f) / scale,
+    grad_x = scale * grad_y, grad_other + vjp). No autograd: it is meant for use inside a custom backward."""
+    return _ops.reversible_coupling_backward(y, f, grad_y, grad_other, vjp, scale)
