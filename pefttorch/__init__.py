@@ -31,7 +31,8 @@ def build_info() -> dict:
     empty without CUDA), ``ops`` (the registered op names) and ``devices`` (the backends with kernels).
     """
     c = ops._C
-    names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp"]
+    names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp",
+             "reversible_coupling", "reversible_coupling_backward"]
     devices = [
         key.lower()
         for key in ("CPU", "CUDA")

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--method", choices=["lora", "meft1", "meft2", "meft3"], default="lora",
+                   help="LoRA, or reversible adapters (MEFT, with float64 streams: MiniLM's 6 layers then "
+                        "reconstruct accurately)")
+    p.add_argument("--bottleneck", type=int, default=12,
+                   help="MEFT adapter width (12: about LoRA r=8's parameter count)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--output", type=Path, default=Path("build/demo"), help="adapter and loss plot go here")
     p.add_argument("--seed", type=int, default=0)
@@ -130,13 +135,22 @@ def run(args: argparse.Namespace) -> int:
     if args.density_loss is not None:
         targets.append("intermediate.dense")
         density_config = pefttorch.DensityLossConfig(weight=args.density_loss, threshold=args.density_threshold)
-    config = pefttorch.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
-                                  task_type="SEQ_CLS", density_loss=density_config)  # SEQ_CLS: the head trains too
+    if args.method == "lora":
+        config = pefttorch.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
+                                      task_type="SEQ_CLS", density_loss=density_config)  # SEQ_CLS: the head trains too
+        method = f"LoRA r={args.r} on {'/'.join(targets)}"
+    else:
+        if density_config is not None:
+            print("--density-loss goes with --method lora")
+            return 2
+        config = pefttorch.MeftConfig(variant=args.method, bottleneck=args.bottleneck, adapter_dropout=0.1,
+                                      stream_dtype=torch.float64, modules_to_save=["classifier"])
+        method = f"MEFT ({args.method}) adapters of width {args.bottleneck}"
     model = pefttorch.get_peft_model(load_base(), config)
     trainable, total = model.get_nb_trainable_parameters()
     before = accuracy(model)
     density_before = density(model)
-    print(f"MiniLM ({total / 1e6:.1f}M parameters) + LoRA r={args.r} on {'/'.join(targets)} and the classifier: "
+    print(f"MiniLM ({total / 1e6:.1f}M parameters) + {method} and the classifier: "
           f"{trainable:,d} trainable ({100 * trainable / total:.2f}%), on {device}"
           + (f"; density loss weight {args.density_loss:g}" if density_config else ""))
     print(f"task: {len(train)} training and {len(test)} test reviews (test phrasings unseen in training)")
@@ -165,16 +179,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"MLP activation density after: {density(model):.1%} (was {density_before:.1%})")
 
     out = args.output
-    adapter_dir = out / "minilm-lora"
+    adapter_dir = out / f"minilm-{args.method}"
     model.save_pretrained(adapter_dir)
     reloaded = pefttorch.PeftModel.from_pretrained(load_base(), adapter_dir)
     same = torch.equal(predict(reloaded), predict(model))
-    print(f"adapter saved in HF PEFT format to {adapter_dir}; reloaded into a fresh model: "
-          f"{'same predictions' if same else 'DIFFERENT predictions'}")
+    print(f"adapter saved ({'HF PEFT' if args.method == 'lora' else 'pefttorch MEFT'} format) to {adapter_dir}; "
+          f"reloaded into a fresh model: {'same predictions' if same else 'DIFFERENT predictions'}")
     try:
         import peft
     except ImportError:
         peft = None
+    if args.method != "lora":
+        peft = None  # HF PEFT has no MEFT
     if peft is not None:
         with warnings.catch_warnings():  # HF PEFT's own use of APIs transformers has deprecated
             warnings.simplefilter("ignore", FutureWarning)

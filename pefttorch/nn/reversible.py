@@ -76,6 +76,7 @@ class ReconstructionReport:
 
     debug: bool = False
     input_error: float | None = None
+    warned: bool = False
     errors: list[float] = field(default_factory=list)
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
@@ -188,12 +189,14 @@ class _ReversibleFunction(torch.autograd.Function):
         run.report.inputs.clear()
         error = _relative_error((o1, o2), (inputs[0], inputs[-1]))
         run.report.input_error = error
-        if not error <= WARN_ERROR:
+        if not error <= WARN_ERROR and not run.report.warned:
+            run.report.warned = True  # once per report (per model): training would repeat it every step
             warnings.warn(
                 f"reversible backward: the reconstructed input of the {len(run.layers)} reversible layers is off by "
                 f"{error:.1e} (relative), so the lower layers' gradients are inaccurate. Each layer amplifies "
                 "rounding errors by 1/lam and 1/beta: make fewer layers reversible or use float64 streams "
-                "(see MeftConfig's num_rev_layers and stream_dtype).", stacklevel=2)
+                "(see MeftConfig's num_rev_layers and stream_dtype). Said once; the reconstruction error of each "
+                "backward stays readable (model.reconstruction_error()).", stacklevel=2)
         return None, grad1, grad2, *grads
 
 
