@@ -185,12 +185,12 @@ def run(args: argparse.Namespace) -> int:
     same = torch.equal(predict(reloaded), predict(model))
     print(f"adapter saved ({'HF PEFT' if args.method == 'lora' else 'pefttorch MEFT'} format) to {adapter_dir}; "
           f"reloaded into a fresh model: {'same predictions' if same else 'DIFFERENT predictions'}")
-    try:
-        import peft
-    except ImportError:
-        peft = None
-    if args.method != "lora":
-        peft = None  # HF PEFT has no MEFT
+    peft = None  # HF PEFT loads the LoRA adapter too; it has no MEFT
+    if args.method == "lora":
+        try:
+            import peft
+        except ImportError:
+            pass
     if peft is not None:
         with warnings.catch_warnings():  # HF PEFT's own use of APIs transformers has deprecated
             warnings.simplefilter("ignore", FutureWarning)
