@@ -171,3 +171,29 @@ def reversible_coupling_backward(
     grad_x = (scale * grad_y.to(acc)).to(y.dtype)
     grad_other_out = (grad_other.to(acc) + vjp.to(acc)).to(y.dtype)
     return x, grad_x, grad_other_out
+
+
+def rank_importance(
+    lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_e: list[torch.Tensor],
+    grad_tiles: list[torch.Tensor], row_offset: list[int], row_stride: list[int], col_offset: list[int],
+    col_stride: list[int], rank: list[int], weight: list[float],
+) -> torch.Tensor:
+    """IncreLoRA's importance of each adapted module m, ``weight[m] * sum |dW * G|`` over a sampled grid.
+
+    dW = B[:, :n] diag(E[:n]) A[:n] is the module's low-rank update without its scaling (n = rank[m]
+    components; lora_a (cap, in), lora_b (out, cap), lora_e (cap, 1)), and G = grad_tiles[m] holds the
+    gradient of the loss w.r.t. the update at the sampled rows ``i = row_offset + ii * row_stride < out``
+    and columns ``j = col_offset + jj * col_stride < in``: shape (len(rows), len(cols)). The scaling, the
+    inverse inclusion probability of the sample (row_stride * col_stride) and IncreLoRA's 1/sqrt(numel)
+    all go into `weight`. With strides of 1 the sum is over the whole matrix: the exact score.
+
+    Formed here with dW materialised, in float64; returns a float32 tensor of shape (modules,).
+    """
+    scores = []
+    for a, b, e, g, r0, rs, c0, cs, n, w in zip(lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride,
+                                                col_offset, col_stride, rank, weight, strict=True):
+        dw = b[:, :n].double() @ (e[:n].double() * a[:n].double())
+        sampled = dw[r0::rs, c0::cs]
+        scores.append(w * (sampled * g.double()).abs().sum())
+    device = lora_a[0].device if lora_a else "cpu"
+    return torch.stack(scores).float() if scores else torch.zeros(0, device=device)
