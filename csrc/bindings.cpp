@@ -30,6 +30,10 @@ TORCH_LIBRARY(pefttorch, m) {
   m.def(
       "reversible_coupling_backward(Tensor y, Tensor f, Tensor grad_y, Tensor grad_other, Tensor vjp, float scale) "
       "-> (Tensor x, Tensor grad_x, Tensor grad_other_out)");
+  // IncreLoRA importance per module: weight * sum |(B diag(E) A)[rows, cols] * grad_tile| over a strided sample.
+  m.def(
+      "rank_importance(Tensor[] lora_a, Tensor[] lora_b, Tensor[] lora_e, Tensor[] grad_tiles, int[] row_offset, "
+      "int[] row_stride, int[] col_offset, int[] col_stride, int[] rank, float[] weight) -> Tensor");
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common/philox.h"
 
@@ -160,6 +161,45 @@ void register_reversible_ops(torch::Library& m) {
          [](const at::Tensor& y, const at::Tensor& f, const at::Tensor& grad_y, const at::Tensor& grad_other,
             const at::Tensor& vjp, double scale) {
            return reversible_coupling_backward(K, y, f, grad_y, grad_other, vjp, scale);
+         });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rank importance (IncreLoRA): for each adapted module m, weight[m] * sum |dW[i, j] * G[ii, jj]| over a sampled
+// grid, with dW = B[:, :n] diag(E[:n]) A[:n] (n = rank[m]) formed element by element from the factors, never
+// materialised, and G the module's gradient tile. Many modules in one call (one launch on CUDA). The body
+// checks everything and hands the backend one record per module: the tensors as given (any strides; lora_e as
+// a 1-D (cap,) view), the factors of every module in one float dtype, grad tiles float32 of exactly the
+// sampled shape.
+struct RankImportanceModule {
+  at::Tensor a, b, e, g;  // lora_a (cap, in), lora_b (out, cap), lora_e (cap,), grad tile (rows, cols)
+  int64_t row_offset, row_stride, col_offset, col_stride;
+  // the sampled counts: rows = len(range(row_offset, out, row_stride)), cols likewise over in
+  int64_t rows, cols;
+  int64_t rank;
+  double weight;
+};
+
+struct RankImportanceKernels {
+  // out[m] += the score of modules[m], for every m; out is (modules,) float32, zero-filled, on the inputs'
+  // device. A module with rank 0 or an empty sample scores 0 (the backend may skip it).
+  void (*score)(const std::vector<RankImportanceModule>& modules, const at::Tensor& out);
+};
+
+at::Tensor rank_importance(const RankImportanceKernels& k, at::TensorList lora_a, at::TensorList lora_b,
+                           at::TensorList lora_e, at::TensorList grad_tiles, at::IntArrayRef row_offset,
+                           at::IntArrayRef row_stride, at::IntArrayRef col_offset, at::IntArrayRef col_stride,
+                           at::IntArrayRef rank, at::ArrayRef<double> weight);
+
+// Registers the rank importance op for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const RankImportanceKernels& K>
+void register_rank_importance_ops(torch::Library& m) {
+  m.impl("rank_importance",
+         [](at::TensorList lora_a, at::TensorList lora_b, at::TensorList lora_e, at::TensorList grad_tiles,
+            at::IntArrayRef row_offset, at::IntArrayRef row_stride, at::IntArrayRef col_offset,
+            at::IntArrayRef col_stride, at::IntArrayRef rank, at::ArrayRef<double> weight) {
+           return rank_importance(K, lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride, col_offset,
+                                  col_stride, rank, weight);
          });
 }
 

@@ -202,3 +202,52 @@ def reversible_coupling_backward(
     """The backward step of y = scale * x + f, in one pass and in y's dtype: (x reconstructed as (y - f) / scale,
     grad_x = scale * grad_y, grad_other + vjp). No autograd: it is meant for use inside a custom backward."""
     return _ops.reversible_coupling_backward(y, f, grad_y, grad_other, vjp, scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# rank_importance (IncreLoRA): each adapted module's importance score, every module in one call
+
+
+@torch.library.register_fake("pefttorch::rank_importance")
+def _rank_importance_fake(lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride, col_offset, col_stride, rank,
+                          weight):
+    return lora_a[0].new_empty((len(lora_a),), dtype=torch.float32)
+
+
+def rank_importance(
+    lora_a: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lora_b: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lora_e: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    grad_tiles: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    row_offset: list[int],
+    row_stride: list[int],
+    col_offset: list[int],
+    col_stride: list[int],
+    rank: list[int],
+    weight: list[float],
+) -> torch.Tensor:
+    """IncreLoRA's importance of each adapted module m: ``weight[m] * sum |dW[i, j] * G[ii, jj]|``, float32, shape
+    (modules,), on the inputs' device; see :func:`pefttorch.reference.rank_importance` for the definition.
+
+    dW = B[:, :n] diag(E[:n]) A[:n] with n = rank[m], lora_a (cap, in), lora_b (out, cap), lora_e (cap, 1) or
+    (cap,), is formed element by element from the factors, never materialised. The sample is rows
+    ``i = row_offset + ii * row_stride < out`` and columns ``j = col_offset + jj * col_stride < in``, with
+    stride >= 1 and 0 <= offset < stride (an offset at or past the dimension gives an empty sample: score 0), and
+    grad_tiles[m] is the float32 gradient at those points, of shape (len(rows), len(cols)). The factors of all
+    modules share one float dtype; any strides. Computed in float32 on CUDA (in one launch for all modules) and
+    in float64 on the CPU; rank 0 scores 0.
+
+    No autograd: the score is a statistic of the training state, not a function to differentiate, so it is
+    computed under torch.no_grad() (the factors are trainable parameters; without it the result would carry the
+    dispatcher's not-implemented autograd node). Empty lists give an empty float32 tensor on the CPU without
+    calling the op.
+    """
+    lists = (lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride, col_offset, col_stride, rank, weight)
+    if all(len(v) == 0 for v in lists):  # no module, so no device: the op would have nowhere to put the result
+        return torch.zeros(0)
+    with torch.no_grad():
+        return _ops.rank_importance(
+            list(lora_a), list(lora_b), list(lora_e), list(grad_tiles), [int(v) for v in row_offset],
+            [int(v) for v in row_stride], [int(v) for v in col_offset], [int(v) for v in col_stride],
+            [int(v) for v in rank], [float(v) for v in weight],
+        )

@@ -192,7 +192,7 @@ def rank_importance(
     scores = []
     for a, b, e, g, r0, rs, c0, cs, n, w in zip(lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride,
                                                 col_offset, col_stride, rank, weight, strict=True):
-        dw = b[:, :n].double() @ (e[:n].double() * a[:n].double())
+        dw = b[:, :n].double() @ (e.reshape(-1, 1)[:n].double() * a[:n].double())  # e: (cap, 1) or (cap,)
         sampled = dw[r0::rs, c0::cs]
         scores.append(w * (sampled * g.double()).abs().sum())
     device = lora_a[0].device if lora_a else "cpu"
