@@ -6,7 +6,7 @@ import torch
 
 # `ops` loads pefttorch._C (the op schemas and kernels) and registers fake kernels and autograd; every
 # module that calls an op imports it.
-from . import functional, nn, ops, reference
+from . import functional, nn, ops, optim, reference
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .peft_model import PeftModel, get_peft_model
 from .tuners.density import (
@@ -19,6 +19,7 @@ from .tuners.density import (
 )
 from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
+from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
 
 __version__ = ops._C.VERSION
 
@@ -51,12 +52,15 @@ def build_info() -> dict:
 
 __all__ = [
     "AccelerateReport",
+    "AdaLoraConfig",
     "DensityLoss",
     "DensityLossCallback",
     "DensityLossConfig",
+    "IncreLoraConfig",
     "LoraConfig",
     "MeftConfig",
     "PeftModel",
+    "RankAllocationCallback",
     "__version__",
     "accelerate",
     "attach_density_loss",
@@ -66,6 +70,7 @@ __all__ = [
     "functional",
     "get_peft_model",
     "nn",
+    "optim",
     "reference",
     "sparsify",
 ]

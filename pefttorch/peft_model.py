@@ -20,13 +20,18 @@ from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftModel
+from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class PeftModel(nn.Module):
-    """A model with LoRA adapters (or MEFT's reversible adapters). Build one with :func:`get_peft_model` or
-    :meth:`from_pretrained`."""
+    """A model with LoRA adapters (IncreLoRA's or AdaLoRA's of changing rank, or MEFT's reversible adapters).
+    Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
+
+    With IncreLoRA or AdaLoRA, ``update_and_allocate(step)`` and ``rank_pattern()`` reach the
+    :class:`~pefttorch.tuners.rank.RankedLoraModel`; ``save_pretrained`` writes a plain LoRA adapter with the
+    final ranks."""
 
     def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
@@ -38,6 +43,8 @@ class PeftModel(nn.Module):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         if isinstance(config, MeftConfig):
             self.base_model = MeftModel(model, config, adapter_name)
+        elif isinstance(config, (IncreLoraConfig, AdaLoraConfig)):
+            self.base_model = RankedLoraModel(model, config, adapter_name, autocast_adapter_dtype)
         else:
             self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
         self.density_loss = None  # the DensityLoss hooks when an adapter's config asks for the density loss
@@ -84,7 +91,8 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapters[0]
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), each tensor counted once."""
+        """(trainable parameters, all parameters), each tensor counted once. With IncreLoRA or AdaLoRA, the
+        components that train now (spare capacity is storage, not parameters)."""
         seen, trainable, total = set(), 0, 0
         for p in self.parameters():
             if id(p) in seen:
@@ -92,7 +100,8 @@ class PeftModel(nn.Module):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
+        idle = self.base_model.idle_parameters() if hasattr(self.base_model, "idle_parameters") else 0
+        return trainable - idle, total - idle
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -198,7 +207,7 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-            save_adapter(directory, config, self.base_model.adapter_state_dict(name))
+            save_adapter(directory, *self.base_model.export_adapter(name))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -264,8 +273,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapt
 
     With a LoraConfig, the layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D)
     become pefttorch LoRA layers computed by the fused kernel; with ``autocast_adapter_dtype`` (the
-    default, as in HF PEFT) adapter weights of a float16/bfloat16 model are kept in float32. With a
-    MeftConfig, the layer stack becomes reversible, with adapters (see :class:`MeftConfig`).
+    default, as in HF PEFT) adapter weights of a float16/bfloat16 model are kept in float32. An
+    IncreLoraConfig or AdaLoraConfig gives them a rank that changes during training (see
+    :class:`IncreLoraConfig`). With a MeftConfig, the layer stack becomes reversible, with adapters (see
+    :class:`MeftConfig`).
     """
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 

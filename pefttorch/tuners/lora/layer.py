@@ -119,6 +119,10 @@ class LoraLayer(nn.Module):
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(name, init_lora_weights)
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters adapter `name` trains in this layer."""
+        return [self.lora_A[name].weight, self.lora_B[name].weight]
+
     @torch.no_grad()
     def reset_lora_parameters(self, name: str, init_lora_weights) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight

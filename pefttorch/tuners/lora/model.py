@@ -135,6 +135,8 @@ class LoraModel(nn.Module):
     """Holds the adapted model as ``self.model`` (so keys read ``base_model.model.…`` inside a PeftModel,
     as in HF PEFT) and the adapters' configs as ``self.peft_config``."""
 
+    layer_cls = LoraLayer  # what a targeted linear layer becomes
+
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
@@ -185,13 +187,12 @@ class LoraModel(nn.Module):
                 fan_in_fan_out = not isinstance(t.module, nn.Linear)  # Conv1D stores (in, out)
                 if config.fan_in_fan_out and not fan_in_fan_out:
                     corrected.append(t.name)
-                layer = LoraLayer(t.module, fan_in_fan_out=fan_in_fan_out)
+                layer = self.layer_cls(t.module, fan_in_fan_out=fan_in_fan_out)
                 _set_submodule(self.model, t.name, layer)
             w_dtype = layer.base_layer.weight.dtype
             dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
                 else w_dtype
-            layer.update_layer(adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights,
-                               config.use_rslora, dtype=dtype)
+            self.add_to_layer(layer, t, config, adapter_name, dtype)
         if corrected:
             # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
             # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
@@ -206,6 +207,12 @@ class LoraModel(nn.Module):
             elif not any(isinstance(p, ModulesToSaveWrapper) for p in self._parents(name)):
                 _set_submodule(self.model, name, ModulesToSaveWrapper(module, adapter_name))
         self.peft_config[adapter_name] = config
+
+    def add_to_layer(self, layer: LoraLayer, target: Target, config: LoraConfig, adapter_name: str,
+                     dtype: torch.dtype) -> None:
+        """Gives `layer` adapter `adapter_name` (a subclass's variant of LoRA overrides this)."""
+        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                           config.use_rslora, dtype=dtype)
 
     def _parents(self, name: str):
         parts = name.split(".")
@@ -232,8 +239,8 @@ class LoraModel(nn.Module):
                 continue
             for _, layer in self.lora_layers():
                 if name in layer.lora_A:
-                    layer.lora_A[name].requires_grad_(True)
-                    layer.lora_B[name].requires_grad_(True)
+                    for p in layer.adapter_parameters(name):
+                        p.requires_grad_(True)
                     if config.bias == "lora_only" and layer.base_layer.bias is not None:
                         layer.base_layer.bias.requires_grad_(True)
             for _, wrapper in self.save_wrappers():
@@ -302,8 +309,11 @@ class LoraModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.lora_layers():
             if name in layer.lora_A:
-                out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
-                out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+                a, b = self.lora_factors(layer, name)
+                if a is None:
+                    continue
+                out[f"{PREFIX}{path}.lora_A.weight"] = a
+                out[f"{PREFIX}{path}.lora_B.weight"] = b
                 if config.bias == "lora_only" and layer.base_layer.bias is not None:
                     out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
         for path, wrapper in self.save_wrappers():
@@ -316,3 +326,11 @@ class LoraModel(nn.Module):
                         and ".modules_to_save." not in key:
                     out[f"{PREFIX}{key}"] = value
         return {k: v.detach() for k, v in out.items()}
+
+    def lora_factors(self, layer: LoraLayer, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(A, B) of adapter `name` in `layer` as saved in HF PEFT's format, or (None, None) to save none."""
+        return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+    def export_adapter(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """What save_pretrained writes for adapter `name`: its config and tensors."""
+        return self.peft_config[name], self.adapter_state_dict(name)

@@ -271,3 +271,7 @@ class MeftModel(nn.Module):
         for path, module in self._modules_to_save(self.model, config):
             out.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
         return {k: v.detach() for k, v in out.items()}
+
+    def export_adapter(self, name: str) -> tuple[MeftConfig, dict[str, torch.Tensor]]:
+        """What save_pretrained writes for adapter `name`: its config and tensors."""
+        return self.peft_config[name], self.adapter_state_dict(name)

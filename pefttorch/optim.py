@@ -1,0 +1,130 @@
+"""An AdamW that keeps per-component state for adapters whose rank changes (IncreLoRA, AdaLoRA).
+
+Parameters of a ranked layer (see :mod:`pefttorch.tuners.rank.layer`) hold many rank-1 components on
+their first dimension, and only a prefix of them trains. A stock optimizer sees one tensor and gets
+three things wrong as the rank changes: it updates components that should not train (weight decay and
+momentum move them), it carries the moments of a pruned or replaced component over to whatever lands in
+its slot, and it has one step count, so a component activated at step 1000 gets step 1000's bias
+correction and no warm-up. Here each component has its own step count and moments, matched to it by id
+(so they follow it when components are reordered, and start from zero when it is new), only the training
+prefix is read and written (time follows the rank in use), and a component's learning rate ramps up
+over its first ``warmup`` steps (IncreLoRA's "newly activated parameters restart their warm-up").
+
+Every other parameter gets plain AdamW (decoupled weight decay, as ``torch.optim.AdamW``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tuners.rank.layer import component_layout
+
+
+class RankAwareAdamW(torch.optim.Optimizer):
+    """AdamW with per-component state for ranked LoRA factors (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight_decay default 0.01).
+        component_warmup: steps over which a component's learning rate ramps linearly up to ``lr`` once it
+            starts training; None (default): the layer's own setting (IncreLoraConfig.new_rank_warmup,
+            0 for AdaLoRA). Learning-rate schedulers scale ``lr`` as usual, on top of this.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, component_warmup: int | None = None) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"RankAwareAdamW: lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"RankAwareAdamW: betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0 or not weight_decay >= 0.0:
+            raise ValueError(f"RankAwareAdamW: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if component_warmup is not None and component_warmup < 0:
+            raise ValueError(f"RankAwareAdamW: component_warmup must be >= 0 or None, got {component_warmup}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "component_warmup": component_warmup})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RankAwareAdamW does not support sparse gradients")
+                layout = component_layout(p)
+                if layout is None:
+                    self._dense_step(p, group)
+                else:
+                    self._component_step(p, group, *layout)
+        return loss
+
+    def _dense_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()
+        _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2,
+               eps=group["eps"], weight_decay=group["weight_decay"], bias1=1 - beta1**step,
+               bias2=1 - beta2**step)
+
+    def _component_step(self, p: torch.Tensor, group: dict, components, kind: str) -> None:
+        state = self.state[p]
+        self._match_components(p, state, components)
+        n = components.trainable(kind)
+        if n == 0:
+            return
+        beta1, beta2 = group["betas"]
+        steps = state["step"][:n]
+        steps += 1
+        column = (n,) + (1,) * (p.dim() - 1)  # one value per component, broadcast over its row
+        bias1 = (1 - beta1**steps).view(column)
+        bias2 = (1 - beta2**steps).view(column)
+        warmup = components.warmup if group["component_warmup"] is None else group["component_warmup"]
+        lr = group["lr"] * (torch.clamp(steps / warmup, max=1.0) if warmup else torch.ones_like(steps))
+        _adamw(p[:n], p.grad[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], lr=lr.view(column), beta1=beta1,
+               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], bias1=bias1, bias2=bias2)
+
+    @staticmethod
+    def _match_components(p: torch.Tensor, state: dict, components) -> None:
+        """Brings the state in line with the components now in p's slots: a component keeps its moments and
+        step count wherever it moved; a new one starts from zero."""
+        ids = components.ids
+        if state and (state["ids"].dtype != torch.int64 or state["ids"].device.type != "cpu"):
+            # Optimizer.load_state_dict casts state to the parameter's dtype and device: ids are CPU integers
+            state["ids"] = state["ids"].to("cpu", torch.int64)
+        if state and state["ids"].shape == ids.shape and torch.equal(state["ids"], ids):
+            return
+        fresh = {
+            "step": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format),
+            "ids": ids.clone(),
+        }
+        if state:
+            where = {int(i): k for k, i in enumerate(state["ids"].tolist())}
+            pairs = [(k, where[i]) for k, i in enumerate(ids.tolist()) if i in where]
+            if pairs:
+                dst = torch.tensor([k for k, _ in pairs], device=p.device)
+                src = torch.tensor([s for _, s in pairs], device=p.device)
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    fresh[key][dst] = state[key][src]
+        state.clear()
+        state.update(fresh)
+
+
+def _adamw(p, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, bias1, bias2) -> None:
+    """One AdamW update in place; lr and the bias corrections are floats or tensors broadcast against p."""
+    p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+    p.sub_(lr * exp_avg / bias1 / denom)

@@ -1,0 +1,340 @@
+"""When and where rank moves: IncreLoRA's growth schedule and AdaLoRA's pruning schedule.
+
+Both are driven by one call per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``
+(the HF PEFT habit: ``model.update_and_allocate(step)``), and both change the layers' ranks in place
+(see :mod:`.layer`): nothing is reallocated unless a module outgrows its capacity, and the model's output
+does not change at an IncreLoRA event.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import ops
+from .config import AdaLoraConfig, IncreLoraConfig
+from .layer import RankedLoraLayer
+
+
+class IncreLoraAllocator:
+    """IncreLoRA: importance per module from the sampled gradient of its update; every `incre_interval`
+    steps after `init_warmup`, the `top_h` best modules receive `incre_rank_num` components until the total
+    rank is ``target_rank * modules`` exactly.
+
+    The score is ``sum|dW * dL/d(dW)| / sqrt(numel)`` of the update dW = scaling * B diag(e) A (reserve
+    components included, as in the paper's code). dL/d(dW) = dy^T x is a full weight gradient: forming it is
+    what LoRA saves. So each layer accumulates it in backward only on a grid of rows ``r0::rs`` and columns
+    ``c0::cs`` (strides chosen for about ``score_sample`` of each, offsets drawn afresh each step), and one
+    fused op forms dW on that grid from the factors and reduces all modules at once. Every entry is sampled
+    with probability 1/(rs*cs) and weighted by rs*cs, so the estimate is unbiased; its noise averages out in
+    the smoothed sensitivity. With ``score_sample=None`` (strides 1) the score is exact. The input to LoRA
+    dropout stands for its output in G (dropout's mask is not kept).
+    """
+
+    def __init__(self, layers: list[tuple[str, RankedLoraLayer]], adapter: str, config: IncreLoraConfig) -> None:
+        self.layers = layers
+        self.adapter = adapter
+        self.config = config
+        self.target_total = config.target_rank * len(layers)
+        device = layers[0][1].lora_A[adapter].device
+        self.ipt = torch.zeros(len(layers), device=device)  # smoothed sensitivity
+        self.unc = torch.zeros(len(layers), device=device)  # smoothed uncertainty
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        self.events: list[dict] = []  # (step, {module: rank after}) of every allocation
+        self.finished = False
+        self.tiles: torch.Tensor | None = None  # every layer's tile, in one buffer (see _new_sample)
+        if self.total_rank() >= self.target_total:
+            self._finish()
+        else:
+            self._new_sample()
+
+    def components(self, layer: RankedLoraLayer):
+        return layer.lora_components[self.adapter]
+
+    def total_rank(self) -> int:
+        return sum(self.components(layer).rank for _, layer in self.layers)
+
+    def follow_device(self) -> None:
+        """After the model moved: statistics and tiles go where the adapters are."""
+        device = self.layers[0][1].lora_A[self.adapter].device
+        if self.ipt.device != device:
+            self.ipt, self.unc = self.ipt.to(device), self.unc.to(device)
+            if self.tiles is not None:
+                self.tiles = None
+                self._new_sample()
+
+    # ------------------------------------------------------------------ importance
+
+    def _new_sample(self) -> None:
+        """Fresh grid offsets and zeroed tiles for the next step's backward. The tiles are views into one
+        buffer (each at its largest shape, offset 0), so zeroing them all is one kernel."""
+        side = self.config.score_sample
+        if self.tiles is None:
+            self.strides = [tuple(1 if side is None else max(1, math.ceil(d / side))
+                                  for d in (layer.out_features, layer.in_features)) for _, layer in self.layers]
+            shapes = [(math.ceil(layer.out_features / rs), math.ceil(layer.in_features / cs))
+                      for (_, layer), (rs, cs) in zip(self.layers, self.strides, strict=True)]
+            self.tiles = torch.zeros(sum(p * q for p, q in shapes), device=self.ipt.device)
+            self.tile_views = list(torch.split(self.tiles, [p * q for p, q in shapes]))
+            self.tile_views = [t.view(shape) for t, shape in zip(self.tile_views, shapes, strict=True)]
+        else:
+            self.tiles.zero_()
+        for (_, layer), (rs, cs), view in zip(self.layers, self.strides, self.tile_views, strict=True):
+            c = self.components(layer)
+            r0, c0 = (int(torch.randint(0, s, (), generator=self.generator)) for s in (rs, cs))
+            c.sample = (r0, rs, c0, cs)
+            c.tile = view[:len(range(r0, layer.out_features, rs)), :len(range(c0, layer.in_features, cs))]
+
+    def scores(self) -> torch.Tensor:
+        """This step's score of every module (a float32 vector on the adapters' device), from the tiles."""
+        a, b, e, tiles, r0, rs, c0, cs, ranks, weights = ([] for _ in range(10))
+        for _, layer in self.layers:
+            c = self.components(layer)
+            fa, fe, fb_t = layer.factors(self.adapter)
+            a.append(fa)
+            e.append(fe)
+            b.append(fb_t.t())
+            tiles.append(c.tile)
+            for lst, v in zip((r0, rs, c0, cs), c.sample, strict=True):
+                lst.append(v)
+            ranks.append(c.in_use)
+            weights.append(c.scaling * c.sample[1] * c.sample[3] / math.sqrt(layer.out_features * layer.in_features))
+        with torch.no_grad():
+            return ops.rank_importance(a, b, e, tiles, r0, rs, c0, cs, ranks, weights)
+
+    def update_ipt(self) -> None:
+        b1, b2 = self.config.beta1, self.config.beta2
+        s = self.scores()
+        self.ipt.mul_(b1).add_(s, alpha=1 - b1)
+        self.unc.mul_(b2).add_((s - self.ipt).abs_(), alpha=1 - b2)
+
+    def score_vector(self) -> torch.Tensor:
+        """Sensitivity times uncertainty per module: what allocation ranks modules by."""
+        return self.ipt * self.unc
+
+    # ------------------------------------------------------------------ allocation
+
+    def update_and_allocate(self, step: int) -> dict[str, int] | None:
+        """Updates the scores from this step's backward and, on an allocation step, grows the best modules.
+        Returns {module: new rank} of the modules that grew, or None."""
+        if self.finished:
+            return None
+        self.update_ipt()
+        grown = None
+        if step > self.config.init_warmup and step % self.config.incre_interval == 0:
+            grown = self.allocate(step)
+        if not self.finished:
+            self._new_sample()
+        return grown
+
+    @torch.no_grad()
+    def allocate(self, step: int) -> dict[str, int]:
+        config = self.config
+        scores = self.score_vector().tolist()  # the one host sync, on allocation steps only
+        if any(not math.isfinite(s) for s in scores):
+            bad = [name for (name, _), s in zip(self.layers, scores, strict=True) if not math.isfinite(s)]
+            raise FloatingPointError(f"IncreLoRA: importance scores are not finite for {bad[:3]}: the gradients "
+                                     f"of the last steps held NaN or inf")
+        limit = config.max_rank_per_module
+        eligible = [i for i, (_, layer) in enumerate(self.layers)
+                    if limit is None or self.components(layer).rank < limit]
+        eligible.sort(key=lambda i: -scores[i])
+        remaining = self.target_total - self.total_rank()
+        grown = {}
+        for i in eligible[:config.top_h]:
+            if remaining == 0:
+                break
+            name, layer = self.layers[i]
+            c = self.components(layer)
+            give = min(config.incre_rank_num, remaining, (limit - c.rank) if limit is not None else remaining)
+            self._activate(layer, give)
+            remaining -= give
+            grown[name] = c.rank
+        self.events.append({"step": step, "ranks": dict(grown)})
+        if remaining == 0:
+            self._finish()
+        return grown
+
+    def _activate(self, layer: RankedLoraLayer, give: int) -> None:
+        """Makes `give` more components of `layer` active without changing its output: the scaling falls
+        from alpha/r to alpha/(r+give), so the e of every component in use is raised by (r+give)/r; the
+        first reserve components become active (their b and a trained in advance), or, without reserve,
+        new components (e = 0) are added. The reserve is then refilled."""
+        c = self.components(layer)
+        config = self.config
+        a, e, _ = layer.factors(self.adapter)
+        old_rank, old_in_use = c.rank, c.in_use
+        e[:old_in_use] *= (old_rank + give) / old_rank
+        from_reserve = min(give, c.reserve)
+        c.rank += give
+        c.reserve -= from_reserve
+        if give > from_reserve:  # no (or too little) reserve: fresh components after the reserve's end
+            self._ensure_capacity(layer, c.rank + c.reserve)
+            layer.init_components(self.adapter, slice(old_in_use, c.rank + c.reserve), e=0.0)
+        if config.advance_learning:
+            refill = config.incre_rank_num - c.reserve
+            self._ensure_capacity(layer, c.in_use + refill)
+            layer.init_components(self.adapter, slice(c.in_use, c.in_use + refill), e=1e-5)
+            c.reserve += refill
+
+    def _ensure_capacity(self, layer: RankedLoraLayer, needed: int) -> None:
+        c = self.components(layer)
+        if needed > c.capacity:  # doubling: reallocations stay logarithmic in the final rank
+            layer.grow(self.adapter, max(needed, 2 * c.capacity))
+
+    def _finish(self) -> None:
+        """The budget is reached: reserve components are dropped (their e was fixed at 1e-5 times the
+        rescaling, so the output moves by that much of their trained b a) and scoring stops."""
+        self.finished = True
+        with torch.no_grad():
+            for _, layer in self.layers:
+                c = self.components(layer)
+                if c.reserve:
+                    _, e, _ = layer.factors(self.adapter)
+                    e[c.rank:c.in_use] = 0.0
+                    c.renew_ids(slice(c.rank, c.in_use))
+                    c.reserve = 0
+                c.tile = None
+        self.tiles = self.tile_views = None
+
+    def state_dict(self) -> dict:
+        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ipt.copy_(state["ipt"])
+        self.unc.copy_(state["unc"])
+        self.events = list(state["events"])
+        self.generator.set_state(state["generator"])
+        if state["finished"] and not self.finished:
+            self._finish()
+
+
+class AdaLoraAllocator:
+    """AdaLoRA's schedule (HF PEFT's RankAllocator): per-entry sensitivity |p * grad| of a, e and b smoothed
+    with its uncertainty; a component's score is that of e plus the means over its a and b entries. The
+    budget falls along a cubic from `tinit` to ``total_step - tfinal``; every `deltaT` steps the lowest-scoring
+    components are pruned down to it. Pruned components are moved out of the rank in use (the survivors
+    keep their order and their optimizer state, matched by id), so compute shrinks with the budget."""
+
+    def __init__(self, layers: list[tuple[str, RankedLoraLayer]], adapter: str, config: AdaLoraConfig) -> None:
+        self.layers = layers
+        self.adapter = adapter
+        self.config = config
+        self.init_total = config.init_r * len(layers)
+        self.target_total = config.target_r * len(layers)
+        # smoothed sensitivity and uncertainty of every factor entry, in float32, shaped like the factors
+        self.ipt = [[torch.zeros_like(p, dtype=torch.float32) for p in layer.factors(adapter)] for _, layer in layers]
+        self.unc = [[torch.zeros_like(p, dtype=torch.float32) for p in layer.factors(adapter)] for _, layer in layers]
+        self.events: list[dict] = []
+        self.finished = False
+
+    def components(self, layer: RankedLoraLayer):
+        return layer.lora_components[self.adapter]
+
+    def total_rank(self) -> int:
+        return sum(self.components(layer).rank for _, layer in self.layers)
+
+    def follow_device(self) -> None:
+        """After the model moved: the statistics go where the adapters are."""
+        for (_, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
+            device = layer.lora_A[self.adapter].device
+            ipts[:] = [t.to(device) for t in ipts]
+            uncs[:] = [t.to(device) for t in uncs]
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """(total rank allowed at `step`, whether to prune now): HF PEFT's budget_schedule."""
+        c = self.config
+        end = c.total_step - c.tfinal
+        if step <= c.tinit:
+            return self.init_total, False
+        if step >= end:
+            return self.target_total, True
+        progress = 1 - (step - c.tinit) / (end - c.tinit)
+        return int((self.init_total - self.target_total) * progress**3 + self.target_total), step % c.deltaT == 0
+
+    @torch.no_grad()
+    def update_ipt(self) -> None:
+        b1, b2 = self.config.beta1, self.config.beta2
+        params, grads, ipt, unc = [], [], [], []
+        for (name, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
+            r = self.components(layer).rank
+            if r == 0:
+                continue
+            for p, i, u in zip(layer.factors(self.adapter), ipts, uncs, strict=True):
+                if p.grad is None:
+                    raise RuntimeError(f"AdaLoRA: {name} has no gradient: call update_and_allocate(step) after "
+                                       f"backward (and optimizer.step()) and before zero_grad()")
+                params.append(p[:r])
+                grads.append(p.grad[:r])
+                ipt.append(i[:r])
+                unc.append(u[:r])
+        if not params:
+            return
+        # one multi-tensor kernel per operation over every factor of every module
+        s = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(s)
+        if s[0].dtype != torch.float32:
+            s = [t.float() for t in s]
+        torch._foreach_lerp_(ipt, s, 1 - b1)
+        torch._foreach_sub_(s, ipt)
+        torch._foreach_abs_(s)
+        torch._foreach_mul_(unc, b2)
+        torch._foreach_add_(unc, s, alpha=1 - b2)
+
+    def component_scores(self) -> list[torch.Tensor]:
+        """Score of every active component, one vector per module."""
+        out = []
+        for (_, layer), (ia, ie, ib), (ua, ue, ub) in zip(self.layers, self.ipt, self.unc, strict=True):
+            r = self.components(layer).rank
+            out.append((ie[:r] * ue[:r]).view(-1) + (ia[:r] * ua[:r]).mean(1) + (ib[:r] * ub[:r]).mean(1))
+        return out
+
+    def update_and_allocate(self, step: int) -> dict[str, int] | None:
+        if self.finished:
+            return None
+        end = self.config.total_step - self.config.tfinal
+        if step < end:
+            self.update_ipt()
+        budget, prune = self.budget(step)
+        pruned = self.prune_to(budget, step) if prune else None
+        if step >= end:  # the final budget is in force: no more scoring (its state is freed)
+            self.finished = True
+            self.ipt, self.unc = [], []
+        return pruned
+
+    @torch.no_grad()
+    def prune_to(self, budget: int, step: int) -> dict[str, int] | None:
+        """Removes the (total - budget) lowest-scoring components; returns {module: new rank} of the modules
+        that shrank."""
+        excess = self.total_rank() - budget
+        if excess <= 0:
+            return None
+        scores = self.component_scores()
+        flat = torch.cat(scores)
+        if not torch.isfinite(flat).all():
+            raise FloatingPointError("AdaLoRA: importance scores are not finite: the gradients held NaN or inf")
+        lowest = torch.topk(flat, excess, largest=False).indices.cpu()
+        doomed = torch.zeros(flat.numel(), dtype=torch.bool)
+        doomed[lowest] = True
+        shrunk, start = {}, 0
+        for (name, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
+            c = self.components(layer)
+            mine = doomed[start:start + c.rank]
+            start += c.rank
+            if not mine.any():
+                continue
+            slots = torch.arange(c.capacity)
+            keep, drop = slots[:c.rank][~mine], slots[:c.rank][mine]
+            order = torch.cat([keep, drop, slots[c.rank:]])
+            layer.reorder(self.adapter, order)
+            for t in (*ipts, *uncs):
+                t.copy_(t[order.to(t.device)])
+            c.rank = len(keep)
+            _, e, _ = layer.factors(self.adapter)
+            e[c.rank:c.rank + len(drop)] = 0.0
+            c.renew_ids(slice(c.rank, c.rank + len(drop)))
+            shrunk[name] = c.rank
+        self.events.append({"step": step, "ranks": dict(shrunk)})
+        return shrunk

@@ -1,0 +1,263 @@
+"""LoRA layers whose rank changes during training (IncreLoRA grows it, AdaLoRA prunes it).
+
+Each adapter is a sum of rank-1 components ``b_k e_k a_k`` (an SVD-like form: E holds the "singular
+values"), stored component-major with spare capacity, so a change of rank moves no memory:
+
+    lora_A[name]    (capacity, in)    rows a_k
+    lora_E[name]    (capacity, 1)     e_k
+    lora_B_t[name]  (capacity, out)   rows b_k (B transposed: every factor indexes components on dim 0)
+
+Slots ``[0, rank)`` are the active components, ``[rank, rank + reserve)`` IncreLoRA's reserve (A and B
+train, e stays fixed at a small value until the component is activated: "advance learning"), and the
+rest unused. The forward hands only the first ``rank + reserve`` components to the fused LoRA kernel,
+so compute follows the rank in use, not the capacity.
+
+Every slot carries an id that changes whenever its component is replaced or moved, so an optimizer (see
+:class:`pefttorch.optim.RankAwareAdamW`) can keep per-component state right across growth, pruning and
+reordering without being told about each event.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ... import functional
+from ..lora.layer import LoraLayer, dropout_p
+
+# dim 0 of each factor indexes components; kinds name the factor for the optimizer
+KINDS = ("A", "E", "B_t")
+
+
+class Components(nn.Module):
+    """Bookkeeping of one adapter's components in one layer: how many are active and in reserve, their ids,
+    and the importance tile collected in backward (IncreLoRA). Plain Python state, saved in the state dict
+    as one int64 tensor (``_extra_state``) so checkpoints restore the ranks."""
+
+    def __init__(self, capacity: int, rank: int, reserve: int, scaling_alpha: float, scale_by_rank: bool,
+                 fixed_rank: int | None, warmup: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.rank = rank
+        self.reserve = reserve
+        self.alpha = scaling_alpha
+        # IncreLoRA scales by alpha / rank in use; AdaLoRA (as HF PEFT) by alpha / initial rank throughout
+        self.scale_by_rank = scale_by_rank
+        self.fixed_rank = fixed_rank
+        self.warmup = warmup  # steps over which a newly trained component's learning rate ramps up
+        self.ids = torch.arange(capacity, dtype=torch.int64)
+        self.next_id = capacity
+        # IncreLoRA's sampled gradient of the update (see RankedLoraLayer.forward); None when not collecting
+        self.tile: torch.Tensor | None = None
+        self.sample = (0, 1, 0, 1)  # row offset, row stride, column offset, column stride
+
+    @property
+    def in_use(self) -> int:
+        return self.rank + self.reserve
+
+    @property
+    def scaling(self) -> float:
+        r = self.rank if self.scale_by_rank else self.fixed_rank
+        return self.alpha / max(r, 1)
+
+    def trainable(self, kind: str) -> int:
+        """Components (a prefix) whose factor `kind` trains: e only once active; a and b in reserve too."""
+        return self.rank if kind == "E" else self.in_use
+
+    def renew_ids(self, index: torch.Tensor | slice) -> None:
+        """Fresh ids for these slots: an optimizer starts their state from zero."""
+        n = len(self.ids[index])
+        self.ids[index] = torch.arange(self.next_id, self.next_id + n, dtype=torch.int64)
+        self.next_id += n
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.capacity, self.rank, self.reserve, self.next_id, *self.ids.tolist()],
+                            dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        capacity, rank, reserve, next_id = (int(v) for v in state[:4])
+        if capacity != self.capacity:
+            raise ValueError(f"saved components have capacity {capacity}, this layer {self.capacity}: resize the "
+                             f"layer first (load_state_dict restores the ranks of a model of the same capacity)")
+        self.rank, self.reserve, self.next_id = rank, reserve, next_id
+        self.ids = state[4:].clone()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, reserve={self.reserve}, capacity={self.capacity}, scaling={self.scaling:g}"
+
+
+def component_layout(p: torch.Tensor) -> tuple[Components, str] | None:
+    """(components, kind) for a factor of a ranked layer, None for any other tensor."""
+    return getattr(p, "_pefttorch_components", None)
+
+
+class _ImportanceTap(torch.autograd.Function):
+    """Identity on the layer's output whose backward adds the sampled gradient of the low-rank update,
+    ``G[rows, cols] += dy[:, rows]^T x[:, cols]``, into the layer's tile. x is the tensor the LoRA op keeps
+    for its own backward anyway: nothing activation-sized is added."""
+
+    @staticmethod
+    def forward(ctx, y, x, components):
+        ctx.save_for_backward(x)
+        ctx.components = components
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        c = ctx.components
+        if c.tile is not None:
+            r0, rs, c0, cs = c.sample
+            dy2 = dy.reshape(-1, dy.shape[-1])[:, r0::rs]
+            x2 = x.reshape(-1, x.shape[-1])[:, c0::cs]
+            c.tile.addmm_(dy2.t().to(c.tile.dtype), x2.to(c.tile.dtype))
+        return dy, None, None
+
+
+class RankedLoraLayer(LoraLayer):
+    """An nn.Linear or Conv1D (frozen) plus one adapter of variable rank. See the module docstring."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, fan_in_fan_out)
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B_t = nn.ParameterDict()
+        self.lora_components = nn.ModuleDict()
+
+    def update_layer(self, name: str, *, capacity: int, rank: int, reserve: int, lora_alpha: float,
+                     lora_dropout: float, scale_by_rank: bool, warmup: int = 0, reserve_e: float = 1e-5,
+                     dtype: torch.dtype | None = None) -> None:
+        """Adds adapter `name`: `rank` active components and `reserve` components in advance learning
+        (e = `reserve_e`), all with no effect at first (see init_components)."""
+        if rank + reserve > capacity:
+            raise ValueError(f"rank {rank} + reserve {reserve} exceeds the capacity {capacity}")
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": dtype or w.dtype}
+        self.lora_A[name] = nn.Parameter(torch.zeros(capacity, self.in_features, **factory))
+        self.lora_E[name] = nn.Parameter(torch.zeros(capacity, 1, **factory))
+        self.lora_B_t[name] = nn.Parameter(torch.zeros(capacity, self.out_features, **factory))
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_components[name] = Components(capacity, rank, reserve, lora_alpha, scale_by_rank,
+                                                None if scale_by_rank else rank, warmup)
+        self.lora_alpha[name] = lora_alpha
+        self._tag(name)
+        if w.device.type != "meta":
+            self.init_components(name, slice(0, rank), e=0.0)
+            self.init_components(name, slice(rank, rank + reserve), e=reserve_e)
+
+    def _tag(self, name: str) -> None:
+        # The optimizer finds a factor's layout on the parameter itself (see component_layout). Re-tagged
+        # in forward too: copies (deepcopy) of a Parameter drop Python attributes.
+        c = self.lora_components[name]
+        for kind, params in zip(KINDS, (self.lora_A, self.lora_E, self.lora_B_t), strict=True):
+            params[name]._pefttorch_components = (c, kind)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.factors(name))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.lora_A[name], self.lora_E[name], self.lora_B_t[name]
+
+    @torch.no_grad()
+    def init_components(self, name: str, index: slice | torch.Tensor, e: float) -> None:
+        """New components in these slots, adding nothing to the output until trained; fresh ids.
+
+        a ~ N(0, 0.02) as in IncreLoRA and AdaLoRA. With e = 0 (an active component) b ~ N(0, 0.02) too, as
+        there, so that e gets a gradient; with e != 0 (a reserve component, whose e does not train) b = 0,
+        where IncreLoRA draws it at random: so a reserve component has no effect at all until it trains.
+        """
+        a, e_, b_t = self.factors(name)
+        a[index] = torch.randn_like(a[index]) * 0.02
+        e_[index] = e
+        b_t[index] = torch.randn_like(b_t[index]) * 0.02 if e == 0 else 0.0
+        self.lora_components[name].renew_ids(index)
+
+    @torch.no_grad()
+    def reorder(self, name: str, order: torch.Tensor) -> None:
+        """Moves the component in slot order[k] to slot k (a permutation of all slots), ids included, so an
+        optimizer's state follows its component."""
+        c = self.lora_components[name]
+        for p in self.factors(name):
+            p.copy_(p[order.to(p.device)])
+        c.ids = c.ids[order.cpu()]
+
+    @torch.no_grad()
+    def grow(self, name: str, capacity: int) -> None:
+        """Enlarges the storage to `capacity` slots. The Parameter objects stay the same (their data is
+        replaced), so an optimizer holding them keeps working; its state is matched by component id."""
+        c = self.lora_components[name]
+        if capacity <= c.capacity:
+            return
+        for p in self.factors(name):
+            data = p.new_zeros((capacity, p.shape[1]))
+            data[:c.capacity] = p
+            # A graph still alive from the last step (the user's `loss`) keeps the parameter's gradient
+            # accumulator, which remembers the old shape; torch drops it on a change of dtype, not of shape:
+            # pass through another dtype so the next backward gets a fresh one.
+            p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+            p.data = data
+            p.grad = None  # of the old shape; allocation runs between optimizer.step() and zero_grad()
+        c.ids = torch.cat([c.ids, torch.arange(c.next_id, c.next_id + capacity - c.capacity, dtype=torch.int64)])
+        c.next_id += capacity - c.capacity
+        c.capacity = capacity
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint taken after a module outgrew its first capacity: grow to it before the factors load.
+        for name in self.lora_components:
+            saved = state_dict.get(f"{prefix}lora_A.{name}")
+            if saved is not None and saved.shape[0] > self.lora_components[name].capacity:
+                self.grow(name, saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.forward takes only the input tensor")
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        base = self.base_layer
+        if self.disable_adapters or self.merged or not active:
+            return base(x)
+        name = active[0]  # one ranked adapter per model (RankedLoraModel enforces it)
+        c = self.lora_components[name]
+        n = c.in_use
+        if n == 0:  # pruned away entirely: the base layer alone
+            return base(x)
+        if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
+            self._tag(name)
+        a, e, b_t = self.factors(name)
+        e_n = e[:n]
+        if c.reserve:  # reserve components' e is fixed: no gradient reaches it
+            e_n = torch.cat([e_n[:c.rank], e_n[c.rank:].detach()])
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        p, training = dropout_p(self.lora_dropout[name])
+        y = functional.lora_linear(x, weight, (a[:n] * e_n).to(x.dtype), b_t[:n].t().to(x.dtype), base.bias,
+                                   scaling=c.scaling, dropout=p, training=training)
+        if c.tile is not None and torch.is_grad_enabled():
+            y = _ImportanceTap.apply(y, x, c)
+        return y
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update ``scaling * B diag(e) A`` (out, in) of the components in use, in float32."""
+        c = self.lora_components[name]
+        a, e, b_t = (t[:c.in_use].float() for t in self.factors(name))
+        return (b_t.t() @ (e * a)) * c.scaling
+
+    def _merge(self, name: str, sign: float) -> None:
+        c = self.lora_components[name]
+        if c.in_use == 0:
+            return
+        a, e, b_t = (t[:c.in_use] for t in self.factors(name))
+        functional.merge_lora_(self.base_layer.weight, e * a, b_t.t(), c.scaling, sign=sign,
+                               fan_in_fan_out=self.fan_in_fan_out)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for d in (self.lora_E, self.lora_B_t, self.lora_components):
+            if name in d:
+                del d[name]
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: {c.extra_repr()}" for n, c in self.lora_components.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], " \
+               f"active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,206 @@
+"""IncreLoRA and AdaLoRA models: LoRA layers of variable rank, their allocator, the orthogonality
+regulariser, and export as a plain LoRA adapter with the final ranks (loadable by HF PEFT)."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..lora.config import LoraConfig
+from ..lora.model import LoraModel, Target, plan_targets
+from .allocator import AdaLoraAllocator, IncreLoraAllocator
+from .config import AdaLoraConfig, IncreLoraConfig
+from .layer import RankedLoraLayer
+
+RankConfig = IncreLoraConfig | AdaLoraConfig
+
+
+class RankedLoraModel(LoraModel):
+    """A model whose targeted linear layers carry one IncreLoRA or AdaLoRA adapter.
+
+    Call :meth:`update_and_allocate` once per optimizer step, after ``optimizer.step()`` and before
+    ``zero_grad()`` (or add :class:`RankAllocationCallback` to an HF Trainer), and train with
+    :class:`pefttorch.optim.RankAwareAdamW` so optimizer state follows the components.
+    """
+
+    layer_cls = RankedLoraLayer
+
+    def __init__(self, model: nn.Module, config: RankConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__(model, config, adapter_name, autocast_adapter_dtype)
+        layers = self.lora_layers()
+        allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
+        self.allocator = allocator_cls(layers, adapter_name, config)
+        self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self))
+
+    def inject_adapter(self, config: RankConfig, adapter_name: str) -> None:
+        if self.peft_config:
+            raise ValueError(f"a model with {type(config).__name__[:-6]} holds one adapter; it has "
+                             f"{list(self.peft_config)} already")
+        if not isinstance(config, (IncreLoraConfig, AdaLoraConfig)):
+            raise TypeError(f"expected an IncreLoraConfig or AdaLoraConfig, got {type(config).__name__}")
+        n = len(plan_targets(self.model, config))  # raises, listing the candidates, when nothing matches
+        if isinstance(config, IncreLoraConfig) and config.top_h > n:
+            raise ValueError(f"IncreLoraConfig: top_h={config.top_h} is larger than the number of adapted modules "
+                             f"({n})")
+        super().inject_adapter(config, adapter_name)
+
+    def add_to_layer(self, layer: RankedLoraLayer, target: Target, config: RankConfig, adapter_name: str,
+                     dtype: torch.dtype) -> None:
+        if isinstance(config, IncreLoraConfig):
+            reserve = config.incre_rank_num if config.advance_learning else 0
+            headroom = config.target_rank if config.max_rank_per_module is None else config.max_rank_per_module
+            layer.update_layer(adapter_name, capacity=max(config.init_rank + reserve, headroom + reserve),
+                               rank=config.init_rank, reserve=reserve, lora_alpha=target.alpha,
+                               lora_dropout=config.lora_dropout, scale_by_rank=True,
+                               warmup=config.new_rank_warmup, dtype=dtype)
+        else:
+            layer.update_layer(adapter_name, capacity=config.init_r, rank=config.init_r, reserve=0,
+                               lora_alpha=target.alpha, lora_dropout=config.lora_dropout, scale_by_rank=False,
+                               dtype=dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(device) after get_peft_model: the allocator's statistics and tiles follow the adapters
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "allocator"):
+            self.allocator.follow_device()
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def update_and_allocate(self, global_step: int) -> dict[str, int] | None:
+        """One call per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``: updates the
+        importance scores and, on the schedule's steps, grows (IncreLoRA) or prunes (AdaLoRA) ranks. Returns
+        {module: new rank} for the modules whose rank changed at this step, else None."""
+        return self.allocator.update_and_allocate(int(global_step))
+
+    def rank_pattern(self) -> dict[str, int]:
+        """The rank in use of every adapted module (reserve components not counted)."""
+        name = self.active_adapters[0]
+        return {path: layer.lora_components[name].rank for path, layer in self.lora_layers()}
+
+    def idle_parameters(self) -> int:
+        """Entries of the factors' storage that do not train now (spare capacity, and reserve e)."""
+        name = self.active_adapters[0]
+        idle = 0
+        for _, layer in self.lora_layers():
+            c = layer.lora_components[name]
+            for kind, p in zip(("A", "E", "B_t"), layer.factors(name), strict=True):
+                idle += (c.capacity - c.trainable(kind)) * p.shape[1]
+        return idle
+
+    def orth_regularization(self) -> torch.Tensor:
+        """``mean(||A A^T - I||_F + ||B^T B - I||_F)`` over the modules, of the components in use (the term
+        the paper adds to the loss, times orth_reg_weight)."""
+        name = self.active_adapters[0]
+        terms = []
+        for _, layer in self.lora_layers():
+            n = layer.lora_components[name].in_use
+            if n == 0:
+                continue
+            a, _, b_t = layer.factors(name)
+            eye = torch.eye(n, device=a.device, dtype=a.dtype)
+            for f in (a[:n], b_t[:n]):
+                terms.append(torch.linalg.matrix_norm(f @ f.t() - eye))
+        if not terms:
+            return torch.zeros(())
+        return torch.stack([t.to(terms[0].device) for t in terms]).mean()
+
+    # ------------------------------------------------------------------ saving: a plain LoRA
+
+    def lora_factors(self, layer: RankedLoraLayer, name: str):
+        """A = diag(e) A and B of the active components, with the scaling difference folded into B so that HF
+        PEFT's lora_alpha / r gives the same update; (None, None) for a module of rank 0."""
+        c = layer.lora_components[name]
+        if c.rank == 0:
+            return None, None
+        a, e, b_t = (t[:c.rank].detach() for t in layer.factors(name))
+        fold = c.scaling * c.rank / self.peft_config[name].lora_alpha
+        return e * a, b_t.t() * fold
+
+    def export_adapter(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """A LoraConfig with the final ranks (``r`` the most common, ``rank_pattern`` the others; the modules of
+        rank 0 left out) and the tensors of the components in use: HF PEFT loads it as a plain LoRA."""
+        config = self.peft_config[name]
+        ranks = {path: r for path, r in self.rank_pattern().items() if r > 0}
+        if not ranks:
+            raise ValueError("every module has rank 0: there is no adapter left to save")
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        lora = LoraConfig(
+            r=common, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=sorted(ranks), bias=config.bias, modules_to_save=config.modules_to_save,
+            rank_pattern={path: r for path, r in ranks.items() if r != common},
+            fan_in_fan_out=config.fan_in_fan_out, task_type=config.task_type,
+            base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
+            inference_mode=True,
+        )
+        return lora, self.adapter_state_dict(name)
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        self._orth_hook.remove()
+        return super().unload(merge)
+
+
+class _OrthRegHook:
+    """Adds ``orth_reg_weight * orth_regularization()`` to the wrapped model's ``loss`` in training mode (as HF
+    PEFT's AdaLoRA does), whenever the output carries one."""
+
+    def __init__(self, owner: RankedLoraModel) -> None:
+        self.owner = owner
+
+    def __call__(self, module, args, output):
+        owner = self.owner
+        weight = owner.peft_config[owner.active_adapters[0]].orth_reg_weight
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if not module.training or weight == 0 or loss is None or not torch.is_grad_enabled():
+            return None
+        if any(layer.disable_adapters for _, layer in owner.lora_layers()):
+            return None
+        output["loss"] = loss + weight * owner.orth_regularization().to(loss.device, loss.dtype)
+        return output
+
+
+def _trainer_callback_base():
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover - transformers is optional
+        return object
+    return TrainerCallback
+
+
+class RankAllocationCallback(_trainer_callback_base()):
+    """For the HF Trainer: calls ``update_and_allocate(global_step)`` after each optimizer step (before the
+    gradients are zeroed), logs the total rank, and warns when the Trainer's optimizer is not
+    :class:`pefttorch.optim.RankAwareAdamW` (give it one with ``Trainer(optimizers=(optimizer, None))``)."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from ...optim import RankAwareAdamW
+
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+        if optimizer is not None and not isinstance(optimizer, RankAwareAdamW):
+            warnings.warn(f"the Trainer's optimizer is {type(optimizer).__name__}: as ranks change it keeps stale "
+                          f"moments and updates components that should not train; pass "
+                          f"optimizers=(pefttorch.optim.RankAwareAdamW(model.parameters(), lr=...), None)",
+                          stacklevel=2)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        _ranked(model).update_and_allocate(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is not None and model is not None and "eval_loss" not in logs:
+            logs["total_rank"] = sum(_ranked(model).rank_pattern().values())
+            if state.log_history:  # the Trainer appended a copy of logs before calling on_log
+                state.log_history[-1]["total_rank"] = logs["total_rank"]
+
+
+def _ranked(model: nn.Module) -> RankedLoraModel:
+    base = getattr(model, "base_model", model)
+    if not isinstance(base, RankedLoraModel):
+        raise TypeError(f"RankAllocationCallback needs an IncreLoRA or AdaLoRA model, got {type(model).__name__}")
+    return base
+
+
+

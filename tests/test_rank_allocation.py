@@ -1,0 +1,787 @@
+"""IncreLoRA and AdaLoRA: ranked layers, allocation schedules, importance scores, the rank-aware optimizer,
+saving as a plain LoRA (loadable by HF PEFT), and the HF Trainer callback."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from hf_models import FAMILIES
+from torch import nn
+
+import pefttorch
+from pefttorch import AdaLoraConfig, IncreLoraConfig, LoraConfig, get_peft_model, reference
+from pefttorch.optim import RankAwareAdamW
+from pefttorch.tuners.rank import RankedLoraLayer
+
+f64 = torch.float64
+
+
+class Stack(nn.Module):
+    """Linear layers of different shapes (none a multiple of 8), named like a transformer's projections."""
+
+    def __init__(self, dims=(13, 17, 11, 19, 7), depth=2):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            block = nn.Module()
+            block.up = nn.Linear(dims[0], dims[1])
+            block.mid = nn.Linear(dims[1], dims[2])
+            block.down = nn.Linear(dims[2], dims[0])
+            self.blocks.append(block)
+        self.head = nn.Linear(dims[0], dims[4])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.down(torch.tanh(b.mid(torch.tanh(b.up(x)))))
+        return self.head(x)
+
+
+TARGETS = ["up", "mid", "down"]
+
+
+def incre(**kw):
+    defaults = dict(target_modules=TARGETS, target_rank=3, init_rank=1, incre_interval=2, init_warmup=1, top_h=2,
+                    incre_rank_num=2, lora_alpha=4)
+    return IncreLoraConfig(**{**defaults, **kw})
+
+
+def ada(**kw):
+    defaults = dict(target_modules=TARGETS, init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=10,
+                    lora_alpha=4)
+    return AdaLoraConfig(**{**defaults, **kw})
+
+
+def build(config, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return get_peft_model(Stack().to(dtype), config)
+
+
+def ranked_layers(model):
+    """(name, layer) of every ranked layer, named as rank_pattern() names them (inside the wrapped model)."""
+    inner = model.base_model.model if hasattr(model, "base_model") else model
+    return [(n, m) for n, m in inner.named_modules() if isinstance(m, RankedLoraLayer)]
+
+
+def randomize(model, scale=0.3):
+    """Every component of every layer given a random effect (a, e and b all nonzero)."""
+    with torch.no_grad():
+        for _, layer in ranked_layers(model):
+            for p in layer.factors("default"):
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def train_step(model, optimizer, x, step):
+    loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    changed = model.update_and_allocate(step)
+    optimizer.zero_grad()
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(target_rank=1, init_rank=2), "target_rank .* below init_rank"),
+    (dict(incre_interval=0), "incre_interval must be a positive integer"),
+    (dict(top_h=0), "top_h must be a positive integer"),
+    (dict(incre_rank_num=0), "incre_rank_num"),
+    (dict(beta1=1.0), "beta1 must be in"),
+    (dict(max_rank_per_module=2), "max_rank_per_module must be an integer >= target_rank"),
+    (dict(score_sample=0), "score_sample"),
+    (dict(rank_pattern={"up": 2}), "rank_pattern and alpha_pattern"),
+    (dict(use_rslora=True), "use_rslora"),
+    (dict(init_warmup=-1), "init_warmup"),
+])
+def test_increlora_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        incre(**kw)
+
+
+def test_increlora_top_h_larger_than_modules_leaves_the_model_unchanged():
+    model = Stack()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"top_h=7 is larger than the number of adapted modules \(6\)"):
+        get_peft_model(model, incre(top_h=7))
+    assert not any(isinstance(m, RankedLoraLayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(target_r=7), "target_r .* above init_r"),
+    (dict(total_step=None), "total_step"),
+    (dict(tinit=8), "tinit .* must be below total_step - tfinal"),
+    (dict(deltaT=0), "deltaT must be a positive integer"),
+    (dict(beta2=0.0), "beta2 must be in"),
+])
+def test_adalora_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ada(**kw)
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(TypeError, match="did you mean 'incre_interval'"):
+        IncreLoraConfig(incre_intervall=3)
+
+
+def test_one_ranked_adapter_per_model():
+    model = build(incre())
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.add_adapter("second", incre())
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("config", [incre(), incre(advance_learning=False), ada()], ids=["incre", "incre-noadv", "ada"])
+def test_starts_as_the_base_model(config):
+    torch.manual_seed(0)
+    base = Stack()
+    x = torch.randn(2, 5, 13)
+    expected = base(x)
+    model = get_peft_model(copy.deepcopy(base), config)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [incre(), ada()], ids=["incre", "ada"])
+def test_forward_is_base_plus_the_update_of_the_components_in_use(config):
+    model = build(config)
+    randomize(model)
+    x = torch.randn(3, 1, 13)
+    with torch.no_grad():
+        y = model(x)
+        base = copy.deepcopy(model).base_model
+        for name, layer in ranked_layers(base.model):
+            delta = layer.delta_weight("default")
+            lin = layer.base_layer
+            merged = nn.Linear(lin.in_features, lin.out_features)
+            merged.weight.copy_(lin.weight + delta)
+            merged.bias.copy_(lin.bias)
+            parent = base.model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], merged)
+        expected = base.model(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_follows_the_rank_in_use(monkeypatch):
+    """The fused op sees only the components in use (rank + reserve), not the capacity."""
+    model = build(incre(target_rank=5, incre_rank_num=2))
+    seen = []
+    real = pefttorch.functional.lora_linear
+
+    def spy(x, weight, a, b, *args, **kwargs):
+        seen.append((a.shape[0], b.shape[1]))
+        return real(x, weight, a, b, *args, **kwargs)
+
+    monkeypatch.setattr(pefttorch.functional, "lora_linear", spy)
+    layers = ranked_layers(model)
+    capacity = layers[0][1].lora_components["default"].capacity
+    model(torch.randn(2, 13))
+    assert seen and all(s == (3, 3) for s in seen) and capacity == 7  # rank 1 + reserve 2 of 7 slots
+    c = layers[0][1].lora_components["default"]
+    c.rank, c.reserve = 4, 0
+    seen.clear()
+    model(torch.randn(2, 13))
+    assert seen[0] == (4, 4)
+
+
+def test_reserve_e_and_unused_slots_get_no_gradient():
+    model = build(incre())
+    randomize(model, 0.1)
+    model(torch.randn(4, 13)).square().sum().backward()
+    for _, layer in ranked_layers(model):
+        c = layer.lora_components["default"]
+        a, e, b_t = layer.factors("default")
+        assert e.grad[:c.rank].abs().sum() > 0 and a.grad[:c.in_use].abs().sum() > 0
+        assert e.grad[c.rank:].abs().sum() == 0  # reserve e is fixed
+        assert a.grad[c.in_use:].abs().sum() == 0 and b_t.grad[c.in_use:].abs().sum() == 0
+
+
+def test_ranked_layer_gradcheck_float64():
+    """Gradients of x, A, e and B^T through the layer (3 of 6 slots in use; no reserve, whose e is held
+    fixed on purpose: see test_reserve_e_and_unused_slots_get_no_gradient)."""
+    torch.manual_seed(0)
+    layer = RankedLoraLayer(nn.Linear(5, 3).double())
+    layer.update_layer("default", capacity=6, rank=3, reserve=0, lora_alpha=3.0, lora_dropout=0.0,
+                       scale_by_rank=True, dtype=f64)
+    layer.active_adapters = ["default"]
+    x = torch.randn(4, 5, dtype=f64, requires_grad=True)
+    factors = [torch.randn_like(p).requires_grad_() for p in layer.factors("default")]
+
+    def f(x, a, e, b_t):
+        params = {"lora_A.default": a, "lora_E.default": e, "lora_B_t.default": b_t}
+        return torch.func.functional_call(layer, params, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *factors))
+
+
+# ---------------------------------------------------------------------------------------------- IncreLoRA
+
+
+def test_increlora_schedule_reaches_the_budget_exactly():
+    config = incre(target_rank=3, incre_interval=2, init_warmup=1, top_h=2, incre_rank_num=2)
+    model = build(config)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 13)
+    history = {}
+    for step in range(30):
+        changed = train_step(model, opt, x, step)
+        if changed:
+            history[step] = changed
+    modules = len(ranked_layers(model))
+    assert sum(model.rank_pattern().values()) == 3 * modules  # exactly the budget
+    # allocations only after init_warmup, on multiples of incre_interval, to at most top_h modules each
+    assert all(s > 1 and s % 2 == 0 for s in history)
+    assert all(1 <= len(c) <= 2 for c in history.values())
+    # 6 modules from 6 to 18: 12 ranks, 2 modules x 2 per event: three events
+    assert len(history) == 3 and all(len(c) == 2 for c in history.values())
+    last = max(history)
+    assert model.base_model.allocator.finished
+    assert all(layer.lora_components["default"].reserve == 0 for _, layer in ranked_layers(model))
+    assert all(layer.lora_components["default"].tile is None for _, layer in ranked_layers(model))
+    before = model.rank_pattern()
+    for step in range(last + 1, last + 6):
+        assert train_step(model, opt, x, step) is None
+    assert model.rank_pattern() == before
+
+
+def test_increlora_gives_ranks_to_the_highest_scores(monkeypatch):
+    model = build(incre(target_rank=4, incre_rank_num=1, top_h=2, init_warmup=0, incre_interval=1,
+                        max_rank_per_module=5))
+    allocator = model.base_model.allocator
+    names = [n for n, _ in ranked_layers(model)]
+    scores = torch.tensor([0.5, 3.0, 0.1, 2.0, 1.0, 0.2])
+    monkeypatch.setattr(allocator, "score_vector", lambda: scores)
+    grown = allocator.allocate(step=1)
+    assert set(grown) == {names[1], names[3]}
+    assert model.rank_pattern()[names[1]] == 2 and model.rank_pattern()[names[0]] == 1
+
+
+def test_increlora_respects_max_rank_per_module(monkeypatch):
+    model = build(incre(target_rank=3, incre_rank_num=2, top_h=1, init_warmup=0, incre_interval=1,
+                        max_rank_per_module=4))
+    allocator = model.base_model.allocator
+    monkeypatch.setattr(allocator, "score_vector", lambda: torch.tensor([9.0, 1, 1, 1, 1, 1]))
+    for step in range(1, 4):
+        allocator.allocate(step)
+    first = ranked_layers(model)[0][0]
+    assert model.rank_pattern()[first] == 4  # 1 + 2 + 1 (capped), then the next best module
+
+
+@pytest.mark.parametrize("advance", [True, False])
+def test_increlora_allocation_leaves_the_output_unchanged(advance):
+    config = incre(target_rank=4, incre_interval=1, init_warmup=0, top_h=3, incre_rank_num=1,
+                   advance_learning=advance)
+    model = build(config)
+    opt = RankAwareAdamW(model.parameters(), lr=5e-2)
+    x = torch.randn(6, 13)
+    checked = 0
+    for step in range(12):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            before = model(x)
+        changed = model.update_and_allocate(step)
+        with torch.no_grad():
+            after = model(x)
+        opt.zero_grad()
+        if changed and not model.base_model.allocator.finished:
+            torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked >= 2
+
+
+def test_increlora_capacity_grows_without_replacing_parameters():
+    config = incre(target_rank=6, incre_rank_num=3, top_h=1, init_warmup=0, incre_interval=1)
+    model = build(config)
+    layer = ranked_layers(model)[0][1]
+    c = layer.lora_components["default"]
+    ids_before = [id(p) for p in layer.factors("default")]
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 13)
+    allocator = model.base_model.allocator
+    scores = torch.zeros(6)
+    scores[0] = 1.0
+    allocator.score_vector = lambda: scores
+    start = c.capacity
+    for step in range(1, 6):
+        train_step(model, opt, x, step)
+    assert c.rank > start - c.reserve and c.capacity > start
+    assert [id(p) for p in layer.factors("default")] == ids_before
+    train_step(model, opt, x, 7)  # the optimizer copes with the new shape
+
+
+def _exact_update_gradients(model, x):
+    """dL/d(dW) of every ranked layer, with dW materialised as a leaf (the reference the score estimates)."""
+    work = copy.deepcopy(model)
+    leaves, handles = {}, []
+    for name, layer in ranked_layers(work):
+        dw = layer.delta_weight("default").detach().requires_grad_()
+        leaves[name] = dw
+
+        def hook(module, args, output, dw=dw):
+            return module.base_layer(args[0]) + args[0] @ dw.t()
+
+        handles.append(layer.register_forward_hook(hook))
+    work(x).square().mean().backward()
+    return {n: d.grad for n, d in leaves.items()}
+
+
+def test_increlora_exact_score_matches_materialised_reference():
+    model = build(incre(score_sample=None))
+    randomize(model)
+    x = torch.randn(5, 2, 13)
+    grads = _exact_update_gradients(model, x)
+    model(x).square().mean().backward()
+    scores = model.base_model.allocator.scores()
+    for (name, layer), s in zip(ranked_layers(model), scores, strict=True):
+        dw = layer.delta_weight("default").double()
+        expected = (dw * grads[name].double()).abs().sum() / math.sqrt(dw.numel())
+        torch.testing.assert_close(s.double(), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_increlora_sampled_score_matches_reference_on_its_grid():
+    model = build(incre(score_sample=4))
+    randomize(model)
+    x = torch.randn(7, 13)
+    grads = _exact_update_gradients(model, x)
+    model(x).square().mean().backward()
+    allocator = model.base_model.allocator
+    layers = ranked_layers(model)
+    for name, layer in layers:
+        c = layer.lora_components["default"]
+        r0, rs, c0, cs = c.sample
+        assert rs > 1 or cs > 1
+        torch.testing.assert_close(c.tile, grads[name][r0::rs, c0::cs], rtol=1e-4, atol=1e-6)
+    a = [layer.lora_A["default"] for _, layer in layers]
+    e = [layer.lora_E["default"] for _, layer in layers]
+    b = [layer.lora_B_t["default"].t() for _, layer in layers]
+    cs_ = [layer.lora_components["default"] for _, layer in layers]
+    weights = [c.scaling * c.sample[1] * c.sample[3] / math.sqrt(m.in_features * m.out_features)
+               for c, (_, m) in zip(cs_, layers, strict=True)]
+    expected = reference.rank_importance(a, b, e, [c.tile for c in cs_], [c.sample[0] for c in cs_],
+                                         [c.sample[1] for c in cs_], [c.sample[2] for c in cs_],
+                                         [c.sample[3] for c in cs_], [c.in_use for c in cs_], weights)
+    torch.testing.assert_close(allocator.scores(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_increlora_sampled_score_is_unbiased():
+    """Averaged over the grid offsets, the sampled score is the exact one."""
+    model = build(incre(score_sample=None))
+    randomize(model)
+    x = torch.randn(6, 13)
+    model(x).square().mean().backward()
+    allocator = model.base_model.allocator
+    exact = allocator.scores().double()
+    totals = torch.zeros_like(exact)
+    count = 0
+    for _, layer in ranked_layers(model):
+        c = layer.lora_components["default"]
+        assert c.sample == (0, 1, 0, 1)
+    full = {n: layer.lora_components["default"].tile.clone() for n, layer in ranked_layers(model)}
+    # every offset pair of a stride-3 grid, each equally likely: their mean is the expectation
+    for r0 in range(3):
+        for c0 in range(3):
+            for n, layer in ranked_layers(model):
+                c = layer.lora_components["default"]
+                c.sample = (r0, 3, c0, 3)
+                c.tile = full[n][r0::3, c0::3].clone()
+            totals += allocator.scores().double()
+            count += 1
+    torch.testing.assert_close(totals / count, exact, rtol=1e-5, atol=1e-9)
+
+
+def test_increlora_estimate_ranks_modules_like_the_exact_score():
+    """On a small model trained a few steps, the sampled estimate (about a quarter of the entries of each
+    update) orders the modules as the exact score does."""
+    torch.manual_seed(0)
+    dims = (40, 48, 36, 44, 8)
+    base = Stack(dims, depth=3)
+    kw = dict(target_modules=TARGETS, target_rank=4, init_rank=2, incre_interval=1000, init_warmup=1000, top_h=1)
+    exact = get_peft_model(copy.deepcopy(base), IncreLoraConfig(score_sample=None, **kw))
+    sampled = get_peft_model(copy.deepcopy(base), IncreLoraConfig(score_sample=20, **kw))
+    sampled.load_state_dict(exact.state_dict())
+    for m in (exact, sampled):
+        randomize_gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, layer in ranked_layers(m):
+                for p in layer.factors("default"):
+                    p.copy_(torch.randn(p.shape, generator=randomize_gen) * 0.2)
+            # modules of very different importance: scale each layer's update
+            for i, (_, layer) in enumerate(ranked_layers(m)):
+                layer.lora_E["default"].mul_(0.2 * 1.6**i)
+    opts = [RankAwareAdamW(m.parameters(), lr=1e-3) for m in (exact, sampled)]
+    g = torch.Generator().manual_seed(2)
+    for step in range(12):
+        x = torch.randn(16, dims[0], generator=g)
+        for m, opt in zip((exact, sampled), opts, strict=True):
+            train_step(m, opt, x, step)
+    s_exact = exact.base_model.allocator.score_vector()
+    s_sampled = sampled.base_model.allocator.score_vector()
+    rank_exact = s_exact.argsort().argsort().double()
+    rank_sampled = s_sampled.argsort().argsort().double()
+    spearman = torch.corrcoef(torch.stack([rank_exact, rank_sampled]))[0, 1]
+    assert spearman > 0.8, (s_exact, s_sampled)
+    assert set(s_exact.topk(2).indices.tolist()) == set(s_sampled.topk(2).indices.tolist())
+
+
+def test_increlora_nan_scores_raise():
+    model = build(incre(init_warmup=0, incre_interval=1))
+    allocator = model.base_model.allocator
+    allocator.score_vector = lambda: torch.tensor([1.0, float("nan"), 0, 0, 0, 0])
+    with pytest.raises(FloatingPointError, match="not finite"):
+        allocator.allocate(1)
+
+
+# ---------------------------------------------------------------------------------------------- AdaLoRA
+
+
+def _peft_budget(config, step, init_bgt, target_bgt):
+    """HF PEFT's budget schedule, written out from its definition."""
+    if step <= config.tinit:
+        return init_bgt, False
+    if step > config.total_step - config.tfinal:
+        return target_bgt, True
+    mul = 1 - (step - config.tinit) / (config.total_step - config.tfinal - config.tinit)
+    return int((init_bgt - target_bgt) * mul**3 + target_bgt), step % config.deltaT == 0
+
+
+def test_adalora_budget_schedule_is_peft_s():
+    config = ada(tinit=3, tfinal=4, total_step=40, deltaT=3)
+    model = build(config)
+    allocator = model.base_model.allocator
+    for step in range(40):
+        ours = allocator.budget(step)
+        theirs = _peft_budget(config, step, allocator.init_total, allocator.target_total)
+        if step == config.total_step - config.tfinal:  # PEFT forces the final mask at this step
+            theirs = (allocator.target_total, True)
+        assert ours == theirs, step
+
+
+def test_adalora_prunes_to_the_budget_and_shrinks_compute():
+    config = ada(init_r=6, target_r=2, tinit=1, tfinal=2, total_step=10, deltaT=1)
+    model = build(config)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 13)
+    allocator = model.base_model.allocator
+    for step in range(12):
+        train_step(model, opt, x, step)
+        budget, _ = allocator.budget(step)
+        assert sum(model.rank_pattern().values()) == min(budget, allocator.init_total)
+    assert sum(model.rank_pattern().values()) == 2 * 6
+    assert allocator.finished
+    for _, layer in ranked_layers(model):
+        c = layer.lora_components["default"]
+        assert c.in_use == c.rank  # the op computes only these
+
+
+def test_adalora_pruning_equals_masking():
+    """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
+    model = build(ada())
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(5, 13)
+    model(x).square().mean().backward()
+    opt.step()
+    allocator = model.base_model.allocator
+    allocator.update_ipt()
+    scores = torch.cat(allocator.component_scores())
+    doomed = set(torch.topk(scores, 7, largest=False).indices.tolist())
+    masked = copy.deepcopy(model)
+    start = 0
+    with torch.no_grad():
+        for _, layer in ranked_layers(masked):
+            r = layer.lora_components["default"].rank
+            for k in range(r):
+                if start + k in doomed:
+                    layer.lora_E["default"][k] = 0.0
+            start += r
+        expected = masked(x)
+    total = sum(model.rank_pattern().values())
+    allocator.prune_to(total - 7, step=3)
+    assert sum(model.rank_pattern().values()) == total - 7
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adalora_needs_gradients():
+    model = build(ada())
+    with pytest.raises(RuntimeError, match="before zero_grad"):
+        model.update_and_allocate(2)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def test_rank_aware_adamw_is_adamw_on_ordinary_parameters():
+    torch.manual_seed(0)
+    a, b = nn.Linear(7, 5), nn.Linear(7, 5)
+    b.load_state_dict(a.state_dict())
+    ours = RankAwareAdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    torchs = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(3, 7)
+        for m, opt in ((a, ours), (b, torchs)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_rank_aware_adamw_is_adamw_on_the_trainable_components():
+    """With no events and no warm-up, each trainable component moves as under torch's AdamW, the rest not."""
+    model = build(ada(tinit=8, tfinal=0, total_step=9))
+    randomize(model)
+    ref = copy.deepcopy(model)
+    ours = RankAwareAdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    torchs = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    x = torch.randn(4, 13)
+    for _ in range(4):
+        for m, opt in ((model, ours), (ref, torchs)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_rank_aware_adamw_never_touches_idle_components():
+    model = build(incre(target_rank=5))
+    randomize(model)
+    layers = ranked_layers(model)
+    before = {n: [p.detach().clone() for p in layer.factors("default")] for n, layer in layers}
+    opt = RankAwareAdamW(model.parameters(), lr=1e-1, weight_decay=0.5)
+    x = torch.randn(4, 13)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for n, layer in layers:
+        c = layer.lora_components["default"]
+        a, e, b_t = layer.factors("default")
+        a0, e0, b0 = before[n]
+        assert torch.equal(a[c.in_use:], a0[c.in_use:]) and torch.equal(b_t[c.in_use:], b0[c.in_use:])
+        assert torch.equal(e[c.rank:], e0[c.rank:])  # reserve e fixed, unused untouched (no weight decay)
+        assert not torch.equal(a[:c.in_use], a0[:c.in_use]) and not torch.equal(e[:c.rank], e0[:c.rank])
+
+
+def test_rank_aware_adamw_state_follows_components_across_pruning():
+    model = build(ada())
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(5, 13)
+    model(x).square().mean().backward()
+    opt.step()
+    layer = ranked_layers(model)[0][1]
+    a = layer.lora_A["default"]
+    c = layer.lora_components["default"]
+    moments = {int(i): opt.state[a]["exp_avg"][k].clone() for k, i in enumerate(c.ids[:c.rank].tolist())}
+    allocator = model.base_model.allocator
+    allocator.update_ipt()
+    allocator.prune_to(sum(model.rank_pattern().values()) - 9, step=2)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt._match_components(a, opt.state[a], c)  # what step() does first
+    for k, i in enumerate(c.ids[:c.rank].tolist()):
+        torch.testing.assert_close(opt.state[a]["exp_avg"][k], moments[i])  # moved with its component
+    assert (opt.state[a]["step"][c.rank:] == 0).all()  # pruned slots: renewed ids, no state
+
+
+def test_rank_aware_adamw_warms_up_new_components():
+    model = build(incre(new_rank_warmup=10, target_rank=2))
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    layer = ranked_layers(model)[0][1]
+    e = layer.lora_E["default"]
+    model(torch.randn(4, 13)).square().mean().backward()
+    before = e.detach().clone()
+    opt.step()
+    # Adam's first step moves an entry by lr * sign(grad): here lr / 10 (step 1 of a 10-step warm-up)
+    torch.testing.assert_close((e - before)[:1].abs(), torch.full((1, 1), 1e-3), rtol=1e-3, atol=0)
+    override = RankAwareAdamW(model.parameters(), lr=1e-2, weight_decay=0.0, component_warmup=0)
+    before = e.detach().clone()
+    override.step()
+    torch.testing.assert_close((e - before)[:1].abs(), torch.full((1, 1), 1e-2), rtol=1e-3, atol=0)
+
+
+def test_rank_aware_adamw_state_dict_round_trip():
+    model = build(incre())
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 13)
+    for step in range(3):
+        train_step(model, opt, x, step)
+    clone = RankAwareAdamW(model.parameters(), lr=1e-2)
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() shares the live tensors
+    model(x).square().mean().backward()
+    saved = copy.deepcopy(model.state_dict())
+    opt.step()
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(saved)
+    clone.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, after[k], msg=k)
+
+
+def test_rank_aware_adamw_errors():
+    with pytest.raises(ValueError, match="lr must be"):
+        RankAwareAdamW([nn.Parameter(torch.zeros(1))], lr=-1)
+    with pytest.raises(ValueError, match="betas"):
+        RankAwareAdamW([nn.Parameter(torch.zeros(1))], betas=(1.0, 0.9))
+
+
+# ---------------------------------------------------------------------------------------------- orth reg
+
+
+def test_orth_regularization_is_added_to_the_loss_in_training():
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), incre(target_modules=["q_proj", "v_proj"], top_h=1,
+                                                             orth_reg_weight=0.3))
+    ids = torch.randint(3, 90, (2, 6))
+    model.train()
+    with_term = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        reg = model.orth_regularization()
+    manual = []
+    for _, layer in ranked_layers(model):
+        n = layer.lora_components["default"].in_use
+        a, _, b_t = layer.factors("default")
+        manual += [torch.linalg.matrix_norm(a[:n] @ a[:n].t() - torch.eye(n)),
+                   torch.linalg.matrix_norm(b_t[:n] @ b_t[:n].t() - torch.eye(n))]
+    torch.testing.assert_close(reg, torch.stack(manual).mean())
+    model.eval()
+    plain = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(with_term, plain + 0.3 * reg, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- save and load
+
+
+def _grow_then_train(config, steps=12):
+    torch.manual_seed(0)
+    base = FAMILIES["llama"].build()
+    model = get_peft_model(copy.deepcopy(base), config)
+    opt = RankAwareAdamW(model.parameters(), lr=3e-2)
+    ids = torch.randint(3, 90, (2, 8))
+    for step in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    model.eval()
+    return base, model, ids
+
+
+@pytest.mark.parametrize("kind", ["incre", "ada"])
+def test_save_writes_a_plain_lora_with_the_final_ranks(tmp_path, kind):
+    targets = ["q_proj", "v_proj", "o_proj"]
+    config = (incre(target_modules=targets, target_rank=3, top_h=2) if kind == "incre"
+              else ada(target_modules=targets, init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2))
+    base, model, ids = _grow_then_train(config)
+    ranks = model.rank_pattern()
+    assert len(set(ranks.values())) > 1  # ranks differ between modules
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA"
+    pattern = {k: saved["rank_pattern"].get(k, saved["r"]) for k in saved["target_modules"]}
+    assert pattern == {k: r for k, r in ranks.items() if r > 0}
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        ours = pefttorch.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    peft = pytest.importorskip("peft")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_restores_ranks():
+    base, model, ids = _grow_then_train(incre(target_modules=["q_proj", "v_proj"], target_rank=3, top_h=1))
+    state = model.state_dict()
+    fresh = get_peft_model(copy.deepcopy(base), incre(target_modules=["q_proj", "v_proj"], target_rank=3, top_h=1))
+    fresh.load_state_dict(state)
+    assert fresh.rank_pattern() == model.rank_pattern()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unload_gives_back_the_base_model():
+    torch.manual_seed(0)
+    base = Stack()
+    x = torch.randn(2, 13)
+    expected = base(x)
+    model = get_peft_model(base, incre())
+    randomize(model)
+    out = model.unload()
+    assert out is base and not any(isinstance(m, RankedLoraLayer) for m in out.modules())
+    torch.testing.assert_close(out(x), expected)
+
+
+# ---------------------------------------------------------------------------------------------- Trainer
+
+
+@pytest.mark.slow
+def test_trainer_with_callback_reaches_the_budget(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = incre(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_rank=3, top_h=2,
+                   incre_interval=2, init_warmup=1, incre_rank_num=1)
+    model = get_peft_model(FAMILIES["llama"].build(), config)
+    ids = torch.randint(3, 90, (4, 10))
+    data = [{"input_ids": ids[i % 4], "labels": ids[i % 4]} for i in range(64)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=20,
+                                          report_to=[], logging_steps=4, save_strategy="no", use_cpu=True)
+    optimizer = RankAwareAdamW(model.parameters(), lr=1e-2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
+                                   callbacks=[pefttorch.RankAllocationCallback()])
+    trainer.train()
+    assert sum(model.rank_pattern().values()) == 3 * 4 * 2
+    assert any("total_rank" in entry for entry in trainer.state.log_history)
+
+
+def test_callback_warns_about_a_stock_optimizer():
+    model = build(incre())
+    callback = pefttorch.RankAllocationCallback()
+    with pytest.warns(UserWarning, match="RankAwareAdamW"):
+        callback.on_train_begin(None, None, None, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_lora_config_is_not_ranked():
+    model = get_peft_model(Stack(), LoraConfig(target_modules=TARGETS))
+    assert not hasattr(model.base_model, "allocator")
+
+
+def test_trainable_parameters_count_the_components_that_train():
+    model = build(incre(target_rank=4, incre_rank_num=2))
+    trainable, _ = model.get_nb_trainable_parameters()
+    # rank 1 (a, e, b) + reserve 2 (a, b) per layer, whatever the capacity
+    expected = sum((m.in_features + 1 + m.out_features) + 2 * (m.in_features + m.out_features)
+                   for _, m in ranked_layers(model))
+    assert trainable == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", ["incre", "ada"])
+def test_moved_to_cuda_trains_like_on_the_cpu(kind):
+    """get_peft_model on the CPU, then .cuda(): statistics and tiles follow, and the run (scores from the CUDA
+    kernel, allocation events, optimizer) matches the CPU's."""
+    config = incre(score_sample=None, init_warmup=0, incre_interval=2) if kind == "incre" else ada()
+    cpu = build(config)
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(6, 13)
+    runs = []
+    for model, inputs in ((cpu, x), (gpu, x.cuda())):
+        opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+        for step in range(8):
+            train_step(model, opt, inputs, step)
+        runs.append(model)
+    assert runs[0].rank_pattern() == runs[1].rank_pattern()
+    with torch.no_grad():
+        torch.testing.assert_close(runs[1](x.cuda()).cpu(), runs[0](x), rtol=1e-4, atol=1e-5)
