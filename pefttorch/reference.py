@@ -197,3 +197,23 @@ def rank_importance(
         scores.append(w * (sampled * g.double()).abs().sum())
     device = lora_a[0].device if lora_a else "cpu"
     return torch.stack(scores).float() if scores else torch.zeros(0, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bottleneck adapters (Houlsby, Pfeiffer, parallel)
+
+
+def bottleneck_adapter(
+    x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
+    b_up: torch.Tensor | None, residual: torch.Tensor | None, add_input: bool, activation: str, scale: float,
+) -> torch.Tensor:
+    """A bottleneck adapter with its residual: ``y = scale * (act(x W_down^T + b_down) W_up^T + b_up)``, plus x
+    when `add_input` (a sequential adapter: out = in + f(in)) and plus `residual` when given (a parallel adapter
+    adds its output to the block's). x: (..., d_in); w_down (m, d_in); w_up (d_out, m); residual (..., d_out)."""
+    a = ACTIVATIONS[activation](F.linear(x, w_down, b_down))
+    y = scale * F.linear(a, w_up, b_up)
+    if add_input:
+        y = y + x
+    if residual is not None:
+        y = y + residual
+    return y
