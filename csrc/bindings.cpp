@@ -34,6 +34,16 @@ TORCH_LIBRARY(pefttorch, m) {
   m.def(
       "rank_importance(Tensor[] lora_a, Tensor[] lora_b, Tensor[] lora_e, Tensor[] grad_tiles, int[] row_offset, "
       "int[] row_stride, int[] col_offset, int[] col_stride, int[] rank, float[] weight) -> Tensor");
+  // Bottleneck adapter: y = scale * (act(x W_down^T + b_down) W_up^T + b_up) [+ x if add_input] [+ residual], and
+  // h = x W_down^T + b_down (tokens, m) for backward.
+  m.def(
+      "bottleneck_adapter_forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "Tensor? residual, bool add_input, str activation, float scale) -> (Tensor y, Tensor h)");
+  // Gradients of bottleneck_adapter_forward w.r.t. (x, w_down, b_down, w_up, b_up, residual), those the mask asks for.
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_y, Tensor? x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor h, "
+      "bool add_input, str activation, float scale, bool[6] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

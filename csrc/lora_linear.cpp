@@ -40,19 +40,6 @@ Dropout make_dropout(const char* op, double p, const std::optional<at::Tensor>& 
   return Dropout::make(p, p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0);
 }
 
-// out = alpha * a @ b, with alpha folded into the GEMM (beta = 0 ignores out's initial contents).
-at::Tensor mm_scaled(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  if (alpha == 1.0) return at::mm(a, b);
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
-}
-
-std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> out(sizes.begin(), sizes.end());
-  out.back() = last;
-  return out;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const LoraDropoutKernels& k, const at::Tensor& x,

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/philox.h"
 
 namespace pefttorch {
@@ -65,8 +66,9 @@ at::Tensor density_loss_backward(const DensityKernels& k, const at::Tensor& grad
 
 // ---------------------------------------------------------------------------------------------------
 // Sparse MLP for inference.
-enum class Activation { kReLU, kGELU, kGELUTanh, kSiLU };
-Activation parse_activation(const std::string& name);
+// The activation named `name` (relu, gelu, gelu_tanh, silu; Activation is in common/activation.h, with the
+// derivatives kernels use), or an error that names the op `op`.
+Activation parse_activation(const char* op, const std::string& name);
 at::Tensor apply_activation(const at::Tensor& pre, Activation act);
 
 struct SparseMlpArgs {
@@ -200,6 +202,59 @@ void register_rank_importance_ops(torch::Library& m) {
             at::IntArrayRef col_stride, at::IntArrayRef rank, at::ArrayRef<double> weight) {
            return rank_importance(K, lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride, col_offset,
                                   col_stride, rank, weight);
+         });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Bottleneck adapter (Houlsby, Pfeiffer, parallel): y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
+// [+ x when add_input] [+ residual]. The GEMMs go to the vendor BLAS through ATen; a backend supplies the two
+// one-pass steps around them (see csrc/bottleneck_adapter.cpp for the data flow and its memory traffic).
+struct BottleneckAdapterKernels {
+  // The sum the up projection accumulates onto, formed in one pass, in float32 (float64 for float64) and rounded
+  // once: y = x + residual + scale * b_up, each term only where its tensor is defined (at least one is). x and
+  // residual are (tokens, d) with unit inner stride and any row stride, b_up (d,) contiguous; y (tokens, d) is
+  // fresh and contiguous, numel > 0.
+  void (*residual_sum)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& b_up, double scale,
+                       const at::Tensor& y);
+  // dh = g * act'(h) in one pass, in place on g (dz W_up on entry, dh on exit), the product formed in float32
+  // (float64) and rounded once. g and h are (tokens, m), contiguous, of one dtype, numel > 0.
+  void (*activation_grad)(const at::Tensor& g, const at::Tensor& h, Activation act);
+};
+
+// (y, h): y of shape x.shape[:-1] + (d_out,), and h = x W_down^T + b_down, (tokens, m), for backward.
+std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
+    const BottleneckAdapterKernels& k, const at::Tensor& x, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+    const std::optional<at::Tensor>& residual, bool add_input, const std::string& activation, double scale);
+
+// Gradients of (x, w_down, b_down, w_up, b_up, residual), each only where its mask bit is set (b_down's also
+// only when b_down is given).
+using BottleneckAdapterGrads =
+    std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+               std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+BottleneckAdapterGrads bottleneck_adapter_backward(const BottleneckAdapterKernels& k, const at::Tensor& grad_y,
+                                                   const std::optional<at::Tensor>& x, const at::Tensor& w_down,
+                                                   const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                   const at::Tensor& h, bool add_input, const std::string& activation,
+                                                   double scale, std::array<bool, 6> output_mask);
+
+// Registers the bottleneck adapter ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const BottleneckAdapterKernels& K>
+void register_bottleneck_adapter_ops(torch::Library& m) {
+  m.impl("bottleneck_adapter_forward",
+         [](const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+            const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const std::optional<at::Tensor>& residual,
+            bool add_input, c10::string_view activation, double scale) {
+           return bottleneck_adapter_forward(K, x, w_down, b_down, w_up, b_up, residual, add_input,
+                                             std::string(activation), scale);
+         });
+  m.impl("bottleneck_adapter_backward",
+         [](const at::Tensor& grad_y, const std::optional<at::Tensor>& x, const at::Tensor& w_down,
+            const std::optional<at::Tensor>& b_down, const at::Tensor& w_up, const at::Tensor& h, bool add_input,
+            c10::string_view activation, double scale, std::array<bool, 6> output_mask) {
+           return bottleneck_adapter_backward(K, grad_y, x, w_down, b_down, w_up, h, add_input,
+                                              std::string(activation), scale, output_mask);
          });
 }
 

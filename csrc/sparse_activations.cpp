@@ -34,12 +34,12 @@ at::Tensor density_loss_backward(const DensityKernels& k, const at::Tensor& grad
   return ga.view(a.sizes());
 }
 
-Activation parse_activation(const std::string& name) {
+Activation parse_activation(const char* op, const std::string& name) {
   if (name == "relu") return Activation::kReLU;
   if (name == "gelu") return Activation::kGELU;
   if (name == "gelu_tanh") return Activation::kGELUTanh;
   if (name == "silu") return Activation::kSiLU;
-  TORCH_CHECK(false, kMlp, ": unsupported activation '", name, "'; supported: relu, gelu, gelu_tanh, silu");
+  TORCH_CHECK(false, op, ": unsupported activation '", name, "'; supported: relu, gelu, gelu_tanh, silu");
 }
 
 at::Tensor apply_activation(const at::Tensor& h, Activation act) {
@@ -91,7 +91,7 @@ at::Tensor sparse_mlp(SparseMlpKernel k, const at::Tensor& x, const at::Tensor& 
   check_size(kMlp, w_down_t, "w_down_t", 0, inter, "intermediate = w_in.size(0)");
   TORCH_CHECK(threshold >= 0.0, kMlp, ": threshold must be >= 0, got ", threshold);
   SparseMlpArgs args{as_rows(x, hidden), w_in.contiguous(), opt(b_in), opt(w_up), opt(b_up), w_down_t.contiguous(),
-                     opt(b_down), parse_activation(activation), threshold};
+                     opt(b_down), parse_activation(kMlp, activation), threshold};
   check_like(kMlp, w_in, "w_in", x, "x");
   check_like(kMlp, w_down_t, "w_down_t", x, "x");
   const auto check_vector = [&](const at::Tensor& t, const char* name, int64_t size, const char* what) {

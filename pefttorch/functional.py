@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops
@@ -156,3 +158,61 @@ def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch
     to reconstruct x and update both streams' gradients in one pass.
     """
     return ops.reversible_coupling(x, f, float(scale))
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_down: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    activation: str = "relu",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """A bottleneck adapter with its residual, fused: ``y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
+    [+ residual]``.
+
+    Args:
+        x: the adapter's input ``(..., d_in)``; any strides.
+        w_down: down projection ``(m, d_in)``; ``b_down`` optional ``(m,)``.
+        w_up: up projection ``(d_out, m)``; ``b_up`` optional ``(d_out,)``.
+        residual: added to the output, of y's shape ``(..., d_out)``, any strides: the block's output for a parallel
+            adapter, or ``x`` itself for a sequential (Houlsby, Pfeiffer) one, ``out = x + f(x)``. Passing x itself
+            (``residual is x``) tells the op to add its own input, so that x's two gradients (through the adapter
+            and through the residual) are formed in one buffer; it needs ``d_out == d_in``.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        scale: factor of the adapter's output (finite; 0 switches the adapter off).
+
+    All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device; under torch.autocast
+    they are all cast to the autocast dtype (the residual and x included), as F.linear's inputs would be, and y
+    comes in it. The activation ``act(h)`` is never stored: backward recomputes it from ``h = x W_down^T + b_down``
+    (tokens x m), which is kept; x is kept only when w_down needs a gradient. The residual's gradient is the
+    incoming gradient itself, passed on without a copy. See :func:`pefttorch.reference.bottleneck_adapter` for
+    the definition.
+    """
+    from . import reference
+
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"bottleneck_adapter: unsupported activation {activation!r}; supported: "
+                         f"{', '.join(reference.ACTIVATIONS)}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"bottleneck_adapter: scale must be finite, got {scale}")
+    add_input = residual is x
+    if add_input:
+        residual = None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: compute in the autocast dtype. The op itself is not autocast-aware, so cast
+        # here and keep the GEMMs inside it from being cast a second time.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w_down, w_up = (t.to(dtype) for t in (x, w_down, w_up))
+        b_down, b_up, residual = (t.to(dtype) if t is not None else None for t in (b_down, b_up, residual))
+        with torch.autocast(device_type, enabled=False):
+            y, _ = ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation,
+                                                  scale)
+        return y
+    y, _ = ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
+    return y

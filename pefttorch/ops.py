@@ -251,3 +251,100 @@ def rank_importance(
             [int(v) for v in row_stride], [int(v) for v in col_offset], [int(v) for v in col_stride],
             [int(v) for v in rank], [float(v) for v in weight],
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# bottleneck_adapter (Houlsby, Pfeiffer, parallel): y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
+# [+ x if add_input] [+ residual]; h = x W_down^T + b_down (tokens, m) is what backward needs
+
+
+@torch.library.register_fake("pefttorch::bottleneck_adapter_forward")
+def _bottleneck_adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale):
+    torch._check(x.shape[-1] == w_down.shape[1], lambda: "bottleneck_adapter_forward: x.size(-1) != w_down.size(1)")
+    tokens = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((tokens, w_down.shape[0]))
+
+
+@torch.library.register_fake("pefttorch::bottleneck_adapter_backward")
+def _bottleneck_adapter_backward_fake(grad_y, x, w_down, b_down, w_up, h, add_input, activation, scale, output_mask):
+    need_x, need_wd, need_bd, need_wu, need_bu, need_res = output_mask
+    m, d_in = w_down.shape
+    return (
+        grad_y.new_empty((*grad_y.shape[:-1], d_in)) if need_x else None,
+        grad_y.new_empty((m, d_in)) if need_wd else None,
+        grad_y.new_empty((m,)) if need_bd and b_down is not None else None,  # an absent bias has no gradient
+        grad_y.new_empty(tuple(w_up.shape)) if need_wu else None,
+        grad_y.new_empty((w_up.shape[0],)) if need_bu else None,
+        grad_y.new_empty(tuple(grad_y.shape)) if need_res else None,
+    )
+
+
+def _bottleneck_adapter_setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale = inputs
+    _, h = output
+    need = ctx.needs_input_grad[:6]
+    # x only for w_down's gradient; h always (tokens x m, small next to x), since a = act(h) is recomputed from it
+    # rather than stored. The weights are parameters: keeping references to them costs no memory. b_down is kept
+    # only to say whether it exists.
+    ctx.save_for_backward(x if need[1] else None, w_down, b_down, w_up, h)
+    ctx.add_input = add_input
+    ctx.activation = activation
+    ctx.scale = scale
+    ctx.need_residual = need[5]
+    # the op never asks for the residual's gradient: it is grad_y itself (see _bottleneck_adapter_backward)
+    ctx.mask = [*need[:5], False]
+    # h is an internal result handed to backward, not part of the function's value: no gradient flows into it
+    ctx.mark_non_differentiable(h)
+
+
+def _bottleneck_adapter_backward(ctx, grad_y, grad_h):
+    x, w_down, b_down, w_up, h = ctx.saved_tensors
+    if any(ctx.mask):
+        grads = _ops.bottleneck_adapter_backward(
+            grad_y, x, w_down, b_down, w_up, h, ctx.add_input, ctx.activation, ctx.scale, ctx.mask
+        )
+    else:  # only the residual needs a gradient
+        grads = (None,) * 6
+    # d y / d residual is the identity: the residual's gradient is grad_y itself, handed to autograd without a copy
+    # (autograd accepts an incoming gradient as an outgoing one, and copies it only if it must, e.g. to give a
+    # leaf's .grad its own memory).
+    return (*grads[:5], grad_y if ctx.need_residual else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "pefttorch::bottleneck_adapter_forward", _bottleneck_adapter_backward,
+    setup_context=_bottleneck_adapter_setup_context,
+)
+
+
+def bottleneck_adapter_forward(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    add_input: bool,
+    activation: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw op: returns (y, h) where h = x W_down^T + b_down, (tokens, m), is what backward reuses."""
+    return _ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
+
+
+def bottleneck_adapter_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    h: torch.Tensor,
+    add_input: bool,
+    activation: str,
+    scale: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """The raw backward op: the gradients of (x, w_down, b_down, w_up, b_up, residual) whose mask bits are set (b_down's
+    only when b_down is given; x is needed for w_down's). No autograd. The residual's gradient is a copy of grad_y."""
+    return _ops.bottleneck_adapter_backward(grad_y, x, w_down, b_down, w_up, h, add_input, activation, scale,
+                                            output_mask)

@@ -6,6 +6,7 @@
 #include <c10/util/accumulate.h>
 
 #include <optional>
+#include <vector>
 
 namespace pefttorch {
 
@@ -65,6 +66,20 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t features) {
   at::Tensor rows = t.reshape({tokens, features});
   if (rows.size(1) > 1 && rows.stride(1) != 1) rows = rows.contiguous();
   return rows;
+}
+
+// The sizes of a (..., features) tensor with the last dimension replaced: the output shape of a (..., in) input.
+inline std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+// out = alpha * a @ b, alpha folded into the GEMM (beta = 0: out's uninitialised contents are ignored).
+inline at::Tensor mm_scaled(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
 }
 
 }  // namespace pefttorch
