@@ -9,6 +9,8 @@ import torch
 from . import functional, nn, ops, optim, reference
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .peft_model import PeftModel, get_peft_model
+from .tuners.adapter import AdapterConfig
+from .tuners.budget import config_for_budget
 from .tuners.density import (
     DensityLoss,
     DensityLossCallback,
@@ -54,6 +56,7 @@ def build_info() -> dict:
 __all__ = [
     "AccelerateReport",
     "AdaLoraConfig",
+    "AdapterConfig",
     "DensityLoss",
     "DensityLossCallback",
     "DensityLossConfig",
@@ -66,6 +69,7 @@ __all__ = [
     "accelerate",
     "attach_density_loss",
     "build_info",
+    "config_for_budget",
     "deaccelerate",
     "find_mlp_blocks",
     "functional",

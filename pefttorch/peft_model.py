@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .tuners.adapter import AdapterConfig, AdapterModel
+from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
@@ -36,13 +38,15 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
-        if not isinstance(config, (LoraConfig, MeftConfig)):
-            raise TypeError("pefttorch.PeftModel takes a pefttorch.LoraConfig or pefttorch.MeftConfig, got "
-                            f"{type(config).__name__}")
+        if not isinstance(config, (LoraConfig, MeftConfig, AdapterConfig)):
+            raise TypeError("pefttorch.PeftModel takes a pefttorch LoraConfig, IncreLoraConfig, AdaLoraConfig, "
+                            f"MeftConfig or AdapterConfig, got {type(config).__name__}")
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         if isinstance(config, MeftConfig):
             self.base_model = MeftModel(model, config, adapter_name)
+        elif isinstance(config, AdapterConfig):
+            self.base_model = AdapterModel(model, config, adapter_name)
         elif isinstance(config, (IncreLoraConfig, AdaLoraConfig)):
             self.base_model = RankedLoraModel(model, config, adapter_name, autocast_adapter_dtype)
         else:
@@ -262,7 +266,8 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
     data = json.loads((directory / CONFIG_NAME).read_text())
-    config = MeftConfig.from_dict(data) if data.get("peft_type") == MEFT else LoraConfig.from_dict(data)
+    readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict}
+    config = readers.get(data.get("peft_type"), LoraConfig.from_dict)(data)
     config.inference_mode = not is_trainable
     return config
 

@@ -1,0 +1,68 @@
+"""Bottleneck adapters: ``scale * up(act(down(x)))`` added to a residual, computed by pefttorch's fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional, reference
+
+
+class BottleneckAdapter(nn.Module):
+    """``y = residual + scale * (act(LN(x) W_down^T + b_down) W_up^T + b_up)``.
+
+    As a sequential adapter (Houlsby, Pfeiffer) its input is the block's output h and ``residual = h``: call
+    ``adapter(h)``. As a parallel adapter (He et al.) its input is the block's input and the residual the
+    block's output: ``adapter(x, residual=block(x))``. The up projection starts at zero, so the adapter
+    starts as the identity on its residual (near-identity initialisation).
+
+    Args:
+        features: width of the input (and of the output).
+        bottleneck: width of the bottleneck m.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        scale: factor of the adapter's output.
+        layer_norm: a LayerNorm on the adapter's input (AdapterHub's ``ln_before``).
+    """
+
+    def __init__(self, features: int, bottleneck: int, activation: str = "relu", scale: float = 1.0,
+                 layer_norm: bool = False, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"BottleneckAdapter: unsupported activation {activation!r}; supported: "
+                             f"{', '.join(reference.ACTIVATIONS)}")
+        if bottleneck < 1 or features < 1:
+            raise ValueError(f"BottleneckAdapter: features and bottleneck must be >= 1, got {features}, {bottleneck}")
+        if not math.isfinite(scale):
+            raise ValueError(f"BottleneckAdapter: scale must be finite, got {scale}")
+        factory = {"device": device, "dtype": dtype}
+        self.features, self.bottleneck, self.activation, self.scale = features, bottleneck, activation, float(scale)
+        self.layer_norm = nn.LayerNorm(features, **factory) if layer_norm else None
+        self.down = nn.Linear(features, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, features, **factory)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.down.weight.device.type == "meta":
+            return
+        self.down.reset_parameters()  # nn.Linear's Kaiming-uniform
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # near-identity: the adapter adds nothing at first
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter plus its residual: x itself when `residual` is None (sequential)."""
+        dtype = x.dtype
+        ln = self.layer_norm
+        h = x if ln is None else F.layer_norm(x, ln.normalized_shape, ln.weight.to(dtype), ln.bias.to(dtype), ln.eps)
+        res = x if residual is None else residual
+        return functional.bottleneck_adapter(h, self.down.weight.to(dtype), self.up.weight.to(dtype),
+                                             b_down=self.down.bias.to(dtype), b_up=self.up.bias.to(dtype),
+                                             residual=res, activation=self.activation, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, bottleneck={self.bottleneck}, activation={self.activation}, "
+                f"scale={self.scale:g}")

@@ -1,0 +1,253 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer, parallel) through get_peft_model, and parameter budgets."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+import pefttorch
+from pefttorch import AdapterConfig, config_for_budget, get_peft_model, reference
+from pefttorch.nn import BottleneckAdapter
+
+FAMILY_NAMES = ["bert", "llama", "t5", "marian"]
+STYLES = ["houlsby", "pfeiffer", "parallel"]
+
+
+def build(family, config, seed=0):
+    torch.manual_seed(seed)
+    base = FAMILIES[family].build().eval()
+    return base, get_peft_model(copy.deepcopy(base), config)
+
+
+def inputs(family, seed=1):
+    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
+
+
+def logits(model, batch):
+    return model(**batch).logits
+
+
+def randomize(model):
+    with torch.no_grad():
+        for adapter in model.base_model.adapters.values():
+            for p in adapter.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("style", STYLES)
+def test_starts_as_the_base_model(family, style):
+    base, model = build(family, AdapterConfig(style=style, bottleneck=3))
+    batch = inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, batch), logits(base, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("style", STYLES)
+def test_fused_op_matches_the_reference_in_the_model(family, style, monkeypatch):
+    """The adapters' outputs through the fused op equal the pure-PyTorch reference's, in the model."""
+    _, model = build(family, AdapterConfig(style=style, bottleneck=5, activation="gelu", scaling=0.7))
+    randomize(model)
+    batch = inputs(family)
+    with torch.no_grad():
+        ours = logits(model, batch)
+
+        def ref(x, w_down, w_up, b_down=None, b_up=None, *, residual=None, activation="relu", scale=1.0):
+            return reference.bottleneck_adapter(x, w_down, b_down, w_up, b_up, residual, False, activation, scale)
+
+        monkeypatch.setattr(pefttorch.functional, "bottleneck_adapter", ref)
+        expected = logits(model, batch)
+    assert not torch.equal(expected, logits(FAMILIES[family].build().eval(), batch))  # the adapters do something
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_placement_in_bert():
+    _, model = build("bert", AdapterConfig(style="houlsby", bottleneck=2))
+    outputs = sorted(s.output for s in model.base_model.sites)
+    assert outputs == sorted(f"bert.encoder.layer.{i}.{m}" for i in range(2)
+                             for m in ("attention.output.dense", "output.dense"))
+    _, model = build("bert", AdapterConfig(style="parallel", bottleneck=2))
+    assert {(s.input, s.output) for s in model.base_model.sites} == {
+        (f"bert.encoder.layer.{i}.intermediate", f"bert.encoder.layer.{i}.output.dense") for i in range(2)}
+
+
+def test_placement_with_cross_attention_in_t5():
+    _, model = build("t5", AdapterConfig(style="houlsby", bottleneck=2))
+    kinds = [s.kind for s in model.base_model.sites]
+    assert kinds.count("cross_attention") == 2 and kinds.count("attention") == 4 and kinds.count("ffn") == 4
+    _, model = build("t5", AdapterConfig(style="houlsby", bottleneck=2, cross_attention=False,
+                                         layers_to_transform=[1]))
+    assert [s.kind for s in model.base_model.sites] == ["attention", "ffn", "attention", "ffn"]
+
+
+def test_layer_norm_and_reduction_factor():
+    _, model = build("llama", AdapterConfig(style="pfeiffer", reduction_factor=8, layer_norm=True))
+    adapter = next(iter(model.base_model.adapters.values()))
+    assert adapter.bottleneck == 4 and adapter.layer_norm is not None  # hidden 32 / 8
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_only_the_adapters_train(family):
+    base, model = build(family, AdapterConfig(style="houlsby", bottleneck=3))
+    randomize(model)
+    batch = inputs(family)
+    if "labels" not in batch:
+        batch = {**batch, "labels": batch["input_ids"]}
+    model.train()
+    model(**batch).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters." in n for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_classification_head_trains_and_is_saved(tmp_path):
+    base, model = build("bert", AdapterConfig(style="pfeiffer", bottleneck=3, task_type="SEQ_CLS"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("classifier.") for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_save_and_load_round_trip(family, tmp_path):
+    base, model = build(family, AdapterConfig(style="parallel", bottleneck=3, activation="silu"))
+    randomize(model)
+    batch = inputs(family)
+    with torch.no_grad():
+        expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "BOTTLENECK_ADAPTER" and saved["style"] == "parallel"
+    loaded = pefttorch.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, batch), expected)
+
+
+def test_load_into_another_architecture_fails_cleanly(tmp_path):
+    _, model = build("llama", AdapterConfig(bottleneck=3))
+    model.save_pretrained(tmp_path)
+    other = FAMILIES["bert"].build()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="does not fit this model"):
+        pefttorch.PeftModel.from_pretrained(other, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert not other._forward_hooks and all(not m._forward_hooks for m in other.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "marian"])
+def test_generate(family):
+    _, model = build(family, AdapterConfig(style="houlsby", bottleneck=3))
+    randomize(model)
+    ids = inputs(family)["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == ids.shape[0] and out.shape[1] > (ids.shape[1] if family == "llama" else 1)
+
+
+def test_disable_unload_and_merge():
+    base, model = build("llama", AdapterConfig(bottleneck=3))
+    randomize(model)
+    batch = inputs("llama")
+    with torch.no_grad():
+        reference_out = logits(base, batch)
+        with model.disable_adapter():
+            torch.testing.assert_close(logits(model, batch), reference_out, rtol=0, atol=0)
+        assert not torch.equal(logits(model, batch), reference_out)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    keys = set(base.state_dict())
+    unloaded = model.unload()
+    assert set(unloaded.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(logits(unloaded, batch), reference_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(style="lora"), "style must be one of"),
+    (dict(bottleneck=0), "bottleneck must be a positive integer"),
+    (dict(activation="tanh"), "activation must be one of"),
+    (dict(style="pfeiffer", after_ffn=False), "all off"),
+    (dict(style="parallel", after_ffn=True), "two adapters on one FFN"),
+    (dict(scaling=float("nan")), "scaling must be a finite number"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AdapterConfig(**kw)
+
+
+def test_unsupported_architecture():
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported; supported are"):
+        get_peft_model(FAMILIES["gpt2"].build(), AdapterConfig())
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="unsupported activation"):
+        BottleneckAdapter(8, 2, activation="tanh")
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _budget_model():
+    """A Llama of about 0.9M parameters: big enough that 1% is several units of every method."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("method, unit, kwargs", [
+    ("lora", "r", {"target_modules": "all-linear"}),
+    ("adapter", "bottleneck", {"style": "houlsby"}),
+    ("adapter", "bottleneck", {"style": "parallel", "layer_norm": True}),
+])
+@pytest.mark.parametrize("budget", [0.1, 0.05, 0.01])
+def test_budget_is_hit_within_one_unit(method, unit, kwargs, budget, capsys):
+    base = _budget_model()
+    total = sum(p.numel() for p in base.parameters())
+    config = config_for_budget(base, method, budget, **kwargs)
+    assert f"{budget:.4%}" in capsys.readouterr().out
+    count = _trainable(get_peft_model(copy.deepcopy(base), config))
+    units = getattr(config, unit)
+    counts = []
+    for u in (units - 1, units + 1):
+        if u >= 1:
+            other = copy.deepcopy(config)
+            setattr(other, unit, u)
+            counts.append(_trainable(get_peft_model(copy.deepcopy(base), other)))
+    # the chosen unit is the best: its neighbours are no closer to the target
+    assert all(abs(count - budget * total) <= abs(c - budget * total) for c in counts)
+    assert abs(count - budget * total) <= (max(counts) - min(counts + [count])) / 2 + 1
+
+
+def test_budget_out_of_reach_says_the_range():
+    base = FAMILIES["llama"].build()
+    with pytest.raises(ValueError, match=r"cannot reach 0\.0001% .* it reaches .*% \(bottleneck=1"):
+        config_for_budget(base, "adapter", 1e-6)
+    with pytest.raises(ValueError, match="cannot reach 90.0000%"):
+        config_for_budget(base, "lora", 0.9, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="not yet supported method 'prefix'"):
+        config_for_budget(base, "prefix", 0.01)
+
+
+def test_bf16_model_keeps_fp32_adapters_and_trains():
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build().to(torch.bfloat16), AdapterConfig(bottleneck=3, layer_norm=True))
+    assert all(p.dtype == torch.float32 for p in model.base_model.adapters.parameters())
+    batch = inputs("llama")
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.base_model.adapters.parameters())
