@@ -217,3 +217,37 @@ def bottleneck_adapter(
     if residual is not None:
         y = y + residual
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank allocation: the per-component AdamW step of pefttorch.optim.RankAwareAdamW
+
+
+def component_adamw_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], rows: list[int], lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, warmup: list[float],
+) -> None:
+    """AdamW on the first rows[m] rows (components) of each 2-D tensor params[m], in place, where row k has its
+    own step count s = steps[m][k] (already incremented for this step; float32) and hence its own bias
+    corrections and learning rate ``lr * min(1, s / warmup[m])`` (plain lr when warmup[m] == 0):
+
+        p *= 1 - lr_k * weight_decay;  m += (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g^2
+        p -= lr_k / (1 - beta1^s) * m / (sqrt(v / (1 - beta2^s)) + eps)
+
+    Computed in float32 (float64 for float64 tensors) and rounded once into each tensor; rows beyond
+    rows[m] are not touched."""
+    for p, g, m, v, s, n, w in zip(params, grads, exp_avgs, exp_avg_sqs, steps, rows, warmup, strict=True):
+        if n == 0:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        s = s[:n].to(acc).unsqueeze(1)
+        lr_k = lr * (torch.clamp(s / w, max=1.0) if w > 0 else torch.ones_like(s))
+        pn, gn, mn, vn = (t[:n].to(acc) for t in (p, g, m, v))
+        pn = pn * (1 - lr_k * weight_decay)
+        mn = mn + (1 - beta1) * (gn - mn)
+        vn = beta2 * vn + (1 - beta2) * gn * gn
+        pn = pn - lr_k / (1 - beta1**s) * mn / ((vn / (1 - beta2**s)).sqrt() + eps)
+        p[:n] = pn.to(p.dtype)
+        m[:n] = mn.to(m.dtype)
+        v[:n] = vn.to(v.dtype)
