@@ -785,3 +785,26 @@ def test_moved_to_cuda_trains_like_on_the_cpu(kind):
     assert runs[0].rank_pattern() == runs[1].rank_pattern()
     with torch.no_grad():
         torch.testing.assert_close(runs[1](x.cuda()).cpu(), runs[0](x), rtol=1e-4, atol=1e-5)
+
+
+def test_orth_regularization_with_ranks_that_differ_and_its_gradient():
+    """The batched form equals the per-module formula when modules use different numbers of components, and
+    only the components in use get a gradient from it."""
+    model = build(incre(target_rank=5))
+    randomize(model)
+    layers = ranked_layers(model)
+    for i, (_, layer) in enumerate(layers):
+        c = layer.lora_components["default"]
+        c.rank, c.reserve = 1 + i % 4, i % 2
+    reg = model.orth_regularization()
+    manual = []
+    for _, layer in layers:
+        n = layer.lora_components["default"].in_use
+        a, _, b_t = layer.factors("default")
+        manual += [torch.linalg.matrix_norm(f[:n] @ f[:n].t() - torch.eye(n)) for f in (a, b_t)]
+    torch.testing.assert_close(reg, torch.stack(manual).mean())
+    reg.backward()
+    for _, layer in layers:
+        n = layer.lora_components["default"].in_use
+        a, _, b_t = layer.factors("default")
+        assert a.grad[n:].abs().sum() == 0 and a.grad[:n].abs().sum() > 0 and b_t.grad[n:].abs().sum() == 0

@@ -94,20 +94,31 @@ class RankedLoraModel(LoraModel):
 
     def orth_regularization(self) -> torch.Tensor:
         """``mean(||A A^T - I||_F + ||B^T B - I||_F)`` over the modules, of the components in use (the term
-        the paper adds to the loss, times orth_reg_weight)."""
+        the paper adds to the loss, times orth_reg_weight).
+
+        Factors of one storage shape are stacked and handled by one batched product, the rows beyond each
+        module's components zeroed and its identity cut to them: a few kernels per shape instead of several
+        per module (they would dominate a step's launches on a GPU)."""
         name = self.active_adapters[0]
-        terms = []
+        groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
         for _, layer in self.lora_layers():
             n = layer.lora_components[name].in_use
             if n == 0:
                 continue
             a, _, b_t = layer.factors(name)
-            eye = torch.eye(n, device=a.device, dtype=a.dtype)
-            for f in (a[:n], b_t[:n]):
-                terms.append(torch.linalg.matrix_norm(f @ f.t() - eye))
+            for f in (a, b_t):
+                groups.setdefault((tuple(f.shape), f.device, f.dtype), []).append((f, n))
+        terms = []
+        for (shape, device, dtype), items in groups.items():
+            stack = torch.stack([f for f, _ in items])  # (modules, capacity, features)
+            used = torch.tensor([n for _, n in items], device=device)
+            rows = (torch.arange(shape[0], device=device) < used[:, None]).to(dtype)  # (modules, capacity)
+            stack = stack * rows[..., None]
+            gram = stack @ stack.transpose(1, 2)
+            terms.append(torch.linalg.matrix_norm(gram - torch.diag_embed(rows)))
         if not terms:
             return torch.zeros(())
-        return torch.stack([t.to(terms[0].device) for t in terms]).mean()
+        return torch.cat([t.to(terms[0].device) for t in terms]).mean()
 
     # ------------------------------------------------------------------ saving: a plain LoRA
 
