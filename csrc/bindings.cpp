@@ -34,6 +34,11 @@ TORCH_LIBRARY(pefttorch, m) {
   m.def(
       "rank_importance(Tensor[] lora_a, Tensor[] lora_b, Tensor[] lora_e, Tensor[] grad_tiles, int[] row_offset, "
       "int[] row_stride, int[] col_offset, int[] col_stride, int[] rank, float[] weight) -> Tensor");
+  // AdamW in place on the first rows[m] rows of each 2-D params[m] (and its states), row k at step steps[m][k].
+  m.def(
+      "component_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] steps, int[] rows, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float[] warmup) -> ()");
   // Bottleneck adapter: y = scale * (act(x W_down^T + b_down) W_up^T + b_up) [+ x if add_input] [+ residual], and
   // h = x W_down^T + b_down (tokens, m) for backward.
   m.def(

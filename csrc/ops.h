@@ -206,6 +206,47 @@ void register_rank_importance_ops(torch::Library& m) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Component AdamW (IncreLoRA/AdaLoRA's RankAwareAdamW): AdamW on the first rows[m] rows (components) of each 2-D
+// tensor params[m], in place, row k with its own step count steps[m][k] and so its own bias corrections and warmed-up
+// learning rate. Many tensors in one call (one launch on CUDA). The body checks everything and hands the backend one
+// record per tensor: p, m, v contiguous; g of the same shape, any strides; steps float32 1-D (any stride) with at
+// least `rows` entries; p, g, m, v of every tensor in one float dtype.
+struct ComponentAdamwTensor {
+  at::Tensor p, g, m, v, steps;  // params, grads, exp_avgs, exp_avg_sqs (rows_total, cols); steps (>= rows,)
+  int64_t rows;                  // rows updated: [0, rows); the others are not touched
+  double warmup;                 // >= 0; 0 means none
+};
+
+// The hyperparameters every tensor of a call shares (finite; 0 <= beta < 1).
+struct ComponentAdamwHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+};
+
+struct ComponentAdamwKernels {
+  // One AdamW step on every tensor's first `rows` rows, in place, the math in float32 (float64 for float64 tensors)
+  // and each result rounded once (csrc/common/adamw.h). Tensors with rows == 0 or no columns have no work (the
+  // backend may skip them).
+  void (*step)(const std::vector<ComponentAdamwTensor>& tensors, const ComponentAdamwHyper& h);
+};
+
+void component_adamw_(const ComponentAdamwKernels& k, at::TensorList params, at::TensorList grads,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, at::IntArrayRef rows,
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      at::ArrayRef<double> warmup);
+
+// Registers the component AdamW op for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const ComponentAdamwKernels& K>
+void register_component_adamw_ops(torch::Library& m) {
+  m.impl("component_adamw_",
+         [](at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+            at::TensorList steps, at::IntArrayRef rows, double lr, double beta1, double beta2, double eps,
+            double weight_decay, at::ArrayRef<double> warmup) {
+           component_adamw_(K, params, grads, exp_avgs, exp_avg_sqs, steps, rows, lr, beta1, beta2, eps,
+                            weight_decay, warmup);
+         });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Bottleneck adapter (Houlsby, Pfeiffer, parallel): y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
 // [+ x when add_input] [+ residual]. The GEMMs go to the vendor BLAS through ATen; a backend supplies the two
 // one-pass steps around them (see csrc/bottleneck_adapter.cpp for the data flow and its memory traffic).

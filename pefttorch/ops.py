@@ -254,6 +254,53 @@ def rank_importance(
 
 
 # --------------------------------------------------------------------------------------------------
+# component_adamw_ (IncreLoRA/AdaLoRA's RankAwareAdamW): AdamW with per-row step counts, every tensor in one call
+
+
+@torch.library.register_fake("pefttorch::component_adamw_")
+def _component_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, rows, lr, beta1, beta2, eps, weight_decay,
+                          warmup):
+    return None  # updates params, exp_avgs and exp_avg_sqs in place; returns nothing
+
+
+def component_adamw_(
+    params: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    grads: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    exp_avgs: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    exp_avg_sqs: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    steps: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    rows: list[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup: list[float],
+) -> None:
+    """AdamW in place on the first rows[m] rows (components) of each 2-D params[m] and its states exp_avgs[m],
+    exp_avg_sqs[m], row k with its own step count steps[m][k] (float32, already incremented for this step) and
+    learning rate ``lr * min(1, s / warmup[m])`` (plain lr for warmup[m] == 0); rows beyond rows[m] are not touched.
+    See :func:`pefttorch.reference.component_adamw_` for the definition.
+
+    params, exp_avgs and exp_avg_sqs are contiguous (as the optimizer allocates them), grads of the same shape with
+    any strides; all of them, over all tensors, in one float dtype (call once per dtype). steps[m] is float32 1-D
+    with at least rows[m] entries, on the same device. Computed in float32 (float64 for float64 tensors), each result
+    rounded once; one kernel launch for all tensors on CUDA.
+
+    No autograd: this is an optimizer step, run under torch.no_grad() (the parameters are leaves that require grad,
+    which autograd would not let be changed in place). Empty lists do nothing.
+    """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, warmup)
+    if all(len(v) == 0 for v in lists):  # no tensor: nothing to update, and no device to dispatch on
+        return
+    with torch.no_grad():
+        _ops.component_adamw_(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), [int(v) for v in rows],
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), [float(v) for v in warmup],
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # bottleneck_adapter (Houlsby, Pfeiffer, parallel): y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
 # [+ x if add_input] [+ residual]; h = x W_down^T + b_down (tokens, m) is what backward needs
 
