@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .tuners.rank.layer import component_layout
 
 
@@ -51,6 +52,7 @@ class RankAwareAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            ranked = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -60,7 +62,8 @@ class RankAwareAdamW(torch.optim.Optimizer):
                 if layout is None:
                     self._dense_step(p, group)
                 else:
-                    self._component_step(p, group, *layout)
+                    ranked.append((p, *layout))
+            self._component_steps(ranked, group)
         return loss
 
     def _dense_step(self, p: torch.Tensor, group: dict) -> None:
@@ -76,22 +79,26 @@ class RankAwareAdamW(torch.optim.Optimizer):
                eps=group["eps"], weight_decay=group["weight_decay"], bias1=1 - beta1**step,
                bias2=1 - beta2**step)
 
-    def _component_step(self, p: torch.Tensor, group: dict, components, kind: str) -> None:
-        state = self.state[p]
-        self._match_components(p, state, components)
-        n = components.trainable(kind)
-        if n == 0:
-            return
+    def _component_steps(self, ranked: list, group: dict) -> None:
+        """The ranked factors of one group: their training rows, in one fused op per dtype and device (one
+        kernel launch on a GPU, instead of a dozen small ones per factor)."""
+        batches: dict[tuple, list] = {}
+        for p, components, kind in ranked:
+            state = self.state[p]
+            self._match_components(p, state, components)
+            n = components.trainable(kind)
+            if n == 0:
+                continue
+            warmup = components.warmup if group["component_warmup"] is None else group["component_warmup"]
+            batches.setdefault((p.dtype, p.device), []).append((p, state, n, float(warmup)))
         beta1, beta2 = group["betas"]
-        steps = state["step"][:n]
-        steps += 1
-        column = (n,) + (1,) * (p.dim() - 1)  # one value per component, broadcast over its row
-        bias1 = (1 - beta1**steps).view(column)
-        bias2 = (1 - beta2**steps).view(column)
-        warmup = components.warmup if group["component_warmup"] is None else group["component_warmup"]
-        lr = group["lr"] * (torch.clamp(steps / warmup, max=1.0) if warmup else torch.ones_like(steps))
-        _adamw(p[:n], p.grad[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], lr=lr.view(column), beta1=beta1,
-               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], bias1=bias1, bias2=bias2)
+        for items in batches.values():
+            steps = [state["step"] for _, state, _, _ in items]
+            torch._foreach_add_([s[:n] for s, (_, _, n, _) in zip(steps, items, strict=True)], 1.0)
+            ops.component_adamw_(
+                [p for p, *_ in items], [p.grad for p, *_ in items], [st["exp_avg"] for _, st, _, _ in items],
+                [st["exp_avg_sq"] for _, st, _, _ in items], steps, [n for _, _, n, _ in items], group["lr"],
+                beta1, beta2, group["eps"], group["weight_decay"], [w for *_, w in items])
 
     @staticmethod
     def _match_components(p: torch.Tensor, state: dict, components) -> None:
