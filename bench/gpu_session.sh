@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in one call (device time is scarce): build with all cores,
-# the whole test suite (GPU tests included), then the LoRA layer, training-step and sparse-MLP (DEFT decode)
-# benchmarks. Logs and results go to $OUT (the device tool's output folder) or build/gpu-session; copy the
-# JSON/PNG worth keeping into bench/results/ afterwards (lora.json, model.json, sparse.json and their PNGs).
+# the whole test suite (GPU tests included), then the LoRA layer, training-step, sparse-MLP (DEFT decode) and
+# rank-allocation (IncreLoRA/AdaLoRA training steps) benchmarks. Logs and results go to $OUT (the device
+# tool's output folder) or build/gpu-session; copy the JSON/PNG worth keeping into bench/results/ afterwards
+# (lora.json, model.json, sparse.json, rank.json and their PNGs).
 #   run: bash bench/gpu_session.sh [extra bench_lora.py arguments]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,3 +32,5 @@ $PY -m pefttorch bench model --json "$OUT/model.json" --plot "$OUT/model.png" 2>
   | grep -v "^model: " | tail -20
 $PY -m pefttorch bench sparse --json "$OUT/sparse.json" --plot "$OUT/sparse.png" 2>&1 | tee "$OUT/bench-sparse.log" \
   | grep -v "^sparse: " | tail -60
+$PY -m pefttorch bench rank --json "$OUT/rank.json" --plot "$OUT/rank.png" 2>&1 | tee "$OUT/bench-rank.log" \
+  | grep -v "^rank: " | tail -20

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from pefttorch.bench import lora, sparse
+import pefttorch
+from pefttorch.bench import lora, model, rank, sparse
+from pefttorch.bench.model import ModelShape
 from pefttorch.cli import main
 
 TINY = lora.Shape(32, 24, 16, 4, 0.1)
@@ -155,3 +158,92 @@ def test_sparse_shape_parsing():
         sparse.MLPShape.parse("4096x11008:tanh")
     with pytest.raises(SystemExit, match="densities"):
         main(["bench", "sparse", "--device", "cpu", "--densities", "0,0.5"])
+
+
+# ---- the rank suite (IncreLoRA, AdaLoRA): a tiny Llama on the CPU
+
+TINY_LLAMA = ModelShape(hidden=32, layers=2, mlp=48, vocab=64, heads=2, batch=2, seq=8)
+
+
+@pytest.mark.parametrize("warmup, steps", [(3, 40), (3, 16), (2, 8), (0, 5), (1, 2)])
+def test_rank_plan_puts_the_events_inside_the_timed_steps(warmup, steps):
+    p = rank.plan(warmup, steps)
+    assert p.total - p.start == steps and p.start - p.offset == warmup and 0 <= p.offset < p.interval
+    assert p.start % p.interval == 0 and p.events >= 2
+    assert p.start < p.end <= p.total and p.end - p.start <= 0.75 * steps + 1  # the budget ~3/4 through
+    for modules in (14, 28, 112):  # IncreLoRA spends the budget at the plan's last event, not before
+        kw = rank.increlora_kwargs(8, modules, p)
+        per_event = kw["top_h"] * kw["incre_rank_num"]
+        assert math.ceil((8 - 1) * modules / per_event) == p.events and kw["top_h"] <= modules
+        pefttorch.IncreLoraConfig(**kw, target_modules="all-linear")
+    kw = rank.adalora_kwargs(8, p)
+    assert kw["init_r"] == 12 and kw["total_step"] - kw["tfinal"] == p.end and kw["tinit"] == p.start
+    pefttorch.AdaLoraConfig(**kw, target_modules="all-linear")
+
+
+def test_rank_suite_json_plot_and_targets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model, "CPU_SHAPE", TINY_LLAMA)
+    out = tmp_path / "k.json"
+    assert main(["bench", "rank", "--device", "cpu", "--steps", "4", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    suite = data["suites"]["rank"]
+    assert suite["target_r"] == 8 and suite["steps"] == 4 and suite["plan"]["events"] >= 2
+    runs = {r["run"]: r for r in suite["rows"]}
+    assert list(runs) == list(rank.RUNS)
+    modules = 7 * TINY_LLAMA.layers
+    for name, r in runs.items():
+        assert r["ok"], (name, r["note"])
+        assert {"median_ms", "mean_ms", "peak_gib", "final_rank", "events", "events_timed", "mean_ratio_to_lora",
+                "median_ratio_to_lora", "mean_ratio_to_peft", "median_ratio_to_peft", "step_ms"} <= set(r)
+        assert len(r["step_ms"]) == 4 and r["mean_ms"] == pytest.approx(sum(r["step_ms"]) / 4)
+        assert r["modules"] == modules and r["final_rank"] == r["budget"] == 8 * modules
+        assert r["mean_ratio_to_lora"] == pytest.approx(r["mean_ms"] / runs["lora"]["mean_ms"])
+        assert r["mean_ratio_to_peft"] == pytest.approx(r["mean_ms"] / runs["peft-adalora"]["mean_ms"])
+        if name != "lora":  # ranks moved inside the timed window, and reached the budget there
+            assert r["events_timed"] >= 2 and 1 <= r["budget_reached_at"] <= 4
+            assert all(e["timed_step"] is not None for e in r["events"])
+    trace = runs["increlora"]["rank_trace"]
+    assert trace[0] == modules and trace == sorted(trace)  # grows from rank 1
+    for name in ("adalora", "peft-adalora"):  # prunes from 12, along the same schedule
+        assert runs[name]["initial_rank"] == 12 * modules and runs[name]["rank_trace"] == sorted(
+            runs[name]["rank_trace"], reverse=True)
+    peft_events = {e["step"]: e["total_rank"] for e in runs["peft-adalora"]["events"]}
+    assert all(peft_events.get(e["step"]) == e["total_rank"] for e in runs["adalora"]["events"])
+    assert runs["lora"]["events"] == [] and runs["lora"]["mean_ratio_to_lora"] == 1.0
+    assert [t["target"].split()[:2] for t in suite["targets"]] == [["IncreLoRA", "mean"], ["pefttorch", "AdaLoRA"]]
+    assert (tmp_path / "k-rank.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "rank allocation" in printed and "IncreLoRA mean step" in printed
+
+
+def test_rank_targets():
+    def res(run, mean, ok=True):
+        return rank.RankResult(run, median_ms=mean, mean_ms=mean, ok=ok)
+
+    results = [res("lora", 100.0), res("increlora", 104.0), res("adalora", 90.0), res("peft-adalora", 95.0)]
+    rank.compare(results)
+    assert [met for _, met, _ in rank.check_targets(results)] == [True, True]
+    results = [res("lora", 100.0), res("increlora", 106.0), res("adalora", 96.0), res("peft-adalora", 95.0)]
+    rank.compare(results)
+    assert [(met, measured) for _, met, measured in rank.check_targets(results)] == [(False, "1.060x"),
+                                                                                     (False, "1.011x")]
+    results = [res("lora", 100.0), res("increlora", 90.0, ok=False)]  # a run that failed meets nothing
+    rank.compare(results)
+    assert [met for _, met, _ in rank.check_targets(results)] == [False]
+
+
+def test_rank_runs_without_peft_and_run_names(tmp_path, monkeypatch, capsys):
+    from pefttorch.bench import cli
+
+    monkeypatch.setattr(model, "CPU_SHAPE", TINY_LLAMA)
+    monkeypatch.setattr(cli, "_peft_missing", lambda: "HF PEFT is not installed")
+    out = tmp_path / "k.json"
+    assert main(["bench", "rank", "--device", "cpu", "--runs", "adalora,peft-adalora", "--steps", "2", "--r", "2",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["suites"]["rank"]["rows"]
+    assert [r["run"] for r in rows] == ["adalora"] and rows[0]["final_rank"] == 2 * 7 * TINY_LLAMA.layers
+    assert "peft-adalora is skipped: HF PEFT is not installed" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown runs"):
+        main(["bench", "rank", "--device", "cpu", "--runs", "nope"])
+    with pytest.raises(SystemExit, match="none of the rank suite's runs"):
+        main(["bench", "rank", "--device", "cpu", "--runs", "full"])

@@ -1,25 +1,30 @@
 """`pefttorch bench`: the benchmark suites, side by side with the bound and with HF PEFT.
 
 Suites: ``lora`` (the LoRA layer over a grid of shapes), ``model`` (a training step of a Llama-style
-model) and ``sparse`` (DEFT's sparse-activation MLP at decode, over activation densities). With no suite
-named, a quick default set of all runs: about a minute on a laptop CPU, a few minutes on one GPU.
+model), ``sparse`` (DEFT's sparse-activation MLP at decode, over activation densities) and ``rank``
+(IncreLoRA and AdaLoRA training steps, allocation events included, against LoRA at the final rank and HF
+PEFT's AdaLoRA). With no suite named, a quick default set of all runs: about a minute on a laptop CPU, a few
+minutes on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-SUITES = ("lora", "model", "sparse")
+SUITES = ("lora", "model", "sparse", "rank")
+RANK_STEPS = {"cuda": 40, "cpu": 16}  # timed steps of the rank suite
+RANK_STEPS_QUICK = {"cuda": 16, "cpu": 8}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import lora, model, sparse
+    from . import lora, model, rank, sparse
 
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)} "
                    "(default: a quick run of all)")
@@ -30,24 +35,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lora: comma-separated TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1; sparse: "
                    "comma-separated HIDDENxINTER[xOUT]:ACTIVATION[:gated][:bias], e.g. 4096x11008:silu:gated")
     p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
-    p.add_argument("--runs", default=",".join(model.RUNS), help="model: runs to make")
+    p.add_argument("--runs", default=None, help="model, rank: comma-separated runs to make (default: all of the "
+                   "suite's; with both suites, each makes the ones named that are its own)")
     p.add_argument("--repeat", type=int, default=None,
                    help="lora, sparse: timed calls per measurement on GPU (default 50; sparse quick 20)")
     p.add_argument("--tokens", default=None,
                    help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
     p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
                    f"(default {','.join(f'{d:g}' for d in sparse.DENSITIES)})")
-    p.add_argument("--steps", type=int, default=None, help="model: timed steps (default 10, quick 4)")
-    p.add_argument("--r", type=int, default=16, help="model: LoRA rank")
-    p.add_argument("--dropout", type=float, default=0.0, help="model: LoRA dropout (0: losses are cross-checked)")
-    p.add_argument("--small-model", action="store_true", help="model: the CPU-sized model even on a GPU")
+    p.add_argument("--steps", type=int, default=None, help="model: timed steps (default 10, quick 4); rank: timed "
+                   f"steps, allocation events included (default {RANK_STEPS['cuda']} on a GPU, "
+                   f"{RANK_STEPS['cpu']} on the CPU; quick {RANK_STEPS_QUICK['cuda']}, {RANK_STEPS_QUICK['cpu']})")
+    p.add_argument("--r", type=int, default=None, help="model: LoRA rank (default 16); rank: the target rank, "
+                   "average per module at the end (default 8)")
+    p.add_argument("--dropout", type=float, default=0.0, help="model: LoRA dropout (0: losses are cross-checked); "
+                   "rank: the adapters' dropout")
+    p.add_argument("--small-model", action="store_true", help="model, rank: the CPU-sized model even on a GPU")
     p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"), help="results file")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
     p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
     p.epilog = ("lora implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in lora.IMPL_HELP.items())
                 + "\nmodel runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items())
-                + "\nsparse implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in sparse.IMPL_HELP.items()))
+                + "\nsparse implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in sparse.IMPL_HELP.items())
+                + "\nrank runs (all-linear, lora_alpha = 2 x target rank; several allocation events fall inside the "
+                "timed steps,\nthe final budget ~3/4 through them; mean and median step time):\n"
+                + "\n".join(f"  {k:18} {v}" for k, v in rank.RUN_HELP.items()))
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
@@ -86,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     meta = report.metadata(device, dtype)
     results, ok = {}, True
-    runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse}
+    runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank}
     for suite in suites:
         rows, targets, suite_ok, extra = runners[suite](args, device, dtype, quick, peft_missing is not None, console)
         ok &= suite_ok
@@ -112,9 +125,9 @@ def _peft_missing() -> str | None:
 
 
 def _plotter(suite: str):
-    from . import report, sparse
+    from . import rank, report, sparse
 
-    return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot}[suite]
+    return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot, "rank": rank.plot}[suite]
 
 
 def _plot_path(args, suite: str, n_suites: int) -> Path:
@@ -130,6 +143,24 @@ def _names(spec: str, known, what: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
     return names
+
+
+def _runs(spec: str | None, known: tuple[str, ...], suite: str) -> list[str]:
+    """The runs of `suite` that --runs names (all of them without --runs); names of no suite's runs exit."""
+    from . import model, rank
+
+    if spec is None:
+        return list(known)
+    every = {"model": model.RUNS, "rank": rank.RUNS}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if not any(n in runs for runs in every.values())]
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; known: "
+                         + "; ".join(f"{s}: {', '.join(runs)}" for s, runs in every.items()))
+    mine = [n for n in names if n in known]
+    if not mine:
+        raise SystemExit(f"--runs names none of the {suite} suite's runs ({', '.join(known)})")
+    return mine
 
 
 def _run_lora(args, device, dtype, quick, no_peft, console):
@@ -160,14 +191,15 @@ def _run_model(args, device, dtype, quick, no_peft, console):
     from . import model, report
 
     shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
-    runs = _names(args.runs, model.RUNS, "runs")
+    runs = _runs(args.runs, model.RUNS, "model")
     if no_peft:
         runs = [r for r in runs if r not in ("peft", "peft+accelerate")]
     steps = args.steps or (4 if quick else 10)
+    r = 16 if args.r is None else args.r
     results, adapter_state = [], None
     for run in tqdm(runs, desc="model", unit="run"):
         try:
-            result, initial = model.run_one(run, shape, dtype, device, steps, 2 if quick else 3, args.r,
+            result, initial = model.run_one(run, shape, dtype, device, steps, 2 if quick else 3, r,
                                             args.dropout, adapter_state)
         except torch.OutOfMemoryError as err:
             result, initial = model.RunResult(run, ok=False, note=f"out of memory: {err}"), None
@@ -177,8 +209,40 @@ def _run_model(args, device, dtype, quick, no_peft, console):
     model.compare(results, dtype, check_losses=args.dropout == 0.0)
     targets = model.check_targets(results)
     rows = model.as_dicts(results)
-    report.print_model_table(report.metadata(device, dtype), shape.label, args.r, rows, targets, console)
-    return rows, targets, all(r.ok for r in results), {"model": shape.label, "r": args.r, "steps": steps}
+    report.print_model_table(report.metadata(device, dtype), shape.label, r, rows, targets, console)
+    return rows, targets, all(res.ok for res in results), {"model": shape.label, "r": r, "steps": steps}
+
+
+def _run_rank(args, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import model, rank, report
+
+    shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
+    runs = _runs(args.runs, rank.RUNS, "rank")
+    if no_peft and "peft-adalora" in runs:
+        console.print("peft-adalora is skipped: HF PEFT is not installed")
+        runs.remove("peft-adalora")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    steps = args.steps or (RANK_STEPS_QUICK if quick else RANK_STEPS)[kind]
+    target = 8 if args.r is None else args.r
+    if target < 1:
+        raise SystemExit(f"rank: the target rank must be >= 1, got {target}")
+    with tqdm(total=len(runs), desc="rank", unit="run") as bar:
+        def progress(run):
+            bar.set_postfix_str(run)
+            if run != runs[0]:
+                bar.update(1)
+
+        results, plan = rank.run_suite(runs, shape, dtype, device, steps, 2 if quick else 3, target, args.dropout,
+                                       progress)
+        bar.update(1)
+    targets = rank.check_targets(results)
+    rows = rank.as_dicts(results)
+    rank.print_table(report.metadata(device, dtype), shape.label, target, plan, rows, targets, console)
+    return rows, targets, all(res.ok for res in results), {
+        "model": shape.label, "target_r": target, "steps": steps, "plan": asdict(plan),
+        "budget_at_timed_step": plan.end - plan.start}
 
 
 def _run_sparse(args, device, dtype, quick, no_peft, console):
@@ -223,7 +287,7 @@ def _row_key(suite: str, row: dict) -> tuple:
 
 
 def _row_ms(suite: str, row: dict):
-    return row.get("step_ms") if suite == "model" else row.get("ms")
+    return {"model": row.get("step_ms"), "rank": row.get("mean_ms")}.get(suite, row.get("ms"))
 
 
 def compare(console, old: dict, results: dict) -> None:

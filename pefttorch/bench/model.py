@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -112,48 +113,71 @@ def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.devic
     params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    batches = [torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
-               for _ in range(warmup + steps)]
     model.train()
 
-    def step(ids):
+    def step(_, ids):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    losses = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for ids in batches[:warmup]:
-        losses.append(step(ids))
-    sync(device)
-    times = []
-    for ids in batches[warmup:]:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            losses.append(step(ids))
-            end.record()
-            times.append((start, end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            losses.append(step(ids))
-            times.append(time.perf_counter() - t0)
-    sync(device)
-    ms = [s.elapsed_time(e) for s, e in times] if device.type == "cuda" else [t * 1e3 for t in times]
-    result.step_ms = sorted(ms)[len(ms) // 2]
+    losses, ms, result.peak_gib = time_steps(step, make_batches(shape, warmup + steps, device), warmup, device)
+    result.step_ms = median(ms)
     result.tokens_per_s = shape.batch * shape.seq / (result.step_ms * 1e-3)
-    if device.type == "cuda":
-        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    result.losses = [float(v) for v in losses]
+    result.losses = losses
     if not all(math.isfinite(v) for v in result.losses):
         result.ok, result.note = False, "non-finite loss"
     return result, initial
+
+
+def make_batches(shape: ModelShape, n: int, device: torch.device) -> list[torch.Tensor]:
+    """n batches of random token ids, the same ones for every run (a fixed seed)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return [torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen).to(device) for _ in range(n)]
+
+
+def time_steps(step: Callable[[int, torch.Tensor], torch.Tensor], batches: list[torch.Tensor], warmup: int,
+               device: torch.device, after: Callable[[int], object] | None = None,
+               first_step: int = 1) -> tuple[list[float], list[float], float | None]:
+    """Runs ``step(global_step, ids)`` (returning the detached loss) on every batch, global steps counted from
+    `first_step`, and times each one after the first `warmup`: CUDA events around each step (no
+    synchronisation between steps, as in training), perf_counter on the CPU. ``after(global_step)``, if
+    given, runs after each step, outside the timing. Returns (losses, ms of each timed step, peak GiB
+    allocated on CUDA since the first step, None on the CPU)."""
+    import time
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, times = [], []
+    for i, ids in enumerate(batches):
+        global_step = first_step + i
+        if i == warmup:
+            sync(device)
+        if i < warmup:
+            losses.append(step(global_step, ids))
+        elif cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step(global_step, ids))
+            end.record()
+            times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            losses.append(step(global_step, ids))
+            times.append(time.perf_counter() - t0)
+        if after is not None:
+            after(global_step)
+    sync(device)
+    ms = [s.elapsed_time(e) for s, e in times] if cuda else [t * 1e3 for t in times]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return [float(v) for v in losses], ms, peak
+
+
+def median(values: list[float]) -> float:
+    """The upper median (of an even count, the larger middle value), as the model suite has always reported."""
+    return sorted(values)[len(values) // 2]
 
 
 def release(device: torch.device) -> None:
