@@ -4,7 +4,10 @@
 # rank-allocation (IncreLoRA/AdaLoRA training steps) benchmarks. Logs and results go to $OUT (the device
 # tool's output folder) or build/gpu-session; copy the JSON/PNG worth keeping into bench/results/ afterwards
 # (lora.json, model.json, sparse.json, rank.json and their PNGs).
-#   run: bash bench/gpu_session.sh [extra bench_lora.py arguments]
+#   run: bash bench/gpu_session.sh [extra `pefttorch bench lora` arguments]
+# One device call may run 10 minutes: split a session over back-to-back calls (the machine keeps the build while
+# warm) with PHASES (default "build tests bench") and SUITES (default "lora model sparse rank"), e.g.
+#   PHASES=build bash bench/gpu_session.sh;  PHASES=tests ...;  PHASES=bench SUITES="lora model" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-session}
@@ -14,23 +17,31 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # the GPU at hand onl
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-echo "== build"
-if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  exit 1
+PHASES=${PHASES:-"build tests bench"}
+SUITES=${SUITES:-"lora model sparse rank"}
+has() { [[ " $1 " == *" $2 "* ]]; }
+
+if has "$PHASES" build; then
+  echo "== build"
+  if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    exit 1
+  fi
 fi
 $PY -c "import pefttorch, json; print(json.dumps(pefttorch.build_info()))" | tee "$OUT/build_info.json"
 
-echo "== tests"
-$PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -25
+if has "$PHASES" tests; then
+  echo "== tests"
+  $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
 
-echo "== benchmarks"
-$PY -m pefttorch info | tee "$OUT/info.txt"
-$PY -m pefttorch bench lora --json "$OUT/lora.json" --plot "$OUT/lora.png" "$@" 2>&1 | tee "$OUT/bench-lora.log" \
-  | grep -v "^lora: " | tail -60
-$PY -m pefttorch bench model --json "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/bench-model.log" \
-  | grep -v "^model: " | tail -20
-$PY -m pefttorch bench sparse --json "$OUT/sparse.json" --plot "$OUT/sparse.png" 2>&1 | tee "$OUT/bench-sparse.log" \
-  | grep -v "^sparse: " | tail -60
-$PY -m pefttorch bench rank --json "$OUT/rank.json" --plot "$OUT/rank.png" 2>&1 | tee "$OUT/bench-rank.log" \
-  | grep -v "^rank: " | tail -20
+if has "$PHASES" bench; then
+  echo "== benchmarks: $SUITES"
+  $PY -m pefttorch info | tee "$OUT/info.txt"
+  for suite in $SUITES; do
+    extra=()
+    [[ $suite == lora ]] && extra=("$@")
+    $PY -m pefttorch bench "$suite" --json "$OUT/$suite.json" --plot "$OUT/$suite.png" "${extra[@]}" 2>&1 \
+      | tee "$OUT/bench-$suite.log" | grep -v "^$suite: " | tail -60
+  done
+fi
