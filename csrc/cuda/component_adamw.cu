@@ -6,8 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstring>
-
 #include "../common/adamw.h"
 #include "../common/dispatch.h"
 #include "../ops.h"
@@ -16,10 +14,8 @@
 namespace pefttorch::cuda {
 namespace {
 
-// One launch for every tensor. The descriptor table (~100 bytes a tensor: the few hundred ranked parameters of a
-// model would not fit the kernel's parameter space) goes to the device through pinned memory, copied on the current
-// stream: ordered before the kernel, with no host synchronisation. The caching host allocator keeps the pinned
-// buffer until that copy is done.
+// One launch for every tensor, reading a descriptor table (~100 bytes a tensor) copied to the device on the
+// current stream (see table_on_device).
 void step_cuda(const std::vector<ComponentAdamwTensor>& tensors, const ComponentAdamwHyper& hyper) {
   const at::Tensor& first = tensors.front().p;
   const c10::cuda::CUDAGuard guard(first.device());
@@ -29,11 +25,7 @@ void step_cuda(const std::vector<ComponentAdamwTensor>& tensors, const Component
     int64_t blocks = 0;
     const std::vector<AdamwTensor<T>> table = adamw_table<T>(tensors, &blocks);
     if (blocks == 0) return;  // rows 0 (or no columns) everywhere: nothing to update
-    const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(AdamwTensor<T>));
-    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.mutable_data_ptr(), table.data(), bytes);
-    at::Tensor device = at::empty({bytes}, first.options().dtype(at::kByte));
-    device.copy_(host, /*non_blocking=*/true);
+    const at::Tensor device = table_on_device(table, first);
     component_adamw_kernel<T><<<static_cast<unsigned>(blocks), kAdamwThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const AdamwTensor<T>*>(device.const_data_ptr()), static_cast<int64_t>(table.size()),
         adamw_scalars<acc_t>(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay));

@@ -27,6 +27,7 @@
 
 #include "../common/adamw.h"
 #include "../ops.h"
+#include "multi_tensor.cuh"
 
 namespace pefttorch::cuda {
 
@@ -98,18 +99,8 @@ __global__ void __launch_bounds__(kAdamwThreads)
     component_adamw_kernel(const AdamwTensor<T>* __restrict__ table, int64_t count,
                            const AdamwScalars<adamw_acc_t<T>> h) {
   using acc_t = adamw_acc_t<T>;
-  // The tensor: the last one whose blocks start at or before this block. All threads search alike (the same
-  // addresses: broadcasts).
   const int64_t block = blockIdx.x;
-  int64_t lo = 0, hi = count - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (table[mid].first_block <= block) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
+  const int64_t lo = owner_of_block(table, count, block);
   // read in place, not copied into registers: most fields are used once
   const AdamwTensor<T>& d = table[lo];
 

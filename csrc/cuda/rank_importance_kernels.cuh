@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "multi_tensor.cuh"
 
 namespace pefttorch::cuda {
 
@@ -118,18 +119,8 @@ __global__ void __launch_bounds__(kImportanceThreads)
   __shared__ float s_be[kImportanceMaxRows][kImportanceKTile];  // B[i, k] E[k] for the block's rows, one k tile
   __shared__ float s_warp[kImportanceThreads / 32];
 
-  // The module: the last one whose blocks start at or before this block. All threads search alike (the same
-  // addresses: broadcasts), so no barrier is needed to share the answer.
   const int64_t block = blockIdx.x;
-  int64_t lo = 0, hi = count - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (table[mid].first_block <= block) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
+  const int64_t lo = owner_of_block(table, count, block);
   // read in place, not copied: a register copy of the whole descriptor (~180 bytes) made ptxas spill
   const ImportanceModule<T>& d = table[lo];
 
