@@ -53,22 +53,11 @@ struct AdamwTensor {
   adamw_acc_t<T> warmup;  // 0: none
 };
 
-struct AdamwPlan {
-  int32_t col_threads, rows_per_block;
-  int64_t col_chunks, blocks;
-};
+using AdamwPlan = BlockPlan;
 
-// The block shape of one tensor: groups just wide enough for its columns (few columns: more groups, so more rows
-// per block and no idle threads), and enough blocks to cover the rows to update. No blocks for no work.
+// One tensor's blocks: groups of 1 thread or more (a (cap, 1) e gets one thread per row), rows to update only.
 inline AdamwPlan plan_adamw(int64_t rows, int64_t cols) {
-  int32_t col_threads = 1;
-  while (col_threads < cols && col_threads < kAdamwThreads) col_threads *= 2;
-  const int32_t rows_per_block = kAdamwThreads / col_threads * kAdamwRows;
-  if (rows == 0 || cols == 0) return {col_threads, rows_per_block, 0, 0};
-  const int64_t cols_per_block = int64_t{col_threads} * kAdamwColPasses;
-  const int64_t col_chunks = (cols + cols_per_block - 1) / cols_per_block;
-  const int64_t row_chunks = (rows + rows_per_block - 1) / rows_per_block;
-  return {col_threads, rows_per_block, col_chunks, row_chunks * col_chunks};
+  return plan_blocks(rows, cols, 1, kAdamwThreads, kAdamwRows, kAdamwColPasses);
 }
 
 // The descriptors of the tensors with work, in order, and the blocks they need in all (*blocks).

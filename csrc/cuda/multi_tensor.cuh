@@ -10,6 +10,27 @@
 
 namespace pefttorch::cuda {
 
+// How one tensor's share of the grid is cut: threads in groups of col_threads (a power of two just covering its
+// columns, at least min_col_threads), each group taking rows_per_thread rows, a block col_passes group widths of
+// columns; enough blocks to cover rows x cols. Few columns give more groups, so more rows per block and no idle
+// threads. No blocks for no work.
+struct BlockPlan {
+  int32_t col_threads, rows_per_block;
+  int64_t col_chunks, blocks;
+};
+
+inline BlockPlan plan_blocks(int64_t rows, int64_t cols, int32_t min_col_threads, int32_t threads,
+                             int32_t rows_per_thread, int32_t col_passes) {
+  int32_t col_threads = min_col_threads;
+  while (col_threads < cols && col_threads < threads) col_threads *= 2;
+  const int32_t rows_per_block = threads / col_threads * rows_per_thread;
+  if (rows == 0 || cols == 0) return {col_threads, rows_per_block, 0, 0};
+  const int64_t cols_per_block = int64_t{col_threads} * col_passes;
+  const int64_t col_chunks = (cols + cols_per_block - 1) / cols_per_block;
+  const int64_t row_chunks = (rows + rows_per_block - 1) / rows_per_block;
+  return {col_threads, rows_per_block, col_chunks, row_chunks * col_chunks};
+}
+
 // The index of the descriptor whose blocks contain `block`: the last one whose first_block is at or before it
 // (table sorted by first_block). Every thread of a block searches alike (the same addresses: broadcasts), so no
 // barrier is needed to share the answer.

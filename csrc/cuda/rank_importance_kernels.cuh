@@ -56,22 +56,12 @@ struct ImportanceModule {
   float weight;
 };
 
-struct ImportancePlan {
-  int32_t col_threads, rows_per_block;
-  int64_t col_chunks, blocks;
-};
+using ImportancePlan = BlockPlan;
 
-// The block shape of one module: groups just wide enough for its sampled columns (few columns: more groups, so
-// more rows per block and no idle threads), and enough blocks to cover the sample. No blocks for no work.
+// One module's blocks over its sampled grid: groups of a warp or more (the block sum reduces whole warps); no
+// blocks at rank 0.
 inline ImportancePlan plan_importance(int64_t rows, int64_t cols, int64_t rank) {
-  int32_t col_threads = 32;
-  while (col_threads < cols && col_threads < kImportanceThreads) col_threads *= 2;
-  const int32_t rows_per_block = kImportanceThreads / col_threads * kImportanceRows;
-  if (rows == 0 || cols == 0 || rank == 0) return {col_threads, rows_per_block, 0, 0};
-  const int64_t cols_per_block = int64_t{col_threads} * kImportanceColPasses;
-  const int64_t col_chunks = (cols + cols_per_block - 1) / cols_per_block;
-  const int64_t row_chunks = (rows + rows_per_block - 1) / rows_per_block;
-  return {col_threads, rows_per_block, col_chunks, row_chunks * col_chunks};
+  return plan_blocks(rank == 0 ? 0 : rows, cols, 32, kImportanceThreads, kImportanceRows, kImportanceColPasses);
 }
 
 // The descriptors of the modules with work, in order, and the blocks they need in all (*blocks).
