@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ...nn.adapter import BottleneckAdapter
-from ..lora.layer import ModulesToSaveWrapper
-from ..lora.model import _layer_index, _name_matches, _set_submodule
+from .._hooked import HookedModel
+from ..lora.model import _layer_index
 from .config import AdapterConfig
 
 # Per model type: the attention output projections (self, then cross), and the FFN as (input module, output
@@ -120,17 +120,15 @@ class _Before:
             self.owner._inputs[self.site.key] = args[0]
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(HookedModel):
     """A transformers model with bottleneck adapters (one adapter set, named by the PeftModel)."""
 
+    method = "bottleneck adapters"
+    key_prefix = ""  # this format's modules_to_save keys are the module paths
+
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
-        super().__init__()
-        self.model = model
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        super().__init__(model, config, adapter_name)
         self.sites = find_sites(model, config)
-        if config.modules_to_save and not any(_name_matches(n, config.modules_to_save)
-                                              for n, _ in model.named_modules()):
-            raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
         hidden = max(s.features for s in self.sites)
         weight = next(model.parameters())
         # as LoRA's autocast_adapter_dtype: fp32 adapters in a 16-bit model (cast to its dtype in forward)
@@ -140,86 +138,23 @@ class AdapterModel(nn.Module):
                                      config.layer_norm, device=weight.device, dtype=dtype)
             for s in self.sites
         })
-        self.peft_config = {adapter_name: config}
-        self.active_adapters = [adapter_name]
-        self.disabled = False
         self._inputs: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
-        self._handles = []
         for s in self.sites:
-            self._handles.append(modules[s.output].register_forward_hook(_After(self, s)))
+            self.hook(modules[s.output].register_forward_hook(_After(self, s)))
             if s.input is not None:
-                self._handles.append(modules[s.input].register_forward_pre_hook(_Before(self, s)))
-        for name, module in list(model.named_modules()):
-            if config.modules_to_save and _name_matches(name, config.modules_to_save) \
-                    and not isinstance(module, ModulesToSaveWrapper):
-                _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name))
-        self._mark_trainable()
+                self.hook(modules[s.input].register_forward_pre_hook(_Before(self, s)))
+        self.finish()
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    def adapter_parameters(self):
+        return list(self.adapters.parameters())
 
-    def _wrappers(self):
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    def own_tensors(self):
+        return {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
 
-    def _mark_trainable(self) -> None:
-        self.model.requires_grad_(False)
-        config = self.peft_config[self.active_adapters[0]]
-        if config.inference_mode:
-            self.adapters.requires_grad_(False)
-            return
-        self.adapters.requires_grad_(True)
-        for _, wrapper in self._wrappers():
-            wrapper.modules_to_save.requires_grad_(True)
-
-    # PeftModel's adapter management: one adapter set per model
-    def inject_adapter(self, config, adapter_name: str) -> None:
-        raise ValueError("a model with bottleneck adapters holds one adapter set")
-
-    def set_adapter(self, names) -> None:
-        names = [names] if isinstance(names, str) else list(names)
-        if names != self.active_adapters:
-            raise ValueError(f"unknown adapter(s) {names}; adapters are: {self.active_adapters}")
-
-    def delete_adapter(self, name: str) -> None:
-        raise ValueError("bottleneck adapters cannot be deleted one by one; use unload()")
-
-    def set_adapters_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
+    def on_disabled(self, disabled: bool) -> None:
         self._inputs.clear()
-        for _, wrapper in self._wrappers():
-            wrapper.disable_adapters = disabled
 
     def merge_adapter(self, adapter_names=None) -> None:
         raise ValueError("bottleneck adapters cannot be merged into the base weights (a nonlinearity sits between "
                          "their projections); use unload() to remove them")
-
-    def unmerge_adapter(self) -> None:
-        return None
-
-    def unload(self, merge: bool = False) -> nn.Module:
-        if merge:
-            self.merge_adapter()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for name, wrapper in self._wrappers():
-            _set_submodule(self.model, name, wrapper.original_module)
-        for p in self.model.parameters():
-            p.requires_grad_(self._requires_grad.get(id(p), True))
-        return self.model
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        out = {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
-        for path, wrapper in self._wrappers():
-            for key, value in wrapper.modules_to_save[name].state_dict().items():
-                out[f"{path}.{key}"] = value
-        return {k: v.detach() for k, v in out.items()}
-
-    def export_adapter(self, name: str):
-        return self.peft_config[name], self.adapter_state_dict(name)

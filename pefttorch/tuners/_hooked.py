@@ -1,0 +1,141 @@
+"""HookedModel: the base of the methods that leave the base model's modules where they are.
+
+Bottleneck adapters, (IA)^3, SSF, BitFit and LayerNorm tuning change what some modules compute through forward
+hooks (or by swapping a few parameters), so the base model's own state-dict keys do not change and unloading
+gives back exactly the model that came in. Such a model holds one adapter set; what they share lives here:
+attribute forwarding to the wrapped model, modules_to_save, trainability, hooks, disabling and unloading.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora.layer import ModulesToSaveWrapper
+from .lora.model import _name_matches, _set_submodule
+
+
+class HookedModel(nn.Module):
+    """One adapter set on `model`. Subclasses build their parameters, then call :meth:`finish`; they list
+    their trainable parameters in :meth:`adapter_parameters` and their saved tensors in :meth:`own_tensors`."""
+
+    method = "this method"  # for error messages, e.g. "bottleneck adapters"
+    key_prefix = "base_model.model."  # of modules_to_save keys in saved files (HF PEFT's)
+
+    def __init__(self, model: nn.Module, config, adapter_name: str) -> None:
+        super().__init__()
+        self.model = model
+        # unload() gives the model back as it came, trainability included
+        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self.peft_config = {adapter_name: config}
+        self.active_adapters = [adapter_name]
+        self.disabled = False
+        self._handles: list = []
+        modules_to_save = getattr(config, "modules_to_save", None)
+        if modules_to_save and not any(_name_matches(n, modules_to_save) for n, _ in model.named_modules()):
+            raise ValueError(f"modules_to_save={modules_to_save} matched no module of the model")
+
+    def finish(self) -> None:
+        """Wraps modules_to_save and marks what trains; call once the method's own parameters exist."""
+        config = self.config
+        name = self.active_adapters[0]
+        for path, module in list(self.model.named_modules()):
+            if config.modules_to_save and _name_matches(path, config.modules_to_save) \
+                    and not isinstance(module, ModulesToSaveWrapper):
+                _set_submodule(self.model, path, ModulesToSaveWrapper(module, name))
+        self._mark_trainable()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def config(self):
+        return self.peft_config[self.active_adapters[0]]
+
+    def hook(self, handle) -> None:
+        """Keeps a hook's handle, removed by unload()."""
+        self._handles.append(handle)
+
+    def _wrappers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    # ------------------------------------------------------------------ what subclasses provide
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The method's trainable parameters (modules_to_save excluded)."""
+        raise NotImplementedError
+
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        """The method's tensors as saved, by key (modules_to_save excluded); they share storage with the
+        parameters, so loading copies into them."""
+        raise NotImplementedError
+
+    def on_disabled(self, disabled: bool) -> None:
+        """Called when the adapter is switched off (disable_adapter) or on again."""
+
+    def restore(self, merge: bool) -> None:
+        """Called by unload() after the hooks are gone: undo (or, with `merge`, keep) any change the method made
+        to the base model's own modules (merging itself is done by merge_adapter before)."""
+
+    # ------------------------------------------------------------------ PeftModel's adapter management
+
+    def _mark_trainable(self) -> None:
+        self.model.requires_grad_(False)
+        trainable = not self.config.inference_mode
+        for p in self.adapter_parameters():
+            p.requires_grad_(trainable)
+        for _, wrapper in self._wrappers():
+            wrapper.modules_to_save.requires_grad_(trainable)
+
+    def inject_adapter(self, config, adapter_name: str) -> None:
+        raise ValueError(f"a model with {self.method} holds one adapter set")
+
+    def set_adapter(self, names) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        if names != self.active_adapters:
+            raise ValueError(f"unknown adapter(s) {names}; adapters are: {self.active_adapters}")
+
+    def delete_adapter(self, name: str) -> None:
+        raise ValueError(f"{self.method} cannot be deleted one by one; use unload()")
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.on_disabled(disabled)
+        for _, wrapper in self._wrappers():
+            wrapper.disable_adapters = disabled
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        raise ValueError(f"{self.method} cannot be merged into the base weights; use unload() to remove them")
+
+    def unmerge_adapter(self) -> None:
+        return None
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        """The base model without the method's hooks: with `merge`, what the adapter learned folded into its
+        weights (where the algebra allows, else an error and nothing changed); otherwise exactly as it came."""
+        if merge:
+            self.merge_adapter()  # raises before anything is removed where merging is impossible
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.restore(merge)
+        for path, wrapper in self._wrappers():
+            _set_submodule(self.model, path, wrapper.active_module() if merge else wrapper.original_module)
+        for p in self.model.parameters():
+            p.requires_grad_(self._requires_grad.get(id(p), True))
+        return self.model
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        out = dict(self.own_tensors())
+        for path, wrapper in self._wrappers():
+            for key, value in wrapper.modules_to_save[name].state_dict().items():
+                out[f"{self.key_prefix}{path}.{key}"] = value
+        return {k: v.detach() for k, v in out.items()}
+
+    def export_adapter(self, name: str):
+        return self.peft_config[name], self.adapter_state_dict(name)
