@@ -22,6 +22,7 @@ from .tuners.density import (
 from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
+from .tuners.scaling import IA3Config, SsfConfig
 
 __version__ = ops._C.VERSION
 
@@ -60,11 +61,13 @@ __all__ = [
     "DensityLoss",
     "DensityLossCallback",
     "DensityLossConfig",
+    "IA3Config",
     "IncreLoraConfig",
     "LoraConfig",
     "MeftConfig",
     "PeftModel",
     "RankAllocationCallback",
+    "SsfConfig",
     "__version__",
     "accelerate",
     "attach_density_loss",

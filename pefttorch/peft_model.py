@@ -23,8 +23,13 @@ from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftModel
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
+from .tuners.scaling import IA3Config, SsfConfig, VectorModel
+from .tuners.scaling.config import IA3, SSF
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# config class -> the model that carries it (subclasses before their base class: the first match wins)
+_TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: RankedLoraModel,
+           AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel}
 
 
 class PeftModel(nn.Module):
@@ -38,19 +43,16 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
-        if not isinstance(config, (LoraConfig, MeftConfig, AdapterConfig)):
-            raise TypeError("pefttorch.PeftModel takes a pefttorch LoraConfig, IncreLoraConfig, AdaLoraConfig, "
-                            f"MeftConfig or AdapterConfig, got {type(config).__name__}")
+        tuner = next((t for cls, t in _TUNERS.items() if isinstance(config, cls)), None)
+        if tuner is None:
+            raise TypeError("pefttorch.PeftModel takes a pefttorch config (" + ", ".join(c.__name__ for c in _TUNERS)
+                            + f"), got {type(config).__name__}")
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
-        if isinstance(config, MeftConfig):
-            self.base_model = MeftModel(model, config, adapter_name)
-        elif isinstance(config, AdapterConfig):
-            self.base_model = AdapterModel(model, config, adapter_name)
-        elif isinstance(config, (IncreLoraConfig, AdaLoraConfig)):
-            self.base_model = RankedLoraModel(model, config, adapter_name, autocast_adapter_dtype)
+        if tuner in (LoraModel, RankedLoraModel):
+            self.base_model = tuner(model, config, adapter_name, autocast_adapter_dtype)
         else:
-            self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
+            self.base_model = tuner(model, config, adapter_name)
         self.density_loss = None  # the DensityLoss hooks when an adapter's config asks for the density loss
         try:
             self._attach_density_loss(config)
@@ -266,7 +268,8 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
     data = json.loads((directory / CONFIG_NAME).read_text())
-    readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict}
+    readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
+               SSF: SsfConfig.from_dict}
     config = readers.get(data.get("peft_type"), LoraConfig.from_dict)(data)
     config.inference_mode = not is_trainable
     return config

@@ -1,0 +1,144 @@
+"""IA3Config and SsfConfig: learned vectors that rescale (and, for SSF, shift) what linear layers compute."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .._config import reject_unknown_fields, save_config
+
+IA3 = "IA3"
+SSF = "SSF"
+
+# (IA)^3 per model type (Liu et al. 2022): keys, values and the FFN's intermediate activation, which is the
+# input of the FFN's output projection (a "feedforward" module, scaled on its input). BERT's FFN output layer is
+# "<layer>.output.dense" while its attention output is "<layer>.attention.output.dense": a regex tells them apart.
+IA3_DEFAULTS = {
+    "bert": (r".*\.(?:key|value|\d+\.output\.dense)", r".*\.\d+\.output\.dense"),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "marian": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+}
+IA3_ALIASES = {"roberta": "bert", "mistral": "llama", "qwen2": "llama", "gemma": "llama", "mt5": "t5",
+               "mbart": "marian", "bart": "marian"}
+
+
+def _names(value, what: str, owner: str):
+    """A list of names or a regex string (as HF PEFT takes them), or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
+
+
+@dataclass
+class _VectorConfig:
+    """Fields the vector methods share (HF PEFT's names)."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def _check(self) -> None:
+        owner = type(self).__name__
+        self.target_modules = _names(self.target_modules, "target_modules", owner)
+        self.exclude_modules = _names(self.exclude_modules, "exclude_modules", owner)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
+            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+
+    def save(self, directory) -> None:
+        save_config(self, directory)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if data.get("peft_type") != cls.peft_type_name:
+            raise ValueError(f"not a {cls.peft_type_name} config (peft_type {data.get('peft_type')!r})")
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@reject_unknown_fields
+@dataclass
+class IA3Config(_VectorConfig):
+    """(IA)^3 (Liu et al. 2022): each targeted linear layer's output is multiplied by a learned vector, or, for
+    `feedforward_modules`, its input. Fields and saved format are HF PEFT's ``IA3Config``'s.
+
+    Args:
+        target_modules: module names (a module matches if its name equals one or ends with ``.name``), a regex
+            matched against the whole module name, or ``"all-linear"``. None: keys, values and the FFN's output
+            projection for BERT, Llama, T5, Marian/BART and GPT-2 families.
+        feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None: the
+            defaults' when target_modules is None too, else no module.
+        exclude_modules: names or a regex of modules never adapted.
+        layers_to_transform: only these layer indices (pefttorch's; saved as an exact regex for HF PEFT).
+        fan_in_fan_out: accepted for HF PEFT compatibility; the layer type decides the layout.
+        init_ia3_weights: vectors start at one, so the model starts as the base model (False: random, for tests).
+        modules_to_save: modules trained in full and saved with the vectors (e.g. a new classifier).
+    Merging (``merge_and_unload``) folds the vectors into the layers' weights and biases.
+    """
+
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+    peft_type: str = field(default=IA3, init=False)
+    peft_type_name = IA3
+
+    def __post_init__(self) -> None:
+        self._check()
+        self.feedforward_modules = _names(self.feedforward_modules, "feedforward_modules", "IA3Config")
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"IA3Config: feedforward_modules must be among target_modules; not there: {extra}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("layers_to_transform")  # not a field of HF PEFT's IA3Config: export writes exact module regexes
+        d["peft_type"] = IA3
+        return d
+
+
+@reject_unknown_fields
+@dataclass
+class SsfConfig(_VectorConfig):
+    """SSF (Lian et al. 2022, "Scaling & Shifting Your Features"): each targeted module's output y becomes
+    ``scale * y + shift`` with learned per-feature vectors (over the last dimension).
+
+    Args:
+        target_modules: as in IA3Config; default ``"all-linear"`` (every linear layer but the output head).
+            Names or a regex may also pick LayerNorm / RMSNorm modules (their output is rescaled too).
+        exclude_modules, layers_to_transform, modules_to_save: as in IA3Config.
+        init_ssf_weights: scale ones and shift zeros, so the model starts as the base model (False: random).
+    Merging folds scale and shift into a linear layer's weight and bias (or an nn.LayerNorm's); modules whose
+    computation cannot absorb them (e.g. an RMSNorm without bias) raise when merged. Saved in pefttorch's format
+    (HF PEFT has no SSF): ``base_model.model.<module>.ssf_scale`` and ``.ssf_shift``.
+    """
+
+    target_modules: list[str] | str | None = "all-linear"
+    init_ssf_weights: bool = True
+    peft_type: str = field(default=SSF, init=False)
+    peft_type_name = SSF
+
+    def __post_init__(self) -> None:
+        self._check()
+        if self.target_modules is None:
+            raise ValueError("SsfConfig: target_modules must be set (default 'all-linear')")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peft_type"] = SSF
+        return d

@@ -1,0 +1,264 @@
+"""VectorModel: (IA)^3 and SSF, learned per-feature vectors applied by forward hooks.
+
+A site is a targeted module and which side of it the vectors act on: its output (``y * scale (+ shift)``) or,
+for (IA)^3's feedforward modules, its input. The vectors are elementwise and cheap next to the layer's GEMM, so
+they run as plain PyTorch ops (one fused multiply(-add) kernel each); merging folds them into the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._hooked import HookedModel
+from ..lora.layer import ModulesToSaveWrapper, is_linear, linear_dims
+from ..lora.model import ALL_LINEAR, PREFIX, _in_modules_to_save, _layer_index, _matches
+from .config import IA3_ALIASES, IA3_DEFAULTS, IA3Config, SsfConfig
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm-like module with a per-feature weight (transformers' norms are their own
+    classes, named ...LayerNorm / ...RMSNorm)."""
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))) \
+        and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+@dataclass
+class Site:
+    path: str
+    module: nn.Module
+    features: int  # length of the vectors
+    on_input: bool  # (IA)^3 feedforward: scales the module's input
+
+
+def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tuple[str, nn.Module]]:
+    """Modules that `spec` (names, a regex or "all-linear") selects in `model`, minus exclude_modules, modules
+    outside layers_to_transform and modules_to_save; each must satisfy `accept`. Raises naming what could have
+    matched."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found, rejected, candidates = [], [], Counter()
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            inside += (name + ".",)
+            continue
+        if accept(module):
+            candidates[name.rsplit(".", 1)[-1]] += 1
+        matched = (is_linear(module) and module is not head) if spec == ALL_LINEAR else _matches(spec, name)
+        if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
+                or _in_modules_to_save(name, config.modules_to_save)
+                or (config.layers_to_transform and _layer_index(name, None) not in config.layers_to_transform)):
+            continue
+        if not accept(module):
+            rejected.append(f"{name} ({type(module).__name__})")
+            continue
+        found.append((name, module))
+    if rejected:
+        raise ValueError(f"{type(config).__name__} adapts {what}; these matched modules are not: "
+                         + ", ".join(rejected[:10]) + (" ..." if len(rejected) > 10 else ""))
+    if not found:
+        available = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(candidates.items()))
+        raise ValueError(f"target_modules={spec!r} matched none of the {what} of {type(model).__name__}"
+                         + (f" (layers_to_transform={config.layers_to_transform!r})"
+                            if config.layers_to_transform else "")
+                         + f"; available to match: {available or 'none'}")
+    return found
+
+
+def ia3_targets(model: nn.Module, config: IA3Config):
+    """(target spec, feedforward spec): the config's, or the defaults for the model type."""
+    if config.target_modules is not None:
+        return config.target_modules, config.feedforward_modules or []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = IA3_DEFAULTS.get(IA3_ALIASES.get(model_type, model_type))
+    if defaults is None and config.feedforward_modules is None:
+        raise ValueError(f"IA3Config.target_modules is not set and pefttorch has no default for model type "
+                         f"{model_type!r}; set target_modules (and feedforward_modules); defaults exist for: "
+                         f"{', '.join(sorted({*IA3_DEFAULTS, *IA3_ALIASES}))}")
+    if defaults is None:
+        raise ValueError("IA3Config: feedforward_modules must be among target_modules, which is not set")
+    return defaults[0], defaults[1] if config.feedforward_modules is None else config.feedforward_modules
+
+
+def find_sites(model: nn.Module, config: IA3Config | SsfConfig) -> list[Site]:
+    """Where `config` puts vectors in `model`, found without changing it."""
+    if isinstance(config, IA3Config):
+        spec, feedforward = ia3_targets(model, config)
+        modules = find_modules(model, spec, config, is_linear, "linear layers")
+        return [Site(path, m, linear_dims(m)[0 if on_input else 1], on_input)
+                for path, m in modules for on_input in [bool(feedforward) and _matches(feedforward, path)]]
+    modules = find_modules(model, config.target_modules, config, lambda m: is_linear(m) or is_norm(m),
+                           "linear layers and LayerNorm/RMSNorm modules")
+    return [Site(path, m, linear_dims(m)[1] if is_linear(m) else m.weight.numel(), False) for path, m in modules]
+
+
+class _Output:
+    """Forward hook: ``y * scale (+ shift)`` over the last dimension."""
+
+    def __init__(self, owner: VectorModel, key: str) -> None:
+        self.owner, self.key = owner, key
+
+    def __call__(self, module, args, output):
+        owner = self.owner
+        if owner.disabled or owner.merged:
+            return None
+        scale = owner.scales[self.key].view(-1).to(output.dtype)
+        if self.key in owner.shifts:
+            return torch.addcmul(owner.shifts[self.key].to(output.dtype), output, scale)
+        return output * scale
+
+
+class _Input:
+    """Forward pre-hook: the module's input times the (IA)^3 vector."""
+
+    def __init__(self, owner: VectorModel, key: str) -> None:
+        self.owner, self.key = owner, key
+
+    def __call__(self, module, args):
+        owner = self.owner
+        if owner.disabled or owner.merged:
+            return None
+        x = args[0]
+        return (x * owner.scales[self.key].view(-1).to(x.dtype), *args[1:])
+
+
+class VectorModel(HookedModel):
+    """A model with (IA)^3 or SSF vectors (one adapter set, named by the PeftModel)."""
+
+    def __init__(self, model: nn.Module, config: IA3Config | SsfConfig, adapter_name: str = "default") -> None:
+        super().__init__(model, config, adapter_name)
+        self.ia3 = isinstance(config, IA3Config)
+        self.method = "(IA)^3 vectors" if self.ia3 else "SSF vectors"
+        self.sites = find_sites(model, config)
+        self.keys = [re.sub(r"\W", "_", s.path) for s in self.sites]
+        weight = next(model.parameters())
+        # as LoRA's autocast_adapter_dtype: fp32 vectors in a 16-bit model (cast to its dtype in forward)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        random = not (config.init_ia3_weights if self.ia3 else config.init_ssf_weights)
+        self.scales, self.shifts = nn.ParameterDict(), nn.ParameterDict()
+        for key, s in zip(self.keys, self.sites, strict=True):
+            # (IA)^3 vectors are stored in HF PEFT's shapes: (out, 1), or (1, in) on a feedforward input
+            shape = ((1, s.features) if s.on_input else (s.features, 1)) if self.ia3 else (s.features,)
+            device = s.module.weight.device
+            scale = torch.ones(shape, device=device, dtype=dtype)
+            self.scales[key] = nn.Parameter(scale + 0.1 * torch.randn_like(scale) if random else scale)
+            if not self.ia3:
+                shift = torch.zeros(s.features, device=device, dtype=dtype)
+                self.shifts[key] = nn.Parameter(0.1 * torch.randn_like(shift) if random else shift)
+        self.merged = False
+        for key, s in zip(self.keys, self.sites, strict=True):
+            if s.on_input:
+                self.hook(s.module.register_forward_pre_hook(_Input(self, key)))
+            else:
+                self.hook(s.module.register_forward_hook(_Output(self, key)))
+        self._created_biases: list[nn.Module] = []
+        self.finish()
+
+    def adapter_parameters(self):
+        return [*self.scales.values(), *self.shifts.values()]
+
+    def own_tensors(self):
+        out = {}
+        for key, s in zip(self.keys, self.sites, strict=True):
+            if self.ia3:
+                out[f"{PREFIX}{s.path}.ia3_l"] = self.scales[key]  # HF PEFT's key, adapter name removed
+            else:
+                out[f"{PREFIX}{s.path}.ssf_scale"] = self.scales[key]
+                out[f"{PREFIX}{s.path}.ssf_shift"] = self.shifts[key]
+        return out
+
+    def on_disabled(self, disabled: bool) -> None:
+        if disabled and self.merged:
+            self.unmerge_adapter()  # the base model's own weights serve while disabled
+
+    def export_adapter(self, name: str):
+        config = self.peft_config[name]
+        if self.ia3 and config.layers_to_transform:
+            # HF PEFT's IA3Config has no layers_to_transform: name exactly the modules adapted
+            def exact(paths):
+                return "|".join(re.escape(p) for p in paths) if paths else None
+
+            config = config.replace(target_modules=exact([s.path for s in self.sites]),
+                                    feedforward_modules=exact([s.path for s in self.sites if s.on_input]),
+                                    layers_to_transform=None)
+        elif self.ia3 and config.target_modules is None:
+            # our defaults, written out: HF PEFT's own differ (e.g. BERT's attention output as feedforward)
+            target, feedforward = ia3_targets(self.model, config)
+            config = config.replace(target_modules=target, feedforward_modules=feedforward)
+        return config, self.adapter_state_dict(name)
+
+    # ------------------------------------------------------------------ merging
+
+    def _check_mergeable(self) -> None:
+        for s in self.sites:
+            if is_linear(s.module) or isinstance(s.module, nn.LayerNorm):
+                continue
+            # other norms (RMSNorm): the scale folds into the weight only if it multiplies plainly, which
+            # pefttorch cannot know for a foreign class; the shift needs a bias it does not have
+            raise ValueError(f"SSF on {s.path} ({type(s.module).__name__}) cannot be merged: only linear layers and "
+                             f"nn.LayerNorm take a scale and shift into their weights; exclude it or unload() "
+                             f"without merging")
+
+    @torch.no_grad()
+    def merge_adapter(self, adapter_names=None) -> None:
+        """Folds the vectors into the targeted modules' weights and biases (the hooks then pass through)."""
+        if self.merged:
+            return
+        self._check_mergeable()
+        for key, s in zip(self.keys, self.sites, strict=True):
+            self._fold(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_adapter(self) -> None:
+        """Takes the vectors out of the weights again (exact up to rounding; a scale of zero cannot be undone)."""
+        if not self.merged:
+            return
+        for key, s in zip(self.keys, self.sites, strict=True):
+            scale = self.scales[key].view(-1)
+            if bool((scale.abs() < 1e-6).any()):
+                raise ValueError(f"{s.path}: a merged scale is (near) zero, so it cannot be divided out again")
+            shift = self.shifts[key] if key in self.shifts else None
+            self._fold(s, 1 / scale, None if shift is None else -shift / scale)
+        for module in self._created_biases:
+            module.bias = None
+        self._created_biases = []
+        self.merged = False
+
+    def _fold(self, site: Site, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """weight/bias of `site` so that the module alone computes what it did with the vectors applied."""
+        m = site.module
+        w = m.weight
+        s = scale.to(device=w.device, dtype=torch.float32)
+        if isinstance(m, nn.Linear) or is_norm(m):
+            # nn.Linear stores (out, in): an output scale is a row scale, an input scale a column scale
+            shaped = s.view(1, -1) if site.on_input else s.view(-1, *([1] * (w.dim() - 1)))
+        else:  # transformers' Conv1D stores (in, out)
+            shaped = s.view(-1, 1) if site.on_input else s.view(1, -1)
+        w.copy_((w.float() * shaped).to(w.dtype))
+        if site.on_input:
+            return
+        b = m.bias
+        if b is None and shift is not None:
+            b = nn.Parameter(torch.zeros(site.features, device=w.device, dtype=w.dtype), requires_grad=False)
+            m.bias = b
+            self._created_biases.append(m)
+        if b is not None:
+            new = b.float() * s + (0 if shift is None else shift.to(device=b.device, dtype=torch.float32))
+            b.copy_(new.to(b.dtype))
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        if not merge and self.merged:
+            self.unmerge_adapter()
+        if merge:
+            self._created_biases = []  # merged for good
+        return super().unload(merge)
+

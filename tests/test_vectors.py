@@ -1,0 +1,268 @@
+"""(IA)^3 and SSF through get_peft_model: identity at init, against HF PEFT's (IA)^3 and against weights scaled by
+hand, training only the vectors, merging, save/load and HF PEFT's format both ways."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hf_models import FAMILIES
+from torch import nn
+
+from pefttorch import IA3Config, PeftModel, SsfConfig, get_peft_model
+
+FAMILY_NAMES = ["bert", "llama", "t5", "marian", "gpt2"]
+
+
+def fresh(family, seed=0):
+    torch.manual_seed(seed)
+    return FAMILIES[family].build().eval()
+
+
+def inputs(family, seed=1):
+    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomize(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.base_model.adapter_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if p.dim() == 2 or "scale" in _name(model, p)
+                    else 0.3 * torch.randn(p.shape, generator=g))
+
+
+def loss(out):
+    return out.loss if out.loss is not None else out.logits.float().square().mean()
+
+
+def _name(model, param):
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+CONFIGS = [IA3Config(), SsfConfig()]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_starts_as_the_base_model(family, config):
+    base = fresh(family)
+    model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    batch = inputs(family)
+    torch.testing.assert_close(logits(model, batch), logits(base, batch), rtol=0, atol=0)
+
+
+def _scaled_by_hand(base, model):
+    """`base` with each site's weights scaled (and bias shifted) in float64 by plain tensor algebra: the
+    reference the hooks must equal."""
+    ref = copy.deepcopy(base).double()
+    vm = model.base_model
+    with torch.no_grad():
+        for key, site in zip(vm.keys, vm.sites, strict=True):
+            m = ref.get_submodule(site.path)
+            s = vm.scales[key].double().view(-1)
+            conv1d = not isinstance(m, nn.Linear) and m.weight.dim() == 2  # GPT-2's Conv1D: (in, out)
+            if site.on_input:
+                m.weight.mul_(s.view(-1, 1) if conv1d else s.view(1, -1))
+                continue
+            m.weight.mul_(s.view(1, -1) if conv1d else s.view(-1, *([1] * (m.weight.dim() - 1))))
+            shift = vm.shifts[key].double() if key in vm.shifts else torch.zeros_like(s)
+            if m.bias is None:
+                m.bias = nn.Parameter(shift.clone())
+            else:
+                m.bias.copy_(m.bias * s + shift)
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_equals_the_weights_scaled_by_hand(family, config):
+    base = fresh(family)
+    model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    randomize(model)
+    batch = inputs(family)
+    ref = _scaled_by_hand(base, model)
+    want = logits(ref, {k: v for k, v in batch.items()})
+    torch.testing.assert_close(logits(model, batch).double(), want, rtol=1e-4, atol=1e-5)
+    # merging folds the same algebra into the model's own weights
+    merged = model.merge_and_unload()
+    assert not any(k.endswith(("ia3_l", "ssf_scale")) for k in merged.state_dict())
+    torch.testing.assert_close(logits(merged, batch).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_default_sites():
+    model = get_peft_model(fresh("bert"), IA3Config())
+    sites = {s.path: s.on_input for s in model.base_model.sites}
+    layer = "bert.encoder.layer.0."
+    assert sites[layer + "attention.self.key"] is False and sites[layer + "attention.self.value"] is False
+    assert sites[layer + "output.dense"] is True  # the FFN intermediate activation, scaled on its way in
+    assert layer + "attention.output.dense" not in sites and layer + "attention.self.query" not in sites
+    t5 = get_peft_model(fresh("t5"), IA3Config())
+    paths = [s.path for s in t5.base_model.sites]
+    assert any("EncDecAttention.k" in p for p in paths)  # cross-attention keys and values too
+    ssf = get_peft_model(fresh("llama"), SsfConfig())
+    assert len(ssf.base_model.sites) == 2 * 7  # every linear layer of both blocks, not the LM head
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_only_the_vectors_train(family, config):
+    model = get_peft_model(fresh(family), copy.deepcopy(config))
+    randomize(model)
+    model.train()
+    loss(model(**inputs(family))).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    own = {_name(model, p) for p in model.base_model.adapter_parameters()}
+    assert trained == own
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in own)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for p in model.base_model.adapter_parameters())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_disable_merge_unmerge_unload(config):
+    base = fresh("llama")
+    model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    randomize(model)
+    batch = inputs("llama")
+    adapted, plain = logits(model, batch), logits(base, batch)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), plain, rtol=0, atol=0)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():  # disabling a merged adapter takes it out of the weights
+        torch.testing.assert_close(logits(model, batch), plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-4, atol=1e-5)
+    model.merge_adapter()
+    unloaded = model.unload()  # not merged: the original weights, no hooks, no added biases
+    torch.testing.assert_close(logits(unloaded, batch), plain, rtol=1e-4, atol=1e-5)
+    assert set(unloaded.state_dict()) == set(base.state_dict())
+    assert all(p.requires_grad for p in unloaded.parameters())
+
+
+def test_ssf_on_norms():
+    base = fresh("bert")
+    config = SsfConfig(target_modules=["query", "LayerNorm"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    kinds = {type(s.module).__name__ for s in model.base_model.sites}
+    assert kinds == {"Linear", "LayerNorm"}
+    randomize(model)
+    batch = inputs("bert")
+    want = logits(model, batch)
+    torch.testing.assert_close(logits(model.merge_and_unload(), batch), want, rtol=1e-4, atol=1e-5)
+    # Llama's RMSNorm has no bias to take the shift: merging is refused and the model is left as it was
+    llama = get_peft_model(fresh("llama"), SsfConfig(target_modules=["q_proj", "input_layernorm"]))
+    randomize(llama)
+    before = logits(llama, inputs("llama"))
+    with pytest.raises(ValueError, match="LlamaRMSNorm.*cannot be merged"):
+        llama.merge_and_unload()
+    torch.testing.assert_close(logits(llama, inputs("llama")), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5", "marian"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_save_and_load_round_trip(family, config, tmp_path):
+    model = get_peft_model(fresh(family), copy.deepcopy(config))
+    randomize(model)
+    batch = inputs(family)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == ("IA3" if isinstance(config, IA3Config) else "SSF")
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    again = PeftModel.from_pretrained(fresh(family), tmp_path, is_trainable=True)
+    assert all(p.requires_grad for p in again.base_model.adapter_parameters())
+
+
+def test_load_into_another_architecture_fails_cleanly(tmp_path):
+    model = get_peft_model(fresh("llama"), IA3Config())
+    model.save_pretrained(tmp_path)
+    other = fresh("llama", seed=1)
+    other.model.layers = other.model.layers[:1]
+    keys = set(other.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert set(other.state_dict()) == keys and not other._forward_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in other.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "marian"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_generate(family, config):
+    model = get_peft_model(fresh(family), copy.deepcopy(config))
+    randomize(model)
+    ids = inputs(family)["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == ids.shape[0] and out.shape[1] >= 4
+
+
+def test_bf16_model_keeps_fp32_vectors_and_trains():
+    model = get_peft_model(fresh("llama").to(torch.bfloat16), SsfConfig())
+    assert all(p.dtype == torch.float32 for p in model.base_model.adapter_parameters())
+    model.train()
+    out = model(**inputs("llama"))
+    assert out.logits.dtype == torch.bfloat16
+    loss(out).backward()
+    assert all(p.grad is not None for p in model.base_model.adapter_parameters())
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, "must be among target_modules"),
+    ({"target_modules": 3}, "list of module names"),
+    ({"targets": ["k_proj"]}, "did you mean 'target_modules'"),
+])
+def test_ia3_config_errors(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        IA3Config(**kw)
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="matched none of the linear layers.*available to match: .*k_proj"):
+        get_peft_model(fresh("llama"), IA3Config(target_modules=["key"]))
+    with pytest.raises(ValueError, match="LlamaRMSNorm"):
+        get_peft_model(fresh("llama"), IA3Config(target_modules=["input_layernorm"]))
+    with pytest.raises(ValueError, match="no default for model type 'gpt_neo'"):
+        from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+        get_peft_model(GPTNeoForCausalLM(GPTNeoConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                                      attention_types=[[["global"], 1]])), IA3Config())
+    model = get_peft_model(fresh("llama"), IA3Config())
+    with pytest.raises(ValueError, match="one adapter set"):
+        model.add_adapter("other", IA3Config())
+
+
+def test_layers_to_transform():
+    model = get_peft_model(fresh("llama"), IA3Config(layers_to_transform=[1]))
+    assert all(".layers.1." in s.path for s in model.base_model.sites) and len(model.base_model.sites) == 3
+
+
+# ---------------------------------------------------------------- HF PEFT's (IA)^3, both ways
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5", "marian"])
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_hf_peft_loads_ours(family, layers, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = get_peft_model(fresh(family), IA3Config(layers_to_transform=layers))
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    batch = inputs(family)
+    torch.testing.assert_close(logits(theirs, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_we_load_hf_peft_ia3(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(fresh(family), peft.IA3Config(init_ia3_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(fresh(family), tmp_path)
+    batch = inputs(family)
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-6)
