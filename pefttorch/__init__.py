@@ -23,6 +23,7 @@ from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
 from .tuners.scaling import IA3Config, SsfConfig
+from .tuners.selective import BitFitConfig, LNTuningConfig
 
 __version__ = ops._C.VERSION
 
@@ -58,11 +59,13 @@ __all__ = [
     "AccelerateReport",
     "AdaLoraConfig",
     "AdapterConfig",
+    "BitFitConfig",
     "DensityLoss",
     "DensityLossCallback",
     "DensityLossConfig",
     "IA3Config",
     "IncreLoraConfig",
+    "LNTuningConfig",
     "LoraConfig",
     "MeftConfig",
     "PeftModel",

@@ -25,11 +25,14 @@ from .tuners.meft.model import MeftModel
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
+from .tuners.selective import BitFitConfig, LNTuningConfig, SelectiveModel
+from .tuners.selective.config import BITFIT, LN_TUNING
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # config class -> the model that carries it (subclasses before their base class: the first match wins)
 _TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: RankedLoraModel,
-           AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel}
+           AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel,
+           BitFitConfig: SelectiveModel, LNTuningConfig: SelectiveModel}
 
 
 class PeftModel(nn.Module):
@@ -269,7 +272,7 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
     data = json.loads((directory / CONFIG_NAME).read_text())
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
-               SSF: SsfConfig.from_dict}
+               SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict}
     config = readers.get(data.get("peft_type"), LoraConfig.from_dict)(data)
     config.inference_mode = not is_trainable
     return config

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -37,3 +39,59 @@ def save_config(config, directory: str | Path) -> None:
     path = Path(directory) / CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def module_names(value, what: str, owner: str):
+    """A list of names or a regex string (as HF PEFT takes them), or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
+
+
+@dataclass
+class TargetedConfig:
+    """Fields of the methods that pick modules by name (HF PEFT's names); subclasses set `peft_type_name`
+    and call `_check` in __post_init__."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def _check(self) -> None:
+        owner = type(self).__name__
+        self.target_modules = module_names(self.target_modules, "target_modules", owner)
+        self.exclude_modules = module_names(self.exclude_modules, "exclude_modules", owner)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
+            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+
+    peft_only_fields: ClassVar[tuple[str, ...]] = ()  # pefttorch's fields that the saved format leaves out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in self.peft_only_fields:
+            d.pop(name)
+        d["peft_type"] = self.peft_type_name
+        return d
+
+    def save(self, directory) -> None:
+        save_config(self, directory)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if data.get("peft_type") != cls.peft_type_name:
+            raise ValueError(f"not a {cls.peft_type_name} config (peft_type {data.get('peft_type')!r})")
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -8,11 +8,14 @@ attribute forwarding to the wrapped model, modules_to_save, trainability, hooks,
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch
 from torch import nn
 
-from .lora.layer import ModulesToSaveWrapper
-from .lora.model import _name_matches, _set_submodule
+from .lora.layer import ModulesToSaveWrapper, is_linear
+from .lora.model import ALL_LINEAR, _in_modules_to_save, _layer_index, _matches, _name_matches, _set_submodule
 
 
 class HookedModel(nn.Module):
@@ -85,7 +88,7 @@ class HookedModel(nn.Module):
     # ------------------------------------------------------------------ PeftModel's adapter management
 
     def _mark_trainable(self) -> None:
-        self.model.requires_grad_(False)
+        self.requires_grad_(False)  # the model and anything a method keeps aside
         trainable = not self.config.inference_mode
         for p in self.adapter_parameters():
             p.requires_grad_(trainable)
@@ -139,3 +142,47 @@ class HookedModel(nn.Module):
 
     def export_adapter(self, name: str):
         return self.peft_config[name], self.adapter_state_dict(name)
+
+
+def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tuple[str, nn.Module]]:
+    """Modules that `spec` (names, a regex, "all-linear", or None: every module `accept`s) selects in `model`,
+    minus exclude_modules, modules outside layers_to_transform and modules_to_save; each must satisfy `accept`.
+    Raises naming what could have matched."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found, rejected, candidates = [], [], Counter()
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            inside += (name + ".",)
+            continue
+        if accept(module):
+            candidates[name.rsplit(".", 1)[-1]] += 1
+        if spec is None:
+            matched = accept(module)
+        else:
+            matched = (is_linear(module) and module is not head) if spec == ALL_LINEAR else _matches(spec, name)
+        if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
+                or _in_modules_to_save(name, config.modules_to_save)
+                or (config.layers_to_transform and _layer_index(name, None) not in config.layers_to_transform)):
+            continue
+        if not accept(module):
+            rejected.append(f"{name} ({type(module).__name__})")
+            continue
+        found.append((name, module))
+    if rejected:
+        raise ValueError(f"{type(config).__name__} adapts {what}; these matched modules are not: "
+                         + ", ".join(rejected[:10]) + (" ..." if len(rejected) > 10 else ""))
+    if not found:
+        available = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(candidates.items()))
+        raise ValueError(f"target_modules={spec!r} matched none of the {what} of {type(model).__name__}"
+                         + (f" (layers_to_transform={config.layers_to_transform!r})"
+                            if config.layers_to_transform else "")
+                         + f"; available to match: {available or 'none'}")
+    return found
+
+
+def exact_regex(paths) -> str | None:
+    """A regex that matches exactly these module paths (for saved configs that must pick the same modules)."""
+    return "|".join(re.escape(p) for p in paths) if paths else None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .._config import reject_unknown_fields, save_config
+from .._config import TargetedConfig, module_names, reject_unknown_fields
 
 IA3 = "IA3"
 SSF = "SSF"
@@ -25,55 +24,9 @@ IA3_ALIASES = {"roberta": "bert", "mistral": "llama", "qwen2": "llama", "gemma":
                "mbart": "marian", "bart": "marian"}
 
 
-def _names(value, what: str, owner: str):
-    """A list of names or a regex string (as HF PEFT takes them), or None."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
-        return sorted(value) if isinstance(value, set) else list(value)
-    raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
-
-
-@dataclass
-class _VectorConfig:
-    """Fields the vector methods share (HF PEFT's names)."""
-
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
-
-    def _check(self) -> None:
-        owner = type(self).__name__
-        self.target_modules = _names(self.target_modules, "target_modules", owner)
-        self.exclude_modules = _names(self.exclude_modules, "exclude_modules", owner)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
-            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
-
-    def save(self, directory) -> None:
-        save_config(self, directory)
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        if data.get("peft_type") != cls.peft_type_name:
-            raise ValueError(f"not a {cls.peft_type_name} config (peft_type {data.get('peft_type')!r})")
-        names = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
 @reject_unknown_fields
 @dataclass
-class IA3Config(_VectorConfig):
+class IA3Config(TargetedConfig):
     """(IA)^3 (Liu et al. 2022): each targeted linear layer's output is multiplied by a learned vector, or, for
     `feedforward_modules`, its input. Fields and saved format are HF PEFT's ``IA3Config``'s.
 
@@ -95,26 +48,23 @@ class IA3Config(_VectorConfig):
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
     peft_type: str = field(default=IA3, init=False)
-    peft_type_name = IA3
+    peft_type_name: ClassVar[str] = IA3
 
     def __post_init__(self) -> None:
         self._check()
-        self.feedforward_modules = _names(self.feedforward_modules, "feedforward_modules", "IA3Config")
+        self.feedforward_modules = module_names(self.feedforward_modules, "feedforward_modules", "IA3Config")
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
                 raise ValueError(f"IA3Config: feedforward_modules must be among target_modules; not there: {extra}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("layers_to_transform")  # not a field of HF PEFT's IA3Config: export writes exact module regexes
-        d["peft_type"] = IA3
-        return d
+    # not a field of HF PEFT's IA3Config: the export writes exact module regexes instead
+    peft_only_fields: ClassVar[tuple[str, ...]] = ("layers_to_transform",)
 
 
 @reject_unknown_fields
 @dataclass
-class SsfConfig(_VectorConfig):
+class SsfConfig(TargetedConfig):
     """SSF (Lian et al. 2022, "Scaling & Shifting Your Features"): each targeted module's output y becomes
     ``scale * y + shift`` with learned per-feature vectors (over the last dimension).
 
@@ -131,14 +81,9 @@ class SsfConfig(_VectorConfig):
     target_modules: list[str] | str | None = "all-linear"
     init_ssf_weights: bool = True
     peft_type: str = field(default=SSF, init=False)
-    peft_type_name = SSF
+    peft_type_name: ClassVar[str] = SSF
 
     def __post_init__(self) -> None:
         self._check()
         if self.target_modules is None:
             raise ValueError("SsfConfig: target_modules must be set (default 'all-linear')")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["peft_type"] = SSF
-        return d

@@ -8,15 +8,14 @@ they run as plain PyTorch ops (one fused multiply(-add) kernel each); merging fo
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._hooked import HookedModel
-from ..lora.layer import ModulesToSaveWrapper, is_linear, linear_dims
-from ..lora.model import ALL_LINEAR, PREFIX, _in_modules_to_save, _layer_index, _matches
+from .._hooked import HookedModel, exact_regex, find_modules
+from ..lora.layer import is_linear, linear_dims
+from ..lora.model import PREFIX, _matches
 from .config import IA3_ALIASES, IA3_DEFAULTS, IA3Config, SsfConfig
 
 
@@ -35,42 +34,6 @@ class Site:
     module: nn.Module
     features: int  # length of the vectors
     on_input: bool  # (IA)^3 feedforward: scales the module's input
-
-
-def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tuple[str, nn.Module]]:
-    """Modules that `spec` (names, a regex or "all-linear") selects in `model`, minus exclude_modules, modules
-    outside layers_to_transform and modules_to_save; each must satisfy `accept`. Raises naming what could have
-    matched."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found, rejected, candidates = [], [], Counter()
-    inside: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if not name or name.startswith(inside):
-            continue
-        if isinstance(module, ModulesToSaveWrapper):
-            inside += (name + ".",)
-            continue
-        if accept(module):
-            candidates[name.rsplit(".", 1)[-1]] += 1
-        matched = (is_linear(module) and module is not head) if spec == ALL_LINEAR else _matches(spec, name)
-        if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
-                or _in_modules_to_save(name, config.modules_to_save)
-                or (config.layers_to_transform and _layer_index(name, None) not in config.layers_to_transform)):
-            continue
-        if not accept(module):
-            rejected.append(f"{name} ({type(module).__name__})")
-            continue
-        found.append((name, module))
-    if rejected:
-        raise ValueError(f"{type(config).__name__} adapts {what}; these matched modules are not: "
-                         + ", ".join(rejected[:10]) + (" ..." if len(rejected) > 10 else ""))
-    if not found:
-        available = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(candidates.items()))
-        raise ValueError(f"target_modules={spec!r} matched none of the {what} of {type(model).__name__}"
-                         + (f" (layers_to_transform={config.layers_to_transform!r})"
-                            if config.layers_to_transform else "")
-                         + f"; available to match: {available or 'none'}")
-    return found
 
 
 def ia3_targets(model: nn.Module, config: IA3Config):
@@ -183,11 +146,8 @@ class VectorModel(HookedModel):
         config = self.peft_config[name]
         if self.ia3 and config.layers_to_transform:
             # HF PEFT's IA3Config has no layers_to_transform: name exactly the modules adapted
-            def exact(paths):
-                return "|".join(re.escape(p) for p in paths) if paths else None
-
-            config = config.replace(target_modules=exact([s.path for s in self.sites]),
-                                    feedforward_modules=exact([s.path for s in self.sites if s.on_input]),
+            config = config.replace(target_modules=exact_regex([s.path for s in self.sites]),
+                                    feedforward_modules=exact_regex([s.path for s in self.sites if s.on_input]),
                                     layers_to_transform=None)
         elif self.ia3 and config.target_modules is None:
             # our defaults, written out: HF PEFT's own differ (e.g. BERT's attention output as feedforward)

@@ -1,0 +1,79 @@
+"""SelectiveModel: BitFit and LayerNorm tuning, training a chosen subset of the base model's own parameters.
+
+Each chosen parameter gets a trainable copy that takes its place in its module (the module's forward is
+untouched and costs nothing extra); the original is kept aside, frozen, for ``disable_adapter`` and ``unload``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .._hooked import HookedModel, exact_regex, find_modules
+from ..lora.model import PREFIX
+from ..scaling.model import is_norm
+from .config import BitFitConfig, LNTuningConfig
+
+
+def has_bias(module: nn.Module) -> bool:
+    return isinstance(module._parameters.get("bias"), torch.Tensor)
+
+
+class SelectiveModel(HookedModel):
+    """A model whose biases (BitFit) or norm layers (LayerNorm tuning) train (one adapter set)."""
+
+    def __init__(self, model: nn.Module, config: BitFitConfig | LNTuningConfig, adapter_name: str = "default") -> None:
+        super().__init__(model, config, adapter_name)
+        self.bitfit = isinstance(config, BitFitConfig)
+        self.method = "BitFit" if self.bitfit else "LayerNorm tuning"
+        accept, what = (has_bias, "modules with a bias") if self.bitfit else (is_norm, "LayerNorm/RMSNorm modules")
+        self.modules_found = find_modules(model, config.target_modules, config, accept, what)
+        # (path, module, parameter name, key in the dicts below)
+        self.slots = [(path, m, name, re.sub(r"\W", "_", f"{path}.{name}"))
+                      for path, m in self.modules_found
+                      for name in (["bias"] if self.bitfit else [n for n, p in m._parameters.items() if p is not None])]
+        self.tuned, self.originals = nn.ParameterDict(), nn.ParameterDict()
+        for _, module, name, key in self.slots:
+            original = module._parameters[name]
+            self.originals[key] = original  # registered here too, so .to() and state dicts keep it
+            self.tuned[key] = nn.Parameter(original.detach().clone())
+        self._swap(tuned=True)
+        self.finish()
+
+    def _swap(self, tuned: bool) -> None:
+        source = self.tuned if tuned else self.originals
+        for _, module, name, key in self.slots:
+            setattr(module, name, source[key])
+
+    def adapter_parameters(self):
+        return list(self.tuned.values())
+
+    def own_tensors(self):
+        # LayerNorm tuning under HF PEFT's keys (its layer copies are "ln_tuning_layers", adapter name removed)
+        middle = "" if self.bitfit else "ln_tuning_layers."
+        return {f"{PREFIX}{path}.{middle}{name}": self.tuned[key] for path, _, name, key in self.slots}
+
+    def on_disabled(self, disabled: bool) -> None:
+        self._swap(tuned=not disabled)
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        return None  # the tuned parameters are the modules' own already: nothing to fold
+
+    @torch.no_grad()
+    def restore(self, merge: bool) -> None:
+        # the original Parameter objects go back (references the user holds stay valid), with the tuned values
+        # when merging
+        if merge:
+            for key in self.tuned:
+                self.originals[key].copy_(self.tuned[key])
+        self._swap(tuned=False)
+
+    def export_adapter(self, name: str):
+        config = self.peft_config[name]
+        if not self.bitfit and (config.target_modules is None or config.layers_to_transform):
+            # HF PEFT's defaults differ from "every norm", and it has no layers_to_transform: name the modules
+            config = config.replace(target_modules=exact_regex([p for p, _ in self.modules_found]),
+                                    layers_to_transform=None)
+        return config, self.adapter_state_dict(name)

@@ -1,0 +1,152 @@
+"""BitFit and LayerNorm tuning through get_peft_model: which parameters train, equality with the base model whose
+parameters are set by hand, disable/unload/merge, save/load and HF PEFT's LN tuning format both ways."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from pefttorch import BitFitConfig, LNTuningConfig, PeftModel, get_peft_model
+
+
+def fresh(family, seed=0):
+    torch.manual_seed(seed)
+    return FAMILIES[family].build().eval()
+
+
+def inputs(family, seed=1):
+    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def loss(out):
+    return out.loss if out.loss is not None else out.logits.float().square().mean()
+
+
+def randomize(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.base_model.adapter_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+CASES = [("bert", BitFitConfig()), ("marian", BitFitConfig()), ("bert", LNTuningConfig()),
+         ("llama", LNTuningConfig()), ("t5", LNTuningConfig()), ("gpt2", BitFitConfig(target_modules=["c_attn"]))]
+IDS = ["bitfit-bert", "bitfit-marian", "ln-bert", "ln-llama", "ln-t5", "bitfit-gpt2-c_attn"]
+
+
+@pytest.mark.parametrize(("family", "config"), CASES, ids=IDS)
+def test_starts_as_the_base_model_and_equals_it_with_the_tuned_values_set_by_hand(family, config):
+    base = fresh(family)
+    model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    batch = inputs(family)
+    torch.testing.assert_close(logits(model, batch), logits(base, batch), rtol=0, atol=0)
+    randomize(model)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for path, _, name, key in model.base_model.slots:
+            getattr(by_hand.get_submodule(path), name).copy_(model.base_model.tuned[key])
+    torch.testing.assert_close(logits(model, batch), logits(by_hand, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "config"), CASES, ids=IDS)
+def test_only_the_chosen_parameters_train(family, config):
+    model = get_peft_model(fresh(family), copy.deepcopy(config))
+    model.train()
+    loss(model(**inputs(family))).backward()
+    trained = {n.removeprefix("base_model.model.") for n, p in model.base_model.model.named_parameters()
+               if p.grad is not None}
+    want = {f"{path}.{name}" for path, _, name, _ in model.base_model.slots}
+    assert trained == want
+    if isinstance(config, BitFitConfig):
+        assert all(n.endswith("bias") for n in trained)
+    else:
+        assert all("norm" in n.lower() for n in trained)
+    assert model.get_nb_trainable_parameters()[0] == sum(p.numel() for p in model.base_model.adapter_parameters())
+
+
+def test_bitfit_default_takes_every_bias():
+    model = get_peft_model(fresh("bert"), BitFitConfig())
+    names = {f"{p}.{n}" for p, _, n, _ in model.base_model.slots}
+    biases = {n for n, _ in fresh("bert").named_parameters() if n.endswith("bias")}
+    assert names == biases
+
+
+def test_disable_unload_and_merge():
+    base = fresh("bert")
+    model = get_peft_model(copy.deepcopy(base), BitFitConfig())
+    originals = {k: p for k, p in model.base_model.originals.items()}
+    randomize(model)
+    batch = inputs("bert")
+    adapted, plain = logits(model, batch), logits(base, batch)
+    assert not torch.equal(adapted, plain)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), plain, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, batch), adapted, rtol=0, atol=0)
+    model.to(torch.float64)  # the originals kept aside move with the model
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), plain.double(), rtol=1e-6, atol=1e-6)
+    model.to(torch.float32)
+    merged = copy.deepcopy(model).merge_and_unload()
+    torch.testing.assert_close(logits(merged, batch), adapted, rtol=0, atol=0)
+    unloaded = model.unload()
+    torch.testing.assert_close(logits(unloaded, batch), plain, rtol=0, atol=0)
+    # the modules hold their original Parameter objects again
+    held = {id(p) for p in unloaded.parameters()}
+    assert all(id(p) in held for p in originals.values())
+    assert set(unloaded.state_dict()) == set(base.state_dict())
+
+
+@pytest.mark.parametrize(("family", "config"), CASES, ids=IDS)
+def test_save_and_load_round_trip(family, config, tmp_path):
+    model = get_peft_model(fresh(family), copy.deepcopy(config))
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    batch = inputs(family)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="matched none of the modules with a bias of LlamaForCausalLM"):
+        get_peft_model(fresh("llama"), BitFitConfig())  # Llama has no biases
+    with pytest.raises(ValueError, match="LNTuningConfig adapts LayerNorm/RMSNorm modules; .*q_proj"):
+        get_peft_model(fresh("llama"), LNTuningConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="did you mean 'target_modules'"):
+        BitFitConfig(target_module=["dense"])
+    model = get_peft_model(fresh("bert"), LNTuningConfig(layers_to_transform=[0]))
+    assert all(".layer.0." in p for p, *_ in model.base_model.slots)
+
+
+# ---------------------------------------------------------------- HF PEFT's LN tuning, both ways
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_hf_peft_loads_our_ln_tuning(family, layers, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = get_peft_model(fresh(family), LNTuningConfig(layers_to_transform=layers))
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    batch = inputs(family)
+    torch.testing.assert_close(logits(theirs, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_we_load_hf_peft_ln_tuning(tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(fresh("llama"), peft.LNTuningConfig())
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(fresh("llama"), tmp_path)
+    batch = inputs("llama")
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=0, atol=0)
