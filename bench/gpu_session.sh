@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in one call (device time is scarce): build with all cores,
-# the whole test suite (GPU tests included), then the LoRA layer, training-step, sparse-MLP (DEFT decode) and
-# rank-allocation (IncreLoRA/AdaLoRA training steps) benchmarks. Logs and results go to $OUT (the device
-# tool's output folder) or build/gpu-session; copy the JSON/PNG worth keeping into bench/results/ afterwards
-# (lora.json, model.json, sparse.json, rank.json and their PNGs).
+# the whole test suite (GPU tests included), then the LoRA layer, training-step, sparse-MLP (DEFT decode),
+# rank-allocation (IncreLoRA/AdaLoRA training steps) and bottleneck-adapter (fused op vs unfused PyTorch and the
+# memory-traffic floor) benchmarks. Logs and results go to $OUT (the device tool's output folder) or
+# build/gpu-session; copy the JSON/PNG worth keeping into bench/results/ afterwards (lora.json, model.json,
+# sparse.json, rank.json, adapter.json and their PNGs).
 #   run: bash bench/gpu_session.sh [extra `pefttorch bench lora` arguments]
 # One device call may run 10 minutes: split a session over back-to-back calls (the machine keeps the build while
-# warm) with PHASES (default "build tests bench") and SUITES (default "lora model sparse rank"), e.g.
+# warm) with PHASES (default "build tests bench") and SUITES (default "lora model sparse rank adapter"), e.g.
 #   PHASES=build bash bench/gpu_session.sh;  PHASES=tests ...;  PHASES=bench SUITES="lora model" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 PHASES=${PHASES:-"build tests bench"}
-SUITES=${SUITES:-"lora model sparse rank"}
+SUITES=${SUITES:-"lora model sparse rank adapter"}
 has() { [[ " $1 " == *" $2 "* ]]; }
 
 if has "$PHASES" build; then

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pefttorch
-from pefttorch.bench import lora, model, rank, sparse
+from pefttorch.bench import adapter, lora, model, rank, sparse
 from pefttorch.bench.model import ModelShape
 from pefttorch.cli import main
 
@@ -247,3 +247,145 @@ def test_rank_runs_without_peft_and_run_names(tmp_path, monkeypatch, capsys):
         main(["bench", "rank", "--device", "cpu", "--runs", "nope"])
     with pytest.raises(SystemExit, match="none of the rank suite's runs"):
         main(["bench", "rank", "--device", "cpu", "--runs", "full"])
+
+
+# ---- the bottleneck adapter suite: tiny shapes on the CPU
+
+TINY_ADAPTER = adapter.AdapterShape(48, 32, 8, "gelu")
+
+
+@pytest.fixture
+def small_copy(monkeypatch):
+    """The bandwidth measurement on a small copy: the suite's own (hundreds of MiB on a CPU) would dominate."""
+    real = adapter.copy_bandwidth
+    monkeypatch.setattr(adapter, "copy_bandwidth", lambda device: real(device, copy_bytes=8 << 20, repeat=2))
+
+
+def test_adapter_suite_json_plot_and_compare(tmp_path, capsys, small_copy):
+    out = tmp_path / "a.json"
+    args = ["bench", "adapter", "--device", "cpu", "--shapes", "64x32:8,48x24:4:silu", "--repeat", "1",
+            "--json", str(out)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert {"date", "device", "torch", "pefttorch", "commit", "dtype"} <= set(data["meta"])
+    suite = data["suites"]["adapter"]
+    assert suite["bandwidth"]["gbps"] > 0 and suite["bandwidth"]["copy_bytes"] == 8 << 20
+    assert {"torch", "reference", "pefttorch"} <= set(suite["impls"]) <= set(adapter.IMPLS)
+    assert ("adapters" in suite["impls"]) == (suite["adapters_missing"] is None)
+    rows = suite["rows"]
+    assert {(r["shape"], r["mode"], r["impl"]) for r in rows} == {
+        (s, m, i) for s in ("64x32:8 relu", "48x24:4 silu") for m in adapter.MODES for i in suite["impls"]}
+    by = {(r["shape"], r["mode"], r["impl"]): r for r in rows}
+    for r in rows:
+        assert r["ok"], (r["shape"], r["mode"], r["impl"], r["note"])
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["copies"] >= 1
+        assert r["ratio_to_torch"] == pytest.approx(r["ms"] / by[(r["shape"], r["mode"], "torch")]["ms"])
+        t, d, m = r["tokens"], r["d"], r["bottleneck"]
+        weights = 2 * d * m + m + d
+        assert r["floor_bytes"] == 4 * (2 * t * d + weights if r["mode"] == "fwd" else 4 * t * d + 2 * weights)
+        assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / (suite["bandwidth"]["gbps"] * 1e9) * 1e3)
+        assert r["ratio_to_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+    # on the CPU the floor is information, not a target
+    assert [t["target"] for t in suite["targets"]][:1] == [
+        "pefttorch faster than torch at every shape (fwd and fwd+bwd)"]
+    assert not any("floor" in t["target"] for t in suite["targets"])
+    assert (tmp_path / "a-adapter.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "bottleneck adapter" in printed and "MISMATCH" not in printed and "not counted on the CPU" in printed
+    again = ["bench", "adapter", "--device", "cpu", "--shapes", "64x32:8", "--repeat", "1", "--json",
+             str(tmp_path / "a2.json"), "--compare", str(out)]
+    assert main(again) == 0
+    printed = capsys.readouterr().out
+    assert "change against" in printed and "64x32:8 relu fwd+bwd pefttorch" in printed
+
+
+def test_adapter_wrong_implementations_are_flagged(monkeypatch):
+    real_build = adapter.build
+
+    def wrong_build(impl, shape, w):
+        layer = real_build(impl, shape, w)
+        wd, bd, wu, bu = layer.params
+        if impl == "torch":  # drops the activation: fast, and wrong
+            layer.call = lambda x: x + adapter.SCALE * torch.nn.functional.linear(
+                torch.nn.functional.linear(x, wd, bd), wu, bu)
+        elif impl == "reference":  # drops the scale
+            layer.call = lambda x: x + torch.nn.functional.linear(
+                adapter.reference.ACTIVATIONS[shape.activation](torch.nn.functional.linear(x, wd, bd)), wu, bu)
+        return layer
+
+    monkeypatch.setattr(adapter, "build", wrong_build)
+    bandwidth = adapter.Bandwidth(1e10, 1 << 20, 0.2)
+    rows = adapter.run_shape(TINY_ADAPTER, ["torch", "reference", "pefttorch"], torch.float32, torch.device("cpu"),
+                             bandwidth, repeat=1, copies=2)
+    for r in rows:
+        assert r.ms is not None and r.copies == 2
+        if r.impl == "pefttorch":
+            assert r.ok, r.note
+        else:  # timed, but flagged: never a win
+            assert not r.ok and r.note.startswith("y:"), (r.impl, r.note)
+    targets = adapter.check_targets(adapter.as_dicts(rows), torch.device("cpu"))
+    assert [met for _, met, _ in targets] == [False]  # faster than a wrong baseline is no result
+
+
+def test_adapter_gradients_are_checked():
+    w = adapter.make_set(TINY_ADAPTER, torch.float32, torch.device("cpu"))
+    assert w["w_up"].abs().min() > 0  # not the near-identity initialisation: the bottleneck shows in y
+    good = adapter.build("pefttorch", TINY_ADAPTER, w)
+    assert adapter.accuracy_note(good, w, TINY_ADAPTER) == ""
+    # the right y, but b_up held apart from the parameter: its gradient never reaches b_up
+    wd, bd, wu, bu = good.params
+    frozen_bias = adapter.Layer(lambda x: adapter.functional.bottleneck_adapter(
+        x, wd, wu, bd, bu.detach(), residual=x, activation=TINY_ADAPTER.activation, scale=adapter.SCALE), good.params)
+    assert adapter.accuracy_note(frozen_bias, w, TINY_ADAPTER).startswith("db_up:")
+    # the residual's gradient lost: dx misses the identity
+    no_skip = adapter.Layer(lambda x: good.call(x) - x + x.detach(), good.params)
+    assert adapter.accuracy_note(no_skip, w, TINY_ADAPTER).startswith("dx:")
+
+
+def test_adapter_library_missing_is_one_line_and_a_broken_one_a_flagged_row(monkeypatch, capsys, tmp_path,
+                                                                            small_copy):
+    import importlib.util
+
+    from pefttorch.bench import cli
+
+    monkeypatch.setattr(adapter, "adapters_status", lambda: "AdapterHub adapters cannot be imported (test)")
+    out = tmp_path / "a.json"
+    assert main(["bench", "adapter", "--device", "cpu", "--shapes", "32x16:4", "--repeat", "1", "--json",
+                 str(out)]) == 0
+    suite = json.loads(out.read_text())["suites"]["adapter"]
+    assert "adapters" not in suite["impls"] and all(r["impl"] != "adapters" for r in suite["rows"])
+    assert capsys.readouterr().out.count("AdapterHub adapters cannot be imported (test)") == 1
+    assert cli.SUITES[-1] == "adapter"
+    if importlib.util.find_spec("adapters") is None:
+        # the library absent but its rows asked for: failed rows, not a crashed benchmark
+        rows = adapter.run_shape(adapter.AdapterShape(16, 8, 2), ["torch", "adapters"], torch.float32,
+                                 torch.device("cpu"), adapter.Bandwidth(1e10, 1 << 20, 0.2), repeat=1, copies=1)
+        broken = [r for r in rows if r.impl == "adapters"]
+        assert broken and all(not r.ok and r.ms is None and r.note.startswith("failed:") for r in broken)
+
+
+
+def test_adapter_shapes_grid_and_floor_target():
+    assert adapter.AdapterShape.parse("8192x4096:256:silu") == adapter.AdapterShape(8192, 4096, 256, "silu")
+    assert adapter.AdapterShape.parse(" 512x384:24 ").activation == "relu"
+    with pytest.raises(ValueError, match="TOKENSxD:BOTTLENECK"):
+        adapter.AdapterShape.parse("8192x4096")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        adapter.AdapterShape.parse("8192x4096:256:tanh")
+    with pytest.raises(ValueError, match=">= 1"):
+        adapter.AdapterShape.parse("8192x4096:0")
+    with pytest.raises(SystemExit, match="adapter: bad adapter shape '8192x4096:r16'"):
+        main(["bench", "adapter", "--device", "cpu", "--shapes", "8192x4096:r16"])
+    gpu = adapter.default_grid(torch.device("cuda"), quick=False)
+    assert {(s.d, s.bottleneck) for s in gpu} >= {(d, m) for d in (768, 2048, 4096) for m in (64, d // 16)}
+    assert {s.tokens for s in gpu} == {8192}
+    assert all(s.tokens * s.d <= 512 * 384 for s in adapter.default_grid(torch.device("cpu"), quick=True))
+    # on a GPU the floor is a target: 1.3x at most, a mismatch never meets it
+    def row(mode, ratio, ok=True):
+        return {"shape": "s", "mode": mode, "impl": "pefttorch", "ok": ok, "ms": ratio, "ratio_to_floor": ratio}
+
+    assert adapter.check_targets([row("fwd", 1.2), row("fwd+bwd", 1.29)], torch.device("cuda"))[0][1]
+    assert not adapter.check_targets([row("fwd", 1.2), row("fwd+bwd", 1.31)], torch.device("cuda"))[0][1]
+    assert not adapter.check_targets([row("fwd", 1.1, ok=False)], torch.device("cuda"))[0][1]
+    assert adapter.check_targets([row("fwd", 1.2)], torch.device("cpu")) == []
+    assert "not counted on the CPU" in adapter.floor_note([row("fwd", 2.0)], torch.device("cpu"))

@@ -3,8 +3,10 @@
 Suites: ``lora`` (the LoRA layer over a grid of shapes), ``model`` (a training step of a Llama-style
 model), ``sparse`` (DEFT's sparse-activation MLP at decode, over activation densities) and ``rank``
 (IncreLoRA and AdaLoRA training steps, allocation events included, against LoRA at the final rank and HF
-PEFT's AdaLoRA). With no suite named, a quick default set of all runs: about a minute on a laptop CPU, a few
-minutes on one GPU.
+PEFT's AdaLoRA) and ``adapter`` (the bottleneck adapter, forward and forward+backward: pefttorch's fused op
+against the unfused PyTorch module, the reference and AdapterHub's library when importable, and against the
+memory-traffic floor at the measured copy bandwidth). With no suite named, a quick default set of all runs:
+about a minute on a laptop CPU, a few minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("lora", "model", "sparse", "rank")
+SUITES = ("lora", "model", "sparse", "rank", "adapter")
 RANK_STEPS = {"cuda": 40, "cpu": 16}  # timed steps of the rank suite
 RANK_STEPS_QUICK = {"cuda": 16, "cpu": 8}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -24,7 +26,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import lora, model, rank, sparse
+    from . import adapter, lora, model, rank, sparse
 
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)} "
                    "(default: a quick run of all)")
@@ -33,12 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer shapes and steps")
     p.add_argument("--shapes", default=None,
                    help="lora: comma-separated TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1; sparse: "
-                   "comma-separated HIDDENxINTER[xOUT]:ACTIVATION[:gated][:bias], e.g. 4096x11008:silu:gated")
+                   "comma-separated HIDDENxINTER[xOUT]:ACTIVATION[:gated][:bias], e.g. 4096x11008:silu:gated; adapter: "
+                   "comma-separated TOKENSxD:BOTTLENECK[:ACTIVATION] (activation relu, gelu, gelu_tanh or silu; "
+                   "default relu), e.g. 8192x4096:256:relu")
     p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
     p.add_argument("--runs", default=None, help="model, rank: comma-separated runs to make (default: all of the "
                    "suite's; with both suites, each makes the ones named that are its own)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="lora, sparse: timed calls per measurement on GPU (default 50; sparse quick 20)")
+                   help="lora, sparse, adapter: timed calls per measurement on GPU (default 50; sparse and "
+                   "adapter quick 20)")
     p.add_argument("--tokens", default=None,
                    help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
     p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
@@ -60,7 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 + "\nsparse implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in sparse.IMPL_HELP.items())
                 + "\nrank runs (all-linear, lora_alpha = 2 x target rank; several allocation events fall inside the "
                 "timed steps,\nthe final budget ~3/4 through them; mean and median step time):\n"
-                + "\n".join(f"  {k:18} {v}" for k, v in rank.RUN_HELP.items()))
+                + "\n".join(f"  {k:18} {v}" for k, v in rank.RUN_HELP.items())
+                + "\nadapter implementations (y = x + scale * up(act(down(x))); all run, adapters only if it "
+                "imports):\n"
+                + "\n".join(f"  {k:18} {v}" for k, v in adapter.IMPL_HELP.items()))
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
@@ -99,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta = report.metadata(device, dtype)
     results, ok = {}, True
-    runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank}
+    runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank,
+               "adapter": _run_adapter}
     for suite in suites:
         rows, targets, suite_ok, extra = runners[suite](args, device, dtype, quick, peft_missing is not None, console)
         ok &= suite_ok
@@ -125,9 +134,10 @@ def _peft_missing() -> str | None:
 
 
 def _plotter(suite: str):
-    from . import rank, report, sparse
+    from . import adapter, rank, report, sparse
 
-    return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot, "rank": rank.plot}[suite]
+    return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot, "rank": rank.plot,
+            "adapter": adapter.plot}[suite]
 
 
 def _plot_path(args, suite: str, n_suites: int) -> Path:
@@ -280,10 +290,48 @@ def _run_sparse(args, device, dtype, quick, no_peft, console):
         "crossover": sparse.crossover(dict_rows)}
 
 
+def _run_adapter(args, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import adapter, report
+
+    shapes = adapter.default_grid(device, quick)
+    if args.shapes:
+        try:
+            shapes = [adapter.AdapterShape.parse(s) for s in args.shapes.split(",")]
+        except ValueError as err:
+            raise SystemExit(f"adapter: {err}") from err
+    impls = list(adapter.IMPLS)
+    missing = adapter.adapters_status()
+    if missing:
+        console.print(missing)
+        impls.remove("adapters")
+    bandwidth = adapter.copy_bandwidth(device)
+    repeat = args.repeat or (20 if quick else 50)
+    rows: list[adapter.Row] = []
+    with tqdm(total=len(shapes) * len(impls), desc="adapter", unit="impl") as bar:
+        for shape in shapes:
+            rows += adapter.run_shape(shape, impls, dtype, device, bandwidth, repeat,
+                                      progress=lambda text: (bar.set_postfix_str(text), bar.update(0)))
+            bar.update(len(impls))
+            if device.type == "cuda":  # the next shape's input copies start from a clean slate
+                torch.cuda.empty_cache()
+    dict_rows = adapter.as_dicts(rows)
+    adapter.print_table(report.metadata(device, dtype), dict_rows, impls, bandwidth, console)
+    targets = adapter.check_targets(dict_rows, device)
+    report.print_targets(targets, console)
+    note = adapter.floor_note(dict_rows, device)
+    if note:
+        console.print(note)
+    return dict_rows, targets, all(r.ok for r in rows), {
+        "impls": impls, "bandwidth": {**asdict(bandwidth), "gbps": bandwidth.gbps}, "adapters_missing": missing,
+        "scale": adapter.SCALE}
+
+
 def _row_key(suite: str, row: dict) -> tuple:
     if suite == "sparse":
         return (row["shape"], row["tokens"], row["target_density"], row["impl"])
-    return (row["shape"], row["mode"], row["impl"]) if suite == "lora" else (row["run"],)
+    return (row["shape"], row["mode"], row["impl"]) if suite in ("lora", "adapter") else (row["run"],)
 
 
 def _row_ms(suite: str, row: dict):
