@@ -21,6 +21,7 @@ from .tuners.density import (
 )
 from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
+from .tuners.prompt import PromptTuningConfig
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
 from .tuners.scaling import IA3Config, SsfConfig
 from .tuners.selective import BitFitConfig, LNTuningConfig
@@ -69,6 +70,7 @@ __all__ = [
     "LoraConfig",
     "MeftConfig",
     "PeftModel",
+    "PromptTuningConfig",
     "RankAllocationCallback",
     "SsfConfig",
     "__version__",

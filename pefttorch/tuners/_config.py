@@ -50,30 +50,11 @@ def module_names(value, what: str, owner: str):
     raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
 
 
-@dataclass
-class TargetedConfig:
-    """Fields of the methods that pick modules by name (HF PEFT's names); subclasses set `peft_type_name`
-    and call `_check` in __post_init__."""
+class SavedConfig:
+    """to_dict / save / from_dict of a config dataclass whose JSON is HF PEFT's adapter_config.json (or ours in
+    the same shape); subclasses set `peft_type_name` and may leave pefttorch-only fields out of the file."""
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
-
-    def _check(self) -> None:
-        owner = type(self).__name__
-        self.target_modules = module_names(self.target_modules, "target_modules", owner)
-        self.exclude_modules = module_names(self.exclude_modules, "exclude_modules", owner)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
-            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
-
+    peft_type_name: ClassVar[str]
     peft_only_fields: ClassVar[tuple[str, ...]] = ()  # pefttorch's fields that the saved format leaves out
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,3 +76,28 @@ class TargetedConfig:
             raise ValueError(f"not a {cls.peft_type_name} config (peft_type {data.get('peft_type')!r})")
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class TargetedConfig(SavedConfig):
+    """Fields of the methods that pick modules by name (HF PEFT's names); subclasses set `peft_type_name` and
+    call `_check` in __post_init__."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def _check(self) -> None:
+        owner = type(self).__name__
+        self.target_modules = module_names(self.target_modules, "target_modules", owner)
+        self.exclude_modules = module_names(self.exclude_modules, "exclude_modules", owner)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
+            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full

@@ -1,0 +1,70 @@
+"""PromptTuningConfig: learned virtual tokens in front of the input (HF PEFT's fields and format)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .._config import SavedConfig, reject_unknown_fields
+
+PROMPT_TUNING = "PROMPT_TUNING"
+INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@reject_unknown_fields
+@dataclass
+class PromptTuningConfig(SavedConfig):
+    """Prompt tuning (Lester et al. 2021): `num_virtual_tokens` learned embeddings are put in front of every
+    input sequence (an encoder-decoder model's encoder input); the model itself stays frozen.
+
+    Args:
+        num_virtual_tokens: length of the learned prompt.
+        prompt_tuning_init: ``"SAMPLE_VOCAB"`` (default: rows of the model's own embedding matrix drawn at
+            random, at the scale the model expects; Lester et al. found it better than random), ``"RANDOM"``
+            (HF PEFT's default: N(0, 1), far larger than most models' embeddings) or ``"TEXT"`` (the embeddings of
+            `prompt_tuning_init_text`, tokenized by the tokenizer at `tokenizer_name_or_path`, repeated or cut to
+            length).
+        token_dim: the embedding width; None: read from the model.
+        task_type: as in HF PEFT (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, ...);
+            None: inferred from the model class when saving (HF PEFT needs it to load the prompt).
+        modules_to_save: modules trained in full and saved with the prompt (e.g. a new classifier).
+    Inputs grow by the prompt: attention masks and token type ids are extended, token-level labels get -100 in
+    front, position ids are shifted; a causal LM's logits include the prompt's positions, as in HF PEFT. Saved
+    in HF PEFT's format (``prompt_embeddings``), loadable by ``peft.PeftModel.from_pretrained``.
+    """
+
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: str = "SAMPLE_VOCAB"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    peft_type: str = field(default=PROMPT_TUNING, init=False)
+    peft_type_name: ClassVar[str] = PROMPT_TUNING
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or self.num_virtual_tokens < 1:
+            raise ValueError(f"{name}: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
+        if init not in INITS:
+            raise ValueError(f"{name}: prompt_tuning_init must be one of {', '.join(INITS)}, got "
+                             f"{self.prompt_tuning_init!r}")
+        self.prompt_tuning_init = init
+        if init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+            raise ValueError(f"{name}: prompt_tuning_init='TEXT' needs prompt_tuning_init_text and "
+                             "tokenizer_name_or_path")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"{name}: num_transformer_submodules must be 1, 2 or None")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
+            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full

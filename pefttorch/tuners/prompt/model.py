@@ -1,0 +1,207 @@
+"""PromptModel: prompt tuning by forward pre-hooks that put learned embeddings in front of the input.
+
+The hooks rewrite the keyword arguments of the model's forward (and, for an encoder-decoder model, of its
+encoder's, which ``generate`` calls on its own): token ids become embeddings with the prompt in front, and
+everything that describes the input sequence grows with it. During generation the prompt sits in the cache after
+the first call; later calls only extend the attention mask and shift positions, which ``generate`` computes
+without knowing of the prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .._hooked import HookedModel
+from .config import PromptTuningConfig
+
+# HF PEFT needs a task type to pick its model class (its prompt tuning lives in those classes)
+TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification",
+         "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("MTModel", "SEQ_2_SEQ_LM"),
+         ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    return next((task for suffix, task in TASKS if name.endswith(suffix)), "FEATURE_EXTRACTION")
+
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return int(past[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+
+
+class PromptModel(HookedModel):
+    """A model with a learned prompt (one adapter set, named by the PeftModel)."""
+
+    method = "prompt tuning"
+    key_prefix = "base_model."  # HF PEFT wraps no tuner model around a prompt-tuned model: one level less
+
+    def __init__(self, model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default") -> None:
+        super().__init__(model, config, adapter_name)
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(f"prompt tuning needs a transformers model with an nn.Embedding input embedding; "
+                             f"{type(model).__name__} has {type(embedding).__name__}")
+        # the model's own modules, kept unregistered here (registered twice they would be saved twice)
+        object.__setattr__(self, "embedding", embedding)
+        width = embedding.embedding_dim
+        if config.token_dim not in (None, width):
+            raise ValueError(f"PromptTuningConfig.token_dim={config.token_dim} but the model embeds tokens in {width}")
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        object.__setattr__(self, "encoder", model.get_encoder() if self.encoder_decoder else None)
+        # Marian-style encoders scale embeddings they compute from ids, not embeddings they are given
+        self.embed_scale = float(getattr(self.encoder, "embed_scale", 1.0) or 1.0)
+        self.n = config.num_virtual_tokens
+        weight = embedding.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        rows = self.n * (config.num_transformer_submodules or 1)  # HF PEFT's seq2seq files hold 2n, use n
+        self.prompt = nn.Parameter(self._initial_prompt(config, rows).to(device=weight.device, dtype=dtype))
+        self.hook(model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
+        if self.encoder is not None:
+            self.hook(self.encoder.register_forward_pre_hook(self._encoder_hook, with_kwargs=True))
+        self.finish()
+
+    @torch.no_grad()
+    def _initial_prompt(self, config: PromptTuningConfig, rows: int) -> torch.Tensor:
+        weight = self.embedding.weight
+        if config.prompt_tuning_init == "RANDOM":
+            return torch.randn(rows, weight.shape[1])
+        if config.prompt_tuning_init == "SAMPLE_VOCAB":
+            ids = torch.randint(0, weight.shape[0], (rows,))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+            text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+            if not text_ids:
+                raise ValueError("PromptTuningConfig: prompt_tuning_init_text tokenizes to nothing")
+            ids = torch.tensor((text_ids * (rows // len(text_ids) + 1))[:rows])
+        return weight[ids.to(weight.device)].float().cpu() * self.embed_scale
+
+    # ------------------------------------------------------------------ HookedModel
+
+    def adapter_parameters(self):
+        return [self.prompt]
+
+    def own_tensors(self):
+        return {"prompt_embeddings": self.prompt}  # HF PEFT's key
+
+    def export_adapter(self, name: str):
+        config = self.peft_config[name]
+        task = config.task_type or task_type_of(self.model)
+        tensors = self.adapter_state_dict(name)
+        heads = [n for n in ("classifier", "score") if isinstance(getattr(self.model, n, None), nn.Module)]
+        modules_to_save = config.modules_to_save
+        if task == "SEQ_CLS" and not config.modules_to_save and heads:
+            # HF PEFT's sequence classifier always loads its head from the file: write the (frozen) head in use
+            modules_to_save = heads
+            for head in heads:
+                for key, value in getattr(self.model, head).state_dict().items():
+                    tensors[f"{self.key_prefix}{head}.{key}"] = value.detach()
+        config = config.replace(task_type=task, token_dim=self.embedding.embedding_dim, modules_to_save=modules_to_save,
+                                num_transformer_submodules=config.num_transformer_submodules or 1)
+        return config, tensors
+
+    # ------------------------------------------------------------------ the hooks
+
+    def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.prompt[: self.n].to(dtype).unsqueeze(0).expand(batch, -1, -1)
+
+    def _keywords(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """All arguments by keyword (transformers models take input_ids first; others must be named)."""
+        if not args:
+            return dict(kwargs)
+        names = list(inspect.signature(module.forward).parameters)
+        if len(args) > len(names):
+            raise TypeError(f"{type(module).__name__}: too many positional arguments")
+        return {**dict(zip(names, args, strict=False)), **kwargs}
+
+    def _with_prompt(self, kw: dict) -> int:
+        """Puts the prompt in front of the input embeddings in `kw`; returns the input's own length."""
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            ids = kw.get("input_ids")
+            if ids is None:
+                raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+            embeds = self.embedding(ids)
+            if self.embed_scale != 1.0:
+                embeds = embeds * self.embed_scale
+        batch, length = embeds.shape[:2]
+        kw["input_ids"] = None
+        kw["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)
+        return length
+
+    def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
+        """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
+        value = kw.get(key)
+        if value is not None:
+            front = torch.full((batch, self.n, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
+            kw[key] = torch.cat([front, value.expand(batch, *value.shape[1:])], dim=1)
+
+    def _top_hook(self, module, args, kwargs):
+        if self.disabled:
+            return None
+        kw = self._keywords(module, args, kwargs)
+        if self.encoder_decoder:
+            self._mask_for_encoder_output(kw)
+            return (), kw
+        n = self.n
+        past_length = _cache_length(kw.get("past_key_values"))
+        source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
+        if source is None:
+            raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+        batch, length = source.shape[:2]
+        if past_length == 0:  # the whole input: the prompt goes in front
+            self._with_prompt(kw)
+            self._grow(kw, "attention_mask", batch, 1)
+            self._grow(kw, "token_type_ids", batch, 0)
+            labels = kw.get("labels")
+            if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:  # token-level labels
+                self._grow(kw, "labels", batch, -100)
+            positions = kw.get("position_ids")
+            if positions is not None:
+                front = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
+                kw["position_ids"] = torch.cat([front, positions + n], dim=1)
+            if kw.get("cache_position") is not None:
+                kw["cache_position"] = torch.arange(n + length, device=kw["cache_position"].device)
+        else:  # a generation step: the prompt is in the cache; generate's bookkeeping does not know of it
+            mask = kw.get("attention_mask")
+            if mask is not None and mask.shape[1] == past_length + length - n:
+                self._grow(kw, "attention_mask", batch, 1)
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = kw["position_ids"] + n
+            if kw.get("cache_position") is not None:
+                kw["cache_position"] = torch.arange(past_length, past_length + length,
+                                                    device=kw["cache_position"].device)
+        return (), kw
+
+    def _mask_for_encoder_output(self, kw: dict) -> None:
+        """An encoder-decoder model's attention mask (also the decoder's cross-attention mask) must cover the
+        prompt the encoder output starts with."""
+        mask = kw.get("attention_mask")
+        if mask is None:
+            return
+        encoder_outputs = kw.get("encoder_outputs")
+        if encoder_outputs is not None:
+            short = mask.shape[1] == encoder_outputs[0].shape[1] - self.n
+        else:
+            source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
+            short = source is not None and mask.shape[1] == source.shape[1]
+        if short:
+            self._grow(kw, "attention_mask", mask.shape[0], 1)
+
+    def _encoder_hook(self, module, args, kwargs):
+        if self.disabled:
+            return None
+        kw = self._keywords(module, args, kwargs)
+        length = self._with_prompt(kw)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.shape[1] == length:
+            self._grow(kw, "attention_mask", mask.shape[0], 1)
+        return (), kw

