@@ -232,6 +232,43 @@ def test_budget_is_hit_within_one_unit(method, unit, kwargs, budget, capsys):
     assert abs(count - budget * total) <= (max(counts) - min(counts + [count])) / 2 + 1
 
 
+@pytest.mark.parametrize("method, kwargs, budget", [
+    ("prompt", {}, 0.002),
+    ("ia3", {}, 0.001),
+    ("ssf", {}, 0.002),
+    ("ln_tuning", {}, 0.0005),
+    ("bitfit", {}, None),  # the Llama has no biases: BERT's instead
+])
+def test_budget_in_tokens_and_layers_is_hit_within_one_unit(method, kwargs, budget, capsys):
+    if method == "bitfit":
+        torch.manual_seed(0)
+        base = FAMILIES["bert"].build()
+        budget = 0.02
+    else:
+        base = _budget_model()
+    total = sum(p.numel() for p in base.parameters())
+    config = config_for_budget(base, method, budget, **kwargs)
+    assert f"{budget:.4%}" in capsys.readouterr().out
+    count = _trainable(get_peft_model(copy.deepcopy(base), config))
+    if method == "prompt":
+        neighbours = [config.replace(num_virtual_tokens=u) for u in (config.num_virtual_tokens - 1,
+                                                                     config.num_virtual_tokens + 1) if u >= 1]
+    else:
+        chosen = config.layers_to_transform
+        assert chosen == sorted(chosen) and chosen[-1] == max(_layers(base))  # the top layers
+        below = sorted(set(_layers(base)) - set(chosen))
+        neighbours = ([config.replace(layers_to_transform=chosen[1:])] if len(chosen) > 1 else []) + \
+            ([config.replace(layers_to_transform=[below[-1], *chosen])] if below else [])
+    counts = [_trainable(get_peft_model(copy.deepcopy(base), c)) for c in neighbours]
+    assert counts and all(abs(count - budget * total) <= abs(c - budget * total) for c in counts)
+
+
+def _layers(model):
+    from pefttorch.tuners.lora.model import _layer_index
+
+    return sorted({i for n, _ in model.named_modules() if (i := _layer_index(n + ".", None)) is not None})
+
+
 def test_budget_out_of_reach_says_the_range():
     base = FAMILIES["llama"].build()
     with pytest.raises(ValueError, match=r"cannot reach 0\.0001% .* it reaches .*% \(bottleneck=1"):
@@ -240,6 +277,10 @@ def test_budget_out_of_reach_says_the_range():
         config_for_budget(base, "lora", 0.9, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="not yet supported method 'prefix'"):
         config_for_budget(base, "prefix", 0.01)
+    with pytest.raises(ValueError, match=r"ia3 cannot reach 10\.0000% .*\(layers=1, .*\(layers=2,"):
+        config_for_budget(base, "ia3", 0.1)
+    with pytest.raises(ValueError, match="chooses layers_to_transform itself"):
+        config_for_budget(base, "ssf", 0.01, layers_to_transform=[0])
 
 
 def test_bf16_model_keeps_fp32_adapters_and_trains():

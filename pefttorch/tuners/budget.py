@@ -3,24 +3,37 @@ as in the machine-translation study of PEFT methods (Ustun and Cooper Stickland,
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
 
+from ._hooked import find_modules
 from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
-from .lora.model import _name_matches, plan_targets
+from .lora.model import _layer_index, _name_matches, plan_targets
+from .prompt.config import PromptTuningConfig
+from .scaling.config import IA3Config, SsfConfig
+from .scaling.model import find_sites as vector_sites
+from .scaling.model import is_norm
+from .selective.config import BitFitConfig, LNTuningConfig
+from .selective.model import has_bias
 
 
 @dataclass
 class _Plan:
-    unit: str  # what the budget moves: "r", "bottleneck"
-    per_unit: int  # trainable parameters per unit
+    unit: str  # what the budget moves: "r", "bottleneck", "num_virtual_tokens", "layers"
+    per_unit: int  # trainable parameters one unit adds (about: the tolerance is half of it)
     fixed: int  # trainable parameters whatever the unit (biases, modules_to_save)
     most: int  # largest sensible unit
+    layer_counts: list[int] | None = None  # "layers": parameters of the top 1, 2, ... layers
+    top_layers: list[int] | None = None  # "layers": layer indices from the top
 
     def count(self, units: int) -> int:
+        if self.layer_counts is not None:
+            return self.fixed + self.layer_counts[units - 1]
         return self.fixed + units * self.per_unit
 
 
@@ -53,13 +66,65 @@ def _adapter_plan(model: nn.Module, kwargs: dict) -> _Plan:
                  max(s.features for s in sites))
 
 
-METHODS = {"lora": (_lora_plan, LoraConfig), "adapter": (_adapter_plan, AdapterConfig)}
+def _prompt_plan(model: nn.Module, kwargs: dict) -> _Plan:
+    config = PromptTuningConfig(num_virtual_tokens=1, **kwargs)
+    width = model.get_input_embeddings().embedding_dim
+    # a prompt longer than half the context leaves too little room for the input
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1024
+    return _Plan("num_virtual_tokens", width, _saved_parameters(model, config.modules_to_save), max(1, context // 2))
+
+
+def _layers_plan(config_cls, sites):
+    """A plan whose unit is the number of layers adapted, counted from the top (the layers next to the output
+    first); `sites(model, config)` gives (module path, trainable parameters) of each place the method trains."""
+
+    def plan(model: nn.Module, kwargs: dict) -> _Plan:
+        if "layers_to_transform" in kwargs:
+            raise ValueError("config_for_budget chooses layers_to_transform itself")
+        config = config_cls(**kwargs)
+        per_layer, fixed = Counter(), _saved_parameters(model, config.modules_to_save)
+        for path, count in sites(model, config):
+            index = _layer_index(path + ".", None)
+            if index is not None:  # modules outside the numbered layers are left out by layers_to_transform
+                per_layer[index] += count
+        if not per_layer:
+            raise ValueError(f"config_for_budget: {config_cls.__name__} found no numbered layers to count in")
+        top = sorted(per_layer, reverse=True)
+        counts = list(itertools.accumulate(per_layer[i] for i in top))
+        return _Plan("layers", max(per_layer.values()), fixed, len(top), counts, top)
+
+    return plan
+
+
+def _vector_sites(model, config):
+    return [(s.path, s.features * (1 if isinstance(config, IA3Config) else 2)) for s in vector_sites(model, config)]
+
+
+def _selective_sites(model, config):
+    accept = has_bias if isinstance(config, BitFitConfig) else is_norm
+    modules = find_modules(model, config.target_modules, config, accept, "modules")
+    return [(path, sum(p.numel() for name, p in m._parameters.items() if p is not None
+                       and (name == "bias" or not isinstance(config, BitFitConfig)))) for path, m in modules]
+
+
+METHODS = {
+    "lora": (_lora_plan, LoraConfig),
+    "adapter": (_adapter_plan, AdapterConfig),
+    "prompt": (_prompt_plan, PromptTuningConfig),
+    "ia3": (_layers_plan(IA3Config, _vector_sites), IA3Config),
+    "ssf": (_layers_plan(SsfConfig, _vector_sites), SsfConfig),
+    "bitfit": (_layers_plan(BitFitConfig, _selective_sites), BitFitConfig),
+    "ln_tuning": (_layers_plan(LNTuningConfig, _selective_sites), LNTuningConfig),
+}
 
 
 def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: bool = True, **kwargs):
-    """The `method` config (``"lora"``: LoraConfig with r chosen; ``"adapter"``: AdapterConfig with the
-    bottleneck chosen) whose trainable parameter count is closest to ``budget`` times `model`'s parameters.
+    """The `method` config whose trainable parameter count is closest to ``budget`` times `model`'s parameters.
 
+    What the budget moves, per method: ``"lora"`` the rank r; ``"adapter"`` the bottleneck width; ``"prompt"``
+    the number of virtual tokens (at most half the context); ``"ia3"``, ``"ssf"``, ``"bitfit"`` and
+    ``"ln_tuning"`` the number of layers adapted (``layers_to_transform``), counted from the top: the layers
+    next to the output first; modules outside the numbered layers, such as a final norm, are then left out.
     Other config fields pass through `kwargs` (e.g. ``target_modules``, ``style``). Prints the exact count and
     share (unless ``verbose=False``). A budget outside what the method can reach on this model (below its
     smallest unit or beyond its largest, by more than half a unit) is an error giving the reachable range.
@@ -70,8 +135,9 @@ def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: 
     if not 0 < budget < 1:
         raise ValueError(f"config_for_budget: budget is a share of the model's parameters in (0, 1), got {budget!r}")
     plan_fn, config_cls = METHODS[method]
-    if plan_fn is _lora_plan and "r" in kwargs or plan_fn is _adapter_plan and "bottleneck" in kwargs:
-        raise ValueError(f"config_for_budget chooses {'r' if method == 'lora' else 'bottleneck'} itself")
+    for unit in ("r", "bottleneck", "num_virtual_tokens"):
+        if unit in kwargs:
+            raise ValueError(f"config_for_budget chooses {unit} itself")
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     plan = plan_fn(model, kwargs)
     target = budget * total
@@ -81,8 +147,11 @@ def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: 
             f"config_for_budget: {method} cannot reach {budget:.4%} of this model's {total:,d} parameters; "
             f"it reaches {low / total:.4%} ({plan.unit}=1, {low:,d}) to {high / total:.4%} "
             f"({plan.unit}={plan.most}, {high:,d})")
-    units = min(max(round((target - plan.fixed) / plan.per_unit), 1), plan.most)
-    config = config_cls(**{plan.unit: units, **kwargs})
+    units = min(range(1, plan.most + 1), key=lambda u: abs(plan.count(u) - target))
+    if plan.top_layers is None:
+        config = config_cls(**{plan.unit: units, **kwargs})
+    else:
+        config = config_cls(layers_to_transform=sorted(plan.top_layers[:units]), **kwargs)
     if verbose:
         count = plan.count(units)
         print(f"config_for_budget: {method} {plan.unit}={units}: {count:,d} trainable parameters, "
