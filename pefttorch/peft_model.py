@@ -22,8 +22,8 @@ from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftModel
-from .tuners.prompt import PromptModel, PromptTuningConfig
-from .tuners.prompt.config import PROMPT_TUNING
+from .tuners.prompt import DeptConfig, DeptModel, PromptModel, PromptTuningConfig
+from .tuners.prompt.config import DEPT, PROMPT_TUNING
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
@@ -34,7 +34,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # config class -> the model that carries it (subclasses before their base class: the first match wins)
 _TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: RankedLoraModel,
            AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel,
-           BitFitConfig: SelectiveModel, LNTuningConfig: SelectiveModel, PromptTuningConfig: PromptModel}
+           BitFitConfig: SelectiveModel, LNTuningConfig: SelectiveModel, DeptConfig: DeptModel,
+           PromptTuningConfig: PromptModel}
 
 
 class PeftModel(nn.Module):
@@ -275,7 +276,7 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     data = json.loads((directory / CONFIG_NAME).read_text())
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
-               PROMPT_TUNING: PromptTuningConfig.from_dict}
+               PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict}
     config = readers.get(data.get("peft_type"), LoraConfig.from_dict)(data)
     config.inference_mode = not is_trainable
     return config

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hf_models import FAMILIES
 
-from pefttorch import PeftModel, PromptTuningConfig, get_peft_model
+from pefttorch import DeptConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 N = 3
 
@@ -192,3 +192,72 @@ def test_we_load_hf_peft_prompts(family, task, tmp_path):
     batch = inputs(family)
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- DePT
+
+def dept(family, **kw):
+    base = fresh(family)
+    model = get_peft_model(copy.deepcopy(base), DeptConfig(num_virtual_tokens=N, r=2, max_length=9, **kw))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.base_model.dept_B.copy_(torch.randn(model.base_model.dept_B.shape, generator=g))
+    return base, model
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5", "marian"])
+def test_dept_equals_the_base_model_on_updated_prompted_embeddings(family):
+    base, model = dept(family)
+    batch = inputs(family)
+    dm = model.base_model
+    ids = batch["input_ids"]
+    update = (dm.dept_A[: ids.shape[1]] @ dm.dept_B).detach()
+    # the same as prompt tuning by hand, with the embedding module adding A B row by row
+    shifted = copy.deepcopy(base)
+    embedding = shifted.get_input_embeddings()
+    embedding.register_forward_hook(lambda m, a, out: out + update / dm.embed_scale)
+    with torch.no_grad():
+        want = by_hand(shifted, model, batch)
+        ours = model(**batch)
+    torch.testing.assert_close(ours.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_dept_covers_max_length_positions_and_generation_steps():
+    _, model = dept("llama")
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(2))  # longer than max_length=9
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert out.shape[1] == N + 12 and torch.isfinite(out).all()
+    kw = {"input_ids": ids[:, :6], "max_new_tokens": 5, "do_sample": False, "output_scores": True,
+          "return_dict_in_generate": True}
+    cached, uncached = model.generate(**kw), model.generate(**kw, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)  # generated tokens get their positions' update
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_dept_trains_prompt_and_update_with_two_learning_rates(tmp_path):
+    _, model = dept("t5")
+    model.train()
+    model(**inputs("t5")).loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"base_model.prompt", "base_model.dept_A", "base_model.dept_B"}
+    groups = model.parameter_groups(prompt_lr=0.3, embedding_lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.3, 1e-4]
+    optimizer.step()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh("t5"), tmp_path)
+    batch = inputs("t5")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_dept_starts_as_prompt_tuning():
+    base = fresh("llama")
+    model = get_peft_model(copy.deepcopy(base), DeptConfig(num_virtual_tokens=N))
+    batch = inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, by_hand(base, model, batch).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        DeptConfig(r=0)

@@ -1,6 +1,6 @@
 """Prompt tuning (and DePT): learned embeddings in front of the input."""
 
-from .config import PromptTuningConfig
-from .model import PromptModel
+from .config import DeptConfig, PromptTuningConfig
+from .model import DeptModel, PromptModel
 
-__all__ = ["PromptModel", "PromptTuningConfig"]
+__all__ = ["DeptConfig", "DeptModel", "PromptModel", "PromptTuningConfig"]

@@ -8,6 +8,7 @@ from typing import ClassVar
 from .._config import SavedConfig, reject_unknown_fields
 
 PROMPT_TUNING = "PROMPT_TUNING"
+DEPT = "DEPT"
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
@@ -68,3 +69,31 @@ class PromptTuningConfig(SavedConfig):
             self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is None and self.task_type == "SEQ_CLS":
             self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+
+
+@reject_unknown_fields
+@dataclass
+class DeptConfig(PromptTuningConfig):
+    """DePT (Shi and Lipani 2024, "Decomposed Prompt Tuning"): a shorter prompt plus a low-rank update of the
+    input's own token embeddings, ``E + A B`` position by position (A: (max_length, r), B: (r, width)), trained
+    with two learning rates (see ``model.parameter_groups(prompt_lr, embedding_lr)``).
+
+    Args:
+        num_virtual_tokens, prompt_tuning_init, ...: as in PromptTuningConfig (default prompt 20 tokens).
+        r: rank of the embedding update.
+        max_length: positions the update covers; tokens further on (long inputs, generated tokens) get none.
+    A starts Kaiming-uniform and B at zero, so the update starts at nothing. Saved in pefttorch's format
+    (``prompt_embeddings``, ``dept_A``, ``dept_B``); HF PEFT has no DePT.
+    """
+
+    r: int = 8
+    max_length: int = 256
+    peft_type: str = field(default=DEPT, init=False)
+    peft_type_name: ClassVar[str] = DEPT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("r", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DeptConfig: {name} must be a positive integer, got {value!r}")

@@ -42,8 +42,11 @@ class PromptModel(HookedModel):
     method = "prompt tuning"
     key_prefix = "base_model."  # HF PEFT wraps no tuner model around a prompt-tuned model: one level less
 
-    def __init__(self, model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default",
+                 extra: dict[str, nn.Parameter] | None = None) -> None:
         super().__init__(model, config, adapter_name)
+        for name, param in (extra or {}).items():  # a variant's own parameters, registered before finish()
+            self.register_parameter(name, param)
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(f"prompt tuning needs a transformers model with an nn.Embedding input embedding; "
@@ -122,8 +125,9 @@ class PromptModel(HookedModel):
             raise TypeError(f"{type(module).__name__}: too many positional arguments")
         return {**dict(zip(names, args, strict=False)), **kwargs}
 
-    def _with_prompt(self, kw: dict) -> int:
-        """Puts the prompt in front of the input embeddings in `kw`; returns the input's own length."""
+    def _embeddings(self, kw: dict, start: int = 0) -> torch.Tensor:
+        """The input's embeddings (from `kw`'s ids if it has none), whose first token sits at position `start`
+        of the input (after the prompt)."""
         embeds = kw.get("inputs_embeds")
         if embeds is None:
             ids = kw.get("input_ids")
@@ -132,6 +136,15 @@ class PromptModel(HookedModel):
             embeds = self.embedding(ids)
             if self.embed_scale != 1.0:
                 embeds = embeds * self.embed_scale
+        return self.update_embeddings(embeds, start)
+
+    def update_embeddings(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """What a variant changes in the input's own embeddings (DePT: a low-rank update per position)."""
+        return embeds
+
+    def _with_prompt(self, kw: dict) -> int:
+        """Puts the prompt in front of the input embeddings in `kw`; returns the input's own length."""
+        embeds = self._embeddings(kw)
         batch, length = embeds.shape[:2]
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)
@@ -171,6 +184,8 @@ class PromptModel(HookedModel):
             if kw.get("cache_position") is not None:
                 kw["cache_position"] = torch.arange(n + length, device=kw["cache_position"].device)
         else:  # a generation step: the prompt is in the cache; generate's bookkeeping does not know of it
+            if type(self).update_embeddings is not PromptModel.update_embeddings:
+                kw["inputs_embeds"], kw["input_ids"] = self._embeddings(kw, start=past_length - n), None
             mask = kw.get("attention_mask")
             if mask is not None and mask.shape[1] == past_length + length - n:
                 self._grow(kw, "attention_mask", batch, 1)
@@ -205,3 +220,46 @@ class PromptModel(HookedModel):
         if mask is not None and mask.shape[1] == length:
             self._grow(kw, "attention_mask", mask.shape[0], 1)
         return (), kw
+
+
+class DeptModel(PromptModel):
+    """DePT: prompt tuning with a shorter prompt and a low-rank, per-position update of the input embeddings."""
+
+    method = "DePT"
+    key_prefix = "base_model.model."  # pefttorch's own format: as the other hooked methods
+
+    def __init__(self, model: nn.Module, config, adapter_name: str = "default") -> None:
+        width, weight = model.get_input_embeddings().embedding_dim, model.get_input_embeddings().weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        a = torch.empty(config.max_length, config.r, device=weight.device, dtype=dtype)
+        nn.init.kaiming_uniform_(a, a=5**0.5)  # as nn.Linear's weight, LoRA's A
+        b = torch.zeros(config.r, width, device=weight.device, dtype=dtype)  # the update starts at nothing
+        # set before PromptModel's __init__, which marks what trains
+        super().__init__(model, config, adapter_name, extra={"dept_A": nn.Parameter(a), "dept_B": nn.Parameter(b)})
+
+    def update_embeddings(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        length, rows = embeds.shape[1], self.dept_A.shape[0]
+        covered = max(0, min(length, rows - start))  # positions past max_length get no update
+        if covered == 0:
+            return embeds
+        update = (self.dept_A[start:start + covered] @ self.dept_B).to(embeds.dtype)
+        if covered < length:
+            update = torch.cat([update, update.new_zeros(length - covered, update.shape[1])])
+        return embeds + update
+
+    def adapter_parameters(self):
+        return [self.prompt, self.dept_A, self.dept_B]
+
+    def own_tensors(self):
+        return {"prompt_embeddings": self.prompt, "dept_A": self.dept_A, "dept_B": self.dept_B}
+
+    def export_adapter(self, name: str):
+        return self.peft_config[name], self.adapter_state_dict(name)
+
+    def parameter_groups(self, prompt_lr: float, embedding_lr: float, **options) -> list[dict]:
+        """Optimizer parameter groups with DePT's two learning rates (the paper's prompt lr is far larger than
+        the embedding update's), plus any modules_to_save at the embedding rate; `options` (e.g.
+        weight_decay) go into every group."""
+        rest = [p for _, w in self._wrappers() for p in w.modules_to_save.parameters() if p.requires_grad]
+        return [{"params": [self.prompt], "lr": prompt_lr, **options},
+                {"params": [self.dept_A, self.dept_B, *rest], "lr": embedding_lr, **options}]
