@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .tuners._forwarding import Forwarding
 from .tuners.adapter import AdapterConfig, AdapterModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
@@ -38,21 +39,28 @@ _TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: 
            PromptTuningConfig: PromptModel}
 
 
-class PeftModel(nn.Module):
-    """A model with LoRA adapters (IncreLoRA's or AdaLoRA's of changing rank, or MEFT's reversible adapters).
-    Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
+class PeftModel(Forwarding):
+    """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
+    adapters, bottleneck adapters, (IA)^3, SSF, BitFit, LayerNorm tuning, prompt tuning or DePT. Build one with
+    :func:`get_peft_model` or :meth:`from_pretrained`.
 
     With IncreLoRA or AdaLoRA, ``update_and_allocate(step)`` and ``rank_pattern()`` reach the
     :class:`~pefttorch.tuners.rank.RankedLoraModel`; ``save_pretrained`` writes a plain LoRA adapter with the
     final ranks."""
+
+    wrapped_attribute = "base_model"
 
     def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         tuner = next((t for cls, t in _TUNERS.items() if isinstance(config, cls)), None)
         if tuner is None:
+            kind = type(config)
+            hint = (f"; for HF PEFT's {kind.__name__} use pefttorch.{kind.__name__} (same fields) if pefttorch has it, "
+                    "or keep HF PEFT and call pefttorch.accelerate(peft_model)") if kind.__module__.startswith("peft") \
+                else ""
             raise TypeError("pefttorch.PeftModel takes a pefttorch config (" + ", ".join(c.__name__ for c in _TUNERS)
-                            + f"), got {type(config).__name__}")
+                            + f"), got {kind.__module__}.{kind.__name__}{hint}")
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         if tuner in (LoraModel, RankedLoraModel):
@@ -70,14 +78,6 @@ class PeftModel(nn.Module):
         # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the
         # dataset columns the model's forward accepts).
         self.__class__ = _class_for(type(model))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
         return self.base_model.model(*args, **kwargs)
@@ -277,7 +277,11 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
                PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict}
-    config = readers.get(data.get("peft_type"), LoraConfig.from_dict)(data)
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type not in readers and peft_type != "LORA":
+        raise ValueError(f"{model_id}: adapter type {peft_type!r} is not supported; pefttorch loads "
+                         + ", ".join(["LORA", *readers]))
+    config = readers.get(peft_type, LoraConfig.from_dict)(data)
     config.inference_mode = not is_trainable
     return config
 

@@ -86,3 +86,24 @@ FAMILIES = {
     "gpt2": Family("gpt2", gpt2, ["c_attn", "c_fc"], _lm_inputs, True),
     "marian": Family("marian", marian, ["q_proj", "v_proj", "fc1"], _seq2seq_inputs, True),
 }
+
+
+# ---- what the method tests share: a fresh model of a family, its inputs, and a loss whatever the head
+
+def fresh(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[family].build().eval()
+
+
+def inputs(family: str, seed: int = 1) -> dict:
+    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def loss(out) -> torch.Tensor:
+    """The model's own loss where the batch has labels, else one that reaches every logit."""
+    return out.loss if out.loss is not None else out.logits.float().square().mean()

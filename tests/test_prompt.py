@@ -7,20 +7,15 @@ import copy
 
 import pytest
 import torch
-from hf_models import FAMILIES
+from hf_models import fresh, inputs
 
 from pefttorch import DeptConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 N = 3
 
 
-def fresh(family, seed=0):
-    torch.manual_seed(seed)
-    return FAMILIES[family].build().eval()
 
 
-def inputs(family, seed=1):
-    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
 
 
 def prompted(family, n=N, **kw):

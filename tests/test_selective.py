@@ -7,27 +7,9 @@ import copy
 
 import pytest
 import torch
-from hf_models import FAMILIES
+from hf_models import fresh, inputs, logits, loss
 
 from pefttorch import BitFitConfig, LNTuningConfig, PeftModel, get_peft_model
-
-
-def fresh(family, seed=0):
-    torch.manual_seed(seed)
-    return FAMILIES[family].build().eval()
-
-
-def inputs(family, seed=1):
-    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def loss(out):
-    return out.loss if out.loss is not None else out.logits.float().square().mean()
 
 
 def randomize(model, seed=3):

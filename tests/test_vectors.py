@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from hf_models import FAMILIES
+from hf_models import fresh, inputs, logits, loss
 from torch import nn
 
 from pefttorch import IA3Config, PeftModel, SsfConfig, get_peft_model
@@ -16,18 +16,10 @@ from pefttorch import IA3Config, PeftModel, SsfConfig, get_peft_model
 FAMILY_NAMES = ["bert", "llama", "t5", "marian", "gpt2"]
 
 
-def fresh(family, seed=0):
-    torch.manual_seed(seed)
-    return FAMILIES[family].build().eval()
 
 
-def inputs(family, seed=1):
-    return FAMILIES[family].inputs(torch.Generator().manual_seed(seed))
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def randomize(model, seed=3):
@@ -38,8 +30,6 @@ def randomize(model, seed=3):
                     else 0.3 * torch.randn(p.shape, generator=g))
 
 
-def loss(out):
-    return out.loss if out.loss is not None else out.logits.float().square().mean()
 
 
 def _name(model, param):

@@ -50,6 +50,18 @@ def module_names(value, what: str, owner: str):
     raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
 
 
+def normalize_common(config) -> None:
+    """The fields most configs share: a single layer index or module name becomes a list, and a sequence
+    classifier's new head trains in full (HF PEFT's default modules_to_save for SEQ_CLS)."""
+    layers = getattr(config, "layers_to_transform", None)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        config.layers_to_transform = [layers]
+    if isinstance(config.modules_to_save, str):
+        config.modules_to_save = [config.modules_to_save]
+    if config.modules_to_save is None and config.task_type == "SEQ_CLS":
+        config.modules_to_save = ["classifier", "score"]
+
+
 class SavedConfig:
     """to_dict / save / from_dict of a config dataclass whose JSON is HF PEFT's adapter_config.json (or ours in
     the same shape); subclasses set `peft_type_name` and may leave pefttorch-only fields out of the file."""
@@ -95,9 +107,4 @@ class TargetedConfig(SavedConfig):
         owner = type(self).__name__
         self.target_modules = module_names(self.target_modules, "target_modules", owner)
         self.exclude_modules = module_names(self.exclude_modules, "exclude_modules", owner)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
-            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+        normalize_common(self)

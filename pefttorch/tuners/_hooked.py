@@ -14,11 +14,12 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ._forwarding import Forwarding
 from .lora.layer import ModulesToSaveWrapper, is_linear
 from .lora.model import ALL_LINEAR, _in_modules_to_save, _layer_index, _matches, _name_matches, _set_submodule
 
 
-class HookedModel(nn.Module):
+class HookedModel(Forwarding):
     """One adapter set on `model`. Subclasses build their parameters, then call :meth:`finish`; they list
     their trainable parameters in :meth:`adapter_parameters` and their saved tensors in :meth:`own_tensors`."""
 
@@ -47,14 +48,6 @@ class HookedModel(nn.Module):
                     and not isinstance(module, ModulesToSaveWrapper):
                 _set_submodule(self.model, path, ModulesToSaveWrapper(module, name))
         self._mark_trainable()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     @property
     def config(self):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...reference import ACTIVATIONS
-from .._config import reject_unknown_fields, save_config
+from .._config import SavedConfig, normalize_common, reject_unknown_fields
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 # style -> (after attention, after FFN, parallel to FFN)
@@ -20,7 +20,7 @@ STYLES = {
 
 @reject_unknown_fields
 @dataclass
-class AdapterConfig:
+class AdapterConfig(SavedConfig):
     """Bottleneck adapters ``h + scaling * up(act(down(h)))`` in every transformer layer.
 
     Args:
@@ -55,6 +55,7 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     peft_type: str = field(default=PEFT_TYPE, init=False)
+    peft_type_name: ClassVar[str] = PEFT_TYPE  # our format: adapter_config.json with these fields
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -71,12 +72,7 @@ class AdapterConfig:
             raise bad(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
             raise bad(f"scaling must be a finite number, got {self.scaling!r}")
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
-            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+        normalize_common(self)
         if not any(self.placement):
             raise bad("after_attention, after_ffn and parallel_ffn are all off: no adapter would be added")
         if self.placement[1] and self.placement[2]:
@@ -92,20 +88,3 @@ class AdapterConfig:
     def width(self, hidden: int) -> int:
         """The bottleneck width for a model of this hidden size."""
         return self.bottleneck if self.bottleneck is not None else max(1, round(hidden / self.reduction_factor))
-
-    # ---------------------------------------------------------------- adapter_config.json (our format)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["peft_type"] = PEFT_TYPE
-        return d
-
-    def save(self, directory) -> None:
-        save_config(self, directory)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        if data.get("peft_type") != PEFT_TYPE:
-            raise ValueError(f"not a bottleneck adapter config (peft_type {data.get('peft_type')!r})")
-        names = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in data.items() if k in names})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._forwarding import Forwarding
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import LoraLayer, ModulesToSaveWrapper, is_linear
 
@@ -131,7 +132,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-class LoraModel(nn.Module):
+class LoraModel(Forwarding):
     """Holds the adapted model as ``self.model`` (so keys read ``base_model.model.…`` inside a PeftModel,
     as in HF PEFT) and the adapters' configs as ``self.peft_config``."""
 
@@ -148,14 +149,6 @@ class LoraModel(nn.Module):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.inject_adapter(config, adapter_name)
         self.set_adapter([adapter_name])
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     # ------------------------------------------------------------------ adapters
 

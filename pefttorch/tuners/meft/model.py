@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
+from .._forwarding import Forwarding
 from .arch import Family, find_family
 from .config import MeftConfig
 
@@ -96,7 +97,7 @@ def _adapter_kinds(variant: str, reversible: bool) -> tuple[str, ...]:
     return ("ffn", "coupling") if reversible else ("ffn",)
 
 
-class MeftModel(nn.Module):
+class MeftModel(Forwarding):
     """Holds the adapted model as ``self.model`` and the config as ``self.peft_config[adapter_name]``."""
 
     def __init__(self, model: nn.Module, config: MeftConfig, adapter_name: str = "default") -> None:
@@ -156,14 +157,6 @@ class MeftModel(nn.Module):
         if missing:
             raise ValueError(f"MeftConfig: modules_to_save {missing} match no module of the model")
         return found
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     # ------------------------------------------------------------------ the stack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .._config import SavedConfig, reject_unknown_fields
+from .._config import SavedConfig, normalize_common, reject_unknown_fields
 
 PROMPT_TUNING = "PROMPT_TUNING"
 DEPT = "DEPT"
@@ -65,10 +65,7 @@ class PromptTuningConfig(SavedConfig):
                              "tokenizer_name_or_path")
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"{name}: num_transformer_submodules must be 1, 2 or None")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type == "SEQ_CLS":
-            self.modules_to_save = ["classifier", "score"]  # as HF PEFT: a new head trains in full
+        normalize_common(self)
 
 
 @reject_unknown_fields
