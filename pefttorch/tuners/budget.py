@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._hooked import find_modules
 from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
@@ -17,9 +16,8 @@ from .lora.model import _layer_index, _name_matches, plan_targets
 from .prompt.config import PromptTuningConfig
 from .scaling.config import IA3Config, SsfConfig
 from .scaling.model import find_sites as vector_sites
-from .scaling.model import is_norm
 from .selective.config import BitFitConfig, LNTuningConfig
-from .selective.model import has_bias
+from .selective.model import chosen_parameters
 
 
 @dataclass
@@ -101,10 +99,7 @@ def _vector_sites(model, config):
 
 
 def _selective_sites(model, config):
-    accept = has_bias if isinstance(config, BitFitConfig) else is_norm
-    modules = find_modules(model, config.target_modules, config, accept, "modules")
-    return [(path, sum(p.numel() for name, p in m._parameters.items() if p is not None
-                       and (name == "bias" or not isinstance(config, BitFitConfig)))) for path, m in modules]
+    return [(path, sum(m._parameters[n].numel() for n in names)) for path, m, names in chosen_parameters(model, config)]
 
 
 METHODS = {

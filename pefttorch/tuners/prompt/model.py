@@ -9,6 +9,7 @@ without knowing of the prompt.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -26,6 +27,12 @@ TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
 def task_type_of(model: nn.Module) -> str:
     name = type(model).__name__
     return next((task for suffix, task in TASKS if name.endswith(suffix)), "FEATURE_EXTRACTION")
+
+
+@functools.cache
+def _parameter_names(cls: type) -> list[str]:
+    """The forward's parameter names of a module class (looked up once: the hook runs on every call)."""
+    return list(inspect.signature(cls.forward).parameters)[1:]  # without self
 
 
 def _cache_length(past) -> int:
@@ -120,7 +127,7 @@ class PromptModel(HookedModel):
         """All arguments by keyword (transformers models take input_ids first; others must be named)."""
         if not args:
             return dict(kwargs)
-        names = list(inspect.signature(module.forward).parameters)
+        names = _parameter_names(type(module))
         if len(args) > len(names):
             raise TypeError(f"{type(module).__name__}: too many positional arguments")
         return {**dict(zip(names, args, strict=False)), **kwargs}

@@ -21,6 +21,14 @@ def has_bias(module: nn.Module) -> bool:
     return isinstance(module._parameters.get("bias"), torch.Tensor)
 
 
+def chosen_parameters(model: nn.Module, config: BitFitConfig | LNTuningConfig):
+    """(module path, module, parameter names) of what `config` trains in `model`, found without changing it."""
+    bitfit = isinstance(config, BitFitConfig)
+    accept, what = (has_bias, "modules with a bias") if bitfit else (is_norm, "LayerNorm/RMSNorm modules")
+    return [(path, m, ["bias"] if bitfit else [n for n, p in m._parameters.items() if p is not None])
+            for path, m in find_modules(model, config.target_modules, config, accept, what)]
+
+
 class SelectiveModel(HookedModel):
     """A model whose biases (BitFit) or norm layers (LayerNorm tuning) train (one adapter set)."""
 
@@ -28,12 +36,11 @@ class SelectiveModel(HookedModel):
         super().__init__(model, config, adapter_name)
         self.bitfit = isinstance(config, BitFitConfig)
         self.method = "BitFit" if self.bitfit else "LayerNorm tuning"
-        accept, what = (has_bias, "modules with a bias") if self.bitfit else (is_norm, "LayerNorm/RMSNorm modules")
-        self.modules_found = find_modules(model, config.target_modules, config, accept, what)
+        chosen = chosen_parameters(model, config)
+        self.modules_found = [(path, m) for path, m, _ in chosen]
         # (path, module, parameter name, key in the dicts below)
-        self.slots = [(path, m, name, re.sub(r"\W", "_", f"{path}.{name}"))
-                      for path, m in self.modules_found
-                      for name in (["bias"] if self.bitfit else [n for n, p in m._parameters.items() if p is not None])]
+        self.slots = [(path, m, name, re.sub(r"\W", "_", f"{path}.{name}")) for path, m, names in chosen
+                      for name in names]
         self.tuned, self.originals = nn.ParameterDict(), nn.ParameterDict()
         for _, module, name, key in self.slots:
             original = module._parameters[name]
