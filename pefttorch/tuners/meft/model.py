@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
+from .._cache import cache_key, cache_length, get_cache
 from .._forwarding import Forwarding
 from .arch import Family, find_family
 from .config import MeftConfig
@@ -193,12 +194,12 @@ class MeftModel(Forwarding):
         dtype = hidden_states.dtype
         stack = self.reversible_layers()
         if stack and self.reversible and torch.is_grad_enabled():
-            cache = context.get("past_key_values")
+            cache = get_cache(context)
             if cache is not None:
-                if cache.get_seq_length() > 0:
+                if cache_length(cache) > 0:
                     raise ValueError("MEFT: a reversible backward cannot recompute attention over a filled "
                                      "key/value cache; train without past_key_values")
-                context["past_key_values"] = None  # backward recomputes attention: it must not write twice
+                context[cache_key(context)] = None  # backward recomputes attention: it must not write twice
         x = hidden_states.to(config.stream_dtype)
         y1, y2 = reversible_stack(stack, x, x, context, dtype, reversible=self.reversible, report=self._report)
         h = ((y1 + y2) * 0.5).to(dtype) if stack else hidden_states

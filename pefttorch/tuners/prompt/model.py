@@ -15,6 +15,7 @@ import inspect
 import torch
 from torch import nn
 
+from .._cache import cache_length, get_cache
 from .._hooked import HookedModel
 from .config import PromptTuningConfig
 
@@ -33,14 +34,6 @@ def task_type_of(model: nn.Module) -> str:
 def _parameter_names(cls: type) -> list[str]:
     """The forward's parameter names of a module class (looked up once: the hook runs on every call)."""
     return list(inspect.signature(cls.forward).parameters)[1:]  # without self
-
-
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple of (key, value) per layer
 
 
 class PromptModel(HookedModel):
@@ -172,7 +165,7 @@ class PromptModel(HookedModel):
             self._mask_for_encoder_output(kw)
             return (), kw
         n = self.n
-        past_length = _cache_length(kw.get("past_key_values"))
+        past_length = cache_length(get_cache(kw))
         source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
         if source is None:
             raise ValueError("prompt tuning needs input_ids or inputs_embeds")
