@@ -21,7 +21,7 @@ from .tuners.density import (
 )
 from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
-from .tuners.prompt import DeptConfig, PromptTuningConfig
+from .tuners.prompt import DeptConfig, PrefixTuningConfig, PromptTuningConfig
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
 from .tuners.scaling import IA3Config, SsfConfig
 from .tuners.selective import BitFitConfig, LNTuningConfig
@@ -71,6 +71,7 @@ __all__ = [
     "LoraConfig",
     "MeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "RankAllocationCallback",
     "SsfConfig",

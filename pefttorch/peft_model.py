@@ -23,8 +23,8 @@ from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftModel
-from .tuners.prompt import DeptConfig, DeptModel, PromptModel, PromptTuningConfig
-from .tuners.prompt.config import DEPT, PROMPT_TUNING
+from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfig, PromptModel, PromptTuningConfig
+from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
@@ -36,13 +36,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: RankedLoraModel,
            AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel,
            BitFitConfig: SelectiveModel, LNTuningConfig: SelectiveModel, DeptConfig: DeptModel,
-           PromptTuningConfig: PromptModel}
+           PromptTuningConfig: PromptModel, PrefixTuningConfig: PrefixModel}
 
 
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
-    adapters, bottleneck adapters, (IA)^3, SSF, BitFit, LayerNorm tuning, prompt tuning or DePT. Build one with
-    :func:`get_peft_model` or :meth:`from_pretrained`.
+    adapters, bottleneck adapters, (IA)^3, SSF, BitFit, LayerNorm tuning, prompt tuning, DePT or prefix tuning.
+    Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     With IncreLoRA or AdaLoRA, ``update_and_allocate(step)`` and ``rank_pattern()`` reach the
     :class:`~pefttorch.tuners.rank.RankedLoraModel`; ``save_pretrained`` writes a plain LoRA adapter with the
@@ -276,7 +276,8 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     data = json.loads((directory / CONFIG_NAME).read_text())
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
-               PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict}
+               PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict,
+               PREFIX_TUNING: PrefixTuningConfig.from_dict}
     peft_type = data.get("peft_type", "LORA")
     if peft_type not in readers and peft_type != "LORA":
         raise ValueError(f"{model_id}: adapter type {peft_type!r} is not supported; pefttorch loads "

@@ -275,8 +275,8 @@ def test_budget_out_of_reach_says_the_range():
         config_for_budget(base, "adapter", 1e-6)
     with pytest.raises(ValueError, match="cannot reach 90.0000%"):
         config_for_budget(base, "lora", 0.9, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="not yet supported method 'prefix'"):
-        config_for_budget(base, "prefix", 0.01)
+    with pytest.raises(ValueError, match="not yet supported method 'scalearn'"):
+        config_for_budget(base, "scalearn", 0.01)
     with pytest.raises(ValueError, match=r"ia3 cannot reach 10\.0000% .*\(layers=1, .*\(layers=2,"):
         config_for_budget(base, "ia3", 0.1)
     with pytest.raises(ValueError, match="chooses layers_to_transform itself"):

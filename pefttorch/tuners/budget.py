@@ -13,7 +13,8 @@ from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
 from .lora.model import _layer_index, _name_matches, plan_targets
-from .prompt.config import PromptTuningConfig
+from .prompt.config import PrefixTuningConfig, PromptTuningConfig
+from .prompt.prefix import attention_shape
 from .scaling.config import IA3Config, SsfConfig
 from .scaling.model import find_sites as vector_sites
 from .selective.config import BitFitConfig, LNTuningConfig
@@ -64,12 +65,28 @@ def _adapter_plan(model: nn.Module, kwargs: dict) -> _Plan:
                  max(s.features for s in sites))
 
 
+def _half_context(model: nn.Module) -> int:
+    """The most virtual tokens: a prompt or prefix longer than half the context leaves too little for the input."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1024
+    return max(1, context // 2)
+
+
 def _prompt_plan(model: nn.Module, kwargs: dict) -> _Plan:
     config = PromptTuningConfig(num_virtual_tokens=1, **kwargs)
     width = model.get_input_embeddings().embedding_dim
-    # a prompt longer than half the context leaves too little room for the input
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1024
-    return _Plan("num_virtual_tokens", width, _saved_parameters(model, config.modules_to_save), max(1, context // 2))
+    return _Plan("num_virtual_tokens", width, _saved_parameters(model, config.modules_to_save), _half_context(model))
+
+
+def _prefix_plan(model: nn.Module, kwargs: dict) -> _Plan:
+    config = PrefixTuningConfig(num_virtual_tokens=1, **kwargs)
+    layers, heads, head_dim, _ = attention_shape(model)
+    token_dim = heads * head_dim
+    fixed = _saved_parameters(model, config.modules_to_save)
+    if not config.prefix_projection:  # the prefix itself: keys and values of every layer per token
+        return _Plan("num_virtual_tokens", 2 * layers * token_dim, fixed, _half_context(model))
+    hidden, out = config.encoder_hidden_size or token_dim, 2 * layers * token_dim
+    mlp = token_dim * hidden + hidden + hidden * out + out  # the reparameterisation, whatever the length
+    return _Plan("num_virtual_tokens", token_dim, fixed + mlp, _half_context(model))
 
 
 def _layers_plan(config_cls, sites):
@@ -106,6 +123,7 @@ METHODS = {
     "lora": (_lora_plan, LoraConfig),
     "adapter": (_adapter_plan, AdapterConfig),
     "prompt": (_prompt_plan, PromptTuningConfig),
+    "prefix": (_prefix_plan, PrefixTuningConfig),
     "ia3": (_layers_plan(IA3Config, _vector_sites), IA3Config),
     "ssf": (_layers_plan(SsfConfig, _vector_sites), SsfConfig),
     "bitfit": (_layers_plan(BitFitConfig, _selective_sites), BitFitConfig),
@@ -117,7 +135,8 @@ def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: 
     """The `method` config whose trainable parameter count is closest to ``budget`` times `model`'s parameters.
 
     What the budget moves, per method: ``"lora"`` the rank r; ``"adapter"`` the bottleneck width; ``"prompt"``
-    the number of virtual tokens (at most half the context); ``"ia3"``, ``"ssf"``, ``"bitfit"`` and
+    and ``"prefix"`` the number of virtual tokens (at most half the context; a prefix's reparameterisation MLP,
+    with ``prefix_projection=True``, counts as a fixed part); ``"ia3"``, ``"ssf"``, ``"bitfit"`` and
     ``"ln_tuning"`` the number of layers adapted (``layers_to_transform``), counted from the top: the layers
     next to the output first; modules outside the numbered layers, such as a final norm, are then left out.
     Other config fields pass through `kwargs` (e.g. ``target_modules``, ``style``). Prints the exact count and

@@ -94,3 +94,72 @@ class DeptConfig(PromptTuningConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DeptConfig: {name} must be a positive integer, got {value!r}")
+
+
+PREFIX_TUNING = "PREFIX_TUNING"
+
+
+@reject_unknown_fields
+@dataclass
+class PrefixTuningConfig(SavedConfig):
+    """Prefix tuning (Li and Liang 2021): `num_virtual_tokens` learned keys and values in front of every
+    attention layer's own (in the key/value cache the model reads); the model itself stays frozen.
+
+    Args:
+        num_virtual_tokens: length of the prefix.
+        prefix_projection: train the prefix through the reparameterisation of the paper, a small MLP
+            (``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(., num_layers * 2 * token_dim)``) over
+            `num_virtual_tokens` embeddings of width `token_dim`, which steadies training; ``model.fold_prefix()``
+            replaces it by the prefix it computes once training is done, and saving writes that prefix.
+        encoder_hidden_size: the MLP's hidden width; None: `token_dim`.
+        init_weights: None (random, as HF PEFT) or ``"zero"`` (a zero prefix, or a zero last MLP layer).
+        token_dim, num_attention_heads, num_layers: the keys' width (heads x head width: for grouped-query
+            attention, the key/value heads), their head count and the number of attention layers (a decoder's,
+            in an encoder-decoder model); None: read from the model.
+        num_transformer_submodules: 2 for encoder-decoder models (HF PEFT's layout), else 1; None: from the model.
+        task_type, modules_to_save: as in PromptTuningConfig.
+    As in HF PEFT, an encoder-decoder model's prefix sits in the decoder's self-attention; positions after the
+    prefix are counted from its end (the model's own rule for a filled cache). Saved in HF PEFT's format
+    (``prompt_embeddings``: the prefix itself, num_virtual_tokens x num_layers * 2 * token_dim).
+    """
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init_weights: str | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    peft_type: str = field(default=PREFIX_TUNING, init=False)
+    peft_type_name: ClassVar[str] = PREFIX_TUNING
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("num_virtual_tokens", "encoder_hidden_size", "token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, key)
+            if value is None and key != "num_virtual_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"{name}: init_weights must be None or 'zero', got {self.init_weights!r}")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"{name}: num_transformer_submodules must be 1, 2 or None")
+        if self.token_dim is not None and self.num_attention_heads is not None \
+                and self.token_dim % self.num_attention_heads:
+            raise ValueError(f"{name}: token_dim={self.token_dim} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        normalize_common(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """A saved adapter holds the prefix itself (HF PEFT too, when it trained through the MLP): loaded, the
+        prefix is what trains on, so the loaded config has no projection."""
+        config = super().from_dict(data)
+        config.prefix_projection = False
+        return config

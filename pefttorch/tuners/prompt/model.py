@@ -36,11 +36,57 @@ def _parameter_names(cls: type) -> list[str]:
     return list(inspect.signature(cls.forward).parameters)[1:]  # without self
 
 
-class PromptModel(HookedModel):
+class VirtualTokenModel(HookedModel):
+    """What prompt and prefix tuning share: `n` virtual tokens in front of the input, which everything that
+    describes the input sequence (masks, positions) must make room for, and HF PEFT's file layout."""
+
+    key_prefix = "base_model."  # HF PEFT wraps no tuner model around a prompt-learning model: one level less
+
+    def __init__(self, model: nn.Module, config, adapter_name: str) -> None:
+        super().__init__(model, config, adapter_name)
+        self.n = config.num_virtual_tokens
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+    def _keywords(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """All arguments by keyword (transformers models take input_ids first; others must be named)."""
+        if not args:
+            return dict(kwargs)
+        names = _parameter_names(type(module))
+        if len(args) > len(names):
+            raise TypeError(f"{type(module).__name__}: too many positional arguments")
+        return {**dict(zip(names, args, strict=False)), **kwargs}
+
+    def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
+        """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
+        value = kw.get(key)
+        if value is not None:
+            front = torch.full((batch, self.n, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
+            kw[key] = torch.cat([front, value.expand(batch, *value.shape[1:])], dim=1)
+
+    def exported_config(self, config):
+        """The config as saved (fields HF PEFT needs that the user may have left to be read from the model)."""
+        return config
+
+    def export_adapter(self, name: str):
+        config = self.peft_config[name]
+        task = config.task_type or task_type_of(self.model)
+        tensors = self.adapter_state_dict(name)
+        heads = [n for n in ("classifier", "score") if isinstance(getattr(self.model, n, None), nn.Module)]
+        modules_to_save = config.modules_to_save
+        if task == "SEQ_CLS" and not config.modules_to_save and heads:
+            # HF PEFT's sequence classifier always loads its head from the file: write the (frozen) head in use
+            modules_to_save = heads
+            for head in heads:
+                for key, value in getattr(self.model, head).state_dict().items():
+                    tensors[f"{self.key_prefix}{head}.{key}"] = value.detach()
+        config = self.exported_config(config).replace(task_type=task, modules_to_save=modules_to_save)
+        return config, tensors
+
+
+class PromptModel(VirtualTokenModel):
     """A model with a learned prompt (one adapter set, named by the PeftModel)."""
 
     method = "prompt tuning"
-    key_prefix = "base_model."  # HF PEFT wraps no tuner model around a prompt-tuned model: one level less
 
     def __init__(self, model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default",
                  extra: dict[str, nn.Parameter] | None = None) -> None:
@@ -56,11 +102,9 @@ class PromptModel(HookedModel):
         width = embedding.embedding_dim
         if config.token_dim not in (None, width):
             raise ValueError(f"PromptTuningConfig.token_dim={config.token_dim} but the model embeds tokens in {width}")
-        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         object.__setattr__(self, "encoder", model.get_encoder() if self.encoder_decoder else None)
         # Marian-style encoders scale embeddings they compute from ids, not embeddings they are given
         self.embed_scale = float(getattr(self.encoder, "embed_scale", 1.0) or 1.0)
-        self.n = config.num_virtual_tokens
         weight = embedding.weight
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         rows = self.n * (config.num_transformer_submodules or 1)  # HF PEFT's seq2seq files hold 2n, use n
@@ -95,35 +139,14 @@ class PromptModel(HookedModel):
     def own_tensors(self):
         return {"prompt_embeddings": self.prompt}  # HF PEFT's key
 
-    def export_adapter(self, name: str):
-        config = self.peft_config[name]
-        task = config.task_type or task_type_of(self.model)
-        tensors = self.adapter_state_dict(name)
-        heads = [n for n in ("classifier", "score") if isinstance(getattr(self.model, n, None), nn.Module)]
-        modules_to_save = config.modules_to_save
-        if task == "SEQ_CLS" and not config.modules_to_save and heads:
-            # HF PEFT's sequence classifier always loads its head from the file: write the (frozen) head in use
-            modules_to_save = heads
-            for head in heads:
-                for key, value in getattr(self.model, head).state_dict().items():
-                    tensors[f"{self.key_prefix}{head}.{key}"] = value.detach()
-        config = config.replace(task_type=task, token_dim=self.embedding.embedding_dim, modules_to_save=modules_to_save,
-                                num_transformer_submodules=config.num_transformer_submodules or 1)
-        return config, tensors
+    def exported_config(self, config):
+        return config.replace(token_dim=self.embedding.embedding_dim,
+                              num_transformer_submodules=config.num_transformer_submodules or 1)
 
     # ------------------------------------------------------------------ the hooks
 
     def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         return self.prompt[: self.n].to(dtype).unsqueeze(0).expand(batch, -1, -1)
-
-    def _keywords(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
-        """All arguments by keyword (transformers models take input_ids first; others must be named)."""
-        if not args:
-            return dict(kwargs)
-        names = _parameter_names(type(module))
-        if len(args) > len(names):
-            raise TypeError(f"{type(module).__name__}: too many positional arguments")
-        return {**dict(zip(names, args, strict=False)), **kwargs}
 
     def _embeddings(self, kw: dict, start: int = 0) -> torch.Tensor:
         """The input's embeddings (from `kw`'s ids if it has none), whose first token sits at position `start`
@@ -149,13 +172,6 @@ class PromptModel(HookedModel):
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)
         return length
-
-    def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
-        """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
-        value = kw.get(key)
-        if value is not None:
-            front = torch.full((batch, self.n, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
-            kw[key] = torch.cat([front, value.expand(batch, *value.shape[1:])], dim=1)
 
     def _top_hook(self, module, args, kwargs):
         if self.disabled:

@@ -1,0 +1,238 @@
+"""PrefixModel: prefix tuning by a forward pre-hook that hands the model a key/value cache holding the prefix.
+
+Every attention layer reads keys and values from the cache in front of its own, so a cache that already holds
+`n` learned keys and values per layer is the whole method: nothing inside the model changes. The hook builds
+that cache when a call starts without one (or with an empty one: the first step of ``generate``), and makes
+room for the prefix in what describes the sequence (the attention mask, explicit positions), as the prompt
+tuning hooks do. Later generation steps find the prefix in the cache they are given.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .._cache import cache_key, cache_length
+from .config import PrefixTuningConfig
+from .model import VirtualTokenModel, _parameter_names
+
+
+def _first(config, *names):
+    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
+
+def _text_config(config):
+    """A composite (e.g. vision-language) config's text part; any other config itself (asked for a "decoder
+    text config", some encoder-decoder configs answer with a fresh default config)."""
+    return config.get_text_config(decoder=True) if getattr(config, "text_config", None) is not None else config
+
+
+def attention_shape(model: nn.Module) -> tuple[int, int, int, bool]:
+    """(attention layers, key/value heads, head width, encoder-decoder) of a transformers model; the layers
+    and heads of the decoder where the model has one (the prefix sits in its self-attention)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"prefix tuning needs a transformers model with a config; {type(model).__name__} has none")
+    config = _text_config(config)
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    layers = _first(config, *(("num_decoder_layers", "decoder_layers") if enc_dec else ()), "num_hidden_layers",
+                    "num_layers", "n_layer")
+    heads = _first(config, *(("decoder_attention_heads",) if enc_dec else ()), "num_attention_heads", "num_heads",
+                   "n_head")
+    width = _first(config, "hidden_size", "d_model", "n_embd")
+    if not (layers and heads and width):
+        raise ValueError(f"prefix tuning cannot read the attention layout of {type(model).__name__} from its config; "
+                         "set num_layers, num_attention_heads and token_dim in PrefixTuningConfig")
+    head_dim = _first(config, "head_dim", "d_kv") or width // heads
+    kv_heads = _first(config, "num_key_value_heads") or heads  # grouped-query attention keeps fewer
+    return int(layers), int(kv_heads), int(head_dim), enc_dec
+
+
+@functools.cache
+def _prefix_cache_class():
+    from transformers import DynamicCache
+
+    class PrefixCache(DynamicCache):
+        """A DynamicCache that starts with the prefix and records which layers read it. Read-only (each layer
+        gets the prefix in front of its keys, nothing is stored) while gradient checkpointing trains: a
+        checkpointed layer then replays exactly what it computed, and transformers may hand it the cache."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.read_only, self.reads = False, set()  # the hook seals it once the prefix is in
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.reads.add(layer_idx)
+            if self.read_only:
+                layer = self.layers[layer_idx]
+                return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return PrefixCache
+
+
+class PrefixModel(VirtualTokenModel):
+    """A model with a learned key/value prefix in every attention layer (one adapter set)."""
+
+    method = "prefix tuning"
+
+    def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
+        layers, heads, head_dim, enc_dec = attention_shape(model)
+        given = {"num_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
+                 "token_dim": config.token_dim}
+        actual = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
+        wrong = [f"{k}={v} (the model has {actual[k]})" for k, v in given.items() if v is not None and v != actual[k]]
+        if wrong:
+            raise ValueError(f"PrefixTuningConfig does not fit {type(model).__name__}: {', '.join(wrong)}")
+        submodules = 2 if enc_dec else 1
+        if config.num_transformer_submodules not in (None, submodules):
+            raise ValueError(f"PrefixTuningConfig.num_transformer_submodules={config.num_transformer_submodules}, "
+                             f"but {type(model).__name__} needs {submodules}")
+        # the config as HF PEFT writes it: every dimension filled in
+        config = config.replace(num_layers=layers, num_attention_heads=heads, token_dim=heads * head_dim,
+                                num_transformer_submodules=submodules,
+                                encoder_hidden_size=config.encoder_hidden_size or heads * head_dim)
+        super().__init__(model, config, adapter_name)
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        self.model_dtype = weight.dtype
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
+        width, zero = 2 * layers * config.token_dim, config.init_weights == "zero"
+        if config.prefix_projection and not config.inference_mode:
+            # the reparameterisation: n embeddings through an MLP (nn.Embedding's and nn.Linear's inits, as HF PEFT)
+            self.prefix_tokens = nn.Parameter(torch.randn(self.n, config.token_dim, **factory))
+            self.prefix_mlp = nn.Sequential(nn.Linear(config.token_dim, config.encoder_hidden_size, **factory),
+                                            nn.Tanh(), nn.Linear(config.encoder_hidden_size, width, **factory))
+            if zero:
+                nn.init.zeros_(self.prefix_mlp[-1].weight)
+                nn.init.zeros_(self.prefix_mlp[-1].bias)
+        else:
+            init = torch.zeros if zero else torch.randn
+            self.prefix_embeddings = nn.Parameter(init(self.n, width, **factory))
+        self._pending = None  # the cache a running call started with, checked when it returns
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.hook(model.register_forward_pre_hook(self._hook, with_kwargs=True))
+        self.hook(model.register_forward_hook(self._check, always_call=True))
+        self.finish()
+
+    @property
+    def projected(self) -> bool:
+        return hasattr(self, "prefix_mlp")
+
+    def prefix(self) -> torch.Tensor:
+        """The prefix, (num_virtual_tokens, num_layers * 2 * token_dim): per layer its keys, then its values."""
+        return self.prefix_mlp(self.prefix_tokens) if self.projected else self.prefix_embeddings
+
+    @torch.no_grad()
+    def fold_prefix(self) -> None:
+        """Replaces the reparameterisation MLP by the prefix it computes (once training is done: the model
+        computes the same, with fewer parameters and no MLP per call). The folded prefix still trains unless the
+        adapter is in inference mode; an optimizer built before must be built again."""
+        if not self.projected:
+            return
+        folded = nn.Parameter(self.prefix().detach().clone(), requires_grad=self.prefix_tokens.requires_grad)
+        del self.prefix_mlp, self.prefix_tokens
+        self.prefix_embeddings = folded
+        name = self.active_adapters[0]
+        self.peft_config[name] = self.peft_config[name].replace(prefix_projection=False)
+
+    # ------------------------------------------------------------------ HookedModel
+
+    def adapter_parameters(self):
+        return [self.prefix_tokens, *self.prefix_mlp.parameters()] if self.projected else [self.prefix_embeddings]
+
+    def own_tensors(self):
+        # HF PEFT's key and layout; with the MLP, the prefix it computes (what HF PEFT saves, and what is loaded)
+        return {"prompt_embeddings": self.prefix().detach() if self.projected else self.prefix_embeddings}
+
+    def exported_config(self, config):
+        return config.replace(prefix_projection=False)  # the file holds the prefix itself, not the MLP
+
+    # ------------------------------------------------------------------ the cache
+
+    def _layer_prefixes(self, batch: int):
+        """(key, value) of each layer, (batch, heads, n, head width) in the model's dtype, in HF PEFT's layout:
+        rows 2i and 2i+1 of the prefix for layer i; an encoder-decoder model reads a twice-repeated prefix
+        four rows per layer (the other two were meant for the cross-attention, which HF PEFT leaves alone)."""
+        rows = self.prefix().to(self.model_dtype).view(self.n, 2 * self.layers, self.heads, self.head_dim)
+        step = 2
+        if self.encoder_decoder:
+            rows, step = torch.cat([rows, rows], dim=1), 4
+        rows = rows.permute(1, 2, 0, 3)  # (rows, heads, n, head width)
+        for i in range(self.layers):
+            yield (rows[step * i].unsqueeze(0).expand(batch, -1, -1, -1),
+                   rows[step * i + 1].unsqueeze(0).expand(batch, -1, -1, -1))
+
+    def _prefilled_cache(self, batch: int, read_only: bool):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        # a decoder-only model's config says which layers slide (their cache keeps a window); an encoder-decoder
+        # model's may count its encoder's layers: there the cache grows its layers as they come
+        cache = _prefix_cache_class()(config=None if self.encoder_decoder else self.model.config)
+        for i, (key, value) in enumerate(self._layer_prefixes(batch)):
+            cache.update(key, value, i)
+        cache.read_only, cache.reads = read_only, set()
+        self._pending = cache
+        return EncoderDecoderCache(cache, DynamicCache()) if self.encoder_decoder else cache
+
+    def _checkpointing(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and any(m.gradient_checkpointing
+                                                                     for m in self._checkpointed)
+
+    def _check(self, module, args, output):
+        """After a call that started the cache: every attention layer must have read the prefix (a layer that
+        was handed no cache computed without it: its gradient would be silently wrong)."""
+        cache, self._pending = self._pending, None
+        for m in self._checkpointed:
+            m.__dict__.pop("_can_checkpoint_with_cache", None)
+        if cache is not None and len(cache.reads) < self.layers:
+            missing = sorted(set(range(self.layers)) - cache.reads)
+            raise RuntimeError(f"prefix tuning: attention layers {missing} did not read the prefix (the model did "
+                               "not hand them the key/value cache"
+                               + (", as gradient checkpointing does in this transformers version; train without it"
+                                  if self._checkpointing(module) else "") + ")")
+
+    def _hook(self, module, args, kwargs):
+        if self.disabled:
+            return None
+        kw = self._keywords(module, args, kwargs)
+        # the sequence the prefix goes in front of: the decoder's, in an encoder-decoder model
+        names = ("decoder_input_ids", "decoder_inputs_embeds") if self.encoder_decoder else ("input_ids",
+                                                                                                "inputs_embeds")
+        source = next((kw[k] for k in names if kw.get(k) is not None), None)
+        if source is None and self.encoder_decoder and kw.get("labels") is not None:
+            source = kw["labels"]  # the decoder input is made from the labels
+        if source is None:
+            raise ValueError(f"prefix tuning needs {' or '.join(names)}")
+        batch, length = source.shape[:2]
+        mask_key, positions_key = (("decoder_attention_mask", "decoder_position_ids") if self.encoder_decoder
+                                   else ("attention_mask", "position_ids"))
+        key = cache_key(kw, _parameter_names(type(module)))
+        # without use_cache a call computes its whole sequence; a cache it is handed is the one an earlier call
+        # returned (generate passes it on even then), holding that call's keys after the prefix
+        past = 0 if kw.get("use_cache") is False else cache_length(kw.get(key))
+        mask = kw.get(mask_key)
+        if past == 0:  # a new sequence: the cache starts with the prefix
+            read_only = self._checkpointing(module)
+            if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
+                for m in self._checkpointed:
+                    m._can_checkpoint_with_cache = True
+            kw[key] = self._prefilled_cache(batch, read_only)
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
+                self._grow(kw, mask_key, batch, 1)
+            start = 0
+        else:  # a later generation step: the prefix is in the cache; generate's bookkeeping does not know of it
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == past + length - self.n:
+                self._grow(kw, mask_key, batch, 1)
+            start = past - self.n
+        if kw.get(positions_key) is not None:  # positions count from the prefix's end, as the model's own do
+            kw[positions_key] = kw[positions_key] + self.n
+        if kw.get("cache_position") is not None:  # transformers before 5.24 passes these
+            kw["cache_position"] = torch.arange(start + self.n, start + self.n + length,
+                                                device=kw["cache_position"].device)
+        return (), kw

@@ -1,0 +1,289 @@
+"""Prefix tuning through get_peft_model: against the base model run on a real token prefix (whose keys and values
+are the learned ones), against HF PEFT's own forward, generation with and without the cache, the folded
+reparameterisation, training only the prefix, save/load both ways, budgets and errors."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from hf_models import fresh, inputs
+
+from pefttorch import PeftModel, PrefixTuningConfig, config_for_budget, get_peft_model
+from pefttorch.tuners._cache import cache_key
+
+N = 3
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "marian": "SEQ_2_SEQ_LM"}
+
+
+def prefixed(family, n=N, **kw):
+    base = fresh(family)
+    return base, get_peft_model(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=n, **kw))
+
+
+def cache_as_prefix(cache, n: int) -> torch.Tensor:
+    """A model's cache of n tokens as a flat prefix, (n, layers * 2 * heads * head width), written here by hand
+    in HF PEFT's layout: per token, layer by layer, its keys then its values, head by head."""
+    rows = []
+    for layer in range(len(cache.layers)):
+        key, value = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # (heads, n, head width)
+        rows += [key.permute(1, 0, 2).reshape(n, -1), value.permute(1, 0, 2).reshape(n, -1)]
+    return torch.cat(rows, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_prefix_of_real_keys_equals_the_base_model_on_those_tokens(family):
+    """Keys and values a causal model computes for tokens P, used as the prefix, must give what the model gives
+    for P followed by the input, at the input's positions (the positions after a prefix count from its end)."""
+    base, model = prefixed(family)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 90, (1, N), generator=g)
+    ids = torch.randint(3, 90, (2, 6), generator=g)
+    with torch.no_grad():
+        out = base(input_ids=prompt, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5.24 renamed it
+        model.base_model.prefix_embeddings.copy_(cache_as_prefix(cache, N))
+        want = base(input_ids=torch.cat([prompt.expand(2, -1), ids], dim=1)).logits[:, N:]
+        ours = model(input_ids=ids).logits
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        # an attention mask and explicit positions of the input alone are made to cover the prefix
+        ours = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(6)[None]).logits
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_attends_to_the_prefix_with_the_padding_mask_grown():
+    base, model = prefixed("bert")
+    batch = inputs("bert")
+    batch["attention_mask"][1, -2:] = 0  # padding in the second row
+    pm = model.base_model
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # the prefix by hand: layer i's keys are rows 2i, its values 2i+1
+    rows = pm.prefix_embeddings.detach().view(N, 2 * pm.layers, pm.heads, pm.head_dim).permute(1, 2, 0, 3)
+    for i in range(pm.layers):
+        cache.update(rows[2 * i].expand(2, -1, -1, -1), rows[2 * i + 1].expand(2, -1, -1, -1), i)
+    mask = torch.cat([torch.ones(2, N, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
+    with torch.no_grad():
+        key = cache_key({}, inspect.signature(type(base.bert).forward).parameters)
+        want = base(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], **{key: cache})
+        ours = model(**batch)
+        plain = base(**batch)
+    torch.testing.assert_close(ours.logits, want.logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours.logits, plain.logits, atol=1e-3)  # the prefix is really there
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "marian"])
+def test_equals_hf_peft_forward_on_the_same_prefix(family):
+    peft = pytest.importorskip("peft")
+    base, model = prefixed(family)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=TASKS[family],
+                                                                              num_virtual_tokens=N))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(model.base_model.prefix_embeddings)
+    batch = inputs(family)
+    with torch.no_grad():
+        ours, want = model(**batch), theirs(**batch)
+    torch.testing.assert_close(ours.logits, want.logits, rtol=0, atol=0)
+    if want.loss is not None:
+        torch.testing.assert_close(ours.loss, want.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "marian"])
+def test_generate_with_the_cache_equals_without(family):
+    _, model = prefixed(family)
+    ids = inputs(family)["input_ids"]
+    mask = torch.ones_like(ids)
+    if family in ("llama", "gpt2"):  # left padding in a decoder-only batch
+        mask[0, :2] = 0
+    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False,
+          "output_scores": True, "return_dict_in_generate": True}
+    cached = model.generate(**kw)
+    uncached = model.generate(**kw, use_cache=False)  # every step recomputes the whole sequence after the prefix
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        plain = model.generate(**kw)
+    assert not torch.allclose(plain.scores[0], cached.scores[0])  # the prefix changes what is generated
+
+
+@pytest.mark.parametrize(("family", "projection"), [("llama", False), ("t5", False), ("bert", True),
+                                                    ("gpt2", True)])
+def test_only_the_prefix_trains(family, projection):
+    _, model = prefixed(family, prefix_projection=projection, encoder_hidden_size=16)
+    model.train()
+    batch = inputs(family)
+    if family in ("llama", "gpt2"):
+        batch["labels"] = batch["input_ids"]
+    model(**batch).loss.backward()
+    trained = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    pm = model.base_model
+    width = 2 * pm.layers * pm.heads * pm.head_dim
+    if projection:
+        assert trained == ["base_model.prefix_mlp.0.bias", "base_model.prefix_mlp.0.weight",
+                           "base_model.prefix_mlp.2.bias", "base_model.prefix_mlp.2.weight", "base_model.prefix_tokens"]
+        count = N * pm.heads * pm.head_dim + sum(p.numel() for p in pm.prefix_mlp.parameters())
+    else:
+        assert trained == ["base_model.prefix_embeddings"]
+        count = N * width
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
+    assert model.get_nb_trainable_parameters()[0] == count
+
+
+def test_an_encoder_decoder_prefix_uses_hf_pefts_rows():
+    """HF PEFT's seq2seq layout: the decoder's layer i reads rows 4i and 4i+1 of the prefix repeated twice; the
+    other rows get no gradient (they are saved, and HF PEFT reads them the same way)."""
+    _, model = prefixed("t5")
+    model.train()
+    model(**inputs("t5")).loss.backward()
+    pm = model.base_model
+    grad = pm.prefix_embeddings.grad.view(N, 2 * pm.layers, -1).abs().sum(dim=(0, 2))
+    used = {(4 * i + j) % (2 * pm.layers) for i in range(pm.layers) for j in (0, 1)}
+    assert {r for r in range(2 * pm.layers) if grad[r] > 0} == used
+
+
+def test_gradient_checkpointing_trains_the_prefix():
+    _, model = prefixed("llama")
+    batch = {"input_ids": inputs("llama")["input_ids"], "labels": inputs("llama")["input_ids"]}
+    model.train()
+    model(**batch).loss.backward()
+    want = model.base_model.prefix_embeddings.grad.clone()
+    model.base_model.prefix_embeddings.grad = None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(**batch).loss.backward()
+    torch.testing.assert_close(model.base_model.prefix_embeddings.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_prefix_keeps_the_output_and_drops_the_mlp(tmp_path):
+    _, model = prefixed("llama", prefix_projection=True, encoder_hidden_size=8)
+    batch = inputs("llama")
+    with torch.no_grad():
+        before = model(**batch).logits
+    saved = tmp_path / "unfolded"
+    model.save_pretrained(saved)  # writes the prefix the MLP computes
+    pm = model.base_model
+    trainable_before = model.get_nb_trainable_parameters()[0]
+    pm.fold_prefix()
+    assert not hasattr(pm, "prefix_mlp") and pm.prefix_embeddings.requires_grad
+    assert model.peft_config["default"].prefix_projection is False
+    assert model.get_nb_trainable_parameters()[0] == N * 2 * pm.layers * pm.heads * pm.head_dim < trainable_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=1e-6, atol=1e-6)
+    loaded = PeftModel.from_pretrained(fresh("llama"), saved)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5", "marian"])
+def test_save_and_load_round_trip(family, tmp_path):
+    _, model = prefixed(family)
+    batch = inputs(family)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    trainable = PeftModel.from_pretrained(fresh(family), tmp_path, is_trainable=True)
+    assert trainable.base_model.prefix_embeddings.requires_grad
+
+
+def test_bfloat16_model_keeps_a_float32_prefix():
+    base = fresh("llama").to(torch.bfloat16)
+    model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=N))
+    assert model.base_model.prefix_embeddings.dtype == torch.float32
+    ids = inputs("llama")["input_ids"]
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.base_model.prefix_embeddings.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- HF PEFT both ways
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_hf_peft_loads_ours(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model = prefixed(family, prefix_projection=True, encoder_hidden_size=8)  # saved folded
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    batch = inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "projection"), [("llama", False), ("llama", True), ("t5", True),
+                                                    ("marian", False)])
+def test_we_load_hf_peft_prefixes(family, projection, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = fresh(family)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
+        task_type=TASKS[family], num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=8))
+    theirs.save_pretrained(tmp_path)  # HF PEFT saves the prefix its MLP computes
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert ours.peft_config["default"].prefix_projection is False
+    batch = inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- budgets and errors
+
+def test_budget_chooses_the_number_of_virtual_tokens():
+    model = fresh("llama")
+    total = sum(p.numel() for p in model.parameters())
+    config = config_for_budget(model, "prefix", 0.05, verbose=False)
+    per_token = 2 * 2 * 2 * 8  # layers x (key, value) x key/value heads x head width
+
+    def count(n):
+        return n * per_token
+
+    target = 0.05 * total
+    assert abs(count(config.num_virtual_tokens) - target) <= per_token / 2
+    got = get_peft_model(model, config).get_nb_trainable_parameters()[0]
+    assert got == count(config.num_virtual_tokens)
+    target = 0.02 * total  # with the MLP (a fixed 404 - 16 parameters here) 5% is out of reach
+    projected = config_for_budget(fresh("llama"), "prefix", 0.02, verbose=False, prefix_projection=True,
+                                  encoder_hidden_size=4)
+    got = get_peft_model(fresh("llama"), projected).get_nb_trainable_parameters()[0]
+    neighbours = [get_peft_model(fresh("llama"), projected.replace(num_virtual_tokens=projected.num_virtual_tokens + d))
+                  .get_nb_trainable_parameters()[0] for d in (-1, 1)]
+    assert all(abs(got - target) <= abs(other - target) for other in neighbours)
+    with pytest.raises(ValueError, match="cannot reach"):
+        config_for_budget(fresh("llama"), "prefix", 0.9, verbose=False)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"num_virtual_tokens": 0}, "positive integer"),
+    ({"init_weights": "ones"}, "None or 'zero'"),
+    ({"token_dim": 10, "num_attention_heads": 4}, "not a multiple"),
+    ({"prefix_projections": True}, "did you mean 'prefix_projection'"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PrefixTuningConfig(**kw)
+
+
+def test_model_errors_leave_the_model_as_it_was():
+    base = fresh("llama")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"num_layers=5 \(the model has 2\)"):
+        get_peft_model(base, PrefixTuningConfig(num_layers=5))
+    with pytest.raises(ValueError, match=r"token_dim=32 \(the model has 16\)"):  # 2 key/value heads x 8
+        get_peft_model(base, PrefixTuningConfig(token_dim=32))
+    assert not base._forward_pre_hooks and all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    model = get_peft_model(base, PrefixTuningConfig())
+    with pytest.raises(ValueError, match="one adapter set"):
+        model.add_adapter("other", PrefixTuningConfig())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    unloaded = model.unload()
+    assert not unloaded._forward_pre_hooks
+
+
+def test_zero_init_and_disable():
+    base, model = prefixed("llama", init_weights="zero")
+    assert not model.base_model.prefix_embeddings.any()
+    batch = inputs("llama")
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(**batch).logits, base(**batch).logits, rtol=0, atol=0)
