@@ -9,7 +9,7 @@ import torch
 from . import functional, nn, ops, optim, reference
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .peft_model import PeftModel, get_peft_model
-from .tuners.adapter import AdapterConfig
+from .tuners.adapter import AdapterConfig, ScaLearnConfig
 from .tuners.budget import config_for_budget
 from .tuners.density import (
     DensityLoss,
@@ -74,6 +74,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "RankAllocationCallback",
+    "ScaLearnConfig",
     "SsfConfig",
     "__version__",
     "accelerate",

@@ -16,8 +16,9 @@ from pathlib import Path
 from torch import nn
 
 from .tuners._forwarding import Forwarding
-from .tuners.adapter import AdapterConfig, AdapterModel
+from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLearnModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
+from .tuners.adapter.scalearn import SCALEARN
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
@@ -33,16 +34,17 @@ from .tuners.selective.config import BITFIT, LN_TUNING
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # config class -> the model that carries it (subclasses before their base class: the first match wins)
-_TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, IncreLoraConfig: RankedLoraModel,
-           AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel, IA3Config: VectorModel, SsfConfig: VectorModel,
+_TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, ScaLearnConfig: ScaLearnModel,
+           IncreLoraConfig: RankedLoraModel, AdaLoraConfig: RankedLoraModel, LoraConfig: LoraModel,
+           IA3Config: VectorModel, SsfConfig: VectorModel,
            BitFitConfig: SelectiveModel, LNTuningConfig: SelectiveModel, DeptConfig: DeptModel,
            PromptTuningConfig: PromptModel, PrefixTuningConfig: PrefixModel}
 
 
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
-    adapters, bottleneck adapters, (IA)^3, SSF, BitFit, LayerNorm tuning, prompt tuning, DePT or prefix tuning.
-    Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
+    adapters, bottleneck adapters (and ScaLearn's mix of several), (IA)^3, SSF, BitFit, LayerNorm tuning, prompt
+    tuning, DePT or prefix tuning. Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     With IncreLoRA or AdaLoRA, ``update_and_allocate(step)`` and ``rank_pattern()`` reach the
     :class:`~pefttorch.tuners.rank.RankedLoraModel`; ``save_pretrained`` writes a plain LoRA adapter with the
@@ -277,7 +279,7 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
                PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict,
-               PREFIX_TUNING: PrefixTuningConfig.from_dict}
+               PREFIX_TUNING: PrefixTuningConfig.from_dict, SCALEARN: ScaLearnConfig.from_dict}
     peft_type = data.get("peft_type", "LORA")
     if peft_type not in readers and peft_type != "LORA":
         raise ValueError(f"{model_id}: adapter type {peft_type!r} is not supported; pefttorch loads "

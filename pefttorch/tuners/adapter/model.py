@@ -101,12 +101,11 @@ class _After:
         x = owner._inputs.pop(site.key, None)
         if owner.disabled:
             return None
-        adapter = owner.adapters[site.key]
         if site.kind == "parallel":
             if x is None:
                 raise RuntimeError(f"the parallel adapter at {site.output} saw no input from {site.input}")
-            return adapter(x, residual=output)
-        return adapter(output)
+            return owner.apply(site, x, residual=output)
+        return owner.apply(site, output, residual=output)
 
 
 class _Before:
@@ -139,12 +138,20 @@ class AdapterModel(HookedModel):
             for s in self.sites
         })
         self._inputs: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
+        self._hook_sites()
+        self.finish()
+
+    def _hook_sites(self) -> None:
+        modules = dict(self.model.named_modules())
         for s in self.sites:
             self.hook(modules[s.output].register_forward_hook(_After(self, s)))
             if s.input is not None:
                 self.hook(modules[s.input].register_forward_pre_hook(_Before(self, s)))
-        self.finish()
+
+    def apply(self, site: Site, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """What the adapter at `site` makes of its input `x` (the block's output, or a parallel adapter's block
+        input) and the block's output `residual`."""
+        return self.adapters[site.key](x, residual=residual)
 
     def adapter_parameters(self):
         return list(self.adapters.parameters())

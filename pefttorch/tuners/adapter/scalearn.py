@@ -1,0 +1,154 @@
+"""ScaLearn (Frohmann et al. 2024, "ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to
+Scale"): the second stage of two-stage multi-task learning. Bottleneck adapters trained on N source tasks stay
+frozen; at every adapter site their outputs are mixed by learned scales, ``h + sum_i omega_i * delta_i(h)``, and
+only the scales train (one per source and feature, or one per source; per site, or shared by all sites).
+
+Saved in pefttorch's format, self-contained: ``adapter_config.json`` (the ScaLearnConfig, with the source
+adapters' configs inline) and ``adapter_model.safetensors`` with ``omega.<site>`` (``omega.shared``) and the
+frozen sources under ``sources.<i>.<site>.{down,up}.{weight,bias}``, so a saved ScaLearn model loads without the
+source folders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...nn.adapter import BottleneckAdapter
+from .._config import CONFIG_NAME, SavedConfig, normalize_common, reject_unknown_fields
+from .._hooked import HookedModel
+from .config import PEFT_TYPE as ADAPTER
+from .config import AdapterConfig
+from .model import AdapterModel, Site, find_sites
+
+SCALEARN = "SCALEARN"
+SHAPES = ("vector", "scalar")
+
+
+@reject_unknown_fields
+@dataclass
+class ScaLearnConfig(SavedConfig):
+    """Learned scaling of several frozen source adapters' outputs.
+
+    Args:
+        source_adapters: folders of bottleneck adapters saved by pefttorch (``AdapterConfig``), one per source
+            task; they must sit at the same places of the model (same style, layers and cross-attention).
+        omega_shape: ``"vector"`` (ScaLearn: a scale per source and feature) or ``"scalar"`` (ScaLearnUniform:
+            one per source).
+        shared: one set of scales for all sites (the papers' "++" variants) instead of one per site.
+        omega_init_scale: the scales start at ``omega_init_scale / N`` (the average of the sources), with noise
+            of standard deviation 0.001 (as the paper's code).
+        modules_to_save: modules trained in full and saved with the scales (e.g. a new classifier).
+        source_configs: filled in when the sources are read (saved with the scales so that loading needs no
+            source folder); not set by hand.
+    """
+
+    source_adapters: list[str] = field(default_factory=list)
+    omega_shape: str = "vector"
+    shared: bool = False
+    omega_init_scale: float = 1.0
+    modules_to_save: list[str] | None = None
+    source_configs: list[dict] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    peft_type: str = field(default=SCALEARN, init=False)
+    peft_type_name: ClassVar[str] = SCALEARN
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source_adapters, (str, Path)):
+            self.source_adapters = [self.source_adapters]
+        self.source_adapters = [str(p) for p in self.source_adapters]
+        count = len(self.source_configs) if self.source_configs is not None else len(self.source_adapters)
+        if count < 1:
+            raise ValueError("ScaLearnConfig: source_adapters is empty; give the folders of the source tasks' "
+                             "bottleneck adapters")
+        if self.omega_shape not in SHAPES:
+            raise ValueError(f"ScaLearnConfig: omega_shape must be one of {', '.join(SHAPES)}, got "
+                             f"{self.omega_shape!r}")
+        normalize_common(self)
+
+
+def _read_source(path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    from ...integrations.hf_format import read_adapter_tensors
+
+    directory = Path(path)
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"ScaLearn source {path}: no {CONFIG_NAME}, not a saved adapter")
+    data = json.loads(config_file.read_text())
+    if data.get("peft_type") != ADAPTER:
+        raise ValueError(f"ScaLearn source {path}: a {data.get('peft_type')!r} adapter; ScaLearn mixes bottleneck "
+                         f"adapters ({ADAPTER})")
+    return AdapterConfig.from_dict(data), read_adapter_tensors(directory)
+
+
+class ScaLearnModel(AdapterModel):
+    """A transformers model with N frozen source adapter sets at every site, mixed by learned scales."""
+
+    method = "ScaLearn"
+
+    def __init__(self, model: nn.Module, config: ScaLearnConfig, adapter_name: str = "default") -> None:
+        HookedModel.__init__(self, model, config, adapter_name)
+        loaded = config.source_configs is None  # a new ScaLearn model: the sources come from their folders
+        if loaded:
+            sources = [_read_source(p) for p in config.source_adapters]
+            config.source_configs = [c.to_dict() for c, _ in sources]
+        configs = [AdapterConfig.from_dict(d) for d in config.source_configs]
+        self.sites = find_sites(model, configs[0])
+        for i, c in enumerate(configs[1:], 1):
+            if [(s.key, s.kind) for s in find_sites(model, c)] != [(s.key, s.kind) for s in self.sites]:
+                raise ValueError(f"ScaLearn: source {i} ({c.style}, layers {c.layers_to_transform}) puts its "
+                                 f"adapters at other places than source 0 ({configs[0].style}, layers "
+                                 f"{configs[0].layers_to_transform}); all sources must share their sites")
+        weight = next(model.parameters())
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
+        hidden = max(s.features for s in self.sites)
+        self.sources = nn.ModuleList(nn.ModuleDict({
+            s.key: BottleneckAdapter(s.features, c.width(hidden), c.activation, c.scaling, c.layer_norm, **factory)
+            for s in self.sites}) for c in configs)
+        if loaded:
+            for i, (source, (_, tensors)) in enumerate(zip(self.sources, sources, strict=True)):
+                state = {k[len("adapters."):]: v for k, v in tensors.items() if k.startswith("adapters.")}
+                try:
+                    source.load_state_dict(state)
+                except RuntimeError as error:
+                    raise ValueError(f"ScaLearn source {config.source_adapters[i]} does not fit this model: "
+                                     f"{error}") from None
+        n = len(configs)
+        widths = {s.features for s in self.sites}
+        if config.shared and config.omega_shape == "vector" and len(widths) > 1:
+            raise ValueError(f"ScaLearn: shared vector scales need one width at every site, the sites have "
+                             f"{sorted(widths)}; use omega_shape='scalar' or shared=False")
+
+        def omega(features: int) -> nn.Parameter:
+            shape = (n, features if config.omega_shape == "vector" else 1)
+            return nn.Parameter(torch.normal(config.omega_init_scale / n, 0.001, shape).to(**factory))
+
+        self.omega = nn.ParameterDict({"shared": omega(widths.pop())} if config.shared
+                                      else {s.key: omega(s.features) for s in self.sites})
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._hook_sites()
+        self.finish()
+
+    def apply(self, site: Site, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(residual)  # each source's own change of its input, without its residual
+        deltas = torch.stack([source[site.key](x, residual=zero) for source in self.sources])
+        omega = self.omega["shared" if self.config.shared else site.key].to(deltas.dtype)
+        omega = omega.view(omega.shape[0], *([1] * (deltas.dim() - 2)), omega.shape[1])
+        return residual + (omega * deltas).sum(dim=0)
+
+    def adapter_parameters(self):
+        return list(self.omega.parameters())  # the sources stay frozen
+
+    def own_tensors(self):
+        tensors = {f"omega.{k}": v for k, v in self.omega.items()}
+        for i, source in enumerate(self.sources):
+            tensors.update({f"sources.{i}.{k}": v for k, v in source.state_dict().items()})
+        return tensors

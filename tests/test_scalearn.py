@@ -1,0 +1,127 @@
+"""ScaLearn through get_peft_model: the mix of frozen source adapters against the sources run by hand, one source at
+scale 1 against the source adapter model itself, only the scales training, the variants, save/load without the
+source folders, and errors."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_models import fresh, inputs, logits
+
+from pefttorch import AdapterConfig, LoraConfig, PeftModel, ScaLearnConfig, get_peft_model
+
+
+def source(tmp_path, name, family="bert", seed=0, **kw):
+    """A bottleneck adapter with random (trained-looking) weights, saved to tmp_path/name."""
+    model = get_peft_model(fresh(family), AdapterConfig(bottleneck=kw.pop("bottleneck", 4), **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.base_model.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+def by_hand(base, pm, batch):
+    """The base model with a forward hook at each site computing h + sum_i omega_i * delta_i(h) in plain PyTorch."""
+    base = copy.deepcopy(base)
+    modules = dict(base.named_modules())
+
+    def delta(adapter, h):
+        a = F.linear(h, adapter.down.weight, adapter.down.bias)
+        a = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[adapter.activation](a)
+        return adapter.scale * F.linear(a, adapter.up.weight, adapter.up.bias)
+
+    for site in pm.sites:
+        omega = pm.omega["shared" if pm.config.shared else site.key].detach()
+
+        def hook(module, args, out, site=site, omega=omega):
+            return out + sum(omega[i] * delta(s[site.key], out) for i, s in enumerate(pm.sources))
+
+        modules[site.output].register_forward_hook(hook)
+    return logits(base, batch)
+
+
+@pytest.mark.parametrize(("shape", "shared"), [("vector", False), ("scalar", False), ("vector", True),
+                                               ("scalar", True)])
+def test_mix_equals_the_sources_by_hand(tmp_path, shape, shared):
+    _, a = source(tmp_path, "a", seed=1)
+    _, b = source(tmp_path, "b", seed=2, activation="gelu", scaling=0.5, bottleneck=3)
+    base = fresh("bert")
+    model = get_peft_model(copy.deepcopy(base), ScaLearnConfig(source_adapters=[a, b], omega_shape=shape,
+                                                               shared=shared))
+    pm = model.base_model
+    with torch.no_grad():  # scales away from their start, different per source and feature
+        for p in pm.omega.values():
+            p.copy_(torch.randn(p.shape) * 0.7)
+    assert len(pm.omega) == (1 if shared else len(pm.sites))
+    assert all(p.shape == (2, 32 if shape == "vector" else 1) for p in pm.omega.values())
+    batch = inputs("bert")
+    torch.testing.assert_close(logits(model, batch), by_hand(base, pm, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_one_source_at_scale_one_is_that_adapter(tmp_path):
+    adapter_model, a = source(tmp_path, "a", family="llama", style="parallel")
+    model = get_peft_model(fresh("llama"), ScaLearnConfig(source_adapters=[a], omega_shape="scalar"))
+    with torch.no_grad():
+        for p in model.base_model.omega.values():
+            p.fill_(1.0)
+    batch = inputs("llama")
+    torch.testing.assert_close(logits(model, batch), logits(adapter_model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_scales_start_at_the_average_and_only_they_train(tmp_path):
+    paths = [source(tmp_path, n, seed=i)[1] for i, n in enumerate("abc")]
+    model = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=paths))
+    pm = model.base_model
+    start = torch.cat([p.detach().flatten() for p in pm.omega.values()])
+    assert abs(start.mean().item() - 1 / 3) < 1e-3 and start.std().item() < 0.003
+    model.train()
+    model(**inputs("bert")).loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {f"base_model.omega.{s.key}" for s in pm.sites}
+    assert all(p.grad.abs().sum() > 0 for p in pm.omega.values())
+    assert model.get_nb_trainable_parameters()[0] == 3 * 32 * len(pm.sites)
+
+
+def test_save_and_load_without_the_source_folders(tmp_path):
+    _, a = source(tmp_path, "a", seed=1)
+    _, b = source(tmp_path, "b", seed=2)
+    model = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a, b], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for p in model.base_model.omega.values():
+            p.add_(torch.randn(p.shape))
+        model.base_model.model.classifier.modules_to_save["default"].bias.add_(1.0)
+    batch = inputs("bert")
+    want = logits(model, batch)
+    model.save_pretrained(tmp_path / "mix")
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    loaded = PeftModel.from_pretrained(fresh("bert"), tmp_path / "mix")
+    torch.testing.assert_close(logits(loaded, batch), want, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_errors(tmp_path):
+    _, a = source(tmp_path, "a")
+    _, p = source(tmp_path, "p", style="pfeiffer")
+    with pytest.raises(ValueError, match="source_adapters is empty"):
+        ScaLearnConfig()
+    with pytest.raises(ValueError, match="omega_shape must be one of"):
+        ScaLearnConfig(source_adapters=[a], omega_shape="matrix")
+    with pytest.raises(ValueError, match="other places than source 0"):
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a, p]))
+    with pytest.raises(FileNotFoundError, match="not a saved adapter"):
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[tmp_path]))
+    lora = get_peft_model(fresh("bert"), LoraConfig(target_modules=["query"]))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="ScaLearn mixes bottleneck adapters"):
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[tmp_path / "lora"]))
+    model = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a]))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    assert not any(m._forward_hooks for m in model.unload().modules())
