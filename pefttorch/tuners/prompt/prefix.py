@@ -190,6 +190,8 @@ class PrefixModel(VirtualTokenModel):
         cache, self._pending = self._pending, None
         for m in self._checkpointed:
             m.__dict__.pop("_can_checkpoint_with_cache", None)
+        if output is None:  # the call raised (this hook runs anyway, to clean up): its own error stands
+            return
         if cache is not None and len(cache.reads) < self.layers:
             missing = sorted(set(range(self.layers)) - cache.reads)
             raise RuntimeError(f"prefix tuning: attention layers {missing} did not read the prefix (the model did "
