@@ -55,5 +55,8 @@ def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
                 grads[n] = g.detach().clone()
         if rank == 0:
             torch.save(grads, out)
+        # both ranks done with every collective before either tears gloo down (a rank once aborted in teardown,
+        # "terminate called without an active exception", on a loaded CI machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
