@@ -1,4 +1,5 @@
-"""PromptTuningConfig: learned virtual tokens in front of the input (HF PEFT's fields and format)."""
+"""PromptTuningConfig and PrefixTuningConfig: learned virtual tokens in front of the input, or in front of every
+attention layer's keys and values (HF PEFT's fields and formats); DeptConfig."""
 
 from __future__ import annotations
 
@@ -9,12 +10,46 @@ from .._config import SavedConfig, normalize_common, reject_unknown_fields
 
 PROMPT_TUNING = "PROMPT_TUNING"
 DEPT = "DEPT"
+PREFIX_TUNING = "PREFIX_TUNING"
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+def _positive(config, names, optional: bool) -> None:
+    for key in names:
+        value = getattr(config, key)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}: {key} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class PromptLearningConfig(SavedConfig):
+    """The fields HF PEFT's prompt-learning methods share (its PromptLearningConfig's): the number of virtual
+    tokens, the model dimensions they are shaped by (None: read from the model), modules_to_save and the task.
+    Subclasses set `peft_type_name` and call ``super().__post_init__()``."""
+
+    num_virtual_tokens: int = 20
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, ["num_virtual_tokens"], optional=False)
+        _positive(self, ["token_dim", "num_attention_heads", "num_layers"], optional=True)
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"{type(self).__name__}: num_transformer_submodules must be 1, 2 or None")
+        normalize_common(self)
 
 
 @reject_unknown_fields
 @dataclass
-class PromptTuningConfig(SavedConfig):
+class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning (Lester et al. 2021): `num_virtual_tokens` learned embeddings are put in front of every
     input sequence (an encoder-decoder model's encoder input); the model itself stays frozen.
 
@@ -34,27 +69,16 @@ class PromptTuningConfig(SavedConfig):
     in HF PEFT's format (``prompt_embeddings``), loadable by ``peft.PeftModel.from_pretrained``.
     """
 
-    num_virtual_tokens: int = 20
     prompt_tuning_init: str = "SAMPLE_VOCAB"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
     peft_type: str = field(default=PROMPT_TUNING, init=False)
     peft_type_name: ClassVar[str] = PROMPT_TUNING
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
-        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
-                or self.num_virtual_tokens < 1:
-            raise ValueError(f"{name}: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)).upper()
         if init not in INITS:
             raise ValueError(f"{name}: prompt_tuning_init must be one of {', '.join(INITS)}, got "
@@ -63,9 +87,6 @@ class PromptTuningConfig(SavedConfig):
         if init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ValueError(f"{name}: prompt_tuning_init='TEXT' needs prompt_tuning_init_text and "
                              "tokenizer_name_or_path")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"{name}: num_transformer_submodules must be 1, 2 or None")
-        normalize_common(self)
 
 
 @reject_unknown_fields
@@ -90,18 +111,12 @@ class DeptConfig(PromptTuningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("r", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DeptConfig: {name} must be a positive integer, got {value!r}")
-
-
-PREFIX_TUNING = "PREFIX_TUNING"
+        _positive(self, ["r", "max_length"], optional=False)
 
 
 @reject_unknown_fields
 @dataclass
-class PrefixTuningConfig(SavedConfig):
+class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning (Li and Liang 2021): `num_virtual_tokens` learned keys and values in front of every
     attention layer's own (in the key/value cache the model reads); the model itself stays frozen.
 
@@ -123,38 +138,22 @@ class PrefixTuningConfig(SavedConfig):
     (``prompt_embeddings``: the prefix itself, num_virtual_tokens x num_layers * 2 * token_dim).
     """
 
-    num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
     peft_type: str = field(default=PREFIX_TUNING, init=False)
     peft_type_name: ClassVar[str] = PREFIX_TUNING
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
-        for key in ("num_virtual_tokens", "encoder_hidden_size", "token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, key)
-            if value is None and key != "num_virtual_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+        _positive(self, ["encoder_hidden_size"], optional=True)
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"{name}: init_weights must be None or 'zero', got {self.init_weights!r}")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"{name}: num_transformer_submodules must be 1, 2 or None")
         if self.token_dim is not None and self.num_attention_heads is not None \
                 and self.token_dim % self.num_attention_heads:
             raise ValueError(f"{name}: token_dim={self.token_dim} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
-        normalize_common(self)
 
     @classmethod
     def from_dict(cls, data):
