@@ -17,6 +17,39 @@ _C = _extension.load()
 _ops = torch.ops.pefttorch
 
 
+def _register_autograd(name: str, backward, setup_context):
+    """Registers `backward` / `setup_context` as the op's autograd formula (torch.library.register_autograd: what
+    torch.compile, opcheck and direct ``torch.ops.pefttorch`` calls use), and returns the function the typed
+    wrappers below call: in eager mode, with a gradient to record, it runs the same formula as an
+    autograd.Function that calls the op below autograd.
+
+    Why not the registration alone: torch.library's autograd wrapper rebuilds the op's argument list from its
+    schema on every call (``torch._library.utils.fill_defaults``, a Python loop over the schema's arguments), about
+    a third of a small call's 45-50 us on a CPU. The wrappers pass every argument, so there is nothing to fill in.
+    """
+    torch.library.register_autograd(f"pefttorch::{name}", backward, setup_context=setup_context)
+    op = getattr(_ops, name).default
+
+    # forward takes ctx and calls setup_context itself: an autograd.Function with a separate setup_context binds
+    # its arguments with inspect.signature on every apply (another ~20 us)
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():  # inside apply: straight to the CPU / CUDA kernel
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    function = type(f"{name}_autograd", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return op(*args)  # nothing to record, or traced: the registered op and formula
+
+    return call
+
+
 # --------------------------------------------------------------------------------------------------
 # lora_linear
 
@@ -71,9 +104,7 @@ def _lora_linear_backward(ctx, grad_y, grad_s):
     return (*grads, None, None, None)
 
 
-torch.library.register_autograd(
-    "pefttorch::lora_linear_forward", _lora_linear_backward, setup_context=_lora_linear_setup_context
-)
+_lora_linear_forward = _register_autograd("lora_linear_forward", _lora_linear_backward, _lora_linear_setup_context)
 
 
 def lora_linear_forward(
@@ -87,7 +118,7 @@ def lora_linear_forward(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw op: returns (y, s) where s = dropout(x) A^T is what backward reuses."""
-    return _ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
+    return _lora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,14 +154,12 @@ def _density_loss_backward(ctx, grad_loss, grad_density):
     return _ops.density_loss_backward(grad_loss, a, ctx.eps), None, None
 
 
-torch.library.register_autograd(
-    "pefttorch::density_loss", _density_loss_backward, setup_context=_density_loss_setup_context
-)
+_density_loss = _register_autograd("density_loss", _density_loss_backward, _density_loss_setup_context)
 
 
 def density_loss(a: torch.Tensor, eps: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean(a^2 / (a^2 + eps)), share of |a| > threshold): 0-dim float32 (float64 for float64 a)."""
-    return _ops.density_loss(a, eps, threshold)
+    return _density_loss(a, eps, threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,14 +215,13 @@ def _reversible_coupling_backward(ctx, grad_y):
     return grad_x, grad_f, None
 
 
-torch.library.register_autograd(
-    "pefttorch::reversible_coupling", _reversible_coupling_backward, setup_context=_reversible_coupling_setup_context
-)
+_reversible_coupling = _register_autograd("reversible_coupling", _reversible_coupling_backward,
+                                          _reversible_coupling_setup_context)
 
 
 def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
     """y = scale * x + f in x's dtype (the stream's); f has x's shape and any float dtype. Differentiable."""
-    return _ops.reversible_coupling(x, f, scale)
+    return _reversible_coupling(x, f, scale)
 
 
 def reversible_coupling_backward(
@@ -358,10 +386,8 @@ def _bottleneck_adapter_backward(ctx, grad_y, grad_h):
     return (*grads[:5], grad_y if ctx.need_residual else None, None, None, None)
 
 
-torch.library.register_autograd(
-    "pefttorch::bottleneck_adapter_forward", _bottleneck_adapter_backward,
-    setup_context=_bottleneck_adapter_setup_context,
-)
+_bottleneck_adapter_forward = _register_autograd("bottleneck_adapter_forward", _bottleneck_adapter_backward,
+                                                 _bottleneck_adapter_setup_context)
 
 
 def bottleneck_adapter_forward(
@@ -376,7 +402,7 @@ def bottleneck_adapter_forward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw op: returns (y, h) where h = x W_down^T + b_down, (tokens, m), is what backward reuses."""
-    return _ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
+    return _bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
 
 
 def bottleneck_adapter_backward(
