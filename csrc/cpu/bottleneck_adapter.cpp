@@ -1,6 +1,7 @@
 // CPU kernels of the bottleneck adapter: the two one-pass steps around the BLAS GEMMs (see
-// csrc/bottleneck_adapter.cpp), templated on the dtype T and computing in at::opmath_type<T> (float; double for
-// double), each result rounded once.
+// csrc/bottleneck_adapter.cpp). The residual sum is templated on the dtype T and computes in at::opmath_type<T>
+// (float; double for double), rounded once; the activation gradient is ATen's.
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -66,21 +67,17 @@ void residual_sum_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
   });
 }
 
+// g *= act'(h), in place, by ATen's own vectorised activation-backward kernels (the formulas activation.h
+// writes out for the CUDA kernel; theirs use SIMD on the CPU, where a scalar loop over tokens x m was measured
+// at ~4.5 ns per element: 150 us of a 255 us backward at 512 tokens, m = 64, more than the GEMM beside it).
 void activation_grad_cpu(const at::Tensor& g, const at::Tensor& h, Activation act) {
-  dispatch_float(g.scalar_type(), [&](auto t) {
-    dispatch_activation(act, [&](auto a) {
-      using T = decltype(t);
-      using acc_t = at::opmath_type<T>;
-      constexpr Activation A = decltype(a)::value;
-      T* gp = g.mutable_data_ptr<T>();
-      const T* hp = h.const_data_ptr<T>();
-      at::parallel_for(0, g.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          gp[i] = static_cast<T>(static_cast<acc_t>(gp[i]) * activation_derivative<A>(static_cast<acc_t>(hp[i])));
-        }
-      });
-    });
-  });
+  at::Tensor out = g;  // the same tensor: the out= overloads take a mutable handle
+  switch (act) {
+    case Activation::kReLU: at::threshold_backward_out(out, g, h, 0); return;
+    case Activation::kGELU: at::gelu_backward_out(out, g, h, "none"); return;
+    case Activation::kGELUTanh: at::gelu_backward_out(out, g, h, "tanh"); return;
+    case Activation::kSiLU: at::silu_backward_out(out, g, h); return;
+  }
 }
 
 const BottleneckAdapterKernels kCpuBottleneckAdapter{residual_sum_cpu, activation_grad_cpu};
