@@ -43,8 +43,9 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int, bool]:
                    "n_head")
     width = _first(config, "hidden_size", "d_model", "n_embd")
     if not (layers and heads and width):
-        raise ValueError(f"prefix tuning cannot read the attention layout of {type(model).__name__} from its config; "
-                         "set num_layers, num_attention_heads and token_dim in PrefixTuningConfig")
+        raise ValueError(f"prefix tuning cannot read the attention layout of {type(model).__name__} from its config "
+                         "(it needs the layer count, num_hidden_layers / num_layers / n_layer, the head count, "
+                         "num_attention_heads / num_heads / n_head, and the width, hidden_size / d_model / n_embd)")
     head_dim = _first(config, "head_dim", "d_kv") or width // heads
     kv_heads = _first(config, "num_key_value_heads") or heads  # grouped-query attention keeps fewer
     return int(layers), int(kv_heads), int(head_dim), enc_dec
