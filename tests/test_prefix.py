@@ -287,3 +287,17 @@ def test_zero_init_and_disable():
     batch = inputs("llama")
     with torch.no_grad(), model.disable_adapter():
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_logits_and_trains():
+    _, model = prefixed("llama")
+    ids = inputs("llama")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    model.train()
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert model.base_model.prefix_embeddings.grad.abs().sum() > 0
