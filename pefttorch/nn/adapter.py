@@ -55,13 +55,19 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter plus its residual: x itself when `residual` is None (sequential)."""
+        return self._run(x, x if residual is None else residual)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's own output, without a residual: what it adds to the block's (ScaLearn scales these)."""
+        return self._run(x, None)
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         dtype = x.dtype
         ln = self.layer_norm
         h = x if ln is None else F.layer_norm(x, ln.normalized_shape, ln.weight.to(dtype), ln.bias.to(dtype), ln.eps)
-        res = x if residual is None else residual
         return functional.bottleneck_adapter(h, self.down.weight.to(dtype), self.up.weight.to(dtype),
                                              b_down=self.down.bias.to(dtype), b_up=self.up.bias.to(dtype),
-                                             residual=res, activation=self.activation, scale=self.scale)
+                                             residual=residual, activation=self.activation, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, bottleneck={self.bottleneck}, activation={self.activation}, "

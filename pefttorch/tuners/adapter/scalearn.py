@@ -138,8 +138,7 @@ class ScaLearnModel(AdapterModel):
         self.finish()
 
     def apply(self, site: Site, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros_like(residual)  # each source's own change of its input, without its residual
-        deltas = torch.stack([source[site.key](x, residual=zero) for source in self.sources])
+        deltas = torch.stack([source[site.key].delta(x) for source in self.sources])
         omega = self.omega["shared" if self.config.shared else site.key].to(deltas.dtype)
         omega = omega.view(omega.shape[0], *([1] * (deltas.dim() - 2)), omega.shape[1])
         return residual + (omega * deltas).sum(dim=0)

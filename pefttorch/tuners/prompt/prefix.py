@@ -114,6 +114,7 @@ class PrefixModel(VirtualTokenModel):
             init = torch.zeros if zero else torch.randn
             self.prefix_embeddings = nn.Parameter(init(self.n, width, **factory))
         self._pending = None  # the cache a running call started with, checked when it returns
+        self._granted = False  # whether checkpointed layers were let keep the cache for the running call
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -189,8 +190,10 @@ class PrefixModel(VirtualTokenModel):
         """After a call that started the cache: every attention layer must have read the prefix (a layer that
         was handed no cache computed without it: its gradient would be silently wrong)."""
         cache, self._pending = self._pending, None
-        for m in self._checkpointed:
-            m.__dict__.pop("_can_checkpoint_with_cache", None)
+        if self._granted:
+            for m in self._checkpointed:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+            self._granted = False
         if output is None:  # the call raised (this hook runs anyway, to clean up): its own error stands
             return
         if cache is not None and len(cache.reads) < self.layers:
@@ -225,6 +228,7 @@ class PrefixModel(VirtualTokenModel):
             if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
                 for m in self._checkpointed:
                     m._can_checkpoint_with_cache = True
+                self._granted = True
             kw[key] = self._prefilled_cache(batch, read_only)
             if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
                 self._grow(kw, mask_key, batch, 1)
