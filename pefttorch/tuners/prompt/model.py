@@ -63,6 +63,19 @@ class VirtualTokenModel(HookedModel):
             front = torch.full((batch, self.n, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
             kw[key] = torch.cat([front, value.expand(batch, *value.shape[1:])], dim=1)
 
+    def _after_virtual_tokens(self, kw: dict, past: int, length: int, batch: int, mask_key: str = "attention_mask",
+                              positions_key: str = "position_ids") -> None:
+        """A call whose `length` tokens follow `past` cached ones, the virtual tokens among them, where the
+        caller's bookkeeping (generate's) does not count them: the 2-D mask, explicit positions and
+        cache_position (passed before transformers 5.24) are made to."""
+        mask = kw.get(mask_key)
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == past + length - self.n:
+            self._grow(kw, mask_key, batch, 1)
+        if kw.get(positions_key) is not None:
+            kw[positions_key] = kw[positions_key] + self.n
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = torch.arange(past, past + length, device=kw["cache_position"].device)
+
     def exported_config(self, config):
         """The config as saved (fields HF PEFT needs that the user may have left to be read from the model)."""
         return config
@@ -202,14 +215,7 @@ class PromptModel(VirtualTokenModel):
         else:  # a generation step: the prompt is in the cache; generate's bookkeeping does not know of it
             if type(self).update_embeddings is not PromptModel.update_embeddings:
                 kw["inputs_embeds"], kw["input_ids"] = self._embeddings(kw, start=past_length - n), None
-            mask = kw.get("attention_mask")
-            if mask is not None and mask.shape[1] == past_length + length - n:
-                self._grow(kw, "attention_mask", batch, 1)
-            if kw.get("position_ids") is not None:
-                kw["position_ids"] = kw["position_ids"] + n
-            if kw.get("cache_position") is not None:
-                kw["cache_position"] = torch.arange(past_length, past_length + length,
-                                                    device=kw["cache_position"].device)
+            self._after_virtual_tokens(kw, past_length, length, batch)
         return (), kw
 
     def _mask_for_encoder_output(self, kw: dict) -> None:

@@ -222,7 +222,6 @@ class PrefixModel(VirtualTokenModel):
         # without use_cache a call computes its whole sequence; a cache it is handed is the one an earlier call
         # returned (generate passes it on even then), holding that call's keys after the prefix
         past = 0 if kw.get("use_cache") is False else cache_length(kw.get(key))
-        mask = kw.get(mask_key)
         if past == 0:  # a new sequence: the cache starts with the prefix
             read_only = self._checkpointing(module)
             if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
@@ -230,16 +229,8 @@ class PrefixModel(VirtualTokenModel):
                     m._can_checkpoint_with_cache = True
                 self._granted = True
             kw[key] = self._prefilled_cache(batch, read_only)
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
-                self._grow(kw, mask_key, batch, 1)
-            start = 0
-        else:  # a later generation step: the prefix is in the cache; generate's bookkeeping does not know of it
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == past + length - self.n:
-                self._grow(kw, mask_key, batch, 1)
-            start = past - self.n
-        if kw.get(positions_key) is not None:  # positions count from the prefix's end, as the model's own do
-            kw[positions_key] = kw[positions_key] + self.n
-        if kw.get("cache_position") is not None:  # transformers before 5.24 passes these
-            kw["cache_position"] = torch.arange(start + self.n, start + self.n + length,
-                                                device=kw["cache_position"].device)
+            past = self.n
+        # the input follows the prefix (and, in a later generation step, the tokens before it): positions count
+        # from the prefix's end, as the model's own do for a filled cache
+        self._after_virtual_tokens(kw, past, length, batch, mask_key, positions_key)
         return (), kw
