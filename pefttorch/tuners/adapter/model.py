@@ -89,6 +89,19 @@ def find_sites(model: nn.Module, config: AdapterConfig) -> list[Site]:
     return sites
 
 
+def build_adapters(model: nn.Module, sites: list[Site], config: AdapterConfig) -> nn.ModuleDict:
+    """One adapter of `config` per site, on the model's device; as LoRA's autocast_adapter_dtype, fp32 adapters in
+    a 16-bit model (cast to its dtype in forward)."""
+    hidden = max(s.features for s in sites)
+    weight = next(model.parameters())
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    return nn.ModuleDict({
+        s.key: BottleneckAdapter(s.features, config.width(hidden), config.activation, config.scaling,
+                                 config.layer_norm, device=weight.device, dtype=dtype)
+        for s in sites
+    })
+
+
 class _After:
     """Forward hook: the adapter applied to the module's output (sequential) or added to it (parallel, reading
     the input its partner hook kept)."""
@@ -128,15 +141,7 @@ class AdapterModel(HookedModel):
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__(model, config, adapter_name)
         self.sites = find_sites(model, config)
-        hidden = max(s.features for s in self.sites)
-        weight = next(model.parameters())
-        # as LoRA's autocast_adapter_dtype: fp32 adapters in a 16-bit model (cast to its dtype in forward)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self.adapters = nn.ModuleDict({
-            s.key: BottleneckAdapter(s.features, config.width(hidden), config.activation, config.scaling,
-                                     config.layer_norm, device=weight.device, dtype=dtype)
-            for s in self.sites
-        })
+        self.adapters = build_adapters(model, self.sites, config)
         self._inputs: dict[str, torch.Tensor] = {}
         self._hook_sites()
         self.finish()

@@ -11,7 +11,6 @@ source folders.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -19,12 +18,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...nn.adapter import BottleneckAdapter
-from .._config import CONFIG_NAME, SavedConfig, normalize_common, reject_unknown_fields
+from .._config import SavedConfig, normalize_common, reject_unknown_fields
 from .._hooked import HookedModel
 from .config import PEFT_TYPE as ADAPTER
 from .config import AdapterConfig
-from .model import AdapterModel, Site, find_sites
+from .model import AdapterModel, Site, build_adapters, find_sites
 
 SCALEARN = "SCALEARN"
 SHAPES = ("vector", "scalar")
@@ -76,16 +74,13 @@ class ScaLearnConfig(SavedConfig):
 
 def _read_source(path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     from ...integrations.hf_format import read_adapter_tensors
+    from ...peft_model import _load_config  # PeftModel's reader of every saved type (it imports this module)
 
-    directory = Path(path)
-    config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"ScaLearn source {path}: no {CONFIG_NAME}, not a saved adapter")
-    data = json.loads(config_file.read_text())
-    if data.get("peft_type") != ADAPTER:
-        raise ValueError(f"ScaLearn source {path}: a {data.get('peft_type')!r} adapter; ScaLearn mixes bottleneck "
+    config = _load_config(path, is_trainable=False)
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"ScaLearn source {path}: a {config.peft_type!r} adapter; ScaLearn mixes bottleneck "
                          f"adapters ({ADAPTER})")
-    return AdapterConfig.from_dict(data), read_adapter_tensors(directory)
+    return config, read_adapter_tensors(Path(path))
 
 
 class ScaLearnModel(AdapterModel):
@@ -106,13 +101,9 @@ class ScaLearnModel(AdapterModel):
                 raise ValueError(f"ScaLearn: source {i} ({c.style}, layers {c.layers_to_transform}) puts its "
                                  f"adapters at other places than source 0 ({configs[0].style}, layers "
                                  f"{configs[0].layers_to_transform}); all sources must share their sites")
-        weight = next(model.parameters())
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = {"device": weight.device, "dtype": dtype}
-        hidden = max(s.features for s in self.sites)
-        self.sources = nn.ModuleList(nn.ModuleDict({
-            s.key: BottleneckAdapter(s.features, c.width(hidden), c.activation, c.scaling, c.layer_norm, **factory)
-            for s in self.sites}) for c in configs)
+        self.sources = nn.ModuleList(build_adapters(model, self.sites, c) for c in configs)
+        reference = next(self.sources.parameters())
+        factory = {"device": reference.device, "dtype": reference.dtype}
         if loaded:
             for i, (source, (_, tensors)) in enumerate(zip(self.sources, sources, strict=True)):
                 state = {k[len("adapters."):]: v for k, v in tensors.items() if k.startswith("adapters.")}
