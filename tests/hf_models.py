@@ -107,3 +107,22 @@ def logits(model, batch) -> torch.Tensor:
 def loss(out) -> torch.Tensor:
     """The model's own loss where the batch has labels, else one that reaches every logit."""
     return out.loss if out.loss is not None else out.logits.float().square().mean()
+
+
+def check_generate_with_and_without_cache(model, family: str) -> None:
+    """For a method that puts virtual tokens in the cache (prompt, prefix tuning): greedy generation with the
+    cache equals generation that recomputes the whole sequence every step (scores too), with left padding in a
+    decoder-only batch, and differs from the base model's (the method is really there)."""
+    ids = inputs(family)["input_ids"]
+    mask = torch.ones_like(ids)
+    if family in ("llama", "gpt2"):
+        mask[0, :2] = 0
+    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False,
+          "output_scores": True, "return_dict_in_generate": True}
+    cached = model.generate(**kw)
+    uncached = model.generate(**kw, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        plain = model.generate(**kw)
+    assert not torch.allclose(plain.scores[0], cached.scores[0])

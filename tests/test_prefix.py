@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 import torch
-from hf_models import fresh, inputs
+from hf_models import check_generate_with_and_without_cache, fresh, inputs
 
 from pefttorch import PeftModel, PrefixTuningConfig, config_for_budget, get_peft_model
 from pefttorch.tuners._cache import cache_key
@@ -92,20 +92,7 @@ def test_equals_hf_peft_forward_on_the_same_prefix(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "marian"])
 def test_generate_with_the_cache_equals_without(family):
-    _, model = prefixed(family)
-    ids = inputs(family)["input_ids"]
-    mask = torch.ones_like(ids)
-    if family in ("llama", "gpt2"):  # left padding in a decoder-only batch
-        mask[0, :2] = 0
-    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False,
-          "output_scores": True, "return_dict_in_generate": True}
-    cached = model.generate(**kw)
-    uncached = model.generate(**kw, use_cache=False)  # every step recomputes the whole sequence after the prefix
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
-    with model.disable_adapter():
-        plain = model.generate(**kw)
-    assert not torch.allclose(plain.scores[0], cached.scores[0])  # the prefix changes what is generated
+    check_generate_with_and_without_cache(prefixed(family)[1], family)
 
 
 @pytest.mark.parametrize(("family", "projection"), [("llama", False), ("t5", False), ("bert", True),
