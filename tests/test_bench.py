@@ -88,6 +88,78 @@ def test_model_bench_cross_checks_the_lora_runs(tmp_path):
     assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]
 
 
+def test_live_tensor_bytes_follows_storages_until_freed():
+    from pefttorch.bench.timing import LiveTensorBytes
+
+    kept = torch.zeros(1000, dtype=torch.uint8)
+    with LiveTensorBytes(torch.device("cpu"), [kept, kept[10:]]) as live:
+        assert live.current == 1000  # a view of a tensor already followed is not counted again
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        view = a[5:]
+        assert live.current == 1000 + (1 << 20)
+        del a, view
+        assert live.current == 1000  # freed with its last reference
+        b = torch.ones(3 << 20, dtype=torch.uint8)
+        # a custom op's output is seen like any other
+        y = pefttorch.functional.lora_linear(torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8),
+                                             torch.randn(6, 2))
+    assert live.peak >= 1000 + (3 << 20) + y.numel() * 4
+    assert live.peak < 1000 + (4 << 20) + (1 << 16)  # the 1 MiB tensor had gone before the 3 MiB one came
+    del b
+
+
+@pytest.mark.slow
+def test_meft_suite_measures_memory_and_flags_inaccurate_reconstructions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model, "CPU_SHAPE", ModelShape(hidden=32, layers=6, mlp=48, vocab=64, heads=2, batch=2, seq=8))
+    out = tmp_path / "e.json"
+    # float32 streams through float32 layers: six layers, each dividing by lam = 0.1, and the reconstruction is off
+    assert main(["bench", "meft", "--device", "cpu", "--steps", "2", "--r", "2", "--bottleneck", "4",
+                 "--stream-dtype", "float32", "--json", str(out)]) == 1
+    suite = json.loads(out.read_text())["suites"]["meft"]
+    runs = {r["run"]: r for r in suite["rows"]}
+    assert list(runs) == list(model.MEFT_RUNS)
+    assert suite["bottleneck"] == 4 and suite["stream_dtype"] == "float32"
+    for name in ("full", "pefttorch", "pefttorch+gc", "peft+gc"):
+        assert runs[name]["ok"], (name, runs[name]["note"])  # the LoRA runs' losses equal HF PEFT's
+        assert runs[name]["reconstruction_error"] is None
+    assert runs["pefttorch+gc"]["losses"] == pytest.approx(runs["pefttorch"]["losses"], rel=1e-4)
+    # peak memory on the CPU too: checkpointing and MEFT keep less than LoRA, which keeps less than full tuning
+    peak = {name: r["peak_gib"] for name, r in runs.items()}
+    assert peak["pefttorch+gc"] < peak["pefttorch"] < peak["full"]
+    assert all(peak[v] < peak["pefttorch"] for v in model.MEFT_VARIANTS)
+    for v in model.MEFT_VARIANTS:
+        r = runs[v]
+        assert r["trainable"] > 0 and r["ratio_to_lora"] == pytest.approx(r["step_ms"] / runs["pefttorch"]["step_ms"])
+        assert not r["ok"] and r["reconstruction_error"] > 1e-3 and "reconstruction error" in r["note"]
+    targets = {t["target"]: t["met"] for t in suite["targets"]}
+    assert len(targets) == 2 * len(model.MEFT_VARIANTS) and not any(targets.values())  # a flagged run meets none
+    printed = capsys.readouterr().out
+    assert "recon. error" in printed and "gradients inaccurate" in printed and "reversible backward" not in printed
+    # float64 streams (the suite's default) through bfloat16 layers reconstruct two layers to rounding: no flag
+    monkeypatch.setattr(model, "CPU_SHAPE", TINY_LLAMA)
+    assert main(["bench", "meft", "--device", "cpu", "--dtype", "bf16", "--runs", "meft1,meft3", "--steps", "1",
+                 "--bottleneck", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["suites"]["meft"]["rows"]
+    assert [r["run"] for r in rows] == ["meft1", "meft3"]
+    assert all(r["ok"] and r["reconstruction_error"] < 1e-6 for r in rows)
+
+
+def test_meft_targets():
+    def res(run, ms, peak, ok=True):
+        return model.RunResult(run, step_ms=ms, peak_gib=peak, ok=ok)
+
+    results = [res("pefttorch", 100.0, 10.0), res("peft+gc", 140.0, 6.0), res("meft1", 120.0, 5.0),
+               res("meft2", 130.0, 7.0), res("meft3", 110.0, 4.0, ok=False)]
+    model.compare(results, torch.float32)
+    met = {t: m for t, m, _ in model.check_targets(results, "meft")}
+    assert met == {"meft1 peak memory <= HF PEFT LoRA + checkpointing's": True,
+                   "meft1 step <= 1.25x pefttorch LoRA": True,
+                   "meft2 peak memory <= HF PEFT LoRA + checkpointing's": False,
+                   "meft2 step <= 1.25x pefttorch LoRA": False,
+                   "meft3 peak memory <= HF PEFT LoRA + checkpointing's": False,  # flagged: fast, and wrong
+                   "meft3 step <= 1.25x pefttorch LoRA": False}
+
+
 # ---- the sparse MLP suite (DEFT decode): tiny MLPs on the CPU
 
 TINY_MLPS = (sparse.MLPShape(32, 96, 24, "silu", gated=True, bias=False),

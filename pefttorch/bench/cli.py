@@ -3,7 +3,8 @@
 Suites: ``lora`` (the LoRA layer over a grid of shapes), ``model`` (a training step of a Llama-style
 model), ``sparse`` (DEFT's sparse-activation MLP at decode, over activation densities) and ``rank``
 (IncreLoRA and AdaLoRA training steps, allocation events included, against LoRA at the final rank and HF
-PEFT's AdaLoRA) and ``adapter`` (the bottleneck adapter, forward and forward+backward: pefttorch's fused op
+PEFT's AdaLoRA), ``meft`` (MEFT's reversible adapters against LoRA with and without gradient checkpointing,
+step time and peak memory) and ``adapter`` (the bottleneck adapter, forward and forward+backward: pefttorch's fused op
 against the unfused PyTorch module, the reference and AdapterHub's library when importable, and against the
 memory-traffic floor at the measured copy bandwidth). With no suite named, a quick default set of all runs:
 about a minute on a laptop CPU, a few minutes on one GPU.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("lora", "model", "sparse", "rank", "adapter")
+SUITES = ("lora", "model", "sparse", "rank", "meft", "adapter")
 RANK_STEPS = {"cuda": 40, "cpu": 16}  # timed steps of the rank suite
 RANK_STEPS_QUICK = {"cuda": 16, "cpu": 8}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -39,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "comma-separated TOKENSxD:BOTTLENECK[:ACTIVATION] (activation relu, gelu, gelu_tanh or silu; "
                    "default relu), e.g. 8192x4096:256:relu")
     p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
-    p.add_argument("--runs", default=None, help="model, rank: comma-separated runs to make (default: all of the "
-                   "suite's; with both suites, each makes the ones named that are its own)")
+    p.add_argument("--runs", default=None, help="model, rank, meft: comma-separated runs to make (default: all of "
+                   "the suite's; with several suites, each makes the ones named that are its own)")
     p.add_argument("--repeat", type=int, default=None,
                    help="lora, sparse, adapter: timed calls per measurement on GPU (default 50; sparse and "
                    "adapter quick 20)")
@@ -48,20 +49,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
     p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
                    f"(default {','.join(f'{d:g}' for d in sparse.DENSITIES)})")
-    p.add_argument("--steps", type=int, default=None, help="model: timed steps (default 10, quick 4); rank: timed "
-                   f"steps, allocation events included (default {RANK_STEPS['cuda']} on a GPU, "
+    p.add_argument("--steps", type=int, default=None, help="model, meft: timed steps (default 10, quick 4); rank: "
+                   f"timed steps, allocation events included (default {RANK_STEPS['cuda']} on a GPU, "
                    f"{RANK_STEPS['cpu']} on the CPU; quick {RANK_STEPS_QUICK['cuda']}, {RANK_STEPS_QUICK['cpu']})")
-    p.add_argument("--r", type=int, default=None, help="model: LoRA rank (default 16); rank: the target rank, "
+    p.add_argument("--r", type=int, default=None, help="model, meft: LoRA rank (default 16); rank: the target rank, "
                    "average per module at the end (default 8)")
-    p.add_argument("--dropout", type=float, default=0.0, help="model: LoRA dropout (0: losses are cross-checked); "
-                   "rank: the adapters' dropout")
-    p.add_argument("--small-model", action="store_true", help="model, rank: the CPU-sized model even on a GPU")
+    p.add_argument("--dropout", type=float, default=0.0, help="model, meft: LoRA dropout (0: losses are "
+                   "cross-checked), MEFT's adapter dropout; rank: the adapters' dropout")
+    p.add_argument("--bottleneck", type=int, default=model.MEFT_BOTTLENECK,
+                   help=f"meft: the MEFT adapters' bottleneck (default {model.MEFT_BOTTLENECK})")
+    p.add_argument("--stream-dtype", default=str(model.MEFT_STREAMS).removeprefix("torch."),
+                   choices=("float32", "float64"), help="meft: dtype of MEFT's two streams (default float64: with "
+                   "float32 a bf16 model's reconstruction fails within a few layers)")
+    p.add_argument("--small-model", action="store_true", help="model, rank, meft: the CPU-sized model even on a GPU")
     p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"), help="results file")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
     p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
     p.epilog = ("lora implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in lora.IMPL_HELP.items())
-                + "\nmodel runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items())
+                + "\nmodel and meft runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items())
                 + "\nsparse implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in sparse.IMPL_HELP.items())
                 + "\nrank runs (all-linear, lora_alpha = 2 x target rank; several allocation events fall inside the "
                 "timed steps,\nthe final budget ~3/4 through them; mean and median step time):\n"
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     meta = report.metadata(device, dtype)
     results, ok = {}, True
     runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank,
-               "adapter": _run_adapter}
+               "meft": _run_meft, "adapter": _run_adapter}
     for suite in suites:
         rows, targets, suite_ok, extra = runners[suite](args, device, dtype, quick, peft_missing is not None, console)
         ok &= suite_ok
@@ -137,7 +143,7 @@ def _plotter(suite: str):
     from . import adapter, rank, report, sparse
 
     return {"lora": report.plot, "model": report.plot_model, "sparse": sparse.plot, "rank": rank.plot,
-            "adapter": adapter.plot}[suite]
+            "meft": report.plot_model, "adapter": adapter.plot}[suite]
 
 
 def _plot_path(args, suite: str, n_suites: int) -> Path:
@@ -161,7 +167,7 @@ def _runs(spec: str | None, known: tuple[str, ...], suite: str) -> list[str]:
 
     if spec is None:
         return list(known)
-    every = {"model": model.RUNS, "rank": rank.RUNS}
+    every = {"model": model.RUNS, "meft": model.MEFT_RUNS, "rank": rank.RUNS}
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if not any(n in runs for runs in every.values())]
     if unknown:
@@ -196,31 +202,49 @@ def _run_lora(args, device, dtype, quick, no_peft, console):
 
 
 def _run_model(args, device, dtype, quick, no_peft, console):
+    return _run_training("model", args, device, dtype, quick, no_peft, console)
+
+
+def _run_meft(args, device, dtype, quick, no_peft, console):
+    return _run_training("meft", args, device, dtype, quick, no_peft, console)
+
+
+def _run_training(suite, args, device, dtype, quick, no_peft, console):
+    """The model and meft suites: training steps of the Llama-style model, one run after another."""
     from tqdm import tqdm
 
     from . import model, report
 
     shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
-    runs = _runs(args.runs, model.RUNS, "model")
+    runs = _runs(args.runs, model.RUNS if suite == "model" else model.MEFT_RUNS, suite)
     if no_peft:
-        runs = [r for r in runs if r not in ("peft", "peft+accelerate")]
+        runs = [r for r in runs if not r.startswith("peft+") and r != "peft"]
+    if args.bottleneck < 1:
+        raise SystemExit(f"meft: the bottleneck must be >= 1, got {args.bottleneck}")
+    meft = model.MeftOptions(args.bottleneck, getattr(torch, args.stream_dtype))
     steps = args.steps or (4 if quick else 10)
     r = 16 if args.r is None else args.r
     results, adapter_state = [], None
-    for run in tqdm(runs, desc="model", unit="run"):
+    for run in tqdm(runs, desc=suite, unit="run"):
         try:
             result, initial = model.run_one(run, shape, dtype, device, steps, 2 if quick else 3, r,
-                                            args.dropout, adapter_state)
+                                            args.dropout, adapter_state, meft)
         except torch.OutOfMemoryError as err:
             result, initial = model.RunResult(run, ok=False, note=f"out of memory: {err}"), None
         model.release(device)
         adapter_state = adapter_state or initial
         results.append(result)
     model.compare(results, dtype, check_losses=args.dropout == 0.0)
-    targets = model.check_targets(results)
+    targets = model.check_targets(results, suite)
     rows = model.as_dicts(results)
-    report.print_model_table(report.metadata(device, dtype), shape.label, r, rows, targets, console)
-    return rows, targets, all(res.ok for res in results), {"model": shape.label, "r": r, "steps": steps}
+    title = f"{shape.label}, LoRA r={r} all-linear"
+    if any(run in model.MEFT_VARIANTS for run in runs):
+        title += f", MEFT bottleneck {meft.bottleneck} with {args.stream_dtype} streams"
+    report.print_model_table(report.metadata(device, dtype), title, rows, targets, console)
+    extra = {"model": shape.label, "r": r, "steps": steps, "peak": report.peak_label({"device_type": device.type})}
+    if suite == "meft":
+        extra.update(bottleneck=meft.bottleneck, stream_dtype=args.stream_dtype)
+    return rows, targets, all(res.ok for res in results), extra
 
 
 def _run_rank(args, device, dtype, quick, no_peft, console):
@@ -335,7 +359,8 @@ def _row_key(suite: str, row: dict) -> tuple:
 
 
 def _row_ms(suite: str, row: dict):
-    return {"model": row.get("step_ms"), "rank": row.get("mean_ms")}.get(suite, row.get("ms"))
+    return {"model": row.get("step_ms"), "meft": row.get("step_ms"), "rank": row.get("mean_ms")}.get(
+        suite, row.get("ms"))
 
 
 def compare(console, old: dict, results: dict) -> None:

@@ -1,8 +1,14 @@
-"""Whole-model training step: full fine-tuning (the bound), HF PEFT LoRA, HF PEFT LoRA after
-pefttorch.accelerate, and pefttorch LoRA, measured one after another in the same process.
+"""Whole-model training step, measured one run after another in the same process.
+
+The ``model`` suite: full fine-tuning (the bound), HF PEFT LoRA, HF PEFT LoRA after pefttorch.accelerate, and
+pefttorch LoRA. The ``meft`` suite: full fine-tuning, pefttorch LoRA with and without gradient checkpointing, HF
+PEFT LoRA with gradient checkpointing, and MEFT's reversible adapters (meft1, meft2, meft3), whose point is the
+memory that checkpointing saves without its recomputation of every layer.
 
 All LoRA runs start from the same adapter weights (HF PEFT's initialisation, copied by name: the layouts
-are the same), so their losses must agree step by step; a run that drifts is flagged.
+are the same), so their losses must agree step by step; a run that drifts is flagged. A MEFT run is flagged
+when its backward reconstructs the stack's input worse than MEFT's own warning threshold: its gradients are then
+wrong, and its time is no win.
 """
 
 from __future__ import annotations
@@ -14,14 +20,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .timing import sync
+from .timing import LiveTensorBytes, sync
 
-RUNS = ("full", "peft", "peft+accelerate", "pefttorch")
+RUNS = ("full", "peft", "peft+accelerate", "pefttorch")  # the model suite
+MEFT_VARIANTS = ("meft1", "meft2", "meft3")
+MEFT_RUNS = ("full", "pefttorch", "pefttorch+gc", "peft+gc", *MEFT_VARIANTS)  # the meft suite
+MEFT_BOTTLENECK = 64  # MEFT1/2 then train about as many parameters as LoRA r=16 on all linear layers
+# The suite's streams: with float32 streams a bf16 model's reconstruction is off by O(1) within four layers, which
+# makes any time or memory it shows meaningless; float64 keeps it to rounding there (bench/results/meft-cpu.md)
+MEFT_STREAMS = torch.float64
 RUN_HELP = {
     "full": "full fine-tuning, every weight trained (the bound)",
     "peft": "HF PEFT LoRA, its defaults (fp32 adapter weights in a bf16 model)",
     "peft+accelerate": "the same HF PEFT model after pefttorch.accelerate(model)",
     "pefttorch": "pefttorch.get_peft_model with the same LoraConfig",
+    "pefttorch+gc": "the same, with gradient checkpointing (transformers' default, non-reentrant)",
+    "peft+gc": "HF PEFT LoRA with gradient checkpointing",
+    **{v: f"MEFT reversible adapters, MeftConfig(variant='{v}', bottleneck {MEFT_BOTTLENECK}, float64 streams)"
+       for v in MEFT_VARIANTS},
 }
 
 
@@ -56,6 +72,8 @@ class RunResult:
     note: str = ""
     ratio_to_full: float | None = None
     ratio_to_peft: float | None = None
+    ratio_to_lora: float | None = None  # to pefttorch LoRA without checkpointing
+    reconstruction_error: float | None = None  # MEFT: of the stack's input, relative, in the last backward
 
 
 def build_model(shape: ModelShape, dtype: torch.dtype, device: torch.device):
@@ -74,9 +92,26 @@ def _lora_config_kwargs(r: int, dropout: float) -> dict:
     return dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear")
 
 
-def _make(run: str, shape, dtype, device, r, dropout, adapter_state):
+@dataclass(frozen=True)
+class MeftOptions:
+    bottleneck: int = MEFT_BOTTLENECK
+    stream_dtype: torch.dtype = MEFT_STREAMS
+
+
+def _make(run: str, shape, dtype, device, r, dropout, adapter_state, meft: MeftOptions | None = None):
     model = build_model(shape, dtype, device)
     if run == "full":
+        return model
+    if run in MEFT_VARIANTS:
+        import pefttorch
+
+        meft = meft or MeftOptions()
+        return pefttorch.get_peft_model(model, pefttorch.MeftConfig(
+            variant=run, bottleneck=meft.bottleneck, stream_dtype=meft.stream_dtype, adapter_dropout=dropout))
+    if run.endswith("+gc"):
+        model = _make(run.removesuffix("+gc"), shape, dtype, device, r, dropout, adapter_state)
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False  # training keeps no cache; transformers would say so at every step
         return model
     if run in ("peft", "peft+accelerate"):
         import peft
@@ -102,13 +137,17 @@ def _make(run: str, shape, dtype, device, r, dropout, adapter_state):
 
 
 def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.device, steps: int, warmup: int,
-            r: int = 16, dropout: float = 0.0, adapter_state: dict | None = None) -> tuple[RunResult, dict | None]:
+            r: int = 16, dropout: float = 0.0, adapter_state: dict | None = None,
+            meft: MeftOptions | None = None) -> tuple[RunResult, dict | None]:
     """Times `steps` training steps after `warmup`; returns the result and (for the first LoRA run)
-    its initial adapter weights, for the others to start from."""
+    its initial adapter weights, for the others to start from. Peak memory: the CUDA allocator's over the
+    timed steps; on the CPU, the tensors alive during one more, untimed step (:class:`LiveTensorBytes`)."""
+    import warnings
+
     result = RunResult(run)
-    model = _make(run, shape, dtype, device, r, dropout, adapter_state)
+    model = _make(run, shape, dtype, device, r, dropout, adapter_state, meft)
     initial = None
-    if run != "full" and adapter_state is None:
+    if run not in ("full", *MEFT_VARIANTS) and adapter_state is None:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
@@ -122,10 +161,27 @@ def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.devic
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    losses, ms, result.peak_gib = time_steps(step, make_batches(shape, warmup + steps, device), warmup, device)
+    batches = make_batches(shape, warmup + steps, device)
+    with warnings.catch_warnings():
+        # MEFT warns once of an inaccurate reconstruction: the table shows it, for every step, as a flag
+        warnings.filterwarnings("ignore", message="reversible backward")
+        losses, ms, result.peak_gib = time_steps(step, batches, warmup, device)
+        if result.peak_gib is None:
+            state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+            with LiveTensorBytes(device, [*model.parameters(), *model.buffers(), *state]) as live:
+                step(0, batches[-1])
+            result.peak_gib = live.peak / 2**30
     result.step_ms = median(ms)
     result.tokens_per_s = shape.batch * shape.seq / (result.step_ms * 1e-3)
     result.losses = losses
+    if run in MEFT_VARIANTS:
+        from ..nn.reversible import WARN_ERROR
+
+        result.reconstruction_error = model.base_model.reconstruction_error()
+        if not result.reconstruction_error <= WARN_ERROR:
+            result.ok = False
+            result.note = (f"reconstruction error {result.reconstruction_error:.1e} > {WARN_ERROR:g}: "
+                           "gradients inaccurate")
     if not all(math.isfinite(v) for v in result.losses):
         result.ok, result.note = False, "non-finite loss"
     return result, initial
@@ -189,26 +245,47 @@ def release(device: torch.device) -> None:
 
 def compare(results: list[RunResult], dtype: torch.dtype, check_losses: bool = True) -> None:
     """Ratios, and (without dropout, whose masks differ between libraries) the LoRA runs' losses checked
-    against HF PEFT's: they start from the same weights and see the same batches."""
+    against HF PEFT's (its plain run, else its checkpointed one): they start from the same weights and see the
+    same batches, and checkpointing changes no value."""
     by = {r.run: r for r in results}
-    full, peft = by.get("full"), by.get("peft")
+    full, peft, lora = by.get("full"), by.get("peft"), by.get("pefttorch")
+    ref = peft or by.get("peft+gc")
     tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     for r in results:
         if full and full.step_ms and r.step_ms:
             r.ratio_to_full = r.step_ms / full.step_ms
         if peft and peft.step_ms and r.step_ms:
             r.ratio_to_peft = r.step_ms / peft.step_ms
-        if check_losses and r.run != "full" and peft and r is not peft and peft.losses and r.losses:
-            worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r.losses, peft.losses, strict=True))
+        if lora and lora.step_ms and r.step_ms:
+            r.ratio_to_lora = r.step_ms / lora.step_ms
+        lora_run = r.run not in ("full", *MEFT_VARIANTS)
+        if check_losses and lora_run and ref and r is not ref and ref.losses and r.losses:
+            worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r.losses, ref.losses, strict=True))
             if worst > tol:
                 r.ok = False
-                r.note = f"losses differ from HF PEFT's by up to {worst:.2%} (tolerance {tol:.0%})"
+                r.note = f"losses differ from {ref.run}'s by up to {worst:.2%} (tolerance {tol:.0%})"
 
 
-def check_targets(results: list[RunResult]) -> list[tuple[str, bool, str]]:
+MEFT_STEP_TARGET = 1.25  # x pefttorch LoRA without checkpointing (checkpointing costs about 1.38x)
+
+
+def check_targets(results: list[RunResult], suite: str = "model") -> list[tuple[str, bool, str]]:
     by = {r.run: r for r in results}
     out = []
     ours, full, peft = by.get("pefttorch"), by.get("full"), by.get("peft")
+    if suite == "meft":
+        gc = by.get("peft+gc")
+        for v in MEFT_VARIANTS:
+            m = by.get(v)
+            if m is None or m.step_ms is None:
+                continue
+            if gc and gc.peak_gib and m.peak_gib is not None:
+                out.append((f"{v} peak memory <= HF PEFT LoRA + checkpointing's", m.ok and m.peak_gib <= gc.peak_gib,
+                            f"{m.peak_gib / gc.peak_gib:.3f}x"))
+            if ours and ours.step_ms:
+                met = m.ok and m.ratio_to_lora <= MEFT_STEP_TARGET
+                out.append((f"{v} step <= {MEFT_STEP_TARGET}x pefttorch LoRA", met, f"{m.ratio_to_lora:.3f}x"))
+        return out
     if ours and full and ours.step_ms and full.step_ms:
         out.append(("pefttorch LoRA step <= 0.80x full fine-tuning", ours.ok and ours.ratio_to_full <= 0.80,
                     f"{ours.ratio_to_full:.3f}x"))

@@ -133,52 +133,74 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
     save_figure(fig, path)
 
 
-def print_model_table(meta: dict, model_label: str, r: int, rows: list[dict], targets: list, console=None) -> None:
-    """One line per run: step time, ratios to full fine-tuning and to HF PEFT, tokens/s, peak memory."""
+def print_model_table(meta: dict, title: str, rows: list[dict], targets: list, console=None) -> None:
+    """One line per run: step time, ratios to full fine-tuning, to HF PEFT and to pefttorch LoRA (the columns
+    whose run is there), tokens/s, peak memory, trainable parameters, MEFT's reconstruction error, the check."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"training step, {model_label}, {meta['dtype']} on {meta['device']}, LoRA r={r} "
-                        f"all-linear, AdamW (torch {meta['torch']}, peft {meta.get('peft') or 'absent'})",
-                  title_justify="left")
-    for col in ("run", "step ms", "/ full", "/ peft", "tokens/s", "peak GiB", "trainable", "matches peft"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    table = Table(title=f"training step, {title}, {meta['dtype']} on {meta['device']} (torch {meta['torch']}, "
+                        f"peft {meta.get('peft') or 'absent'}); {peak_label(meta)}", title_justify="left")
+    runs = {row["run"] for row in rows}
+    columns = [("run", None, None), ("step ms", "step_ms", ".1f"), ("/ full", "ratio_to_full", ".2f"),
+               ("/ peft", "ratio_to_peft", ".2f"), ("/ pefttorch", "ratio_to_lora", ".2f"),
+               ("tokens/s", "tokens_per_s", ",.0f"), ("peak MiB", "peak_mib", ",.1f"), ("trainable", "trainable", ",d"),
+               ("recon. error", "reconstruction_error", ".1e"), ("check", None, None)]
+    shown = [c for c in columns if not (c[1] == "ratio_to_peft" and "peft" not in runs
+                                        or c[1] == "ratio_to_lora" and "pefttorch" not in runs
+                                        or c[1] == "reconstruction_error" and all(r.get(c[1]) is None for r in rows))]
+    for name, _, _ in shown:
+        table.add_column(name, justify="left" if name == "run" else "right")
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     for row in rows:
-        table.add_row(row["run"], fmt(row["step_ms"], ".1f"), fmt(row["ratio_to_full"], ".2f"),
-                      fmt(row["ratio_to_peft"], ".2f"), fmt(row["tokens_per_s"], ",.0f"), fmt(row["peak_gib"], ".2f"),
-                      fmt(row["trainable"], ",d"), "yes" if row["ok"] else f"[red]no: {row['note']}[/red]")
+        check = "ok" if row["ok"] else f"[red]{row['note']}[/red]"
+        row = {**row, "peak_mib": None if row.get("peak_gib") is None else row["peak_gib"] * 1024}
+        table.add_row(*(row["run"] if name == "run" else check if name == "check" else fmt(row.get(key), spec)
+                        for name, key, spec in shown))
     console.print(table)
     print_targets(targets, console)
 
 
+def peak_label(meta: dict) -> str:
+    if meta.get("device_type") == "cuda":
+        return "peak: torch.cuda.max_memory_allocated"
+    return "peak: tensors alive in one untimed step"
+
+
 def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
-    """Step time and peak memory of each run, relative to full fine-tuning."""
+    """Step time and peak memory of each run, relative to full fine-tuning; flagged runs hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [r for r in rows if r.get("step_ms")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.4 * len(runs)), 4))
     names = [r["run"] for r in runs]
-    axes[0].bar(names, [r["ratio_to_full"] or 0 for r in runs], color=["grey"] + ["C0"] * (len(runs) - 1))
+    colours = ["grey" if r["run"] == "full" else "C0" for r in runs]
+    bars = [axes[0].bar(names, [r["ratio_to_full"] or 0 for r in runs], color=colours)]
     axes[0].axhline(1.0, color="black", linewidth=0.8)
     axes[0].set_ylabel("step time / full fine-tuning")
     if all(r.get("peak_gib") is not None for r in runs):
-        axes[1].bar(names, [r["peak_gib"] for r in runs], color=["grey"] + ["C1"] * (len(runs) - 1))
-        axes[1].set_ylabel("peak GiB")
+        bars.append(axes[1].bar(names, [r["peak_gib"] for r in runs],
+                                color=["grey" if r["run"] == "full" else "C1" for r in runs]))
+        axes[1].set_ylabel("peak GiB" + ("" if meta.get("device_type") == "cuda" else " (tensors alive)"))
     else:
-        axes[1].text(0.5, 0.5, "peak memory: GPU only", ha="center", va="center")
+        axes[1].text(0.5, 0.5, "peak memory not measured", ha="center", va="center")
         axes[1].set_axis_off()
+    for group in bars:
+        for bar, r in zip(group, runs, strict=True):
+            if not r.get("ok", True):
+                bar.set_hatch("xx")
+                bar.set_edgecolor("red")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"training step on {meta['device']} ({meta['dtype']}), torch {meta['torch']}, "
-                 f"commit {meta.get('commit')}", fontsize=9)
+                 f"commit {meta.get('commit')}; hatched = flagged", fontsize=9)
     save_figure(fig, path)
 
 

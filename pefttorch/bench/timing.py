@@ -53,3 +53,59 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+class LiveTensorBytes:
+    """Peak bytes of the tensors alive on one device while a region runs: the CPU's stand-in for
+    ``torch.cuda.max_memory_allocated`` (the CPU allocator keeps no such count).
+
+    A dispatch mode sees every tensor an operator returns (our custom ops included) and follows its storage
+    until it is freed; `tensors` are the ones already alive at the start (parameters, gradients, optimizer
+    state). Temporaries that a C++ kernel allocates and frees inside one operator are not seen, nor is the
+    allocator's rounding: this counts tensors, as ``max_memory_allocated`` does, not the process's pages.
+    Every operator pays a Python call: measure an untimed step with it, never a timed one.
+    """
+
+    def __init__(self, device: torch.device, tensors=()) -> None:
+        self.device_type = torch.device(device).type
+        self.live: dict[int, int] = {}  # storage address -> bytes, for every storage followed and not yet freed
+        self.current = self.peak = 0
+        for t in tensors:
+            self._follow(t)
+
+    def _follow(self, t) -> None:
+        import weakref
+
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+            return
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:  # views share their base's storage: counted once
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._freed, key)  # runs when the storage's last reference goes
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __enter__(self) -> LiveTensorBytes:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    tracker._follow(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
