@@ -125,6 +125,69 @@ def test_partly_reversible_stack(variant):
     assert_same_gradients(model, batch(g, "bert"), rtol=1e-6)
 
 
+# float64 streams through float32 or bf16 layers: the cast guard makes backward's F and G inputs bit-identical to
+# forward's, so what is left is the streams' own rounding amplified by the couplings (1e-16 growing about 10x per two
+# layers for meft1/2 and per layer for meft3). Without the guard, one input element that casts differently (values on
+# rounding ties are common) moves F's output by an ulp of the model's dtype and every layer below by 10x that.
+GUARDED_BOUND = {(torch.float32, "meft1"): 1e-8, (torch.float32, "meft2"): 1e-8, (torch.float32, "meft3"): 1e-5,
+                 (torch.bfloat16, "meft1"): 1e-8, (torch.bfloat16, "meft2"): 1e-8, (torch.bfloat16, "meft3"): 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float64_streams_reconstruct_exactly_what_the_layers_saw(dtype, variant):
+    g = torch.Generator().manual_seed(7)
+    model = pefttorch.get_peft_model(build("llama", layers=6, hidden=64).to(dtype), pefttorch.MeftConfig(
+        variant=variant, stream_dtype=torch.float64, debug_reconstruction=True))
+    inputs = batch(g, "llama", tokens=48)
+    model.train()
+    model(**inputs).loss.backward()
+    errors = model.reconstruction_errors()
+    assert max(errors) <= GUARDED_BOUND[dtype, variant], errors
+    assert model.reconstruction_error() <= GUARDED_BOUND[dtype, variant]
+
+
+def test_float32_model_with_float64_streams_needs_the_cast_guard(monkeypatch):
+    """The same model without the guard: its reconstruction goes visibly wrong (the guard is what the test above
+    measures, not luck)."""
+    g = torch.Generator().manual_seed(7)
+    model = pefttorch.get_peft_model(build("llama", layers=6, hidden=64), pefttorch.MeftConfig(
+        variant="meft1", stream_dtype=torch.float64))
+    monkeypatch.setattr(reversible, "guard_bounds", lambda layers, *_: [None] * len(layers))
+    model.train()
+    with pytest.warns(UserWarning, match="reversible backward"):
+        model(**batch(g, "llama", tokens=48)).loss.backward()
+    assert model.reconstruction_error() > 1e-3  # with the guard, 2e-13 (measured)
+
+
+def test_cast_guard_records_the_elements_near_a_rounding_boundary():
+    tie = 1.0 + 2.0**-8  # halfway between two bf16 values (their spacing at 1 is 2^-7)
+    x = torch.tensor([[1.0, tie, tie + 2.0**-20, 0.0, -3.0]], dtype=torch.float64)
+    index, values = reversible.cast_guard(x, torch.bfloat16, 2.0**-18)  # within 3 * 2^-18 of a boundary
+    assert index.tolist() == [1, 2, 3]  # zero too: a reconstructed zero may come back with either sign
+    assert values.tolist() == [1.0, 1.0 + 2.0**-7, 0.0]  # the tie rounds to even, the next one up
+    # backward's reconstruction, off by less than the bound, casts back exactly to what forward cast
+    moved = (x + torch.tensor([[1e-7, 1e-7, -1e-7, -1e-7, 1e-7]], dtype=torch.float64)).requires_grad_()
+    assert not torch.equal(moved.to(torch.bfloat16), x.to(torch.bfloat16))
+    out = reversible.guarded_cast(moved, torch.bfloat16, (index, values))
+    assert torch.equal(out, x.to(torch.bfloat16))
+    out.float().sum().backward()  # the put-back carries no gradient of its own: the cast's stays the identity
+    assert torch.equal(moved.grad, torch.ones_like(moved))
+
+
+def test_guard_bounds_grow_up_the_stack_and_stop_at_the_cap():
+    layer = reversible.ReversibleLayer(None, None, 0.1, 1.0, True)
+    bounds = reversible.guard_bounds([layer] * 40, torch.float64, torch.bfloat16)
+    top = reversible.GUARD_MARGIN * torch.finfo(torch.float64).eps
+    assert bounds[-1] == top and bounds[-3] == pytest.approx(10 * top)  # 10x per two layers (lam = 0.1, beta = 1)
+    guarded = [b for b in bounds if b is not None]
+    assert max(guarded) <= reversible.GUARD_CAP * torch.finfo(torch.bfloat16).eps and None in bounds
+    assert bounds.index(None) < bounds.index(max(guarded))  # the unguarded layers are the bottom ones
+    # nothing to guard: no cast, or streams whose own rounding is about the model's
+    assert reversible.guard_bounds([layer] * 4, torch.float32, torch.float32) == [None] * 4
+    assert reversible.guard_bounds([layer] * 4, torch.float32, torch.bfloat16) == [None] * 4
+
+
 def saved_bytes(model, inputs) -> int:
     total = 0
 

@@ -46,8 +46,10 @@ class MeftConfig:
             their adapters on the mean of the streams (None: all).
         adapter_dropout: dropout inside the adapters, in [0, 1).
         adapter_activation: ``"relu"`` (default), ``"gelu"``, ``"silu"`` or ``"tanh"``.
-        stream_dtype: dtype of the two streams (float32 by default, whatever the model's dtype, so the
-            reconstruction stays accurate); F and G run in the model's dtype.
+        stream_dtype: dtype of the two streams (float32 by default, whatever the model's dtype); F and G run in
+            the model's dtype. Use float64 for more than two or three layers: float32 streams are reconstructed
+            to about 1e-7, which each coupling multiplies by 1/lam or 1/beta, while float64 streams (with the
+            cast guard of :mod:`pefttorch.nn.reversible`) keep a 16-layer bf16 meft1/meft2 stack within 1e-7.
         modules_to_save: modules (by name, e.g. a new classifier) trained in full, in place, and saved
             with the adapters.
         debug_reconstruction: after each backward, ``model.reconstruction_errors()`` gives the error of
