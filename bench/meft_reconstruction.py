@@ -11,6 +11,7 @@ the relative error of every layer's reconstructed input (bottom layer first) as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import subprocess
 import warnings
@@ -19,6 +20,7 @@ import torch
 import transformers
 
 import pefttorch
+from pefttorch.nn import reversible
 
 
 def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, layers: int, hidden: int,
@@ -37,6 +39,18 @@ def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, layers: 
     return model.reconstruction_errors()
 
 
+@contextlib.contextmanager
+def _guard(on: bool):
+    """The cast guard as it is (on), or turned off for every layer."""
+    real = reversible.guard_bounds
+    if not on:
+        reversible.guard_bounds = lambda layers, *_: [None] * len(layers)
+    try:
+        yield
+    finally:
+        reversible.guard_bounds = real
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
@@ -44,6 +58,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the Markdown here too")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="also the float64 streams without the cast guard (pefttorch.nn.reversible), to compare")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -62,10 +78,12 @@ def main() -> None:
         "| variant | streams | " + " | ".join(str(i) for i in range(args.layers)) + " |",
         "|---|---|" + "---|" * args.layers,
     ]
+    runs = [(torch.float32, True), (torch.float64, True)] + ([(torch.float64, False)] if args.no_guard else [])
     for variant in ("meft1", "meft2", "meft3"):
-        for stream in (torch.float32, torch.float64):
-            errs = errors(variant, dtype, stream, args.layers, args.hidden, args.device)
-            lines.append(f"| {variant} | {str(stream).removeprefix('torch.')} | "
+        for stream, guard in runs:
+            with _guard(guard):
+                errs = errors(variant, dtype, stream, args.layers, args.hidden, args.device)
+            lines.append(f"| {variant} | {str(stream).removeprefix('torch.')}{'' if guard else ', no guard'} | "
                          + " | ".join(f"{e:.0e}" for e in errs) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
