@@ -288,3 +288,22 @@ def test_torch_compile_gives_the_eager_logits_and_trains():
     model.train()
     compiled(input_ids=ids, labels=ids).loss.backward()
     assert model.base_model.prefix_embeddings.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("version", "name"), [("5.17.0", "past_key_values"), ("5.23.1", "past_key_values"),
+                                               ("5.24.0", "cache"), ("5.25.0.dev0", "cache"), ("6.0.0", "cache")])
+def test_a_cache_handed_through_kwargs_takes_the_installed_transformers_name(monkeypatch, version, name):
+    """BERT's task heads take the cache only through **kwargs and pass on what they get; the layers read one name,
+    which transformers 5.24 renamed (before it, the prefix silently went nowhere on BERT)."""
+    import transformers
+
+    from pefttorch.tuners import _cache
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    _cache.installed_name.cache_clear()
+    try:
+        assert _cache.cache_key({"input_ids": None}, ("input_ids", "kwargs")) == name
+        assert _cache.cache_key({}, ("input_ids", "past_key_values")) == "past_key_values"  # the forward's own
+        assert _cache.cache_key({"cache": object()}, ()) == "cache"  # the one given
+    finally:
+        _cache.installed_name.cache_clear()

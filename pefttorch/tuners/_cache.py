@@ -7,16 +7,28 @@ pre-hook must look for both names.
 
 from __future__ import annotations
 
+import functools
+
 NAMES = ("cache", "past_key_values")  # the new name first
+
+
+@functools.cache
+def installed_name() -> str:
+    """The name under which the installed transformers hands the cache down: a forward that takes it only through
+    ``**kwargs`` (BERT's task heads) passes on whatever it is given, and the layers read only this one."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
 
 
 def cache_key(kwargs: dict, parameters=()) -> str:
     """The keyword under which `kwargs` holds the cache; where none is given, the name the forward takes
-    (`parameters`: its parameter names), else the new one."""
+    (`parameters`: its parameter names), else the installed transformers' name."""
     for name in NAMES:
         if kwargs.get(name) is not None:
             return name
-    return next((name for name in NAMES if name in parameters), NAMES[0])
+    return next((name for name in NAMES if name in parameters), installed_name())
 
 
 def get_cache(kwargs: dict):
