@@ -26,8 +26,8 @@ value (:func:`cast_guard`; the bound follows the error expected at that depth, :
 cast they had; backward puts those values back after its own cast. F and G then see exactly their forward inputs
 as long as the reconstruction is off by less than the bound, and what is left is the streams' own rounding
 amplified by 1/lam and 1/beta per coupling. Forward's values are unchanged. The recorded elements are kept for
-backward (an index and a value each): measured on a 16-layer bf16 Llama-style stack, 0.1 of one layer's
-activation in all, most of it in the lowest layers.
+backward (a 4-byte index and a value each): measured on a 16-layer bf16 Llama-style stack, as many elements as
+0.1 of one layer's input in all, most of them in the lowest layers.
 """
 
 from __future__ import annotations
