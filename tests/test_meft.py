@@ -188,6 +188,23 @@ def test_guard_bounds_grow_up_the_stack_and_stop_at_the_cap():
     assert reversible.guard_bounds([layer] * 4, torch.float32, torch.bfloat16) == [None] * 4
 
 
+def test_torch_compile_keeps_the_reconstruction_exact():
+    """Under torch.compile the stack runs eagerly: backward recomputes F and G eagerly, and a forward compiled into
+    other kernels rounded differently (reconstruction error 1e-5 instead of 1e-15 on these two layers)."""
+    g = torch.Generator().manual_seed(7)
+    inputs = batch(g, "llama", tokens=8)
+    grads = {}
+    for compiled in (False, True):
+        model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1",
+                                                                              stream_dtype=torch.float64))
+        model.train()
+        (torch.compile(model) if compiled else model)(**inputs).loss.backward()
+        assert model.reconstruction_error() < 1e-12
+        grads[compiled] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6)
+
+
 def saved_bytes(model, inputs) -> int:
     total = 0
 
