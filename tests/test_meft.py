@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import DEVICES
 
 import pefttorch
 from pefttorch.nn import reversible
@@ -133,13 +134,16 @@ GUARDED_BOUND = {(torch.float32, "meft1"): 1e-8, (torch.float32, "meft2"): 1e-8,
                  (torch.bfloat16, "meft1"): 1e-8, (torch.bfloat16, "meft2"): 1e-8, (torch.bfloat16, "meft3"): 1e-5}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_float64_streams_reconstruct_exactly_what_the_layers_saw(dtype, variant):
+def test_float64_streams_reconstruct_exactly_what_the_layers_saw(dtype, variant, device):
+    """On a GPU this also checks that F and G recompute bit for bit in backward (same kernels with and without a
+    gradient to compute: cuBLAS algorithms, attention backends)."""
     g = torch.Generator().manual_seed(7)
-    model = pefttorch.get_peft_model(build("llama", layers=6, hidden=64).to(dtype), pefttorch.MeftConfig(
+    model = pefttorch.get_peft_model(build("llama", layers=6, hidden=64).to(device, dtype), pefttorch.MeftConfig(
         variant=variant, stream_dtype=torch.float64, debug_reconstruction=True))
-    inputs = batch(g, "llama", tokens=48)
+    inputs = {k: v.to(device) for k, v in batch(g, "llama", tokens=48).items()}
     model.train()
     model(**inputs).loss.backward()
     errors = model.reconstruction_errors()
