@@ -177,6 +177,9 @@ def test_cast_guard_records_the_elements_near_a_rounding_boundary():
     assert torch.equal(out, x.to(torch.bfloat16))
     out.float().sum().backward()  # the put-back carries no gradient of its own: the cast's stays the identity
     assert torch.equal(moved.grad, torch.ones_like(moved))
+    for empty in (torch.empty(0, 5, 8, dtype=torch.float64), torch.empty(3, 0, dtype=torch.float64)):
+        guard = reversible.cast_guard(empty, torch.bfloat16, 2.0**-18)
+        assert guard[0].numel() == 0 and reversible.guarded_cast(empty, torch.bfloat16, guard).shape == empty.shape
 
 
 def test_guard_bounds_grow_up_the_stack_and_stop_at_the_cap():

@@ -88,8 +88,9 @@ GUARD_CAP = 2.0**-5
 
 
 def guard_bounds(layers: Sequence[ReversibleLayer], stream_dtype: torch.dtype, dtype: torch.dtype) -> list:
-    """Per layer (bottom first), the bound of its cast guards relative to the largest input element, or None for
-    no guard: none at all when the streams are the model's dtype (nothing is cast) or not far finer than it."""
+    """Per layer (bottom first), the bound of its cast guards relative to the largest magnitude of each input row,
+    or None for no guard: none at all when the streams are the model's dtype (nothing is cast) or not far finer
+    than it."""
     cap = GUARD_CAP * torch.finfo(dtype).eps
     bound = GUARD_MARGIN * torch.finfo(stream_dtype).eps
     if stream_dtype == dtype or bound > cap * 2.0**-8:
@@ -105,7 +106,10 @@ def cast_guard(x: torch.Tensor, dtype: torch.dtype, bound: float) -> tuple[torch
     """(flat indices, their casts) of the elements of `x` whose cast to `dtype` changes within ``bound`` times the
     largest magnitude of their row (a token's features: the reconstruction error of a row follows its own scale,
     which spares the many rows far below a model's outlier ones): (x - d) and (x + d) cast to different values
-    exactly there, the cast being monotone."""
+    exactly there, the cast being monotone. Costs one host synchronisation on a GPU (the count of such elements
+    sizes the result): two per layer and step."""
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.int32, device=x.device), torch.empty(0, dtype=dtype, device=x.device)
     rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     d = rows.abs().amax(-1, keepdim=True) * bound
     risky = ((rows - d).to(dtype) != (rows + d).to(dtype)).view(-1)
