@@ -36,8 +36,8 @@ RUN_HELP = {
     "pefttorch": "pefttorch.get_peft_model with the same LoraConfig",
     "pefttorch+gc": "the same, with gradient checkpointing (transformers' default, non-reentrant)",
     "peft+gc": "HF PEFT LoRA with gradient checkpointing",
-    **{v: f"MEFT reversible adapters, MeftConfig(variant='{v}', bottleneck {MEFT_BOTTLENECK}, float64 streams)"
-       for v in MEFT_VARIANTS},
+    **{v: f"MEFT reversible adapters, MeftConfig(variant='{v}', bottleneck {MEFT_BOTTLENECK}, "
+          f"{str(MEFT_STREAMS).removeprefix('torch.')} streams)" for v in MEFT_VARIANTS},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -74,8 +75,6 @@ class LiveTensorBytes:
             self._follow(t)
 
     def _follow(self, t) -> None:
-        import weakref
-
         if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         storage = t.untyped_storage()

@@ -194,7 +194,6 @@ class _Run:
         self.params = params
         self.index = {id(p): i for i, p in enumerate(params)}
         self.rng: list[list[_RngState] | None] = []  # per layer: the states before F and G, if replayed
-        self.guards: list[int | None] = []  # per F and G call: where its cast guard sits among the saved tensors
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -215,12 +214,9 @@ class _ReversibleFunction(torch.autograd.Function):
             run.rng.append(states)
         ctx.run = run
         # The stack's outputs, all that backward needs whatever the depth, its input, to measure how well backward
-        # reconstructs it, and the cast guards (a small share of an activation per layer).
-        saved: list[torch.Tensor] = []
-        for g in guards:  # where each guard's two tensors sit among the saved ones
-            run.guards.append(None if g is None else len(saved))
-            saved += g or ()
-        ctx.save_for_backward(x1, x2, *inputs, *saved)
+        # reconstructs it, and the cast guards (a small share of an activation per layer), two entries per F and G
+        # call, None for no guard.
+        ctx.save_for_backward(x1, x2, *inputs, *(t for g in guards for t in (g or (None, None))))
         ctx.num_inputs = len(inputs)
         return x1, x2
 
@@ -229,7 +225,8 @@ class _ReversibleFunction(torch.autograd.Function):
         run: _Run = ctx.run
         o1, o2, *rest = ctx.saved_tensors
         inputs, kept = rest[: ctx.num_inputs], rest[ctx.num_inputs:]
-        guards = [None if k is None else (kept[k], kept[k + 1]) for k in run.guards]
+        guards = [None if index is None else (index, values)
+                  for index, values in zip(kept[::2], kept[1::2], strict=True)]
         grad1 = torch.zeros_like(o1) if grad1 is None else grad1
         grad2 = torch.zeros_like(o2) if grad2 is None else grad2
         grads: list[torch.Tensor | None] = [None] * len(run.params)
