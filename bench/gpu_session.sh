@@ -1,64 +1,100 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU runs, in ONE device call (a session may have 15 minutes of device time in
-# all, machine start included, and one call may run 10): build for the GPU at hand with all cores, the GPU tests
-# (the CPU ones already ran in CI), then the benchmark suites: LoRA layer, training step, sparse MLP (DEFT decode),
-# rank allocation (IncreLoRA/AdaLoRA), MEFT (reversible adapters against LoRA with and without checkpointing) and
-# the bottleneck adapter. Each suite runs under its own time limit, so one slow suite costs only its own results.
-# Logs and results go to $OUT (the device tool's output folder) or build/gpu-session; copy the JSON/PNG worth
-# keeping into bench/results/ afterwards, with the device and the commit (they are inside each JSON).
-#   run: bash bench/gpu_session.sh [extra `pefttorch bench lora` arguments]
-# Knobs: PHASES (default "build tests bench"), SUITES (default "lora model sparse rank meft adapter"), TESTS ("gpu":
-# the tests marked gpu, the default; "all": the whole suite), SUITE_TIMEOUT (seconds per suite, default 100),
-# QUICK=1 (each suite's --quick set). Back-to-back calls reuse the build while the machine stays warm, e.g.
-#   PHASES=bench SUITES="meft adapter" bash bench/gpu_session.sh
+# Everything a session with a lent GPU runs, in ONE device call. A session has 15 minutes of device time in all,
+# machine start included, one call may run 10, and at most 8 files come back: so the script keeps to a deadline
+# (DEADLINE seconds, default 540, under the call's 600) and packs everything into $OUT/session.tgz, refreshed after
+# every stage, so what ran before a kill still comes back.
+# Stages: build for the GPU at hand with all cores; the GPU tests (the CPU ones run in CI); then the benchmark
+# suites, fast kernel-level ones first: LoRA layer, sparse MLP (DEFT decode), bottleneck adapter, then the training
+# steps: model (full FT / HF PEFT / pefttorch LoRA), MEFT, rank allocation (IncreLoRA/AdaLoRA). Each suite gets at
+# most SUITE_TIMEOUT seconds and at most an equal share of the time left, so a slow suite costs only its own results.
+#   run: PEFTTORCH_COMMIT=<hash> bash bench/gpu_session.sh [extra `pefttorch bench lora` arguments]
+# Knobs: PHASES (default "build tests bench"), SUITES (default "lora sparse adapter model meft rank"), TESTS ("gpu":
+# the tests marked gpu, the default; "all": the whole suite), TEST_TIMEOUT (default 150), SUITE_TIMEOUT (default
+# 120), QUICK (default 1: each suite's --quick set; 0 for the full grids), DEADLINE.
+# Afterwards: tar xzf session.tgz, copy the JSON/PNG worth keeping into bench/results/ (device, versions and commit
+# are inside each JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-build/gpu-session}
-mkdir -p "$OUT"
+OUT=${OUT:-build/gpu-session-out}
+WORK=${WORK:-build/gpu-session}
+rm -rf "$WORK"  # nothing stale from an earlier run gets packed
+mkdir -p "$OUT" "$WORK"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # the GPU at hand only: faster to build
 PY=${PY:-python3}
 START=$SECONDS
-stamp() { echo "== $1 (at $((SECONDS - START)) s)" | tee -a "$OUT/summary.txt"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEADLINE=${DEADLINE:-540}
+left() { echo $((DEADLINE - (SECONDS - START))); }
+stamp() { echo "== $1 (at $((SECONDS - START)) s)" | tee -a "$WORK/summary.txt"; }
+pack() {  # everything so far, as one file in $OUT (the device tool brings back at most 8)
+  tar czf /tmp/session.tgz -C "$WORK" . && mv /tmp/session.tgz "$OUT/session.tgz"
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$WORK/gpu.txt"
 
 PHASES=${PHASES:-"build tests bench"}
-SUITES=${SUITES:-"lora model sparse rank meft adapter"}
+SUITES=${SUITES:-"lora sparse adapter model meft rank"}
 TESTS=${TESTS:-gpu}
 has() { [[ " $1 " == *" $2 "* ]]; }
 
 if has "$PHASES" build; then
   stamp build
-  if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"
+  if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$WORK/build.log" 2>&1; then
+    tail -40 "$WORK/build.log"
+    stamp "build failed"
+    pack
     exit 1
   fi
 fi
-$PY -c "import pefttorch, json; print(json.dumps(pefttorch.build_info()))" | tee "$OUT/build_info.json"
+$PY -c "import pefttorch, json; print(json.dumps(pefttorch.build_info()))" 2>&1 | tee "$WORK/build_info.json"
+$PY -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|accelerate|safetensors|triton) " \
+  | tee "$WORK/versions.txt"
+pack
 
 if has "$PHASES" tests; then
-  stamp "tests ($TESTS)"
+  budget=$(( $(left) - 200 ))  # keep time for the benchmarks
+  (( budget > ${TEST_TIMEOUT:-150} )) && budget=${TEST_TIMEOUT:-150}
+  stamp "tests ($TESTS, at most $budget s)"
   select=()
   [[ $TESTS == gpu ]] && select=(-m gpu)
-  parallel=()  # the GPU tests are small: several processes share the GPU well
-  $PY -c "import xdist" 2>/dev/null && parallel=(-n 8)
-  $PY -m pytest -q -p no:cacheprovider "${select[@]}" "${parallel[@]}" tests 2>&1 | tee "$OUT/tests.log" | tail -25
-  tail -1 "$OUT/tests.log" >> "$OUT/summary.txt"
+  extra=()  # the GPU tests are small: several processes share the GPU well
+  $PY -c "import xdist" 2>/dev/null && extra+=(-n 8)
+  $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 90)
+  # -rfE lists failures and errors at the end; -v puts each result in the log as it happens, for when time runs out
+  timeout "$budget" $PY -m pytest -v -rfE -p no:cacheprovider "${select[@]}" "${extra[@]}" tests \
+    > "$WORK/tests.log" 2>&1
+  status=$?
+  grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -40
+  tail -1 "$WORK/tests.log" | tee -a "$WORK/summary.txt"
+  [[ $status == 124 ]] && echo "tests: timed out; passed so far: $(grep -c ' PASSED ' "$WORK/tests.log")," \
+    "failed so far: $(grep -c ' FAILED ' "$WORK/tests.log")" | tee -a "$WORK/summary.txt"
+  pack
 fi
 
 if has "$PHASES" bench; then
-  $PY -m pefttorch info > "$OUT/info.txt" 2>&1
+  $PY -m pefttorch info > "$WORK/info.txt" 2>&1
   quick=()
-  [[ ${QUICK:-0} == 1 ]] && quick=(--quick)
-  for suite in $SUITES; do
-    stamp "bench $suite"
+  [[ ${QUICK:-1} == 1 ]] && quick=(--quick)
+  suites=($SUITES)
+  for i in "${!suites[@]}"; do
+    suite=${suites[$i]}
+    share=$(( $(left) / (${#suites[@]} - i) ))
+    (( share > ${SUITE_TIMEOUT:-120} )) && share=${SUITE_TIMEOUT:-120}
+    if (( share < 15 )); then
+      stamp "bench $suite skipped: no time left"
+      continue
+    fi
+    stamp "bench $suite (at most $share s)"
     extra=()
     [[ $suite == lora ]] && extra=("$@")
-    timeout "${SUITE_TIMEOUT:-100}" $PY -m pefttorch bench "$suite" "${quick[@]}" --json "$OUT/$suite.json" \
-      --plot "$OUT/$suite.png" "${extra[@]}" > "$OUT/bench-$suite.log" 2>&1
+    timeout "$share" $PY -m pefttorch bench "$suite" "${quick[@]}" --json "$WORK/$suite.json" \
+      --plot "$WORK/$suite.png" "${extra[@]}" > "$WORK/bench-$suite.log" 2>&1
     status=$?
-    grep -v "^$suite: \|it/s\]\|run/s\]\|impl/s\]\|row/s\]" "$OUT/bench-$suite.log" | tail -40
-    echo "$suite: exit $status$([[ $status == 124 ]] && echo ' (timed out)')" | tee -a "$OUT/summary.txt"
+    grep -v "^$suite: \|it/s\]\|run/s\]\|impl/s\]\|row/s\]" "$WORK/bench-$suite.log" | tail -30
+    echo "$suite: exit $status$([[ $status == 124 ]] && echo ' (timed out)')" | tee -a "$WORK/summary.txt"
+    pack
   done
 fi
 stamp done
+pack
+cat "$WORK/summary.txt"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -22,21 +24,22 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
         "cuda": torch.version.cuda,
         "pefttorch": pefttorch.__version__,
         "build": pefttorch.build_info(),
-        "commit": _git_commit(),
+        "commit": _git_commit() or os.environ.get("PEFTTORCH_COMMIT"),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    try:
-        import peft
-
-        meta["peft"] = peft.__version__
-    except ImportError:
-        meta["peft"] = None
+    for peer in ("peft", "transformers"):
+        try:
+            meta[peer] = importlib.import_module(peer).__version__
+        except ImportError:
+            meta[peer] = None
     return meta
 
 
 def _git_commit() -> str | None:
+    """The checkout's short hash, "-dirty" when tracked files changed; None outside a git checkout (the GPU machine
+    gets a copy of the tree without .git: bench/gpu_session.sh passes the hash in PEFTTORCH_COMMIT instead)."""
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
