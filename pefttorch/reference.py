@@ -103,9 +103,11 @@ def density_loss(a: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def activation_density(a: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Share of the elements of a with |a| > threshold (compared in float32; float64 for float64 a)."""
+    """Share of the elements of a with |a| > threshold (compared in float32; float64 for float64 a), the count
+    divided by the size exactly and then rounded: a float32 mean would depend on the device (CUDA multiplies by
+    1/n, one ulp off the quotient)."""
     a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
-    return (a.abs() > threshold).to(a.dtype).mean()
+    return ((a.abs() > threshold).sum(dtype=torch.float64) / a.numel()).to(a.dtype)
 
 
 ACTIVATIONS = {
