@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import subprocess
 import warnings
@@ -23,16 +24,17 @@ import pefttorch
 from pefttorch.nn import reversible
 
 
-def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, layers: int, hidden: int,
-           device: str) -> list[float]:
+def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, args) -> list[float]:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, pad_token_id=0)
+    device = args.device
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                   num_key_value_heads=max(1, args.heads // 2),
+                                   max_position_embeddings=max(128, args.tokens), pad_token_id=0)
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     model = pefttorch.get_peft_model(model, pefttorch.MeftConfig(variant=variant, stream_dtype=stream_dtype,
                                                                  debug_reconstruction=True))
-    ids = torch.randint(1, 95, (2, 32), device=device)
+    ids = torch.randint(1, 95, (args.batch, args.tokens), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning is what this script measures
         model(input_ids=ids, labels=ids).loss.backward()
@@ -51,22 +53,42 @@ def _guard(on: bool):
         reversible.guard_bounds = real
 
 
+@contextlib.contextmanager
+def _plain_forward(on: bool):
+    """With `on`, the reversible forward runs F and G without autograd, as it did before it ran them as backward
+    does (pefttorch.nn.reversible._call): to see what that costs on a GPU."""
+    real = reversible._call
+    if on:
+        reversible._call = lambda block, x, context, like_backward: real(block, x, context, False)
+    try:
+        yield
+    finally:
+        reversible._call = real
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32, help="per sequence (no padding)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--variants", default="meft1,meft2,meft3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the Markdown here too")
     parser.add_argument("--no-guard", action="store_true",
                         help="also the float64 streams without the cast guard (pefttorch.nn.reversible), to compare")
+    parser.add_argument("--plain-forward", action="store_true",
+                        help="also the float64 streams with F and G run without autograd in forward, to compare")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit or os.environ.get("PEFTTORCH_COMMIT", "?")
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"# MEFT reconstruction error per layer ({args.dtype} Llama-style model, hidden {args.hidden}, "
-        f"{args.layers} layers)",
+        f"{args.layers} layers, {args.heads} heads, {args.batch} x {args.tokens} tokens)",
         "",
         f"Device {device}, torch {torch.__version__}, pefttorch {pefttorch.__version__}, commit {commit}. "
         "`python bench/meft_reconstruction.py` prints this table.",
@@ -78,13 +100,17 @@ def main() -> None:
         "| variant | streams | " + " | ".join(str(i) for i in range(args.layers)) + " |",
         "|---|---|" + "---|" * args.layers,
     ]
-    runs = [(torch.float32, True), (torch.float64, True)] + ([(torch.float64, False)] if args.no_guard else [])
-    for variant in ("meft1", "meft2", "meft3"):
-        for stream, guard in runs:
-            with _guard(guard):
-                errs = errors(variant, dtype, stream, args.layers, args.hidden, args.device)
-            lines.append(f"| {variant} | {str(stream).removeprefix('torch.')}{'' if guard else ', no guard'} | "
+    runs = [(torch.float32, True, False), (torch.float64, True, False)]
+    runs += [(torch.float64, False, False)] if args.no_guard else []
+    runs += [(torch.float64, True, True)] if args.plain_forward else []
+    for variant in args.variants.split(","):
+        for stream, guard, plain in runs:
+            with _guard(guard), _plain_forward(plain):
+                errs = errors(variant, dtype, stream, args)
+            note = ("" if guard else ", no guard") + (", plain forward" if plain else "")
+            lines.append(f"| {variant} | {str(stream).removeprefix('torch.')}{note} | "
                          + " | ".join(f"{e:.0e}" for e in errs) + " |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
