@@ -33,14 +33,20 @@ void down_cuda(const at::Tensor& x, const at::Tensor& a, const Dropout& d, at::T
   check_layout(x, a, nullptr);
   TORCH_INTERNAL_ASSERT(s.is_contiguous());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_down_dropout", [&] {
     PT_RANK_TILE_SWITCH(R, BN, [&] {
       check_rank_grid(R, BN);
-      const dim3 grid(ceil_div(M, 64), ceil_div(R, BN));
+      using acc_t = typename AccType<scalar_t>::type;
+      const DownSplit split = down_split(M, K, R, BN, sms);
+      at::Tensor ws;  // the splits' partial sums; none with one split
+      if (split.splits > 1) ws = at::empty({split.splits, M, R}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+      const dim3 grid(ceil_div(M, 64), ceil_div(R, BN), split.splits);
       lora_down_dropout_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), x.stride(0), a.const_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
-          M, K, R, d);
+          ws.defined() ? ws.mutable_data_ptr<acc_t>() : nullptr, M, K, R, split.cols_per_split, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (ws.defined()) s.copy_(ws.sum(0));
     });
   });
 }

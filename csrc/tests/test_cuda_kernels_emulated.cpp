@@ -53,11 +53,22 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
   const at::Tensor xd = x.to(at::kDouble) * fx;
 
   PT_RANK_TILE_SWITCH(R, TILE, [&] {
-    // down: s = dropout(x) a^T
+    // down: s = dropout(x) a^T, in one split (written to s) and split over K (partials in ws, summed here)
+    using acc_t = typename AccType<T>::type;
+    const at::Tensor s_want = at::mm(xd, a.to(at::kDouble).t());
     at::Tensor s = at::full({M, R}, std::nan(""), dtype);
     pt_emu::launch(dim3(ceil_div(M, 64), ceil_div(R, TILE)), kThreads, lora_down_dropout_kernel<T, TILE>,
-                   x.const_data_ptr<T>(), x.stride(0), a.const_data_ptr<T>(), s.mutable_data_ptr<T>(), M, K, R, d);
-    expect_close("down " + name, s, at::mm(xd, a.to(at::kDouble).t()), tol);
+                   x.const_data_ptr<T>(), x.stride(0), a.const_data_ptr<T>(), s.mutable_data_ptr<T>(),
+                   static_cast<acc_t*>(nullptr), M, K, R, K, d);
+    expect_close("down " + name, s, s_want, tol);
+    for (const DownSplit split : {down_split(M, K, R, TILE, 132), DownSplit{ceil_div(K, 32), 32}}) {
+      if (split.splits == 1) continue;
+      at::Tensor ws = at::full({split.splits, M, R}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
+      pt_emu::launch(dim3(ceil_div(M, 64), ceil_div(R, TILE), split.splits), kThreads,
+                     lora_down_dropout_kernel<T, TILE>, x.const_data_ptr<T>(), x.stride(0), a.const_data_ptr<T>(),
+                     s.mutable_data_ptr<T>(), ws.mutable_data_ptr<acc_t>(), M, K, R, split.cols_per_split, d);
+      expect_close("down " + name + " splits=" + std::to_string(split.splits), ws.sum(0), s_want, tol);
+    }
 
     // expand: dx += mask * (ds a)
     constexpr int RC = rank_tile_for<T>(TILE);
@@ -72,7 +83,6 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
     for (const int64_t sms : {int64_t{132}, int64_t{1000}}) {
       GradASplit split = grad_a_split(M, K, R, RN, sms);
       if (sms == 1000) split = {ceil_div(M, 32), 32};  // as many splits as rows allow
-      using acc_t = typename AccType<T>::type;
       at::Tensor ws = at::full({split.splits, R, K}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
       pt_emu::launch(dim3(ceil_div(K, 64), ceil_div(R, RN), split.splits), kThreads,
                      lora_grad_a_dropout_kernel<T, RN>, ds.const_data_ptr<T>(), x.const_data_ptr<T>(), x.stride(0),
