@@ -108,14 +108,24 @@ void check_mlp(at::ScalarType dtype, int tokens, int64_t hidden, int64_t inter, 
   // that the weight traffic follows the density.
   const at::Tensor w_down_poisoned =
       at::where(mask.any(0).unsqueeze(1), w_down_t, at::full({}, std::nan(""), dtype)).contiguous();
-  for (const int64_t sms : {int64_t{1}, int64_t{132}}) {
-    const int64_t splits = down_splits(inter, out, sms), rows = (inter + splits - 1) / splits;
-    at::Tensor part = at::full({splits, tokens, out}, std::nan(""), at::kFloat);
-    pt_emu::launch(dim3((out + kDownThreads - 1) / kDownThreads, splits), kDownThreads, sparse_mlp_down_kernel<T>,
-                   h.const_data_ptr<float>(), active.const_data_ptr<uint8_t>(), tokens, inter,
-                   w_down_poisoned.const_data_ptr<T>(), out, rows, part.mutable_data_ptr<float>());
-    expect_close("sparse_mlp_down " + name + " splits=" + std::to_string(splits), part.sum(0),
-                 at::mm(h.to(at::kDouble), w_down_t.to(at::kDouble)), tol);
+  // w_down_t also as a view at an odd element offset: rows no longer 16-byte aligned, the scalar path
+  const at::Tensor shifted = at::empty({inter * out + 1}, dtype).narrow(0, 1, inter * out).view({inter, out});
+  shifted.copy_(w_down_poisoned);
+  const int64_t block_cols = down_block_cols<T>();
+  for (const at::Tensor& w : {w_down_poisoned, shifted}) {
+    for (const int64_t sms : {int64_t{1}, int64_t{132}}) {
+      // the scalar path: once per fp16/bf16 case is enough (the emulation's threads and barriers are slow)
+      if (w.data_ptr() == shifted.data_ptr() && (sms == 1 || dtype == at::kFloat)) continue;
+      const int64_t splits = down_splits(inter, out, tokens, block_cols, sms), rows = (inter + splits - 1) / splits;
+      at::Tensor part = at::full({splits, tokens, out}, std::nan(""), at::kFloat);
+      PT_SPARSE_TOKENS_SWITCH(tokens, TOK, [&] {
+        pt_emu::launch(dim3((out + block_cols - 1) / block_cols, splits), kDownThreads,
+                       sparse_mlp_down_kernel<T, TOK>, h.const_data_ptr<float>(), active.const_data_ptr<uint8_t>(),
+                       tokens, inter, w.const_data_ptr<T>(), out, rows, part.mutable_data_ptr<float>());
+      });
+      expect_close("sparse_mlp_down " + name + " splits=" + std::to_string(splits), part.sum(0),
+                   at::mm(h.to(at::kDouble), w_down_t.to(at::kDouble)), tol);
+    }
   }
 }
 
@@ -146,6 +156,16 @@ int main() {
       check_mlp<c10::BFloat16>(at::kBFloat16, c.tokens, c.hidden, c.inter, c.out, gated, true, Act::kSiLU, 0.1f, 1,
                                1e-4);
       check_mlp<c10::Half>(at::kHalf, c.tokens, c.hidden, c.inter, c.out, gated, false, Act::kGELU, 0.1f, 0, 1e-4);
+    }
+  }
+  // Hidden sizes that are multiples of a 16-byte pack: sparse_mlp_in's vector loads where x's rows are aligned
+  // (float, pad 0; fp16 above with hidden 64) and its scalar path where they are not (pad 1); out = 1100: more
+  // than one block of columns.
+  for (const Case c : {Case{1, 64, 300, 1100}, Case{5, 40, 33, 64}}) {
+    for (const bool gated : {false, true}) {
+      check_mlp<float>(at::kFloat, c.tokens, c.hidden, c.inter, c.out, gated, true, Act::kReLU, 0.3f, 0, 1e-5);
+      check_mlp<c10::BFloat16>(at::kBFloat16, c.tokens, c.hidden, c.inter, c.out, gated, true, Act::kSiLU, 0.1f, 1,
+                               1e-4);
     }
   }
   if (failures) {
