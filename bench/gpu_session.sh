@@ -10,7 +10,8 @@
 #   run: PEFTTORCH_COMMIT=<hash> bash bench/gpu_session.sh [extra `pefttorch bench lora` arguments]
 # Knobs: PHASES (default "build tests bench"), SUITES (default "lora sparse adapter model meft rank"), TESTS ("gpu":
 # the tests marked gpu, the default; "all": the whole suite), TEST_TIMEOUT (default 150), SUITE_TIMEOUT (default
-# 120), QUICK (default 1: each suite's --quick set; 0 for the full grids), DEADLINE.
+# 120), QUICK (default 1: each suite's --quick set; 0 for the full grids), FULL (suites run with their full grid
+# even so, e.g. "lora"), EXTRA (a command run last, its output in extra.log, e.g. a diagnostic script), DEADLINE.
 # Afterwards: tar xzf session.tgz, copy the JSON/PNG worth keeping into bench/results/ (device, versions and commit
 # are inside each JSON).
 set -uo pipefail
@@ -73,8 +74,6 @@ fi
 
 if has "$PHASES" bench; then
   $PY -m pefttorch info > "$WORK/info.txt" 2>&1
-  quick=()
-  [[ ${QUICK:-1} == 1 ]] && quick=(--quick)
   suites=($SUITES)
   for i in "${!suites[@]}"; do
     suite=${suites[$i]}
@@ -87,6 +86,8 @@ if has "$PHASES" bench; then
     stamp "bench $suite (at most $share s)"
     extra=()
     [[ $suite == lora ]] && extra=("$@")
+    quick=()
+    [[ ${QUICK:-1} == 1 ]] && ! has "${FULL:-}" "$suite" && quick=(--quick)
     timeout "$share" $PY -m pefttorch bench "$suite" "${quick[@]}" --json "$WORK/$suite.json" \
       --plot "$WORK/$suite.png" "${extra[@]}" > "$WORK/bench-$suite.log" 2>&1
     status=$?
@@ -94,6 +95,12 @@ if has "$PHASES" bench; then
     echo "$suite: exit $status$([[ $status == 124 ]] && echo ' (timed out)')" | tee -a "$WORK/summary.txt"
     pack
   done
+fi
+if [[ -n ${EXTRA:-} ]] && (( $(left) > 10 )); then  # (timeout 0 would mean no limit)
+  stamp "extra: $EXTRA (at most $(left) s)"
+  timeout "$(left)" bash -c "$EXTRA" > "$WORK/extra.log" 2>&1
+  echo "extra: exit $?" | tee -a "$WORK/summary.txt"
+  tail -30 "$WORK/extra.log"
 fi
 stamp done
 pack

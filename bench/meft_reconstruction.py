@@ -31,7 +31,8 @@ def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, args) ->
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                    num_key_value_heads=max(1, args.heads // 2),
                                    max_position_embeddings=max(128, args.tokens), pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: a GPU-sized model initialises slowly on the CPU
+        model = transformers.LlamaForCausalLM(cfg).to(dtype=dtype)
     model = pefttorch.get_peft_model(model, pefttorch.MeftConfig(variant=variant, stream_dtype=stream_dtype,
                                                                  debug_reconstruction=True))
     ids = torch.randint(1, 95, (args.batch, args.tokens), device=device)
