@@ -54,19 +54,6 @@ def _guard(on: bool):
         reversible.guard_bounds = real
 
 
-@contextlib.contextmanager
-def _plain_forward(on: bool):
-    """With `on`, the reversible forward runs F and G without autograd, as it did before it ran them as backward
-    does (pefttorch.nn.reversible._call): to see what that costs on a GPU."""
-    real = reversible._call
-    if on:
-        reversible._call = lambda block, x, context, like_backward: real(block, x, context, False)
-    try:
-        yield
-    finally:
-        reversible._call = real
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
@@ -80,8 +67,6 @@ def main() -> None:
     parser.add_argument("--out", help="write the Markdown here too")
     parser.add_argument("--no-guard", action="store_true",
                         help="also the float64 streams without the cast guard (pefttorch.nn.reversible), to compare")
-    parser.add_argument("--plain-forward", action="store_true",
-                        help="also the float64 streams with F and G run without autograd in forward, to compare")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -101,14 +86,12 @@ def main() -> None:
         "| variant | streams | " + " | ".join(str(i) for i in range(args.layers)) + " |",
         "|---|---|" + "---|" * args.layers,
     ]
-    runs = [(torch.float32, True, False), (torch.float64, True, False)]
-    runs += [(torch.float64, False, False)] if args.no_guard else []
-    runs += [(torch.float64, True, True)] if args.plain_forward else []
+    runs = [(torch.float32, True), (torch.float64, True)] + ([(torch.float64, False)] if args.no_guard else [])
     for variant in args.variants.split(","):
-        for stream, guard, plain in runs:
-            with _guard(guard), _plain_forward(plain):
+        for stream, guard in runs:
+            with _guard(guard):
                 errs = errors(variant, dtype, stream, args)
-            note = ("" if guard else ", no guard") + (", plain forward" if plain else "")
+            note = "" if guard else ", no guard"
             lines.append(f"| {variant} | {str(stream).removeprefix('torch.')}{note} | "
                          + " | ".join(f"{e:.0e}" for e in errs) + " |")
             print(lines[-1], flush=True)

@@ -151,33 +151,20 @@ def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...
     return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)) / scale
 
 
-def _call(block: Block, x: torch.Tensor, context, like_backward: bool) -> torch.Tensor:
-    """block(x); with `like_backward`, called the way backward's recomputation calls it: under autograd, with x
-    requiring a gradient (the graph is dropped at once, so nothing stays cached). The reconstruction needs F and G
-    to give bit-identical results both times, and PyTorch picks some kernels by whether a gradient is needed (the
-    attention backend of scaled_dot_product_attention, for one): forward must not run F and G differently."""
-    if not like_backward:
-        return block.fn(x, context)
-    with torch.enable_grad():
-        return block.fn(x.detach().requires_grad_(), context).detach()
-
-
 def _step(layer: ReversibleLayer, x1, x2, context, dtype, rng: list | None = None,
           guards: list | None = None, bound: float | None = None):
-    """One layer forward; with `guards` a list (the reversible forward), F and G run as backward will run them
-    (:func:`_call`) and the cast guards of their inputs are appended to it (see :func:`cast_guard`; None without
-    `bound`); with `rng` a list, the random states before F and before G are appended to it."""
-    reversible = guards is not None
+    """One layer forward; with `rng` a list, the random states before F and before G are appended to it; with
+    `guards` a list, the cast guards of F's and G's inputs (see :func:`cast_guard`, None without `bound`)."""
     if rng is not None:
         rng.append(_RngState(x1.device))
-    if reversible:
+    if guards is not None:
         guards.append(cast_guard(x2, dtype, bound) if bound is not None else None)
-    y1 = functional.reversible_coupling(x1, _call(layer.f, x2.to(dtype), context, reversible), layer.lam)
+    y1 = functional.reversible_coupling(x1, layer.f.fn(x2.to(dtype), context), layer.lam)
     if rng is not None:
         rng.append(_RngState(x1.device))
-    if reversible:
+    if guards is not None:
         guards.append(cast_guard(y1, dtype, bound) if bound is not None else None)
-    y2 = functional.reversible_coupling(x2, _call(layer.g, y1.to(dtype), context, reversible), layer.beta)
+    y2 = functional.reversible_coupling(x2, layer.g.fn(y1.to(dtype), context), layer.beta)
     return (y2, y1) if layer.swap else (y1, y2)
 
 

@@ -29,6 +29,12 @@ from ..lora.layer import LoraLayer, dropout_p
 KINDS = ("A", "E", "B_t")
 
 
+
+def _normal_like(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) values shaped like t, drawn from the CPU generator whatever t's device: a run then allocates the same
+    components on a GPU as on the CPU (CUDA's generator draws other numbers). A few small tensors per event."""
+    return torch.randn(t.shape, dtype=t.dtype).to(t.device)
+
 class Components(nn.Module):
     """Bookkeeping of one adapter's components in one layer: how many are active and in reserve, their ids,
     and the importance tile collected in backward (IncreLoRA). Plain Python state, saved in the state dict
@@ -167,9 +173,9 @@ class RankedLoraLayer(LoraLayer):
         where IncreLoRA draws it at random: so a reserve component has no effect at all until it trains.
         """
         a, e_, b_t = self.factors(name)
-        a[index] = torch.randn_like(a[index]) * 0.02
+        a[index] = _normal_like(a[index]) * 0.02
         e_[index] = e
-        b_t[index] = torch.randn_like(b_t[index]) * 0.02 if e == 0 else 0.0
+        b_t[index] = _normal_like(b_t[index]) * 0.02 if e == 0 else 0.0
         self.lora_components[name].renew_ids(index)
 
     @torch.no_grad()
