@@ -69,8 +69,8 @@ def main() -> None:
                         help="also the float64 streams without the cast guard (pefttorch.nn.reversible), to compare")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    commit = commit or os.environ.get("PEFTTORCH_COMMIT", "?")
+    commit = os.environ.get("PEFTTORCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"# MEFT reconstruction error per layer ({args.dtype} Llama-style model, hidden {args.hidden}, "

@@ -71,18 +71,18 @@ at::Tensor sparse_mlp_cuda(const SparseMlpArgs& a) {
   const Act act = static_cast<Act>(static_cast<int>(a.activation));
   at::Tensor part;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "sparse_mlp", [&] {
-    sparse_mlp_in_kernel<scalar_t><<<(inter + kInWarps - 1) / kInWarps, kInWarps * 32, 0, stream>>>(
-        a.x.const_data_ptr<scalar_t>(), a.x.stride(0), static_cast<int>(tokens), hidden,
-        a.w_in.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.b_in), ptr_or_null<scalar_t>(a.w_up),
-        ptr_or_null<scalar_t>(a.b_up), inter, act, static_cast<float>(a.threshold), h.mutable_data_ptr<float>(),
-        active.mutable_data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t block_cols = down_block_cols<scalar_t>();
     const int64_t splits = down_splits(inter, out, static_cast<int>(tokens), block_cols, sms);
     const int64_t rows_per_split = (inter + splits - 1) / splits;
     part = at::empty({splits, tokens, out}, a.x.options().dtype(at::kFloat));
     const dim3 grid((out + block_cols - 1) / block_cols, splits);
     PT_SPARSE_TOKENS_SWITCH(tokens, TOK, [&] {
+      sparse_mlp_in_kernel<scalar_t, TOK><<<(inter + kInWarps - 1) / kInWarps, kInWarps * 32, 0, stream>>>(
+          a.x.const_data_ptr<scalar_t>(), a.x.stride(0), static_cast<int>(tokens), hidden,
+          a.w_in.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.b_in), ptr_or_null<scalar_t>(a.w_up),
+          ptr_or_null<scalar_t>(a.b_up), inter, act, static_cast<float>(a.threshold), h.mutable_data_ptr<float>(),
+          active.mutable_data_ptr<uint8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       sparse_mlp_down_kernel<scalar_t, TOK><<<grid, kDownThreads, 0, stream>>>(
           h.const_data_ptr<float>(), active.const_data_ptr<uint8_t>(), static_cast<int>(tokens), inter,
           a.w_down_t.const_data_ptr<scalar_t>(), out, rows_per_split, part.mutable_data_ptr<float>());

@@ -89,6 +89,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Runs the callable with TOK = tokens rounded up to 1, 4 or 16 (the kernels' accumulator rows).
+#define PT_SPARSE_TOKENS_SWITCH(tokens, TOK, ...) \
+  [&] {                                           \
+    if ((tokens) <= 1) {                          \
+      constexpr int TOK = 1;                      \
+      return __VA_ARGS__();                       \
+    } else if ((tokens) <= 4) {                   \
+      constexpr int TOK = 4;                      \
+      return __VA_ARGS__();                       \
+    } else {                                      \
+      constexpr int TOK = kMaxSparseTokens;       \
+      return __VA_ARGS__();                       \
+    }                                             \
+  }()
+
 // 16 bytes of T: the unit of the weight loads (8 fp16/bf16 values, 4 fp32).
 template <typename T>
 struct alignas(16) Pack {
@@ -105,15 +120,15 @@ __device__ __forceinline__ bool aligned16(const T* p) {
 // not by arithmetic (one load at a time left the first version 10x slower than cuBLAS's dense GEMV).
 constexpr int kLoadsAhead = 4;
 
-// acc[t] = sum_k w[k] * x[t][k] over the warp's lanes, for every token (all lanes end with the sums).
-// `vec` (warp-uniform): w and every row of x are 16-byte aligned and hidden is a multiple of a pack, so
-// each lane loads 16 bytes at a time, kLoadsAhead packs ahead; otherwise one element at a time.
-template <typename T>
+// acc[t] = sum_k w[k] * x[t][k] over the warp's lanes, for every token t < tokens <= TOK (all lanes end with
+// the sums). `vec` (warp-uniform): w and every row of x are 16-byte aligned and hidden is a multiple of a pack,
+// so each lane loads 16 bytes at a time, kLoadsAhead packs ahead; otherwise one element at a time.
+template <typename T, int TOK>
 __device__ __forceinline__ void warp_dots(const T* __restrict__ w, const T* __restrict__ x, int64_t ldx, int tokens,
-                                          int64_t hidden, bool vec, float acc[kMaxSparseTokens]) {
+                                          int64_t hidden, bool vec, float acc[TOK]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int t = 0; t < kMaxSparseTokens; ++t) acc[t] = 0.f;
+  for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
   if (vec) {
     constexpr int N = Pack<T>::N;
     const int64_t packs = hidden / N;
@@ -129,7 +144,7 @@ __device__ __forceinline__ void warp_dots(const T* __restrict__ w, const T* __re
         const int64_t p = p0 + u * 32;
         if (p >= packs) break;
 #pragma unroll
-        for (int t = 0; t < kMaxSparseTokens; ++t) {
+        for (int t = 0; t < TOK; ++t) {
           if (t < tokens) {
             const Pack<T> xv = reinterpret_cast<const Pack<T>*>(x + t * ldx)[p];
             float sum = 0.f;
@@ -144,20 +159,23 @@ __device__ __forceinline__ void warp_dots(const T* __restrict__ w, const T* __re
     for (int64_t k = lane; k < hidden; k += 32) {
       const float wk = static_cast<float>(w[k]);
 #pragma unroll
-      for (int t = 0; t < kMaxSparseTokens; ++t) {
+      for (int t = 0; t < TOK; ++t) {
         if (t < tokens) acc[t] += wk * static_cast<float>(x[t * ldx + k]);
       }
     }
   }
 #pragma unroll
-  for (int t = 0; t < kMaxSparseTokens; ++t) {
+  for (int t = 0; t < TOK; ++t) {
     if (t < tokens) acc[t] = warp_sum(acc[t]);
   }
 }
 
 // Warp w of the grid owns neuron i = w. h[t][i] is its masked activation (gated: times the up
 // projection, computed only if some token activates it); active[i] says whether any token does.
-template <typename T>
+// TOK: the token count rounded up (PT_SPARSE_TOKENS_SWITCH). Sized for 16 tokens the kernel took 158
+// registers, one block of 8 warps per multiprocessor, too few loads in flight (the H200 read the gate
+// weights at about 0.5 TB/s); for one token it needs a fraction of that.
+template <typename T, int TOK>
 __global__ void __launch_bounds__(kInWarps * 32)
     sparse_mlp_in_kernel(const T* __restrict__ x, int64_t ldx, int tokens, int64_t hidden, const T* __restrict__ w_in,
                          const T* __restrict__ b_in, const T* __restrict__ w_up, const T* __restrict__ b_up,
@@ -167,28 +185,28 @@ __global__ void __launch_bounds__(kInWarps * 32)
   // rows of w_in and w_up start 16-byte aligned when the matrices do and hidden is a multiple of a pack
   const bool vec = hidden % Pack<T>::N == 0 && ldx % Pack<T>::N == 0 && aligned16(x) && aligned16(w_in) &&
                    (w_up == nullptr || aligned16(w_up));
-  float g[kMaxSparseTokens];
-  warp_dots(w_in + i * hidden, x, ldx, tokens, hidden, vec, g);
+  float g[TOK];
+  warp_dots<T, TOK>(w_in + i * hidden, x, ldx, tokens, hidden, vec, g);
   const float bias = b_in != nullptr ? static_cast<float>(b_in[i]) : 0.f;
   unsigned mask = 0;  // bit t: token t activates this neuron (|act(gate)| > threshold)
 #pragma unroll
-  for (int t = 0; t < kMaxSparseTokens; ++t) {
+  for (int t = 0; t < TOK; ++t) {
     if (t < tokens) {
       g[t] = activate(g[t] + bias, act);
       mask |= static_cast<unsigned>(fabsf(g[t]) > threshold) << t;
     }
   }
   if (w_up != nullptr && mask != 0) {  // the up row is read only for neurons some token activates
-    float up[kMaxSparseTokens];
-    warp_dots(w_up + i * hidden, x, ldx, tokens, hidden, vec, up);
+    float up[TOK];
+    warp_dots<T, TOK>(w_up + i * hidden, x, ldx, tokens, hidden, vec, up);
     const float bias_up = b_up != nullptr ? static_cast<float>(b_up[i]) : 0.f;
 #pragma unroll
-    for (int t = 0; t < kMaxSparseTokens; ++t) g[t] *= up[t] + bias_up;
+    for (int t = 0; t < TOK; ++t) g[t] *= up[t] + bias_up;
   }
   if ((threadIdx.x & 31) == 0) {
     active[i] = mask != 0;
 #pragma unroll
-    for (int t = 0; t < kMaxSparseTokens; ++t) {
+    for (int t = 0; t < TOK; ++t) {
       if (t < tokens) h[t * inter + i] = (mask >> t) & 1u ? g[t] : 0.f;
     }
   }
@@ -282,21 +300,6 @@ __global__ void __launch_bounds__(kDownThreads)
     }
   }
 }
-
-// Runs the callable with TOK = tokens rounded up to 1, 4 or 16 (sparse_mlp_down's accumulator rows).
-#define PT_SPARSE_TOKENS_SWITCH(tokens, TOK, ...) \
-  [&] {                                           \
-    if ((tokens) <= 1) {                          \
-      constexpr int TOK = 1;                      \
-      return __VA_ARGS__();                       \
-    } else if ((tokens) <= 4) {                   \
-      constexpr int TOK = 4;                      \
-      return __VA_ARGS__();                       \
-    } else {                                      \
-      constexpr int TOK = kMaxSparseTokens;       \
-      return __VA_ARGS__();                       \
-    }                                             \
-  }()
 
 // Splits of the intermediate neurons for sparse_mlp_down: about four blocks per multiprocessor, at least 32
 // neurons and at most kDownMaxRows per split, and at most 8 MiB of partial sums.

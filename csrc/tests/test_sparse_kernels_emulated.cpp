@@ -77,11 +77,13 @@ void check_mlp(at::ScalarType dtype, int tokens, int64_t hidden, int64_t inter, 
 
   at::Tensor h = at::full({tokens, inter}, std::nan(""), at::kFloat);
   at::Tensor active = at::full({inter}, 7, at::kByte);
-  pt_emu::launch(dim3((inter + kInWarps - 1) / kInWarps), kInWarps * 32, sparse_mlp_in_kernel<T>,
-                 x.const_data_ptr<T>(), x.stride(0), tokens, hidden, w_in.const_data_ptr<T>(),
-                 bias ? b_in.const_data_ptr<T>() : nullptr, gated ? w_up.const_data_ptr<T>() : nullptr,
-                 gated && bias ? b_up.const_data_ptr<T>() : nullptr, inter, act, threshold, h.mutable_data_ptr<float>(),
-                 active.mutable_data_ptr<uint8_t>());
+  PT_SPARSE_TOKENS_SWITCH(tokens, TOK, [&] {
+    pt_emu::launch(dim3((inter + kInWarps - 1) / kInWarps), kInWarps * 32, sparse_mlp_in_kernel<T, TOK>,
+                   x.const_data_ptr<T>(), x.stride(0), tokens, hidden, w_in.const_data_ptr<T>(),
+                   bias ? b_in.const_data_ptr<T>() : nullptr, gated ? w_up.const_data_ptr<T>() : nullptr,
+                   gated && bias ? b_up.const_data_ptr<T>() : nullptr, inter, act, threshold,
+                   h.mutable_data_ptr<float>(), active.mutable_data_ptr<uint8_t>());
+  });
   // dense reference of h, in float64 from the same (rounded) inputs
   const at::Tensor xd = x.to(at::kDouble);
   at::Tensor pre = at::mm(xd, w_in.to(at::kDouble).t());

@@ -24,7 +24,7 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
         "cuda": torch.version.cuda,
         "pefttorch": pefttorch.__version__,
         "build": pefttorch.build_info(),
-        "commit": _git_commit() or os.environ.get("PEFTTORCH_COMMIT"),
+        "commit": os.environ.get("PEFTTORCH_COMMIT") or _git_commit(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -38,8 +38,9 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _git_commit() -> str | None:
-    """The checkout's short hash, "-dirty" when tracked files changed; None outside a git checkout (the GPU machine
-    gets a copy of the tree without .git: bench/gpu_session.sh passes the hash in PEFTTORCH_COMMIT instead)."""
+    """The checkout's short hash, "-dirty" when tracked files changed; None outside a git checkout. PEFTTORCH_COMMIT,
+    when set, wins (metadata()): the GPU machine's copy of the tree carries a stale .git, so bench/gpu_session.sh's
+    caller passes the hash."""
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
