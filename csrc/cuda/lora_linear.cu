@@ -38,13 +38,13 @@ void down_cuda(const at::Tensor& x, const at::Tensor& a, const Dropout& d, at::T
     PT_RANK_TILE_SWITCH(R, BN, [&] {
       check_rank_grid(R, BN);
       using acc_t = typename AccType<scalar_t>::type;
-      const DownSplit split = down_split(M, K, R, BN, sms);
+      const Split split = down_split(M, K, R, BN, sms);
       at::Tensor ws;  // the splits' partial sums; none with one split
       if (split.splits > 1) ws = at::empty({split.splits, M, R}, x.options().dtype(at::toOpMathType(x.scalar_type())));
       const dim3 grid(ceil_div(M, 64), ceil_div(R, BN), split.splits);
       lora_down_dropout_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), x.stride(0), a.const_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
-          ws.defined() ? ws.mutable_data_ptr<acc_t>() : nullptr, M, K, R, split.cols_per_split, d);
+          ws.defined() ? ws.mutable_data_ptr<acc_t>() : nullptr, M, K, R, split.per_split, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (ws.defined()) s.copy_(ws.sum(0));
     });
@@ -80,12 +80,12 @@ at::Tensor grad_a_cuda(const at::Tensor& ds, const at::Tensor& x, const Dropout&
     PT_RANK_TILE_SWITCH(R, TILE, [&] {
       constexpr int RN = rank_tile_for<scalar_t>(TILE);
       check_rank_grid(R, RN);
-      const GradASplit split = grad_a_split(M, K, R, RN, sms);
+      const Split split = grad_a_split(M, K, R, RN, sms);
       ws = at::empty({split.splits, R, K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
       const dim3 grid(ceil_div(K, 64), ceil_div(R, RN), split.splits);
       lora_grad_a_dropout_kernel<scalar_t, RN><<<grid, kThreads, 0, stream>>>(
           ds.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), x.stride(0),
-          ws.mutable_data_ptr<typename AccType<scalar_t>::type>(), M, K, R, split.rows_per_split, d);
+          ws.mutable_data_ptr<typename AccType<scalar_t>::type>(), M, K, R, split.per_split, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

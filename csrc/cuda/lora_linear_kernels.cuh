@@ -264,29 +264,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launch shapes, shared by the launchers and the emulated tests.
-struct DownSplit {
-  int64_t splits, cols_per_split;
+// Launch shapes, shared by the launchers and the emulated tests: a length (tokens or in_features) split over
+// blockIdx.z so that `tiles` x splits blocks are about `blocks` in all, each split at least 256 long and a
+// multiple of 32 (the kernels' step along it).
+struct Split {
+  int64_t splits, per_split;
 };
-// Splits in_features of down so the grid fills the GPU about eight times over (more blocks, more loads of x
-// in flight), each split at least 256 columns and a multiple of 32 (the kernel's column step).
-inline DownSplit down_split(int64_t M, int64_t K, int64_t R, int BN, int64_t sms) {
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(M, 64) * ceil_div(R, BN));
-  const int64_t want = std::clamp<int64_t>(ceil_div(8 * sms, tiles), 1, std::max<int64_t>(1, ceil_div(K, 256)));
-  const int64_t cols = ceil_div(ceil_div(K, want), 32) * 32;
-  return {ceil_div(K, cols), cols};
+inline Split split_length(int64_t length, int64_t tiles, int64_t blocks) {
+  const int64_t want = std::clamp<int64_t>(ceil_div(blocks, std::max<int64_t>(1, tiles)), 1,
+                                           std::max<int64_t>(1, ceil_div(length, 256)));
+  const int64_t per = ceil_div(ceil_div(length, want), 32) * 32;
+  return {ceil_div(length, per), per};
 }
-
-struct GradASplit {
-  int64_t splits, rows_per_split;
-};
-// Splits the tokens of grad_a so the grid fills the GPU about four times over, each split at least 256
-// rows and a multiple of 32 (the kernel's row step).
-inline GradASplit grad_a_split(int64_t M, int64_t K, int64_t R, int RN, int64_t sms) {
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(K, 64) * ceil_div(R, RN));
-  const int64_t want = std::clamp<int64_t>(ceil_div(4 * sms, tiles), 1, std::max<int64_t>(1, ceil_div(M, 256)));
-  const int64_t rows = ceil_div(ceil_div(M, want), 32) * 32;
-  return {ceil_div(M, rows), rows};
+// down splits in_features, eight blocks per multiprocessor (more blocks, more loads of x in flight).
+inline Split down_split(int64_t M, int64_t K, int64_t R, int BN, int64_t sms) {
+  return split_length(K, ceil_div(M, 64) * ceil_div(R, BN), 8 * sms);
+}
+// grad_a splits the tokens, four blocks per multiprocessor.
+inline Split grad_a_split(int64_t M, int64_t K, int64_t R, int RN, int64_t sms) {
+  return split_length(M, ceil_div(K, 64) * ceil_div(R, RN), 4 * sms);
 }
 
 }  // namespace pefttorch::cuda

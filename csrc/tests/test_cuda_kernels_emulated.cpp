@@ -61,12 +61,12 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
                    x.const_data_ptr<T>(), x.stride(0), a.const_data_ptr<T>(), s.mutable_data_ptr<T>(),
                    static_cast<acc_t*>(nullptr), M, K, R, K, d);
     expect_close("down " + name, s, s_want, tol);
-    for (const DownSplit split : {down_split(M, K, R, TILE, 132), DownSplit{ceil_div(K, 32), 32}}) {
+    for (const Split split : {down_split(M, K, R, TILE, 132), Split{ceil_div(K, 32), 32}}) {
       if (split.splits == 1) continue;
       at::Tensor ws = at::full({split.splits, M, R}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
       pt_emu::launch(dim3(ceil_div(M, 64), ceil_div(R, TILE), split.splits), kThreads,
                      lora_down_dropout_kernel<T, TILE>, x.const_data_ptr<T>(), x.stride(0), a.const_data_ptr<T>(),
-                     s.mutable_data_ptr<T>(), ws.mutable_data_ptr<acc_t>(), M, K, R, split.cols_per_split, d);
+                     s.mutable_data_ptr<T>(), ws.mutable_data_ptr<acc_t>(), M, K, R, split.per_split, d);
       expect_close("down " + name + " splits=" + std::to_string(split.splits), ws.sum(0), s_want, tol);
     }
 
@@ -81,12 +81,12 @@ void check_case(at::ScalarType dtype, int64_t M, int64_t K, int64_t R, int64_t p
     // grad_a: sum over splits of ds^T dropout(x), with the launcher's split and with small splits
     constexpr int RN = rank_tile_for<T>(TILE);
     for (const int64_t sms : {int64_t{132}, int64_t{1000}}) {
-      GradASplit split = grad_a_split(M, K, R, RN, sms);
+      Split split = grad_a_split(M, K, R, RN, sms);
       if (sms == 1000) split = {ceil_div(M, 32), 32};  // as many splits as rows allow
       at::Tensor ws = at::full({split.splits, R, K}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
       pt_emu::launch(dim3(ceil_div(K, 64), ceil_div(R, RN), split.splits), kThreads,
                      lora_grad_a_dropout_kernel<T, RN>, ds.const_data_ptr<T>(), x.const_data_ptr<T>(), x.stride(0),
-                     ws.mutable_data_ptr<acc_t>(), M, K, R, split.rows_per_split, d);
+                     ws.mutable_data_ptr<acc_t>(), M, K, R, split.per_split, d);
       expect_close("grad_a " + name + " splits=" + std::to_string(split.splits), ws.sum(0),
                    at::mm(ds.to(at::kDouble).t(), xd), tol);
     }
