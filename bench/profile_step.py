@@ -2,10 +2,11 @@
 """Where a training step's GPU time goes: the kernels of one `pefttorch bench model` run, by total time.
 
 Builds the model suite's Llama-style model for each named run (full, pefttorch, peft, meft1, ...; see
-pefttorch/bench/model.py), takes a few warm-up steps, profiles two more with torch.profiler and prints the top
-kernels of each, so the gap between a run and its bound can be traced to the kernels that make it.
+pefttorch/bench/model.py; also the rank suite's increlora and adalora, with their allocation calls), takes a few
+warm-up steps, profiles two more with torch.profiler and prints the top kernels of each, so the gap between a run
+and its bound can be traced to the kernels that make it.
 
-    python bench/profile_step.py full pefttorch --rows 15
+    python bench/profile_step.py full pefttorch increlora --rows 15
 """
 
 from __future__ import annotations
@@ -16,26 +17,38 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pefttorch.bench import model as bench_model
+from pefttorch.bench import rank as bench_rank
+
+WARMUP, PROFILED = 3, 2
 
 
 def profile_run(run: str, rows: int, dropout: float) -> None:
     device, shape = torch.device("cuda"), bench_model.GPU_SHAPE
-    model = bench_model._make(run, shape, torch.bfloat16, device, 16, dropout, None)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    update, first = None, 1
+    if run in ("increlora", "adalora"):  # the rank suite's runs, with the allocation call after each step
+        p = bench_rank.plan(WARMUP, PROFILED)
+        model, opt, _, update = bench_rank._make(run, shape, torch.bfloat16, device, 8, dropout, p,
+                                                 bench_rank.count_modules(shape))
+        first = p.offset + 1
+    else:
+        model = bench_model._make(run, shape, torch.bfloat16, device, 16, dropout, None)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    batches = bench_model.make_batches(shape, 5, device)
+    batches = bench_model.make_batches(shape, WARMUP + PROFILED, device)
 
-    def step(ids):
+    def step(i, ids):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
+        if update is not None:
+            update(first + i)
         opt.zero_grad(set_to_none=True)
 
-    for ids in batches[:3]:
-        step(ids)
+    for i, ids in enumerate(batches[:WARMUP]):
+        step(i, ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for ids in batches[3:]:
-            step(ids)
+        for i, ids in enumerate(batches[WARMUP:], start=WARMUP):
+            step(i, ids)
         torch.cuda.synchronize()
     print(f"== {run}: two steps, kernels by total GPU time")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
