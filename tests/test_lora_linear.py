@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from pefttorch import functional, ops, reference
 
 # (leading dims of x, in_features, out_features, r): odd sizes, 1-token inputs, 3-D inputs, ranks that
-# are not multiples of 16 and ranks above the 64-wide CUDA tile.
+# are not multiples of 16 and ranks above the 64-wide CUDA tile; in_features and tokens above 256, which the
+# CUDA dropout kernels split over blocks (down over in_features, 5 splits here, the last one short; grad_a over
+# tokens, 3 splits).
 SHAPES = [
     ((1,), 3, 5, 1),
     ((3,), 17, 33, 3),
@@ -20,6 +22,8 @@ SHAPES = [
     ((2, 5), 20, 12, 4),
     ((3, 7), 33, 65, 17),
     ((130,), 72, 40, 70),
+    ((40,), 1100, 24, 16),
+    ((600,), 300, 20, 5),
 ]
 
 
