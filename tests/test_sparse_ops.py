@@ -437,6 +437,38 @@ def test_sparse_mlp_paths_agree_on_an_unrepresentable_threshold(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens", [1, 4, 16])  # each accumulator size of the CUDA kernels
+@pytest.mark.parametrize("gated", [False, True])
+def test_sparse_mlp_at_aligned_sizes(gated, tokens, dtype, device):
+    """Sizes at which the CUDA kernels take their 16-byte loads (hidden and out multiples of a pack, aligned rows),
+    split the intermediate neurons into many lists and the outputs into two blocks of columns: HIDDEN, INTER and
+    OUT above reach only the element-wise paths. About 20% of the neurons active, the threshold in the widest gap
+    of the |activations| near there, so rounding cannot move a neuron across it."""
+    g = torch.Generator().manual_seed(100 + tokens)
+    hidden, inter, out = 64, 2100, 1032
+    f64 = dict(dtype=torch.float64)
+    w = [torch.randn(inter, hidden, generator=g, **f64) / hidden**0.5, 0.3 * torch.randn(inter, generator=g, **f64),
+         torch.randn(inter, hidden, generator=g, **f64) / hidden**0.5 if gated else None,
+         0.3 * torch.randn(inter, generator=g, **f64) if gated else None,
+         torch.randn(inter, out, generator=g, **f64) / inter**0.5, 0.3 * torch.randn(out, generator=g, **f64)]
+    w = [t.to(dtype).to(device) if t is not None else None for t in w]
+    x = torch.randn(tokens, hidden, generator=g, **f64).to(dtype).to(device)
+    activation = "silu" if gated else "gelu"
+    gabs = reference.ACTIVATIONS[activation](x.double() @ w[0].double().t() + w[1].double()).abs().flatten()
+    ranked = gabs.sort().values
+    lo, hi = int(0.75 * ranked.numel()), int(0.85 * ranked.numel())
+    k = lo + int((ranked[lo + 1:hi + 1] - ranked[lo:hi]).argmax())
+    threshold = float((ranked[k] + ranked[k + 1]) / 2)
+    assert (ranked[k + 1] - ranked[k]) / threshold > 1e-4, "no gap wide enough to be safe from rounding"
+    y = ops.sparse_mlp(x, *w, activation, threshold)
+    oracle, baseline = oracle_and_baseline(x, w, activation, threshold)
+    assert_close_to_oracle("y", y, baseline, oracle)
+    share = (gabs > threshold).reshape(tokens, inter).double().mean().item()
+    assert 0.1 < share < 0.3, share
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
 def test_sparse_mlp_no_tokens(device, lead):
     w = mlp_weights("silu_gated", torch.float32, device)
