@@ -478,6 +478,17 @@ def test_sparse_mlp_no_tokens(device, lead):
         assert y.shape == (*lead, OUT) and y.dtype == x.dtype and y.device.type == device
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_mlp_no_outputs(device):
+    """out = 0 (w_down_t of shape (intermediate, 0)): an empty result, not a crash (the CUDA launch shape once
+    divided by the number of column blocks, zero here)."""
+    w = list(mlp_weights("silu_gated", torch.float32, device))
+    w[4], w[5] = w[4][:, :0], None
+    x = torch.randn(2, HIDDEN, device=device)
+    y = ops.sparse_mlp(x, *w, "silu", 0.5)
+    assert y.shape == (2, 0) and y.device.type == device
+
+
 # ==================================================================================================
 # opcheck, torch.compile
 

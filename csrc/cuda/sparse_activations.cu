@@ -62,7 +62,8 @@ const T* ptr_or_null(const at::Tensor& t) {
 at::Tensor sparse_mlp_cuda(const SparseMlpArgs& a) {
   const int64_t tokens = a.x.size(0), hidden = a.w_in.size(1), inter = a.w_in.size(0), out = a.w_down_t.size(1);
   // float64 takes the dense path too: the kernels compute in float32
-  if (tokens > kMaxSparseTokens || hidden == 0 || a.x.scalar_type() == at::kDouble) return {};
+  // out == 0 too: no columns to split (the launch shape would divide by zero)
+  if (tokens > kMaxSparseTokens || hidden == 0 || out == 0 || a.x.scalar_type() == at::kDouble) return {};
   const c10::cuda::CUDAGuard guard(a.x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -74,6 +75,7 @@ at::Tensor sparse_mlp_cuda(const SparseMlpArgs& a) {
     const int64_t block_cols = down_block_cols<scalar_t>();
     const int64_t splits = down_splits(inter, out, static_cast<int>(tokens), block_cols, sms);
     const int64_t rows_per_split = (inter + splits - 1) / splits;
+    TORCH_INTERNAL_ASSERT(rows_per_split <= kDownMaxRows, "sparse_mlp: a split's neuron list overflows");
     part = at::empty({splits, tokens, out}, a.x.options().dtype(at::kFloat));
     const dim3 grid((out + block_cols - 1) / block_cols, splits);
     PT_SPARSE_TOKENS_SWITCH(tokens, TOK, [&] {
