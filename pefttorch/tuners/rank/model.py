@@ -101,7 +101,7 @@ class RankedLoraModel(LoraModel):
         per module (they would dominate a step's launches on a GPU)."""
         name = self.active_adapters[0]
         groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
-        for _, layer in self.lora_layers():
+        for _, layer in self.allocator.layers:  # the ranked layers, listed once (not a walk of the model per step)
             n = layer.lora_components[name].in_use
             if n == 0:
                 continue
@@ -111,7 +111,7 @@ class RankedLoraModel(LoraModel):
         terms = []
         for (shape, device, dtype), items in groups.items():
             stack = torch.stack([f for f, _ in items])  # (modules, capacity, features)
-            used = torch.tensor([n for _, n in items], device=device)
+            used = _to_device([n for _, n in items], device)
             rows = (torch.arange(shape[0], device=device) < used[:, None]).to(dtype)  # (modules, capacity)
             stack = stack * rows[..., None]
             gram = stack @ stack.transpose(1, 2)
@@ -214,4 +214,11 @@ def _ranked(model: nn.Module) -> RankedLoraModel:
     return base
 
 
-
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small integer tensor on `device`, without a host synchronisation: torch.tensor(..., device="cuda") copies
+    from pageable memory and waits for the stream, which on a GPU stalled every training step here (the
+    regulariser runs in each forward)."""
+    t = torch.tensor(values)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
