@@ -169,9 +169,11 @@ def _step(layer: ReversibleLayer, x1, x2, context, dtype, rng: list | None = Non
         # Backward reconstructs F's input x2 from y2 and G(y1), and G's input y1 from the layer above, so their
         # errors follow the layer's largest magnitudes, not their own: on a 16-layer Llama the embedding output
         # (layer 0's input) is 47x smaller than layer 0's output, and a guard scaled by it missed (error 3.0).
-        scale = None if bound is None else _row_scale(x1, x2, y1, y2)
-        guards.append(cast_guard(x2, dtype, bound, scale) if bound is not None else None)
-        guards.append(cast_guard(y1, dtype, bound, scale) if bound is not None else None)
+        if bound is None:
+            guards += [None, None]
+        else:
+            scale = _row_scale(x1, x2, y1, y2)
+            guards += [cast_guard(x2, dtype, bound, scale), cast_guard(y1, dtype, bound, scale)]
     return (y2, y1) if layer.swap else (y1, y2)
 
 
