@@ -42,10 +42,14 @@ def _register_autograd(name: str, backward, setup_context):
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if torch.compiler.is_compiling():
+            return op(*args)  # traced: the registered op and formula
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
-        return op(*args)  # nothing to record, or traced: the registered op and formula
+        # Nothing to record (no_grad, inference, or inside another autograd.Function's forward): below autograd
+        # directly. Through the registration, torch.library's Python redispatch would cost ~50 us a call.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
 
     return call
 
@@ -119,6 +123,13 @@ def lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw op: returns (y, s) where s = dropout(x) A^T is what backward reuses."""
     return _lora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
+
+
+def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, s, scaling: float, dropout_p: float, seed,
+                         output_mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """The raw backward op: (grad_x, grad_weight, grad_a, grad_b, grad_bias), each None where output_mask says
+    it is not needed; x may be None when neither grad_weight nor grad_a is, s when grad_b is not."""
+    return _ops.lora_linear_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, output_mask)
 
 
 # --------------------------------------------------------------------------------------------------
