@@ -91,6 +91,30 @@ def lora_linear(
     return F.linear(x, weight, bias) + scaling * ((x_d @ lora_a.t()) @ lora_b.t())
 
 
+def ranked_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    e: torch.Tensor,
+    b_t: torch.Tensor,
+    *,
+    rank: int,
+    in_use: int,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """A ranked LoRA layer (IncreLoRA, AdaLoRA): ``lora_linear`` with A = diag(e) a and B = b_t^T over the first
+    `in_use` components of the storage (a: (capacity, in), e: (capacity, 1), b_t: (capacity, out)); the e of
+    the reserve components (rows rank..in_use) is held fixed (no gradient). The low-rank factors are cast to
+    x's dtype, as the layer does."""
+    e_used = torch.cat([e[:rank], e[rank:in_use].detach()])
+    a_n = (a[:in_use] * e_used).to(x.dtype)
+    b_n = b_t[:in_use].t().to(x.dtype)
+    return lora_linear(x, weight, a_n, b_n, bias, scaling=scaling, dropout_p=dropout_p, seed=seed)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sparse activations (DEFT)
 

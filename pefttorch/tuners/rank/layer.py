@@ -22,18 +22,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ... import functional
+from ... import functional, ops
 from ..lora.layer import LoraLayer, dropout_p
 
 # dim 0 of each factor indexes components; kinds name the factor for the optimizer
 KINDS = ("A", "E", "B_t")
 
 
-
 def _normal_like(t: torch.Tensor) -> torch.Tensor:
     """N(0, 1) values shaped like t, drawn from the CPU generator whatever t's device: a run then allocates the same
     components on a GPU as on the CPU (CUDA's generator draws other numbers). A few small tensors per event."""
     return torch.randn(t.shape, dtype=t.dtype).to(t.device)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small integer tensor on `device`, without a host synchronisation: torch.tensor(..., device="cuda") copies
+    from pageable memory and waits for the stream, which on a GPU stalled every training step here (the
+    regulariser runs in each forward; the optimizer moves state on allocation events)."""
+    t = torch.tensor(values)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
 
 class Components(nn.Module):
     """Bookkeeping of one adapter's components in one layer: how many are active and in reserve, their ids,
@@ -97,27 +107,72 @@ def component_layout(p: torch.Tensor) -> tuple[Components, str] | None:
     return getattr(p, "_pefttorch_components", None)
 
 
-class _ImportanceTap(torch.autograd.Function):
-    """Identity on the layer's output whose backward adds the sampled gradient of the low-rank update,
-    ``G[rows, cols] += dy[:, rows]^T x[:, cols]``, into the layer's tile. x is the tensor the LoRA op keeps
-    for its own backward anyway: nothing activation-sized is added."""
+def _used_factors(a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor, n: int, dtype: torch.dtype):
+    """The fused LoRA op's A (n, in) and B (out, n) for the first n components, in the compute dtype."""
+    a_n, b_n = a[:n] * e[:n], b_t[:n].t()
+    return a_n if a_n.dtype == dtype else a_n.to(dtype), b_n if b_n.dtype == dtype else b_n.to(dtype)
+
+
+class _RankedLoraLinear(torch.autograd.Function):
+    """``x W^T + bias + scaling * dropout(x) (diag(e) A)^T B`` over the components in use, as ONE autograd node.
+
+    Composed of ordinary ops (slice the storage, scale A by e, cast, transpose B, the fused LoRA op, hold reserve
+    e fixed, tap the importance), a layer recorded about ten autograd nodes per step, each with its own host work
+    in backward. IncreLoRA steps took 1.15-1.4x LoRA's on the H200 where the arithmetic adds about 1%, and on a
+    CPU at a size where arithmetic is negligible (bench/host_overhead.py) they cost twice LoRA's host time:
+    the GPU most likely waited on the host. Here the backward writes the three gradients of the full-capacity
+    storage directly (rows beyond the components in use, and reserve e, zero) and adds IncreLoRA's sampled
+    gradient of the update, ``G[rows, cols] += dy[:, rows]^T x[:, cols]``, into the layer's tile when it collects
+    one. Nothing activation-sized is kept beyond what the LoRA op keeps (x, and S when B trains).
+    """
 
     @staticmethod
-    def forward(ctx, y, x, components):
-        ctx.save_for_backward(x)
-        ctx.components = components
-        return y.view_as(y)
+    def forward(ctx, x, weight, bias, a, e, b_t, components, p, seed):
+        n, rank = components.in_use, components.rank
+        a_n, b_n = _used_factors(a, e, b_t, n, x.dtype)
+        y, s = ops.lora_linear_forward(x, weight, a_n, b_n, bias, components.scaling, p, seed)
+        need_x, need_w, need_bias, need_a, need_e, need_b = ctx.needs_input_grad[:6]
+        tile = components.tile
+        ctx.mask = [need_x, need_w, need_a or need_e, need_b, bias is not None and need_bias]
+        ctx.save_for_backward(x if (need_w or need_a or need_e or tile is not None) else None, weight, a_n, b_n,
+                              s if need_b else None, seed, a, e, b_t)
+        ctx.scaling, ctx.p, ctx.n, ctx.rank = components.scaling, p, n, rank
+        ctx.tile, ctx.sample = tile, components.sample
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        c = ctx.components
-        if c.tile is not None:
-            r0, rs, c0, cs = c.sample
+        x, weight, a_n, b_n, s, seed, a, e, b_t = ctx.saved_tensors
+        need_a, need_e, need_b = ctx.needs_input_grad[3:6]
+        n, rank = ctx.n, ctx.rank
+        gx, gw, g_an, g_bn, gbias = ops.lora_linear_backward(dy, x, weight, a_n, b_n, s, ctx.scaling, ctx.p, seed,
+                                                             ctx.mask)
+        ga = ge = gb = None
+        if need_a:
+            ga = torch.zeros_like(a)
+            torch.mul(g_an, e[:n], out=ga[:n])
+        if need_e:
+            ge = torch.zeros_like(e)
+            if rank:  # reserve components' e (rows rank..n) is fixed: zero gradient
+                torch.sum(g_an[:rank] * a[:rank], dim=1, keepdim=True, out=ge[:rank])
+        if need_b:
+            gb = torch.zeros_like(b_t)
+            gb[:n].copy_(g_bn.t())
+        if ctx.tile is not None:
+            r0, rs, c0, cs = ctx.sample
+            tile = ctx.tile
             dy2 = dy.reshape(-1, dy.shape[-1])[:, r0::rs]
             x2 = x.reshape(-1, x.shape[-1])[:, c0::cs]
-            c.tile.addmm_(dy2.t().to(c.tile.dtype), x2.to(c.tile.dtype))
-        return dy, None, None
+            tile.addmm_(dy2.t().to(tile.dtype), x2.to(tile.dtype))
+        return gx, gw, gbias, ga, ge, gb, None, None, None
+
+
+def _ranked_lora_linear(x, weight, bias, a, e, b_t, c: Components, p: float, seed) -> torch.Tensor:
+    """The layer's output; one autograd node when a gradient is recorded (see _RankedLoraLinear)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, e, b_t)):
+        return _RankedLoraLinear.apply(x, weight, bias, a, e, b_t, c, p, seed)
+    a_n, b_n = _used_factors(a, e, b_t, c.in_use, x.dtype)
+    return ops.lora_linear_forward(x, weight, a_n, b_n, bias, c.scaling, p, seed)[0]
 
 
 class RankedLoraLayer(LoraLayer):
@@ -232,16 +287,17 @@ class RankedLoraLayer(LoraLayer):
         if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
             self._tag(name)
         a, e, b_t = self.factors(name)
-        e_n = e[:n]
-        if c.reserve:  # reserve components' e is fixed: no gradient reaches it
-            e_n = torch.cat([e_n[:c.rank], e_n[c.rank:].detach()])
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        weight, bias = base.weight.t() if self.fan_in_fan_out else base.weight, base.bias
         p, training = dropout_p(self.lora_dropout[name])
-        y = functional.lora_linear(x, weight, (a[:n] * e_n).to(x.dtype), b_t[:n].t().to(x.dtype), base.bias,
-                                   scaling=c.scaling, dropout=p, training=training)
-        if c.tile is not None and torch.is_grad_enabled():
-            y = _ImportanceTap.apply(y, x, c)
-        return y
+        p = p if training else 0.0
+        seed = functional.draw_seed() if p > 0.0 else None
+        if torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast: compute in its dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return _ranked_lora_linear(x, weight, bias, a, e, b_t, c, p, seed)
+        return _ranked_lora_linear(x, weight, bias, a, e, b_t, c, p, seed)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update ``scaling * B diag(e) A`` (out, in) of the components in use, in float32."""
