@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .tuners.rank.layer import component_layout
+from .tuners.rank.layer import _to_device, component_layout
 
 
 class RankAwareAdamW(torch.optim.Optimizer):
@@ -120,8 +120,8 @@ class RankAwareAdamW(torch.optim.Optimizer):
             where = {int(i): k for k, i in enumerate(state["ids"].tolist())}
             pairs = [(k, where[i]) for k, i in enumerate(ids.tolist()) if i in where]
             if pairs:
-                dst = torch.tensor([k for k, _ in pairs], device=p.device)
-                src = torch.tensor([s for _, s in pairs], device=p.device)
+                dst = _to_device([k for k, _ in pairs], p.device)
+                src = _to_device([s for _, s in pairs], p.device)
                 for key in ("step", "exp_avg", "exp_avg_sq"):
                     fresh[key][dst] = state[key][src]
         state.clear()

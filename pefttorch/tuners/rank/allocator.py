@@ -80,9 +80,12 @@ class IncreLoraAllocator:
             self.tile_views = [t.view(shape) for t, shape in zip(self.tile_views, shapes, strict=True)]
         else:
             self.tiles.zero_()
-        for (_, layer), (rs, cs), view in zip(self.layers, self.strides, self.tile_views, strict=True):
+        # every layer's two offsets from one draw (a draw per offset cost more host time than the tiles' kernels)
+        uniform = torch.rand(len(self.layers), 2, generator=self.generator, dtype=torch.float64).tolist()
+        for (_, layer), (rs, cs), view, (u, v) in zip(self.layers, self.strides, self.tile_views, uniform,
+                                                      strict=True):
             c = self.components(layer)
-            r0, c0 = (int(torch.randint(0, s, (), generator=self.generator)) for s in (rs, cs))
+            r0, c0 = min(int(u * rs), rs - 1), min(int(v * cs), cs - 1)
             c.sample = (r0, rs, c0, cs)
             c.tile = view[:len(range(r0, layer.out_features, rs)), :len(range(c0, layer.in_features, cs))]
 

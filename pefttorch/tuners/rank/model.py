@@ -13,7 +13,7 @@ from ..lora.config import LoraConfig
 from ..lora.model import LoraModel, Target, plan_targets
 from .allocator import AdaLoraAllocator, IncreLoraAllocator
 from .config import AdaLoraConfig, IncreLoraConfig
-from .layer import RankedLoraLayer
+from .layer import RankedLoraLayer, _to_device
 
 RankConfig = IncreLoraConfig | AdaLoraConfig
 
@@ -96,29 +96,44 @@ class RankedLoraModel(LoraModel):
         """``mean(||A A^T - I||_F + ||B^T B - I||_F)`` over the modules, of the components in use (the term
         the paper adds to the loss, times orth_reg_weight).
 
-        Factors of one storage shape are stacked and handled by one batched product, the rows beyond each
-        module's components zeroed and its identity cut to them: a few kernels per shape instead of several
-        per module (they would dominate a step's launches on a GPU)."""
+        It runs in every training forward, so it is built for few kernels and little host work: factors of one
+        storage shape are stacked and handled by one batched product, the rows beyond each module's components
+        zeroed and its identity cut to them by a mask that is cached until the ranks change (allocation events
+        are rare), so a step issues five kernels per storage shape and its backward about as many."""
         name = self.active_adapters[0]
-        groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+        groups: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
         for _, layer in self.allocator.layers:  # the ranked layers, listed once (not a walk of the model per step)
             n = layer.lora_components[name].in_use
             if n == 0:
                 continue
             a, _, b_t = layer.factors(name)
             for f in (a, b_t):
-                groups.setdefault((tuple(f.shape), f.device, f.dtype), []).append((f, n))
+                factors, used = groups.setdefault((f.shape, f.device, f.dtype), ([], []))
+                factors.append(f)
+                used.append(n)
         terms = []
-        for (shape, device, dtype), items in groups.items():
-            stack = torch.stack([f for f, _ in items])  # (modules, capacity, features)
-            used = _to_device([n for _, n in items], device)
-            rows = (torch.arange(shape[0], device=device) < used[:, None]).to(dtype)  # (modules, capacity)
-            stack = stack * rows[..., None]
-            gram = stack @ stack.transpose(1, 2)
-            terms.append(torch.linalg.matrix_norm(gram - torch.diag_embed(rows)))
+        for (shape, device, dtype), (factors, used) in groups.items():
+            rows, eye = self._orth_masks(shape[0], tuple(used), device, dtype)
+            stack = torch.stack(factors).mul_(rows)  # (modules, capacity, features), unused rows zeroed
+            gram = torch.bmm(stack, stack.transpose(1, 2))
+            terms.append(torch.linalg.vector_norm(gram - eye, dim=(1, 2)))
         if not terms:
             return torch.zeros(())
         return torch.cat([t.to(terms[0].device) for t in terms]).mean()
+
+    def _orth_masks(self, capacity: int, used: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, identity) for a stack of factors with `used` components each: rows (modules, capacity, 1) is 1
+        on the components in use, identity (modules, capacity, capacity) the identity cut to them. Kept until
+        the ranks change; built without a host synchronisation (see _to_device)."""
+        key = (capacity, used, device, dtype)
+        cache = self.__dict__.setdefault("_orth_mask_cache", {})
+        if key not in cache:
+            if len(cache) > 64:  # ranks moved on: the masks of earlier ranks are not coming back
+                cache.clear()
+            n = _to_device(list(used), device)
+            rows = (torch.arange(capacity, device=device) < n[:, None]).to(dtype)
+            cache[key] = (rows[..., None], torch.diag_embed(rows))
+        return cache[key]
 
     # ------------------------------------------------------------------ saving: a plain LoRA
 
@@ -168,7 +183,7 @@ class _OrthRegHook:
         loss = output.get("loss") if isinstance(output, dict) else None
         if not module.training or weight == 0 or loss is None or not torch.is_grad_enabled():
             return None
-        if any(layer.disable_adapters for _, layer in owner.lora_layers()):
+        if any(layer.disable_adapters for _, layer in owner.allocator.layers):
             return None
         output["loss"] = loss + weight * owner.orth_regularization().to(loss.device, loss.dtype)
         return output
@@ -212,13 +227,3 @@ def _ranked(model: nn.Module) -> RankedLoraModel:
     if not isinstance(base, RankedLoraModel):
         raise TypeError(f"RankAllocationCallback needs an IncreLoRA or AdaLoRA model, got {type(model).__name__}")
     return base
-
-
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small integer tensor on `device`, without a host synchronisation: torch.tensor(..., device="cuda") copies
-    from pageable memory and waits for the stream, which on a GPU stalled every training step here (the
-    regulariser runs in each forward)."""
-    t = torch.tensor(values)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
