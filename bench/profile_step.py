@@ -2,9 +2,10 @@
 """Where a training step's GPU time goes: the kernels of one `pefttorch bench model` run, by total time.
 
 Builds the model suite's Llama-style model for each named run (full, pefttorch, peft, meft1, ...; see
-pefttorch/bench/model.py; also the rank suite's increlora and adalora, with their allocation calls), takes a few
-warm-up steps, profiles two more with torch.profiler and prints the top kernels of each, so the gap between a run
-and its bound can be traced to the kernels that make it.
+pefttorch/bench/model.py; also the rank suite's lora, increlora and adalora, with their allocation calls), takes a few
+warm-up steps, profiles two more with torch.profiler and prints how much of the step the GPU was busy (well
+below 100%: the GPU waits on the host or on a synchronisation) and the top kernels, so the gap between a run and
+its bound can be traced to the kernels that make it, or to the host.
 
     python bench/profile_step.py full pefttorch increlora --rows 15
 """
@@ -12,6 +13,7 @@ and its bound can be traced to the kernels that make it.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,7 +27,7 @@ WARMUP, PROFILED = 3, 2
 def profile_run(run: str, rows: int, dropout: float) -> None:
     device, shape = torch.device("cuda"), bench_model.GPU_SHAPE
     update, first = None, 1
-    if run in ("increlora", "adalora"):  # the rank suite's runs, with the allocation call after each step
+    if run in ("lora", "increlora", "adalora"):  # the rank suite's runs (lora: its r = 8 bound), with allocation
         p = bench_rank.plan(WARMUP, PROFILED)
         model, opt, _, update = bench_rank._make(run, shape, torch.bfloat16, device, 8, dropout, p,
                                                  bench_rank.count_modules(shape))
@@ -47,9 +49,16 @@ def profile_run(run: str, rows: int, dropout: float) -> None:
         step(i, ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for i, ids in enumerate(batches[WARMUP:], start=WARMUP):
             step(i, ids)
         torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3 / PROFILED
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / PROFILED
+    # Kernels' time against the steps' wall time: well below 1, the GPU waits (on the host issuing the step, or on
+    # a synchronisation), and a faster kernel will not shorten the step.
+    print(f"== {run}: GPU busy {busy:.1f} ms of {wall:.1f} ms per step ({busy / wall:.0%}; profiled, so the host "
+          f"is slower than unprofiled)")
     print(f"== {run}: two steps, kernels by total GPU time")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 

@@ -461,3 +461,20 @@ def test_adapter_shapes_grid_and_floor_target():
     assert not adapter.check_targets([row("fwd", 1.1, ok=False)], torch.device("cuda"))[0][1]
     assert adapter.check_targets([row("fwd", 1.2)], torch.device("cpu")) == []
     assert "not counted on the CPU" in adapter.floor_note([row("fwd", 2.0)], torch.device("cpu"))
+
+
+def test_host_overhead_script_reports_every_run_and_phase():
+    """bench/host_overhead.py (a diagnostic script, not a suite) on a few steps: a row per run and phase, the
+    LoRA reference at 1.00x, IncreLoRA both allocating and final."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "lora", "increlora", "full", "--steps", "8", "--warmup", "1",
+                          "--repeats", "1"], capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {("lora", "final"), ("increlora", "allocating"), ("increlora", "final"), ("full", "final")}
+    assert rows[("lora", "final")][-1] == "1.00x"
+    for cells in rows.values():
+        assert float(cells[3]) > 0 and cells[-1].endswith("x")
