@@ -48,23 +48,34 @@ def lora_linear(
     is regenerated in backward from a seed, never stored; only x and the ``(tokens, r)`` product
     ``dropout(x) A^T`` are kept for backward, and only when a gradient needs them.
     """
+    p, seed = dropout_seed("lora_linear", dropout, training, generator)
+    scaling = float(scaling)
+    return in_compute_dtype(lambda x, weight, lora_a, lora_b, bias: ops.lora_linear_forward(
+        x, weight, lora_a, lora_b, bias, scaling, p, seed)[0], x, weight, lora_a, lora_b, bias)
+
+
+def dropout_seed(name: str, dropout: float, training: bool,
+                 generator: torch.Generator | None = None) -> tuple[float, torch.Tensor | None]:
+    """(probability in effect, seed) of a LoRA dropout: p = 0 and no seed outside training or without dropout;
+    a dropout outside [0, 1) is an error naming `name`."""
     dropout = float(dropout)
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
     p = dropout if training else 0.0
-    seed = draw_seed(generator) if p > 0.0 else None
+    return p, (draw_seed(generator) if p > 0.0 else None)
+
+
+def in_compute_dtype(fn, x: torch.Tensor, *tensors: torch.Tensor | None):
+    """``fn(x, *tensors)``, computed as F.linear computes under torch.autocast: with autocast on, x and the tensors
+    (None passes through) are cast to its dtype and autocast is off inside, since pefttorch's ops are not
+    autocast-aware and their GEMMs must not be cast a second time; with it off, as given."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # As F.linear under autocast: compute in the autocast dtype. The op itself is not autocast-aware,
-        # so cast here and keep the GEMMs inside it from being cast a second time.
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            y, _ = ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, float(scaling), p, seed)
-        return y
-    y, _ = ops.lora_linear_forward(x, weight, lora_a, lora_b, bias, float(scaling), p, seed)
-    return y
+    if not torch.is_autocast_enabled(device_type):
+        return fn(x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if t is not None else None for t in (x, *tensors)]
+    with torch.autocast(device_type, enabled=False):
+        return fn(*cast)
 
 
 @torch.no_grad()

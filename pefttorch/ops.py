@@ -102,9 +102,7 @@ def _lora_linear_backward(ctx, grad_y, grad_s):
     # s is an internal result handed to backward, not part of the function's value: its gradient is
     # ignored by design (functional.lora_linear never exposes it).
     x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
-    grads = _ops.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, ctx.mask
-    )
+    grads = lora_linear_backward(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, ctx.mask)
     return (*grads, None, None, None)
 
 

@@ -272,6 +272,29 @@ def test_ranked_layer_forward_and_gradients_match_the_reference(device, dtype, r
         assert (p.grad[c.in_use:] == 0).all()  # unused slots
 
 
+def test_ranked_layer_under_autocast_computes_in_its_dtype():
+    """As F.linear: under torch.autocast the layer computes in the autocast dtype (the float32 factors cast to it)
+    and its gradients reach the float32 storage."""
+    torch.manual_seed(0)
+    layer = RankedLoraLayer(nn.Linear(13, 7))
+    layer.update_layer("default", capacity=6, rank=3, reserve=1, lora_alpha=3.0, lora_dropout=0.0,
+                       scale_by_rank=True)
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        for p in layer.factors("default"):
+            p.normal_()
+    x = torch.randn(4, 13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    expected = copy.deepcopy(layer)  # the base in bfloat16, the factors left in float32 (the layer casts them)
+    expected.base_layer.to(torch.bfloat16)
+    expected = expected(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.factors("default"))
+
+
 # ---------------------------------------------------------------------------------------------- IncreLoRA
 
 

@@ -287,17 +287,11 @@ class RankedLoraLayer(LoraLayer):
         if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
             self._tag(name)
         a, e, b_t = self.factors(name)
-        weight, bias = base.weight.t() if self.fan_in_fan_out else base.weight, base.bias
-        p, training = dropout_p(self.lora_dropout[name])
-        p = p if training else 0.0
-        seed = functional.draw_seed() if p > 0.0 else None
-        if torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast: compute in its dtype
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(x.device.type, enabled=False):
-                return _ranked_lora_linear(x, weight, bias, a, e, b_t, c, p, seed)
-        return _ranked_lora_linear(x, weight, bias, a, e, b_t, c, p, seed)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
+        # the factors follow x's dtype inside (_used_factors), so only x, the weight and the bias need the cast
+        return functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
+            x, weight, bias, a, e, b_t, c, p, seed), x, weight, base.bias)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update ``scaling * B diag(e) A`` (out, in) of the components in use, in float32."""
