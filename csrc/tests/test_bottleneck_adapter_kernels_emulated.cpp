@@ -3,6 +3,7 @@
 // strides, both index types, grids smaller than the data (the grid-stride loop) and no write past the output; the
 // activation gradient for every activation and dtype against PyTorch's own backward kernels (threshold_backward,
 // gelu_backward, silu_backward), relu's kink at exactly 0 included.
+#include "check.h"
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
 #include "../cuda/bottleneck_adapter_kernels.cuh"
@@ -19,14 +20,9 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
+using pt_test::fail;
 constexpr int64_t kPad = 5;        // elements past the output, which must stay NaN
 constexpr unsigned kThreads = 64;  // fewer than kAdapterThreads: the emulation runs a thread per thread
-
-void fail(const std::string& what) {
-  std::fprintf(stderr, "FAILED %s\n", what.c_str());
-  ++failures;
-}
 
 double unit(at::ScalarType t) {
   return t == at::kDouble ? 0x1p-53 : t == at::kFloat ? 0x1p-24 : t == at::kBFloat16 ? 0x1p-8 : 0x1p-11;
@@ -156,10 +152,5 @@ int main() {
   check_dtype<double>();
   check_dtype<c10::BFloat16>();
   check_dtype<c10::Half>();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_bottleneck_adapter_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_bottleneck_adapter_kernels_emulated");
 }

@@ -4,6 +4,7 @@
 // from block to tensor), one column (groups of one thread), more rows than a block holds, more columns than a block
 // holds, rows 0 / some / all (the rows past rows[m] and every element past the tensor must keep their bits),
 // strided and transposed gradients, per-row steps 1 to 1000, warmup and weight decay on and off, and every dtype.
+#include "check.h"
 #include "cuda_emulation.h"
 
 // clang-format off: the emulation must come first
@@ -22,12 +23,7 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
-
-void fail(const std::string& what) {
-  std::fprintf(stderr, "FAILED %s\n", what.c_str());
-  ++failures;
-}
+using pt_test::fail;
 
 struct Spec {
   int64_t total_rows, cols, rows;
@@ -178,10 +174,5 @@ int main() {
   check_all<double>();
   check_all<c10::Half>();
   check_all<c10::BFloat16>();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_component_adamw_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_component_adamw_kernels_emulated");
 }

@@ -2,6 +2,7 @@
 // cuda_emulation.h, against ATen computations of the same formulas. This checks tiling, bounds,
 // strides and dropout masks of the device code on machines with no GPU (CI); the tensor-core fragment
 // arithmetic itself is only exercised on a GPU (tests/ with a CUDA device).
+#include "check.h"
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
 #include "../cuda/lora_linear_kernels.cuh"
@@ -18,14 +19,12 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
-
 void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double tol) {
   const double err = (got.to(at::kDouble) - want).abs().max().item<double>();
   const double scale = std::max(1.0, want.abs().max().item<double>());
   if (!(err <= tol * scale)) {
     std::fprintf(stderr, "FAILED %s: max error %.3g > %.3g\n", what.c_str(), err, tol * scale);
-    ++failures;
+    ++pt_test::failures;
   }
 }
 
@@ -113,10 +112,5 @@ int main() {
     check_case<c10::BFloat16>(at::kBFloat16, c.M, c.K, c.R, c.pad, c.p, 3e-2);
     check_case<c10::Half>(at::kHalf, c.M, c.K, c.R, c.pad, c.p, 4e-3);
   }
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_cuda_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_cuda_kernels_emulated");
 }

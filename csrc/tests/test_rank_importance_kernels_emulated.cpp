@@ -4,6 +4,7 @@
 // binary search from block to module), ranks of several k tiles, more sampled rows than a block holds, more
 // columns than a block holds, strided samples with offsets, strided and transposed factors and tiles, rank 0
 // and empty samples (no blocks, score left at 0), and every factor dtype.
+#include "check.h"
 #include "cuda_emulation.h"
 
 #include <mutex>
@@ -33,12 +34,7 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
-
-void fail(const std::string& what) {
-  std::fprintf(stderr, "FAILED %s\n", what.c_str());
-  ++failures;
-}
+using pt_test::fail;
 
 struct Spec {
   int64_t out, in, cap, rank, row_offset, row_stride, col_offset, col_stride;
@@ -184,10 +180,5 @@ int main() {
   check_all<double>();
   check_all<c10::Half>();
   check_all<c10::BFloat16>();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_rank_importance_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_rank_importance_kernels_emulated");
 }

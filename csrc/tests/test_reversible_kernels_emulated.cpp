@@ -2,6 +2,7 @@
 // CPU under cuda_emulation.h, against ATen computations of the same formulas: the vector path (aligned) and the
 // scalar one (pointers one element off), tails of n % kVec, grids smaller than the data (the grid-stride loop),
 // and no write past n.
+#include "check.h"
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
 #include "../cuda/reversible_kernels.cuh"
@@ -17,13 +18,8 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
+using pt_test::fail;
 constexpr int64_t kPad = 5;  // elements past n in every output, which must stay NaN
-
-void fail(const std::string& what) {
-  std::fprintf(stderr, "FAILED %s\n", what.c_str());
-  ++failures;
-}
 
 // got[:n] within one unit in the last place (of got's dtype) of want, and got[n:] untouched (NaN).
 void expect_ulp(const std::string& what, const at::Tensor& got, const at::Tensor& want, int64_t n) {
@@ -107,10 +103,5 @@ int main() {
       }
     }
   }
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_reversible_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_reversible_kernels_emulated");
 }

@@ -1,5 +1,6 @@
 // The sparse-activation CUDA kernels (csrc/cuda/sparse_activations_kernels.cuh) compiled as plain C++ and
 // run on the CPU under cuda_emulation.h, against ATen computations of the same formulas.
+#include "check.h"
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
 #include "../cuda/sparse_activations_kernels.cuh"
@@ -14,14 +15,12 @@ using namespace pefttorch::cuda;
 
 namespace {
 
-int failures = 0;
-
 void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double tol) {
   const double err = got.numel() ? (got.to(at::kDouble) - want).abs().max().item<double>() : 0.0;
   const double scale = want.numel() ? std::max(1.0, want.abs().max().item<double>()) : 1.0;
   if (!(err <= tol * scale)) {
     std::fprintf(stderr, "FAILED %s: max error %.3g > %.3g\n", what.c_str(), err, tol * scale);
-    ++failures;
+    ++pt_test::failures;
   }
 }
 
@@ -41,7 +40,7 @@ void check_density(at::ScalarType dtype, int64_t n, int64_t blocks, double tol) 
   const int64_t want_count = (ad.abs() > thr).sum().item<int64_t>();
   if (counts.sum().item<int64_t>() != want_count) {
     std::fprintf(stderr, "FAILED density count %s\n", name.c_str());
-    ++failures;
+    ++pt_test::failures;
   }
   using acc_t = at::opmath_type<T>;
   at::Tensor grad = at::full({1}, 0.7, c10::CppTypeToScalarType<acc_t>::value);
@@ -103,7 +102,7 @@ void check_mlp(at::ScalarType dtype, int tokens, int64_t hidden, int64_t inter, 
   expect_close("sparse_mlp_in h " + name, h, want_h, 1e-4);
   if (!at::equal(active.to(at::kBool), mask.any(0))) {
     std::fprintf(stderr, "FAILED active flags %s\n", name.c_str());
-    ++failures;
+    ++pt_test::failures;
   }
 
   // Rows of inactive neurons hold NaN: a kernel that read one (0 * NaN = NaN) would fail, so this also checks
@@ -170,10 +169,5 @@ int main() {
                                1e-4);
     }
   }
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::puts("test_sparse_kernels_emulated: ok");
-  return 0;
+  return pt_test::finish("test_sparse_kernels_emulated");
 }
