@@ -39,6 +39,14 @@ TORCH_LIBRARY(pefttorch, m) {
       "component_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] steps, int[] rows, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float[] warmup) -> ()");
+  // Ranked LoRA (IncreLoRA, AdaLoRA): the fused LoRA op's factors from component-major storage with spare capacity,
+  // a_n = (a[:n] * e[:n]).to(dtype) (n, in) and b_n = b_t[:n]^T.to(dtype) (out, n), contiguous.
+  m.def("ranked_lora_factors(Tensor lora_a, Tensor lora_e, Tensor lora_b_t, int n, ScalarType dtype) "
+        "-> (Tensor a_n, Tensor b_n)");
+  // Their full-capacity gradients (rows past n zero; e's past e_rows too: held fixed), those the mask asks for.
+  m.def(
+      "ranked_lora_factors_backward(Tensor? grad_a_n, Tensor? grad_b_n, Tensor lora_a, Tensor lora_e, "
+      "Tensor lora_b_t, int e_rows, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   // Bottleneck adapter: y = scale * (act(x W_down^T + b_down) W_up^T + b_up) [+ x if add_input] [+ residual], and
   // h = x W_down^T + b_down (tokens, m) for backward.
   m.def(

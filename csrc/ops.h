@@ -247,6 +247,57 @@ void register_component_adamw_ops(torch::Library& m) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Ranked LoRA factors (IncreLoRA, AdaLoRA): a ranked layer stores its adapter component-major with spare capacity,
+// a (cap, in), e (cap, 1), b_t (cap, out), one dtype S, and hands the fused LoRA op the first n components:
+//   forward:  a_n = a[:n] * e[:n] rounded to S, then cast to the compute dtype C (n, in); b_n = b_t[:n]^T in C,
+//             (out, n), contiguous
+//   backward: the full-capacity gradients in S from those of a_n and b_n: ga[:n] = grad_a_n * e[:n],
+//             ge[:e_rows] = rowsum(grad_a_n * a[:n])[:e_rows], gb[:n] = grad_b_n^T, and zero in every other row
+//             (rows e_rows..n of e are held fixed: IncreLoRA's reserve components)
+// One op each, not the ten small tensor operations they replace: a ranked layer ran those per module and step, and
+// their host time made IncreLoRA's step wait on the host (bench/results/host-overhead-cpu.md). Products are formed
+// in float32 (float64 when S or C is float64) and rounded once. Backends get contiguous tensors, the outputs
+// allocated (contiguous), and at least one row of work.
+struct RankedFactorsBackwardArgs {
+  at::Tensor grad_a_n, grad_b_n;  // (n, in), (out, n) of one dtype C; undefined where no output needs them
+  at::Tensor a, e;                // the storage (cap, in), (cap, 1)
+  at::Tensor ga, ge, gb;          // outputs (cap, in), (cap, 1), (cap, out) in S; undefined where not asked for
+  int64_t n, e_rows;              // 0 <= e_rows <= n <= cap
+};
+
+struct RankedFactorsKernels {
+  // a_n and b_n (their shapes give n, in and out; n > 0) from a, e, b_t
+  void (*forward)(const at::Tensor& a, const at::Tensor& e, const at::Tensor& b_t, const at::Tensor& a_n,
+                  const at::Tensor& b_n);
+  // every row of the defined outputs, zero rows included (cap > 0)
+  void (*backward)(const RankedFactorsBackwardArgs& args);
+};
+
+std::tuple<at::Tensor, at::Tensor> ranked_lora_factors(const RankedFactorsKernels& k, const at::Tensor& a,
+                                                       const at::Tensor& e, const at::Tensor& b_t, int64_t n,
+                                                       at::ScalarType dtype);
+
+using RankedFactorsGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+RankedFactorsGrads ranked_lora_factors_backward(const RankedFactorsKernels& k,
+                                                const std::optional<at::Tensor>& grad_a_n,
+                                                const std::optional<at::Tensor>& grad_b_n, const at::Tensor& a,
+                                                const at::Tensor& e, const at::Tensor& b_t, int64_t e_rows,
+                                                std::array<bool, 3> output_mask);
+
+// Registers the ranked LoRA factor ops for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const RankedFactorsKernels& K>
+void register_ranked_factors_ops(torch::Library& m) {
+  m.impl("ranked_lora_factors", [](const at::Tensor& a, const at::Tensor& e, const at::Tensor& b_t, int64_t n,
+                                   at::ScalarType dtype) { return ranked_lora_factors(K, a, e, b_t, n, dtype); });
+  m.impl("ranked_lora_factors_backward",
+         [](const std::optional<at::Tensor>& grad_a_n, const std::optional<at::Tensor>& grad_b_n, const at::Tensor& a,
+            const at::Tensor& e, const at::Tensor& b_t, int64_t e_rows, std::array<bool, 3> output_mask) {
+           return ranked_lora_factors_backward(K, grad_a_n, grad_b_n, a, e, b_t, e_rows, output_mask);
+         });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Bottleneck adapter (Houlsby, Pfeiffer, parallel): y = scale * (act(x W_down^T + b_down) W_up^T + b_up)
 // [+ x when add_input] [+ residual]. The GEMMs go to the vendor BLAS through ATen; a backend supplies the two
 // one-pass steps around them (see csrc/bottleneck_adapter.cpp for the data flow and its memory traffic).

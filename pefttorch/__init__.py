@@ -39,7 +39,8 @@ def build_info() -> dict:
     c = ops._C
     names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp",
              "reversible_coupling", "reversible_coupling_backward", "rank_importance",
-             "bottleneck_adapter_forward", "bottleneck_adapter_backward", "component_adamw_"]
+             "bottleneck_adapter_forward", "bottleneck_adapter_backward", "component_adamw_", "ranked_lora_factors",
+             "ranked_lora_factors_backward"]
     devices = [
         key.lower()
         for key in ("CPU", "CUDA")

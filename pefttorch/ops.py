@@ -291,6 +291,62 @@ def rank_importance(
 
 
 # --------------------------------------------------------------------------------------------------
+# ranked_lora_factors (IncreLoRA, AdaLoRA): the fused LoRA op's factors from a ranked layer's storage, one call each way
+
+
+@torch.library.register_fake("pefttorch::ranked_lora_factors")
+def _ranked_lora_factors_fake(lora_a, lora_e, lora_b_t, n, dtype):
+    return lora_a.new_empty((n, lora_a.shape[1]), dtype=dtype), lora_a.new_empty((lora_b_t.shape[1], n), dtype=dtype)
+
+
+@torch.library.register_fake("pefttorch::ranked_lora_factors_backward")
+def _ranked_lora_factors_backward_fake(grad_a_n, grad_b_n, lora_a, lora_e, lora_b_t, e_rows, output_mask):
+    need_a, need_e, need_b = output_mask
+    return (torch.empty_like(lora_a, memory_format=torch.contiguous_format) if need_a else None,
+            torch.empty_like(lora_e, memory_format=torch.contiguous_format) if need_e else None,
+            torch.empty_like(lora_b_t, memory_format=torch.contiguous_format) if need_b else None)
+
+
+def _ranked_lora_factors_setup_context(ctx, inputs, output):
+    lora_a, lora_e, lora_b_t, n, _ = inputs
+    need_a, need_e, need_b = ctx.needs_input_grad[:3]
+    ctx.save_for_backward(lora_a, lora_e, lora_b_t)  # the storage: parameters, so no memory kept
+    ctx.n, ctx.mask = n, [need_a, need_e, need_b]
+
+
+def _ranked_lora_factors_backward(ctx, grad_a_n, grad_b_n):
+    lora_a, lora_e, lora_b_t = ctx.saved_tensors
+    need_a, need_e, need_b = ctx.mask
+    # An output nobody used has no gradient: the factors it came from get none either (None is a zero gradient).
+    mask = [need_a and grad_a_n is not None, need_e and grad_a_n is not None, need_b and grad_b_n is not None]
+    grads = ranked_lora_factors_backward(grad_a_n, grad_b_n, lora_a, lora_e, lora_b_t, ctx.n, mask)
+    return (*grads, None, None)
+
+
+_ranked_lora_factors = _register_autograd("ranked_lora_factors", _ranked_lora_factors_backward,
+                                          _ranked_lora_factors_setup_context)
+
+
+def ranked_lora_factors(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b_t: torch.Tensor, n: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused LoRA op's factors from a ranked layer's component-major storage (lora_a (cap, in), lora_e (cap, 1),
+    lora_b_t (cap, out), one float dtype): ``a_n = (lora_a[:n] * lora_e[:n]).to(dtype)`` (n, in) and
+    ``b_n = lora_b_t[:n].t().to(dtype)`` (out, n), both contiguous, in one call (one launch on CUDA). Differentiable;
+    see :func:`pefttorch.reference.ranked_lora_factors`."""
+    return _ranked_lora_factors(lora_a, lora_e, lora_b_t, n, dtype)
+
+
+def ranked_lora_factors_backward(grad_a_n, grad_b_n, lora_a, lora_e, lora_b_t, e_rows: int,
+                                 output_mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ranked_lora_factors' storage (lora_a, lora_e, lora_b_t), full capacity, in the storage dtype,
+    from those of a_n and b_n: rows past n are zero, and so are e's past `e_rows` (IncreLoRA's reserve components,
+    whose e is held fixed; e_rows = n for the plain gradient). Each is None where output_mask says it is not
+    needed; grad_a_n may be None when neither lora_a's nor lora_e's is, grad_b_n when lora_b_t's is not. No
+    autograd: it is meant for use inside a custom backward."""
+    return _ops.ranked_lora_factors_backward(grad_a_n, grad_b_n, lora_a, lora_e, lora_b_t, e_rows, output_mask)
+
+
+# --------------------------------------------------------------------------------------------------
 # component_adamw_ (IncreLoRA/AdaLoRA's RankAwareAdamW): AdamW with per-row step counts, every tensor in one call
 
 

@@ -91,6 +91,13 @@ def lora_linear(
     return F.linear(x, weight, bias) + scaling * ((x_d @ lora_a.t()) @ lora_b.t())
 
 
+def ranked_lora_factors(a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor, n: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA factors of a ranked layer's first `n` components (storage a: (capacity, in), e: (capacity, 1),
+    b_t: (capacity, out)): A = diag(e) a, formed in the storage dtype, and B = b_t^T, both cast to `dtype`."""
+    return (a[:n] * e[:n]).to(dtype), b_t[:n].t().to(dtype)
+
+
 def ranked_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -109,9 +116,7 @@ def ranked_lora_linear(
     `in_use` components of the storage (a: (capacity, in), e: (capacity, 1), b_t: (capacity, out)); the e of
     the reserve components (rows rank..in_use) is held fixed (no gradient). The low-rank factors are cast to
     x's dtype, as the layer does."""
-    e_used = torch.cat([e[:rank], e[rank:in_use].detach()])
-    a_n = (a[:in_use] * e_used).to(x.dtype)
-    b_n = b_t[:in_use].t().to(x.dtype)
+    a_n, b_n = ranked_lora_factors(a, torch.cat([e[:rank], e[rank:].detach()]), b_t, in_use, x.dtype)
     return lora_linear(x, weight, a_n, b_n, bias, scaling=scaling, dropout_p=dropout_p, seed=seed)
 
 

@@ -107,12 +107,6 @@ def component_layout(p: torch.Tensor) -> tuple[Components, str] | None:
     return getattr(p, "_pefttorch_components", None)
 
 
-def _used_factors(a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor, n: int, dtype: torch.dtype):
-    """The fused LoRA op's A (n, in) and B (out, n) for the first n components, in the compute dtype."""
-    a_n, b_n = a[:n] * e[:n], b_t[:n].t()
-    return a_n if a_n.dtype == dtype else a_n.to(dtype), b_n if b_n.dtype == dtype else b_n.to(dtype)
-
-
 class _RankedLoraLinear(torch.autograd.Function):
     """``x W^T + bias + scaling * dropout(x) (diag(e) A)^T B`` over the components in use, as ONE autograd node.
 
@@ -120,23 +114,24 @@ class _RankedLoraLinear(torch.autograd.Function):
     e fixed, tap the importance), a layer recorded about ten autograd nodes per step, each with its own host work
     in backward. IncreLoRA steps took 1.15-1.4x LoRA's on the H200 where the arithmetic adds about 1%, and on a
     CPU at a size where arithmetic is negligible (bench/host_overhead.py) they cost twice LoRA's host time:
-    the GPU most likely waited on the host. Here the backward writes the three gradients of the full-capacity
-    storage directly (rows beyond the components in use, and reserve e, zero) and adds IncreLoRA's sampled
-    gradient of the update, ``G[rows, cols] += dy[:, rows]^T x[:, cols]``, into the layer's tile when it collects
-    one. Nothing activation-sized is kept beyond what the LoRA op keeps (x, and S when B trains).
+    the GPU most likely waited on the host. Here the factors are formed by one op (ops.ranked_lora_factors) and
+    the backward writes the three gradients of the full-capacity storage with one more (rows beyond the components
+    in use, and reserve e, zero); it adds IncreLoRA's sampled gradient of the update,
+    ``G[rows, cols] += dy[:, rows]^T x[:, cols]``, into the layer's tile when it collects one. Nothing
+    activation-sized is kept beyond what the LoRA op keeps (x, and S when B trains).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, e, b_t, components, p, seed):
         n, rank = components.in_use, components.rank
-        a_n, b_n = _used_factors(a, e, b_t, n, x.dtype)
+        a_n, b_n = ops.ranked_lora_factors(a, e, b_t, n, x.dtype)
         y, s = ops.lora_linear_forward(x, weight, a_n, b_n, bias, components.scaling, p, seed)
         need_x, need_w, need_bias, need_a, need_e, need_b = ctx.needs_input_grad[:6]
         tile = components.tile
         ctx.mask = [need_x, need_w, need_a or need_e, need_b, bias is not None and need_bias]
         ctx.save_for_backward(x if (need_w or need_a or need_e or tile is not None) else None, weight, a_n, b_n,
                               s if need_b else None, seed, a, e, b_t)
-        ctx.scaling, ctx.p, ctx.n, ctx.rank = components.scaling, p, n, rank
+        ctx.scaling, ctx.p, ctx.rank = components.scaling, p, rank
         ctx.tile, ctx.sample = tile, components.sample
         return y
 
@@ -144,20 +139,10 @@ class _RankedLoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, a_n, b_n, s, seed, a, e, b_t = ctx.saved_tensors
         need_a, need_e, need_b = ctx.needs_input_grad[3:6]
-        n, rank = ctx.n, ctx.rank
         gx, gw, g_an, g_bn, gbias = ops.lora_linear_backward(dy, x, weight, a_n, b_n, s, ctx.scaling, ctx.p, seed,
                                                              ctx.mask)
-        ga = ge = gb = None
-        if need_a:
-            ga = torch.zeros_like(a)
-            torch.mul(g_an, e[:n], out=ga[:n])
-        if need_e:
-            ge = torch.zeros_like(e)
-            if rank:  # reserve components' e (rows rank..n) is fixed: zero gradient
-                torch.sum(g_an[:rank] * a[:rank], dim=1, keepdim=True, out=ge[:rank])
-        if need_b:
-            gb = torch.zeros_like(b_t)
-            gb[:n].copy_(g_bn.t())
+        # reserve components' e (rows rank..n) is held fixed: zero gradient
+        ga, ge, gb = ops.ranked_lora_factors_backward(g_an, g_bn, a, e, b_t, ctx.rank, [need_a, need_e, need_b])
         if ctx.tile is not None:
             r0, rs, c0, cs = ctx.sample
             tile = ctx.tile
@@ -171,7 +156,7 @@ def _ranked_lora_linear(x, weight, bias, a, e, b_t, c: Components, p: float, see
     """The layer's output; one autograd node when a gradient is recorded (see _RankedLoraLinear)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, e, b_t)):
         return _RankedLoraLinear.apply(x, weight, bias, a, e, b_t, c, p, seed)
-    a_n, b_n = _used_factors(a, e, b_t, c.in_use, x.dtype)
+    a_n, b_n = ops.ranked_lora_factors(a, e, b_t, c.in_use, x.dtype)
     return ops.lora_linear_forward(x, weight, a_n, b_n, bias, c.scaling, p, seed)[0]
 
 
@@ -289,7 +274,7 @@ class RankedLoraLayer(LoraLayer):
         a, e, b_t = self.factors(name)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
-        # the factors follow x's dtype inside (_used_factors), so only x, the weight and the bias need the cast
+        # the factors follow x's dtype inside (ops.ranked_lora_factors): only x, the weight and the bias need the cast
         return functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
             x, weight, bias, a, e, b_t, c, p, seed), x, weight, base.bias)
 
