@@ -42,15 +42,21 @@ def storage(cap, fan_in, fan_out, dtype, device, strided=False):
     return a, e, b_t
 
 
+def every_case(test):
+    """Runs `test` over every shape, dtype pair, storage layout and device."""
+    for name, values, kwargs in (("shape", SHAPES, {"ids": ids}), ("dtype, compute", PAIRS, {"ids": ids}),
+                                 ("strided", [False, True], {"ids": ["contiguous", "strided"]}),
+                                 ("device", DEVICES, {})):
+        test = pytest.mark.parametrize(name, values, **kwargs)(test)
+    return test
+
+
 def held(e, e_rows):
     """e with rows from e_rows on held fixed (no gradient): what the ranked layer does to reserve components."""
     return torch.cat([e[:e_rows], e[e_rows:].detach()])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype, compute", PAIRS, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@every_case
 def test_forward_equals_reference(shape, dtype, compute, strided, device):
     cap, fan_in, fan_out, n, _ = shape
     a, e, b_t = storage(cap, fan_in, fan_out, dtype, device, strided)
@@ -61,10 +67,7 @@ def test_forward_equals_reference(shape, dtype, compute, strided, device):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype, compute", PAIRS, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@every_case
 def test_backward_matches_reference(shape, dtype, compute, strided, device):
     cap, fan_in, fan_out, n, e_rows = shape
     a, e, b_t = storage(cap, fan_in, fan_out, dtype, device, strided)

@@ -4,17 +4,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "../common/dispatch.h"
+#include "../common/opmath.h"
 #include "../ops.h"
 
 namespace pefttorch {
 namespace {
-
-// float32, or float64 when either side is float64: what a product of an S and a C value is formed in
-template <typename S, typename C>
-using pair_acc_t = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<C, double>, double, float>;
 
 // Rows per task: each is a few thousand elements at most, so several rows make a task worth a thread.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, cols)); }
@@ -52,7 +47,7 @@ void backward_cpu(const RankedFactorsBackwardArgs& g) {
     dispatch_float(grad.scalar_type(), [&](auto c) {
       using S = decltype(s);
       using C = decltype(c);
-      using acc_t = pair_acc_t<S, C>;
+      using acc_t = pair_opmath_t<S, C>;
       const int64_t cap = g.a.size(0), in = g.a.size(1), n = g.n;
       const int64_t out = g.gb.defined() ? g.gb.size(1) : 0;
       const S* ap = g.a.const_data_ptr<S>();

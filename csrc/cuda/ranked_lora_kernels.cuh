@@ -15,15 +15,12 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <type_traits>
+
+#include "../common/opmath.h"
 
 namespace pefttorch::cuda {
 
 constexpr int kFactorThreads = 256;  // a power of two: the reduction in ranked_factors_backward halves it
-
-// float32, or float64 when either side is float64: what a product of an S and a C value is formed in
-template <typename S, typename C>
-using factor_acc_t = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<C, double>, double, float>;
 
 template <typename S, typename C>
 __global__ void __launch_bounds__(kFactorThreads)
@@ -46,7 +43,7 @@ __global__ void __launch_bounds__(kFactorThreads)
                                    const S* __restrict__ a, const S* __restrict__ e, int64_t n, int64_t e_rows,
                                    int64_t in, int64_t out, S* __restrict__ ga, S* __restrict__ ge,
                                    S* __restrict__ gb) {
-  using acc_t = factor_acc_t<S, C>;
+  using acc_t = pair_opmath_t<S, C>;
   __shared__ acc_t partial[kFactorThreads];
   const int64_t k = blockIdx.x;
   const bool used = k < n;  // block-uniform, as is every branch below: the barriers stay matched

@@ -45,7 +45,7 @@ at::Tensor poisoned(at::IntArrayRef sizes, at::ScalarType dtype) { return at::fu
 
 template <typename S, typename C>
 void check(int64_t cap, int64_t in, int64_t out, int64_t n, int64_t e_rows, unsigned threads) {
-  using acc_t = factor_acc_t<S, C>;
+  using acc_t = pefttorch::pair_opmath_t<S, C>;
   const auto s = c10::CppTypeToScalarType<S>::value, c = c10::CppTypeToScalarType<C>::value;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const std::string name = std::string(c10::toString(s)) + "/" + c10::toString(c) + " cap=" + std::to_string(cap) +
