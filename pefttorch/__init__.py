@@ -7,6 +7,7 @@ import torch
 # `ops` loads pefttorch._C (the op schemas and kernels) and registers fake kernels and autograd; every
 # module that calls an op imports it.
 from . import functional, nn, ops, optim, reference
+from .integrations.norms import fuse_norms, unfuse_norms
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .peft_model import PeftModel, get_peft_model
 from .tuners.adapter import AdapterConfig, ScaLearnConfig
@@ -85,9 +86,11 @@ __all__ = [
     "deaccelerate",
     "find_mlp_blocks",
     "functional",
+    "fuse_norms",
     "get_peft_model",
     "nn",
     "optim",
     "reference",
     "sparsify",
+    "unfuse_norms",
 ]

@@ -75,16 +75,18 @@ def test_cli_rejects_unknown_suite_and_impl():
 @pytest.mark.slow
 def test_model_bench_cross_checks_the_lora_runs(tmp_path):
     out = tmp_path / "m.json"
-    assert main(["bench", "model", "--device", "cpu", "--runs", "full,peft,peft+accelerate,pefttorch", "--steps",
+    assert main(["bench", "model", "--device", "cpu", "--runs", ",".join(model.RUNS), "--steps",
                  "2", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     runs = {r["run"]: r for r in data["suites"]["model"]["rows"]}
     assert (tmp_path / "m-model.png").stat().st_size > 0
-    assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch"}
+    assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch", "pefttorch+norms", "full+norms"}
     assert all(r["ok"] and r["step_ms"] > 0 for r in runs.values())
-    # the LoRA runs start from the same adapter weights: same losses, step by step
-    for name in ("peft+accelerate", "pefttorch"):
+    # the LoRA runs start from the same adapter weights: same losses, step by step (fused norms included: in
+    # float32 they differ only in summation order)
+    for name in ("peft+accelerate", "pefttorch", "pefttorch+norms"):
         assert runs[name]["losses"] == pytest.approx(runs["peft"]["losses"], rel=1e-4)
+    assert runs["full+norms"]["losses"] == pytest.approx(runs["full"]["losses"], rel=1e-4)
     assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]
 
 
@@ -158,6 +160,18 @@ def test_meft_targets():
                    "meft2 step <= 1.25x pefttorch LoRA": False,
                    "meft3 peak memory <= HF PEFT LoRA + checkpointing's": False,  # flagged: fast, and wrong
                    "meft3 step <= 1.25x pefttorch LoRA": False}
+
+
+def test_model_targets_show_the_fused_norms_against_both_bounds():
+    results = [model.RunResult(run, step_ms=ms, peak_gib=1.0) for run, ms in
+               [("full", 100.0), ("full+norms", 90.0), ("peft", 140.0), ("pefttorch", 85.0),
+                ("pefttorch+norms", 75.0)]]
+    model.compare(results, torch.float32)
+    met = {t: (m, v) for t, m, v in model.check_targets(results)}
+    assert met["pefttorch LoRA step <= 0.80x full fine-tuning"] == (False, "0.850x")
+    assert met["pefttorch LoRA + fuse_norms step <= 0.80x full fine-tuning"] == (True, "0.750x")
+    # against full fine-tuning with the same norms the win is LoRA's alone: 75 / 90
+    assert met["pefttorch LoRA + fuse_norms step <= 0.80x full fine-tuning + fuse_norms"] == (False, "0.833x")
 
 
 # ---- the sparse MLP suite (DEFT decode): tiny MLPs on the CPU

@@ -1,9 +1,11 @@
 """Whole-model training step, measured one run after another in the same process.
 
 The ``model`` suite: full fine-tuning (the bound), HF PEFT LoRA, HF PEFT LoRA after pefttorch.accelerate, and
-pefttorch LoRA. The ``meft`` suite: full fine-tuning, pefttorch LoRA with and without gradient checkpointing, HF
-PEFT LoRA with gradient checkpointing, and MEFT's reversible adapters (meft1, meft2, meft3), whose point is the
-memory that checkpointing saves without its recomputation of every layer.
+pefttorch LoRA; also pefttorch LoRA and full fine-tuning with ``pefttorch.fuse_norms`` (fused RMSNorms), so that
+what the norms save is shown on both sides and not counted as LoRA's. The ``meft`` suite: full fine-tuning,
+pefttorch LoRA with and without gradient checkpointing, HF PEFT LoRA with gradient checkpointing, and MEFT's
+reversible adapters (meft1, meft2, meft3), whose point is the memory that checkpointing saves without its
+recomputation of every layer.
 
 All LoRA runs start from the same adapter weights (HF PEFT's initialisation, copied by name: the layouts
 are the same), so their losses must agree step by step; a run that drifts is flagged. A MEFT run is flagged
@@ -22,7 +24,7 @@ import torch
 
 from .timing import LiveTensorBytes, sync
 
-RUNS = ("full", "peft", "peft+accelerate", "pefttorch")  # the model suite
+RUNS = ("full", "peft", "peft+accelerate", "pefttorch", "pefttorch+norms", "full+norms")  # the model suite
 MEFT_VARIANTS = ("meft1", "meft2", "meft3")
 MEFT_RUNS = ("full", "pefttorch", "pefttorch+gc", "peft+gc", *MEFT_VARIANTS)  # the meft suite
 MEFT_BOTTLENECK = 64  # MEFT1/2 then train about as many parameters as LoRA r=16 on all linear layers
@@ -34,6 +36,8 @@ RUN_HELP = {
     "peft": "HF PEFT LoRA, its defaults (fp32 adapter weights in a bf16 model)",
     "peft+accelerate": "the same HF PEFT model after pefttorch.accelerate(model)",
     "pefttorch": "pefttorch.get_peft_model with the same LoraConfig",
+    "pefttorch+norms": "the same, after pefttorch.fuse_norms(model) (ATen's fused RMSNorm)",
+    "full+norms": "full fine-tuning after pefttorch.fuse_norms(model)",
     "pefttorch+gc": "the same, with gradient checkpointing (transformers' default, non-reentrant)",
     "peft+gc": "HF PEFT LoRA with gradient checkpointing",
     **{v: f"MEFT reversible adapters, MeftConfig(variant='{v}', bottleneck {MEFT_BOTTLENECK}, "
@@ -108,6 +112,14 @@ def _make(run: str, shape, dtype, device, r, dropout, adapter_state, meft: MeftO
         meft = meft or MeftOptions()
         return pefttorch.get_peft_model(model, pefttorch.MeftConfig(
             variant=run, bottleneck=meft.bottleneck, stream_dtype=meft.stream_dtype, adapter_dropout=dropout))
+    if run.endswith("+norms"):
+        import pefttorch
+
+        model = _make(run.removesuffix("+norms"), shape, dtype, device, r, dropout, adapter_state, meft)
+        report = pefttorch.fuse_norms(model, verbose=False)
+        if report.skipped or not report.switched:
+            raise RuntimeError(f"fuse_norms did not switch every RMSNorm: {report}")
+        return model
     if run.endswith("+gc"):
         model = _make(run.removesuffix("+gc"), shape, dtype, device, r, dropout, adapter_state)
         model.gradient_checkpointing_enable()
@@ -147,7 +159,7 @@ def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.devic
     result = RunResult(run)
     model = _make(run, shape, dtype, device, r, dropout, adapter_state, meft)
     initial = None
-    if run not in ("full", *MEFT_VARIANTS) and adapter_state is None:
+    if run not in ("full", "full+norms", *MEFT_VARIANTS) and adapter_state is None:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
@@ -258,7 +270,7 @@ def compare(results: list[RunResult], dtype: torch.dtype, check_losses: bool = T
             r.ratio_to_peft = r.step_ms / peft.step_ms
         if lora and lora.step_ms and r.step_ms:
             r.ratio_to_lora = r.step_ms / lora.step_ms
-        lora_run = r.run not in ("full", *MEFT_VARIANTS)
+        lora_run = r.run not in ("full", "full+norms", *MEFT_VARIANTS)
         if check_losses and lora_run and ref and r is not ref and ref.losses and r.losses:
             worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r.losses, ref.losses, strict=True))
             if worst > tol:
@@ -289,6 +301,14 @@ def check_targets(results: list[RunResult], suite: str = "model") -> list[tuple[
     if ours and full and ours.step_ms and full.step_ms:
         out.append(("pefttorch LoRA step <= 0.80x full fine-tuning", ours.ok and ours.ratio_to_full <= 0.80,
                     f"{ours.ratio_to_full:.3f}x"))
+    # The same target with fused norms; and, so that the norms' share is not read as LoRA's, against full
+    # fine-tuning with the same norms
+    fused, full_fused = by.get("pefttorch+norms"), by.get("full+norms")
+    for bound, label in ((full, "full fine-tuning"), (full_fused, "full fine-tuning + fuse_norms")):
+        if fused and bound and fused.step_ms and bound.step_ms:
+            ratio = fused.step_ms / bound.step_ms
+            out.append((f"pefttorch LoRA + fuse_norms step <= 0.80x {label}", fused.ok and ratio <= 0.80,
+                        f"{ratio:.3f}x"))
     if ours and peft and ours.peak_gib is not None and peft.peak_gib is not None:
         ratio = ours.peak_gib / peft.peak_gib
         out.append(("pefttorch peak memory <= 0.80x HF PEFT's", ratio <= 0.80, f"{ratio:.3f}x"))

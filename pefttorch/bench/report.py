@@ -185,13 +185,13 @@ def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
     runs = [r for r in rows if r.get("step_ms")]
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.4 * len(runs)), 4))
     names = [r["run"] for r in runs]
-    colours = ["grey" if r["run"] == "full" else "C0" for r in runs]
+    colours = ["grey" if r["run"].startswith("full") else "C0" for r in runs]
     bars = [axes[0].bar(names, [r["ratio_to_full"] or 0 for r in runs], color=colours)]
     axes[0].axhline(1.0, color="black", linewidth=0.8)
     axes[0].set_ylabel("step time / full fine-tuning")
     if all(r.get("peak_gib") is not None for r in runs):
         bars.append(axes[1].bar(names, [r["peak_gib"] for r in runs],
-                                color=["grey" if r["run"] == "full" else "C1" for r in runs]))
+                                color=["grey" if r["run"].startswith("full") else "C1" for r in runs]))
         axes[1].set_ylabel("peak GiB" + ("" if meta.get("device_type") == "cuda" else " (tensors alive)"))
     else:
         axes[1].text(0.5, 0.5, "peak memory not measured", ha="center", va="center")

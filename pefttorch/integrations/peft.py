@@ -21,13 +21,16 @@ logger = logging.getLogger("pefttorch")
 
 @dataclass
 class AccelerateReport:
-    """What :func:`accelerate` switched to pefttorch's kernel, and what it left alone and why."""
+    """What :func:`accelerate` (or :func:`pefttorch.fuse_norms`) switched to a fused kernel, and what it left
+    alone and why."""
 
     switched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    title: str = "pefttorch.accelerate"
+    what: str = "LoRA layer(s) switched to pefttorch kernels"
 
     def __str__(self) -> str:
-        lines = [f"pefttorch.accelerate: {len(self.switched)} LoRA layer(s) switched to pefttorch kernels, "
+        lines = [f"{self.title}: {len(self.switched)} {self.what}, "
                  f"{len(self.skipped)} left as they were"]
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.skipped.items():
@@ -82,7 +85,7 @@ def accelerate(model: nn.Module, verbose: bool = True) -> AccelerateReport:
         if isinstance(module, peft_lora.Linear):
             reason = _unsupported(module)
             if reason is None:
-                module.forward = types.MethodType(_accelerated_forward, module)
+                set_forward(module, _accelerated_forward)
                 report.switched.append(name)
             else:
                 report.skipped[name] = reason
@@ -95,15 +98,29 @@ def accelerate(model: nn.Module, verbose: bool = True) -> AccelerateReport:
 
 def deaccelerate(model: nn.Module) -> int:
     """Gives every layer switched by :func:`accelerate` its HF PEFT forward back; returns how many."""
-    count = 0
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _accelerated_forward:
-            del module.forward
-            count += 1
-    return count
+    return remove_forward(model, _accelerated_forward)
 
 
 def is_accelerated(module: nn.Module) -> bool:
+    return has_forward(module, _accelerated_forward)
+
+
+# The switch itself: a forward bound as an instance attribute shadows the class's, and deleting it restores the
+# class's. The module keeps its class, parameters and state-dict keys; deepcopy rebinds it to the copy.
+def set_forward(module: nn.Module, fn) -> None:
+    module.forward = types.MethodType(fn, module)
+
+
+def has_forward(module: nn.Module, fn) -> bool:
     forward = module.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _accelerated_forward
+    return isinstance(forward, types.MethodType) and forward.__func__ is fn
+
+
+def remove_forward(model: nn.Module, fn) -> int:
+    """Removes `fn` wherever it was set in `model`; returns how many modules had it."""
+    count = 0
+    for module in model.modules():
+        if has_forward(module, fn):
+            del module.forward
+            count += 1
+    return count
