@@ -57,6 +57,9 @@ TORCH_LIBRARY(pefttorch, m) {
       "bottleneck_adapter_backward(Tensor grad_y, Tensor? x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor h, "
       "bool add_input, str activation, float scale, bool[6] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // Rotary position embedding (half-split layout): x * cos + rotate_half(x) * sin, cos and sin broadcast to x; with
+  // transpose, the transposed rotation (the gradient w.r.t. x). Contiguous, in x's dtype.
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

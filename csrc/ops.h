@@ -350,4 +350,40 @@ void register_bottleneck_adapter_ops(torch::Library& m) {
          });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Rotary position embedding in transformers' half-split layout (Llama, Mistral, Qwen, ...): with h = D / 2 and a
+// cos and sin of width D per position, out[i] = x[i] cos[i] - x[i + h] sin[i] and out[i + h] = x[i + h] cos[i + h]
+// + x[i] sin[i + h] for i < h, which is transformers' x * cos + rotate_half(x) * sin. With `transpose`, the
+// transposed rotation, i.e. the gradient w.r.t. x: out[i] = x[i] cos[i] + x[i + h] sin[i + h] and
+// out[i + h] = x[i + h] cos[i + h] - x[i] sin[i]. Products and sums in at::opmath_type of x's dtype, each rounded
+// as PyTorch's separate ops round them (never contracted), the result rounded once to x's dtype.
+// The body broadcasts cos and sin to x's shape and hands the backend rows of D elements: up to kRotaryDims leading
+// dimensions, their sizes, and the element strides of x, cos and sin in them (0 where broadcast; the last
+// dimension of each is contiguous); the output is contiguous, in x's dtype.
+constexpr int kRotaryDims = 4;
+
+struct RotaryArgs {
+  at::Tensor x, cos, sin;  // inputs: data pointers include the storage offsets
+  at::Tensor out;          // output, contiguous (rows, D)
+  int64_t rows, half;
+  int dims;  // leading dimensions in use (0 for a 1-D x)
+  int64_t sizes[kRotaryDims], x_strides[kRotaryDims], cos_strides[kRotaryDims], sin_strides[kRotaryDims];
+  bool transpose;
+};
+
+struct RotaryKernels {
+  void (*apply)(const RotaryArgs& a);
+};
+
+at::Tensor rotary_embedding(const RotaryKernels& k, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            bool transpose);
+
+// Registers the rotary embedding op for the backend whose TORCH_LIBRARY_IMPL block calls this.
+template <const RotaryKernels& K>
+void register_rotary_ops(torch::Library& m) {
+  m.impl("rotary_embedding", [](const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
+    return rotary_embedding(K, x, cos, sin, transpose);
+  });
+}
+
 }  // namespace pefttorch

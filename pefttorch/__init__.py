@@ -9,6 +9,7 @@ import torch
 from . import functional, nn, ops, optim, reference
 from .integrations.norms import fuse_norms, unfuse_norms
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
+from .integrations.rotary import fuse_rotary, unfuse_rotary
 from .peft_model import PeftModel, get_peft_model
 from .tuners.adapter import AdapterConfig, ScaLearnConfig
 from .tuners.budget import config_for_budget
@@ -41,7 +42,7 @@ def build_info() -> dict:
     names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp",
              "reversible_coupling", "reversible_coupling_backward", "rank_importance",
              "bottleneck_adapter_forward", "bottleneck_adapter_backward", "component_adamw_", "ranked_lora_factors",
-             "ranked_lora_factors_backward"]
+             "ranked_lora_factors_backward", "rotary_embedding"]
     devices = [
         key.lower()
         for key in ("CPU", "CUDA")
@@ -87,10 +88,12 @@ __all__ = [
     "find_mlp_blocks",
     "functional",
     "fuse_norms",
+    "fuse_rotary",
     "get_peft_model",
     "nn",
     "optim",
     "reference",
     "sparsify",
     "unfuse_norms",
+    "unfuse_rotary",
 ]

@@ -227,3 +227,21 @@ def bottleneck_adapter(
         return y
     y, _ = ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
     return y
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (Llama and the models built like it), one kernel per tensor.
+
+    Args:
+        q, k: (batch, heads, tokens, head_dim), any strides, head_dim even (k may have fewer heads).
+        cos, sin: (batch, tokens, head_dim), of q's dtype, as transformers' rotary embedding module returns them.
+        unsqueeze_dim: where cos and sin get the heads dimension, as in transformers.
+
+    Returns ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, contiguous, each element formed
+    in float32 and rounded once (transformers' separate operations round three times: in bf16 outputs can differ
+    by one unit in the last place). The gradient w.r.t. q and k is the transposed rotation, the same kernel; x
+    itself is not kept for backward.
+    """
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return ops.rotary_embedding(q, cos, sin, False), ops.rotary_embedding(k, cos, sin, False)

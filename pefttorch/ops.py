@@ -486,3 +486,55 @@ def bottleneck_adapter_backward(
     only when b_down is given; x is needed for w_down's). No autograd. The residual's gradient is a copy of grad_y."""
     return _ops.bottleneck_adapter_backward(grad_y, x, w_down, b_down, w_up, h, add_input, activation, scale,
                                             output_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary_embedding: x * cos + rotate_half(x) * sin (transformers' half-split layout), cos and sin broadcast to x
+
+
+@torch.library.register_fake("pefttorch::rotary_embedding")
+def _rotary_embedding_fake(x, cos, sin, transpose=False):
+    return x.new_empty(x.shape)  # contiguous, as the kernels return it
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    h = t.shape[-1] // 2
+    return torch.cat([-t[..., h:], t[..., :h]], dim=-1)
+
+
+def _rotary_embedding_setup_context(ctx, inputs, output):
+    x, cos, sin, transpose = inputs
+    need_cos, need_sin = ctx.needs_input_grad[1:3]
+    # The gradient w.r.t. x is the transposed rotation of the output's gradient: only cos and sin are needed. x
+    # only for the gradients of cos and sin (transformers computes those under no_grad: usually nothing)
+    ctx.save_for_backward(cos, sin, x if (need_cos or need_sin) else None)
+    ctx.transpose = transpose
+
+
+def _rotary_embedding_backward(ctx, grad):
+    cos, sin, x = ctx.saved_tensors
+    need_x, need_cos, need_sin = ctx.needs_input_grad[:3]
+    grad_x = _rotary_embedding(grad, cos, sin, not ctx.transpose) if need_x else None
+    grad_cos = grad_sin = None
+    if need_cos or need_sin:  # a rare path (trained frequencies): plain tensor ops in x's opmath dtype
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        g, xa = grad.to(acc), x.to(acc)
+        if need_cos:
+            grad_cos = (g * xa).sum_to_size(cos.shape).to(cos.dtype)
+        if need_sin:
+            # forward: d out / d sin = rotate_half(x); transposed: out = x cos + rotate_half^T(x sin), whose
+            # gradient w.r.t. sin is x * rotate_half(grad)
+            grad_sin = (xa * _rotate_half(g) if ctx.transpose else g * _rotate_half(xa)).sum_to_size(sin.shape)
+            grad_sin = grad_sin.to(sin.dtype)
+    return grad_x, grad_cos, grad_sin, None
+
+
+_rotary_embedding = _register_autograd("rotary_embedding", _rotary_embedding_backward,
+                                       _rotary_embedding_setup_context)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in one pass (see :func:`pefttorch.reference.rotary_embedding`): x of 1 to 5
+    dims with an even last dimension, any strides; cos and sin of one float dtype, broadcast to x. Contiguous, in
+    x's dtype. Differentiable in x (its gradient is the transposed rotation: the same kernel), cos and sin."""
+    return _rotary_embedding(x, cos, sin, transpose)

@@ -282,3 +282,22 @@ def component_adamw_(
         p[:n] = pn.to(p.dtype)
         m[:n] = mn.to(m.dtype)
         v[:n] = vn.to(v.dtype)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Rotary position embedding in transformers' half-split layout: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = cat(-x[..., h:], x[..., :h])`` (h = half the last dimension), cos and sin broadcast to x.
+
+    With `transpose`, the transposed rotation (the gradient w.r.t. x of the above, given the output's gradient
+    as x): ``x * cos + cat(x[..., h:] * sin[..., h:], -(x[..., :h] * sin[..., :h]))``. Formed in float32 (float64
+    for float64 x), each product and sum rounded there, the result rounded once to x's dtype; contiguous.
+    """
+    acc = _opmath(x)
+    xa, c, s = x.to(acc), cos.to(acc), sin.to(acc)
+    h = x.shape[-1] // 2
+    if transpose:
+        xs = xa * s
+        turned = torch.cat([xs[..., h:], -xs[..., :h]], dim=-1)
+    else:
+        turned = torch.cat([-xa[..., h:], xa[..., :h]], dim=-1) * s
+    return (xa * c + turned).to(x.dtype).contiguous()

@@ -80,13 +80,14 @@ def test_model_bench_cross_checks_the_lora_runs(tmp_path):
     data = json.loads(out.read_text())
     runs = {r["run"]: r for r in data["suites"]["model"]["rows"]}
     assert (tmp_path / "m-model.png").stat().st_size > 0
-    assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch", "pefttorch+norms", "full+norms"}
+    assert set(runs) == {"full", "peft", "peft+accelerate", "pefttorch", "pefttorch+fused", "full+fused"}
     assert all(r["ok"] and r["step_ms"] > 0 for r in runs.values())
-    # the LoRA runs start from the same adapter weights: same losses, step by step (fused norms included: in
-    # float32 they differ only in summation order)
-    for name in ("peft+accelerate", "pefttorch", "pefttorch+norms"):
+    # the LoRA runs start from the same adapter weights: same losses, step by step (fused norms and RoPE included:
+    # in float32 they differ only in summation order)
+    for name in ("peft+accelerate", "pefttorch", "pefttorch+fused"):
         assert runs[name]["losses"] == pytest.approx(runs["peft"]["losses"], rel=1e-4)
-    assert runs["full+norms"]["losses"] == pytest.approx(runs["full"]["losses"], rel=1e-4)
+    assert runs["full+fused"]["losses"] == pytest.approx(runs["full"]["losses"], rel=1e-4)
+    assert not pefttorch.integrations.rotary._switched  # the global switch was undone after its run
     assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]
 
 
@@ -162,16 +163,17 @@ def test_meft_targets():
                    "meft3 step <= 1.25x pefttorch LoRA": False}
 
 
-def test_model_targets_show_the_fused_norms_against_both_bounds():
+def test_model_targets_show_the_fused_kernels_against_both_bounds():
     results = [model.RunResult(run, step_ms=ms, peak_gib=1.0) for run, ms in
-               [("full", 100.0), ("full+norms", 90.0), ("peft", 140.0), ("pefttorch", 85.0),
-                ("pefttorch+norms", 75.0)]]
+               [("full", 100.0), ("full+fused", 90.0), ("peft", 140.0), ("pefttorch", 85.0),
+                ("pefttorch+fused", 75.0)]]
     model.compare(results, torch.float32)
     met = {t: (m, v) for t, m, v in model.check_targets(results)}
     assert met["pefttorch LoRA step <= 0.80x full fine-tuning"] == (False, "0.850x")
-    assert met["pefttorch LoRA + fuse_norms step <= 0.80x full fine-tuning"] == (True, "0.750x")
-    # against full fine-tuning with the same norms the win is LoRA's alone: 75 / 90
-    assert met["pefttorch LoRA + fuse_norms step <= 0.80x full fine-tuning + fuse_norms"] == (False, "0.833x")
+    assert met["pefttorch LoRA + fused norms/RoPE step <= 0.80x full fine-tuning"] == (True, "0.750x")
+    # against full fine-tuning with the same kernels the win is LoRA's alone: 75 / 90
+    assert met["pefttorch LoRA + fused norms/RoPE step <= 0.80x full fine-tuning + fused norms/RoPE"] == (
+        False, "0.833x")
 
 
 # ---- the sparse MLP suite (DEFT decode): tiny MLPs on the CPU

@@ -1,8 +1,9 @@
 """Whole-model training step, measured one run after another in the same process.
 
 The ``model`` suite: full fine-tuning (the bound), HF PEFT LoRA, HF PEFT LoRA after pefttorch.accelerate, and
-pefttorch LoRA; also pefttorch LoRA and full fine-tuning with ``pefttorch.fuse_norms`` (fused RMSNorms), so that
-what the norms save is shown on both sides and not counted as LoRA's. The ``meft`` suite: full fine-tuning,
+pefttorch LoRA; also pefttorch LoRA and full fine-tuning with ``pefttorch.fuse_norms`` and ``pefttorch.fuse_rotary``
+(fused RMSNorms and RoPE), so that what the fused kernels save is shown on both sides and not counted as LoRA's.
+The ``meft`` suite: full fine-tuning,
 pefttorch LoRA with and without gradient checkpointing, HF PEFT LoRA with gradient checkpointing, and MEFT's
 reversible adapters (meft1, meft2, meft3), whose point is the memory that checkpointing saves without its
 recomputation of every layer.
@@ -24,7 +25,7 @@ import torch
 
 from .timing import LiveTensorBytes, sync
 
-RUNS = ("full", "peft", "peft+accelerate", "pefttorch", "pefttorch+norms", "full+norms")  # the model suite
+RUNS = ("full", "peft", "peft+accelerate", "pefttorch", "pefttorch+fused", "full+fused")  # the model suite
 MEFT_VARIANTS = ("meft1", "meft2", "meft3")
 MEFT_RUNS = ("full", "pefttorch", "pefttorch+gc", "peft+gc", *MEFT_VARIANTS)  # the meft suite
 MEFT_BOTTLENECK = 64  # MEFT1/2 then train about as many parameters as LoRA r=16 on all linear layers
@@ -36,8 +37,8 @@ RUN_HELP = {
     "peft": "HF PEFT LoRA, its defaults (fp32 adapter weights in a bf16 model)",
     "peft+accelerate": "the same HF PEFT model after pefttorch.accelerate(model)",
     "pefttorch": "pefttorch.get_peft_model with the same LoraConfig",
-    "pefttorch+norms": "the same, after pefttorch.fuse_norms(model) (ATen's fused RMSNorm)",
-    "full+norms": "full fine-tuning after pefttorch.fuse_norms(model)",
+    "pefttorch+fused": "the same, after pefttorch.fuse_norms(model) and fuse_rotary(model) (fused RMSNorm and RoPE)",
+    "full+fused": "full fine-tuning after pefttorch.fuse_norms(model) and fuse_rotary(model)",
     "pefttorch+gc": "the same, with gradient checkpointing (transformers' default, non-reentrant)",
     "peft+gc": "HF PEFT LoRA with gradient checkpointing",
     **{v: f"MEFT reversible adapters, MeftConfig(variant='{v}', bottleneck {MEFT_BOTTLENECK}, "
@@ -112,13 +113,13 @@ def _make(run: str, shape, dtype, device, r, dropout, adapter_state, meft: MeftO
         meft = meft or MeftOptions()
         return pefttorch.get_peft_model(model, pefttorch.MeftConfig(
             variant=run, bottleneck=meft.bottleneck, stream_dtype=meft.stream_dtype, adapter_dropout=dropout))
-    if run.endswith("+norms"):
+    if run.endswith("+fused"):  # (run_one undoes fuse_rotary, which is global, after the run)
         import pefttorch
 
-        model = _make(run.removesuffix("+norms"), shape, dtype, device, r, dropout, adapter_state, meft)
-        report = pefttorch.fuse_norms(model, verbose=False)
-        if report.skipped or not report.switched:
-            raise RuntimeError(f"fuse_norms did not switch every RMSNorm: {report}")
+        model = _make(run.removesuffix("+fused"), shape, dtype, device, r, dropout, adapter_state, meft)
+        for report in (pefttorch.fuse_norms(model, verbose=False), pefttorch.fuse_rotary(model, verbose=False)):
+            if report.skipped or not report.switched:
+                raise RuntimeError(f"not everything was switched: {report}")
         return model
     if run.endswith("+gc"):
         model = _make(run.removesuffix("+gc"), shape, dtype, device, r, dropout, adapter_state)
@@ -148,7 +149,7 @@ def _make(run: str, shape, dtype, device, r, dropout, adapter_state, meft: MeftO
     return model
 
 
-def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.device, steps: int, warmup: int,
+def _run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.device, steps: int, warmup: int,
             r: int = 16, dropout: float = 0.0, adapter_state: dict | None = None,
             meft: MeftOptions | None = None) -> tuple[RunResult, dict | None]:
     """Times `steps` training steps after `warmup`; returns the result and (for the first LoRA run)
@@ -159,7 +160,7 @@ def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.devic
     result = RunResult(run)
     model = _make(run, shape, dtype, device, r, dropout, adapter_state, meft)
     initial = None
-    if run not in ("full", "full+norms", *MEFT_VARIANTS) and adapter_state is None:
+    if run not in ("full", "full+fused", *MEFT_VARIANTS) and adapter_state is None:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
@@ -197,6 +198,17 @@ def run_one(run: str, shape: ModelShape, dtype: torch.dtype, device: torch.devic
     if not all(math.isfinite(v) for v in result.losses):
         result.ok, result.note = False, "non-finite loss"
     return result, initial
+
+
+def run_one(run: str, *args, **kwargs) -> tuple[RunResult, dict | None]:
+    """Times one run (see _run_one); a "+fused" run's fuse_rotary is global, so it is undone afterwards."""
+    try:
+        return _run_one(run, *args, **kwargs)
+    finally:
+        if run.endswith("+fused"):
+            from ..integrations.rotary import unfuse_rotary
+
+            unfuse_rotary()
 
 
 def make_batches(shape: ModelShape, n: int, device: torch.device) -> list[torch.Tensor]:
@@ -270,7 +282,7 @@ def compare(results: list[RunResult], dtype: torch.dtype, check_losses: bool = T
             r.ratio_to_peft = r.step_ms / peft.step_ms
         if lora and lora.step_ms and r.step_ms:
             r.ratio_to_lora = r.step_ms / lora.step_ms
-        lora_run = r.run not in ("full", "full+norms", *MEFT_VARIANTS)
+        lora_run = r.run not in ("full", "full+fused", *MEFT_VARIANTS)
         if check_losses and lora_run and ref and r is not ref and ref.losses and r.losses:
             worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r.losses, ref.losses, strict=True))
             if worst > tol:
@@ -301,13 +313,13 @@ def check_targets(results: list[RunResult], suite: str = "model") -> list[tuple[
     if ours and full and ours.step_ms and full.step_ms:
         out.append(("pefttorch LoRA step <= 0.80x full fine-tuning", ours.ok and ours.ratio_to_full <= 0.80,
                     f"{ours.ratio_to_full:.3f}x"))
-    # The same target with fused norms; and, so that the norms' share is not read as LoRA's, against full
-    # fine-tuning with the same norms
-    fused, full_fused = by.get("pefttorch+norms"), by.get("full+norms")
-    for bound, label in ((full, "full fine-tuning"), (full_fused, "full fine-tuning + fuse_norms")):
+    # The same target with fused norms and RoPE; and, so that their share is not read as LoRA's, against full
+    # fine-tuning with the same kernels
+    fused, full_fused = by.get("pefttorch+fused"), by.get("full+fused")
+    for bound, label in ((full, "full fine-tuning"), (full_fused, "full fine-tuning + fused norms/RoPE")):
         if fused and bound and fused.step_ms and bound.step_ms:
             ratio = fused.step_ms / bound.step_ms
-            out.append((f"pefttorch LoRA + fuse_norms step <= 0.80x {label}", fused.ok and ratio <= 0.80,
+            out.append((f"pefttorch LoRA + fused norms/RoPE step <= 0.80x {label}", fused.ok and ratio <= 0.80,
                         f"{ratio:.3f}x"))
     if ours and peft and ours.peak_gib is not None and peft.peak_gib is not None:
         ratio = ours.peak_gib / peft.peak_gib

@@ -1,0 +1,82 @@
+// Device code of the rotary embedding op (launcher: rotary.cu). Kept apart so the CPU emulation test
+// (csrc/tests/test_rotary_kernels_emulated.cpp) can compile and run it without a GPU.
+//
+// One thread per rotated pair (i, i + h) of a row, grid-stride over rows * h pairs: consecutive threads take
+// consecutive pairs of a row, so a warp reads and writes contiguous runs of x, cos, sin and out. Memory-bound:
+// each element of x and out is touched once, cos and sin are read per row (from L2 when broadcast over heads).
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../ops.h"
+
+namespace pefttorch::cuda {
+
+constexpr int kRotaryThreads = 256;
+
+// a * b and a + b (a - b), rounded as PyTorch's separate ops round them: never contracted into an FMA.
+template <typename acc_t>
+__device__ __forceinline__ acc_t mul_rn(acc_t a, acc_t b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<acc_t, double>) return __dmul_rn(a, b);
+  else return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t add_rn(acc_t a, acc_t b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<acc_t, double>) return __dadd_rn(a, b);
+  else return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// The row geometry of RotaryArgs, by value (a kernel argument).
+struct RotaryGeometry {
+  int64_t half;
+  int dims;
+  int64_t sizes[kRotaryDims], x_strides[kRotaryDims], cos_strides[kRotaryDims], sin_strides[kRotaryDims];
+};
+
+template <typename T, typename C, bool Transpose>
+__global__ void __launch_bounds__(kRotaryThreads)
+    rotary_kernel(const T* __restrict__ x, const C* __restrict__ cos, const C* __restrict__ sin, T* __restrict__ out,
+                  RotaryGeometry g, int64_t pairs) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < pairs; t += stride) {
+    const int64_t r = t / g.half, i = t - r * g.half;
+    int64_t xo = 0, co = 0, so = 0, rest = r;
+    for (int d = g.dims - 1; d >= 0; --d) {  // the last leading dimension varies fastest, as in `out`
+      const int64_t k = rest % g.sizes[d];
+      rest /= g.sizes[d];
+      xo += k * g.x_strides[d];
+      co += k * g.cos_strides[d];
+      so += k * g.sin_strides[d];
+    }
+    const acc_t x1 = static_cast<acc_t>(x[xo + i]), x2 = static_cast<acc_t>(x[xo + i + g.half]);
+    const acc_t c1 = static_cast<acc_t>(cos[co + i]), c2 = static_cast<acc_t>(cos[co + i + g.half]);
+    const acc_t s1 = static_cast<acc_t>(sin[so + i]), s2 = static_cast<acc_t>(sin[so + i + g.half]);
+    const acc_t p1 = mul_rn(x1, c1), p2 = mul_rn(x2, c2);
+    acc_t o1, o2;
+    if constexpr (Transpose) {
+      o1 = add_rn(p1, mul_rn(x2, s2));
+      o2 = add_rn(p2, -mul_rn(x1, s1));
+    } else {
+      o1 = add_rn(p1, -mul_rn(x2, s1));
+      o2 = add_rn(p2, mul_rn(x1, s2));
+    }
+    T* o = out + r * 2 * g.half;
+    o[i] = static_cast<T>(o1);
+    o[i + g.half] = static_cast<T>(o2);
+  }
+}
+
+}  // namespace pefttorch::cuda

@@ -1,0 +1,114 @@
+"""``pefttorch.fuse_rotary``: transformers' ``apply_rotary_pos_emb`` replaced by pefttorch's rotary kernel.
+
+transformers applies RoPE as ``q * cos + rotate_half(q) * sin`` (and the same for k): a negation, a
+concatenation, two products and a sum, each a pass over the activations, forward and backward. pefttorch's
+``rotary_embedding`` op does it in one pass each way and keeps nothing activation-sized for backward.
+
+The attention classes call the function by its name in their modeling module (``modeling_llama``,
+``modeling_mistral``, ...), so the switch is made there: it affects every model of that family in the process,
+as other kernel libraries patch transformers. Each module is switched only if its function matches the kernel
+on a probe (so interleaved-layout or partial rotary variants stay as they were); calls the kernel would not
+reproduce (cos of another dtype than q's, where transformers promotes; a cos narrower than the head) go to
+transformers' own function. :func:`unfuse_rotary` restores the originals.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from torch import nn
+
+from .. import ops
+from .peft import AccelerateReport
+
+logger = logging.getLogger("pefttorch")
+
+_NAME = "apply_rotary_pos_emb"
+_switched: dict[str, object] = {}  # modeling module name -> transformers' function
+
+
+def _fused(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        # transformers' signature has changed across versions: (..., position_ids=None, unsqueeze_dim=1) and
+        # (..., unsqueeze_dim=1); the extra arguments pass to the original unchanged
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args and isinstance(args[-1], int) else 1)
+        if (q.dtype != cos.dtype or k.dtype != q.dtype or sin.dtype != cos.dtype or q.dim() != 4 or k.dim() != 4
+                or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or k.shape[-1] != q.shape[-1]):
+            return original(q, k, cos, sin, *args, **kwargs)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return ops.rotary_embedding(q, cos, sin, False), ops.rotary_embedding(k, cos, sin, False)
+
+    apply_rotary_pos_emb.pefttorch_original = original
+    apply_rotary_pos_emb.__doc__ = "pefttorch's rotary kernel in place of transformers' function (fuse_rotary)."
+    return apply_rotary_pos_emb
+
+
+def _probe_mismatch(fn) -> str | None:
+    """Why transformers' `fn` is not the half-split rotation the kernel computes, on a random probe (None: it is)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 1, 3, 8, generator=gen)
+    cos, sin = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 3, 8, generator=gen)
+    try:
+        with torch.no_grad():
+            want = fn(q, k, cos, sin)
+    except Exception as err:  # noqa: BLE001 - any failure means: leave it as it is
+        return f"its {_NAME} failed on a probe ({type(err).__name__}: {err})"
+    got = (ops.rotary_embedding(q, cos.unsqueeze(1), sin.unsqueeze(1)),
+           ops.rotary_embedding(k, cos.unsqueeze(1), sin.unsqueeze(1)))
+    same = isinstance(want, tuple) and len(want) == 2 and all(
+        w.shape == g.shape and torch.allclose(w, g, rtol=1e-5, atol=1e-6) for w, g in zip(want, got, strict=True))
+    if not same:
+        return f"its {_NAME} is not the half-split rotation x * cos + rotate_half(x) * sin"
+    return None
+
+
+def fuse_rotary(model: nn.Module, verbose: bool = True) -> AccelerateReport:
+    """Switches ``apply_rotary_pos_emb`` of the transformers modeling modules that `model`'s attention layers come
+    from (Llama, Mistral, Qwen, ...) to pefttorch's fused rotary kernel: one pass each way instead of five
+    operations, nothing activation-sized kept for backward. Outputs match transformers' to one rounding (in bf16
+    transformers rounds three times, the kernel once).
+
+    The switch is per modeling module, so it applies to every model of that family in the process (transformers'
+    attention calls the function by its module-level name). Returns a report of the modules switched and those
+    left alone and why (also logged at INFO when `verbose`); :func:`unfuse_rotary` undoes it.
+    """
+    report = AccelerateReport(title="pefttorch.fuse_rotary", what="modeling module(s) switched to pefttorch's "
+                                                                   "rotary kernel")
+    seen = set()
+    for module in model.modules():
+        name = type(module).__module__
+        if name in seen or not type(module).__name__.endswith("Attention"):
+            continue
+        seen.add(name)
+        modeling = sys.modules.get(name)
+        fn = getattr(modeling, _NAME, None)
+        if fn is None:
+            continue  # no rotary embedding there (BERT, GPT-2, T5, ...)
+        if name in _switched:
+            report.switched.append(name)
+            continue
+        mismatch = _probe_mismatch(fn)
+        if mismatch is not None:
+            report.skipped[name] = mismatch
+            continue
+        _switched[name] = fn
+        setattr(modeling, _NAME, _fused(fn))
+        report.switched.append(name)
+    if verbose:
+        logger.info("%s", report)
+    return report
+
+
+def unfuse_rotary() -> int:
+    """Gives every modeling module switched by :func:`fuse_rotary` transformers' own function back; returns how
+    many."""
+    count = 0
+    for name, original in list(_switched.items()):
+        modeling = sys.modules.get(name)
+        if modeling is not None:
+            setattr(modeling, _NAME, original)
+            count += 1
+        del _switched[name]
+    return count
