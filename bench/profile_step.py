@@ -18,6 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import pefttorch
 from pefttorch.bench import model as bench_model
 from pefttorch.bench import rank as bench_rank
 
@@ -73,6 +74,8 @@ def main() -> None:
         raise SystemExit("profile_step.py profiles GPU kernels: no CUDA device here")
     for run in args.runs:
         profile_run(run, args.rows, args.dropout)
+        if run.endswith("+fused"):  # fuse_rotary switches a module-level function: not for the runs after
+            pefttorch.unfuse_rotary()
         torch.cuda.empty_cache()
 
 
