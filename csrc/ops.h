@@ -362,12 +362,30 @@ void register_bottleneck_adapter_ops(torch::Library& m) {
 // dimension of each is contiguous); the output is contiguous, in x's dtype.
 constexpr int kRotaryDims = 4;
 
+// Where the rows of x, cos and sin are: by value, so that a CUDA kernel takes it as an argument.
+struct RotaryGeometry {
+  int64_t half;
+  int dims;  // leading dimensions in use (0 for a 1-D x)
+  int64_t sizes[kRotaryDims], x_strides[kRotaryDims], cos_strides[kRotaryDims], sin_strides[kRotaryDims];
+
+  // Element offsets of row r (rows counted as in the contiguous output: the last leading dimension fastest).
+  C10_HOST_DEVICE void offsets(int64_t r, int64_t& x, int64_t& cos, int64_t& sin) const {
+    x = cos = sin = 0;
+    for (int d = dims - 1; d >= 0; --d) {
+      const int64_t i = r % sizes[d];
+      r /= sizes[d];
+      x += i * x_strides[d];
+      cos += i * cos_strides[d];
+      sin += i * sin_strides[d];
+    }
+  }
+};
+
 struct RotaryArgs {
   at::Tensor x, cos, sin;  // inputs: data pointers include the storage offsets
   at::Tensor out;          // output, contiguous (rows, D)
-  int64_t rows, half;
-  int dims;  // leading dimensions in use (0 for a 1-D x)
-  int64_t sizes[kRotaryDims], x_strides[kRotaryDims], cos_strides[kRotaryDims], sin_strides[kRotaryDims];
+  int64_t rows;
+  RotaryGeometry g;
   bool transpose;
 };
 

@@ -39,12 +39,12 @@ at::Tensor rotary_embedding(const RotaryKernels& k, const at::Tensor& x_in, cons
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
 
-  RotaryArgs a{x, c, s, out, x.numel() / width, width / 2, static_cast<int>(x.dim()) - 1, {}, {}, {}, {}, transpose};
-  for (int d = 0; d < a.dims; ++d) {
-    a.sizes[d] = x.size(d);
-    a.x_strides[d] = x.stride(d);
-    a.cos_strides[d] = c.stride(d);
-    a.sin_strides[d] = s.stride(d);
+  RotaryArgs a{x, c, s, out, x.numel() / width, {width / 2, static_cast<int>(x.dim()) - 1, {}, {}, {}, {}}, transpose};
+  for (int d = 0; d < a.g.dims; ++d) {
+    a.g.sizes[d] = x.size(d);
+    a.g.x_strides[d] = x.stride(d);
+    a.g.cos_strides[d] = c.stride(d);
+    a.g.sin_strides[d] = s.stride(d);
   }
   k.apply(a);
   return out;

@@ -17,18 +17,12 @@ void apply_typed(const RotaryArgs& a) {
   const C* cos = a.cos.const_data_ptr<C>();
   const C* sin = a.sin.const_data_ptr<C>();
   T* out = a.out.mutable_data_ptr<T>();
-  const int64_t h = a.half;
+  const int64_t h = a.g.half;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * h));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      int64_t xo = 0, co = 0, so = 0, rest = r;
-      for (int d = a.dims - 1; d >= 0; --d) {  // the last leading dimension varies fastest, as in `out`
-        const int64_t i = rest % a.sizes[d];
-        rest /= a.sizes[d];
-        xo += i * a.x_strides[d];
-        co += i * a.cos_strides[d];
-        so += i * a.sin_strides[d];
-      }
+      int64_t xo, co, so;
+      a.g.offsets(r, xo, co, so);
       const T* xr = x + xo;
       const C* cr = cos + co;
       const C* sr = sin + so;

@@ -16,12 +16,7 @@ namespace {
 
 void apply_cuda(const RotaryArgs& a) {
   const c10::cuda::CUDAGuard guard(a.x.device());
-  RotaryGeometry g{a.half, a.dims, {}, {}, {}, {}};
-  std::copy(a.sizes, a.sizes + kRotaryDims, g.sizes);
-  std::copy(a.x_strides, a.x_strides + kRotaryDims, g.x_strides);
-  std::copy(a.cos_strides, a.cos_strides + kRotaryDims, g.cos_strides);
-  std::copy(a.sin_strides, a.sin_strides + kRotaryDims, g.sin_strides);
-  const int64_t pairs = a.rows * a.half;
+  const int64_t pairs = a.rows * a.g.half;
   // Enough blocks for every pair, at most 8 per SM (a full SM of 256-thread blocks): the grid-stride loop does
   // the rest.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -33,7 +28,7 @@ void apply_cuda(const RotaryArgs& a) {
       using C = decltype(c);
       const auto kernel = a.transpose ? rotary_kernel<T, C, true> : rotary_kernel<T, C, false>;
       kernel<<<blocks, kRotaryThreads, 0, stream>>>(a.x.const_data_ptr<T>(), a.cos.const_data_ptr<C>(),
-                                                    a.sin.const_data_ptr<C>(), a.out.mutable_data_ptr<T>(), g, pairs);
+                                                    a.sin.const_data_ptr<C>(), a.out.mutable_data_ptr<T>(), a.g, pairs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

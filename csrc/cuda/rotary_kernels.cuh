@@ -38,13 +38,6 @@ __device__ __forceinline__ acc_t add_rn(acc_t a, acc_t b) {
 #endif
 }
 
-// The row geometry of RotaryArgs, by value (a kernel argument).
-struct RotaryGeometry {
-  int64_t half;
-  int dims;
-  int64_t sizes[kRotaryDims], x_strides[kRotaryDims], cos_strides[kRotaryDims], sin_strides[kRotaryDims];
-};
-
 template <typename T, typename C, bool Transpose>
 __global__ void __launch_bounds__(kRotaryThreads)
     rotary_kernel(const T* __restrict__ x, const C* __restrict__ cos, const C* __restrict__ sin, T* __restrict__ out,
@@ -53,14 +46,8 @@ __global__ void __launch_bounds__(kRotaryThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < pairs; t += stride) {
     const int64_t r = t / g.half, i = t - r * g.half;
-    int64_t xo = 0, co = 0, so = 0, rest = r;
-    for (int d = g.dims - 1; d >= 0; --d) {  // the last leading dimension varies fastest, as in `out`
-      const int64_t k = rest % g.sizes[d];
-      rest /= g.sizes[d];
-      xo += k * g.x_strides[d];
-      co += k * g.cos_strides[d];
-      so += k * g.sin_strides[d];
-    }
+    int64_t xo, co, so;
+    g.offsets(r, xo, co, so);
     const acc_t x1 = static_cast<acc_t>(x[xo + i]), x2 = static_cast<acc_t>(x[xo + i + g.half]);
     const acc_t c1 = static_cast<acc_t>(cos[co + i]), c2 = static_cast<acc_t>(cos[co + i + g.half]);
     const acc_t s1 = static_cast<acc_t>(sin[so + i]), s2 = static_cast<acc_t>(sin[so + i + g.half]);

@@ -14,6 +14,7 @@
 #include <string>
 
 using namespace pefttorch::cuda;
+using pefttorch::RotaryGeometry;
 
 namespace {
 
