@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "rounding.cuh"
+
 namespace pefttorch::cuda {
 
 constexpr int kElementwiseThreads = 256;
@@ -56,21 +58,6 @@ __device__ __forceinline__ void store(T* __restrict__ p, int64_t i, bool vec, co
 #pragma unroll
     for (int j = 0; j < N; ++j) p[i + j] = static_cast<T>(in[j]);
   }
-}
-
-// a * b + c rounded twice, never contracted into an FMA: the same bits as PyTorch's separate mul and add
-// (the reference), on the GPU as on the CPU.
-template <typename acc_t>
-__device__ __forceinline__ acc_t mul_add_rn(acc_t a, acc_t b, acc_t c) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return __dadd_rn(__dmul_rn(a, b), c);
-  } else {
-    return __fadd_rn(__fmul_rn(a, b), c);
-  }
-#else
-  return a * b + c;
-#endif
 }
 
 template <typename T, typename F>

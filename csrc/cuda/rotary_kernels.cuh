@@ -9,34 +9,13 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../ops.h"
+#include "rounding.cuh"
 
 namespace pefttorch::cuda {
 
 constexpr int kRotaryThreads = 256;
-
-// a * b and a + b (a - b), rounded as PyTorch's separate ops round them: never contracted into an FMA.
-template <typename acc_t>
-__device__ __forceinline__ acc_t mul_rn(acc_t a, acc_t b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<acc_t, double>) return __dmul_rn(a, b);
-  else return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t add_rn(acc_t a, acc_t b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<acc_t, double>) return __dadd_rn(a, b);
-  else return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 template <typename T, typename C, bool Transpose>
 __global__ void __launch_bounds__(kRotaryThreads)
