@@ -7,13 +7,7 @@
 
 #include <type_traits>
 
-#ifndef PT_HOST_DEVICE  // as in philox.h
-#if defined(__CUDACC__)
-#define PT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PT_HOST_DEVICE inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace pefttorch {
 

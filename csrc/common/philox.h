@@ -9,11 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PT_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace pefttorch {
 
