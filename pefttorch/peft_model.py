@@ -41,6 +41,19 @@ _TUNERS = {MeftConfig: MeftModel, AdapterConfig: AdapterModel, ScaLearnConfig: S
            PromptTuningConfig: PromptModel, PrefixTuningConfig: PrefixModel}
 
 
+def _tuner_for(config) -> type:
+    """The tuner class that serves `config`; a TypeError that says what is accepted for anything else."""
+    tuner = next((t for cls, t in _TUNERS.items() if isinstance(config, cls)), None)
+    if tuner is None:
+        kind = type(config)
+        hint = (f"; for HF PEFT's {kind.__name__} use pefttorch.{kind.__name__} (same fields) if pefttorch has it, "
+                "or keep HF PEFT and call pefttorch.accelerate(peft_model)") if kind.__module__.startswith("peft") \
+            else ""
+        raise TypeError("pefttorch.PeftModel takes a pefttorch config (" + ", ".join(c.__name__ for c in _TUNERS)
+                        + f"), got {kind.__module__}.{kind.__name__}{hint}")
+    return tuner
+
+
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
     adapters, bottleneck adapters (and ScaLearn's mix of several), (IA)^3, SSF, BitFit, LayerNorm tuning, prompt
@@ -55,14 +68,7 @@ class PeftModel(Forwarding):
     def __init__(self, model: nn.Module, config: LoraConfig | MeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
-        tuner = next((t for cls, t in _TUNERS.items() if isinstance(config, cls)), None)
-        if tuner is None:
-            kind = type(config)
-            hint = (f"; for HF PEFT's {kind.__name__} use pefttorch.{kind.__name__} (same fields) if pefttorch has it, "
-                    "or keep HF PEFT and call pefttorch.accelerate(peft_model)") if kind.__module__.startswith("peft") \
-                else ""
-            raise TypeError("pefttorch.PeftModel takes a pefttorch config (" + ", ".join(c.__name__ for c in _TUNERS)
-                            + f"), got {kind.__module__}.{kind.__name__}{hint}")
+        tuner = _tuner_for(config)
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         if tuner in (LoraModel, RankedLoraModel):
@@ -126,6 +132,9 @@ class PeftModel(Forwarding):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Adds a second (third, ...) adapter; it is not made active (see set_adapter)."""
+        if _tuner_for(peft_config) is not type(self.base_model):
+            raise TypeError(f"add_adapter: this model's adapters are {type(self.base_model).__name__}'s; a "
+                            f"{type(peft_config).__name__} cannot join them (one method per model)")
         active = self.active_adapters
         self.base_model.inject_adapter(peft_config, adapter_name)
         self.base_model.set_adapter(active)
@@ -159,16 +168,28 @@ class PeftModel(Forwarding):
         finally:
             self.base_model.set_adapters_disabled(False)
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        self.base_model.merge_adapter(adapter_names)
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a merge that would
+        leave a non-finite weight is undone and raises instead."""
+        if safe_merge:
+            self.base_model.merge_adapter(adapter_names, safe_merge=True)
+        else:
+            self.base_model.merge_adapter(adapter_names)
 
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapters merged into its weights, LoRA layers (and density loss
-        hooks) removed."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """The base model with the active (or the given) adapters merged into its weights, LoRA layers (and density
+        loss hooks) removed. `safe_merge` as in merge_adapter; `progressbar` is accepted for HF PEFT's signature
+        (merging is a pass over the adapted layers, quick enough not to need one)."""
+        del progressbar
+        if safe_merge:
+            self.merge_adapter(adapter_names, safe_merge=True)
         self._detach_density_loss()
+        if adapter_names is not None:
+            return self.base_model.unload(merge=True, adapter_names=adapter_names)
         return self.base_model.unload(merge=True)
 
     def unload(self) -> nn.Module:

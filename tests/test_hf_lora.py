@@ -201,6 +201,63 @@ def test_multiple_adapters_switch_add_up_and_delete():
     assert not any("default" in n for n, _ in model.named_parameters())
 
 
+def test_merged_adapters_leave_when_disabled_or_switched():
+    """A merged adapter is in the base weights: disabling adapters or switching to another takes it back out, as HF
+    PEFT does, instead of computing it anyway (disabled) or adding it to the new adapter (set_adapter)."""
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    original = logits(fresh(family), inp)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj", "o_proj"], init_lora_weights=False))
+    model.set_adapter("b")
+    y_b = logits(model, inp)
+    model.set_adapter("default")
+    y_default = logits(model, inp)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, inp), y_default, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inp), original, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model, inp), y_default, rtol=1e-5, atol=1e-5)  # unmerged now, still adapted
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging"):
+        model.set_adapter("b")
+    torch.testing.assert_close(logits(model, inp), y_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model.merge_and_unload(), inp), y_b, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_takes_hf_peft_arguments():
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    y = logits(model, inp)  # "default" alone is active
+    merged = model.merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"])
+    torch.testing.assert_close(logits(merged, inp), y, rtol=1e-5, atol=1e-5)
+
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    before = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_adapter(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+
+
+def test_adapter_set_errors():
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="pefttorch config"):
+        model.add_adapter("hf", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    from pefttorch import IA3Config
+    with pytest.raises(TypeError, match="cannot join"):
+        model.add_adapter("ia3", IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    assert list(model.peft_config) == ["default"]
+    with pytest.raises(ValueError, match="only adapter"):
+        model.delete_adapter("default")
+    assert model.active_adapter == "default"
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)

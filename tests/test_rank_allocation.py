@@ -917,3 +917,39 @@ def test_orth_regularization_with_ranks_that_differ_and_its_gradient():
         n = layer.lora_components["default"].in_use
         a, _, b_t = layer.factors("default")
         assert a.grad[n:].abs().sum() == 0 and a.grad[:n].abs().sum() > 0 and b_t.grad[n:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_module_pruned_to_rank_zero_keeps_its_trained_bias_through_save_and_load(bias, tmp_path):
+    """Saved without factors, such a module loads as a plain layer: its trained bias is saved under the plain
+    layer's key (it was dropped with "lora_only", and saved under a key no loader expected with "all")."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100,
+                                                    max_position_embeddings=64)).eval()
+    ref = copy.deepcopy(base)
+    model = pefttorch.get_peft_model(base, pefttorch.AdaLoraConfig(
+        init_r=4, target_r=1, tinit=0, tfinal=1, deltaT=1, total_step=3, target_modules=["query", "value"],
+        modules_to_save=["classifier"], bias=bias))
+    allocator = model.base_model.allocator
+    # the second module's components score lowest: pruning 4 components takes it to rank 0
+    allocator.component_scores = lambda: [torch.full((allocator.components(layer).rank,), 0.0 if i == 1 else 1.0 + i)
+                                          for i, (_, layer) in enumerate(allocator.layers)]
+    allocator.prune_to(allocator.total_rank() - 4, step=1)
+    assert sorted(model.rank_pattern().values()) == [0, 4, 4, 4]
+    with torch.no_grad():  # as training would: every trainable bias moves
+        for p in model.parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.5)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    for loaded in (pefttorch.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path),
+                   peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path)):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,13 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
     that the file has exactly the tensors, of exactly the shapes, that this model's adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
+    if lora_model.peft_config[adapter_name].bias != "none":
+        # a trained bias of a module saved without factors (pruned to rank 0) is under the plain module's key
+        params = dict(lora_model.model.named_parameters())
+        for key in set(saved) - set(expected):
+            name = key.removeprefix("base_model.model.")
+            if key.endswith(".bias") and name in params:
+                expected[key] = params[name].detach()
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"

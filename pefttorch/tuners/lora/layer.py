@@ -51,6 +51,9 @@ def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the base layer in one pefttorch op; further active adapters (rare) add unfused terms."""
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     base = layer.base_layer
+    if layer.disable_adapters and layer.merged:
+        # disabled means the base model's output: take merged adapters back out first (as HF PEFT does)
+        layer.unmerge()
     if layer.disable_adapters or layer.merged or not active:
         return base(x)
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # (out, in) view, no copy

@@ -217,6 +217,12 @@ class LoraModel(Forwarding):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
+        merged = [layer for _, layer in self.lora_layers() if layer.merged]
+        if merged and set(names) != set(self.active_adapters):
+            # a merged adapter left in the weights would add to the new ones: take it out (as HF PEFT does)
+            warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
+            for layer in merged:
+                layer.unmerge()
         self.active_adapters = names
         for _, layer in self.lora_layers():
             layer.active_adapters = [n for n in names if n in layer.lora_A]
@@ -247,6 +253,8 @@ class LoraModel(Forwarding):
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; adapters are: {list(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"{name!r} is the only adapter: a model needs one (unload() returns the base model)")
         for _, layer in self.lora_layers():
             layer.delete_adapter(name)
         for _, wrapper in self.save_wrappers():
@@ -268,20 +276,35 @@ class LoraModel(Forwarding):
 
     # ------------------------------------------------------------------ merging and unloading
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        for _, layer in self.lora_layers():
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
+        weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
+        again, and a ValueError says where."""
+        done = []  # (layer, adapters it had merged before this call)
+        for name, layer in self.lora_layers():
+            before = list(layer.merged_adapters)
+            weight = layer.base_layer.weight.detach().clone() if safe_merge else None
             layer.merge(adapter_names)
+            if weight is not None and not torch.isfinite(layer.base_layer.weight).all():
+                with torch.no_grad():
+                    layer.base_layer.weight.copy_(weight)
+                layer.merged_adapters[:] = before
+                for other, had in done:
+                    while len(other.merged_adapters) > len(had):
+                        other._merge(other.merged_adapters.pop(), -1.0)
+                raise ValueError(f"safe_merge: merging into {name} gives a weight with NaN or inf; nothing was merged")
+            done.append((layer, before))
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def unload(self, merge: bool = False) -> nn.Module:
-        """Replaces every LoraLayer by its base layer (with the active adapters merged in if `merge`, else
-        exactly the original weights) and every modules_to_save wrapper by the module in use."""
+    def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Replaces every LoraLayer by its base layer (with the active, or the given, adapters merged in if
+        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use."""
         for name, layer in self.lora_layers():
             if merge:
-                layer.merge()
+                layer.merge(adapter_names)
             else:
                 layer.unmerge()
             _set_submodule(self.model, name, layer.base_layer)
@@ -300,10 +323,14 @@ class LoraModel(Forwarding):
         The tensors share storage with the model's parameters: loading copies into them."""
         config = self.peft_config[name]
         out: dict[str, torch.Tensor] = {}
+        dropped = set()  # layers saved without factors (rank 0): loaded as plain layers, so their bias is <path>.bias
         for path, layer in self.lora_layers():
             if name in layer.lora_A:
                 a, b = self.lora_factors(layer, name)
                 if a is None:
+                    dropped.add(path)
+                    if config.bias == "lora_only" and layer.base_layer.bias is not None:
+                        out[f"{PREFIX}{path}.bias"] = layer.base_layer.bias
                     continue
                 out[f"{PREFIX}{path}.lora_A.weight"] = a
                 out[f"{PREFIX}{path}.lora_B.weight"] = b
@@ -317,7 +344,8 @@ class LoraModel(Forwarding):
             for key, value in self.model.state_dict().items():
                 if key.endswith("bias") and ".lora_" not in key and ".original_module." not in key \
                         and ".modules_to_save." not in key:
-                    out[f"{PREFIX}{key}"] = value
+                    path = key.removesuffix(".base_layer.bias")
+                    out[f"{PREFIX}{path}.bias" if path in dropped else f"{PREFIX}{key}"] = value
         return {k: v.detach() for k, v in out.items()}
 
     def lora_factors(self, layer: LoraLayer, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
