@@ -272,14 +272,20 @@ def test_no_grad_pass_in_training_mode_keeps_the_losses():
     assert torch.equal(model.density_loss.loss(), term)
 
 
-def test_trainer_loss_kwargs_weigh_the_term_by_the_micro_batch_share():
+def test_trainer_loss_kwargs_weigh_the_term_by_the_micro_batch_share(tmp_path):
+    import transformers
+
     fam = FAMILIES["llama"]
     ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
     model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
     model.train()
     labels = ids.clone()
     labels[0, :3] = -100
-    n = int(labels.ne(-100).sum())
+    # the items as the Trainer itself counts them (a causal LM's shifted labels: one fewer per row)
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    n = int(trainer._get_num_items_in_batch([{"input_ids": ids, "labels": labels}], torch.device("cpu")))
+    assert n == int(labels[..., 1:].ne(-100).sum())
     # as the Trainer calls it under gradient accumulation: this micro-batch holds n of the 4n items
     out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(4 * n))
     term = model.density_loss.loss()
