@@ -352,6 +352,19 @@ def test_outputs_equal_with_and_without_grad_and_disable_adapter_gives_the_base_
         torch.testing.assert_close(unloaded(**inputs).logits, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_per_layer_outputs_are_refused_not_returned_empty(family):
+    """transformers records hidden states from the layers' own calls, which the reversible stack does not make."""
+    inputs = batch(torch.Generator().manual_seed(3), family)
+    inputs.pop("labels")
+    model = pefttorch.get_peft_model(build(family), pefttorch.MeftConfig(variant="meft1"))
+    for flag in ("output_hidden_states", "output_attentions"):
+        with torch.no_grad(), pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            model(**inputs, **{flag: True})
+    with torch.no_grad(), model.disable_adapter():
+        assert len(model(**inputs, output_hidden_states=True).hidden_states) == model.config.num_hidden_layers + 1
+
+
 def test_generate_with_a_key_value_cache():
     g = torch.Generator().manual_seed(9)
     model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1")).eval()

@@ -143,7 +143,8 @@ class MeftModel(Forwarding):
         wrapped = ReversibleLayerList(layers, self._run_layers)
         setattr(parent, attr, wrapped)
         self._hooks = [parent.register_forward_pre_hook(functools.partial(_set_active, wrapped, True)),
-                       parent.register_forward_hook(functools.partial(_set_active, wrapped, False), always_call=True)]
+                       parent.register_forward_hook(functools.partial(_set_active, wrapped, False), always_call=True),
+                       model.register_forward_pre_hook(self._refuse_per_layer_outputs, with_kwargs=True)]
         trainable = not config.inference_mode
         for layer in layers:
             layer.meft_adapters.requires_grad_(trainable)
@@ -182,6 +183,17 @@ class MeftModel(Forwarding):
                 g = Block(functools.partial(_mlp_block, family, layer), [layer])
             out.append(ReversibleLayer(f, g, lam, beta, swap))
         return out
+
+    def _refuse_per_layer_outputs(self, model, args, kwargs) -> None:
+        """transformers records hidden states and attention maps from the layer modules' own calls, which the
+        reversible stack does not make: refuse, instead of returning empty tuples."""
+        if self.disabled:
+            return
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag, getattr(model.config, flag, False)):
+                raise ValueError(f"MEFT: {flag}=True is not supported: the reversible layers run as a two-stream "
+                                 "stack and have no per-layer outputs to record (with adapters disabled the model "
+                                 "runs its own layers and has them)")
 
     def _run_layers(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layers = list(self.layers._modules.values())
