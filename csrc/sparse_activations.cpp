@@ -54,7 +54,11 @@ at::Tensor apply_activation(const at::Tensor& h, Activation act) {
 
 namespace {
 
-at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+// An optional input, contiguous: the kernels index biases and weights as dense arrays (a strided bias was read
+// as if it were contiguous)
+at::Tensor opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
 
 }  // namespace
 

@@ -72,9 +72,11 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dr
     need_x, need_w, need_a, need_b, need_bias = output_mask
     return (
         grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if need_x else None,
-        torch.empty_like(weight) if need_w else None,
-        torch.empty_like(lora_a) if need_a else None,
-        torch.empty_like(lora_b) if need_b else None,
+        # contiguous whatever the parameters' strides (e.g. a transposed fan_in_fan_out weight): the kernel's mm
+        # results are, and Inductor asserts the strides the fake kernel promises
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None,
+        torch.empty_like(lora_a, memory_format=torch.contiguous_format) if need_a else None,
+        torch.empty_like(lora_b, memory_format=torch.contiguous_format) if need_b else None,
         grad_y.new_empty((weight.shape[0],)) if need_bias else None,
     )
 

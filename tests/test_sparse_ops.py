@@ -630,3 +630,26 @@ def test_density_loss_backward_bad_input():
         _ops.density_loss_backward(torch.tensor(1.0), torch.empty(0), 1e-7)
     with pytest.raises(RuntimeError, match=r"a has unsupported dtype Long"):
         _ops.density_loss_backward(torch.tensor(1.0), torch.ones(3, dtype=torch.int64), 1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_sparse_mlp_strided_biases_and_nan(tokens, device):
+    """Biases that are strided views are read as such (the sparse path once read them as contiguous), and a NaN
+    activation is active and propagates as in the dense MLP, on the sparse path (few tokens, few active neurons)
+    as on the dense one."""
+    g = torch.Generator().manual_seed(tokens)
+    inter, hidden, out = 64, 8, 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    x, w_in, w_up, w_down_t = randn(tokens, hidden), randn(inter, hidden), randn(inter, hidden), randn(inter, out)
+    b_in = randn(inter) - 3  # few active neurons: the sparse path for up to 16 tokens
+    b_up, b_down = randn(2 * inter)[::2], randn(3 * out)[1::3]
+    args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, "relu", 0.0)
+    torch.testing.assert_close(ops.sparse_mlp(*args), reference.sparse_mlp(*args))
+    x[0, 0] = float("nan")
+    y, want = ops.sparse_mlp(*args), reference.sparse_mlp(*args)
+    assert want[0].isnan().all() and y[0].isnan().all()
+    torch.testing.assert_close(y[1:], want[1:])

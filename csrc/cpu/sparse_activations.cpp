@@ -84,7 +84,8 @@ at::Tensor sparse_mlp_cpu(const SparseMlpArgs& a) {
   const auto acc = at::toOpMathType(a.x.scalar_type());
   const at::Tensor gate = sparse_mlp_gate(a);                // (tokens, inter), x's dtype
   const at::Tensor g = gate.to(acc).contiguous();             // exact widening: the same values
-  const at::Tensor active = (g.abs() > a.threshold).any(0);
+  // masked where |a| <= threshold, so a NaN counts as active and propagates, as in the dense MLP
+  const at::Tensor active = g.abs().le(a.threshold).logical_not().any(0);
   const at::Tensor idx = active.nonzero().view({-1});
   const int64_t n_active = idx.size(0);
   if (n_active > dense_above_density(tokens) * inter) return sparse_mlp_dense_from_gate(a, gate);
@@ -106,7 +107,7 @@ at::Tensor sparse_mlp_cpu(const SparseMlpArgs& a) {
         const int64_t i = ids[j];
         for (int64_t t = 0; t < tokens; ++t) {
           const acc_t gv = gp[t * inter + i];
-          acc_t v = std::abs(gv) > thr ? gv : acc_t(0);
+          acc_t v = !(std::abs(gv) <= thr) ? gv : acc_t(0);
           if (wup != nullptr && v != acc_t(0)) {  // up projection of active rows only
             const scalar_t* row = wup + i * hidden;
             const scalar_t* xr = xp + t * ldx;

@@ -188,12 +188,14 @@ __global__ void __launch_bounds__(kInWarps * 32)
   float g[TOK];
   warp_dots<T, TOK>(w_in + i * hidden, x, ldx, tokens, hidden, vec, g);
   const float bias = b_in != nullptr ? static_cast<float>(b_in[i]) : 0.f;
-  unsigned mask = 0;  // bit t: token t activates this neuron (|act(gate)| > threshold)
+  // bit t: token t activates this neuron, i.e. not |act(gate)| <= threshold: a NaN is active and propagates, as in
+  // the dense MLP
+  unsigned mask = 0;
 #pragma unroll
   for (int t = 0; t < TOK; ++t) {
     if (t < tokens) {
       g[t] = activate(g[t] + bias, act);
-      mask |= static_cast<unsigned>(fabsf(g[t]) > threshold) << t;
+      mask |= static_cast<unsigned>(!(fabsf(g[t]) <= threshold)) << t;
     }
   }
   if (w_up != nullptr && mask != 0) {  // the up row is read only for neurons some token activates
