@@ -394,6 +394,10 @@ def test_load_errors_leave_the_model_unchanged(tmp_path):
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_dora=True, which pefttorch does not support"):
         PeftModel.from_pretrained(model, tmp_path / "r4")
+    cfg.update(use_dora=False, kasa_config={"svd_reg_weight": 1e-3})  # a LoRA variant with extra tensors
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="kasa_config=.*which pefttorch does not support"):
+        PeftModel.from_pretrained(model, tmp_path / "r4")
 
     after = _snapshot(model)
     assert before[0] == after[0] and before[2] == after[2]

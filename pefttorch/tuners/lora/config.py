@@ -35,7 +35,7 @@ INIT_LORA_WEIGHTS = (True, False, "gaussian")
 _UNSUPPORTED_PEFT_FIELDS = {
     "use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
     "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
-    "use_bdlora": None, "megatron_config": None,
+    "use_bdlora": None, "megatron_config": None, "kasa_config": None, "monteclora_config": None,
 }
 
 
