@@ -65,14 +65,22 @@ def dropout_seed(name: str, dropout: float, training: bool,
     return p, (draw_seed(generator) if p > 0.0 else None)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast computes in on this device type now; None when it is off, or when the device type
+    has no autocast at all (meta tensors: asking torch.is_autocast_enabled about them raises)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def in_compute_dtype(fn, x: torch.Tensor, *tensors: torch.Tensor | None):
     """``fn(x, *tensors)``, computed as F.linear computes under torch.autocast: with autocast on, x and the tensors
     (None passes through) are cast to its dtype and autocast is off inside, since pefttorch's ops are not
     autocast-aware and their GEMMs must not be cast a second time; with it off, as given."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
         return fn(x, *tensors)
-    dtype = torch.get_autocast_dtype(device_type)
     cast = [t.to(dtype) if t is not None else None for t in (x, *tensors)]
     with torch.autocast(device_type, enabled=False):
         return fn(*cast)
@@ -215,10 +223,10 @@ def bottleneck_adapter(
     if add_input:
         residual = None
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:
         # As F.linear under autocast: compute in the autocast dtype. The op itself is not autocast-aware, so cast
         # here and keep the GEMMs inside it from being cast a second time.
-        dtype = torch.get_autocast_dtype(device_type)
         x, w_down, w_up = (t.to(dtype) for t in (x, w_down, w_up))
         b_down, b_up, residual = (t.to(dtype) if t is not None else None for t in (b_down, b_up, residual))
         with torch.autocast(device_type, enabled=False):

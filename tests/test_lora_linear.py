@@ -197,3 +197,15 @@ def test_autocast_computes_in_the_autocast_dtype(device):
 def test_property_any_shape_float64(lead, in_features, out_features, r, dropout_p, bias, seed):
     run_case(tuple(lead), in_features, out_features, r, torch.float64, "cpu", bias=bias, dropout_p=dropout_p,
              seed=seed, weight_grad=True)
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, deferred initialisation) get the output's shape, as F.linear gives, where
+    asking autocast about the meta device raised."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    y = functional.lora_linear(meta(2, 5, 10), meta(6, 10), meta(3, 10), meta(6, 3), meta(6))
+    assert y.device.type == "meta" and y.shape == (2, 5, 6)
+    w_down, w_up = meta(4, 10), meta(10, 4)
+    assert functional.bottleneck_adapter(meta(3, 10), w_down, w_up).shape == (3, 10)
