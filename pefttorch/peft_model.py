@@ -8,6 +8,7 @@ adapters move freely between pefttorch and ``peft``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from .tuners._forwarding import Forwarding
 from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLearnModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
-from .tuners.lora.config import CONFIG_NAME, LoraConfig
+from .tuners.lora.config import CONFIG_NAME, TASK_MODULES_TO_SAVE, LoraConfig
 from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
@@ -135,6 +136,11 @@ class PeftModel(Forwarding):
         if _tuner_for(peft_config) is not type(self.base_model):
             raise TypeError(f"add_adapter: this model's adapters are {type(self.base_model).__name__}'s; a "
                             f"{type(peft_config).__name__} cannot join them (one method per model)")
+        heads = TASK_MODULES_TO_SAVE.get(getattr(next(iter(self.peft_config.values())), "task_type", None))
+        if heads and dataclasses.is_dataclass(peft_config) and hasattr(peft_config, "modules_to_save"):
+            # as HF PEFT: on a classification model every adapter gets its own trainable copy of the new head
+            have = list(peft_config.modules_to_save or [])
+            peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
         active = self.active_adapters
         self.base_model.inject_adapter(peft_config, adapter_name)
         self.base_model.set_adapter(active)
@@ -152,9 +158,12 @@ class PeftModel(Forwarding):
         # hooked on this wrapper, so the term joins the loss of the calls the user (or Trainer) makes
         self.density_loss = attach_density_loss(self, config.density_loss)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activates one adapter, or several whose updates add up; only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activates one adapter, or several whose updates add up; only active adapters train (none with
+        `inference_mode`, as in HF PEFT)."""
         self.base_model.set_adapter(adapter_name)
+        if inference_mode:
+            self.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -246,13 +255,18 @@ class PeftModel(Forwarding):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> PeftModel:
+                        is_trainable: bool = False, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False, torch_device: str | None = None) -> PeftModel:
         """Loads an adapter saved by pefttorch or by HF PEFT (LoRA) into `model`.
+
+        `low_cpu_mem_usage` and `torch_device` are accepted for HF PEFT's signature and change nothing here: the
+        adapter is created on the model's device and the saved tensors are copied straight into it.
 
         With ``is_trainable=False`` (the default, as in HF PEFT) the adapter is frozen and the model put
         in eval mode. A missing file, keys that do not fit the model or an unsupported adapter type raise
         and leave `model` unchanged.
         """
+        del low_cpu_mem_usage, torch_device
         config = _load_config(model_id, is_trainable)
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         try:
@@ -311,7 +325,7 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True) -> PeftModel:
+                   autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> PeftModel:
     """Adds an adapter to `model` (as HF PEFT's get_peft_model does) and freezes everything else.
 
     With a LoraConfig, the layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D)
@@ -319,8 +333,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapt
     default, as in HF PEFT) adapter weights of a float16/bfloat16 model are kept in float32. An
     IncreLoraConfig or AdaLoraConfig gives them a rank that changes during training (see
     :class:`IncreLoraConfig`). With a MeftConfig, the layer stack becomes reversible, with adapters (see
-    :class:`MeftConfig`).
+    :class:`MeftConfig`). `low_cpu_mem_usage` is accepted for HF PEFT's signature: adapters are small and
+    created on the model's device either way.
     """
+    del low_cpu_mem_usage
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 

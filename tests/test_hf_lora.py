@@ -258,6 +258,32 @@ def test_adapter_set_errors():
     assert model.active_adapter == "default"
 
 
+def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
+    """HF PEFT's keyword arguments are accepted, and on a classification model a later adapter gets its own
+    trainable copy of the new head, as in HF PEFT (it trained against the frozen, random head)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=50, num_labels=3, pad_token_id=0))
+
+    model = get_peft_model(build(), LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"),
+                           low_cpu_mem_usage=False)
+    second = LoraConfig(r=2, target_modules=["v_proj"])
+    model.add_adapter("b", second)
+    assert second.modules_to_save is None  # the user's config is left as it was
+    assert model.peft_config["b"].modules_to_save == ["classifier", "score"]
+    model.set_adapter("b")
+    assert any(p.requires_grad and "score" in n and ".b." in n for n, p in model.named_parameters())
+    model.set_adapter("b", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build(), tmp_path, low_cpu_mem_usage=True, torch_device="cpu")
+    assert list(loaded.peft_config) == ["default"]
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)
