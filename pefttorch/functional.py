@@ -157,6 +157,8 @@ def sparse_mlp(
                              f"{', '.join(reference.ACTIVATIONS)}")
         if threshold < 0:
             raise ValueError(f"sparse_mlp: threshold must be >= 0, got {threshold}")
+        if b_up is not None and w_up is None:  # the reference would ignore it; the op refuses it
+            raise ValueError("sparse_mlp: b_up given without w_up")
         return reference.sparse_mlp(*args)
     return ops.sparse_mlp(*args)
 

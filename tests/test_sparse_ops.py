@@ -604,6 +604,8 @@ def test_functional_sparse_mlp_bad_input_with_grad():
         functional.sparse_mlp(x, w[0], w[4], activation="tanh")
     with pytest.raises(ValueError, match=r"threshold must be >= 0"):
         functional.sparse_mlp(x, w[0], w[4], threshold=-1.0)
+    with pytest.raises(ValueError, match=r"b_up given without w_up"):
+        functional.sparse_mlp(x, w[0], w[4], b_up=rand(w[0].shape[0]))
 
 
 @pytest.mark.parametrize(
