@@ -953,3 +953,25 @@ def test_a_module_pruned_to_rank_zero_keeps_its_trained_bias_through_save_and_lo
                    peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path)):
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_disabling_a_merged_ranked_adapter_gives_the_base_model():
+    """As for plain LoRA layers: the merged update leaves the weights while adapters are disabled."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(2))["input_ids"]
+    torch.manual_seed(0)
+    base = fam.build().eval()
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = pefttorch.get_peft_model(copy.deepcopy(base), pefttorch.AdaLoraConfig(
+        init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=5, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.fill_(1.0)  # a visible update
+        adapted = model(input_ids=ids).logits
+        assert not torch.allclose(adapted, want, atol=1e-3)
+        model.merge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
