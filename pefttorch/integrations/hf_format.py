@@ -33,11 +33,13 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:
-    """Copies the saved tensors into adapter `adapter_name` of `lora_model` (a LoraModel), after checking
-    that the file has exactly the tensors, of exactly the shapes, that this model's adapter has."""
+    """Copies the saved tensors into adapter `adapter_name` of `lora_model` (a LoraModel or another tuner
+    model), after checking that the file has exactly the tensors, of exactly the shapes, that this model's
+    adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
-    if lora_model.peft_config[adapter_name].bias != "none":
+    if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
+        # (only LoRA-family configs have `bias`; the other tuners share this loader)
         # a trained bias of a module saved without factors (pruned to rank 0) is under the plain module's key
         params = dict(lora_model.model.named_parameters())
         for key in set(saved) - set(expected):
