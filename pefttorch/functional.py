@@ -66,9 +66,11 @@ def dropout_seed(name: str, dropout: float, training: bool,
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype torch.autocast computes in on this device type now; None when it is off, or when the device type
-    has no autocast at all (meta tensors: asking torch.is_autocast_enabled about them raises)."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    """The dtype torch.autocast computes in on this device type now; None when it is off, or on meta tensors (which
+    have no autocast: asking torch.is_autocast_enabled about them raises). The device type is compared by name, not
+    asked of torch.amp.is_autocast_available, which torch.compile cannot trace (a graph break, an error under
+    fullgraph)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
