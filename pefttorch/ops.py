@@ -41,9 +41,23 @@ def _register_autograd(name: str, backward, setup_context):
     function = type(f"{name}_autograd", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    # torch.func (grad, jacrev, vmap over grad: per-sample gradients) accepts only an autograd.Function with a
+    # separate setup_context, and so does not torch.library's own wrapper; this variant serves that case alone,
+    # so eager calls keep the cheaper one. vmap runs forward and backward per sample (the ops have no batching
+    # rule: functorch's fallback loops over the batch)
+    def plain_forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    func_function = type(f"{name}_func_autograd", (torch.autograd.Function,), {
+        "forward": staticmethod(plain_forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)  # traced: the registered op and formula
+        if torch._C._are_functorch_transforms_active():
+            return func_function.apply(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
         # Nothing to record (no_grad, inference, or inside another autograd.Function's forward): below autograd
@@ -52,6 +66,25 @@ def _register_autograd(name: str, backward, setup_context):
             return op(*args)
 
     return call
+
+
+def _register_loop_vmap(name: str) -> None:
+    """torch.vmap rule for a backward op with optional (None) outputs, which functorch's generic fallback refuses:
+    the op once per batch entry, outputs stacked. This is what the fallback does for the other ops, and what
+    per-sample gradients (vmap over torch.func.grad) need."""
+    op = getattr(_ops, name).default
+
+    def rule(info, in_dims, *args):
+        per_entry = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)))
+                     for i in range(info.batch_size)]
+        stacked = tuple(None if outs[0] is None else torch.stack(outs) for outs in zip(*per_entry, strict=True))
+        return stacked, tuple(None if t is None else 0 for t in stacked)
+
+    torch.library.register_vmap(f"pefttorch::{name}", rule)
+
+
+for _name in ("lora_linear_backward", "ranked_lora_factors_backward", "bottleneck_adapter_backward"):
+    _register_loop_vmap(_name)
 
 
 # --------------------------------------------------------------------------------------------------
