@@ -30,11 +30,14 @@ def _register_autograd(name: str, backward, setup_context):
     torch.library.register_autograd(f"pefttorch::{name}", backward, setup_context=setup_context)
     op = getattr(_ops, name).default
 
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():  # straight to the CPU / CUDA kernel
+            return op(*args)
+
     # forward takes ctx and calls setup_context itself: an autograd.Function with a separate setup_context binds
     # its arguments with inspect.signature on every apply (another ~20 us)
     def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():  # inside apply: straight to the CPU / CUDA kernel
-            output = op(*args)
+        output = below_autograd(*args)
         setup_context(ctx, args, output)
         return output
 
@@ -45,25 +48,19 @@ def _register_autograd(name: str, backward, setup_context):
     # separate setup_context, and so does not torch.library's own wrapper; this variant serves that case alone,
     # so eager calls keep the cheaper one. vmap runs forward and backward per sample (the ops have no batching
     # rule: functorch's fallback loops over the batch)
-    def plain_forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-
     func_function = type(f"{name}_func_autograd", (torch.autograd.Function,), {
-        "forward": staticmethod(plain_forward), "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(below_autograd), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward), "generate_vmap_rule": True})
 
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)  # traced: the registered op and formula
-        if torch._C._are_functorch_transforms_active():
-            return func_function.apply(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return function.apply(*args)
+            # (under torch.func.grad the inputs it differentiates require grad, so only this branch asks)
+            return (func_function if torch._C._are_functorch_transforms_active() else function).apply(*args)
         # Nothing to record (no_grad, inference, or inside another autograd.Function's forward): below autograd
         # directly. Through the registration, torch.library's Python redispatch would cost ~50 us a call.
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+        return below_autograd(*args)
 
     return call
 

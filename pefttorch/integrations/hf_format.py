@@ -39,8 +39,8 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
     if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
-        # (only LoRA-family configs have `bias`; the other tuners share this loader)
-        # a trained bias of a module saved without factors (pruned to rank 0) is under the plain module's key
+        # LoRA family only (the other tuners' configs have no `bias`): a trained bias of a module saved without
+        # factors (pruned to rank 0) is under the plain module's key
         params = dict(lora_model.model.named_parameters())
         for key in set(saved) - set(expected):
             name = key.removeprefix("base_model.model.")
