@@ -75,8 +75,10 @@ at::Tensor sparse_mlp_dense_from_gate(const SparseMlpArgs& a, const at::Tensor& 
   // the mask compares in float32 (float64 for float64), as the CPU kernel does: in half precision the
   // threshold itself would be rounded. (The CUDA kernel compares its float32 gate before rounding to x's
   // dtype, so on CUDA a neuron within rounding of the threshold may fall either way between the paths.)
+  // Masked where |g| <= threshold, as in the sparse kernels: a NaN gate counts as active and propagates.
   if (a.threshold > 0.0) {
-    h = at::where(g.abs().to(at::toOpMathType(g.scalar_type())) > a.threshold, h, at::zeros({}, h.options()));
+    const at::Tensor inactive = g.abs().to(at::toOpMathType(g.scalar_type())).le(a.threshold);
+    h = at::where(inactive, at::zeros({}, h.options()), h);
   }
   return a.b_down.defined() ? at::addmm(a.b_down, h, a.w_down_t) : at::mm(h, a.w_down_t);
 }

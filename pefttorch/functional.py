@@ -136,7 +136,8 @@ def sparse_mlp(
     """An MLP that treats activations of magnitude <= `threshold` as zero and skips those neurons.
 
     ``g = activation(x W_in^T + b_in)``; for a gated MLP (`w_up` given) ``h = g * (x W_up^T + b_up)``,
-    otherwise ``h = g``; ``y = mask(h) W_down_t + b_down`` where the mask keeps ``|g| > threshold``.
+    otherwise ``h = g``; ``y = mask(h) W_down_t + b_down`` where the mask zeroes ``|g| <= threshold`` (a NaN
+    gate stays, so it propagates as in the dense MLP).
 
     Args:
         x: ``(..., hidden)``.

@@ -166,9 +166,10 @@ def sparse_mlp(
     g = ACTIVATIONS[activation](F.linear(x, w_in, b_in))
     h = g * F.linear(x, w_up, b_up) if w_up is not None else g
     if threshold > 0.0:
-        # compared in float32 at least, as the CPU kernel does (a half-precision threshold would be rounded)
-        active = g.abs().to(torch.promote_types(g.dtype, torch.float32)) > threshold
-        h = torch.where(active, h, torch.zeros((), dtype=h.dtype, device=h.device))
+        # compared in float32 at least, as the CPU kernel does (a half-precision threshold would be rounded);
+        # zeroed where |g| <= threshold, so a NaN gate stays active and the NaN propagates as in the dense MLP
+        inactive = g.abs().to(torch.promote_types(g.dtype, torch.float32)) <= threshold
+        h = torch.where(inactive, torch.zeros((), dtype=h.dtype, device=h.device), h)
     y = h @ w_down_t
     return y + b_down if b_down is not None else y
 

@@ -636,10 +636,12 @@ def test_density_loss_backward_bad_input():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens", [1, 3, 17])
-def test_sparse_mlp_strided_biases_and_nan(tokens, device):
+@pytest.mark.parametrize("activation,threshold", [("relu", 0.0), ("gelu", 0.1), ("relu", 0.1)])
+def test_sparse_mlp_strided_biases_and_nan(tokens, device, activation, threshold):
     """Biases that are strided views are read as such (the sparse path once read them as contiguous), and a NaN
     activation is active and propagates as in the dense MLP, on the sparse path (few tokens, few active neurons)
-    as on the dense one."""
+    as on the dense one, with and without a threshold (the dense path's mask once dropped a NaN gate above 0,
+    and the CUDA kernel's ReLU turned NaN into 0)."""
     g = torch.Generator().manual_seed(tokens)
     inter, hidden, out = 64, 8, 5
 
@@ -649,9 +651,14 @@ def test_sparse_mlp_strided_biases_and_nan(tokens, device):
     x, w_in, w_up, w_down_t = randn(tokens, hidden), randn(inter, hidden), randn(inter, hidden), randn(inter, out)
     b_in = randn(inter) - 3  # few active neurons: the sparse path for up to 16 tokens
     b_up, b_down = randn(2 * inter)[::2], randn(3 * out)[1::3]
-    args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, "relu", 0.0)
+    args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold)
     torch.testing.assert_close(ops.sparse_mlp(*args), reference.sparse_mlp(*args))
     x[0, 0] = float("nan")
     y, want = ops.sparse_mlp(*args), reference.sparse_mlp(*args)
     assert want[0].isnan().all() and y[0].isnan().all()
     torch.testing.assert_close(y[1:], want[1:])
+    # a NaN gate neuron for every token: every output is NaN, whichever path runs
+    x[0, 0] = 0.0
+    b_in[5] = float("nan")
+    y, want = ops.sparse_mlp(*args), reference.sparse_mlp(*args)
+    assert want.isnan().all() and y.isnan().all()

@@ -27,7 +27,7 @@ enum class Act : int { kReLU = 0, kGELU = 1, kGELUTanh = 2, kSiLU = 3 };
 
 __device__ __forceinline__ float activate(float v, Act act) {
   switch (act) {
-    case Act::kReLU: return v > 0.f ? v : 0.f;
+    case Act::kReLU: return v <= 0.f ? 0.f : v;  // NaN stays NaN, as at::relu
     case Act::kGELU: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
     case Act::kGELUTanh: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     case Act::kSiLU: return v / (1.f + expf(-v));

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -53,7 +54,7 @@ void check_density(at::ScalarType dtype, int64_t n, int64_t blocks, double tol) 
 
 double act_ref(double v, Act act) {
   switch (act) {
-    case Act::kReLU: return v > 0 ? v : 0;
+    case Act::kReLU: return v <= 0 ? 0 : v;
     case Act::kGELU: return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
     case Act::kGELUTanh: return 0.5 * v * (1 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
     case Act::kSiLU: return v / (1 + std::exp(-v));
@@ -91,7 +92,7 @@ void check_mlp(at::ScalarType dtype, int tokens, int64_t hidden, int64_t inter, 
   auto gp = g.accessor<double, 2>();
   for (int t = 0; t < tokens; ++t)
     for (int64_t i = 0; i < inter; ++i) gp[t][i] = act_ref(gp[t][i], act);
-  const at::Tensor mask = g.abs() > threshold;
+  const at::Tensor mask = g.abs().le(threshold).logical_not();  // NaN counts as active
   at::Tensor want_h = g;
   if (gated) {
     at::Tensor up = at::mm(xd, w_up.to(at::kDouble).t());
@@ -140,6 +141,14 @@ int main() {
       check_density<float>(at::kFloat, n, blocks, 1e-5);
       check_density<c10::BFloat16>(at::kBFloat16, n, blocks, 1e-2);
       check_density<c10::Half>(at::kHalf, n, blocks, 1e-2);
+    }
+  }
+  // NaN goes through every activation, as through ATen's (a ReLU written v > 0 ? v : 0 once turned it into 0,
+  // which the mask then read as an inactive neuron)
+  for (const Act act : {Act::kReLU, Act::kGELU, Act::kGELUTanh, Act::kSiLU}) {
+    if (!std::isnan(activate(std::nanf(""), act))) {
+      std::fprintf(stderr, "FAILED activation %d of NaN is not NaN\n", static_cast<int>(act));
+      ++pt_test::failures;
     }
   }
   struct Case {
