@@ -6,6 +6,7 @@ this module adds what PyTorch needs to trace and differentiate them, and typed w
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,8 +42,13 @@ def _register_autograd(name: str, backward, setup_context):
         setup_context(ctx, args, output)
         return output
 
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"pefttorch::{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+            "torch.autograd.forward_ad); use reverse mode: backward(), torch.func.grad, vjp or jacrev")
+
     function = type(f"{name}_autograd", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        "forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
 
     # torch.func (grad, jacrev, vmap over grad: per-sample gradients) accepts only an autograd.Function with a
     # separate setup_context, and so does not torch.library's own wrapper; this variant serves that case alone,
@@ -50,7 +56,7 @@ def _register_autograd(name: str, backward, setup_context):
     # rule: functorch's fallback loops over the batch)
     func_function = type(f"{name}_func_autograd", (torch.autograd.Function,), {
         "forward": staticmethod(below_autograd), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "generate_vmap_rule": True})
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
 
     def call(*args):
         if torch.compiler.is_compiling():
@@ -58,11 +64,68 @@ def _register_autograd(name: str, backward, setup_context):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             # (under torch.func.grad the inputs it differentiates require grad, so only this branch asks)
             return (func_function if torch._C._are_functorch_transforms_active() else function).apply(*args)
+        if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            # Dual tensors (forward AD, torch.func.jvp) need not require grad, and below autograd their tangents
+            # would be dropped without a word: the Function's jvp refuses them instead. (Under vmap alone the
+            # Function's generated rule runs the op per entry, as the fallback below would.)
+            return func_function.apply(*args)
         # Nothing to record (no_grad, inference, or inside another autograd.Function's forward): below autograd
         # directly. Through the registration, torch.library's Python redispatch would cost ~50 us a call.
         return below_autograd(*args)
 
     return call
+
+
+class _Refused(torch.autograd.Function):
+    """Hands `values` on as outputs whose derivative raises `message`. The outputs' graph edges lead to `inputs`
+    (what the values depend on), so a gradient taken with respect to any of those reaches the error;
+    torch.autograd.function.once_differentiable's error node hangs off fresh leaves instead, which
+    torch.autograd.grad(..., inputs) never visits: its second derivative came out zero, or "unused"."""
+
+    @staticmethod
+    def forward(ctx, message, values, *inputs):
+        ctx.message = message
+        return tuple(None if v is None else v.detach() for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(name: str):
+    """Decorates the backward of an autograd.Function whose formula calls our backward kernels, which have no
+    derivative of their own: a second derivative through it (create_graph=True: gradient penalties, hessians)
+    raises a clear error naming `name`, where it would otherwise come out silently zero, or fail inside an ATen
+    call that names neither the op nor the reason.
+
+    torch.autograd.function.once_differentiable does this only when an incoming gradient requires grad; here the
+    saved tensors count too (density_loss's gradient depends on `a` alone: its incoming gradient is a constant)."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # a plain backward (no create_graph): nothing to guard
+                return backward(ctx, *grads)
+            if torch._C._are_functorch_transforms_active():
+                # torch.func.grad always differentiates with create_graph=True, and its tensors cannot be marked
+                # as below; what would differentiate this backward is a second grad-type transform around the
+                # first (jacrev or grad of grad: reverse over reverse), refused here and now
+                levels = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()
+                if sum(level.key() == torch._C._functorch.TransformType.Grad for level in levels) > 1:
+                    raise RuntimeError(f"{name} has no second derivative: its gradient cannot be differentiated "
+                                       "again (nested torch.func.grad / jacrev, hessians)")
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            inputs = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not inputs:
+                return outputs
+            return _Refused.apply(f"{name} has no second derivative: its gradient cannot be differentiated again "
+                                  "(create_graph=True, gradient penalties, hessians)", outputs, *inputs)
+
+        return wrapper
+
+    return decorate
 
 
 def _register_loop_vmap(name: str) -> None:
@@ -130,6 +193,7 @@ def _lora_linear_setup_context(ctx, inputs, output):
     ctx.mask = [need_x, need_w, need_a, need_b, bias is not None and need_bias]
 
 
+@first_order_only("pefttorch::lora_linear")
 def _lora_linear_backward(ctx, grad_y, grad_s):
     # s is an internal result handed to backward, not part of the function's value: its gradient is
     # ignored by design (functional.lora_linear never exposes it).
@@ -190,6 +254,7 @@ def _density_loss_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+@first_order_only("pefttorch::density_loss")
 def _density_loss_backward(ctx, grad_loss, grad_density):
     (a,) = ctx.saved_tensors
     return _ops.density_loss_backward(grad_loss, a, ctx.eps), None, None
@@ -346,6 +411,7 @@ def _ranked_lora_factors_setup_context(ctx, inputs, output):
     ctx.n, ctx.mask = n, [need_a, need_e, need_b]
 
 
+@first_order_only("pefttorch::ranked_lora_factors")
 def _ranked_lora_factors_backward(ctx, grad_a_n, grad_b_n):
     lora_a, lora_e, lora_b_t = ctx.saved_tensors
     need_a, need_e, need_b = ctx.mask
@@ -469,6 +535,7 @@ def _bottleneck_adapter_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
+@first_order_only("pefttorch::bottleneck_adapter")
 def _bottleneck_adapter_backward(ctx, grad_y, grad_h):
     x, w_down, b_down, w_up, h = ctx.saved_tensors
     if any(ctx.mask):

@@ -97,3 +97,56 @@ def test_lora_linear_jacobian_matches_the_reference():
     got = torch.func.jacrev(lambda a_: fn(x, w, a_, b, bias))(a)
     want = torch.func.jacrev(lambda a_: ref(x, w, a_, b, bias))(a)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_mode_is_refused(name):
+    """No op has a forward-mode derivative: torch.func.jvp and forward-AD dual tensors get a clear error (below
+    autograd their tangents were once dropped without a word, a zero derivative)."""
+    fn, _, make = CASES[name]
+    args = make()
+    with pytest.raises(NotImplementedError, match=r"no forward-mode derivative"):
+        torch.func.jvp(lambda first: fn(first, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(args[0], torch.ones_like(args[0]))
+        with pytest.raises(NotImplementedError, match=r"no forward-mode derivative"):
+            fn(dual, *args[1:])
+
+
+# ops whose backward is itself differentiable (made of differentiable ops); the others' backward kernels are not
+SECOND_ORDER = {"reversible_coupling", "rotary_embedding"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_second_derivative_matches_the_reference_or_is_refused(name):
+    """A gradient penalty (create_graph=True): the reference's second derivative where the op has one, a clear
+    error where it has not (it once came out silently zero for ranked_lora_factors and density_loss)."""
+    fn, ref, make = CASES[name]
+    args = make()
+
+    def penalty_grads(f):
+        leaves = [a.clone().requires_grad_() for a in args]
+        grads = torch.autograd.grad(_loss(f)(*leaves), leaves, create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        return torch.autograd.grad(penalty, leaves, allow_unused=True, materialize_grads=True)
+
+    if name in SECOND_ORDER:
+        for g, w in zip(penalty_grads(fn), penalty_grads(ref), strict=True):
+            torch.testing.assert_close(g, w)
+    else:
+        with pytest.raises(RuntimeError, match=r"has no second derivative"):
+            penalty_grads(fn)
+
+
+def test_nested_reverse_mode_is_refused():
+    """jacrev of grad (reverse over reverse, e.g. a hessian by two reverse passes) would differentiate the backward
+    kernels: refused, where the outer pass once read their result as a constant."""
+    fn, _, make = CASES["lora_linear"]
+    x, w, a, b, bias = make()
+    with pytest.raises(RuntimeError, match=r"has no second derivative"):
+        torch.func.jacrev(torch.func.grad(lambda a_: _loss(fn)(x, w, a_, b, bias)))(a)
+    # and where the op's backward is differentiable, the hessian is the reference's
+    fn, ref, make = CASES["rotary_embedding"]
+    x, c, s = make()
+    got = torch.func.jacrev(torch.func.grad(lambda x_: _loss(fn)(x_, c, s)))(x)
+    torch.testing.assert_close(got, torch.func.jacrev(torch.func.grad(lambda x_: _loss(ref)(x_, c, s)))(x))

@@ -88,6 +88,19 @@ def test_gradients_match_ordinary_autograd_float64(family, variant, dropout):
     assert_same_gradients(model, batch(g, family), rtol=1e-6)
 
 
+def test_a_second_derivative_is_refused():
+    """A gradient penalty through the reversible stack (create_graph=True) is refused: its backward recomputes F
+    and G for first-order vector-Jacobian products only, so a second derivative would come out wrong."""
+    model = pefttorch.get_peft_model(build("llama").double(), pefttorch.MeftConfig(
+        variant="meft1", stream_dtype=torch.float64))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(**batch(torch.Generator().manual_seed(0), "llama")).loss, params,
+                                create_graph=True)
+    penalty = sum((g * g).sum() for g in grads)
+    with pytest.raises(RuntimeError, match=r"reversible \(MEFT\) stack has no second derivative"):
+        torch.autograd.grad(penalty, params, allow_unused=True)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradients_match_ordinary_autograd_float32_streams(family, variant):

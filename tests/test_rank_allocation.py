@@ -221,6 +221,22 @@ def test_ranked_layer_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, *factors))
 
 
+def test_ranked_layer_refuses_a_second_derivative():
+    """A gradient penalty through the layer (create_graph=True) is refused: its backward kernels have no derivative,
+    and the penalty's gradient once came out without their share, silently."""
+    torch.manual_seed(0)
+    layer = RankedLoraLayer(nn.Linear(5, 3).double())
+    layer.update_layer("default", capacity=6, rank=3, reserve=0, lora_alpha=3.0, lora_dropout=0.0,
+                       scale_by_rank=True, dtype=f64)
+    layer.active_adapters = ["default"]
+    factors = [torch.randn_like(p).requires_grad_() for p in layer.factors("default")]
+    params = dict(zip(["lora_A.default", "lora_E.default", "lora_B_t.default"], factors, strict=True))
+    y = torch.func.functional_call(layer, params, (torch.randn(4, 5, dtype=f64),))
+    grads = torch.autograd.grad(y.square().sum(), factors, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"ranked LoRA layer .* has no second derivative"):
+        torch.autograd.grad(sum((g * g).sum() for g in grads), factors)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reserve, dropout, bias", [(0, 0.0, False), (2, 0.0, True), (2, 0.25, False)])

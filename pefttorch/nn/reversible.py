@@ -239,6 +239,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
+    @ops.first_order_only("a reversible (MEFT) stack")  # backward recomputes F and G for first-order vjps only
     def backward(ctx, grad1, grad2):
         run: _Run = ctx.run
         o1, o2, *rest = ctx.saved_tensors

@@ -136,6 +136,7 @@ class _RankedLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @ops.first_order_only("a ranked LoRA layer (IncreLoRA, AdaLoRA)")
     def backward(ctx, dy):
         x, weight, a_n, b_n, s, seed, a, e, b_t = ctx.saved_tensors
         need_a, need_e, need_b = ctx.needs_input_grad[3:6]
