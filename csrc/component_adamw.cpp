@@ -2,6 +2,7 @@
 // and the per-tensor records the kernels get. Kernels per device: csrc/cpu/component_adamw.cpp,
 // csrc/cuda/component_adamw.cu; the arithmetic they share: csrc/common/adamw.h.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <string>
@@ -37,6 +38,17 @@ void check_state_dtype(const at::Tensor& t, const std::string& name, const at::T
               " but params[0] has ", first.scalar_type(),
               "; params, grads, exp_avgs and exp_avg_sqs of all tensors must share one dtype: call the op once per ",
               "dtype");
+}
+
+// The kernels read g and write p, m and v element by element: memory shared between two of them would be read
+// after it was written (a transposed view of m passed as the gradient), or written twice. An overlap too hard to
+// rule out (a broadcast gradient viewing the same storage) is refused as well.
+void check_apart(const at::Tensor& a, const std::string& an, const at::Tensor& b, const std::string& bn) {
+  const auto status = at::get_overlap_status(a, b);
+  const bool shared = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+                      (status == at::MemOverlapStatus::TooHard && a.storage().is_alias_of(b.storage()));
+  TORCH_CHECK(!shared, kOp, ": ", an, " and ", bn, " share memory; params, exp_avgs and exp_avg_sqs are written ",
+              "in place and each needs memory of its own, which the gradient must not share either");
 }
 
 }  // namespace
@@ -99,6 +111,12 @@ void component_adamw_(const ComponentAdamwKernels& k, at::TensorList params, at:
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const std::string&>{p, pn}, {ea, mn}, {eas, vn}}) {
       TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous (the optimizer allocates parameters ",
                   "and states so), got strides ", t.strides());
+    }
+    check_apart(p, pn, ea, mn);
+    check_apart(p, pn, eas, vn);
+    check_apart(ea, mn, eas, vn);
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const std::string&>{p, pn}, {ea, mn}, {eas, vn}}) {
+      check_apart(g, gn, t, name);
     }
     TORCH_CHECK(s.scalar_type() == at::kFloat, kOp, ": ", sn, " must be float32, got ", s.scalar_type());
     check_dim(kOp, s, sn.c_str(), 1);

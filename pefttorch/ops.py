@@ -489,6 +489,11 @@ def component_adamw_(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), [int(v) for v in rows],
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), [float(v) for v in warmup],
         )
+    # As any in-place op does (torch.optim's updates included): a graph that saved a parameter before the step then
+    # refuses to backward, where it would otherwise compute with the updated values without a word. The custom
+    # op's kernel, reached directly, does not bump version counters itself. (The states are the optimizer's own,
+    # in no graph: ~0.2 us a tensor saved.)
+    torch.autograd.graph.increment_version(params)
 
 
 # --------------------------------------------------------------------------------------------------

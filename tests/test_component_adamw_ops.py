@@ -372,6 +372,53 @@ def test_bad_input(over, match):
     assert all(torch.equal(a, b) for a, b in zip(args[0], before, strict=False))
 
 
+def _sharing(case):
+    """good()'s arguments with tensor 0's memory shared between two of (params, grads, exp_avgs, exp_avg_sqs)."""
+    args = list(good())
+    p, g, m, v = (lst[0] for lst in args[:4])
+    if case == "grad is the state":
+        g = m
+    elif case == "grad is a view of the parameter":
+        g = p[:1].expand_as(p)  # broadcast: no simple overlap status, the same storage
+    elif case == "states overlap":
+        buf = torch.zeros(p.numel() + p.shape[1])
+        m, v = buf[: p.numel()].view(p.shape), buf[p.shape[1]:].view(p.shape)
+    elif case == "parameter is its state":
+        v = p
+    for k, t in enumerate((p, g, m, v)):
+        args[k] = [t, *args[k][1:]]
+    return args
+
+
+@pytest.mark.parametrize("case, names", [
+    ("grad is the state", r"grads\[0\] and exp_avgs\[0\]"),
+    ("grad is a view of the parameter", r"grads\[0\] and params\[0\]"),
+    ("states overlap", r"exp_avgs\[0\] and exp_avg_sqs\[0\]"),
+    ("parameter is its state", r"params\[0\] and exp_avg_sqs\[0\]"),
+])
+def test_shared_memory_is_refused(case, names):
+    """The kernel reads the gradient and writes the parameter and its states element by element: a gradient that
+    is (a view of) one of them was once read after being updated, and gave a wrong step without an error."""
+    args = _sharing(case)
+    before = [t.clone() for t in (*args[0], *args[2], *args[3])]
+    with pytest.raises(RuntimeError, match=rf"component_adamw_: {names} share memory"):
+        ops.component_adamw_(*args)
+    assert all(torch.equal(a, b) for a, b in zip((*args[0], *args[2], *args[3]), before, strict=True))
+
+
+def test_step_bumps_the_version_counters():
+    """As any in-place update does: a graph that saved a parameter before the step refuses to backward after it,
+    where it once computed with the updated values, silently."""
+    args = list(good())
+    p = args[0][0].requires_grad_()
+    y = (p * p).sum()
+    versions = [t._version for t in args[0]]
+    ops.component_adamw_(*args)
+    assert all(t._version > v for t, v in zip(args[0], versions, strict=True))
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        y.backward()
+
+
 def test_bad_input_empty_op_call():
     """The op itself (not the wrapper) on empty lists: with no tensor, the dispatcher has no device to pick a kernel
     by, and says so before any kernel runs (the op's own check is for callers that bypass the dispatcher)."""
