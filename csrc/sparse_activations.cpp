@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <limits>
+
 #include "common/checks.h"
 #include "ops.h"
 
@@ -11,12 +13,24 @@ namespace pefttorch {
 namespace {
 constexpr const char* kLoss = "density_loss";
 constexpr const char* kMlp = "sparse_mlp";
+// eps enters a^2 / (a^2 + eps) in opmath precision (float32; float64 for float64 a): an eps below the smallest
+// normal float32 loses precision, and one below the smallest subnormal becomes 0, so an exact zero activation
+// (ReLU's) gives 0 / 0 = NaN.
+void check_eps(const char* op, const at::Tensor& a, double eps) {
+  TORCH_CHECK(eps > 0.0, op, ": eps must be positive, got ", eps);
+  if (a.scalar_type() != at::kDouble) {
+    constexpr double kSmallest = std::numeric_limits<float>::min();
+    TORCH_CHECK(eps >= kSmallest, op, ": eps = ", eps, " is below the smallest normal float32 (", kSmallest,
+                "), the precision the loss is computed in for ", a.scalar_type(), " a: use a larger eps or float64 a");
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> density_loss(const DensityKernels& k, const at::Tensor& a, double eps,
                                                 double threshold) {
   check_float_dtype(kLoss, a, "a");
-  TORCH_CHECK(eps > 0.0, kLoss, ": eps must be positive, got ", eps);
+  check_eps(kLoss, a, eps);
   TORCH_CHECK(threshold >= 0.0, kLoss, ": threshold must be >= 0, got ", threshold);
   TORCH_CHECK(a.numel() > 0, kLoss, ": a is empty: the mean over no activations is undefined");
   const auto out_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -27,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor> density_loss(const DensityKernels& k, const a
 
 at::Tensor density_loss_backward(const DensityKernels& k, const at::Tensor& grad, const at::Tensor& a, double eps) {
   check_float_dtype("density_loss_backward", a, "a");
+  check_eps("density_loss_backward", a, eps);
   TORCH_CHECK(grad.numel() == 1, "density_loss_backward: grad must have one element, got shape ", grad.sizes());
   check_same_device("density_loss_backward", grad, "grad", a, "a");
   TORCH_CHECK(a.numel() > 0, "density_loss_backward: a is empty");

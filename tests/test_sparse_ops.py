@@ -616,6 +616,9 @@ def test_functional_sparse_mlp_bad_input_with_grad():
         (rand(4), 0.0, 0.1, r"density_loss: eps must be positive, got 0"),
         (rand(4), -1e-3, 0.1, r"density_loss: eps must be positive, got -0\.001"),
         (rand(4), 1e-7, -0.5, r"density_loss: threshold must be >= 0, got -0\.5"),
+        # below float32's range eps became 0 in the kernel, and an exact zero activation gave 0 / 0 = NaN
+        (rand(4), 1e-46, 0.1, r"density_loss: eps = 1e-46 is below the smallest normal float32 .* for Float a"),
+        (rand(4).half(), 1e-40, 0.1, r"eps = 1e-40 is below the smallest normal float32 .* for Half a"),
         (torch.ones(4, dtype=torch.int32), 1e-7, 0.1, r"density_loss: a has unsupported dtype Int"),
         (torch.ones(4, dtype=torch.bool), 1e-7, 0.1, r"density_loss: a has unsupported dtype Bool"),
     ],
@@ -632,6 +635,20 @@ def test_density_loss_backward_bad_input():
         _ops.density_loss_backward(torch.tensor(1.0), torch.empty(0), 1e-7)
     with pytest.raises(RuntimeError, match=r"a has unsupported dtype Long"):
         _ops.density_loss_backward(torch.tensor(1.0), torch.ones(3, dtype=torch.int64), 1e-7)
+    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps must be positive, got 0"):
+        _ops.density_loss_backward(torch.tensor(1.0), rand(4), 0.0)
+    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps = 1e-40 is below the smallest normal"):
+        _ops.density_loss_backward(torch.tensor(1.0), rand(4), 1e-40)
+
+
+def test_density_loss_float64_takes_an_eps_below_float32s_range():
+    """float64 activations compute in float64: an eps float32 cannot hold is accepted and exact zeros give 0."""
+    a = torch.tensor([0.0, 1e-30, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    loss, _ = functional.density_loss(a, eps=1e-46)
+    want = reference.density_loss(a.detach(), 1e-46)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert torch.isfinite(a.grad).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
