@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 
 import pytest
 import torch
@@ -193,10 +194,13 @@ def test_hf_peft_loads_ours(family, tmp_path):
     peft = pytest.importorskip("peft")
     base, model = prefixed(family, prefix_projection=True, encoder_hidden_size=8)  # saved folded
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == TASKS[family]
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     batch = inputs(family)
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-6)
+    # (generate is not compared: with peft 0.21.2 and transformers 5.25, HF PEFT's own prefix generate scores its
+    # first token 0.4-0.5 away from its forward's logits, where ours agree to 1e-7; test_generate_... covers ours)
 
 
 @pytest.mark.parametrize(("family", "projection"), [("llama", False), ("llama", True), ("t5", True),

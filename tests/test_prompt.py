@@ -4,6 +4,7 @@ hand, generation with and without the cache, training only the prompt, save/load
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -149,11 +150,15 @@ def test_model_errors():
 
 # ---------------------------------------------------------------- HF PEFT both ways
 
-@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
-def test_hf_peft_loads_ours(family, tmp_path):
+@pytest.mark.parametrize(("family", "task"), [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"),
+                                            ("t5", "SEQ_2_SEQ_LM"), ("marian", "SEQ_2_SEQ_LM")])
+def test_hf_peft_loads_ours(family, task, tmp_path):
+    """With the task type read from the model class (GPT-2's LM head model was once saved as FEATURE_EXTRACTION,
+    under which HF PEFT's generate leaves the prompt out)."""
     peft = pytest.importorskip("peft")
     base, model = prompted(family)
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     batch = inputs(family)
     with torch.no_grad():
@@ -243,3 +248,20 @@ def test_dept_starts_as_prompt_tuning():
         torch.testing.assert_close(model(**batch).logits, by_hand(base, model, batch).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="r must be a positive integer"):
         DeptConfig(r=0)
+
+
+def test_task_type_from_the_model_class():
+    """transformers' auto mappings first (GPT-2's LM head model, Marian's MT model), then class name suffixes; a
+    class with neither is saved as FEATURE_EXTRACTION with a warning saying what that means to HF PEFT."""
+    from pefttorch.tuners.prompt.model import task_type_of
+
+    assert task_type_of(fresh("gpt2")) == "CAUSAL_LM"
+    assert task_type_of(fresh("marian")) == "SEQ_2_SEQ_LM"
+    assert task_type_of(fresh("bert")) == "SEQ_CLS"
+
+    class MyForCausalLM(torch.nn.Module):
+        pass
+
+    assert task_type_of(MyForCausalLM()) == "CAUSAL_LM"
+    with pytest.warns(UserWarning, match=r"Linear: no task type known .* saved as FEATURE_EXTRACTION"):
+        assert task_type_of(torch.nn.Linear(2, 2)) == "FEATURE_EXTRACTION"

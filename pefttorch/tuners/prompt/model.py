@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -19,15 +20,42 @@ from .._cache import cache_length, get_cache
 from .._hooked import HookedModel
 from .config import PromptTuningConfig
 
-# HF PEFT needs a task type to pick its model class (its prompt tuning lives in those classes)
-TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification",
-         "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("MTModel", "SEQ_2_SEQ_LM"),
-         ("ForQuestionAnswering", "QUESTION_ANS"))
+# HF PEFT needs a task type to pick its model class (its prompt tuning lives in those classes): transformers' auto
+# mappings say which task each model class serves (GPT2LMHeadModel is a causal LM, not a "...ForCausalLM"); class
+# name suffixes serve models outside them.
+TASK_MAPPINGS = (("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                 ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                 ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                 ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                 ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"))
+TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+         ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+         ("MTModel", "SEQ_2_SEQ_LM"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+@functools.cache
+def _task_of_class_name(name: str) -> str | None:
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        modeling_auto = None
+    for mapping, task in TASK_MAPPINGS:
+        for classes in getattr(modeling_auto, mapping, {}).values():
+            if name in ((classes,) if isinstance(classes, str) else classes):
+                return task
+    return next((task for suffix, task in TASKS if name.endswith(suffix)), None)
 
 
 def task_type_of(model: nn.Module) -> str:
+    """HF PEFT's task type for a model, from its class; FEATURE_EXTRACTION (with a warning) where it is unknown."""
     name = type(model).__name__
-    return next((task for suffix, task in TASKS if name.endswith(suffix)), "FEATURE_EXTRACTION")
+    task = _task_of_class_name(name)
+    if task is None:
+        warnings.warn(f"{name}: no task type known for this model class, saved as FEATURE_EXTRACTION, under which "
+                      "HF PEFT loads a plain encoder (no generate, no head); set the config's task_type if the "
+                      "model has a task", stacklevel=3)
+        task = "FEATURE_EXTRACTION"
+    return task
 
 
 @functools.cache
