@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import types
 from pathlib import Path
 
 from torch import nn
@@ -21,10 +22,11 @@ from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLear
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
 from .tuners.lora.config import CONFIG_NAME, TASK_MODULES_TO_SAVE, LoraConfig
+from .tuners.lora.layer import LoraLayer, ModulesToSaveWrapper
 from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
-from .tuners.meft.model import MeftModel
+from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
 from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfig, PromptModel, PromptTuningConfig
 from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
@@ -55,6 +57,22 @@ def _tuner_for(config) -> type:
     return tuner
 
 
+def _adapter_trace(model: nn.Module) -> str | None:
+    """Where `model` holds a pefttorch tuner's layers or hooks (left by a get_peft_model that was not unloaded), or
+    None. The density loss's hooks do not count: it is attached on its own, and combines with any tuner. (BitFit and
+    LayerNorm tuning swap parameters and leave no such trace.)"""
+    for path, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, MeftAdapter, ReversibleLayerList)):
+            return f"{type(module).__name__} at {path or 'the top'}"
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            source = getattr(hook, "func", hook)  # functools.partial
+            source = getattr(source, "__self__", source)  # a bound method: its tuner
+            where = source.__module__ if isinstance(source, types.FunctionType) else type(source).__module__
+            if where.startswith("pefttorch.tuners.") and not where.startswith("pefttorch.tuners.density"):
+                return f"a hook of {'.'.join(where.split('.')[:3])} on {path or 'the top'}"
+    return None
+
+
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
     adapters, bottleneck adapters (and ScaLearn's mix of several), (IA)^3, SSF, BitFit, LayerNorm tuning, prompt
@@ -72,6 +90,14 @@ class PeftModel(Forwarding):
         tuner = _tuner_for(config)
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
+        trace = _adapter_trace(model)
+        if trace is not None:
+            # a second tuner on the same modules would re-initialise the first one's adapter in place and leave
+            # its saves inconsistent (HF PEFT warns of the same and goes on)
+            raise ValueError(
+                f"the model holds a pefttorch adapter already ({trace}): it was given to get_peft_model before. Use "
+                "that PeftModel's add_adapter() for another adapter, or its unload() first; to adapt the model "
+                "twice independently, deep-copy it before the first get_peft_model")
         if tuner in (LoraModel, RankedLoraModel):
             self.base_model = tuner(model, config, adapter_name, autocast_adapter_dtype)
         else:
@@ -260,7 +286,8 @@ class PeftModel(Forwarding):
         """Loads an adapter saved by pefttorch or by HF PEFT (LoRA) into `model`.
 
         `low_cpu_mem_usage` and `torch_device` are accepted for HF PEFT's signature and change nothing here: the
-        adapter is created on the model's device and the saved tensors are copied straight into it.
+        adapter is created on the model's device and the saved tensors are copied straight into it (so a model on
+        the meta device is refused: materialize it first).
 
         With ``is_trainable=False`` (the default, as in HF PEFT) the adapter is frozen and the model put
         in eval mode. A missing file, keys that do not fit the model or an unsupported adapter type raise

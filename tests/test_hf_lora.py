@@ -258,6 +258,28 @@ def test_adapter_set_errors():
     assert model.active_adapter == "default"
 
 
+@pytest.mark.parametrize("first", ["lora", "ia3", "prompt", "meft", "adalora"])
+def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
+    """A second get_peft_model on a model that holds adapters already (a notebook cell run twice) once
+    re-initialised the first PeftModel's adapter in place and made its save unloadable; after unload() it works."""
+    import pefttorch
+
+    configs = {"lora": LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+               "ia3": pefttorch.IA3Config(), "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2),
+               "meft": pefttorch.MeftConfig(), "adalora": pefttorch.AdaLoraConfig(init_r=4, target_r=2,
+                                                                                 total_step=10)}
+    family = FAMILIES["llama"]
+    base = fresh(family)
+    batch = inputs_of(family)
+    first_model = get_peft_model(base, configs[first])
+    before = logits(first_model, batch)
+    with pytest.raises(ValueError, match=r"holds a pefttorch adapter already .* given to get_peft_model before"):
+        get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))
+    torch.testing.assert_close(logits(first_model, batch), before, rtol=0, atol=0)
+    first_model.unload()
+    get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))
+
+
 def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     """HF PEFT's keyword arguments are accepted, and on a classification model a later adapter gets its own
     trainable copy of the new head, as in HF PEFT (it trained against the frozen, random head)."""
@@ -380,6 +402,21 @@ def test_config_errors():
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig())
     with pytest.raises(TypeError, match=r"takes a pefttorch config \(.*LoraConfig.*\), got peft\..*use pefttorch"):
         get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
+
+
+def test_meta_device_models_are_refused_not_silently_emptied(tmp_path):
+    """Copying into a meta tensor does nothing: loading into a model built on the meta device once reported success
+    and kept none of the saved values, and saving one failed deep inside safetensors."""
+    family = FAMILIES["llama"]
+    get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    with torch.device("meta"):
+        meta = family.build()
+    with pytest.raises(ValueError, match=r"adapter tensors are on the meta device .* materialize the model first"):
+        PeftModel.from_pretrained(meta, tmp_path / "a")
+    assert not any(isinstance(m, LoraLayer) for m in meta.modules())  # given back as it came
+    with pytest.raises(ValueError, match=r"cannot save the adapter: .* on the meta device"):
+        get_peft_model(meta, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def _snapshot(model):

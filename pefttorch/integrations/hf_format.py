@@ -15,6 +15,10 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older HF PEFT saves (a pickled stat
 def save_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    on_meta = sorted(k for k, v in tensors.items() if v.device.type == "meta")
+    if on_meta:
+        raise ValueError(f"cannot save the adapter: {len(on_meta)} of its tensors are on the meta device, which holds "
+                         f"no values (first: {on_meta[0]}); materialize the model (to_empty() and load its weights)")
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory)
     # safetensors refuses tensors that share memory (tied weights in a saved head): write copies.
@@ -60,6 +64,12 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
             + (listing("in the file but not in the model", unexpected) if unexpected else "")
             + (listing("shape mismatches", mismatched) if mismatched else "")
         )
+    on_meta = sorted(k for k, v in expected.items() if v.device.type == "meta")
+    if on_meta:
+        # copy_ into a meta tensor does nothing: the load would report success and keep none of the values
+        raise ValueError(f"the model's adapter tensors are on the meta device (first: {on_meta[0]}), where the "
+                         "loaded values would be dropped: materialize the model first (to_empty() and load its "
+                         "weights), then load the adapter")
     with torch.no_grad():
         for key, value in saved.items():
             expected[key].copy_(value)
