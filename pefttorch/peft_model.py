@@ -206,6 +206,7 @@ class PeftModel(Forwarding):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a merge that would
         leave a non-finite weight is undone and raises instead."""
+        self._check_adapter_names(adapter_names)
         if safe_merge:
             self.base_model.merge_adapter(adapter_names, safe_merge=True)
         else:
@@ -214,12 +215,24 @@ class PeftModel(Forwarding):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
+    def _check_adapter_names(self, adapter_names) -> None:
+        """A name that is no adapter of the model would merge nothing, silently (HF PEFT's behaviour): refused, as
+        set_adapter and delete_adapter refuse it."""
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names is a list of adapter names, got the string {adapter_names!r}")
+        unknown = [n for n in adapter_names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """The base model with the active (or the given) adapters merged into its weights, LoRA layers (and density
         loss hooks) removed. `safe_merge` as in merge_adapter; `progressbar` is accepted for HF PEFT's signature
         (merging is a pass over the adapted layers, quick enough not to need one)."""
         del progressbar
+        self._check_adapter_names(adapter_names)
         if safe_merge:
             self.merge_adapter(adapter_names, safe_merge=True)
         self._detach_density_loss()

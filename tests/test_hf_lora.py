@@ -243,6 +243,15 @@ def test_merge_and_unload_takes_hf_peft_arguments():
         model.merge_adapter(safe_merge=True)
     assert not layer.merged and torch.equal(layer.base_layer.weight, before)
 
+    # a name that is no adapter once merged nothing without a word
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['typo'\]; adapters are: \['default'\]"):
+        model.merge_adapter(["typo"])
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['typo'\]"):
+        model.merge_and_unload(adapter_names=["typo"])
+    with pytest.raises(TypeError, match=r"adapter_names is a list of adapter names, got the string 'default'"):
+        model.merge_adapter("default")
+    assert isinstance(layer, LoraLayer) and not layer.merged  # nothing merged or unloaded
+
 
 def test_adapter_set_errors():
     family = FAMILIES["llama"]
@@ -398,6 +407,10 @@ def test_config_errors():
     with pytest.raises(ValueError, match=r"adapts nn.Linear and transformers Conv1D.*embed_tokens \(Embedding\)"):
         get_peft_model(model, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # failed calls changed nothing
+    with pytest.raises(ValueError, match=r"A string is a regular expression over the full module name, as in HF "
+                                         r"PEFT: for the layers named q_proj, pass \['q_proj'\] or '\.\*\.q_proj'"):
+        get_peft_model(model, LoraConfig(target_modules="q_proj"))
+    assert LoraConfig(modules_to_save="lm_head").modules_to_save == ["lm_head"]  # one name, as other configs take it
     with pytest.raises(ValueError, match="no default for model type"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig())
     with pytest.raises(TypeError, match=r"takes a pefttorch config \(.*LoraConfig.*\), got peft\..*use pefttorch"):

@@ -128,6 +128,8 @@ class LoraConfig:
             if not isinstance(self.density_loss, DensityLossConfig):
                 raise bad(f"density_loss must be a DensityLossConfig, a dict of its fields or None, got "
                           f"{type(self.density_loss).__name__}")
+        if isinstance(self.modules_to_save, str):  # one name, as every pefttorch config takes it
+            self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is None and self.task_type in TASK_MODULES_TO_SAVE:
             self.modules_to_save = list(TASK_MODULES_TO_SAVE[self.task_type])
 

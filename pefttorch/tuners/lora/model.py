@@ -122,6 +122,9 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             + (f" (with exclude_modules={config.exclude_modules!r}, layers_to_transform="
                f"{config.layers_to_transform!r})" if config.exclude_modules or config.layers_to_transform else "")
             + f". Linear layers available to match: {available or 'none'}"
+            + (f". A string is a regular expression over the full module name, as in HF PEFT: for the layers "
+               f"named {spec}, pass [{spec!r}] or {'.*.' + spec!r}" if isinstance(spec, str) and spec in linear_names
+               else "")
         )
     return targets
 
