@@ -118,7 +118,10 @@ def density_loss(
 
 def default_density_threshold(eps: float) -> float:
     """|a| above which an activation counts as active: sqrt(eps), where a^2 / (a^2 + eps) = 1/2."""
-    return float(eps) ** 0.5
+    eps = float(eps)
+    if not eps > 0.0:  # sqrt of a negative eps is complex, which the op's schema then refuses in words about that
+        raise ValueError(f"density_loss: eps must be positive, got {eps}")
+    return eps ** 0.5
 
 
 def sparse_mlp(

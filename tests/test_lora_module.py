@@ -38,10 +38,17 @@ def test_rslora_scaling():
     assert LoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("r", [0, -1, 2.5])
+@pytest.mark.parametrize("r", [0, -1, 2.5, True])
 def test_bad_rank(r):
     with pytest.raises(ValueError, match="r must be a positive integer"):
         LoRALinear(8, 8, r=r)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "8"])
+def test_bad_alpha(alpha):
+    """A NaN scaling would make every output NaN"""
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+        LoRALinear(8, 8, lora_alpha=alpha)
 
 
 def test_bad_dropout_and_type():

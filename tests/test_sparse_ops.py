@@ -628,6 +628,13 @@ def test_density_loss_bad_input(a, eps, threshold, match):
         ops.density_loss(a, eps, threshold)
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_functional_density_loss_bad_eps(eps):
+    """The default threshold is sqrt(eps): a negative eps once reached the op as a complex number"""
+    with pytest.raises(ValueError, match=r"density_loss: eps must be positive"):
+        functional.density_loss(rand(4), eps=eps)
+
+
 def test_density_loss_backward_bad_input():
     with pytest.raises(RuntimeError, match=r"grad must have one element"):
         _ops.density_loss_backward(rand(2), rand(4), 1e-7)

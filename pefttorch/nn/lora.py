@@ -33,8 +33,10 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:  # (True is an int, of value 1)
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"LoRALinear: lora_alpha must be a finite number, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
         factory = {"device": device, "dtype": dtype}
