@@ -70,6 +70,17 @@ def test_cli_rejects_unknown_suite_and_impl():
     assert main(["bench", "nope", "--device", "cpu"]) == 2
     with pytest.raises(SystemExit, match="unknown implementations"):
         main(["bench", "lora", "--device", "cpu", "--impls", "nope", "--quick"])
+    # a bad shape is a message, not a traceback
+    with pytest.raises(SystemExit, match=r"lora: bad shape 'bogus': expected TOKENSxINxOUTrRANK"):
+        main(["bench", "lora", "--device", "cpu", "--shapes", "bogus"])
+
+
+def test_cli_reads_the_compare_file_before_running(tmp_path, capsys):
+    """A missing --compare file once failed with a traceback after the whole benchmark had run."""
+    results = tmp_path / "r.json"
+    assert main(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--json", str(results),
+                 "--compare", str(tmp_path / "missing.json")]) == 2
+    assert "--compare" in capsys.readouterr().out and not results.exists()
 
 
 @pytest.mark.slow

@@ -97,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     suites = list(dict.fromkeys(args.suites)) or list(SUITES)
     quick = args.quick or not args.suites
+    earlier = None
+    if args.compare:  # read before the run, not found wanting after it
+        try:
+            earlier = json.loads(args.compare.read_text())
+        except (OSError, ValueError) as err:
+            console.print(f"[red]--compare {args.compare}: cannot read it as results JSON ({err})[/red]")
+            return 2
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
@@ -126,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
     console.print(f"results: {args.json}")
-    if args.compare:
-        compare(console, json.loads(args.compare.read_text()), results)
+    if earlier is not None:
+        compare(console, earlier, results)
     return 0 if ok else 1
 
 
@@ -184,8 +191,11 @@ def _run_lora(args, device, dtype, quick, no_peft, console):
 
     from . import lora, report
 
-    shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
-              else lora.default_shapes(device, quick))
+    try:
+        shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
+                  else lora.default_shapes(device, quick))
+    except ValueError as err:
+        raise SystemExit(f"lora: {err}") from err
     impls = _names(args.impls, lora.IMPLS, "implementations")
     if no_peft:
         impls = [i for i in impls if i not in ("peft", "peft-model-dtype")]
