@@ -150,6 +150,15 @@ class PeftModel(Forwarding):
         idle = self.base_model.idle_parameters() if hasattr(self.base_model, "idle_parameters") else 0
         return trainable - idle, total - idle
 
+    def update_and_allocate(self, global_step: int):
+        """IncreLoRA's and AdaLoRA's rank allocation step (see :class:`~pefttorch.tuners.rank.RankedLoraModel`)."""
+        if not isinstance(self.base_model, RankedLoraModel):
+            # (the lookup used to fall through to the wrapped model: "'LlamaForCausalLM' has no attribute ...")
+            config = self.base_model.peft_config[self.active_adapter]
+            raise AttributeError("update_and_allocate is for rank-allocating adapters (IncreLoraConfig, "
+                                 f"AdaLoraConfig); this model's adapter is a {type(config).__name__}")
+        return self.base_model.update_and_allocate(global_step)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "

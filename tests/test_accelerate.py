@@ -139,6 +139,7 @@ def test_mixed_batch_inference_falls_back_to_peft():
 
 
 def test_needs_peft_for_peft_models_only():
-    # a model without HF PEFT layers: nothing to switch, nothing breaks
-    report = pefttorch.accelerate(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    # a model without HF PEFT layers: nothing to switch, nothing breaks, and a warning says it is the wrong model
+    with pytest.warns(UserWarning, match=r"Sequential has no HF PEFT LoRA layer; it serves models built by peft"):
+        report = pefttorch.accelerate(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     assert report.switched == [] and report.skipped == {}

@@ -243,6 +243,9 @@ def test_merge_and_unload_takes_hf_peft_arguments():
         model.merge_adapter(safe_merge=True)
     assert not layer.merged and torch.equal(layer.base_layer.weight, before)
 
+    # the rank allocation step of a plain LoRA model names the cause, not the wrapped model's missing attribute
+    with pytest.raises(AttributeError, match=r"update_and_allocate is for rank-allocating adapters .* LoraConfig"):
+        model.update_and_allocate(0)
     # a name that is no adapter once merged nothing without a word
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['typo'\]; adapters are: \['default'\]"):
         model.merge_adapter(["typo"])

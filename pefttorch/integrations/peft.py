@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,11 @@ def accelerate(model: nn.Module, verbose: bool = True) -> AccelerateReport:
                 report.skipped[name] = reason
         elif isinstance(module, peft_lora.LoraLayer):
             report.skipped[name] = f"{type(module).__name__} LoRA layers are not served"
+    if not report.switched and not report.skipped:
+        # nothing to switch is most likely the wrong model, not a model with nothing to serve
+        warnings.warn(f"pefttorch.accelerate: {type(model).__name__} has no HF PEFT LoRA layer; it serves models "
+                      "built by peft.get_peft_model or peft.PeftModel.from_pretrained (a pefttorch model runs "
+                      "pefttorch's kernels already)", stacklevel=2)
     if verbose:
         logger.info("%s", report)
     return report
