@@ -83,7 +83,7 @@ FAMILIES = {
     "llama": Family("llama", llama, ["q_proj", "v_proj", "down_proj"], _lm_inputs, True),
     "bert": Family("bert", bert, ["query", "value", "dense"], _bert_inputs, False),
     "t5": Family("t5", t5, ["q", "v", "wo"], _seq2seq_inputs, True),
-    "gpt2": Family("gpt2", gpt2, ["c_attn", "c_fc"], _lm_inputs, True),
+    "gpt2": Family("gpt2", gpt2, ["c_attn", "c_fc", "c_proj"], _lm_inputs, True),  # c_proj: square in attention
     "marian": Family("marian", marian, ["q_proj", "v_proj", "fc1"], _seq2seq_inputs, True),
 }
 

@@ -991,3 +991,65 @@ def test_disabling_a_merged_ranked_adapter_gives_the_base_model():
         with model.disable_adapter():
             torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def _randomised(model) -> None:
+    """Every factor random (e too, so that e * a differs from a), reserve and unused slots included."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj", "down_proj"]),
+                                             ("gpt2", ["c_attn", "c_proj"])])  # Conv1D, square and not
+@pytest.mark.parametrize("method", ["increlora", "adalora"])
+def test_merging_a_ranked_adapter_keeps_the_output(family, targets, method):
+    """merge_adapter and merge_and_unload give the adapted model's output, on nn.Linear and on GPT-2's transposed
+    Conv1D (square c_proj included, where a missing transpose gives no shape error). A merge that did nothing, or
+    merged A without e, once passed every test: the only merge test set e to 1 and checked the unmerged path."""
+    fam = FAMILIES[family]
+    ids = fam.inputs(torch.Generator().manual_seed(2))["input_ids"]
+    torch.manual_seed(0)
+    base = fam.build().eval()
+    config = (IncreLoraConfig(target_modules=targets, target_rank=3, init_rank=2, lora_alpha=4) if method == "increlora"
+              else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets))
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    _randomised(model)
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        assert not torch.allclose(adapted, want, atol=1e-3)
+        model.merge_adapter()
+        layers = [m for m in model.modules() if isinstance(m, RankedLoraLayer)]
+        assert layers and all(m.merged for m in layers)
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, RankedLoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_ranked_dropout_is_off_in_eval_mode():
+    """lora_dropout applies in training only: in eval mode two forwards agree with each other and with the same
+    adapter without dropout."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(2))["input_ids"]
+    torch.manual_seed(0)
+    base = fam.build().eval()
+    outputs = []
+    for dropout in (0.0, 0.5):
+        model = get_peft_model(copy.deepcopy(base), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                 lora_dropout=dropout, target_modules=["q_proj"]))
+        _randomised(model)
+        model.eval()
+        with torch.no_grad():
+            outputs += [model(input_ids=ids).logits, model(input_ids=ids).logits]
+        model.train()
+        with torch.no_grad():
+            trained = model(input_ids=ids).logits
+        if dropout:  # and it does apply in training
+            assert not torch.allclose(trained, outputs[-1], atol=1e-4)
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-6)

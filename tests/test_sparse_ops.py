@@ -628,6 +628,14 @@ def test_density_loss_bad_input(a, eps, threshold, match):
         ops.density_loss(a, eps, threshold)
 
 
+def test_default_density_threshold_is_sqrt_eps():
+    """The documented default, pinned by a literal (the other tests take it from the function they check)."""
+    a = torch.tensor([0.0, 0.995e-3, 1.005e-3, -2e-3, 5e-4])  # sqrt(1e-6) = 1e-3: two of five above it
+    loss, density = functional.density_loss(a, eps=1e-6)
+    assert density.item() == pytest.approx(2 / 5)
+    assert functional.default_density_threshold(1e-6) == pytest.approx(1e-3, rel=1e-12)
+
+
 @pytest.mark.parametrize("eps", [0.0, -1.0])
 def test_functional_density_loss_bad_eps(eps):
     """The default threshold is sqrt(eps): a negative eps once reached the op as a complex number"""
