@@ -43,15 +43,23 @@ def _x_view(kind: str, lead, in_features, dtype, device):
 
 
 def run_case(lead, in_features, out_features, r, dtype, device, *, bias=True, dropout_p=0.0,
-             x_kind="contiguous", weight_grad=False, x_grad=True, scaling=0.7, seed=1234):
+             x_kind="contiguous", weight_grad=False, x_grad=True, scaling=0.7, seed=1234, grad_kind="contiguous",
+             params_transposed=False):
     x = _x_view(x_kind, lead, in_features, dtype, device).requires_grad_(x_grad)
     assert x.shape == (*lead, in_features)
-    weight = rand(out_features, in_features, dtype=dtype, device=device, requires_grad=weight_grad, scale=0.2)
-    lora_a = rand(r, in_features, dtype=dtype, device=device, requires_grad=True, scale=0.2)
-    lora_b = rand(out_features, r, dtype=dtype, device=device, requires_grad=True, scale=0.2)
+
+    def param(rows, cols, requires_grad):
+        # transposed: a (cols, rows) tensor seen as (rows, cols), as GPT-2's Conv1D weight is used
+        t = rand(cols, rows, dtype=dtype, device=device, scale=0.2).t() if params_transposed else \
+            rand(rows, cols, dtype=dtype, device=device, scale=0.2)
+        return t.requires_grad_(requires_grad)
+
+    weight = param(out_features, in_features, weight_grad)
+    lora_a = param(r, in_features, True)
+    lora_b = param(out_features, r, True)
     b = rand(out_features, dtype=dtype, device=device, requires_grad=True) if bias else None
     inputs = [t for t in (x, weight, lora_a, lora_b, b) if t is not None and t.requires_grad]
-    grad_y = rand(*lead, out_features, dtype=dtype, device=device)
+    grad_y = _x_view(grad_kind, lead, out_features, dtype, device)
 
     seed_t = torch.tensor(seed) if dropout_p > 0 else None
     y, s = ops.lora_linear_forward(x, weight, lora_a, lora_b, b, scaling, dropout_p, seed_t)
@@ -87,7 +95,18 @@ def test_matches_reference(shape, dtype, device, dropout_p):
 @pytest.mark.parametrize("x_kind", ["padded_rows", "strided", "transposed"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_strided_inputs(x_kind, dtype, device, dropout_p):
-    run_case((4, 6), 24, 10, 5, dtype, device, x_kind=x_kind, dropout_p=dropout_p)
+    """Strided x and a strided incoming gradient, with the frozen weight's gradient asked for too (dW reads x and
+    grad_y through their strides)."""
+    run_case((4, 6), 24, 10, 5, dtype, device, x_kind=x_kind, dropout_p=dropout_p, weight_grad=True,
+             grad_kind={"padded_rows": "strided", "strided": "transposed", "transposed": "padded_rows"}[x_kind])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_parameters(dtype, device):
+    """Weight, A and B as transposed views (a Conv1D-style layout), gradients of all three, against the
+    reference (they were compared only compiled against eager)."""
+    run_case((3, 5), 17, 9, 3, dtype, device, weight_grad=True, params_transposed=True, dropout_p=0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
