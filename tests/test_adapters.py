@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -190,6 +191,92 @@ def test_unsupported_architecture():
 def test_module_errors():
     with pytest.raises(ValueError, match="unsupported activation"):
         BottleneckAdapter(8, 2, activation="tanh")
+
+
+# ------------------------------------------------------------------------------------ placement by hand
+
+# Where each placement puts an adapter, written out independently of pefttorch's ARCHITECTURES: module paths
+# relative to a transformer layer. "ffn" is (the FFN's input module, its output module).
+HAND_SITES = {
+    "bert": {"attention": ["attention.output.dense"], "ffn": ("intermediate", "output.dense")},
+    "llama": {"attention": ["self_attn.o_proj"], "ffn": ("mlp", "mlp")},
+    "marian": {"attention": ["self_attn.out_proj", "encoder_attn.out_proj"], "ffn": ("fc1", "fc2")},
+}
+HAND_ACTIVATIONS = {"relu": torch.relu, "gelu": lambda a: 0.5 * a * (1 + torch.erf(a / 2 ** 0.5)),
+                    "gelu_tanh": lambda a: 0.5 * a * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (a + 0.044715 * a ** 3))),
+                    "silu": lambda a: a * torch.sigmoid(a)}
+LN_EPS = 0.1  # set on each adapter's LayerNorm: far from the default 1e-5, so ignoring it is caught
+
+
+def adapter_by_hand(adapter, x, activation, scaling, layer_norm):
+    """scaling * up(act(down(LN(x)))) in plain tensor ops, from the adapter's weights only."""
+    if layer_norm:
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).square().mean(-1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + LN_EPS) * adapter.layer_norm.weight + adapter.layer_norm.bias
+    a = HAND_ACTIVATIONS[activation](x @ adapter.down.weight.T + adapter.down.bias)
+    return scaling * (a @ adapter.up.weight.T + adapter.up.bias)
+
+
+def model_by_hand(base, pm, family, placement, activation, scaling, layer_norm):
+    """A copy of the base model with plain forward hooks adding each adapter where its placement says: after
+    the attention output projection(s) or the FFN (on that module's output, which stays the residual), or
+    parallel (reading the FFN's input, added to the FFN's output). Returns it and the hooked module paths."""
+    base = copy.deepcopy(base)
+    modules = dict(base.named_modules())
+    after_attention, after_ffn, parallel = placement
+    layers = [n for n in modules if re.fullmatch(r".*\.layers?\.\d+", n)]
+    hooked = []
+
+    def delta(path, x):  # the adapter is saved under its module path, dots replaced
+        return adapter_by_hand(pm.adapters[path.replace(".", "_")], x, activation, scaling, layer_norm)
+
+    for layer in layers:
+        after = [f"{layer}.{m}" for m in HAND_SITES[family]["attention"]] if after_attention else []
+        ffn_in, ffn_out = (f"{layer}.{m}" for m in HAND_SITES[family]["ffn"])
+        after += [ffn_out] if after_ffn else []
+        for path in after:
+            if path in modules:  # an encoder layer has no cross-attention
+                modules[path].register_forward_hook(lambda m, args, out, path=path: out + delta(path, out))
+                hooked.append(path)
+        if parallel:
+            kept = {}
+            modules[ffn_in].register_forward_pre_hook(lambda m, args, kept=kept: kept.update(x=args[0]))
+            modules[ffn_out].register_forward_hook(
+                lambda m, args, out, path=ffn_out, kept=kept: out + delta(path, kept.pop("x")))
+            hooked.append(ffn_out)
+    return base, hooked
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "marian"])
+@pytest.mark.parametrize("kw, placement, activation", [
+    (dict(style="houlsby"), (True, True, False), "gelu"),
+    (dict(style="pfeiffer"), (False, True, False), "silu"),
+    (dict(style="parallel"), (False, False, True), "gelu_tanh"),
+    (dict(style="parallel", after_attention=True), (True, False, True), "relu"),
+    (dict(style="pfeiffer", after_attention=True, after_ffn=False), (True, False, False), "gelu"),
+])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_each_placement_equals_hooks_written_by_hand(family, kw, placement, activation, layer_norm):
+    """Each style's adapters sit where the papers put them (Houlsby: after the attention output projection and
+    after the FFN; Pfeiffer: after the FFN; He et al.'s parallel: reading the FFN's input, added to its output)
+    and compute scaling * up(act(down(LN(x)))) with the LayerNorm's own eps: the logits equal a copy of the base
+    model with forward hooks written here in plain tensor ops (random adapter weights, up projection included)."""
+    config = AdapterConfig(**kw, bottleneck=5, activation=activation, scaling=0.7, layer_norm=layer_norm)
+    base, model = build(family, config)
+    pm = model.base_model
+    randomize(model)
+    if layer_norm:
+        for adapter in pm.adapters.values():
+            assert adapter.layer_norm.eps == 1e-5  # nn.LayerNorm's (and AdapterHub's) default
+            adapter.layer_norm.eps = LN_EPS
+    hand, hooked = model_by_hand(base, pm, family, placement, activation, 0.7, layer_norm)
+    assert sorted(hooked) == sorted(s.output for s in pm.sites)  # no adapter left out of the comparison
+    batch = inputs(family)
+    with torch.no_grad():
+        expected = logits(hand, batch)
+        assert not torch.allclose(expected, logits(base, batch), atol=1e-3)  # the adapters matter
+        torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- budgets

@@ -100,7 +100,9 @@ void check_mlp(at::ScalarType dtype, int tokens, int64_t hidden, int64_t inter, 
     want_h = g * up;
   }
   want_h = at::where(mask, want_h, at::zeros({}, at::kDouble));
-  expect_close("sparse_mlp_in h " + name, h, want_h, 1e-4);
+  // the same rounded inputs on both sides, sums in float32 against float64: float32 rounding of dot products of
+  // up to 64 terms (a constant off by 1e-4, e.g. tanh-GELU for erf-GELU, fails it)
+  expect_close("sparse_mlp_in h " + name, h, want_h, 2e-6);
   if (!at::equal(active.to(at::kBool), mask.any(0))) {
     std::fprintf(stderr, "FAILED active flags %s\n", name.c_str());
     ++pt_test::failures;
