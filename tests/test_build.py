@@ -20,7 +20,10 @@ def test_build_info():
 
 def test_cuda_kernels_registered_when_built_with_cuda():
     info = pefttorch.build_info()
-    for op in info["ops"]:
+    # every op the dispatcher knows under our namespace, so a new op cannot be left out of build_info's list
+    registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pefttorch::"))
+    assert sorted(info["ops"]) == registered
+    for op in registered:
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"pefttorch::{op}", "CUDA")
         assert has_cuda == info["cuda"], op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pefttorch::{op}", "CPU"), op

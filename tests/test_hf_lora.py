@@ -420,6 +420,17 @@ def test_config_errors():
         get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
 
 
+def test_gaussian_initialisation_has_hf_pefts_spread():
+    """init_lora_weights="gaussian": A ~ N(0, 1/r) as in HF PEFT, B zero (the output starts as the base's)."""
+    r = 8
+    model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig(r=r, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                               init_lora_weights="gaussian"))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    a = torch.cat([m.lora_A["default"].weight.flatten() for m in layers])
+    assert a.numel() > 2000 and abs(a.std().item() * r - 1.0) < 0.1 and abs(a.mean().item()) < 0.01
+    assert all((m.lora_B["default"].weight == 0).all() for m in layers)
+
+
 def test_meta_device_models_are_refused_not_silently_emptied(tmp_path):
     """Copying into a meta tensor does nothing: loading into a model built on the meta device once reported success
     and kept none of the saved values, and saving one failed deep inside safetensors."""
