@@ -1,12 +1,23 @@
-"""torch.library.opcheck on every op: schema, fake kernel, autograd registration, AOT dispatch."""
+"""torch.library.opcheck on every op: schema, fake kernel, autograd registration, AOT dispatch; and the fake kernels'
+output shapes, dtypes and strides against the real ones (which opcheck does not compare)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 from helpers import DEVICES, rand
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map_only
 
 import pefttorch  # noqa: F401  (registers the ops)
+
+
+def transposed(*shape, dtype=torch.float32, device="cpu"):
+    """A tensor of `shape` that is dense but not contiguous: the reversed shape, permuted into place. torch.empty_like
+    keeps such strides, where the kernels return contiguous tensors."""
+    return rand(*reversed(shape), dtype=dtype, device=device).permute(*reversed(range(len(shape))))
 
 
 def forward_samples(device):
@@ -30,18 +41,99 @@ def test_opcheck_forward(device):
         torch.library.opcheck(torch.ops.pefttorch.lora_linear_forward.default, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask", [[True] * 5, [True, False, True, True, False], [False, True, False, False, True]],
-                         ids=str)
-def test_opcheck_backward(device, mask):
+def backward_samples(device, mask):
     x, w, a, b = rand(2, 3, 12, device=device), rand(7, 12, device=device), rand(3, 12, device=device), rand(
         7, 3, device=device)
     s = rand(6, 3, device=device)
     gy = rand(2, 3, 7, device=device)
     for p in (0.0, 0.25):
         seed = torch.tensor(3) if p > 0 else None
-        torch.library.opcheck(torch.ops.pefttorch.lora_linear_backward.default,
-                              (gy, x, w, a, b, s, 0.5, p, seed, mask))
+        yield gy, x, w, a, b, s, 0.5, p, seed, mask
+    # every operand transposed (a fan_in_fan_out weight): the gradients still come contiguous
+    yield (transposed(2, 3, 7, device=device), transposed(2, 3, 12, device=device), transposed(7, 12, device=device),
+           transposed(3, 12, device=device), transposed(7, 3, device=device), transposed(6, 3, device=device), 0.5,
+           0.0, None, mask)
+
+
+BACKWARD_MASKS = [[True] * 5, [True, False, True, True, False], [False, True, False, False, True]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", BACKWARD_MASKS, ids=str)
+def test_opcheck_backward(device, mask):
+    for args in backward_samples(device, mask):
+        torch.library.opcheck(torch.ops.pefttorch.lora_linear_backward.default, args)
+
+
+# ---- the fake kernels (pefttorch.ops's register_fake) promise torch.compile each output's shape, dtype and strides;
+# Inductor plans the graph around them and asserts them at run time (assert_size_stride), and opcheck does not
+# compare strides: a fake that keeps a transposed input's strides (torch.empty_like) where the kernel returns a
+# contiguous tensor passes opcheck and fails only under torch.compile
+
+def fake_samples(device):
+    """(op name, arguments) for every op, each with non-contiguous (transposed) operands among its samples."""
+    bf16, t = torch.bfloat16, functools.partial(transposed, device=device)
+
+    def r(*shape, dtype=torch.float32):
+        return rand(*shape, dtype=dtype, device=device)
+
+    for args in forward_samples(device):
+        yield "lora_linear_forward", args
+    yield "lora_linear_forward", (t(2, 3, 12), t(7, 12), t(3, 12), t(7, 3), r(7), 0.5, 0.0, None)
+    for mask in BACKWARD_MASKS:
+        for args in backward_samples(device, mask):
+            yield "lora_linear_backward", args
+    yield "density_loss", (t(2, 3, 5, dtype=bf16), 1e-3, 0.0)  # float32 statistics
+    yield "density_loss_backward", (torch.rand((), device=device), t(2, 3, 5), 1e-3)
+    yield "sparse_mlp", (t(2, 3, 8), r(10, 8), r(10), None, None, t(10, 5), r(5), "gelu", 0.3)
+    yield "sparse_mlp", (t(4, 8), t(10, 8), None, t(10, 8), r(10), r(10, 5), None, "silu", 0.0)
+    yield "reversible_coupling", (t(2, 3, 5), r(2, 3, 5, dtype=bf16), 0.7)
+    yield "reversible_coupling", (r(3, 5), t(3, 5), -2.0)
+    yield "reversible_coupling_backward", (t(2, 3, 5), t(2, 3, 5, dtype=bf16), t(2, 3, 5), r(2, 3, 5), t(2, 3, 5),
+                                           -0.6)
+    factors = [t(5, 11, dtype=bf16)], [t(9, 5, dtype=bf16)], [r(5, 1, dtype=bf16)]
+    yield "rank_importance", (*factors, [t(9, 11)], [0], [1], [0], [1], [3], [1.0])  # a float32 score
+    yield "component_adamw_", ([r(4, 3)], [t(4, 3)], [r(4, 3)], [r(4, 3).abs()], [torch.ones(4, device=device)], [2],
+                               1e-3, 0.9, 0.999, 1e-8, 0.1, [0.0])
+    for n in (3, 0):
+        yield "ranked_lora_factors", (r(5, 7), r(5, 1), r(5, 4), n, bf16)
+        yield "ranked_lora_factors", (t(5, 7), t(5, 1), t(5, 4), n, bf16)
+    for mask in ([True, True, True], [False, True, False], [False, False, True]):
+        yield "ranked_lora_factors_backward", (t(3, 7, dtype=bf16), t(4, 3, dtype=bf16), t(5, 7), t(5, 1), t(5, 4),
+                                               2, mask)
+    yield "bottleneck_adapter_forward", (t(2, 3, 12), r(4, 12), r(4), r(12, 4), r(12), None, True, "gelu", 0.5)
+    yield "bottleneck_adapter_forward", (t(2, 3, 12), t(4, 12), None, t(12, 4), None, t(2, 3, 12), False, "relu", 1.5)
+    yield "bottleneck_adapter_backward", (t(2, 3, 12), t(2, 3, 12), t(4, 12), r(4), t(12, 4), t(6, 4), True, "gelu",
+                                          0.5, [True] * 6)
+    yield "bottleneck_adapter_backward", (t(2, 3, 12), None, r(4, 12), None, r(12, 4), r(6, 4), False, "silu", -1.0,
+                                          [True, False, True, True, True, True])  # no b_down: no gradient
+    for transpose in (False, True):
+        yield "rotary_embedding", (t(2, 3, 5, 8), r(2, 1, 5, 8), r(2, 1, 5, 8), transpose)
+        yield "rotary_embedding", (r(2, 5, 3, 8).transpose(1, 2), t(5, 8), t(5, 8), transpose)  # transformers' q
+
+
+def layouts(outputs):
+    """Each output's shape, dtype, device and strides (None for an absent output): what Inductor asserts. The stride of
+    a dimension of size 0 or 1 is never used, and assert_size_stride ignores it as well."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [None if o is None else (tuple(o.shape), o.dtype, o.device,
+                                    tuple(st if n > 1 else None for st, n in zip(o.stride(), o.shape, strict=True)))
+            for o in outputs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_kernels_promise_the_real_shapes_dtypes_and_strides(device):
+    """Every op on every sample, real and under FakeTensorMode (the fake kernel, as torch.compile traces it): the
+    outputs agree in shape, dtype, device and strides, and in which of them are None."""
+    for name, args in fake_samples(device):
+        op = getattr(torch.ops.pefttorch, name).default
+        with torch.no_grad():
+            real = layouts(op(*args))
+            mode = FakeTensorMode()
+            fake_args = tree_map_only(torch.Tensor, mode.from_tensor, args)
+            with mode:
+                fake = layouts(op(*fake_args))
+        assert fake == real, f"{name}: the fake kernel promises {fake}, the kernel returns {real}"
 
 
 # ---- eager calls run the registered autograd formula through their own autograd.Function (pefttorch.ops's

@@ -204,3 +204,27 @@ def test_fuse_rotary_leaves_other_arithmetic_alone(unfused, monkeypatch):
     report = pefttorch.fuse_rotary(torch.nn.Sequential(attention()))
     assert not report.switched and "not the half-split rotation" in report.skipped["fake_modeling"]
     assert modeling.apply_rotary_pos_emb is interleaved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsqueeze_dim_2_for_tokens_before_heads(unfused, monkeypatch, device):
+    """q and k in the (batch, tokens, heads, head_dim) layout take cos and sin with unsqueeze_dim=2, as in
+    transformers: both functional.apply_rotary_pos_emb and the function fuse_rotary installs must honour it (by
+    keyword and by position), through the kernel, as transformers' own does. tokens != heads, so a dimension
+    hard-coded to 1 cannot broadcast by chance."""
+    from hf_models import fresh
+
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    original = llama.apply_rotary_pos_emb
+    q, k = rand(2, 7, 4, 16, device=device), rand(2, 7, 2, 16, device=device)  # (batch, tokens, heads, head_dim)
+    cos, sin = rand(2, 7, 16, device=device), rand(2, 7, 16, device=device)  # (batch, tokens, head_dim)
+    want = original(q, k, cos, sin, unsqueeze_dim=2)
+    assert pefttorch.fuse_rotary(fresh("llama")).switched == ["transformers.models.llama.modeling_llama"]
+    calls, kernel = [], ops.rotary_embedding
+    monkeypatch.setattr(ops, "rotary_embedding", lambda *args: calls.append(1) or kernel(*args))
+    for name, got in (("functional", functional.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)),
+                      ("fused, keyword", llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)),
+                      ("fused, positional", llama.apply_rotary_pos_emb(q, k, cos, sin, 2))):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, msg=name)
+    assert len(calls) == 3 * 2  # q and k of each call went to the kernel, not to transformers' function
