@@ -225,8 +225,8 @@ class PeftModel(Forwarding):
         self.base_model.unmerge_adapter()
 
     def _check_adapter_names(self, adapter_names) -> None:
-        """A name that is no adapter of the model would merge nothing, silently (HF PEFT's behaviour): refused, as
-        set_adapter and delete_adapter refuse it."""
+        """Refuses names that are no adapter of the model (merging would skip them silently, as HF PEFT's does;
+        saving would have nothing to write)."""
         if adapter_names is None:
             return
         if isinstance(adapter_names, str):
@@ -289,10 +289,8 @@ class PeftModel(Forwarding):
         compatibility and ignored."""
         from .integrations.hf_format import save_adapter
 
+        self._check_adapter_names(selected_adapters)
         names = selected_adapters or list(self.peft_config)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
         base = self.get_base_model()
         for name in names:
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
