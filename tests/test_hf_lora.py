@@ -225,7 +225,7 @@ def test_merged_adapters_leave_when_disabled_or_switched():
     torch.testing.assert_close(logits(model.merge_and_unload(), inp), y_b, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_and_unload_takes_hf_peft_arguments():
+def test_merge_and_unload_takes_hf_peft_arguments(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)
     model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -253,6 +253,9 @@ def test_merge_and_unload_takes_hf_peft_arguments():
         model.merge_and_unload(adapter_names=["typo"])
     with pytest.raises(TypeError, match=r"adapter_names is a list of adapter names, got the string 'default'"):
         model.merge_adapter("default")
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['typo'\]"):  # the same check when saving
+        model.save_pretrained(tmp_path, selected_adapters=["typo"])
+    assert not list(tmp_path.iterdir())
     assert isinstance(layer, LoraLayer) and not layer.merged  # nothing merged or unloaded
 
 
