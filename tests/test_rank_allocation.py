@@ -125,6 +125,16 @@ def test_adalora_config_errors(kw, match):
         ada(**kw)
 
 
+@pytest.mark.parametrize("make, fields", [(incre, "init_rank and target_rank"), (ada, "init_r and target_r")])
+def test_r_is_ignored_with_a_warning_that_names_the_rank_fields(make, fields, recwarn):
+    make()
+    assert not [w for w in recwarn if "is ignored" in str(w.message)]  # the default r says nothing
+    with pytest.warns(UserWarning, match=f"r=16 is ignored.*set {fields} instead") as caught:
+        config = make(r=16)
+    assert caught[0].filename == __file__  # points at the user's line, not into pefttorch
+    assert config.target_modules is not None  # still a usable config
+
+
 def test_unknown_field_is_named():
     with pytest.raises(TypeError, match="did you mean 'incre_interval'"):
         IncreLoraConfig(incre_intervall=3)

@@ -7,15 +7,22 @@ task_type, ... keep their meaning); ``r``, ``rank_pattern``, ``alpha_pattern``, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from .._config import reject_unknown_fields
 from ..lora.config import LoraConfig
 
 
-def _check_common(config, name: str) -> None:
+def _check_common(config, name: str, rank_fields: str) -> None:
     def bad(msg: str) -> ValueError:
         return ValueError(f"{name}: {msg}")
+
+    # A warning, not an error, as HF PEFT does for AdaLoRA: configs copied from a LoRA run often carry `r`,
+    # and it is harmless once the user knows which fields set the ranks instead.
+    if config.r != LoraConfig.r:
+        warnings.warn(f"{name}: r={config.r!r} is ignored, the rank schedule decides the ranks; set {rank_fields} "
+                      f"instead", UserWarning, stacklevel=5)  # past __post_init__, __init__, checked_init
 
     if config.rank_pattern or config.alpha_pattern:
         raise bad("rank_pattern and alpha_pattern are decided by the rank allocation, not set by hand")
@@ -86,7 +93,7 @@ class IncreLoraConfig(LoraConfig):
         def bad(msg: str) -> ValueError:
             return ValueError(f"IncreLoraConfig: {msg}")
 
-        _check_common(self, "IncreLoraConfig")
+        _check_common(self, "IncreLoraConfig", "init_rank and target_rank")
         for field in ("target_rank", "init_rank", "incre_interval", "top_h"):
             if not _positive_int(getattr(self, field)):
                 raise bad(f"{field} must be a positive integer, got {getattr(self, field)!r}")
@@ -146,7 +153,7 @@ class AdaLoraConfig(LoraConfig):
         def bad(msg: str) -> ValueError:
             return ValueError(f"AdaLoraConfig: {msg}")
 
-        _check_common(self, "AdaLoraConfig")
+        _check_common(self, "AdaLoraConfig", "init_r and target_r")
         for field in ("target_r", "init_r", "deltaT"):
             if not _positive_int(getattr(self, field)):
                 raise bad(f"{field} must be a positive integer, got {getattr(self, field)!r}")
