@@ -34,6 +34,7 @@ from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
 from .tuners.selective import BitFitConfig, LNTuningConfig, SelectiveModel
 from .tuners.selective.config import BITFIT, LN_TUNING
+from .tuners.selective.model import is_swapped_in
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # config class -> the model that carries it (subclasses before their base class: the first match wins)
@@ -59,8 +60,10 @@ def _tuner_for(config) -> type:
 
 def _adapter_trace(model: nn.Module) -> str | None:
     """Where `model` holds a pefttorch tuner's layers or hooks (left by a get_peft_model that was not unloaded), or
-    None. The density loss's hooks do not count: it is attached on its own, and combines with any tuner. (BitFit and
-    LayerNorm tuning swap parameters and leave no such trace.)"""
+    None. The density loss's hooks do not count: it is attached on its own, and combines with any tuner."""
+    swapped = next((name for name, p in model.named_parameters() if is_swapped_in(p)), None)
+    if swapped is not None:
+        return f"a parameter swapped in by BitFit or LayerNorm tuning at {swapped}"
     for path, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper, MeftAdapter, ReversibleLayerList)):
             return f"{type(module).__name__} at {path or 'the top'}"

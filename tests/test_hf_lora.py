@@ -273,7 +273,7 @@ def test_adapter_set_errors():
     assert model.active_adapter == "default"
 
 
-@pytest.mark.parametrize("first", ["lora", "ia3", "prompt", "meft", "adalora"])
+@pytest.mark.parametrize("first", ["lora", "ia3", "prompt", "meft", "adalora", "bitfit", "ln"])
 def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
     """A second get_peft_model on a model that holds adapters already (a notebook cell run twice) once
     re-initialised the first PeftModel's adapter in place and made its save unloadable; after unload() it works."""
@@ -282,11 +282,15 @@ def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
     configs = {"lora": LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
                "ia3": pefttorch.IA3Config(), "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2),
                "meft": pefttorch.MeftConfig(), "adalora": pefttorch.AdaLoraConfig(init_r=4, target_r=2,
-                                                                                 total_step=10)}
-    family = FAMILIES["llama"]
+                                                                                 total_step=10),
+               "bitfit": pefttorch.BitFitConfig(), "ln": pefttorch.LNTuningConfig()}
+    family = FAMILIES["marian" if first == "bitfit" else "llama"]  # Llama's linear layers have no bias
     base = fresh(family)
     batch = inputs_of(family)
     first_model = get_peft_model(base, configs[first])
+    if first in ("bitfit", "ln"):  # parameters swapped in, not hooks: found on a deep copy of the PeftModel too
+        with pytest.raises(ValueError, match="swapped in by BitFit or LayerNorm tuning"):
+            get_peft_model(copy.deepcopy(first_model).get_base_model(), LoraConfig(r=4, target_modules=["v_proj"]))
     before = logits(first_model, batch)
     with pytest.raises(ValueError, match=r"holds a pefttorch adapter already .* given to get_peft_model before"):
         get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))

@@ -7,6 +7,7 @@ untouched and costs nothing extra); the original is kept aside, frozen, for ``di
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 from torch import nn
@@ -15,6 +16,24 @@ from .._hooked import HookedModel, exact_regex, find_modules
 from ..lora.model import PREFIX
 from ..scaling.model import is_norm
 from .config import BitFitConfig, LNTuningConfig
+
+# The tuned copies that stand in base modules now, by id (weakly held: a deleted model frees them; not a WeakSet,
+# whose lookups compare tensors with ==). They are the only trace BitFit and LayerNorm tuning leave in the base
+# model, and get_peft_model looks for them to refuse a second tuner.
+_swapped_in: dict[int, weakref.ref] = {}
+
+
+def _mark_swapped_in(p: nn.Parameter, swapped: bool) -> None:
+    key = id(p)
+    if swapped:
+        _swapped_in[key] = weakref.ref(p, lambda _: _swapped_in.pop(key, None))
+    else:
+        _swapped_in.pop(key, None)
+
+
+def is_swapped_in(p: torch.Tensor) -> bool:
+    ref = _swapped_in.get(id(p))
+    return ref is not None and ref() is p
 
 
 def has_bias(module: nn.Module) -> bool:
@@ -53,6 +72,13 @@ class SelectiveModel(HookedModel):
         source = self.tuned if tuned else self.originals
         for _, module, name, key in self.slots:
             setattr(module, name, source[key])
+            _mark_swapped_in(self.tuned[key], tuned)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if not self.disabled:  # a deep copy or unpickled model holds its own tuned copies in its base modules
+            for p in self.tuned.values():
+                _mark_swapped_in(p, True)
 
     def adapter_parameters(self):
         return list(self.tuned.values())
