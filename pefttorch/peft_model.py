@@ -248,9 +248,10 @@ class PeftModel(Forwarding):
         if safe_merge:
             self.merge_adapter(adapter_names, safe_merge=True)
         self._detach_density_loss()
-        if adapter_names is not None:
+        if isinstance(self.base_model, LoraModel):
             return self.base_model.unload(merge=True, adapter_names=adapter_names)
-        return self.base_model.unload(merge=True)
+        # the other tuners hold one adapter set: the checked names are that one (or an empty list, nothing to merge)
+        return self.base_model.unload(merge=adapter_names is None or bool(adapter_names))
 
     def unload(self) -> nn.Module:
         """The base model as it was, LoRA layers (and density loss hooks) removed, nothing merged."""

@@ -299,6 +299,34 @@ def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
     get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))
 
 
+@pytest.mark.parametrize("method", ["increlora", "ia3", "ssf", "ln", "adapter", "meft"])
+def test_merge_and_unload_with_adapter_names_on_one_adapter_set_methods(method):
+    """merge_and_unload(adapter_names=["default"]) once failed with a TypeError inside the tuner for every method
+    but plain LoRA; naming the one adapter set is the same as naming none."""
+    import pefttorch
+
+    configs = {"increlora": pefttorch.IncreLoraConfig(target_modules=["q_proj", "v_proj"], top_h=1),
+               "ia3": pefttorch.IA3Config(), "ssf": pefttorch.SsfConfig(), "ln": pefttorch.LNTuningConfig(),
+               "adapter": pefttorch.AdapterConfig(), "meft": pefttorch.MeftConfig()}
+    family = FAMILIES["llama"]
+    batch = inputs_of(family)
+    results = []
+    for names in (None, ["default"]):
+        model = get_peft_model(fresh(family), configs[method])
+        with torch.no_grad():  # move off the identity init so that merging has something to fold
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        try:
+            results.append(logits(model.merge_and_unload(adapter_names=names), batch))
+        except (ValueError, NotImplementedError) as e:  # adapters and MEFT cannot be merged: the same error
+            results.append(str(e))
+    if isinstance(results[0], str):
+        assert results[0] == results[1] and "merged" in results[0]
+    else:
+        torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     """HF PEFT's keyword arguments are accepted, and on a classification model a later adapter gets its own
     trainable copy of the new head, as in HF PEFT (it trained against the frozen, random head)."""

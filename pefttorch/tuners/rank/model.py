@@ -165,9 +165,9 @@ class RankedLoraModel(LoraModel):
         )
         return lora, self.adapter_state_dict(name)
 
-    def unload(self, merge: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         self._orth_hook.remove()
-        return super().unload(merge)
+        return super().unload(merge, adapter_names)
 
 
 class _OrthRegHook:
