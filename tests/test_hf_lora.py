@@ -327,6 +327,32 @@ def test_merge_and_unload_with_adapter_names_on_one_adapter_set_methods(method):
         torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "meft", "ln"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_unload_of_a_copy_gives_back_the_trainability_the_model_came_with(method, how):
+    """unload() once looked trainability up by the original parameters' ids: on a deep copy or an unpickled
+    model every parameter came back trainable, the embeddings the user had frozen included."""
+    import io
+
+    import pefttorch
+
+    configs = {"lora": LoraConfig(r=4, target_modules=["q_proj"]), "ia3": pefttorch.IA3Config(),
+               "meft": pefttorch.MeftConfig(bottleneck=4), "ln": pefttorch.LNTuningConfig()}
+    base = fresh(FAMILIES["llama"])
+    base.get_input_embeddings().requires_grad_(False)
+    model = get_peft_model(base, configs[method])
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    for unloaded in (copied.unload(), model.unload()):
+        flags = {n: p.requires_grad for n, p in unloaded.named_parameters()}
+        assert flags.pop("model.embed_tokens.weight") is False and all(flags.values())
+
+
 def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     """HF PEFT's keyword arguments are accepted, and on a classification model a later adapter gets its own
     trainable copy of the new head, as in HF PEFT (it trained against the frozen, random head)."""

@@ -18,3 +18,14 @@ class Forwarding(nn.Module):
             if name == self.wrapped_attribute:
                 raise
             return getattr(getattr(self, self.wrapped_attribute), name)
+
+    def _remember_trainability(self, model: nn.Module) -> None:
+        """Notes which of `model`'s parameters train, for :meth:`_restore_trainability` at unload. The parameters
+        themselves are kept (not their ids), so a deep copy or an unpickled model restores its own copies."""
+        self._trainability = [(p, p.requires_grad) for p in model.parameters()]
+
+    def _restore_trainability(self, model: nn.Module) -> None:
+        """Gives `model`'s parameters the trainability noted before; parameters added since (new biases) train."""
+        noted = {id(p): flag for p, flag in self._trainability}
+        for p in model.parameters():
+            p.requires_grad_(noted.get(id(p), True))

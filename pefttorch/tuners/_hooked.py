@@ -30,7 +30,7 @@ class HookedModel(Forwarding):
         super().__init__()
         self.model = model
         # unload() gives the model back as it came, trainability included
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._remember_trainability(model)
         self.peft_config = {adapter_name: config}
         self.active_adapters = [adapter_name]
         self.disabled = False
@@ -122,8 +122,7 @@ class HookedModel(Forwarding):
         self.restore(merge)
         for path, wrapper in self._wrappers():
             _set_submodule(self.model, path, wrapper.active_module() if merge else wrapper.original_module)
-        for p in self.model.parameters():
-            p.requires_grad_(self._requires_grad.get(id(p), True))
+        self._restore_trainability(self.model)
         return self.model
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:

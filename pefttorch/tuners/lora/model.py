@@ -146,7 +146,7 @@ class LoraModel(Forwarding):
         super().__init__()
         self.model = model
         # unload() gives the model back as it came, trainability included
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._remember_trainability(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
@@ -313,8 +313,7 @@ class LoraModel(Forwarding):
             _set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in self.save_wrappers():
             _set_submodule(self.model, name, wrapper.active_module() if merge else wrapper.original_module)
-        for p in self.model.parameters():
-            p.requires_grad_(self._requires_grad.get(id(p), True))
+        self._restore_trainability(self.model)
         return self.model
 
     # ------------------------------------------------------------------ state dicts in HF PEFT's format

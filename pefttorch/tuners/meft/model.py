@@ -128,7 +128,7 @@ class MeftModel(Forwarding):
         self._container = (parent, attr)
         self._num_rev = n_rev
         self._report = ReconstructionReport(debug=config.debug_reconstruction)
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._remember_trainability(model)
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -266,8 +266,7 @@ class MeftModel(Forwarding):
         for layer in layers:
             del layer.meft_adapters
         setattr(parent, attr, layers)
-        for p in self.model.parameters():
-            p.requires_grad_(self._requires_grad.get(id(p), True))
+        self._restore_trainability(self.model)
         return self.model
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
