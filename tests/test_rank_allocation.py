@@ -580,6 +580,10 @@ def test_adalora_prunes_to_the_budget_and_shrinks_compute():
     for _, layer in ranked_layers(model):
         c = layer.lora_components["default"]
         assert c.in_use == c.rank  # the op computes only these
+    # train, then cast for inference: once a ValueError, the finished allocator had no statistics to move
+    with torch.no_grad():
+        want = model(x).double()
+        torch.testing.assert_close(model.to(torch.float64)(x.double()), want, rtol=1e-5, atol=1e-6)
 
 
 def test_adalora_pruning_equals_masking():

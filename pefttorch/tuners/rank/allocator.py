@@ -241,6 +241,8 @@ class AdaLoraAllocator:
 
     def follow_device(self) -> None:
         """After the model moved: the statistics go where the adapters are."""
+        if self.finished:
+            return  # no statistics left to move
         for (_, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
             device = layer.lora_A[self.adapter].device
             ipts[:] = [t.to(device) for t in ipts]
