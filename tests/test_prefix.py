@@ -187,6 +187,25 @@ def test_bfloat16_model_keeps_a_float32_prefix():
     assert model.base_model.prefix_embeddings.grad.dtype == torch.float32
 
 
+def test_the_prefix_follows_the_model_dtype_after_to():
+    """The prefix was cast to the dtype the model had at get_peft_model: after .to(torch.bfloat16) attention met
+    float32 keys and failed; after .float() a model built in bfloat16 went on rounding its prefix to bfloat16."""
+    ids = inputs("llama")["input_ids"]
+    built_fp32 = get_peft_model(fresh("llama"), PrefixTuningConfig(num_virtual_tokens=N))
+    with torch.no_grad():
+        want = built_fp32(input_ids=ids).logits
+        halved = copy.deepcopy(built_fp32).to(torch.bfloat16)(input_ids=ids).logits
+    assert halved.dtype == torch.bfloat16
+    torch.testing.assert_close(halved.float(), want, rtol=0.05, atol=0.05)
+
+    built_bf16 = get_peft_model(fresh("llama").to(torch.bfloat16), PrefixTuningConfig(num_virtual_tokens=N)).float()
+    same = get_peft_model(fresh("llama").to(torch.bfloat16).float(), PrefixTuningConfig(num_virtual_tokens=N))
+    with torch.no_grad():
+        same.base_model.prefix_embeddings.copy_(torch.randn_like(same.base_model.prefix_embeddings))
+        built_bf16.base_model.prefix_embeddings.copy_(same.base_model.prefix_embeddings)
+        torch.testing.assert_close(built_bf16(input_ids=ids).logits, same(input_ids=ids).logits, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- HF PEFT both ways
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])

@@ -98,7 +98,6 @@ class PrefixModel(VirtualTokenModel):
         super().__init__(model, config, adapter_name)
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         weight = next(p for p in model.parameters() if p.is_floating_point())
-        self.model_dtype = weight.dtype
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         factory = {"device": weight.device, "dtype": dtype}
         width, zero = 2 * layers * config.token_dim, config.init_weights == "zero"
@@ -161,7 +160,9 @@ class PrefixModel(VirtualTokenModel):
         """(key, value) of each layer, (batch, heads, n, head width) in the model's dtype, in HF PEFT's layout:
         rows 2i and 2i+1 of the prefix for layer i; an encoder-decoder model reads a twice-repeated prefix
         four rows per layer (the other two were meant for the cross-attention, which HF PEFT leaves alone)."""
-        rows = self.prefix().to(self.model_dtype).view(self.n, 2 * self.layers, self.heads, self.head_dim)
+        # the dtype the model computes in now, not at construction: a later .to(torch.bfloat16) or .float() moves it
+        model_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        rows = self.prefix().to(model_dtype).view(self.n, 2 * self.layers, self.heads, self.head_dim)
         step = 2
         if self.encoder_decoder:
             rows, step = torch.cat([rows, rows], dim=1), 4
