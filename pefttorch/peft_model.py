@@ -15,6 +15,7 @@ import os
 import types
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .tuners._forwarding import Forwarding
@@ -113,6 +114,8 @@ class PeftModel(Forwarding):
             raise
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
+        self.register_state_dict_post_hook(_drop_aliases)
+        self.register_load_state_dict_post_hook(_accept_dropped_aliases)
         # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the
         # dataset columns the model's forward accepts).
         self.__class__ = _class_for(type(model))
@@ -348,6 +351,43 @@ class PeftModel(Forwarding):
         load_adapter_weights(Path(model_id), self.base_model, adapter_name)
 
 
+# A tensor reachable under several keys (tied input and output embeddings; BitFit's tuned copies, held by the tuner
+# and by their modules) is listed once in a PeftModel's state dict, as transformers' save_pretrained does: safetensors
+# refuses to write shared tensors, and the HF Trainer writes a PeftModel's checkpoints with it. Loading fills the
+# kept key, and so the storage every alias shares; the other keys are not reported missing.
+def _alias_identity(t) -> tuple | None:
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta" or t.numel() == 0:
+        return None
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _drop_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    seen = set()
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        identity = _alias_identity(state_dict[key])
+        if identity is None:
+            continue
+        if identity in seen:
+            del state_dict[key]
+        seen.add(identity)
+
+
+def _accept_dropped_aliases(module: nn.Module, incompatible_keys) -> None:
+    groups: dict[tuple, list[str]] = {}
+    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        identity = _alias_identity(t)
+        if identity is not None:
+            groups.setdefault(identity, []).append(name)
+    missing = incompatible_keys.missing_keys
+    for names in (g for g in groups.values() if len(g) > 1):
+        # the keys carry the prefix of wherever this PeftModel sits in the module load_state_dict was called on
+        prefixes = {m[:-len(n)] for m in missing for n in names if m.endswith(n) and m[:-len(n)][-1:] in ("", ".")}
+        for prefix in prefixes:
+            keys = [prefix + n for n in names]
+            if any(k not in missing for k in keys):  # one was loaded, and with it the storage they share
+                missing[:] = [m for m in missing if m not in keys]
+
+
 def _checkpointing_enabled(model: nn.Module) -> bool:
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first: no warning
         if hasattr(type(model), attr):
@@ -360,7 +400,13 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     if not directory.is_dir():
         raise FileNotFoundError(f"{model_id}: no such adapter directory (pefttorch loads from local folders)")
     if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter")
+        # The HF Trainer saves only peft's and transformers' own models with save_pretrained; a pefttorch
+        # PeftModel it writes as the state dict of the whole model (checkpoints and trainer.save_model()).
+        hint = (": this looks like the HF Trainer's save of the whole model (model.safetensors); load it with "
+                "model.load_state_dict(safetensors.torch.load_file(...)) into the same PeftModel, or write the "
+                "adapter with model.save_pretrained(dir) after training") \
+            if (directory / "model.safetensors").is_file() else ""
+        raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter{hint}")
     data = json.loads((directory / CONFIG_NAME).read_text())
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
 import torch
 from hf_models import FAMILIES
+from safetensors.torch import load_file
 
-from pefttorch import LoraConfig, get_peft_model
+from pefttorch import BitFitConfig, LNTuningConfig, LoraConfig, get_peft_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,3 +55,64 @@ def test_trainer_trains_the_adapters(tmp_path, checkpointing):
             assert torch.equal(p, frozen[n]), n
         else:
             assert not torch.equal(p, adapters[n]), n
+
+
+@pytest.mark.parametrize("family, config", [
+    ("gpt2", LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)),  # tied input and output embeddings
+    ("marian", BitFitConfig()),  # the tuned biases are held by the tuner and by their modules
+    ("llama", LNTuningConfig()),
+], ids=["gpt2-lora", "marian-bitfit", "llama-ln"])
+def test_trainer_checkpoints_of_shared_tensors_save_and_resume(tmp_path, family, config):
+    """The Trainer writes a PeftModel's checkpoint as its state dict with safetensors, which refuses a tensor held
+    under two keys: once a crash at the first checkpoint. A tensor is listed once, and resuming from the checkpoint
+    ends where the uninterrupted run does."""
+    def run(out, steps, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(FAMILIES[family].build(), copy.deepcopy(config))
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+            save_strategy="steps", save_steps=2, use_cpu=True, disable_tqdm=True, logging_steps=1,
+            lr_scheduler_type="constant")
+        data = Texts(n=16)
+        if family == "marian":  # an encoder-decoder: its decoder reads the labels shifted
+            data = [{k: v for k, v in data[i].items() if k != "attention_mask"} for i in range(len(data))]
+        transformers.Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)  # stops after its checkpoint at step 2
+    state = load_file(tmp_path / "cut" / "checkpoint-2" / "model.safetensors")
+    assert len({t.data_ptr() for t in state.values()}) == len(state)
+    resumed = run(tmp_path / "cut", 4, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert whole.keys() == resumed.keys() and whole
+    for n in whole:
+        torch.testing.assert_close(resumed[n], whole[n], rtol=0, atol=0, msg=n)
+
+
+def test_state_dict_lists_a_tied_tensor_once_and_loads_strictly():
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["gpt2"].build(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    state = model.state_dict()
+    tied = [k for k in ("base_model.model.transformer.wte.weight", "base_model.model.lm_head.weight") if k in state]
+    assert len(tied) == 1
+    other = get_peft_model(FAMILIES["gpt2"].build(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    result = other.load_state_dict(state, strict=True)  # the dropped alias is not missing: it shares the storage
+    assert not result.missing_keys and not result.unexpected_keys
+    base = other.get_base_model()
+    assert base.lm_head.weight is base.transformer.wte.weight and torch.equal(base.lm_head.weight, state[tied[0]])
+    outer = torch.nn.ModuleDict({"inner": other})  # keys under a prefix: the same
+    assert not outer.load_state_dict({f"inner.{k}": v for k, v in state.items()}, strict=True).missing_keys
+    with pytest.raises(RuntimeError, match="Missing key"):  # a key that is nobody's alias is still missing
+        other.load_state_dict({k: v for k, v in state.items() if "lora_A" not in k}, strict=True)
+
+
+def test_from_pretrained_on_a_trainer_save_of_the_whole_model_says_what_it_is(tmp_path):
+    from safetensors.torch import save_file
+
+    from pefttorch import PeftModel
+
+    model = get_peft_model(FAMILIES["gpt2"].build(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    save_file(model.state_dict(), tmp_path / "model.safetensors")  # what trainer.save_model() writes for it
+    with pytest.raises(FileNotFoundError, match=r"HF Trainer's save of the whole model .* model.save_pretrained"):
+        PeftModel.from_pretrained(FAMILIES["gpt2"].build(), tmp_path)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"))  # how it loads instead
