@@ -764,6 +764,26 @@ def test_orth_regularization_is_added_to_the_loss_in_training():
     torch.testing.assert_close(with_term, plain + 0.3 * reg, rtol=1e-5, atol=1e-6)
 
 
+def test_orth_regularization_counts_once_per_accumulated_batch():
+    """With the HF Trainer's num_items_in_batch each micro-batch's loss is a share of the batch's, summed, not
+    averaged: the term was added whole to every micro-batch, so accumulating over k steps weighed it k times."""
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), incre(target_modules=["q_proj", "v_proj"], top_h=1,
+                                                             orth_reg_weight=0.3))
+    ids = torch.randint(3, 90, (4, 6))
+    labels = ids.clone()
+    labels[0, 2:] = -100  # micro-batches with unequal item counts
+    total = labels[:, 1:].ne(-100).sum()  # what the Trainer counts for a causal LM: the shifted labels
+    model.train()
+    summed = sum(model(input_ids=ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=total).loss
+                 for i in (0, 2))
+    with torch.no_grad():
+        reg = model.orth_regularization()
+    model.eval()
+    whole = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(summed, whole + 0.3 * reg, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- save and load
 
 

@@ -20,7 +20,7 @@ from ... import functional
 from .mlp import find_mlp_blocks
 
 
-def _counted_labels(model, labels: torch.Tensor, shift_labels) -> torch.Tensor:
+def counted_labels(model, labels: torch.Tensor, shift_labels) -> torch.Tensor:
     """The labels the HF Trainer counts into num_items_in_batch for this model: a causal LM's loss shifts them, so
     the Trainer counts ``labels[..., 1:]`` (or the collator's shift_labels); every other model's, all of them.
     Counting all of a causal LM's would weigh the term by L / (L - 1) of its share."""
@@ -149,7 +149,7 @@ class DensityLoss:
         self._share = None
         total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
         if total is not None and isinstance(labels, torch.Tensor):
-            self._share = _counted_labels(module, labels, kwargs.get("shift_labels")).ne(-100).sum() / total
+            self._share = counted_labels(module, labels, kwargs.get("shift_labels")).ne(-100).sum() / total
 
     def _check_complete(self) -> None:
         if self._no_grad_layers:

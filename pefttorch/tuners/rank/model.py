@@ -9,6 +9,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..density.loss import counted_labels
 from ..lora.config import LoraConfig
 from ..lora.model import LoraModel, Target, plan_targets
 from .allocator import AdaLoraAllocator, IncreLoraAllocator
@@ -34,7 +35,7 @@ class RankedLoraModel(LoraModel):
         layers = self.lora_layers()
         allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
         self.allocator = allocator_cls(layers, adapter_name, config)
-        self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self))
+        self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
 
     def inject_adapter(self, config: RankConfig, adapter_name: str) -> None:
         if self.peft_config:
@@ -177,7 +178,7 @@ class _OrthRegHook:
     def __init__(self, owner: RankedLoraModel) -> None:
         self.owner = owner
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         owner = self.owner
         weight = owner.peft_config[owner.active_adapters[0]].orth_reg_weight
         loss = output.get("loss") if isinstance(output, dict) else None
@@ -185,6 +186,12 @@ class _OrthRegHook:
             return None
         if any(layer.disable_adapters for _, layer in owner.allocator.layers):
             return None
+        # With the HF Trainer's loss kwargs the micro-batches' losses are summed over the accumulated batch (each is
+        # divided by the whole batch's item count): weigh the term by this micro-batch's share of the items, so it
+        # counts once per optimizer step however the batch is split (as the density loss does).
+        total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
+        if total is not None and isinstance(labels, torch.Tensor):
+            weight = weight * (counted_labels(module, labels, kwargs.get("shift_labels")).ne(-100).sum() / total)
         output["loss"] = loss + weight * owner.orth_regularization().to(loss.device, loss.dtype)
         return output
 
