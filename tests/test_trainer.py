@@ -116,3 +116,36 @@ def test_from_pretrained_on_a_trainer_save_of_the_whole_model_says_what_it_is(tm
     with pytest.raises(FileNotFoundError, match=r"HF Trainer's save of the whole model .* model.save_pretrained"):
         PeftModel.from_pretrained(FAMILIES["gpt2"].build(), tmp_path)
     model.load_state_dict(load_file(tmp_path / "model.safetensors"))  # how it loads instead
+
+
+@pytest.mark.parametrize("method", ["increlora", "adalora"])
+def test_rank_allocation_resumes_from_a_trainer_checkpoint_where_it_was(tmp_path, method):
+    """The allocator's statistics, history and sampling were in no checkpoint: a resumed run scored from fresh
+    averages and grew or pruned other modules than the uninterrupted run. They travel in the state dict now."""
+    from pefttorch import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
+    from pefttorch.optim import RankAwareAdamW
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        config = (IncreLoraConfig(target_rank=3, init_rank=1, incre_interval=2, init_warmup=1, top_h=2,
+                                  incre_rank_num=1, target_modules="all-linear", lora_alpha=8, score_sample=4)
+                  if method == "increlora" else
+                  AdaLoraConfig(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=12,
+                                target_modules="all-linear", lora_alpha=8))
+        model = get_peft_model(FAMILIES["llama"].build(), config)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+            save_strategy="steps", save_steps=5, use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Texts(n=16),
+                                       optimizers=(RankAwareAdamW(model.parameters(), lr=1e-2), None),
+                                       callbacks=[RankAllocationCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-5"))
+    assert resumed.base_model.allocator.events == whole.base_model.allocator.events
+    assert resumed.rank_pattern() == whole.rank_pattern()
+    mine = dict(resumed.named_parameters())
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(mine[name], p, rtol=0, atol=0, msg=name)

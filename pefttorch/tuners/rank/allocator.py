@@ -82,11 +82,14 @@ class IncreLoraAllocator:
             self.tiles.zero_()
         # every layer's two offsets from one draw (a draw per offset cost more host time than the tiles' kernels)
         uniform = torch.rand(len(self.layers), 2, generator=self.generator, dtype=torch.float64).tolist()
-        for (_, layer), (rs, cs), view, (u, v) in zip(self.layers, self.strides, self.tile_views, uniform,
-                                                      strict=True):
+        self._use_sample([(min(int(u * rs), rs - 1), rs, min(int(v * cs), cs - 1), cs)
+                          for (rs, cs), (u, v) in zip(self.strides, uniform, strict=True)])
+
+    def _use_sample(self, samples: list[tuple[int, int, int, int]]) -> None:
+        """Points every layer's tile at its grid (row offset, row stride, column offset, column stride)."""
+        for (_, layer), view, sample in zip(self.layers, self.tile_views, samples, strict=True):
             c = self.components(layer)
-            r0, c0 = min(int(u * rs), rs - 1), min(int(v * cs), cs - 1)
-            c.sample = (r0, rs, c0, cs)
+            r0, rs, c0, cs = c.sample = tuple(sample)
             c.tile = view[:len(range(r0, layer.out_features, rs)), :len(range(c0, layer.in_features, cs))]
 
     def scores(self) -> torch.Tensor:
@@ -202,8 +205,11 @@ class IncreLoraAllocator:
         self.tiles = self.tile_views = None
 
     def state_dict(self) -> dict:
+        """What the schedule needs to go on exactly where it was (a checkpoint is taken between steps, with the
+        tiles zeroed): the statistics, the history, the sampling generator and the grid drawn for the next step."""
+        samples = None if self.finished else [self.components(layer).sample for _, layer in self.layers]
         return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "samples": samples}
 
     def load_state_dict(self, state: dict) -> None:
         self.ipt.copy_(state["ipt"])
@@ -212,6 +218,13 @@ class IncreLoraAllocator:
         self.generator.set_state(state["generator"])
         if state["finished"] and not self.finished:
             self._finish()
+        elif not self.finished:
+            self.tiles.zero_()
+            samples = state.get("samples")
+            if samples is not None and [(s[1], s[3]) for s in samples] == self.strides:
+                self._use_sample(samples)
+            else:  # saved with another score_sample: a grid of this one's
+                self._new_sample()
 
 
 class AdaLoraAllocator:
@@ -295,6 +308,23 @@ class AdaLoraAllocator:
             r = self.components(layer).rank
             out.append((ie[:r] * ue[:r]).view(-1) + (ia[:r] * ua[:r]).mean(1) + (ib[:r] * ub[:r]).mean(1))
         return out
+
+    def state_dict(self) -> dict:
+        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.events = list(state["events"])
+        self.finished = state["finished"]
+        if self.finished:
+            self.ipt, self.unc = [], []
+            return
+        for name, mine, theirs in (("ipt", self.ipt, state["ipt"]), ("unc", self.unc, state["unc"])):
+            for (path, _), ts, saved in zip(self.layers, mine, theirs, strict=True):
+                for t, u in zip(ts, saved, strict=True):
+                    if t.shape != u.shape:
+                        raise ValueError(f"AdaLoRA: the saved {name} of {path} has shape {tuple(u.shape)}, this "
+                                         f"model's {tuple(t.shape)}: the checkpoint is of another configuration")
+                    t.copy_(u)
 
     def update_and_allocate(self, step: int) -> dict[str, int] | None:
         if self.finished:

@@ -3,6 +3,7 @@ regulariser, and export as a plain LoRA adapter with the final ranks (loadable b
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections import Counter
 
@@ -36,6 +37,19 @@ class RankedLoraModel(LoraModel):
         allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
         self.allocator = allocator_cls(layers, adapter_name, config)
         self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
+        self.register_load_state_dict_post_hook(_load_allocator_state)
+
+    # The allocator's state (statistics, history, sampling) goes into the model's state dict, so that a checkpoint,
+    # the HF Trainer's included, resumes the schedule where it was rather than from fresh statistics. It travels as
+    # bytes in a uint8 tensor: the Trainer writes checkpoints with safetensors, which holds only tensors.
+    def get_extra_state(self) -> torch.Tensor:
+        buffer = io.BytesIO()
+        torch.save(self.allocator.state_dict(), buffer)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        # applied by _load_allocator_state, once the layers have loaded their ranks (children load after this)
+        self._pending_allocator_state = state.cpu().numpy().tobytes()
 
     def inject_adapter(self, config: RankConfig, adapter_name: str) -> None:
         if self.peft_config:
@@ -169,6 +183,13 @@ class RankedLoraModel(LoraModel):
     def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         self._orth_hook.remove()
         return super().unload(merge, adapter_names)
+
+
+def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
+    state = model.__dict__.pop("_pending_allocator_state", None)
+    if state is not None:
+        device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
+        model.allocator.load_state_dict(torch.load(io.BytesIO(state), map_location=device, weights_only=True))
 
 
 class _OrthRegHook:
