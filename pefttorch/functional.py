@@ -166,7 +166,8 @@ def sparse_mlp(
         if b_up is not None and w_up is None:  # the reference would ignore it; the op refuses it
             raise ValueError("sparse_mlp: b_up given without w_up")
         return reference.sparse_mlp(*args)
-    return ops.sparse_mlp(*args)
+    # under autocast: all in its dtype, as the dense MLP's linears compute (the op's sparse and dense paths alike)
+    return in_compute_dtype(lambda *tensors: ops.sparse_mlp(*tensors, activation, float(threshold)), *args[:7])
 
 
 def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:

@@ -174,3 +174,22 @@ def test_sparsify_refuses_unmerged_lora_and_leaves_the_model_unchanged():
     assert [type(m) for m in model.modules()] == before
     merged = model.merge_and_unload()
     assert pefttorch.sparsify(merged)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens, threshold", [(1, 0.0), (1, 1.0), (20, 1.0)])  # dense path, sparse kernel
+def test_under_autocast_computes_as_plain_torch_does(family, x_dtype, tokens, threshold):
+    """Under torch.autocast the result's dtype once depended on which path ran (float32 from the sparse kernel,
+    bfloat16 from the dense path), and a bfloat16 input with float32 weights was refused: the op now computes
+    in autocast's dtype, as the dense block's linears (and the reference, in plain torch) do."""
+    module, dense = block(family)
+    sparse = SparseMLP.from_mlp(module, threshold=threshold)
+    x = torch.randn(tokens, sparse.in_features).to(x_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference.sparse_mlp(x, sparse.w_in, sparse.b_in, sparse.w_up, sparse.b_up, sparse.w_down_t,
+                                    sparse.b_down, sparse.activation, threshold)
+        got = sparse(x)
+        assert dense(x).dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16  # as the block's nn.Linear layers give (the reference's bias add promotes)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
