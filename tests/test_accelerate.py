@@ -4,6 +4,7 @@ own features still working, and unsupported layers left alone."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -126,6 +127,12 @@ def test_unsupported_layers_are_left_alone_and_reported():
     model.eval()
     reference.eval()
     torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    buffer = io.BytesIO()  # a whole-model torch.save of an accelerated model loads, accelerated
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert pefttorch.deaccelerate(copy.deepcopy(loaded)) == len(report.switched)  # still accelerated
+    torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_inference_falls_back_to_peft():

@@ -7,8 +7,8 @@ object, its class, its parameters and its adapters stay HF PEFT's, so the user's
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -112,14 +112,16 @@ def is_accelerated(module: nn.Module) -> bool:
 
 
 # The switch itself: a forward bound as an instance attribute shadows the class's, and deleting it restores the
-# class's. The module keeps its class, parameters and state-dict keys; deepcopy rebinds it to the copy.
+# class's. The module keeps its class, parameters and state-dict keys. Bound with functools.partial, not as a
+# method: deepcopy and pickle rebuild a partial around the copied module, while a pickled bound method is looked up
+# by name on the module when loading, and no attribute has that name (torch.load of a whole model failed).
 def set_forward(module: nn.Module, fn) -> None:
-    module.forward = types.MethodType(fn, module)
+    module.forward = functools.partial(fn, module)
 
 
 def has_forward(module: nn.Module, fn) -> bool:
     forward = module.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is fn
+    return isinstance(forward, functools.partial) and forward.func is fn
 
 
 def remove_forward(model: nn.Module, fn) -> int:
