@@ -166,6 +166,22 @@ def test_float64_streams_reconstruct_exactly_what_the_layers_saw(dtype, variant,
     assert model.reconstruction_error() <= GUARDED_BOUND[dtype, variant]
 
 
+def test_debug_errors_with_forwards_that_have_no_backward_or_share_one():
+    """The per-layer inputs were kept in one list per model: a forward with grad but no backward made the next
+    backward compare against the wrong inputs (errors of 1.5 instead of 1e-15), two forwards before one backward
+    (gradient accumulation) failed with an IndexError, and inputs piled up. Now they belong to each call."""
+    g = torch.Generator().manual_seed(3)
+    model = pefttorch.get_peft_model(build("llama", layers=3), pefttorch.MeftConfig(
+        stream_dtype=torch.float64, debug_reconstruction=True))
+    model.train()
+    first, second = batch(g, "llama"), batch(g, "llama")
+    model(**first)  # e.g. a forward whose loss was not used
+    model(**second).loss.backward()
+    assert len(model.reconstruction_errors()) == 3 and max(model.reconstruction_errors()) <= 1e-12
+    (model(**first).loss + model(**second).loss).backward()
+    assert len(model.reconstruction_errors()) == 3 and max(model.reconstruction_errors()) <= 1e-12
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("variant", ["meft1", "meft2"])

@@ -147,7 +147,6 @@ class ReconstructionReport:
     input_error: float | None = None
     warned: bool = False
     errors: list[float] = field(default_factory=list)
-    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
 
 def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
@@ -212,6 +211,9 @@ class _Run:
         self.params = params
         self.index = {id(p): i for i, p in enumerate(params)}
         self.rng: list[list[_RngState] | None] = []  # per layer: the states before F and G, if replayed
+        # with report.debug, every layer's input as forward saw it: kept per call (with the graph, freed with it),
+        # so forwards that never see a backward, or several before one (gradient accumulation), do not mix
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -226,7 +228,7 @@ class _ReversibleFunction(torch.autograd.Function):
         guards: list = []
         for layer, bound in zip(run.layers, bounds, strict=True):
             if run.report.debug:
-                run.report.inputs.append((x1.clone(), x2.clone()))
+                run.inputs.append((x1.clone(), x2.clone()))
             states = [] if replay else None
             x1, x2 = _step(layer, x1, x2, run.context, run.dtype, states, guards, bound)
             run.rng.append(states)
@@ -270,6 +272,7 @@ class _ReversibleFunction(torch.autograd.Function):
             dx = results[0] if results[0] is not None else torch.zeros_like(x)
             return out.detach(), dx
 
+        errors: list[float] = []
         for i in reversed(range(len(run.layers))):
             layer, rng = run.layers[i], run.rng[i]
             rng_f, rng_g = rng if rng is not None else (None, None)
@@ -281,9 +284,10 @@ class _ReversibleFunction(torch.autograd.Function):
             f, v = vjp(layer.f, rng_f, guards[2 * i], x2, dy1)
             x1, dx1, dx2 = ops.reversible_coupling_backward(y1, f, dy1, dx2, v, layer.lam)
             if run.report.debug:
-                run.report.errors.insert(0, _relative_error((x1, x2), run.report.inputs[i]))
+                errors.insert(0, _relative_error((x1, x2), run.inputs[i]))
             o1, o2, grad1, grad2 = x1, x2, dx1, dx2
-        run.report.inputs.clear()
+        if run.report.debug:
+            run.report.errors = errors  # this backward's
         error = _relative_error((o1, o2), (inputs[0], inputs[-1]))
         run.report.input_error = error
         if not error <= WARN_ERROR and not run.report.warned:
