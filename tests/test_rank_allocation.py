@@ -586,6 +586,36 @@ def test_adalora_prunes_to_the_budget_and_shrinks_compute():
         torch.testing.assert_close(model.to(torch.float64)(x.double()), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [incre(incre_interval=100, init_warmup=100), ada(tinit=8, total_step=20)],
+                         ids=["incre", "ada"])
+def test_a_step_with_overflowed_gradients_leaves_the_statistics_as_they_were(config):
+    """GradScaler skips the optimizer step when gradients overflow (fp16 training does at its start); the
+    statistics took the step's inf or NaN in for good, and the next allocation failed. Now such a step is a
+    no-op for them, and the next good step updates them as before."""
+    model = build(config)
+    randomize(model)
+    allocator = model.base_model.allocator
+    opt = RankAwareAdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 13)
+
+    def statistics():  # IncreLoRA's: one value per module; AdaLoRA's: a tensor per factor of every module
+        if isinstance(allocator.ipt, torch.Tensor):
+            return torch.cat([allocator.ipt, allocator.unc])
+        return torch.cat([t.flatten() for ts in (*allocator.ipt, *allocator.unc) for t in ts])
+
+    for step in range(3):
+        train_step(model, opt, x, step)
+    before = statistics().clone()
+    assert before.abs().sum() > 0 and torch.isfinite(before).all()
+    (model(x).square().mean() * float("inf")).backward()  # every gradient inf or NaN: the scaler skips opt.step()
+    model.update_and_allocate(3)
+    opt.zero_grad()
+    assert torch.equal(statistics(), before)
+    train_step(model, opt, x, 4)
+    after = statistics()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
 def test_adalora_pruning_equals_masking():
     """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
     model = build(ada())

@@ -112,8 +112,14 @@ class IncreLoraAllocator:
     def update_ipt(self) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
         s = self.scores()
-        self.ipt.mul_(b1).add_(s, alpha=1 - b1)
-        self.unc.mul_(b2).add_((s - self.ipt).abs_(), alpha=1 - b2)
+        # A step whose gradients overflowed (GradScaler skips the optimizer step then, as it should) leaves the
+        # statistics as they were, where its inf or NaN would stay in them for good. Selected on the device: no
+        # host sync per step.
+        ok = torch.isfinite(s).all()
+        s = torch.where(ok, s, self.ipt)
+        ipt = torch.where(ok, self.ipt * b1 + s * (1 - b1), self.ipt)
+        self.unc.copy_(torch.where(ok, self.unc * b2 + (s - ipt).abs() * (1 - b2), self.unc))
+        self.ipt.copy_(ipt)
 
     def score_vector(self) -> torch.Tensor:
         """Sensitivity times uncertainty per module: what allocation ranks modules by."""
@@ -240,11 +246,24 @@ class AdaLoraAllocator:
         self.config = config
         self.init_total = config.init_r * len(layers)
         self.target_total = config.target_r * len(layers)
-        # smoothed sensitivity and uncertainty of every factor entry, in float32, shaped like the factors
-        self.ipt = [[torch.zeros_like(p, dtype=torch.float32) for p in layer.factors(adapter)] for _, layer in layers]
-        self.unc = [[torch.zeros_like(p, dtype=torch.float32) for p in layer.factors(adapter)] for _, layer in layers]
+        # smoothed sensitivity and uncertainty of every factor entry, in float32, shaped like the factors: views
+        # into one flat buffer each, so that a step can be undone by one select (see update_ipt)
+        self._ipt_flat, self.ipt = self._flat_statistics()
+        self._unc_flat, self.unc = self._flat_statistics()
         self.events: list[dict] = []
         self.finished = False
+
+    def _flat_statistics(self, device=None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        factors = [layer.factors(self.adapter) for _, layer in self.layers]
+        device = factors[0][0].device if device is None else device
+        flat = torch.zeros(sum(p.numel() for fs in factors for p in fs), dtype=torch.float32, device=device)
+        views, start = [], 0
+        for fs in factors:
+            views.append([])
+            for p in fs:
+                views[-1].append(flat[start:start + p.numel()].view(p.shape))
+                start += p.numel()
+        return flat, views
 
     def components(self, layer: RankedLoraLayer):
         return layer.lora_components[self.adapter]
@@ -256,10 +275,13 @@ class AdaLoraAllocator:
         """After the model moved: the statistics go where the adapters are."""
         if self.finished:
             return  # no statistics left to move
-        for (_, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
-            device = layer.lora_A[self.adapter].device
-            ipts[:] = [t.to(device) for t in ipts]
-            uncs[:] = [t.to(device) for t in uncs]
+        device = self.layers[0][1].lora_A[self.adapter].device
+        if self._ipt_flat.device != device:
+            for name in ("ipt", "unc"):
+                flat, views = self._flat_statistics(device)
+                flat.copy_(getattr(self, f"_{name}_flat"))
+                setattr(self, f"_{name}_flat", flat)
+                setattr(self, name, views)
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at `step`, whether to prune now): HF PEFT's budget_schedule."""
@@ -290,6 +312,10 @@ class AdaLoraAllocator:
                 unc.append(u[:r])
         if not params:
             return
+        # A step whose gradients overflowed (GradScaler skips the optimizer step then, as it should) must leave the
+        # statistics as they were, where its inf or NaN would stay for good: update, then select the old values
+        # back where the result is not finite. On the flat buffers, so a few kernels and no host sync.
+        before = self._ipt_flat.clone(), self._unc_flat.clone()
         # one multi-tensor kernel per operation over every factor of every module
         s = torch._foreach_mul(params, grads)
         torch._foreach_abs_(s)
@@ -300,6 +326,9 @@ class AdaLoraAllocator:
         torch._foreach_abs_(s)
         torch._foreach_mul_(unc, b2)
         torch._foreach_add_(unc, s, alpha=1 - b2)
+        ok = torch.isfinite(self._ipt_flat).all() & torch.isfinite(self._unc_flat).all()
+        torch.where(ok, self._ipt_flat, before[0], out=self._ipt_flat)
+        torch.where(ok, self._unc_flat, before[1], out=self._unc_flat)
 
     def component_scores(self) -> list[torch.Tensor]:
         """Score of every active component, one vector per module."""
@@ -314,9 +343,8 @@ class AdaLoraAllocator:
 
     def load_state_dict(self, state: dict) -> None:
         self.events = list(state["events"])
-        self.finished = state["finished"]
-        if self.finished:
-            self.ipt, self.unc = [], []
+        if state["finished"]:
+            self._free_statistics()
             return
         for name, mine, theirs in (("ipt", self.ipt, state["ipt"]), ("unc", self.unc, state["unc"])):
             for (path, _), ts, saved in zip(self.layers, mine, theirs, strict=True):
@@ -325,6 +353,11 @@ class AdaLoraAllocator:
                         raise ValueError(f"AdaLoRA: the saved {name} of {path} has shape {tuple(u.shape)}, this "
                                          f"model's {tuple(t.shape)}: the checkpoint is of another configuration")
                     t.copy_(u)
+
+    def _free_statistics(self) -> None:
+        self.finished = True
+        self.ipt, self.unc = [], []
+        self._ipt_flat = self._unc_flat = None
 
     def update_and_allocate(self, step: int) -> dict[str, int] | None:
         if self.finished:
@@ -335,8 +368,7 @@ class AdaLoraAllocator:
         budget, prune = self.budget(step)
         pruned = self.prune_to(budget, step) if prune else None
         if step >= end:  # the final budget is in force: no more scoring (its state is freed)
-            self.finished = True
-            self.ipt, self.unc = [], []
+            self._free_statistics()
         return pruned
 
     @torch.no_grad()
