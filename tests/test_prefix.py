@@ -143,6 +143,27 @@ def test_gradient_checkpointing_trains_the_prefix():
     torch.testing.assert_close(model.base_model.prefix_embeddings.grad, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_the_projection_mlp(reentrant):
+    """Non-reentrant checkpointing trains the MLP as without checkpointing. Reentrant checkpointing, where each
+    layer runs its own backward through the MLP that all layers' keys come from, failed in the second layer's
+    backward with autograd's "backward through the graph a second time": now a clear error before the forward."""
+    _, model = prefixed("llama", prefix_projection=True, encoder_hidden_size=8)
+    ids = inputs("llama")["input_ids"]
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    want = [p.grad.clone() for p in model.base_model.adapter_parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        with pytest.raises(RuntimeError, match="reentrant gradient checkpointing: use .*use_reentrant': False"):
+            model(input_ids=ids, labels=ids)
+        return
+    model(input_ids=ids, labels=ids).loss.backward()
+    for p, g in zip(model.base_model.adapter_parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
 def test_fold_prefix_keeps_the_output_and_drops_the_mlp(tmp_path):
     _, model = prefixed("llama", prefix_projection=True, encoder_hidden_size=8)
     batch = inputs("llama")

@@ -52,6 +52,12 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int, bool]:
 
 
 @functools.cache
+def _reentrant(layer: nn.Module) -> bool:
+    """Whether a transformers layer checkpoints with torch's reentrant variant (its default when not told)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(func, "keywords", {}).get("use_reentrant", True) is not False
+
+
 def _prefix_cache_class():
     from transformers import DynamicCache
 
@@ -225,6 +231,13 @@ class PrefixModel(VirtualTokenModel):
         past = 0 if kw.get("use_cache") is False else cache_length(kw.get(key))
         if past == 0:  # a new sequence: the cache starts with the prefix
             read_only = self._checkpointing(module)
+            if read_only and self.projected and any(_reentrant(m) for m in self._checkpointed
+                                                    if m.gradient_checkpointing):
+                # Each reentrant segment runs its own backward, through the prefix MLP that every layer's keys come
+                # from: the second would find the MLP's graph freed by the first.
+                raise RuntimeError("prefix tuning with prefix_projection=True cannot train under reentrant gradient "
+                                   "checkpointing: use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                                   "{'use_reentrant': False}) (transformers' default), or fold_prefix() first")
             if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
                 for m in self._checkpointed:
                     m._can_checkpoint_with_cache = True
