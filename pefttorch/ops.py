@@ -60,6 +60,8 @@ def _register_autograd(name: str, backward, setup_context):
 
     def call(*args):
         if torch.compiler.is_compiling():
+            if torch._C._are_functorch_transforms_active():
+                return func_function.apply(*args)  # torch.compile over torch.func: as eager torch.func
             return op(*args)  # traced: the registered op and formula
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             # (under torch.func.grad the inputs it differentiates require grad, so only this branch asks)
