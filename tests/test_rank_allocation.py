@@ -231,6 +231,27 @@ def test_ranked_layer_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, *factors))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_ranked_layer_refuses_torch_func_transforms_with_a_clear_error():
+    """torch.func.grad (and vmap with grad) failed inside functorch with "must override the setup_context
+    staticmethod", naming neither the layer nor the reason; without a gradient, vmap runs as before."""
+    torch.manual_seed(0)
+    layer = RankedLoraLayer(nn.Linear(5, 3).double())
+    layer.update_layer("default", capacity=6, rank=3, reserve=0, lora_alpha=3.0, lora_dropout=0.0,
+                       scale_by_rank=True, dtype=f64)
+    layer.active_adapters = ["default"]
+    params = {n: p.detach().clone() for n, p in layer.named_parameters() if p.requires_grad}
+    x = torch.randn(2, 4, 5, dtype=f64)
+
+    def loss(params, x):
+        return torch.func.functional_call(layer, params, (x,)).square().sum()
+
+    with pytest.raises(NotImplementedError, match="IncreLoRA/AdaLoRA layers cannot be differentiated by torch.func"):
+        torch.func.grad(loss)(params, x[0])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(layer)(x), layer(x))
+
+
 def test_ranked_layer_refuses_a_second_derivative():
     """A gradient penalty through the layer (create_graph=True) is refused: its backward kernels have no derivative,
     and the penalty's gradient once came out without their share, silently."""

@@ -156,6 +156,12 @@ class _RankedLoraLinear(torch.autograd.Function):
 def _ranked_lora_linear(x, weight, bias, a, e, b_t, c: Components, p: float, seed) -> torch.Tensor:
     """The layer's output; one autograd node when a gradient is recorded (see _RankedLoraLinear)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, e, b_t)):
+        if torch._C._are_functorch_transforms_active():
+            # its backward also fills the importance tile, a side effect torch.func's functional transforms cannot
+            # carry (functorch would refuse the Function with an error that names neither it nor the reason)
+            raise NotImplementedError("IncreLoRA/AdaLoRA layers cannot be differentiated by torch.func transforms "
+                                      "(grad, vjp, jacrev, vmap over them); use autograd (loss.backward(), "
+                                      "torch.autograd.grad), with torch.func.functional_call if needed")
         return _RankedLoraLinear.apply(x, weight, bias, a, e, b_t, c, p, seed)
     a_n, b_n = ops.ranked_lora_factors(a, e, b_t, c.in_use, x.dtype)
     return ops.lora_linear_forward(x, weight, a_n, b_n, bias, c.scaling, p, seed)[0]
