@@ -51,13 +51,13 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int, bool]:
     return int(layers), int(kv_heads), int(head_dim), enc_dec
 
 
-@functools.cache
 def _reentrant(layer: nn.Module) -> bool:
     """Whether a transformers layer checkpoints with torch's reentrant variant (its default when not told)."""
     func = getattr(layer, "_gradient_checkpointing_func", None)
     return getattr(func, "keywords", {}).get("use_reentrant", True) is not False
 
 
+@functools.cache
 def _prefix_cache_class():
     from transformers import DynamicCache
 
