@@ -637,6 +637,37 @@ def test_a_step_with_overflowed_gradients_leaves_the_statistics_as_they_were(con
     assert torch.isfinite(after).all() and not torch.equal(after, before)
 
 
+@pytest.mark.parametrize("method", ["incre", "ada"])
+def test_state_dict_carries_the_schedule(method):
+    """The allocator's state is in the model's state dict: a model loaded from a mid-run state dict goes on as the
+    original does (same events, same statistics), also when loaded into a model whose schedule had finished."""
+    config = incre(score_sample=4) if method == "incre" else ada(tinit=1, tfinal=2, total_step=10)
+    x = torch.randn(8, 13)
+
+    def steps(model, opt, start, stop):
+        for step in range(start, stop):
+            torch.manual_seed(step)  # components drawn at an event come from the global generator
+            train_step(model, opt, x, step)
+
+    model = build(config)
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    steps(model, opt, 0, 3)
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, 3, 12)
+    assert model.base_model.allocator.finished
+    final, events = model.rank_pattern(), copy.deepcopy(model.base_model.allocator.events)
+    targets = [build(config), model] if method == "ada" else [build(config)]  # IncreLoRA cannot un-finish
+    for other in targets:
+        other.load_state_dict(state)
+        assert not other.base_model.allocator.finished and len(other.base_model.allocator.events) <= 3
+        other_opt = RankAwareAdamW(other.parameters(), lr=1e-2)
+        other_opt.load_state_dict(opt_state)
+        steps(other, other_opt, 3, 12)
+        assert other.rank_pattern() == final and other.base_model.allocator.events == events
+        assert other.base_model.allocator.finished
+
+
 def test_adalora_pruning_equals_masking():
     """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
     model = build(ada())

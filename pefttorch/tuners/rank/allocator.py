@@ -346,6 +346,9 @@ class AdaLoraAllocator:
         if state["finished"]:
             self._free_statistics()
             return
+        if self.finished:  # a checkpoint from before the schedule's end, loaded after it: statistics again
+            self.finished = False
+            (self._ipt_flat, self.ipt), (self._unc_flat, self.unc) = self._flat_statistics(), self._flat_statistics()
         for name, mine, theirs in (("ipt", self.ipt, state["ipt"]), ("unc", self.unc, state["unc"])):
             for (path, _), ts, saved in zip(self.layers, mine, theirs, strict=True):
                 for t, u in zip(ts, saved, strict=True):
