@@ -221,16 +221,21 @@ class IncreLoraAllocator:
         self.ipt.copy_(state["ipt"])
         self.unc.copy_(state["unc"])
         self.events = list(state["events"])
+        if state["finished"]:
+            self.generator.set_state(state["generator"])
+            if not self.finished:
+                self._finish()
+            return
+        if self.finished:  # a checkpoint from before the budget was reached, loaded after: scoring again
+            self.finished = False
+            self._new_sample()  # the tiles again (the grid is set below, the generator's draw undone next)
         self.generator.set_state(state["generator"])
-        if state["finished"] and not self.finished:
-            self._finish()
-        elif not self.finished:
-            self.tiles.zero_()
-            samples = state.get("samples")
-            if samples is not None and [(s[1], s[3]) for s in samples] == self.strides:
-                self._use_sample(samples)
-            else:  # saved with another score_sample: a grid of this one's
-                self._new_sample()
+        self.tiles.zero_()
+        samples = state.get("samples")
+        if samples is not None and [(s[1], s[3]) for s in samples] == self.strides:
+            self._use_sample(samples)
+        else:  # saved with another score_sample: a grid of this one's
+            self._new_sample()
 
 
 class AdaLoraAllocator:

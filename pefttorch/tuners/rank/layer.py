@@ -254,12 +254,28 @@ class RankedLoraLayer(LoraLayer):
         c.next_id += capacity - c.capacity
         c.capacity = capacity
 
+    def _shrink_for_load(self, name: str, capacity: int) -> None:
+        """Storage of `capacity` slots for a checkpoint taken before the module grew (the HF Trainer's
+        load_best_model_at_end, an earlier checkpoint): the factors, ids and ranks are loaded next."""
+        c = self.lora_components[name]
+        for p in self.factors(name):
+            data = p.new_zeros((capacity, p.shape[1]))
+            p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)  # see grow()
+            p.data = data
+            p.grad = None
+        c.ids = c.ids[:capacity].clone()
+        c.capacity = capacity
+        c.rank, c.reserve = min(c.rank, capacity), min(c.reserve, capacity - min(c.rank, capacity))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint taken after a module outgrew its first capacity: grow to it before the factors load.
+        # A checkpoint of another capacity (taken after, or before, the module outgrew its first one): storage of
+        # the saved capacity before the factors load.
         for name in self.lora_components:
             saved = state_dict.get(f"{prefix}lora_A.{name}")
             if saved is not None and saved.shape[0] > self.lora_components[name].capacity:
                 self.grow(name, saved.shape[0])
+            elif saved is not None and saved.shape[0] < self.lora_components[name].capacity:
+                self._shrink_for_load(name, saved.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
