@@ -222,6 +222,33 @@ def test_dept_covers_max_length_positions_and_generation_steps():
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-5)
 
 
+def test_dept_positions_count_tokens_not_padding():
+    """A left-padded row in a generate batch once got the update of its columns (pads counted), so it generated
+    otherwise than alone; positions now follow the attention mask (right padding, as in training, is unchanged)."""
+    _, model = dept("llama")
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, 90, (n,), generator=g) for n in (6, 3)]
+    padded = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, 6 - len(row):], mask[i, 6 - len(row):] = row, 1
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+          "return_dict_in_generate": True}
+    with torch.no_grad():
+        together = model.generate(input_ids=padded, attention_mask=mask, **kw)
+        for i, row in enumerate(rows):
+            alone = model.generate(input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), **kw)
+            assert torch.equal(together.sequences[i, 6:], alone.sequences[0, len(row):]), i
+            torch.testing.assert_close(torch.stack(together.scores)[:, i], torch.stack(alone.scores)[:, 0],
+                                       rtol=1e-4, atol=1e-4)
+        right = torch.zeros(2, 6, dtype=torch.long)  # right padding: the same positions as the columns
+        right[1, :3], right[0] = rows[1], rows[0]
+        right_mask = (right != 0).long()
+        no_mask = model(input_ids=right).logits
+        torch.testing.assert_close(model(input_ids=right, attention_mask=right_mask).logits[1, :N + 3],
+                                   no_mask[1, :N + 3], rtol=1e-5, atol=1e-5)
+
+
 def test_dept_trains_prompt_and_update_with_two_learning_rates(tmp_path):
     _, model = dept("t5")
     model.train()

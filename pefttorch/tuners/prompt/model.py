@@ -200,10 +200,12 @@ class PromptModel(VirtualTokenModel):
             embeds = self.embedding(ids)
             if self.embed_scale != 1.0:
                 embeds = embeds * self.embed_scale
-        return self.update_embeddings(embeds, start)
+        return self.update_embeddings(embeds, start, kw.get("attention_mask"))
 
-    def update_embeddings(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """What a variant changes in the input's own embeddings (DePT: a low-rank update per position)."""
+    def update_embeddings(self, embeds: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What a variant changes in the input's own embeddings (DePT: a low-rank update per position). The input's
+        first token is at column `start` of the whole sequence (a generation step's); `mask`, the attention mask
+        (over the whole sequence, the virtual tokens not included), says which columns are tokens."""
         return embeds
 
     def _with_prompt(self, kw: dict) -> int:
@@ -287,8 +289,14 @@ class DeptModel(PromptModel):
         # set before PromptModel's __init__, which marks what trains
         super().__init__(model, config, adapter_name, extra={"dept_A": nn.Parameter(a), "dept_B": nn.Parameter(b)})
 
-    def update_embeddings(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
+    def update_embeddings(self, embeds: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         length, rows = embeds.shape[1], self.dept_A.shape[0]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= length and not bool(mask.all()):
+            # Padding: a token's position counts the tokens before it, not the columns (a left-padded row in a
+            # batch gets the update it gets alone, and as with the right padding of training)
+            positions = (mask.long().cumsum(-1)[:, -length:] - 1).clamp(min=0, max=rows)  # rows: past max_length
+            table = torch.cat([self.dept_A @ self.dept_B, self.dept_B.new_zeros(1, self.dept_B.shape[1])])
+            return embeds + nn.functional.embedding(positions, table).to(embeds.dtype)
         covered = max(0, min(length, rows - start))  # positions past max_length get no update
         if covered == 0:
             return embeds
