@@ -291,9 +291,9 @@ class DeptModel(PromptModel):
 
     def update_embeddings(self, embeds: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         length, rows = embeds.shape[1], self.dept_A.shape[0]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= length and not bool(mask.all()):
-            # Padding: a token's position counts the tokens before it, not the columns (a left-padded row in a
-            # batch gets the update it gets alone, and as with the right padding of training)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= length:
+            # A token's position counts the tokens before it, not the columns: a left-padded row in a batch gets
+            # the update it gets alone (with right padding, as in training, and no padding, the two agree)
             positions = (mask.long().cumsum(-1)[:, -length:] - 1).clamp(min=0, max=rows)  # rows: past max_length
             table = torch.cat([self.dept_A @ self.dept_B, self.dept_B.new_zeros(1, self.dept_B.shape[1])])
             return embeds + nn.functional.embedding(positions, table).to(embeds.dtype)
