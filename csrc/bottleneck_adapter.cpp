@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
   } else {
     y = mm_scaled(a, w_up.t(), scale);
   }
-  return {y.view(y_shape), h};
+  return {at::_unsafe_view(y, y_shape), h};  // not a view: callers may change it in place (see lora_linear.cpp)
 }
 
 BottleneckAdapterGrads bottleneck_adapter_backward(const BottleneckAdapterKernels& k, const at::Tensor& grad_y,

@@ -69,7 +69,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const LoraDropoutKernels&
     s = at::mm(x2, lora_a.t());
   }
   y.addmm_(s, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
-  return {y.view(with_last_dim(x.sizes(), out)), s};
+  // Not y.view(): autograd forbids in-place changes to an output of a multi-output Function that is a view, and
+  // models do change a linear layer's output in place (Falcon: mlp_output += attention_output).
+  return {at::_unsafe_view(y, with_last_dim(x.sizes(), out)), s};
 }
 
 LoraGrads lora_linear_backward(const LoraDropoutKernels& k, const at::Tensor& grad_y,

@@ -556,3 +556,19 @@ def test_device_mismatch():
         ops.bottleneck_adapter_backward(*dict(cuda_b, h=args["h"]).values())
     with pytest.raises(RuntimeError, match=r"bottleneck_adapter_backward: x is on cpu but grad_y is on cuda:0"):
         ops.bottleneck_adapter_backward(*dict(cuda_b, x=args["x"]).values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_can_be_changed_in_place(device):
+    """As a linear layer's output: a model may add to it in place (it once was a view, which autograd forbids)."""
+    g = torch.Generator().manual_seed(3)
+    x, w_down, w_up, other = (torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+                              for s in ((2, 3, 6), (4, 6), (6, 4), (2, 3, 6)))
+    y = functional.bottleneck_adapter(x, w_down, w_up, residual=x)
+    y += other
+    got = torch.autograd.grad((y * y).sum(), (x, w_down, w_up, other))
+    want_y = reference.bottleneck_adapter(x, w_down, None, w_up, None, x, False, "relu", 1.0) + other
+    want = torch.autograd.grad((want_y * want_y).sum(), (x, w_down, w_up, other))
+    torch.testing.assert_close(y, want_y)
+    for got_g, want_g in zip(got, want, strict=True):
+        torch.testing.assert_close(got_g, want_g)

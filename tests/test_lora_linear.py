@@ -228,3 +228,21 @@ def test_meta_tensors_give_shapes():
     assert y.device.type == "meta" and y.shape == (2, 5, 6)
     w_down, w_up = meta(4, 10), meta(10, 4)
     assert functional.bottleneck_adapter(meta(3, 10), w_down, w_up).shape == (3, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_can_be_changed_in_place(device):
+    """Models change a linear layer's output in place (Falcon: mlp_output += attention_output); the op's output
+    was a view, which autograd forbids changing in place for a Function with two outputs."""
+    g = torch.Generator().manual_seed(3)
+    x, w, a, b, other = (torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+                         for s in ((2, 3, 5), (4, 5), (2, 5), (4, 2), (2, 3, 4)))
+    y = functional.lora_linear(x, w, a, b, scaling=0.5)
+    y += other
+    y.mul_(3.0)
+    got = torch.autograd.grad((y * y).sum(), (x, w, a, b, other))
+    want_y = (reference.lora_linear(x, w, a, b, scaling=0.5) + other) * 3.0
+    want = torch.autograd.grad((want_y * want_y).sum(), (x, w, a, b, other))
+    torch.testing.assert_close(y, want_y)
+    for got_g, want_g in zip(got, want, strict=True):
+        torch.testing.assert_close(got_g, want_g)
