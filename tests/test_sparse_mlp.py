@@ -166,6 +166,48 @@ def test_construction_and_errors():
         pefttorch.sparsify(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
+class _GatedWithATwist(torch.nn.Module):
+    """The parts of a gated MLP, but the gate is cut to its top half before the activation (as Gemma-3n's MLP
+    does with activation_sparsity): SparseMLP would compute another function."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=False)
+        self.down_proj, self.act_fn = torch.nn.Linear(16, 8, bias=False), torch.nn.SiLU()
+
+    def forward(self, x):
+        gate = self.gate_proj(x)
+        gate = torch.where(gate > gate.median(-1, keepdim=True).values, gate, torch.zeros_like(gate))
+        return self.down_proj(self.act_fn(gate) * self.up_proj(x))
+
+
+class _LayerWithANormInside(torch.nn.Module):
+    """A BART-style layer whose forward normalises the activation before fc2 (as Kosmos-2's FFN does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.activation_fn, self.ffn_layernorm = torch.nn.GELU(), torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return x + self.fc2(self.ffn_layernorm(self.activation_fn(self.fc1(x))))
+
+
+def test_blocks_with_known_parts_that_compute_otherwise_are_refused():
+    """Blocks are found by the names of their parts: one that computes something else between them was swapped all
+    the same (a silent wrong answer for Gemma-3n, a shape error at the first forward for Kosmos-2)."""
+    twisted = torch.nn.Sequential(_GatedWithATwist())
+    with pytest.raises(ValueError, match="computes something else"):
+        SparseMLP.from_mlp(twisted[0])
+    with pytest.raises(ValueError, match="computes something else"):
+        pefttorch.sparsify(twisted)
+    assert isinstance(twisted[0], _GatedWithATwist)
+    layers = torch.nn.Sequential(_LayerWithANormInside(), _LayerWithANormInside())
+    with pytest.raises(ValueError, match="ffn_layernorm .* intermediate width"):
+        pefttorch.sparsify(layers)
+    assert not any(isinstance(m, SparseMLP) for m in layers.modules())
+
+
 def test_sparsify_refuses_unmerged_lora_and_leaves_the_model_unchanged():
     model = pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.LoraConfig(target_modules=["down_proj"]))
     before = [type(m) for m in model.modules()]

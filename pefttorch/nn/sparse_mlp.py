@@ -8,6 +8,37 @@ from torch import nn
 from .. import functional
 
 
+@torch.no_grad()
+def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
+    """Refuses a block whose parts have the names of a known layout but whose forward computes something else (say
+    Gemma-3n's MLP, which sparsifies its gate before the activation): a probe through both at threshold 0 must agree
+    up to rounding. The block runs in eval mode for it (its dropout off) and is left as it was."""
+    w = sparse.w_in
+    if w.device.type == "meta":
+        return
+    x = torch.randn(4, sparse.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = x.to(device=w.device, dtype=w.dtype)
+    modes = [(m, m.training) for m in mlp.modules()]
+    threshold, sparse.threshold = sparse.threshold, 0.0
+    try:
+        mlp.eval()
+        want, got = mlp(x), sparse(x)
+    finally:
+        sparse.threshold = threshold
+        for m, training in modes:
+            m.training = training
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        raise ValueError(f"{type(mlp).__name__} does not compute as an MLP block of its layout (its output is not "
+                         f"one tensor of shape {tuple(got.shape)}): SparseMLP cannot replace it")
+    scale = want.float().abs().max().item()
+    tol = (1e-4 if w.dtype in (torch.float32, torch.float64) else 5e-2) * scale + 1e-6
+    error = (want.float() - got.float()).abs().max().item()
+    if not error <= tol:
+        raise ValueError(f"{type(mlp).__name__} has the parts of an MLP block SparseMLP knows but computes something "
+                         f"else (a probe differs by {error:.2e} against an output scale of {scale:.2e}): SparseMLP "
+                         f"cannot replace it")
+
+
 def _weight_rows(layer: nn.Module) -> torch.Tensor:
     """The weight of an nn.Linear or transformers Conv1D as (out, in) rows, without a copy for nn.Linear."""
     from ..tuners.lora.layer import LoraLayer, conv1d_class, is_linear
@@ -104,8 +135,11 @@ class SparseMLP(nn.Module):
             raise ValueError(f"{type(mlp).__name__} is not an MLP block SparseMLP knows; supported are the MLPs of "
                              f"{SUPPORTED}")
         part = mlp.get_submodule
-        return cls.from_linears(part(layout.gate), part(layout.down), part(layout.act), threshold,
-                                up=part(layout.up) if layout.up else None)
+        sparse = cls.from_linears(part(layout.gate), part(layout.down), part(layout.act), threshold,
+                                  up=part(layout.up) if layout.up else None)
+        if layout.replace:
+            _check_computes_as(mlp, sparse)
+        return sparse
 
     @property
     def in_features(self) -> int:

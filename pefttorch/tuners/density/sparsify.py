@@ -26,6 +26,9 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     if any(b.name == "" for b in blocks):
         raise ValueError("the model itself is an MLP block: use SparseMLP.from_mlp(model) instead")
     built = [(b, SparseMLP.from_mlp(b.module, threshold)) for b in blocks]
+    for block, sparse in built:
+        if not block.layout.replace:
+            _check_nothing_else_reads_the_activation(block, sparse)
     names = []
     for block, sparse in built:
         target = block.name if block.layout.replace else block.part_name(block.layout.down)
@@ -35,3 +38,22 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
         names.append(target)
     model.eval()
     return names
+
+
+def _check_nothing_else_reads_the_activation(block, sparse: SparseMLP) -> None:
+    """A block kept in place (a BERT or BART layer) has its down projection swapped for the whole MLP, which is
+    right only if its forward does nothing between the activation and the down projection. Another part sized to
+    the intermediate width (Kosmos-2's FFN normalises the activation there) says it does: refuse rather than run a
+    different model."""
+    inter = sparse.intermediate_size
+    if inter == sparse.in_features:
+        return  # the widths cannot tell the parts apart
+    parts = {block.layout.gate, block.layout.down, block.layout.act, *block.layout.bypass}
+    for path, module in block.module.named_modules():
+        if not path or any(path == p or path.startswith(f"{p}.") for p in parts):
+            continue
+        if any(inter in t.shape for t in module.parameters(recurse=False)):
+            raise ValueError(f"{block.name or type(block.module).__name__}: its {path} ({type(module).__name__}) works "
+                             f"on the MLP's intermediate width ({inter}), between the parts SparseMLP would replace: "
+                             f"this block is not one SparseMLP can replace")
+
