@@ -228,3 +228,38 @@ def test_unsqueeze_dim_2_for_tokens_before_heads(unfused, monkeypatch, device):
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, msg=name)
     assert len(calls) == 3 * 2  # q and k of each call went to the kernel, not to transformers' function
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+def test_partial_rotary_goes_through_the_kernel(unfused, family):
+    """Phi3 and GPT-NeoX rotate only part of each head (a cos narrower than the head): those calls once all fell
+    back to transformers' function while the report said "switched". The kernel rotates the share, the rest passes;
+    a training step is transformers' own."""
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        if family == "phi3":
+            return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                partial_rotary_factor=0.5, pad_token_id=0))
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            rotary_pct=0.25))
+
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    results = []
+    for switch in (False, True):
+        model = build().train()
+        if switch:
+            assert pefttorch.fuse_rotary(model).switched
+        with torch.profiler.profile() as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        calls = sum(e.count for e in prof.key_averages() if e.key == "pefttorch::rotary_embedding")
+        assert calls == (8 if switch else 0)  # q and k of 2 layers, forward and backward
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -7,9 +7,10 @@ concatenation, two products and a sum, each a pass over the activations, forward
 The attention classes call the function by its name in their modeling module (``modeling_llama``,
 ``modeling_mistral``, ...), so the switch is made there: it affects every model of that family in the process,
 as other kernel libraries patch transformers. Each module is switched only if its function matches the kernel
-on a probe (so interleaved-layout or partial rotary variants stay as they were); calls the kernel would not
-reproduce (cos of another dtype than q's, where transformers promotes; a cos narrower than the head) go to
-transformers' own function. :func:`unfuse_rotary` restores the originals.
+on a probe (so interleaved-layout variants stay as they were; partial rotary, a cos narrower than the head, goes
+through the kernel where a second probe shows the function rotates the first features and passes the rest); calls
+the kernel would not reproduce (cos of another dtype than q's, where transformers promotes) go to transformers' own
+function. :func:`unfuse_rotary` restores the originals.
 """
 
 from __future__ import annotations
@@ -29,34 +30,47 @@ _NAME = "apply_rotary_pos_emb"
 _switched: dict[str, object] = {}  # modeling module name -> transformers' function
 
 
-def _fused(original):
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The kernel's rotation of x's first cos.shape[-1] features (all of them, or partial rotary's share), the rest
+    passed through."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return ops.rotary_embedding(x, cos, sin, False)
+    return torch.cat([ops.rotary_embedding(x[..., :width], cos, sin, False), x[..., width:]], dim=-1)
+
+
+def _fused(original, partial: bool):
+    """transformers' `original` through the kernel; with `partial`, also for a cos narrower than the head (partial
+    rotary, as the probe found `original` computes it)."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         # transformers' signature has changed across versions: (..., position_ids=None, unsqueeze_dim=1) and
         # (..., unsqueeze_dim=1); the extra arguments pass to the original unchanged
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args and isinstance(args[-1], int) else 1)
+        width = cos.shape[-1]
         if (q.dtype != cos.dtype or k.dtype != q.dtype or sin.dtype != cos.dtype or q.dim() != 4 or k.dim() != 4
-                or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or k.shape[-1] != q.shape[-1]):
+                or width % 2 or k.shape[-1] != q.shape[-1] or sin.shape[-1] != width
+                or not (width == q.shape[-1] or (partial and width < q.shape[-1]))):
             return original(q, k, cos, sin, *args, **kwargs)
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return ops.rotary_embedding(q, cos, sin, False), ops.rotary_embedding(k, cos, sin, False)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     apply_rotary_pos_emb.pefttorch_original = original
     apply_rotary_pos_emb.__doc__ = "pefttorch's rotary kernel in place of transformers' function (fuse_rotary)."
     return apply_rotary_pos_emb
 
 
-def _probe_mismatch(fn) -> str | None:
-    """Why transformers' `fn` is not the half-split rotation the kernel computes, on a random probe (None: it is)."""
+def _probe_mismatch(fn, width: int = 8) -> str | None:
+    """Why transformers' `fn` is not the half-split rotation the kernel computes, on a random probe of heads of 8
+    features and a cos `width` wide (8: whole heads; 4: partial rotary), or None: it is."""
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 1, 3, 8, generator=gen)
-    cos, sin = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 3, 8, generator=gen)
+    cos, sin = torch.randn(1, 3, width, generator=gen), torch.randn(1, 3, width, generator=gen)
     try:
         with torch.no_grad():
             want = fn(q, k, cos, sin)
     except Exception as err:  # noqa: BLE001 - any failure means: leave it as it is
         return f"its {_NAME} failed on a probe ({type(err).__name__}: {err})"
-    got = (ops.rotary_embedding(q, cos.unsqueeze(1), sin.unsqueeze(1)),
-           ops.rotary_embedding(k, cos.unsqueeze(1), sin.unsqueeze(1)))
+    got = (_rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), _rotate(k, cos.unsqueeze(1), sin.unsqueeze(1)))
     same = isinstance(want, tuple) and len(want) == 2 and all(
         w.shape == g.shape and torch.allclose(w, g, rtol=1e-5, atol=1e-6) for w, g in zip(want, got, strict=True))
     if not same:
@@ -94,7 +108,9 @@ def fuse_rotary(model: nn.Module, verbose: bool = True) -> AccelerateReport:
             report.skipped[name] = mismatch
             continue
         _switched[name] = fn
-        setattr(modeling, _NAME, _fused(fn))
+        # partial rotary (Phi3, GPT-NeoX: a cos narrower than the head) through the kernel too, where the function
+        # rotates the first features and passes the rest, as _rotate does; elsewhere such calls stay transformers'
+        setattr(modeling, _NAME, _fused(fn, partial=_probe_mismatch(fn, width=4) is None))
         report.switched.append(name)
     if verbose:
         logger.info("%s", report)
