@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,6 +63,20 @@ def normalize_common(config) -> None:
         config.modules_to_save = ["classifier", "score"]
 
 
+# Fields of HF PEFT's adapter_config.json that are bookkeeping: they never change what an adapter computes.
+PEFT_BOOKKEEPING = ("peft_type", "auto_mapping", "peft_version", "revision")
+
+
+def warn_unknown_fields(kind: str, data: dict[str, Any], known) -> None:
+    """Warns of fields of a saved config that pefttorch does not know (a newer HF PEFT's, most likely): they are
+    dropped, and one that changes the computation would make the outputs differ from HF PEFT's without a word."""
+    unknown = sorted(k for k in data if k not in known and k not in PEFT_BOOKKEEPING)
+    if unknown:
+        warnings.warn(f"{kind}: the saved config has field(s) {unknown} that pefttorch does not know (written by a "
+                      f"newer HF PEFT?); they are ignored, and if they change what the adapter computes, its outputs "
+                      f"will differ from HF PEFT's", UserWarning, stacklevel=3)
+
+
 class SavedConfig:
     """to_dict / save / from_dict of a config dataclass whose JSON is HF PEFT's adapter_config.json (or ours in
     the same shape); subclasses set `peft_type_name` and may leave pefttorch-only fields out of the file."""
@@ -87,6 +102,7 @@ class SavedConfig:
         if data.get("peft_type") != cls.peft_type_name:
             raise ValueError(f"not a {cls.peft_type_name} config (peft_type {data.get('peft_type')!r})")
         names = {f.name for f in fields(cls) if f.init}
+        warn_unknown_fields(cls.__name__, data, names)
         return cls(**{k: v for k, v in data.items() if k in names})
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._config import CONFIG_NAME, reject_unknown_fields, save_config
+from .._config import CONFIG_NAME, reject_unknown_fields, save_config, warn_unknown_fields
 
 # Target modules when the config gives none, per model_type (the attention projections PEFT users know).
 DEFAULT_TARGET_MODULES = {
@@ -37,6 +37,13 @@ _UNSUPPORTED_PEFT_FIELDS = {
     "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "use_bdlora": None, "megatron_config": None, "kasa_config": None, "monteclora_config": None,
 }
+# Fields of HF PEFT's LoraConfig that do not change what a loaded adapter computes: initialisation settings (the
+# weights are loaded), distributed and runtime options, VeLoRA's backward-only compression.
+_IGNORED_PEFT_FIELDS = ("corda_config", "eva_config", "loftq_config", "lora_ga_config", "ensure_weight_tying",
+                        "megatron_core", "qalora_group_size", "runtime_config", "velora_config")
+# Initialisations after which HF PEFT's loading changes the base weights too (it subtracts the principal part the
+# adapter started from, or quantizes): the saved factors alone are not the adapter.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @reject_unknown_fields
@@ -166,8 +173,15 @@ class LoraConfig:
             if value not in (default, None, False, {}, []):
                 raise ValueError(f"this LoRA adapter uses {key}={value!r}, which pefttorch does not support")
         names = {f.name for f in fields(cls)}
+        warn_unknown_fields("LoraConfig", data, names | set(_UNSUPPORTED_PEFT_FIELDS) | set(_IGNORED_PEFT_FIELDS))
         kwargs = {k: v for k, v in data.items() if k in names}
-        if kwargs.get("init_lora_weights") not in INIT_LORA_WEIGHTS:
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(f"this LoRA adapter was initialised with init_lora_weights={init!r}, after which HF PEFT "
+                             f"also changes the base weights when loading it; pefttorch does not. Convert it to a "
+                             f"plain LoRA with HF PEFT (save_pretrained(..., path_initial_model_for_weight_conversion="
+                             f"...)) and load that")
+        if init not in INIT_LORA_WEIGHTS:
             # The initialisation of a trained adapter does not matter for loading it.
             kwargs["init_lora_weights"] = True
         return cls(**kwargs)
