@@ -43,3 +43,14 @@ def cache_length(cache) -> int:
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     return int(cache[0][0].shape[-2])
+
+
+def refuse_static(cache, method: str) -> None:
+    """Refuses a static (preallocated) cache such as ``generate(cache_implementation="static")`` hands a model:
+    generate sizes it, and masks for it, without the virtual tokens `method` puts in front (prompt tuning overflowed
+    it, prefix tuning's own cache no longer matched the mask: a silent wrong answer on padded batches)."""
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(f"{method} does not work with a static key/value cache (generate's cache_implementation="
+                         f"\"static\", or a StaticCache passed in): its virtual tokens are not in the size and masks "
+                         f"generate prepares for it; use the default dynamic cache")
+

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from .._cache import cache_length, get_cache
+from .._cache import cache_length, get_cache, refuse_static
 from .._hooked import HookedModel
 from .config import PromptTuningConfig
 
@@ -230,6 +230,7 @@ class PromptModel(VirtualTokenModel):
             raise ValueError("prompt tuning needs input_ids or inputs_embeds")
         batch, length = source.shape[:2]
         if past_length == 0:  # the whole input: the prompt goes in front
+            refuse_static(get_cache(kw), self.method)
             self._with_prompt(kw)
             self._grow(kw, "attention_mask", batch, 1)
             self._grow(kw, "token_type_ids", batch, 0)

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import nn
 
-from .._cache import cache_key, cache_length
+from .._cache import cache_key, cache_length, refuse_static
 from .config import PrefixTuningConfig
 from .model import VirtualTokenModel, _parameter_names
 
@@ -230,6 +230,7 @@ class PrefixModel(VirtualTokenModel):
         # returned (generate passes it on even then), holding that call's keys after the prefix
         past = 0 if kw.get("use_cache") is False else cache_length(kw.get(key))
         if past == 0:  # a new sequence: the cache starts with the prefix
+            refuse_static(kw.get(key), self.method)
             read_only = self._checkpointing(module)
             if read_only and self.projected and any(_reentrant(m) for m in self._checkpointed
                                                     if m.gradient_checkpointing):
