@@ -15,6 +15,8 @@ Every other parameter gets plain AdamW (decoupled weight decay, as ``torch.optim
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from . import ops
@@ -44,6 +46,39 @@ class RankAwareAdamW(torch.optim.Optimizer):
             raise ValueError(f"RankAwareAdamW: component_warmup must be >= 0 or None, got {component_warmup}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                                   "component_warmup": component_warmup})
+
+    # torch.optim.AdamW options this optimizer does not implement: refused in a parameter group as in the constructor
+    _UNSUPPORTED = ("amsgrad", "maximize", "foreach", "capturable", "fused", "differentiable")
+
+    def add_param_group(self, param_group: dict) -> None:
+        unsupported = [k for k in self._UNSUPPORTED if param_group.get(k)]
+        if unsupported:
+            raise TypeError(f"RankAwareAdamW does not implement {unsupported}; use torch.optim.AdamW for them")
+        super().add_param_group(param_group)
+        if any(p.is_complex() for p in self.param_groups[-1]["params"]):
+            self.param_groups.pop()
+            raise TypeError("RankAwareAdamW does not support complex parameters; use torch.optim.AdamW for them")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the component ids of ranked factors stay exact integers: torch casts every state tensor
+        but the step count to the parameter's dtype, and bfloat16 holds integers exactly only up to 256, so a
+        resumed run gave components other components' moments. A state saved by an optimizer without component
+        ids (torch.optim.AdamW) is refused: its moments cannot be matched to the components."""
+        params = dict(zip(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                          itertools.chain.from_iterable(g["params"] for g in self.param_groups), strict=False))
+        ids = {}
+        for index, saved in state_dict["state"].items():
+            p = params.get(index)
+            if p is None or component_layout(p) is None or not saved:
+                continue
+            if "ids" not in saved:
+                raise ValueError("this optimizer state has no component ids for the ranked LoRA factors (saved by "
+                                 "torch.optim.AdamW or another optimizer?): RankAwareAdamW cannot match its moments "
+                                 "to the components; start the optimizer afresh instead of loading it")
+            ids[p] = saved["ids"].to("cpu", torch.int64, copy=True)
+        super().load_state_dict(state_dict)
+        for p, saved_ids in ids.items():
+            self.state[p]["ids"] = saved_ids
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -661,7 +661,7 @@ def test_state_dict_carries_the_schedule(method):
         other.load_state_dict(state)
         assert not other.base_model.allocator.finished and len(other.base_model.allocator.events) <= 3
         other_opt = RankAwareAdamW(other.parameters(), lr=1e-2)
-        other_opt.load_state_dict(opt_state)
+        other_opt.load_state_dict(copy.deepcopy(opt_state))  # torch's load keeps the given tensors: one copy each
         steps(other, other_opt, 3, 12)
         assert other.rank_pattern() == final and other.base_model.allocator.events == events
         assert other.base_model.allocator.finished
@@ -794,6 +794,47 @@ def test_rank_aware_adamw_warms_up_new_components():
     before = e.detach().clone()
     override.step()
     torch.testing.assert_close((e - before)[:1].abs(), torch.full((1, 1), 1e-2), rtol=1e-3, atol=0)
+
+
+def test_rank_aware_adamw_keeps_component_ids_exact_through_a_bfloat16_load():
+    """Optimizer.load_state_dict casts state tensors to the parameter's dtype; component ids above 256 did not
+    survive bfloat16, and a resumed run gave components other components' moments (or none)."""
+    model = build(incre()).to(torch.bfloat16)  # adapters in bfloat16 too (get_peft_model keeps them float32)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 13, dtype=torch.bfloat16)
+    train_step(model, opt, x, 0)
+    p = ranked_layers(model)[0][1].lora_A["default"]
+    c = ranked_layers(model)[0][1].lora_components["default"]
+    assert p.dtype == torch.bfloat16
+    c.ids += 1001  # as after many events: ids a bfloat16 cannot hold exactly
+    c.next_id += 1001
+    opt.state[p]["ids"] += 1001
+    resumed = RankAwareAdamW(model.parameters(), lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.state[p]["ids"].dtype == torch.int64 and torch.equal(resumed.state[p]["ids"], c.ids)
+    model(x).float().square().mean().backward()
+    resumed.step()  # the moments are matched, not reset: every component's step count goes on from 1 to 2
+    assert resumed.state[p]["step"][:c.trainable("A")].eq(2).all()
+
+
+def test_rank_aware_adamw_refuses_what_it_does_not_implement():
+    """Per-group AdamW options were accepted and ignored (maximize minimised), complex parameters got a complex
+    second moment, and an AdamW state failed at the first step with KeyError 'ids'."""
+    plain = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match=r"does not implement \['maximize'\]"):
+        RankAwareAdamW([{"params": [plain], "maximize": True}])
+    opt = RankAwareAdamW([plain])
+    with pytest.raises(TypeError, match="complex parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1
+    model = build(incre())
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 13)).square().mean().backward()
+    adamw.step()
+    ours = RankAwareAdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="no component ids .* start the optimizer afresh"):
+        ours.load_state_dict(adamw.state_dict())
+    assert not ours.state
 
 
 def test_rank_aware_adamw_state_dict_round_trip():
