@@ -33,9 +33,49 @@ def single_process_grads() -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+STEPS = 8
+
+
+def ranked(method: str):
+    """A model with IncreLoRA or AdaLoRA whose schedule has events within STEPS steps, and its optimizer."""
+    from hf_models import FAMILIES
+
+    import pefttorch
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    config = (pefttorch.IncreLoraConfig(target_modules=targets, target_rank=4, init_rank=1, incre_interval=2,
+                                        init_warmup=1, top_h=1, incre_rank_num=2, max_rank_per_module=4)
+              if method == "increlora" else
+              pefttorch.AdaLoraConfig(target_modules=targets, init_r=4, target_r=1, tinit=1, tfinal=2, deltaT=1,
+                                      total_step=STEPS))
+    model = pefttorch.get_peft_model(FAMILIES["llama"].build(), config)
+    return model, pefttorch.optim.RankAwareAdamW(model.parameters(), lr=1e-2)
+
+
+def train_ranked(model, optimizer, step_model, rank: int, world: int) -> dict:
+    for step in range(STEPS):
+        ids = torch.randint(1, 95, (BATCH, LENGTH), generator=torch.Generator().manual_seed(200 + step))
+        ids = ids.chunk(world)[rank]
+        step_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+    allocator = model.base_model.allocator
+    scores = allocator.ipt.clone() if isinstance(allocator.ipt, torch.Tensor) else None  # IncreLoRA's, per module
+    return {"ranks": model.rank_pattern(), "events": allocator.events, "scores": scores,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+
 def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        if mode in ("increlora", "adalora"):
+            model, optimizer = ranked(mode)
+            torch.save(train_ranked(model, optimizer, torch.nn.parallel.DistributedDataParallel(model), rank, world),
+                       f"{out}.{rank}")
+            dist.barrier()
+            return
         model = build()
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)

@@ -22,3 +22,29 @@ def test_two_processes_match_one(tmp_path, mode):
     assert got.keys() == want.keys() and want
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["increlora", "adalora"])
+def test_rank_allocation_under_ddp_is_one_process_on_the_whole_batch(tmp_path, method):
+    """IncreLoRA scored modules from each process's own backward, so processes grew different modules (their models
+    silently diverged, DDP averaging gradients of components that meant different things), and drew new components
+    from their own random streams; AdaLoRA's module pruned to rank 0 got no gradient, and DDP failed on the next
+    step. Both processes now hold the model one process trains on the whole batch."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "result"
+    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), method, str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    model, optimizer = dist_worker.ranked(method)
+    want = dist_worker.train_ranked(model, optimizer, model, 0, 1)
+    assert want["events"], "the schedule had no event to compare"
+    if method == "adalora":
+        assert 0 in want["ranks"].values()  # a module pruned away entirely
+    for got in ranks:
+        assert got["ranks"] == want["ranks"] and got["events"] == want["events"]
+        if want["scores"] is not None:  # the smoothed importance: of the whole batch, not of the process's share
+            torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-9)
+        for name, p in want["params"].items():
+            torch.testing.assert_close(got["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+

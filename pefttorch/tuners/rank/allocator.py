@@ -9,12 +9,19 @@ does not change at an IncreLoRA event.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from ... import ops
 from .config import AdaLoraConfig, IncreLoraConfig
 from .layer import RankedLoraLayer
+
+
+def data_parallel() -> bool:
+    """Whether this process is one of several of a torch.distributed run (DDP, FSDP): each sees its own batch."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 class IncreLoraAllocator:
@@ -44,6 +51,10 @@ class IncreLoraAllocator:
         self.events: list[dict] = []  # (step, {module: rank after}) of every allocation
         self.finished = False
         self.tiles: torch.Tensor | None = None  # every layer's tile, in one buffer (see _new_sample)
+        # Data parallelism: every process must sample the same grid, sum the same tiles and draw the same new
+        # components; the generator is made one (rank 0's) here if the processes are up, else at the first update.
+        self._shared_generator = False
+        self._share_generator()
         if self.total_rank() >= self.target_total:
             self._finish()
         else:
@@ -65,6 +76,22 @@ class IncreLoraAllocator:
                 self._new_sample()
 
     # ------------------------------------------------------------------ importance
+
+    def _share_generator(self) -> bool:
+        """Gives every process of a data-parallel run rank 0's generator; True if it did so just now."""
+        if self._shared_generator or not data_parallel():
+            return False
+        device = self.ipt.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        state = self.generator.get_state().to(device)
+        torch.distributed.broadcast(state, src=0)
+        self.generator.set_state(state.cpu())
+        self._shared_generator = True
+        if self.config.max_rank_per_module is None:
+            warnings.warn("IncreLoRA under data parallelism: a module that outgrows its storage (target_rank plus "
+                          "reserve) gets new parameter storage, which DDP cannot follow; set "
+                          "IncreLoraConfig(max_rank_per_module=...) so that it is allocated up front", UserWarning,
+                          stacklevel=2)
+        return True
 
     def _new_sample(self) -> None:
         """Fresh grid offsets and zeroed tiles for the next step's backward. The tiles are views into one
@@ -110,6 +137,13 @@ class IncreLoraAllocator:
             return ops.rank_importance(a, b, e, tiles, r0, rs, c0, cs, ranks, weights)
 
     def update_ipt(self) -> None:
+        if data_parallel():
+            if self._share_generator():
+                return  # the processes sampled different grids this step: its tiles are not comparable
+            # the gradient of the update over the whole batch is the mean of the processes' (their losses are
+            # means over their own batches): one collective over the tiles' single buffer
+            torch.distributed.all_reduce(self.tiles)
+            self.tiles.div_(torch.distributed.get_world_size())
         b1, b2 = self.config.beta1, self.config.beta2
         s = self.scores()
         # A step whose gradients overflowed (GradScaler skips the optimizer step then, as it should) leaves the
@@ -183,15 +217,22 @@ class IncreLoraAllocator:
         c.reserve -= from_reserve
         if give > from_reserve:  # no (or too little) reserve: fresh components after the reserve's end
             self._ensure_capacity(layer, c.rank + c.reserve)
-            layer.init_components(self.adapter, slice(old_in_use, c.rank + c.reserve), e=0.0)
+            layer.init_components(self.adapter, slice(old_in_use, c.rank + c.reserve), e=0.0,
+                                  generator=self.generator)
         if config.advance_learning:
             refill = config.incre_rank_num - c.reserve
             self._ensure_capacity(layer, c.in_use + refill)
-            layer.init_components(self.adapter, slice(c.in_use, c.in_use + refill), e=1e-5)
+            layer.init_components(self.adapter, slice(c.in_use, c.in_use + refill), e=1e-5, generator=self.generator)
             c.reserve += refill
 
     def _ensure_capacity(self, layer: RankedLoraLayer, needed: int) -> None:
         c = self.components(layer)
+        if needed > c.capacity and data_parallel():
+            name = next(n for n, m in self.layers if m is layer)
+            raise RuntimeError(f"IncreLoRA: {name} outgrew its storage ({c.capacity} components) in a data-parallel "
+                               f"run; DDP cannot follow a parameter whose storage is replaced (its gradients would no "
+                               f"longer be averaged). Set IncreLoraConfig(max_rank_per_module=...) so that the "
+                               f"storage is allocated for it up front")
         if needed > c.capacity:  # doubling: reallocations stay logarithmic in the final rank
             layer.grow(self.adapter, max(needed, 2 * c.capacity))
 

@@ -29,10 +29,11 @@ from ..lora.layer import LoraLayer, dropout_p
 KINDS = ("A", "E", "B_t")
 
 
-def _normal_like(t: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) values shaped like t, drawn from the CPU generator whatever t's device: a run then allocates the same
-    components on a GPU as on the CPU (CUDA's generator draws other numbers). A few small tensors per event."""
-    return torch.randn(t.shape, dtype=t.dtype).to(t.device)
+def _normal_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, 1) values shaped like t, drawn from a CPU generator (the global one by default) whatever t's device: a
+    run then allocates the same components on a GPU as on the CPU (CUDA's generator draws other numbers). A few
+    small tensors per event."""
+    return torch.randn(t.shape, dtype=t.dtype, generator=generator).to(t.device)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -212,17 +213,19 @@ class RankedLoraLayer(LoraLayer):
         return self.lora_A[name], self.lora_E[name], self.lora_B_t[name]
 
     @torch.no_grad()
-    def init_components(self, name: str, index: slice | torch.Tensor, e: float) -> None:
+    def init_components(self, name: str, index: slice | torch.Tensor, e: float,
+                        generator: torch.Generator | None = None) -> None:
         """New components in these slots, adding nothing to the output until trained; fresh ids.
 
         a ~ N(0, 0.02) as in IncreLoRA and AdaLoRA. With e = 0 (an active component) b ~ N(0, 0.02) too, as
         there, so that e gets a gradient; with e != 0 (a reserve component, whose e does not train) b = 0,
-        where IncreLoRA draws it at random: so a reserve component has no effect at all until it trains.
+        where IncreLoRA draws it at random: so a reserve component has no effect at all until it trains. The
+        values come from `generator` (the allocator's, the same in every process of a data-parallel run).
         """
         a, e_, b_t = self.factors(name)
-        a[index] = _normal_like(a[index]) * 0.02
+        a[index] = _normal_like(a[index], generator) * 0.02
         e_[index] = e
-        b_t[index] = _normal_like(b_t[index]) * 0.02 if e == 0 else 0.0
+        b_t[index] = _normal_like(b_t[index], generator) * 0.02 if e == 0 else 0.0
         self.lora_components[name].renew_ids(index)
 
     @torch.no_grad()
@@ -293,7 +296,12 @@ class RankedLoraLayer(LoraLayer):
         c = self.lora_components[name]
         n = c.in_use
         if n == 0:  # pruned away entirely: the base layer alone
-            return base(x)
+            y = base(x)
+            if torch.is_grad_enabled() and self.lora_A[name].requires_grad:
+                # ... still joined to the factors by an empty sum (exactly 0, zero gradients): DDP expects every
+                # parameter that requires grad to get one, and failed on the next step without it
+                y = y + sum(p[:0].sum() for p in self.factors(name)).to(y.dtype)
+            return y
         if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
             self._tag(name)
         a, e, b_t = self.factors(name)
