@@ -145,7 +145,9 @@ class DensityLoss:
         # With the HF Trainer's loss kwargs the task loss is a sum over the micro-batch divided by the items
         # of the whole accumulated (and, across processes, gathered) batch, and the Trainer neither divides
         # by the accumulation steps nor averages over processes. Weigh the term by this micro-batch's share of
-        # the items so that, summed like the task loss, it is the density loss of the whole batch.
+        # the items so that, summed like the task loss, it counts once per optimizer step. (It is the density
+        # loss of the whole batch where the micro-batches' counted labels are in proportion to their tokens;
+        # otherwise a weighted mean of the micro-batches' terms, as single-process gradient accumulation gives.)
         self._share = None
         total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
         if total is not None and isinstance(labels, torch.Tensor):
