@@ -249,6 +249,18 @@ def test_dept_positions_count_tokens_not_padding():
                                    no_mask[1, :N + 3], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["t5", "marian"])
+def test_dept_encoder_decoder_positions_with_an_attention_mask(family):
+    """The top hook widens an encoder-decoder's mask for the prompt before the encoder runs; DePT once counted
+    the prompt's columns as tokens, so a mask of ones shifted every position by the prompt length."""
+    _, model = dept(family)
+    batch = inputs(family)
+    with torch.no_grad():
+        no_mask = model(**batch).logits
+        ones = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).logits
+    torch.testing.assert_close(ones, no_mask, rtol=1e-5, atol=1e-6)
+
+
 def test_dept_trains_prompt_and_update_with_two_learning_rates(tmp_path):
     _, model = dept("t5")
     model.train()

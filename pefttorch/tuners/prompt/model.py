@@ -268,6 +268,12 @@ class PromptModel(VirtualTokenModel):
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
+        mask, source = kw.get("attention_mask"), kw.get("inputs_embeds")
+        source = kw.get("input_ids") if source is None else source
+        if mask is not None and source is not None and mask.shape[1] == source.shape[1] + self.n:
+            # the top hook widened it for the encoder output: the input's own columns are the ones DePT's
+            # positions count, and the prompt's (ones) go back in front below
+            kw["attention_mask"] = mask[:, self.n:]
         length = self._with_prompt(kw)
         mask = kw.get("attention_mask")
         if mask is not None and mask.shape[1] == length:
