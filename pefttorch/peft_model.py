@@ -115,7 +115,8 @@ class PeftModel(Forwarding):
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
         self.register_state_dict_post_hook(_drop_aliases)
-        self.register_load_state_dict_post_hook(_accept_dropped_aliases)
+        self.register_load_state_dict_pre_hook(_fill_dropped_aliases)
+        self.register_load_state_dict_post_hook(_restore_ties)
         # Show the wrapped model's forward signature to tools that inspect it (the HF Trainer keeps the
         # dataset columns the model's forward accepts).
         self.__class__ = _class_for(type(model))
@@ -353,39 +354,66 @@ class PeftModel(Forwarding):
 
 # A tensor reachable under several keys (tied input and output embeddings; BitFit's tuned copies, held by the tuner
 # and by their modules) is listed once in a PeftModel's state dict, as transformers' save_pretrained does: safetensors
-# refuses to write shared tensors, and the HF Trainer writes a PeftModel's checkpoints with it. Loading fills the
-# kept key, and so the storage every alias shares; the other keys are not reported missing.
-def _alias_identity(t) -> tuple | None:
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta" or t.numel() == 0:
-        return None
-    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+# refuses to write shared tensors, and the HF Trainer writes a PeftModel's checkpoints with it. Loading puts the kept
+# key's tensor back under the dropped keys, so a strict load passes, and a load with assign=True (into a model built
+# on the meta device) leaves tied tensors tied, not one loaded and the other on meta.
+def _alias_identity(t) -> tuple:
+    """What two names of one tensor share: its storage view (a state dict holds detached copies, new objects), or
+    the object itself where there is no storage to compare (meta, empty, a wrapper subclass such as FSDP2's DTensor,
+    whose storage cannot be read)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta" and t.numel()
+            and not is_traceable_wrapper_subclass(t)):
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+    return ("object", id(t))
+
+
+def _alias_groups(module: nn.Module) -> list[list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        groups.setdefault(_alias_identity(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _drop_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     seen = set()
     for key in [k for k in state_dict if k.startswith(prefix)]:
         identity = _alias_identity(state_dict[key])
-        if identity is None:
-            continue
         if identity in seen:
             del state_dict[key]
         seen.add(identity)
 
 
-def _accept_dropped_aliases(module: nn.Module, incompatible_keys) -> None:
-    groups: dict[tuple, list[str]] = {}
-    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
-        identity = _alias_identity(t)
-        if identity is not None:
-            groups.setdefault(identity, []).append(name)
-    missing = incompatible_keys.missing_keys
-    for names in (g for g in groups.values() if len(g) > 1):
-        # the keys carry the prefix of wherever this PeftModel sits in the module load_state_dict was called on
-        prefixes = {m[:-len(n)] for m in missing for n in names if m.endswith(n) and m[:-len(n)][-1:] in ("", ".")}
-        for prefix in prefixes:
-            keys = [prefix + n for n in names]
-            if any(k not in missing for k in keys):  # one was loaded, and with it the storage they share
-                missing[:] = [m for m in missing if m not in keys]
+def _fill_dropped_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    ties = []
+    for names in _alias_groups(module):
+        kept = next((prefix + n for n in names if prefix + n in state_dict), None)
+        if kept is None:
+            continue  # all missing: reported as missing
+        for n in names:
+            state_dict.setdefault(prefix + n, state_dict[kept])
+        tensors = [module.get_parameter(n) if _is_parameter(module, n) else module.get_buffer(n) for n in names]
+        loaded = _alias_identity(state_dict[kept])
+        if all(t is tensors[0] for t in tensors) and all(_alias_identity(state_dict[prefix + n]) == loaded
+                                                          for n in names):
+            ties.append(names)
+    module._ties_to_restore = ties  # for _restore_ties, after the load
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in module.get_submodule(owner)._parameters
+
+
+def _restore_ties(module: nn.Module, incompatible_keys) -> None:
+    """assign=True puts a new tensor under each key: names that were one tensor, and loaded one, are one again."""
+    for names in module.__dict__.pop("_ties_to_restore", ()):
+        first = module.get_parameter(names[0]) if _is_parameter(module, names[0]) else module.get_buffer(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, first)
 
 
 def _checkpointing_enabled(model: nn.Module) -> bool:

@@ -22,6 +22,8 @@ def test_two_processes_match_one(tmp_path, mode):
     assert got.keys() == want.keys() and want
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    if mode == "fsdp2":
+        assert torch.load(f"{out}.keys") == sorted(dist_worker.build().state_dict())
 
 
 @pytest.mark.slow

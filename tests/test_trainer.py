@@ -106,6 +106,30 @@ def test_state_dict_lists_a_tied_tensor_once_and_loads_strictly():
         other.load_state_dict({k: v for k, v in state.items() if "lora_A" not in k}, strict=True)
 
 
+def test_a_meta_built_model_loads_the_state_dict_with_assign_and_stays_tied():
+    """accelerate's init_empty_weights pattern: the dropped alias once stayed on the meta device (and a strict load
+    failed on it), the tie broken."""
+    def build():
+        torch.manual_seed(0)
+        return get_peft_model(FAMILIES["gpt2"].build(),
+                              LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+
+    source = build()
+    with torch.no_grad():
+        source.get_base_model().transformer.wte.weight.normal_()
+    state = source.state_dict()
+    with torch.device("meta"):
+        empty = build()
+    result = empty.load_state_dict(state, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    base = empty.get_base_model()
+    assert base.lm_head.weight is base.transformer.wte.weight
+    assert not any(t.is_meta for t in empty.state_dict().values())
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(empty(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_from_pretrained_on_a_trainer_save_of_the_whole_model_says_what_it_is(tmp_path):
     from safetensors.torch import save_file
 
