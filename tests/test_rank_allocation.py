@@ -667,6 +667,29 @@ def test_state_dict_carries_the_schedule(method):
         assert other.base_model.allocator.finished
 
 
+@pytest.mark.parametrize("method", ["incre", "ada"])
+def test_a_state_dict_without_allocator_state_loads_strictly_with_a_warning(method):
+    """A checkpoint saved before the allocator's state went into the state dict failed a strict load (its
+    _extra_state key missing); it loads its ranks and weights, and says the schedule starts fresh."""
+    config = incre(score_sample=4) if method == "incre" else ada(tinit=1, tfinal=2, total_step=10)
+    x = torch.randn(8, 13)
+    model = build(config)
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    for step in range(5):
+        train_step(model, opt, x, step)
+    state = {k: v for k, v in model.state_dict().items() if k != "base_model._extra_state"}
+    other = build(config)
+    with pytest.warns(UserWarning, match="no allocator state"):
+        result = other.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert other.rank_pattern() == model.rank_pattern()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):  # any other key is still missing
+        build(config).load_state_dict({k: v for k, v in state.items() if "base_layer" not in k}, strict=True)
+
+
 def test_adalora_pruning_equals_masking():
     """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
     model = build(ada())

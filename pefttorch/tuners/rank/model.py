@@ -37,6 +37,7 @@ class RankedLoraModel(LoraModel):
         allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
         self.allocator = allocator_cls(layers, adapter_name, config)
         self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
+        self.register_load_state_dict_pre_hook(_note_missing_allocator_state)
         self.register_load_state_dict_post_hook(_load_allocator_state)
 
     # The allocator's state (statistics, history, sampling) goes into the model's state dict, so that a checkpoint,
@@ -185,7 +186,19 @@ class RankedLoraModel(LoraModel):
         return super().unload(merge, adapter_names)
 
 
+def _note_missing_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:
+    model._missing_allocator_state = None if prefix + "_extra_state" in state_dict else prefix + "_extra_state"
+
+
 def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
+    missing = model.__dict__.pop("_missing_allocator_state", None)
+    if missing is not None and missing in incompatible_keys.missing_keys:
+        # a checkpoint from before the allocator's state was saved: the weights and ranks load, the schedule's
+        # statistics start fresh, as they did then
+        incompatible_keys.missing_keys.remove(missing)
+        warnings.warn(f"{type(model.allocator).__name__}: the state dict has no allocator state ({missing}; a "
+                      "checkpoint saved before pefttorch kept it): the ranks and weights load, the importance "
+                      "statistics and schedule start fresh", stacklevel=2)
     state = model.__dict__.pop("_pending_allocator_state", None)
     if state is not None:
         device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
