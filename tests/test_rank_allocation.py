@@ -690,6 +690,16 @@ def test_a_state_dict_without_allocator_state_loads_strictly_with_a_warning(meth
         build(config).load_state_dict({k: v for k, v in state.items() if "base_layer" not in k}, strict=True)
 
 
+@pytest.mark.parametrize("method", ["incre", "ada"])
+def test_a_model_split_over_devices_is_refused_up_front(method):
+    """The allocators keep one buffer for all modules and rank them together: a model split over devices
+    (device_map="auto" on several GPUs) failed at the first allocation; it is refused by name at the start."""
+    stack = Stack()
+    stack.blocks[1].mid.to("meta")  # a second device, as far as the adapters' placement goes
+    with pytest.raises(NotImplementedError, match=r"one device.*blocks\.1\.mid on meta"):
+        get_peft_model(stack, incre() if method == "incre" else ada())
+
+
 def test_adalora_pruning_equals_masking():
     """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
     model = build(ada())

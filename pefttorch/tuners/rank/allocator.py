@@ -24,6 +24,20 @@ def data_parallel() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+def adapters_device(layers: list[tuple[str, RankedLoraLayer]], adapter: str, method: str) -> torch.device:
+    """The one device every adapted layer's factors are on. The allocators keep their statistics and tiles in
+    one buffer and rank all modules together, so a model split over devices (device_map="auto" on several GPUs)
+    is refused here rather than failing inside a kernel or a concatenation at the first allocation."""
+    devices = {}
+    for name, layer in layers:
+        devices.setdefault(layer.lora_A[adapter].device, name)
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {device}" for device, name in devices.items())
+        raise NotImplementedError(f"{method} needs all its adapted modules on one device; they are on "
+                                  f"{len(devices)} ({where}): load the model on one device")
+    return next(iter(devices))
+
+
 class IncreLoraAllocator:
     """IncreLoRA: importance per module from the sampled gradient of its update; every `incre_interval`
     steps after `init_warmup`, the `top_h` best modules receive `incre_rank_num` components until the total
@@ -44,7 +58,7 @@ class IncreLoraAllocator:
         self.adapter = adapter
         self.config = config
         self.target_total = config.target_rank * len(layers)
-        device = layers[0][1].lora_A[adapter].device
+        device = adapters_device(layers, adapter, "IncreLoRA")
         self.ipt = torch.zeros(len(layers), device=device)  # smoothed sensitivity
         self.unc = torch.zeros(len(layers), device=device)  # smoothed uncertainty
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
@@ -68,7 +82,7 @@ class IncreLoraAllocator:
 
     def follow_device(self) -> None:
         """After the model moved: statistics and tiles go where the adapters are."""
-        device = self.layers[0][1].lora_A[self.adapter].device
+        device = adapters_device(self.layers, self.adapter, "IncreLoRA")
         if self.ipt.device != device:
             self.ipt, self.unc = self.ipt.to(device), self.unc.to(device)
             if self.tiles is not None:
@@ -81,7 +95,9 @@ class IncreLoraAllocator:
         """Gives every process of a data-parallel run rank 0's generator; True if it did so just now."""
         if self._shared_generator or not data_parallel():
             return False
-        device = self.ipt.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        # NCCL moves only CUDA tensors, and the model may still be on the CPU here (get_peft_model before .cuda())
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         state = self.generator.get_state().to(device)
         torch.distributed.broadcast(state, src=0)
         self.generator.set_state(state.cpu())
@@ -292,6 +308,7 @@ class AdaLoraAllocator:
         self.config = config
         self.init_total = config.init_r * len(layers)
         self.target_total = config.target_r * len(layers)
+        adapters_device(layers, adapter, "AdaLoRA")
         # smoothed sensitivity and uncertainty of every factor entry, in float32, shaped like the factors: views
         # into one flat buffer each, so that a step can be undone by one select (see update_ipt)
         self._ipt_flat, self.ipt = self._flat_statistics()
@@ -321,7 +338,7 @@ class AdaLoraAllocator:
         """After the model moved: the statistics go where the adapters are."""
         if self.finished:
             return  # no statistics left to move
-        device = self.layers[0][1].lora_A[self.adapter].device
+        device = adapters_device(self.layers, self.adapter, "AdaLoRA")
         if self._ipt_flat.device != device:
             for name in ("ipt", "unc"):
                 flat, views = self._flat_statistics(device)
