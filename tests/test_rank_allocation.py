@@ -1242,3 +1242,32 @@ def test_ranked_dropout_is_off_in_eval_mode():
             assert not torch.allclose(trained, outputs[-1], atol=1e-4)
     for out in outputs[1:]:
         torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_increlora_under_torch_compile_matches_eager_and_compiles_once_per_growth():
+    """Each step's grid once changed what the compiled layer guarded on (the offsets, the tile's shape): it
+    recompiled every step and fell back to eager after torch._dynamo's cache limit. Now it compiles again only
+    when a module's rank changes, and scores as eager does."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = build(incre(incre_interval=3, score_sample=4))
+        opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        g, grown = torch.Generator().manual_seed(1), 0
+        for step in range(8):
+            forward(torch.randn(8, 13, generator=g)).square().mean().backward()
+            opt.step()
+            grown += model.update_and_allocate(step) is not None
+            opt.zero_grad()
+        return model.base_model.allocator, model.rank_pattern(), grown
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, (compiled, pattern, grown) = run(False), run(True)
+    assert grown == 2 and counters["stats"]["unique_graphs"] == 1 + grown
+    assert pattern == eager[1]
+    torch.testing.assert_close(compiled.ipt, eager[0].ipt, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(compiled.unc, eager[0].unc, rtol=1e-6, atol=1e-9)

@@ -121,6 +121,20 @@ class IncreLoraAllocator:
             self.tiles = torch.zeros(sum(p * q for p, q in shapes), device=self.ipt.device)
             self.tile_views = list(torch.split(self.tiles, [p * q for p, q in shapes]))
             self.tile_views = [t.view(shape) for t, shape in zip(self.tile_views, shapes, strict=True)]
+            # Every layer's grid indices (rows, then columns) in one buffer, which one copy a step rewrites: index
+            # k of a grid is offset + k * stride, clamped to the last row or column (the tile's padding)
+            sizes = [n for shape in shapes for n in shape]
+            self._grid_sizes = torch.tensor(sizes)
+            self._grid_steps = torch.cat([torch.arange(n) * stride for n, stride in
+                                          zip(sizes, [s for pair in self.strides for s in pair], strict=True)])
+            self._grid_last = torch.tensor([d - 1 for _, layer in self.layers
+                                            for d in (layer.out_features, layer.in_features)])
+            self._grid_last = self._grid_last.repeat_interleave(self._grid_sizes)
+            self.grid_index = torch.zeros(sum(sizes), dtype=torch.int64, device=self.ipt.device)
+            self._grid_offsets = None  # the offsets grid_index holds
+            index_views = torch.split(self.grid_index, sizes)
+            for i, ((_, layer), view) in enumerate(zip(self.layers, self.tile_views, strict=True)):
+                self.components(layer).grid = view, index_views[2 * i], index_views[2 * i + 1]
         else:
             self.tiles.zero_()
         # every layer's two offsets from one draw (a draw per offset cost more host time than the tiles' kernels)
@@ -134,6 +148,14 @@ class IncreLoraAllocator:
             c = self.components(layer)
             r0, rs, c0, cs = c.sample = tuple(sample)
             c.tile = view[:len(range(r0, layer.out_features, rs)), :len(range(c0, layer.in_features, cs))]
+        offsets = torch.tensor([o for s in samples for o in (s[0], s[2])], dtype=torch.int64)
+        if self._grid_offsets is not None and torch.equal(offsets, self._grid_offsets):
+            return  # the same grid (always, with score_sample=None): the indices stand
+        self._grid_offsets = offsets
+        index = torch.minimum(self._grid_steps + offsets.repeat_interleave(self._grid_sizes), self._grid_last)
+        if self.grid_index.is_cuda:  # asynchronous from pinned memory: no host sync per step
+            index = index.pin_memory()
+        self.grid_index.copy_(index, non_blocking=True)
 
     def scores(self) -> torch.Tensor:
         """This step's score of every module (a float32 vector on the adapters' device), from the tiles."""
@@ -264,8 +286,8 @@ class IncreLoraAllocator:
                     e[c.rank:c.in_use] = 0.0
                     c.renew_ids(slice(c.rank, c.in_use))
                     c.reserve = 0
-                c.tile = None
-        self.tiles = self.tile_views = None
+                c.tile = c.grid = None
+        self.tiles = self.tile_views = self.grid_index = None
 
     def state_dict(self) -> dict:
         """What the schedule needs to go on exactly where it was (a checkpoint is taken between steps, with the

@@ -64,9 +64,15 @@ class Components(nn.Module):
         self.warmup = warmup  # steps over which a newly trained component's learning rate ramps up
         self.ids = torch.arange(capacity, dtype=torch.int64)
         self.next_id = capacity
-        # IncreLoRA's sampled gradient of the update (see RankedLoraLayer.forward); None when not collecting
+        # IncreLoRA's sampled gradient of the update on this step's grid, what scoring reads (see
+        # _RankedLoraLinear); None when not collecting
         self.tile: torch.Tensor | None = None
         self.sample = (0, 1, 0, 1)  # row offset, row stride, column offset, column stride
+        # What backward writes it through: the tile at its largest shape for these strides (tile is its top-left
+        # corner) and the grid's row and column indices, padded to that shape with the last index. Shapes and
+        # tensors stay the same from step to step, the new offsets are written into them: torch.compile compiles
+        # the layer once instead of on every step's grid (it guarded on the offsets and on the tile's shape)
+        self.grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_use(self) -> int:
@@ -128,12 +134,11 @@ class _RankedLoraLinear(torch.autograd.Function):
         a_n, b_n = ops.ranked_lora_factors(a, e, b_t, n, x.dtype)
         y, s = ops.lora_linear_forward(x, weight, a_n, b_n, bias, components.scaling, p, seed)
         need_x, need_w, need_bias, need_a, need_e, need_b = ctx.needs_input_grad[:6]
-        tile = components.tile
+        grid = components.grid
         ctx.mask = [need_x, need_w, need_a or need_e, need_b, bias is not None and need_bias]
-        ctx.save_for_backward(x if (need_w or need_a or need_e or tile is not None) else None, weight, a_n, b_n,
+        ctx.save_for_backward(x if (need_w or need_a or need_e or grid is not None) else None, weight, a_n, b_n,
                               s if need_b else None, seed, a, e, b_t)
-        ctx.scaling, ctx.p, ctx.rank = components.scaling, p, rank
-        ctx.tile, ctx.sample = tile, components.sample
+        ctx.scaling, ctx.p, ctx.rank, ctx.grid = components.scaling, p, rank, grid
         return y
 
     @staticmethod
@@ -145,11 +150,11 @@ class _RankedLoraLinear(torch.autograd.Function):
                                                              ctx.mask)
         # reserve components' e (rows rank..n) is held fixed: zero gradient
         ga, ge, gb = ops.ranked_lora_factors_backward(g_an, g_bn, a, e, b_t, ctx.rank, [need_a, need_e, need_b])
-        if ctx.tile is not None:
-            r0, rs, c0, cs = ctx.sample
-            tile = ctx.tile
-            dy2 = dy.reshape(-1, dy.shape[-1])[:, r0::rs]
-            x2 = x.reshape(-1, x.shape[-1])[:, c0::cs]
+        if ctx.grid is not None:
+            # padding rows and columns repeat the last index: they add into the part of the tile scoring never reads
+            tile, rows, cols = ctx.grid
+            dy2 = dy.reshape(-1, dy.shape[-1]).index_select(1, rows)
+            x2 = x.reshape(-1, x.shape[-1]).index_select(1, cols)
             tile.addmm_(dy2.t().to(tile.dtype), x2.to(tile.dtype))
         return gx, gw, gbias, ga, ge, gb, None, None, None
 
