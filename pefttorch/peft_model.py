@@ -371,9 +371,13 @@ def _alias_identity(t) -> tuple:
 
 
 def _alias_groups(module: nn.Module) -> list[list[str]]:
+    """Names of one tensor among those a state dict holds (a non-persistent buffer has no key, even where it aliases
+    a saved tensor: filling one in would be an unexpected key)."""
     groups: dict[tuple, list[str]] = {}
     for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
-        groups.setdefault(_alias_identity(t), []).append(name)
+        owner, _, attr = name.rpartition(".")
+        if attr not in module.get_submodule(owner)._non_persistent_buffers_set:
+            groups.setdefault(_alias_identity(t), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 
 

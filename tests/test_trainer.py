@@ -130,6 +130,26 @@ def test_a_meta_built_model_loads_the_state_dict_with_assign_and_stays_tied():
         torch.testing.assert_close(empty(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_a_non_persistent_buffer_aliasing_a_saved_weight_gets_no_key_on_load():
+    """Such a buffer (a cached handle on a weight) is out of the state dict by design: the load once filled its
+    key in as a dropped alias and then failed on it as unexpected."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Module()
+            self.head.register_buffer("w", self.lin.weight, persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) @ self.head.w
+
+    torch.manual_seed(0)
+    state = get_peft_model(Model(), LoraConfig(r=2, target_modules=["lin"])).state_dict()
+    assert "base_model.model.head.w" not in state
+    result = get_peft_model(Model(), LoraConfig(r=2, target_modules=["lin"])).load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
 def test_from_pretrained_on_a_trainer_save_of_the_whole_model_says_what_it_is(tmp_path):
     from safetensors.torch import save_file
 
