@@ -700,6 +700,42 @@ def test_a_model_split_over_devices_is_refused_up_front(method):
         get_peft_model(stack, incre() if method == "incre" else ada())
 
 
+@pytest.mark.parametrize("adapters_on", ["cpu", "cuda:1"])
+def test_under_nccl_the_generator_is_sent_from_the_adapters_cuda_device(monkeypatch, adapters_on):
+    """A DDP script may place each rank's model with .to(f"cuda:{rank}") and never call torch.cuda.set_device:
+    every rank then sent from cuda:0. The adapters' device is used once they are on a GPU; before (get_peft_model
+    ahead of .cuda()), the current device. The collective and the devices are stood in for: no GPU here."""
+    import pefttorch.tuners.rank.allocator as allocator_module
+
+    allocator = build(incre(max_rank_per_module=5)).base_model.allocator
+    allocator.ipt = _on_device(adapters_on)
+    sent_from = []
+
+    class State:  # what the generator's state does in the code under test: moved, sent, brought back
+        def to(self, device):
+            sent_from.append(torch.device(device))
+            return self
+
+        def cpu(self):
+            return real
+
+    real = allocator.generator.get_state()
+    monkeypatch.setattr(allocator, "generator", type("G", (), {"get_state": lambda _: State(),
+                                                               "set_state": lambda _, s: None})())
+    monkeypatch.setattr(allocator_module, "data_parallel", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *_: "nccl")
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    allocator._shared_generator = False
+    assert allocator._share_generator()
+    assert sent_from == [torch.device("cuda", 3) if adapters_on == "cpu" else torch.device(adapters_on)]
+
+
+def _on_device(device):
+    """A stand-in with only the attribute the code reads (no CUDA tensor can be made without a GPU)."""
+    return type("OnDevice", (), {"device": torch.device(device)})()
+
+
 def test_adalora_pruning_equals_masking():
     """Compacting the survivors gives the output HF PEFT's masking (e = 0 for the pruned) gives."""
     model = build(ada())

@@ -95,9 +95,12 @@ class IncreLoraAllocator:
         """Gives every process of a data-parallel run rank 0's generator; True if it did so just now."""
         if self._shared_generator or not data_parallel():
             return False
-        # NCCL moves only CUDA tensors, and the model may still be on the CPU here (get_peft_model before .cuda())
-        nccl = torch.distributed.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # NCCL moves only CUDA tensors: the adapters' device (a DDP script may place each rank's model without
+        # torch.cuda.set_device, and every rank would send from cuda:0), or the current one while the model is still
+        # on the CPU (get_peft_model before .cuda())
+        device = torch.device("cpu")
+        if torch.distributed.get_backend() == "nccl":
+            device = self.ipt.device if self.ipt.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
         state = self.generator.get_state().to(device)
         torch.distributed.broadcast(state, src=0)
         self.generator.set_state(state.cpu())
