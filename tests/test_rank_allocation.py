@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -688,6 +689,15 @@ def test_a_state_dict_without_allocator_state_loads_strictly_with_a_warning(meth
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Missing key"):  # any other key is still missing
         build(config).load_state_dict({k: v for k, v in state.items() if "base_layer" not in k}, strict=True)
+    # strict=False with the factors alone (swapping weights into a live model): the allocator keeps its statistics,
+    # and the key is reported missing like any other, with no word of an old checkpoint
+    allocator = model.base_model.allocator
+    kept = model.base_model.get_extra_state()  # the allocator's whole state, serialised
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = model.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False)
+    assert "base_model._extra_state" in result.missing_keys
+    assert torch.equal(model.base_model.get_extra_state(), kept) and allocator.events
 
 
 @pytest.mark.parametrize("method", ["incre", "ada"])

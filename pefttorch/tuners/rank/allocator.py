@@ -100,7 +100,9 @@ class IncreLoraAllocator:
         # on the CPU (get_peft_model before .cuda())
         device = torch.device("cpu")
         if torch.distributed.get_backend() == "nccl":
-            device = self.ipt.device if self.ipt.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            device = self.ipt.device
+            if device.type != "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
         state = self.generator.get_state().to(device)
         torch.distributed.broadcast(state, src=0)
         self.generator.set_state(state.cpu())

@@ -187,18 +187,21 @@ class RankedLoraModel(LoraModel):
 
 
 def _note_missing_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:
-    model._missing_allocator_state = None if prefix + "_extra_state" in state_dict else prefix + "_extra_state"
+    model._missing_allocator_state = None if prefix + "_extra_state" in state_dict else prefix
 
 
 def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
-    missing = model.__dict__.pop("_missing_allocator_state", None)
-    if missing is not None and missing in incompatible_keys.missing_keys:
-        # a checkpoint from before the allocator's state was saved: the weights and ranks load, the schedule's
-        # statistics start fresh, as they did then
-        incompatible_keys.missing_keys.remove(missing)
-        warnings.warn(f"{type(model.allocator).__name__}: the state dict has no allocator state ({missing}; a "
-                      "checkpoint saved before pefttorch kept it): the ranks and weights load, the importance "
-                      "statistics and schedule start fresh", stacklevel=2)
+    prefix = model.__dict__.pop("_missing_allocator_state", None)
+    missing = [k for k in incompatible_keys.missing_keys if prefix is not None and k.startswith(prefix)]
+    if missing == [prefix + "_extra_state"]:
+        # A checkpoint from before the allocator's state was saved (every other key of the model there): the weights
+        # and ranks load, the allocator keeps the statistics and schedule it has (a newly built model's: fresh ones,
+        # as a resume did then). A partial load (the adapter factors alone into a live model, strict=False; the hook
+        # cannot see strict) lacks other keys too and gets the key reported missing like any other.
+        incompatible_keys.missing_keys.remove(missing[0])
+        warnings.warn(f"{type(model.allocator).__name__}: the state dict has no allocator state ({missing[0]}; a "
+                      "checkpoint saved before pefttorch kept it): the ranks and weights load, the allocator keeps "
+                      "its own importance statistics and schedule (fresh ones in a newly built model)", stacklevel=2)
     state = model.__dict__.pop("_pending_allocator_state", None)
     if state is not None:
         device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
