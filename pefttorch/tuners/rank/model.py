@@ -192,8 +192,8 @@ def _note_missing_allocator_state(model: RankedLoraModel, state_dict: dict, pref
 
 def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
     prefix = model.__dict__.pop("_missing_allocator_state", None)
-    missing = [k for k in incompatible_keys.missing_keys if prefix is not None and k.startswith(prefix)]
-    if missing == [prefix + "_extra_state"]:
+    missing = [] if prefix is None else [k for k in incompatible_keys.missing_keys if k.startswith(prefix)]
+    if prefix is not None and missing == [prefix + "_extra_state"]:
         # A checkpoint from before the allocator's state was saved (every other key of the model there): the weights
         # and ranks load, the allocator keeps the statistics and schedule it has (a newly built model's: fresh ones,
         # as a resume did then). A partial load (the adapter factors alone into a live model, strict=False; the hook
