@@ -80,6 +80,30 @@ def _prefix_cache_class():
     return PrefixCache
 
 
+@functools.cache
+def _read_only_cross_cache_class():
+    from transformers import DynamicCache
+
+    class CrossCache(DynamicCache):
+        """An encoder-decoder model's cross-attention cache that stores nothing, for training under gradient
+        checkpointing: a stored one made the recomputation read back the keys and values of the encoder's output
+        that the first forward kept (without a graph under reentrant checkpointing: the encoder got no gradient
+        through them, silently; a different saved-tensor count under the non-reentrant one)."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return key_states, value_states
+
+    return CrossCache
+
+
+class _NeverUpdated(dict):
+    """EncoderDecoderCache.is_updated for a CrossCache: the model marks a layer's cross keys and values as stored
+    after computing them, and would read them back from the empty cache."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
 class PrefixModel(VirtualTokenModel):
     """A model with a learned key/value prefix in every attention layer (one adapter set)."""
 
@@ -123,6 +147,11 @@ class PrefixModel(VirtualTokenModel):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # the layers that read the prefix (an encoder's, a vision tower's are handed no cache)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        for layer in self._checkpointed if decoder is None else [m for m in decoder.modules()
+                                                                  if isinstance(m, GradientCheckpointingLayer)]:
+            self.hook(layer.register_forward_pre_hook(self._layer_hook, with_kwargs=True))
         self.hook(model.register_forward_pre_hook(self._hook, with_kwargs=True))
         self.hook(model.register_forward_hook(self._check, always_call=True))
         self.finish()
@@ -187,11 +216,30 @@ class PrefixModel(VirtualTokenModel):
             cache.update(key, value, i)
         cache.read_only, cache.reads = read_only, set()
         self._pending = cache
-        return EncoderDecoderCache(cache, DynamicCache()) if self.encoder_decoder else cache
+        if not self.encoder_decoder:
+            return cache
+        if not read_only:
+            return EncoderDecoderCache(cache, DynamicCache())
+        both = EncoderDecoderCache(cache, _read_only_cross_cache_class()())
+        both.is_updated = _NeverUpdated()
+        return both
 
     def _checkpointing(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and any(m.gradient_checkpointing
                                                                      for m in self._checkpointed)
+
+    def _layer_hook(self, layer, args, kwargs):
+        """A model that hands its checkpointed layers no cache (GPT-2 does, under gradient checkpointing) would fail
+        deep in attention on a mask made for the prefix: say why, before the layer runs."""
+        cache = self._pending
+        if cache is None or not cache.read_only or not layer.gradient_checkpointing:
+            return
+        from transformers import Cache
+
+        if not any(isinstance(a, Cache) for a in (*args, *kwargs.values())):
+            raise RuntimeError(f"prefix tuning: {type(self.model).__name__} hands its layers no key/value cache under "
+                               "gradient checkpointing, so they cannot read the prefix; train without gradient "
+                               "checkpointing")
 
     def _check(self, module, args, output):
         """After a call that started the cache: every attention layer must have read the prefix (a layer that
