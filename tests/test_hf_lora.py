@@ -274,6 +274,23 @@ def test_adapter_set_errors():
     assert model.active_adapter == "default"
 
 
+def test_two_adapters_with_a_copy_of_the_same_module_cannot_both_be_active():
+    """Both active, forward ran the first adapter's copy of lm_head while the second's trained as if used (its
+    gradient was None, its training lost without a word). Refused; each alone, and with an adapter without a copy,
+    still works."""
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("two", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match=r"\['default', 'two'\] each keep their own copy of .*lm_head"):
+        model.set_adapter(["default", "two"])
+    assert model.active_adapters == ["default"]
+    model.set_adapter(["two", "plain"])
+    model(**inputs_of(family)).logits.square().mean().backward()
+    heads = model.base_model.model.lm_head.modules_to_save
+    assert heads["two"].weight.grad is not None and heads["default"].weight.grad is None
+
+
 @pytest.mark.parametrize("first", ["lora", "ia3", "prompt", "meft", "adalora", "bitfit", "ln"])
 def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
     """A second get_peft_model on a model that holds adapters already (a notebook cell run twice) once

@@ -220,6 +220,13 @@ class LoraModel(Forwarding):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters are: {list(self.peft_config)}")
+        for path, wrapper in self.save_wrappers():
+            # A module replaced by a trained copy runs one copy: a second active adapter's copy would train as if used
+            # and be ignored in forward (HF PEFT refuses this too).
+            both = [n for n in names if n in wrapper.modules_to_save]
+            if len(both) > 1:
+                raise ValueError(f"adapters {both} each keep their own copy of {path} (modules_to_save); only one "
+                                 "of them can be active at a time")
         merged = [layer for _, layer in self.lora_layers() if layer.merged]
         if merged and set(names) != set(self.active_adapters):
             # a merged adapter left in the weights would add to the new ones: take it out (as HF PEFT does)
