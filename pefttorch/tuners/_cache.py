@@ -7,18 +7,22 @@ pre-hook must look for both names.
 
 from __future__ import annotations
 
-import functools
+from importlib import metadata
 
 NAMES = ("cache", "past_key_values")  # the new name first
 
+# Read from the package metadata once, not by importing transformers in the hooks: dynamo cannot trace an import of
+# transformers' lazy module, and every prefix-tuned layer broke the compiled graph there.
+try:
+    TRANSFORMERS_VERSION = metadata.version("transformers")
+except metadata.PackageNotFoundError:  # no transformers: no model hands a cache down at all
+    TRANSFORMERS_VERSION = "0.0"
 
-@functools.cache
+
 def installed_name() -> str:
     """The name under which the installed transformers hands the cache down: a forward that takes it only through
     ``**kwargs`` (BERT's task heads) passes on whatever it is given, and the layers read only this one."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    major, minor = (int(part) for part in TRANSFORMERS_VERSION.split(".")[:2])
     return "cache" if (major, minor) >= (5, 24) else "past_key_values"
 
 
@@ -28,7 +32,10 @@ def cache_key(kwargs: dict, parameters=()) -> str:
     for name in NAMES:
         if kwargs.get(name) is not None:
             return name
-    return next((name for name in NAMES if name in parameters), installed_name())
+    for name in NAMES:  # loops, not a generator: dynamo traces these through
+        if name in parameters:
+            return name
+    return installed_name()
 
 
 def get_cache(kwargs: dict):

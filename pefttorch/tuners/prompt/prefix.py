@@ -144,8 +144,13 @@ class PrefixModel(VirtualTokenModel):
             self.prefix_embeddings = nn.Parameter(init(self.n, width, **factory))
         self._pending = None  # the cache a running call started with, checked when it returns
         self._granted = False  # whether checkpointed layers were let keep the cache for the running call
+        from transformers import Cache, DynamicCache, EncoderDecoderCache
         from transformers.modeling_layers import GradientCheckpointingLayer
 
+        # the cache classes the hooks build and test for, resolved here: dynamo cannot trace an import from
+        # transformers' lazy module, and an import in a hook broke a compiled model's graph at every call
+        self._cache_classes = {"prefix": _prefix_cache_class(), "cross": _read_only_cross_cache_class(),
+                               "dynamic": DynamicCache, "enc_dec": EncoderDecoderCache, "any": Cache}
         self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         # the layers that read the prefix (an encoder's, a vision tower's are handed no cache)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -207,11 +212,10 @@ class PrefixModel(VirtualTokenModel):
                    rows[step * i + 1].unsqueeze(0).expand(batch, -1, -1, -1))
 
     def _prefilled_cache(self, batch: int, read_only: bool):
-        from transformers import DynamicCache, EncoderDecoderCache
-
+        classes = self._cache_classes
         # a decoder-only model's config says which layers slide (their cache keeps a window); an encoder-decoder
         # model's may count its encoder's layers: there the cache grows its layers as they come
-        cache = _prefix_cache_class()(config=None if self.encoder_decoder else self.model.config)
+        cache = classes["prefix"](config=None if self.encoder_decoder else self.model.config)
         for i, (key, value) in enumerate(self._layer_prefixes(batch)):
             cache.update(key, value, i)
         cache.read_only, cache.reads = read_only, set()
@@ -219,8 +223,8 @@ class PrefixModel(VirtualTokenModel):
         if not self.encoder_decoder:
             return cache
         if not read_only:
-            return EncoderDecoderCache(cache, DynamicCache())
-        both = EncoderDecoderCache(cache, _read_only_cross_cache_class()())
+            return classes["enc_dec"](cache, classes["dynamic"]())
+        both = classes["enc_dec"](cache, classes["cross"]())
         both.is_updated = _NeverUpdated()
         return both
 
@@ -234,9 +238,7 @@ class PrefixModel(VirtualTokenModel):
         cache = self._pending
         if cache is None or not cache.read_only or not layer.gradient_checkpointing:
             return
-        from transformers import Cache
-
-        if not any(isinstance(a, Cache) for a in (*args, *kwargs.values())):
+        if not any(isinstance(a, self._cache_classes["any"]) for a in (*args, *kwargs.values())):
             raise RuntimeError(f"prefix tuning: {type(self.model).__name__} hands its layers no key/value cache under "
                                "gradient checkpointing, so they cannot read the prefix; train without gradient "
                                "checkpointing")
