@@ -182,6 +182,33 @@ def test_gradient_checkpointing(reentrant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
+def test_torch_compile_gives_the_eager_loss_and_gradients_in_one_graph(checkpointing):
+    """In one graph: the hook's test for a recomputation inside backward (which dynamo cannot trace) is skipped while
+    compiling; it broke the graph at every MLP before. Each compiled forward counts once, as eager does, also when
+    the checkpointed layers are recomputed in the compiled backward."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules="all-linear", density_loss=DensityLossConfig()))
+    model.train()
+    want = model(input_ids=ids, labels=ids).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # (with checkpointing, transformers' own hook that makes the embeddings' output require grad breaks the graph)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=not checkpointing)
+    got = compiled(input_ids=ids, labels=ids, use_cache=False).loss  # (transformers' warning about it breaks)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
+    assert model.density_loss._counts["train"] == {n: 2 for n in model.density_loss.layers}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_trainer_logs_density_and_trains(tmp_path, checkpointing):
     from test_trainer import Texts
 
