@@ -316,7 +316,7 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or bool(params))
+    needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or len(params) > 0)
     if not (reversible and needs_grad):
         for layer in layers:
             x1, x2 = _step(layer, x1, x2, context, dtype)
