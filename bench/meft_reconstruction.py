@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
-import subprocess
 import warnings
+from pathlib import Path
 
 import torch
 import transformers
 
 import pefttorch
+from pefttorch._args import device as device_arg
+from pefttorch._args import positive_int, writable_dir
+from pefttorch.bench import report
 from pefttorch.nn import reversible
 
 
@@ -56,22 +57,26 @@ def _guard(on: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=32, help="per sequence (no padding)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32", "float64"))
+    parser.add_argument("--layers", type=positive_int, default=24)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--tokens", type=positive_int, default=32, help="per sequence (no padding)")
+    parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--variants", default="meft1,meft2,meft3")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="write the Markdown here too")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the Markdown here too")
     parser.add_argument("--no-guard", action="store_true",
                         help="also the float64 streams without the cast guard (pefttorch.nn.reversible), to compare")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - {"meft1", "meft2", "meft3"}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; known: meft1, meft2, meft3")
+    if args.out is not None:
+        writable_dir(args.out.parent, "--out")  # before the run, not after it
     dtype = getattr(torch, args.dtype)
-    commit = os.environ.get("PEFTTORCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    meta = report.metadata(args.device, dtype)  # the commit of this checkout, wherever the script is run from
+    commit, device = meta["commit"], meta["device"]
     lines = [
         f"# MEFT reconstruction error per layer ({args.dtype} Llama-style model, hidden {args.hidden}, "
         f"{args.layers} layers, {args.heads} heads, {args.batch} x {args.tokens} tokens)",

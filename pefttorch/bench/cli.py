@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .._args import device as device_arg
+from .._args import positive_int, probability, writable_dir
+
 SUITES = ("lora", "model", "sparse", "rank", "meft", "adapter")
 RANK_STEPS = {"cuda": 40, "cpu": 16}  # timed steps of the rank suite
 RANK_STEPS_QUICK = {"cuda": 16, "cpu": 8}
@@ -31,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)} "
                    "(default: a quick run of all)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--quick", action="store_true", help="fewer shapes and steps")
     p.add_argument("--shapes", default=None,
@@ -42,21 +45,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
     p.add_argument("--runs", default=None, help="model, rank, meft: comma-separated runs to make (default: all of "
                    "the suite's; with several suites, each makes the ones named that are its own)")
-    p.add_argument("--repeat", type=int, default=None,
+    p.add_argument("--repeat", type=positive_int, default=None,
                    help="lora, sparse, adapter: timed calls per measurement on GPU (default 50; sparse and "
                    "adapter quick 20)")
     p.add_argument("--tokens", default=None,
                    help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
     p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
                    f"(default {','.join(f'{d:g}' for d in sparse.DENSITIES)})")
-    p.add_argument("--steps", type=int, default=None, help="model, meft: timed steps (default 10, quick 4); rank: "
-                   f"timed steps, allocation events included (default {RANK_STEPS['cuda']} on a GPU, "
-                   f"{RANK_STEPS['cpu']} on the CPU; quick {RANK_STEPS_QUICK['cuda']}, {RANK_STEPS_QUICK['cpu']})")
-    p.add_argument("--r", type=int, default=None, help="model, meft: LoRA rank (default 16); rank: the target rank, "
-                   "average per module at the end (default 8)")
-    p.add_argument("--dropout", type=float, default=0.0, help="model, meft: LoRA dropout (0: losses are "
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="model, meft: timed steps (default 10, quick 4); rank: timed steps, allocation events "
+                   f"included (default {RANK_STEPS['cuda']} on a GPU, {RANK_STEPS['cpu']} on the CPU; quick "
+                   f"{RANK_STEPS_QUICK['cuda']}, {RANK_STEPS_QUICK['cpu']})")
+    p.add_argument("--r", type=positive_int, default=None,
+                   help="model, meft: LoRA rank (default 16); rank: the target rank, average per module at the end "
+                   "(default 8)")
+    p.add_argument("--dropout", type=probability, default=0.0, help="model, meft: LoRA dropout (0: losses are "
                    "cross-checked), MEFT's adapter dropout; rank: the adapters' dropout")
-    p.add_argument("--bottleneck", type=int, default=model.MEFT_BOTTLENECK,
+    p.add_argument("--bottleneck", type=positive_int, default=model.MEFT_BOTTLENECK,
                    help=f"meft: the MEFT adapters' bottleneck (default {model.MEFT_BOTTLENECK})")
     p.add_argument("--stream-dtype", default=str(model.MEFT_STREAMS).removeprefix("torch."),
                    choices=("float32", "float64"), help="meft: dtype of MEFT's two streams (default float64: with "
@@ -104,15 +109,15 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             console.print(f"[red]--compare {args.compare}: cannot read it as results JSON ({err})[/red]")
             return 2
-    if args.device is None:
+    # where the results go, checked before the run (not found unwritable after it, the results lost)
+    writable_dir(args.json.parent, "--json")
+    for suite in suites:
+        writable_dir(_plot_path(args, suite, len(suites)).parent, "--plot")
+    device = args.device  # checked by argparse: it exists here
+    if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
             console.print("no CUDA device: running on the CPU with CPU-sized shapes")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            console.print("[red]--device cuda but no CUDA device is available[/red]")
-            return 2
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     peft_missing = _peft_missing()
     if peft_missing:
@@ -130,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
         plot_path = _plot_path(args, suite, len(suites))
         _plotter(suite)(plot_path, meta, rows, extra.get("impls"))
         console.print(f"plot: {plot_path}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
     console.print(f"results: {args.json}")
     if earlier is not None:
@@ -229,8 +233,6 @@ def _run_training(suite, args, device, dtype, quick, no_peft, console):
     runs = _runs(args.runs, model.RUNS if suite == "model" else model.MEFT_RUNS, suite)
     if no_peft:
         runs = [r for r in runs if not r.startswith("peft+") and r != "peft"]
-    if args.bottleneck < 1:
-        raise SystemExit(f"meft: the bottleneck must be >= 1, got {args.bottleneck}")
     meft = model.MeftOptions(args.bottleneck, getattr(torch, args.stream_dtype))
     steps = args.steps or (4 if quick else 10)
     r = 16 if args.r is None else args.r
@@ -270,8 +272,6 @@ def _run_rank(args, device, dtype, quick, no_peft, console):
     kind = "cuda" if device.type == "cuda" else "cpu"
     steps = args.steps or (RANK_STEPS_QUICK if quick else RANK_STEPS)[kind]
     target = 8 if args.r is None else args.r
-    if target < 1:
-        raise SystemExit(f"rank: the target rank must be >= 1, got {target}")
     with tqdm(total=len(runs), desc="rank", unit="run") as bar:
         def progress(run):
             bar.set_postfix_str(run)

@@ -51,7 +51,10 @@ class Shape:
         if not m:
             raise ValueError(f"bad shape {text!r}: expected TOKENSxINxOUTrRANK[pDROPOUT], e.g. 8192x4096x4096r16p0.1")
         t, i, o, r, p = m.groups()
-        return cls(int(t), int(i), int(o), int(r), float(p or 0.0))
+        shape = cls(int(t), int(i), int(o), int(r), float(p or 0.0))
+        if min(shape.tokens, shape.in_features, shape.out_features, shape.r) < 1 or shape.dropout >= 1:
+            raise ValueError(f"bad shape {text!r}: tokens, in, out and rank must be >= 1, dropout below 1")
+        return shape
 
 
 def default_shapes(device: torch.device, quick: bool) -> list[Shape]:

@@ -69,6 +69,8 @@ class MLPShape:
                              f"ACTIVATION one of {', '.join(ACTIVATIONS)}, e.g. 4096x11008:silu:gated")
         hidden, inter, out, act, flags = m.groups()
         flags = flags.split(":")[1:]
+        if min(int(hidden), int(inter), int(out or hidden)) < 1:
+            raise ValueError(f"bad MLP shape {text!r}: the sizes must be >= 1")
         return cls(int(hidden), int(inter), int(out or hidden), act, "gated" in flags, "bias" in flags)
 
 
