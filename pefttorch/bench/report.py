@@ -17,7 +17,7 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
 
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "device_type": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
@@ -35,6 +35,18 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
         except ImportError:
             meta[peer] = None
     return meta
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux: the results said just "cpu")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _git_commit() -> str | None:
