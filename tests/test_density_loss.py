@@ -154,8 +154,9 @@ def test_target_modules_and_errors():
         attach_density_loss(lin, DensityLossConfig(target_modules=["1", "3"]))
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing(reentrant):
+def lora_with_density_loss_and_eager_step():
+    """A training-mode Llama with LoRA and the density loss, its input ids, and the loss and gradients of one
+    plain eager step (gradients zeroed again), to compare another way of running the same step with."""
     torch.manual_seed(0)
     fam = FAMILIES["llama"]
     ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
@@ -165,19 +166,29 @@ def test_gradient_checkpointing(reentrant):
     want.backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if reentrant:  # the layers run without grad: the term cannot join the loss, and silence would be wrong
-        with pytest.raises(RuntimeError, match="use_reentrant"):
-            model(input_ids=ids, labels=ids)
-        return
-    got = model(input_ids=ids, labels=ids).loss
+    return model, ids, want, want_grads
+
+
+def assert_same_step(model, got, want, want_grads):
+    """`got` (a loss not yet backpropagated) and its gradients equal the eager step's; one density count per
+    forward (two so far): a recomputation in backward is not counted again."""
     torch.testing.assert_close(got, want)
     got.backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
-    # one count per forward (two so far); the recomputation in backward is not counted again
     assert model.density_loss._counts["train"] == {n: 2 for n in model.density_loss.layers}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(reentrant):
+    model, ids, want, want_grads = lora_with_density_loss_and_eager_step()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # the layers run without grad: the term cannot join the loss, and silence would be wrong
+        with pytest.raises(RuntimeError, match="use_reentrant"):
+            model(input_ids=ids, labels=ids)
+        return
+    assert_same_step(model, model(input_ids=ids, labels=ids).loss, want, want_grads)
 
 
 @pytest.mark.slow
@@ -186,25 +197,13 @@ def test_torch_compile_gives_the_eager_loss_and_gradients_in_one_graph(checkpoin
     """In one graph: the hook's test for a recomputation inside backward (which dynamo cannot trace) is skipped while
     compiling; it broke the graph at every MLP before. Each compiled forward counts once, as eager does, also when
     the checkpointed layers are recomputed in the compiled backward."""
-    fam = FAMILIES["llama"]
-    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
-    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules="all-linear", density_loss=DensityLossConfig()))
-    model.train()
-    want = model(input_ids=ids, labels=ids).loss
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
+    model, ids, want, want_grads = lora_with_density_loss_and_eager_step()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # (with checkpointing, transformers' own hook that makes the embeddings' output require grad breaks the graph)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=not checkpointing)
     got = compiled(input_ids=ids, labels=ids, use_cache=False).loss  # (transformers' warning about it breaks)
-    torch.testing.assert_close(got, want)
-    got.backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
-    assert model.density_loss._counts["train"] == {n: 2 for n in model.density_loss.layers}
+    assert_same_step(model, got, want, want_grads)
 
 
 @pytest.mark.slow
