@@ -440,6 +440,43 @@ def test_increlora_capacity_grows_without_replacing_parameters():
     train_step(model, opt, x, 7)  # the optimizer copes with the new shape
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),  # wrote out of bounds (heap corruption) before
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["adamw", "adamw-fused", "sgd-momentum"])
+def test_a_stock_optimizer_keeps_running_when_the_storage_grows(make_optimizer):
+    config = incre(target_rank=6, incre_rank_num=3, top_h=1, init_warmup=0, incre_interval=1)
+    model = build(config)
+    layer = ranked_layers(model)[0][1]
+    c = layer.lora_components["default"]
+    scores = torch.zeros(6)
+    scores[0] = 1.0
+    model.base_model.allocator.score_vector = lambda: scores
+    opt = make_optimizer(model.parameters())
+    x = torch.randn(4, 13)
+    start = c.capacity
+    step = 1
+    while c.capacity == start:
+        train_step(model, opt, x, step)
+        step += 1
+    a = layer.lora_A["default"]
+    old = {k: v.clone() for k, v in opt.state[a].items() if v.dim() == 2}
+    assert old and all(v.shape[0] == start for v in old.values())
+    opt.step()  # no gradients (zero_grad set them to None): the step only fits the state
+    for key, value in old.items():
+        fitted = opt.state[a][key]
+        assert fitted.shape == a.shape
+        torch.testing.assert_close(fitted[:start], value, rtol=0, atol=0)
+        assert not fitted[start:].any()  # new slots: fresh state
+    for _ in range(3):
+        train_step(model, opt, x, step)
+        step += 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.step()  # fits the state to growth at the last of those steps, if any
+    assert all(v.shape == p.shape for p in layer.factors("default") for v in opt.state[p].values() if v.dim() > 0)
+
+
 def _exact_update_gradients(model, x):
     """dL/d(dW) of every ranked layer, with dW materialised as a leaf (the reference the score estimates)."""
     work = copy.deepcopy(model)

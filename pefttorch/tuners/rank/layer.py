@@ -19,8 +19,11 @@ reordering without being told about each event.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ... import functional, ops
 from ..lora.layer import LoraLayer, dropout_p
@@ -44,6 +47,43 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
+# Factors whose storage was replaced by one of another size (grow(), _shrink_for_load()). A stock optimizer's state
+# for them keeps the old shape: torch.optim.AdamW then fails on the shapes, its fused variant writes out of bounds.
+# Keyed by id: a WeakSet would compare two references to one tensor with the tensor's elementwise ==.
+_resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_fit_hook = None
+
+
+def _note_resized(p: nn.Parameter) -> None:
+    global _fit_hook
+    _resized[id(p)] = p
+    if _fit_hook is None:  # registered once, by the first resize: until then no optimizer pays for the check
+        _fit_hook = register_optimizer_step_pre_hook(_fit_optimizer_state)
+
+
+def _fit_optimizer_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Before any optimizer's step: its per-entry state of a resized factor (moments, momentum buffers) is cut or
+    zero-padded along the component dimension to the factor's shape. The new slots hold no component that has
+    trained, so zero is their fresh state; the rest keeps what it had (the stale moments README mentions: only
+    :class:`pefttorch.optim.RankAwareAdamW`, which matches its state by component id and is skipped here, gets the
+    components right)."""
+    from ...optim import RankAwareAdamW
+
+    if isinstance(optimizer, RankAwareAdamW):
+        return
+    for p in list(_resized.values()):
+        state = optimizer.state.get(p)  # not state[p]: the defaultdict would add an entry
+        if not state:
+            continue
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.dim() == p.dim() > 0 and value.shape[1:] == p.shape[1:]
+                    and value.shape[0] != p.shape[0]):
+                fitted = value.new_zeros(p.shape)
+                n = min(value.shape[0], p.shape[0])
+                fitted[:n] = value[:n]
+                state[key] = fitted
 
 
 class Components(nn.Module):
@@ -245,7 +285,8 @@ class RankedLoraLayer(LoraLayer):
     @torch.no_grad()
     def grow(self, name: str, capacity: int) -> None:
         """Enlarges the storage to `capacity` slots. The Parameter objects stay the same (their data is
-        replaced), so an optimizer holding them keeps working; its state is matched by component id."""
+        replaced), so an optimizer holding them keeps working: RankAwareAdamW matches its state by component id, a
+        stock optimizer has its state resized before its next step (see _fit_optimizer_state)."""
         c = self.lora_components[name]
         if capacity <= c.capacity:
             return
@@ -258,6 +299,7 @@ class RankedLoraLayer(LoraLayer):
             p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
             p.data = data
             p.grad = None  # of the old shape; allocation runs between optimizer.step() and zero_grad()
+            _note_resized(p)
         c.ids = torch.cat([c.ids, torch.arange(c.next_id, c.next_id + capacity - c.capacity, dtype=torch.int64)])
         c.next_id += capacity - c.capacity
         c.capacity = capacity
@@ -271,6 +313,7 @@ class RankedLoraLayer(LoraLayer):
             p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)  # see grow()
             p.data = data
             p.grad = None
+            _note_resized(p)
         c.ids = c.ids[:capacity].clone()
         c.capacity = capacity
         c.rank, c.reserve = min(c.rank, capacity), min(c.reserve, capacity - min(c.rank, capacity))
