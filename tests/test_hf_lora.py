@@ -499,6 +499,94 @@ def test_config_errors():
         get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
 
 
+def test_config_errors_name_the_field():
+    """Each was a bare TypeError from deep inside get_peft_model (or, for the regex with layers_to_transform, a
+    saved adapter HF PEFT refuses to load)."""
+    for kw, match in [(dict(alpha_pattern={"q_proj": "16"}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+                      (dict(layers_to_transform="1"), "layers_to_transform must be a layer index or a list"),
+                      (dict(layers_to_transform=[-1]), "layers_to_transform must be a layer index or a list"),
+                      (dict(target_modules=5), "target_modules must be a list of module names, a regex or None"),
+                      (dict(exclude_modules=5), "exclude_modules must be a list of module names, a regex or None"),
+                      (dict(lora_dropout=None), "lora_dropout must be in"),
+                      (dict(target_modules=r".*\.q_proj", layers_to_transform=[0]),
+                       "layers_to_transform cannot be used with target_modules='.*"),
+                      (dict(target_modules="all-linear", layers_to_transform=0),
+                       "layers_to_transform cannot be used with target_modules='all-linear'")]:
+        with pytest.raises(ValueError, match=match):
+            LoraConfig(**kw)
+    assert LoraConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
+    assert LoraConfig(target_modules=["q_proj"], layers_to_transform=1).layers_to_transform == [1]
+
+
+@pytest.mark.parametrize("name", ["eval", "float", "training"])
+def test_adapter_names_that_clash_with_module_dict_attributes_are_refused(name):
+    base = fresh(FAMILIES["llama"])
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is taken by an attribute of torch's nn.ModuleDict"):
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name=name)
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
+
+
+def _structure(model):
+    """What injection may change: each module's type and adapters, and what requires grad."""
+    modules = [(n, type(m).__name__, sorted(getattr(m, "lora_A", {})), sorted(getattr(m, "modules_to_save", {})))
+               for n, m in model.named_modules()]
+    return modules, {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _fail_at(monkeypatch, k):
+    """Makes the k-th change injection makes (a layer's adapter added, a modules_to_save copy made) raise, as an out
+    of memory error would."""
+    from pefttorch.tuners.lora.layer import ModulesToSaveWrapper
+
+    calls = []
+
+    def failing(real):
+        def call(self, *args, **kwargs):
+            calls.append(None)
+            if len(calls) == k + 1:
+                raise torch.OutOfMemoryError("simulated")
+            return real(self, *args, **kwargs)
+        return call
+
+    for cls, method in ((LoraLayer, "update_layer"), (ModulesToSaveWrapper, "add_adapter")):
+        monkeypatch.setattr(cls, method, failing(getattr(cls, method)))
+    return calls
+
+
+@pytest.mark.parametrize("k", range(6))
+def test_a_failed_add_adapter_leaves_the_model_as_it_was(monkeypatch, k):
+    """An error halfway left the new adapter's layers and copies in the model although it was not in peft_config
+    (and, from get_peft_model, LoRA layers in the user's model, which a second get_peft_model then refused)."""
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                     init_lora_weights=False))
+    x = inputs_of(family)
+    before, out = _structure(model), model(**x).logits
+    calls = _fail_at(monkeypatch, k)
+    # 4 layers (q_proj, v_proj of 2 decoder layers), then a copy of embed_tokens (new wrapper) and of lm_head
+    with pytest.raises(torch.OutOfMemoryError):
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["lm_head", "embed_tokens"]))
+    assert len(calls) == k + 1
+    assert _structure(model) == before and list(model.peft_config) == ["default"]
+    torch.testing.assert_close(model(**x).logits, out, rtol=0, atol=0)
+    monkeypatch.undo()
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # the name is free
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_failed_get_peft_model_leaves_the_model_as_it_was(monkeypatch, k):
+    family = FAMILIES["llama"]
+    base = fresh(family)
+    before = _structure(base)
+    _fail_at(monkeypatch, k)
+    with pytest.raises(torch.OutOfMemoryError):
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert _structure(base) == before
+    monkeypatch.undo()
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))  # not refused as holding adapters already
+
+
 def test_gaussian_initialisation_has_hf_pefts_spread():
     """init_lora_weights="gaussian": A ~ N(0, 1/r) as in HF PEFT, B zero (the output starts as the base's)."""
     r = 8

@@ -56,7 +56,11 @@ def normalize_common(config) -> None:
     classifier's new head trains in full (HF PEFT's default modules_to_save for SEQ_CLS)."""
     layers = getattr(config, "layers_to_transform", None)
     if isinstance(layers, int) and not isinstance(layers, bool):
-        config.layers_to_transform = [layers]
+        config.layers_to_transform = layers = [layers]
+    if layers is not None and not (isinstance(layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise ValueError(f"{type(config).__name__}: layers_to_transform must be a layer index or a list of them "
+                         f"(integers >= 0), got {layers!r}")
     if isinstance(config.modules_to_save, str):
         config.modules_to_save = [config.modules_to_save]
     if config.modules_to_save is None and config.task_type == "SEQ_CLS":

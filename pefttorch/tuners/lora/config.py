@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._config import CONFIG_NAME, reject_unknown_fields, save_config, warn_unknown_fields
+from .._config import (
+    CONFIG_NAME,
+    module_names,
+    normalize_common,
+    reject_unknown_fields,
+    save_config,
+    warn_unknown_fields,
+)
 
 # Target modules when the config gives none, per model_type (the attention projections PEFT users know).
 DEFAULT_TARGET_MODULES = {
@@ -104,7 +111,7 @@ class LoraConfig:
             raise bad(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise bad(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise bad(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
@@ -119,14 +126,24 @@ class LoraConfig:
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise bad(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        if isinstance(self.target_modules, (list, tuple, set)):
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise bad(f"alpha_pattern[{key!r}] must be a finite number, got {alpha!r}")
+        self.target_modules = module_names(self.target_modules, "target_modules", "LoraConfig")
+        self.exclude_modules = module_names(self.exclude_modules, "exclude_modules", "LoraConfig")
+        self.layers_pattern = module_names(self.layers_pattern, "layers_pattern", "LoraConfig")
+        if isinstance(self.target_modules, list):
             self.target_modules = sorted(set(self.target_modules))
             if not self.target_modules:
                 raise bad("target_modules is empty")
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
+        normalize_common(self)
         if self.layers_pattern and not self.layers_to_transform:
             raise bad("layers_pattern only makes sense together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # as HF PEFT, which refuses to load such a config: a regex names the layers itself
+            raise bad(f"layers_to_transform cannot be used with target_modules={self.target_modules!r} (a string: a "
+                      f"regular expression over the full module name, or 'all-linear'); list the module names, or "
+                      f"write the layer indices into the regex")
         if self.density_loss is not None:
             from ..density import DensityLossConfig
 
@@ -135,10 +152,6 @@ class LoraConfig:
             if not isinstance(self.density_loss, DensityLossConfig):
                 raise bad(f"density_loss must be a DensityLossConfig, a dict of its fields or None, got "
                           f"{type(self.density_loss).__name__}")
-        if isinstance(self.modules_to_save, str):  # one name, as every pefttorch config takes it
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is None and self.task_type in TASK_MODULES_TO_SAVE:
-            self.modules_to_save = list(TASK_MODULES_TO_SAVE[self.task_type])
 
     @property
     def scaling(self) -> float:

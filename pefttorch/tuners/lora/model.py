@@ -162,12 +162,15 @@ class LoraModel(Forwarding):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
-        """Adds adapter `adapter_name` to every layer `config` targets. Checks everything first: on error
-        the model is left as it was."""
+        """Adds adapter `adapter_name` to every layer `config` targets. Checks what it can first; on any error the
+        model is left as it was (what was changed is undone)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already")
-        if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter names must be non-empty strings and contain no '.', got {adapter_name!r}")
+        if hasattr(nn.ModuleDict(), adapter_name):  # the layers keep adapters in ModuleDicts, keyed by name
+            raise ValueError(f"adapter name {adapter_name!r} is taken by an attribute of torch's nn.ModuleDict, "
+                             f"which holds each layer's adapters: choose another")
         targets = plan_targets(self.model, config)
         if config.modules_to_save:
             missing = [m for m in config.modules_to_save
@@ -175,34 +178,64 @@ class LoraModel(Forwarding):
             # HF PEFT's task defaults name several possible heads ("classifier", "score"): one suffices.
             if len(missing) == len(config.modules_to_save):
                 raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
-        corrected = []
-        for t in targets:
-            if isinstance(t.module, LoraLayer):
-                layer = t.module
-            else:
-                fan_in_fan_out = not isinstance(t.module, nn.Linear)  # Conv1D stores (in, out)
-                if config.fan_in_fan_out and not fan_in_fan_out:
-                    corrected.append(t.name)
-                layer = self.layer_cls(t.module, fan_in_fan_out=fan_in_fan_out)
-                _set_submodule(self.model, t.name, layer)
-            w_dtype = layer.base_layer.weight.dtype
-            dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
-                else w_dtype
-            self.add_to_layer(layer, t, config, adapter_name, dtype)
+        # What an error halfway (a layer refusing its settings, out of memory) must undo: layers swapped in, the
+        # adapter's entries in layers that had other adapters, modules_to_save wrappers and copies.
+        swapped, extended, wrapped, copied = [], [], [], []
+        try:
+            corrected = self._inject(targets, config, adapter_name, swapped, extended, wrapped, copied)
+        except BaseException:
+            for layer in extended:
+                layer.delete_adapter(adapter_name)
+            for name, layer in swapped:
+                _set_submodule(self.model, name, layer.base_layer)
+            for wrapper in copied:
+                if adapter_name in wrapper.modules_to_save:
+                    del wrapper.modules_to_save[adapter_name]
+            for name, wrapper, requires_grad in wrapped:
+                for p, flag in zip(wrapper.original_module.parameters(), requires_grad, strict=True):
+                    p.requires_grad_(flag)
+                _set_submodule(self.model, name, wrapper.original_module)
+            raise
         if corrected:
             # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
             # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
             warnings.warn(f"fan_in_fan_out=True does not fit {len(corrected)} nn.Linear layer(s) "
                           f"({', '.join(corrected[:3])}{' ...' if len(corrected) > 3 else ''}): using (out, in)",
                           stacklevel=2)
+        self.peft_config[adapter_name] = config
+
+    def _inject(self, targets: list[Target], config: LoraConfig, adapter_name: str, swapped: list, extended: list,
+                wrapped: list, copied: list) -> list[str]:
+        """inject_adapter's changes to the model, each recorded as it is made (see there); returns the names of the
+        nn.Linear layers fan_in_fan_out=True did not fit."""
+        corrected = []
+        for t in targets:
+            if isinstance(t.module, LoraLayer):
+                layer = t.module
+                extended.append(layer)
+            else:
+                fan_in_fan_out = not isinstance(t.module, nn.Linear)  # Conv1D stores (in, out)
+                if config.fan_in_fan_out and not fan_in_fan_out:
+                    corrected.append(t.name)
+                layer = self.layer_cls(t.module, fan_in_fan_out=fan_in_fan_out)
+                _set_submodule(self.model, t.name, layer)
+                swapped.append((t.name, layer))
+            w_dtype = layer.base_layer.weight.dtype
+            dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
+                else w_dtype
+            self.add_to_layer(layer, t, config, adapter_name, dtype)
         for name, module in list(self.model.named_modules()):
             if not config.modules_to_save or not _name_matches(name, config.modules_to_save):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
+                copied.append(module)
                 module.add_adapter(adapter_name)
             elif not any(isinstance(p, ModulesToSaveWrapper) for p in self._parents(name)):
-                _set_submodule(self.model, name, ModulesToSaveWrapper(module, adapter_name))
-        self.peft_config[adapter_name] = config
+                requires_grad = [p.requires_grad for p in module.parameters()]  # the wrapper freezes the original
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                _set_submodule(self.model, name, wrapper)
+                wrapped.append((name, wrapper, requires_grad))
+        return corrected
 
     def add_to_layer(self, layer: LoraLayer, target: Target, config: LoraConfig, adapter_name: str,
                      dtype: torch.dtype) -> None:
