@@ -223,6 +223,18 @@ def test_save_and_load_round_trip(family, tmp_path):
     assert trainable.base_model.prefix_embeddings.requires_grad
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_the_whole_model_pickles(family, tmp_path):
+    """torch.save of the model failed: the cache classes it held are made by functions, which pickle cannot name."""
+    _, model = prefixed(family)
+    batch = inputs(family)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    check_generate_with_and_without_cache(loaded, family)  # the hooks build their caches again
+
+
 def test_bfloat16_model_keeps_a_float32_prefix():
     base = fresh("llama").to(torch.bfloat16)
     model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=N))

@@ -96,6 +96,16 @@ def _read_only_cross_cache_class():
     return CrossCache
 
 
+def _cache_classes() -> dict[str, type]:
+    """The cache classes the hooks build and test for, resolved when the model is built (or unpickled): dynamo
+    cannot trace an import from transformers' lazy module, and an import in a hook broke a compiled model's graph at
+    every call."""
+    from transformers import Cache, DynamicCache, EncoderDecoderCache
+
+    return {"prefix": _prefix_cache_class(), "cross": _read_only_cross_cache_class(), "dynamic": DynamicCache,
+            "enc_dec": EncoderDecoderCache, "any": Cache}
+
+
 class _NeverUpdated(dict):
     """EncoderDecoderCache.is_updated for a CrossCache: the model marks a layer's cross keys and values as stored
     after computing them, and would read them back from the empty cache."""
@@ -144,13 +154,9 @@ class PrefixModel(VirtualTokenModel):
             self.prefix_embeddings = nn.Parameter(init(self.n, width, **factory))
         self._pending = None  # the cache a running call started with, checked when it returns
         self._granted = False  # whether checkpointed layers were let keep the cache for the running call
-        from transformers import Cache, DynamicCache, EncoderDecoderCache
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        # the cache classes the hooks build and test for, resolved here: dynamo cannot trace an import from
-        # transformers' lazy module, and an import in a hook broke a compiled model's graph at every call
-        self._cache_classes = {"prefix": _prefix_cache_class(), "cross": _read_only_cross_cache_class(),
-                               "dynamic": DynamicCache, "enc_dec": EncoderDecoderCache, "any": Cache}
+        self._cache_classes = _cache_classes()
         self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         # the layers that read the prefix (an encoder's, a vision tower's are handed no cache)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -160,6 +166,17 @@ class PrefixModel(VirtualTokenModel):
         self.hook(model.register_forward_pre_hook(self._hook, with_kwargs=True))
         self.hook(model.register_forward_hook(self._check, always_call=True))
         self.finish()
+
+    # The cache classes are made by functions (they subclass transformers' DynamicCache, imported lazily), which
+    # pickle cannot name: a saved model (torch.save) gets them again when loaded.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        del state["_cache_classes"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._cache_classes = _cache_classes()
 
     @property
     def projected(self) -> bool:
