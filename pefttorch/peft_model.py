@@ -77,6 +77,36 @@ def _adapter_trace(model: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
+    """While open, `model`'s parameters and buffers named in `state_dict` are its tensors (the model's own are put
+    back on exit): what save_pretrained(state_dict=...) reads the adapters from."""
+    if state_dict is None:
+        yield
+        return
+    swapped = []
+    try:
+        for key, value in state_dict.items():
+            owner_name, _, attr = key.rpartition(".")
+            try:
+                owner = model.get_submodule(owner_name)
+            except AttributeError:
+                owner = None
+            own = () if owner is None else (owner._parameters, owner._buffers)
+            tables = [t for t in own if t.get(attr) is not None]
+            if not tables:
+                if owner is not None and attr == "_extra_state":
+                    continue  # a module's own state (the rank allocator's): not an adapter tensor
+                raise ValueError(f"save_pretrained: state_dict key {key!r} is not a parameter or buffer of this model "
+                                 f"(give the state dict of the PeftModel itself, keyed as its state_dict())")
+            swapped.append((tables[0], attr, tables[0][attr]))
+            tables[0][attr] = value
+        yield
+    finally:
+        for table, attr, original in reversed(swapped):
+            table[attr] = original
+
+
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
     adapters, bottleneck adapters (and ScaLearn's mix of several), (IA)^3, SSF, BitFit, LayerNorm tuning, prompt
@@ -289,23 +319,35 @@ class PeftModel(Forwarding):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, *,
+                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
                         **kwargs) -> None:
         """Writes each adapter in HF PEFT's format: ``adapter_config.json`` and
         ``adapter_model.safetensors``; the adapter "default" in `save_directory`, others in
-        ``save_directory/<name>`` (as HF PEFT does). Extra keyword arguments are accepted for
-        compatibility and ignored."""
+        ``save_directory/<name>`` (as HF PEFT does).
+
+        As in HF PEFT, a process with ``is_main_process=False`` writes nothing (so that the processes of a
+        distributed run do not all write the same files), and `state_dict` (keyed as this model's ``state_dict()``)
+        gives the tensors to save instead of the model's own: under FSDP2 pass the full state dict
+        (``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))``, which every process must call), since the model's parameters are
+        then shards. Other keyword arguments of HF PEFT (``safe_serialization``, ...) are accepted and ignored: the
+        format is always safetensors."""
         from .integrations.hf_format import save_adapter
 
         self._check_adapter_names(selected_adapters)
+        if not is_main_process:
+            return
         names = selected_adapters or list(self.peft_config)
         base = self.get_base_model()
-        for name in names:
-            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config = self.peft_config[name]
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-            save_adapter(directory, *self.base_model.export_adapter(name))
+        with _tensors_from(self, state_dict):
+            for name in names:
+                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+                config = self.peft_config[name]
+                if config.base_model_name_or_path is None:
+                    config.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path",
+                                                             None) or None
+                save_adapter(directory, *self.base_model.export_adapter(name))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -100,6 +100,11 @@ def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
             torch.save(grads, out)
             if mode == "fsdp2":  # its DTensors have no storage to compare for aliases: the state dict still lists all
                 torch.save(sorted(model.state_dict()), f"{out}.keys")
+        if mode == "fsdp2":  # saving the adapter of a sharded model: the full state dict, gathered by every rank
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model.save_pretrained(f"{out}.adapter{rank}", is_main_process=rank == 0, state_dict=full)
         # both ranks done with every collective before either tears gloo down (a rank once aborted in teardown,
         # "terminate called without an active exception", on a loaded CI machine)
         dist.barrier()

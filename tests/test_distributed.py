@@ -24,6 +24,16 @@ def test_two_processes_match_one(tmp_path, mode):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     if mode == "fsdp2":
         assert torch.load(f"{out}.keys") == sorted(dist_worker.build().state_dict())
+        # The adapter saved from the gathered state dict (save_pretrained read the shards, and failed, before) is the
+        # model's (no step was taken); the second process wrote nothing.
+        from safetensors.torch import load_file
+
+        saved = load_file(f"{out}.adapter0/adapter_model.safetensors")
+        want = dist_worker.build().base_model.adapter_state_dict("default")
+        assert saved.keys() == want.keys() and want
+        for key in want:
+            torch.testing.assert_close(saved[key], want[key], rtol=0, atol=0, msg=key)
+        assert not (tmp_path / "grads.pt.adapter1").exists()
 
 
 @pytest.mark.slow

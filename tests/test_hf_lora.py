@@ -397,6 +397,30 @@ def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     assert list(loaded.peft_config) == ["default"]
 
 
+def test_save_pretrained_takes_hf_pefts_distributed_arguments(tmp_path):
+    """is_main_process=False wrote the files anyway (every process of a run at once) and state_dict= was ignored
+    (under FSDP2 the only way to save; tested with two processes in test_distributed.py)."""
+    from safetensors.torch import load_file
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(fresh(FAMILIES["llama"]), config)
+    model.save_pretrained(tmp_path / "other", is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    given = {k: v + 1 for k, v in own.items()}
+    model.save_pretrained(tmp_path / "given", state_dict=given)
+    saved = load_file(tmp_path / "given" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    for factor in ("lora_A", "lora_B"):
+        torch.testing.assert_close(saved[f"{key}.{factor}.weight"], given[f"{key}.{factor}.default.weight"], rtol=0,
+                                   atol=0)
+    for k, v in model.state_dict().items():  # the model's own tensors are back
+        torch.testing.assert_close(v, own[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="state_dict key 'model.layers.0.self_attn.q_proj.weight' is not a parameter"):
+        model.save_pretrained(tmp_path / "bad", state_dict={"model.layers.0.self_attn.q_proj.weight": torch.ones(1)})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)
