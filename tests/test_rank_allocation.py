@@ -363,14 +363,45 @@ def test_increlora_schedule_reaches_the_budget_exactly():
     assert all(1 <= len(c) <= 2 for c in history.values())
     # 6 modules from 6 to 18: 12 ranks, 2 modules x 2 per event: three events
     assert len(history) == 3 and all(len(c) == 2 for c in history.values())
-    last = max(history)
     assert model.base_model.allocator.finished
     assert all(layer.lora_components["default"].reserve == 0 for _, layer in ranked_layers(model))
     assert all(layer.lora_components["default"].tile is None for _, layer in ranked_layers(model))
     before = model.rank_pattern()
-    for step in range(last + 1, last + 6):
+    for step in range(30, 35):
         assert train_step(model, opt, x, step) is None
     assert model.rank_pattern() == before
+
+
+@pytest.mark.parametrize("make", [incre, ada], ids=["incre", "ada"])
+def test_steps_only_go_forward(make, tmp_path):
+    """A second call for the same step (once per micro-batch under gradient accumulation) scored the same gradients
+    again and, in IncreLoRA, allocated again: four calls per step grew a module by four ranks at one event."""
+    model = build(make(**({"init_warmup": 0, "incre_interval": 1} if make is incre else {})))
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 13)
+    model(x).square().mean().backward()
+    opt.step()
+    model.update_and_allocate(2)
+    allocator = model.base_model.allocator
+
+    def statistics():  # IncreLoRA's: one value per module; AdaLoRA's: a tensor per factor of every module
+        if isinstance(allocator.ipt, torch.Tensor):
+            return torch.cat([allocator.ipt, allocator.unc])
+        return torch.cat([t.flatten() for ts in (*allocator.ipt, *allocator.unc) for t in ts])
+
+    ranks, events, before = model.rank_pattern(), list(allocator.events), statistics().clone()
+    assert before.abs().sum() > 0
+    with pytest.warns(UserWarning, match=r"update_and_allocate\(2\) was called for step 2 already: ignored"):
+        assert model.update_and_allocate(2) is None
+    assert model.rank_pattern() == ranks and allocator.events == events
+    assert torch.equal(statistics(), before)
+    with pytest.raises(ValueError, match=r"update_and_allocate\(1\) after step 2: steps only go forward"):
+        model.update_and_allocate(1)
+    torch.save(model.state_dict(), tmp_path / "state.pt")  # the last step is part of the schedule's state
+    loaded = build(make(**({"init_warmup": 0, "incre_interval": 1} if make is incre else {})), seed=1)
+    loaded.load_state_dict(torch.load(tmp_path / "state.pt"))
+    with pytest.raises(ValueError, match="after step 2"):
+        loaded.update_and_allocate(0)
 
 
 def test_increlora_gives_ranks_to_the_highest_scores(monkeypatch):

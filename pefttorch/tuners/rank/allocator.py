@@ -64,6 +64,7 @@ class IncreLoraAllocator:
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         self.events: list[dict] = []  # (step, {module: rank after}) of every allocation
         self.finished = False
+        self.last_step: int | None = None  # of the latest update_and_allocate (see RankedLoraModel's)
         self.tiles: torch.Tensor | None = None  # every layer's tile, in one buffer (see _new_sample)
         # Data parallelism: every process must sample the same grid, sum the same tiles and draw the same new
         # components; the generator is made one (rank 0's) here if the processes are up, else at the first update.
@@ -299,9 +300,10 @@ class IncreLoraAllocator:
         tiles zeroed): the statistics, the history, the sampling generator and the grid drawn for the next step."""
         samples = None if self.finished else [self.components(layer).sample for _, layer in self.layers]
         return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
-                "generator": self.generator.get_state(), "samples": samples}
+                "generator": self.generator.get_state(), "samples": samples, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
+        self.last_step = state.get("last_step")  # None from a checkpoint written before it was kept
         self.ipt.copy_(state["ipt"])
         self.unc.copy_(state["unc"])
         self.events = list(state["events"])
@@ -342,6 +344,7 @@ class AdaLoraAllocator:
         self._unc_flat, self.unc = self._flat_statistics()
         self.events: list[dict] = []
         self.finished = False
+        self.last_step: int | None = None
 
     def _flat_statistics(self, device=None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         factors = [layer.factors(self.adapter) for _, layer in self.layers]
@@ -429,9 +432,11 @@ class AdaLoraAllocator:
         return out
 
     def state_dict(self) -> dict:
-        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished}
+        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
+                "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
+        self.last_step = state.get("last_step")
         self.events = list(state["events"])
         if state["finished"]:
             self._free_statistics()

@@ -90,8 +90,24 @@ class RankedLoraModel(LoraModel):
     def update_and_allocate(self, global_step: int) -> dict[str, int] | None:
         """One call per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``: updates the
         importance scores and, on the schedule's steps, grows (IncreLoRA) or prunes (AdaLoRA) ranks. Returns
-        {module: new rank} for the modules whose rank changed at this step, else None."""
-        return self.allocator.update_and_allocate(int(global_step))
+        {module: new rank} for the modules whose rank changed at this step, else None.
+
+        Steps must increase: a second call for the same step (once per micro-batch under gradient accumulation) is
+        ignored with a warning (it scored the same gradients again and, in IncreLoRA, allocated again), and a step
+        before the last one is an error (a loop restarting its count, each epoch say, would replay the schedule)."""
+        step, last = int(global_step), self.allocator.last_step
+        if last is not None and step <= last:
+            if step < last:
+                raise ValueError(f"update_and_allocate({step}) after step {last}: steps only go forward. Pass the "
+                                 f"optimizer's step count (not a per-epoch index); to go on from an earlier step, load "
+                                 f"the model's state dict of that step")
+            warnings.warn(f"update_and_allocate({step}) was called for step {step} already: ignored. Call it once per "
+                          f"optimizer step, after optimizer.step() (under gradient accumulation, not per micro-batch)",
+                          stacklevel=2)
+            return None
+        changed = self.allocator.update_and_allocate(step)
+        self.allocator.last_step = step
+        return changed
 
     def rank_pattern(self) -> dict[str, int]:
         """The rank in use of every adapted module (reserve components not counted)."""
