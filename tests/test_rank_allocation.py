@@ -99,6 +99,7 @@ def train_step(model, optimizer, x, step):
     (dict(rank_pattern={"up": 2}), "rank_pattern and alpha_pattern"),
     (dict(use_rslora=True), "use_rslora"),
     (dict(init_warmup=-1), "init_warmup"),
+    (dict(lora_alpha=0), "lora_alpha must not be 0"),  # accepted, then save_pretrained divided by it
 ])
 def test_increlora_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -120,6 +121,7 @@ def test_increlora_top_h_larger_than_modules_leaves_the_model_unchanged():
     (dict(tinit=8), "tinit .* must be below total_step - tfinal"),
     (dict(deltaT=0), "deltaT must be a positive integer"),
     (dict(beta2=0.0), "beta2 must be in"),
+    (dict(lora_alpha=0.0), "lora_alpha must not be 0"),
 ])
 def test_adalora_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

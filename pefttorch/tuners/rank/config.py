@@ -24,6 +24,8 @@ def _check_common(config, name: str, rank_fields: str) -> None:
         warnings.warn(f"{name}: r={config.r!r} is ignored, the rank schedule decides the ranks; set {rank_fields} "
                       f"instead", UserWarning, stacklevel=5)  # past __post_init__, __init__, checked_init
 
+    if config.lora_alpha == 0:  # the saved LoRA's B is scaled by (scaling * rank) / lora_alpha, see lora_factors
+        raise bad("lora_alpha must not be 0: the update is scaled by it, so nothing would train")
     if config.rank_pattern or config.alpha_pattern:
         raise bad("rank_pattern and alpha_pattern are decided by the rank allocation, not set by hand")
     if config.use_rslora:
