@@ -191,6 +191,40 @@ def test_gradient_checkpointing(reentrant):
     assert_same_step(model, model(input_ids=ids, labels=ids).loss, want, want_grads)
 
 
+def test_meft_reversible_layers_are_refused_and_the_ordinary_ones_train():
+    """On a MEFT model the loss blamed reentrant checkpointing: the reversible stack runs its layers without a graph.
+    It names the stack now, and its advice works: the upper, ordinary layer trains with the term, and densities of
+    every layer are still measured in evaluation."""
+    from pefttorch import MeftConfig
+
+    family = FAMILIES["bert"]
+    torch.manual_seed(0)
+    model = get_peft_model(family.build(), MeftConfig(variant="meft1", num_rev_layers=1))
+    batch = family.inputs(torch.Generator().manual_seed(1))
+    handle = attach_density_loss(model, DensityLossConfig(weight=0.5))
+    model.train()
+    with pytest.raises(RuntimeError, match="cannot train 1 hooked layer.* inside MEFT's reversible stack"):
+        model(**batch)
+    handle.remove()
+    upper = HOOKED["bert"][1]
+    handle = attach_density_loss(model, DensityLossConfig(weight=0.5, target_modules=[upper]))
+    seen, hooks = capture(model.get_base_model(), [upper])
+    out = model(**batch)
+    want = 0.5 * reference.density_loss(seen[upper], 1e-7)
+    torch.testing.assert_close(handle.loss(), want)
+    out.loss.backward()
+    adapters = model.get_base_model().bert.encoder.layer[1].meft_adapters
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.parameters())
+    for h in hooks:
+        h.remove()
+    handle.remove()
+    handle = attach_density_loss(model, DensityLossConfig())
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert list(handle.densities("eval")) == [f"base_model.model.{name}" for name in HOOKED["bert"]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_torch_compile_gives_the_eager_loss_and_gradients_in_one_graph(checkpointing):

@@ -35,6 +35,7 @@ input in all (0.026 when each guard was scaled by its own input, which left the 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ from torch import nn
 from .. import functional, ops
 
 Context = dict  # what every F and G call receives besides its stream (attention mask, rotary tables, ...)
+
+_forward = threading.local()  # depth of the reversible forwards running in this thread
+
+
+def in_reversible_forward() -> bool:
+    """Whether this thread is inside a reversible stack's forward, where the layers run without an autograd graph
+    (backward recomputes them): for hooks that need the graph, to say why they did not get one."""
+    return getattr(_forward, "depth", 0) > 0
 
 
 @dataclass
@@ -226,12 +235,16 @@ class _ReversibleFunction(torch.autograd.Function):
         replay = any(m.training for layer in run.layers for m in (*layer.f.modules, *layer.g.modules))
         bounds = guard_bounds(run.layers, x1.dtype, run.dtype)
         guards: list = []
-        for layer, bound in zip(run.layers, bounds, strict=True):
-            if run.report.debug:
-                run.inputs.append((x1.clone(), x2.clone()))
-            states = [] if replay else None
-            x1, x2 = _step(layer, x1, x2, run.context, run.dtype, states, guards, bound)
-            run.rng.append(states)
+        _forward.depth = getattr(_forward, "depth", 0) + 1
+        try:
+            for layer, bound in zip(run.layers, bounds, strict=True):
+                if run.report.debug:
+                    run.inputs.append((x1.clone(), x2.clone()))
+                states = [] if replay else None
+                x1, x2 = _step(layer, x1, x2, run.context, run.dtype, states, guards, bound)
+                run.rng.append(states)
+        finally:
+            _forward.depth -= 1
         ctx.run = run
         # The stack's outputs, all that backward needs whatever the depth, its input, to measure how well backward
         # reconstructs it, and the cast guards (a small share of an activation per layer), two entries per F and G

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ... import functional
+from ...nn.reversible import in_reversible_forward
 from .mlp import find_mlp_blocks
 
 
@@ -99,6 +100,7 @@ class DensityLoss:
         self.modules = _activation_modules(model, config)
         self._losses: dict[str, torch.Tensor] = {}
         self._no_grad_layers: set[str] = set()  # layers that ran in training mode without grad (see loss())
+        self._reversible = False  # whether they ran inside a reversible (MEFT) stack's forward
         self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._counts: dict[str, dict[str, int]] = defaultdict(dict)
         self._root_grad = False  # whether the model's current call is a training forward with grad
@@ -112,7 +114,7 @@ class DensityLoss:
     def __getstate__(self) -> dict:
         # the latest forward's losses carry its autograd graph: not part of a saved or copied model
         state = self.__dict__.copy()
-        state.update(_losses={}, _no_grad_layers=set(), _root_grad=False, _share=None)
+        state.update(_losses={}, _no_grad_layers=set(), _reversible=False, _root_grad=False, _share=None)
         return state
 
     @property
@@ -133,6 +135,7 @@ class DensityLoss:
             self._losses[name] = loss
         elif module.training and self._root_grad:
             self._no_grad_layers.add(name)
+            self._reversible = self._reversible or in_reversible_forward()
         sums = self._sums[mode]
         sums[name] = sums[name] + density if name in sums else density
         self._counts[mode][name] = self._counts[mode].get(name, 0) + 1
@@ -143,6 +146,7 @@ class DensityLoss:
             return  # a no-grad call (evaluation, a reference pass) keeps the training forward's losses
         self._losses = {}
         self._no_grad_layers = set()
+        self._reversible = False
         # With the HF Trainer's loss kwargs the task loss is a sum over the micro-batch divided by the items
         # of the whole accumulated (and, across processes, gathered) batch, and the Trainer neither divides
         # by the accumulation steps nor averages over processes. Weigh the term by this micro-batch's share of
@@ -155,6 +159,13 @@ class DensityLoss:
             self._share = counted_labels(module, labels, kwargs.get("shift_labels")).ne(-100).sum() / total
 
     def _check_complete(self) -> None:
+        if self._no_grad_layers and self._reversible:
+            # The same for MEFT's reversible layers, which run without a graph and are recomputed in backward.
+            raise RuntimeError(
+                f"the density loss cannot train {len(self._no_grad_layers)} hooked layer(s) inside MEFT's reversible "
+                "stack: its forward keeps no autograd graph (backward recomputes the layers), so their term could not "
+                "join the loss. Hook only layers outside the stack (MeftConfig(num_rev_layers=...) leaves the upper "
+                "ones ordinary; DensityLossConfig(target_modules=...) picks them), or train with LoRA or adapters")
         if self._no_grad_layers:
             # Reentrant gradient checkpointing runs the layers under no_grad and recomputes them in backward,
             # too late for their term to join the loss: refuse rather than train on part of the loss.
