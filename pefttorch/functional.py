@@ -44,7 +44,8 @@ def lora_linear(
         generator: CPU generator the dropout seed is drawn from (default: torch's global one).
 
     All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device; under
-    torch.autocast they are cast to the autocast dtype, as F.linear's inputs would be. The mask
+    torch.autocast they are cast to the autocast dtype, as F.linear's inputs would be (float64 is left alone, as
+    autocast leaves it). The mask
     is regenerated in backward from a seed, never stored; only x and the ``(tokens, r)`` product
     ``dropout(x) A^T`` are kept for backward, and only when a gradient needs them.
     """
@@ -78,12 +79,13 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def in_compute_dtype(fn, x: torch.Tensor, *tensors: torch.Tensor | None):
     """``fn(x, *tensors)``, computed as F.linear computes under torch.autocast: with autocast on, x and the tensors
     (None passes through) are cast to its dtype and autocast is off inside, since pefttorch's ops are not
-    autocast-aware and their GEMMs must not be cast a second time; with it off, as given."""
+    autocast-aware and their GEMMs must not be cast a second time; with it off, as given. As autocast, it leaves
+    float64 tensors alone (a float64 model under autocast computes in float64)."""
     device_type = x.device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
         return fn(x, *tensors)
-    cast = [t.to(dtype) if t is not None else None for t in (x, *tensors)]
+    cast = [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in (x, *tensors)]
     with torch.autocast(device_type, enabled=False):
         return fn(*cast)
 
@@ -214,8 +216,8 @@ def bottleneck_adapter(
         scale: factor of the adapter's output (finite; 0 switches the adapter off).
 
     All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device; under torch.autocast
-    they are all cast to the autocast dtype (the residual and x included), as F.linear's inputs would be, and y
-    comes in it. The activation ``act(h)`` is never stored: backward recomputes it from ``h = x W_down^T + b_down``
+    they are all cast to the autocast dtype (the residual and x included; float64 is left alone), as F.linear's
+    inputs would be, and y comes in it. The activation ``act(h)`` is never stored: backward recomputes it from ``h = x W_down^T + b_down``
     (tokens x m), which is kept; x is kept only when w_down needs a gradient. The residual's gradient is the
     incoming gradient itself, passed on without a copy. See :func:`pefttorch.reference.bottleneck_adapter` for
     the definition.
@@ -231,19 +233,11 @@ def bottleneck_adapter(
     add_input = residual is x
     if add_input:
         residual = None
-    device_type = x.device.type
-    dtype = _autocast_dtype(device_type)
-    if dtype is not None:
-        # As F.linear under autocast: compute in the autocast dtype. The op itself is not autocast-aware, so cast
-        # here and keep the GEMMs inside it from being cast a second time.
-        x, w_down, w_up = (t.to(dtype) for t in (x, w_down, w_up))
-        b_down, b_up, residual = (t.to(dtype) if t is not None else None for t in (b_down, b_up, residual))
-        with torch.autocast(device_type, enabled=False):
-            y, _ = ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation,
-                                                  scale)
-        return y
-    y, _ = ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)
-    return y
+
+    def run(x, w_down, b_down, w_up, b_up, residual):
+        return ops.bottleneck_adapter_forward(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale)[0]
+
+    return in_compute_dtype(run, x, w_down, b_down, w_up, b_up, residual)  # as F.linear under autocast
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

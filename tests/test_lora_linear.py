@@ -189,6 +189,25 @@ def test_inputs_are_not_modified(device, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_autocast_leaves_float64_alone(device):
+    """Autocast does not cast float64 (F.linear computes it in float64); the ops cast it to bfloat16 (error 0.26)."""
+    def make(*shape):
+        return rand(*shape, device=device, dtype=torch.float64)
+
+    x, w, bias, a, b, up = make(3, 17), make(5, 17), make(5), make(4, 17), make(5, 4), make(17, 4)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = {"lora_linear": functional.lora_linear(x, w, a, b, bias, scaling=0.5),
+               "bottleneck_adapter": functional.bottleneck_adapter(x, a, up, residual=x, activation="gelu"),
+               "sparse_mlp": functional.sparse_mlp(x, w, w, b_in=bias)}
+    want = {"lora_linear": reference.lora_linear(x, w, a, b, bias, scaling=0.5),
+            "bottleneck_adapter": reference.bottleneck_adapter(x, a, None, up, None, None, True, "gelu", 1.0),
+            "sparse_mlp": reference.sparse_mlp(x, w, bias, None, None, w, None, "relu", 0.0)}
+    for name, y in got.items():
+        assert y.dtype == torch.float64, name
+        torch.testing.assert_close(y, want[name], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_computes_in_the_autocast_dtype(device):
     x = rand(5, 16, device=device, requires_grad=True)
     w, bias = rand(8, 16, device=device), rand(8, device=device)
