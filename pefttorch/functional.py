@@ -217,10 +217,10 @@ def bottleneck_adapter(
 
     All tensors must share one dtype (float32, float16, bfloat16 or float64) and one device; under torch.autocast
     they are all cast to the autocast dtype (the residual and x included; float64 is left alone), as F.linear's
-    inputs would be, and y comes in it. The activation ``act(h)`` is never stored: backward recomputes it from ``h = x W_down^T + b_down``
-    (tokens x m), which is kept; x is kept only when w_down needs a gradient. The residual's gradient is the
-    incoming gradient itself, passed on without a copy. See :func:`pefttorch.reference.bottleneck_adapter` for
-    the definition.
+    inputs would be, and y comes in it. The activation ``act(h)`` is never stored: backward recomputes it from
+    ``h = x W_down^T + b_down`` (tokens x m), which is kept; x is kept only when w_down needs a gradient. The
+    residual's gradient is the incoming gradient itself, passed on without a copy. See
+    :func:`pefttorch.reference.bottleneck_adapter` for the definition.
     """
     from . import reference
 

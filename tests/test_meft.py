@@ -361,6 +361,22 @@ def test_deep_float32_stack_warns_instead_of_silently_wrong_gradients():
         model.reconstruction_errors()
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_empty_batch_gives_zero_gradients(debug):
+    """backward failed measuring the reconstruction error of an empty batch (a max over no elements); the ordinary
+    (non-reversible) stack gave zero gradients, as it does now."""
+    linears = [torch.nn.Linear(4, 4) for _ in range(4)]
+    layers = [reversible.ReversibleLayer(*(reversible.Block(lambda x, _, m=m: m(x), [m]) for m in pair), 0.5, 1.0,
+                                         True) for pair in (linears[:2], linears[2:])]
+    report = reversible.ReconstructionReport(debug=debug)
+    x = torch.randn(0, 4, requires_grad=True)
+    y1, y2 = reversible.reversible_stack(layers, x, x, {}, torch.float32, report=report)
+    (y1.sum() + y2.sum()).backward()
+    assert x.grad.shape == (0, 4)
+    assert all(m.weight.grad is not None and not m.weight.grad.any() for m in linears)
+    assert report.input_error == 0.0
+
+
 def test_outputs_equal_with_and_without_grad_and_disable_adapter_gives_the_base_model():
     g = torch.Generator().manual_seed(8)
     inputs = batch(g, "llama")

@@ -159,6 +159,8 @@ class ReconstructionReport:
 
 
 def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
+    if want[0].numel() == 0:  # an empty batch: nothing to reconstruct (and no max to take)
+        return 0.0
     scale = max(max(w.abs().max().item() for w in want), 1e-30)
     return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)) / scale
 
