@@ -497,6 +497,17 @@ def test_bias_options_and_modules_to_save(tmp_path):
     assert all(p.requires_grad for n, p in all_bias.named_parameters() if n.endswith(".bias")
                and "original_module" not in n)
 
+    # HF PEFT's save of a classifier with bias="all" has the head copy's bias twice (one key we refused)
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(r=2, target_modules=["query"], bias="all",
+                                                                task_type="SEQ_CLS", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if n.endswith(".bias") or "modules_to_save" in n:
+                p.normal_()
+    theirs.save_pretrained(tmp_path / "peft-all")
+    ours = PeftModel.from_pretrained(fresh(family), tmp_path / "peft-all")
+    torch.testing.assert_close(logits(ours, inp), logits(theirs.eval(), inp))
+
 
 def test_config_errors():
     model = fresh(FAMILIES["llama"])

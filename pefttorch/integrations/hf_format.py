@@ -48,8 +48,12 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
         params = dict(lora_model.model.named_parameters())
         for key in set(saved) - set(expected):
             name = key.removeprefix("base_model.model.")
-            if key.endswith(".bias") and name in params:
-                expected[key] = params[name].detach()
+            # HF PEFT's bias="all" also writes a modules_to_save copy's bias under its wrapper's key without the
+            # adapter name (<path>.modules_to_save.bias, next to <path>.bias, the same values): the copy's bias
+            path, sep, rest = name.partition(".modules_to_save.")
+            head_copy = f"{path}.modules_to_save.{adapter_name}.{rest}" if sep else None
+            if key.endswith(".bias") and (name in params or head_copy in params):
+                expected[key] = params[name if name in params else head_copy].detach()
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
