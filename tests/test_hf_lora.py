@@ -421,6 +421,33 @@ def test_save_pretrained_takes_hf_pefts_distributed_arguments(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_switching_adapters_leaves_what_the_user_unfroze_alone():
+    """set_adapter and delete_adapter froze the whole model again, so an embedding the user made trainable after
+    get_peft_model silently stopped training (HF PEFT's set_adapter leaves it). Adding an adapter freezes the model
+    as the first injection did (as HF PEFT)."""
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    embed = model.get_base_model().model.embed_tokens.weight
+    embed.requires_grad_(True)
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not embed.requires_grad
+    embed.requires_grad_(True)
+
+    def trainable():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    model.set_adapter("b")
+    assert "base_model.model.model.embed_tokens.weight" in trainable()
+    assert all(".b." in n or "embed_tokens" in n for n in trainable())
+    assert any(n.endswith("v_proj.lora_A.b.weight") for n in trainable())
+    model.set_adapter("default")
+    assert "base_model.model.model.embed_tokens.weight" in trainable()
+    assert not any(".b." in n for n in trainable())
+    assert any("lm_head.modules_to_save.default" in n for n in trainable())
+    model.delete_adapter("b")
+    assert "base_model.model.model.embed_tokens.weight" in trainable()
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)

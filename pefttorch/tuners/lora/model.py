@@ -196,6 +196,7 @@ class LoraModel(Forwarding):
                     p.requires_grad_(flag)
                 _set_submodule(self.model, name, wrapper.original_module)
             raise
+        self.model.requires_grad_(False)  # as HF PEFT's injection: set_adapter then marks what trains
         if corrected:
             # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
             # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
@@ -274,24 +275,32 @@ class LoraModel(Forwarding):
         self._mark_trainable()
 
     def _mark_trainable(self) -> None:
-        self.model.requires_grad_(False)
-        for name in self.active_adapters:
+        """The active adapters' parameters (and the biases their configs train) train, every other adapter's are
+        frozen. Parameters no adapter owns keep what they have: frozen when an adapter was injected, unless the user
+        unfroze one since (an embedding, say), which switching adapters leaves alone, as HF PEFT's set_adapter."""
+        layers, wrappers = self.lora_layers(), self.save_wrappers()
+
+        def owned(name: str):
             config = self.peft_config[name]
-            if config.inference_mode:
-                continue
-            for _, layer in self.lora_layers():
+            for _, layer in layers:
                 if name in layer.lora_A:
-                    for p in layer.adapter_parameters(name):
-                        p.requires_grad_(True)
+                    yield from layer.adapter_parameters(name)
                     if config.bias == "lora_only" and layer.base_layer.bias is not None:
-                        layer.base_layer.bias.requires_grad_(True)
-            for _, wrapper in self.save_wrappers():
+                        yield layer.base_layer.bias
+            for _, wrapper in wrappers:
                 if name in wrapper.modules_to_save:
-                    wrapper.modules_to_save[name].requires_grad_(True)
+                    yield from wrapper.modules_to_save[name].parameters()
             if config.bias == "all":
-                for pname, p in self.model.named_parameters():
-                    if pname.endswith("bias") and ".original_module." not in pname:
-                        p.requires_grad_(True)
+                yield from (p for n, p in self.model.named_parameters()
+                            if n.endswith("bias") and ".original_module." not in n)
+
+        for name in self.peft_config:
+            for p in owned(name):
+                p.requires_grad_(False)
+        for name in self.active_adapters:
+            if not self.peft_config[name].inference_mode:
+                for p in owned(name):
+                    p.requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
