@@ -202,6 +202,22 @@ def test_multiple_adapters_switch_add_up_and_delete():
     assert not any("default" in n for n, _ in model.named_parameters())
 
 
+def test_merging_into_a_tied_weight_warns():
+    """GPT-2's lm_head shares the input embeddings' weight: merging LoRA on it changes the embeddings too, and the
+    merged model's logits moved by 2.5 without a word (HF PEFT warns)."""
+    family = FAMILIES["gpt2"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="merging into the weight of lm_head, which transformer.wte.weight shares"):
+        model.merge_adapter()
+    model.unmerge_adapter()
+    with pytest.warns(UserWarning, match="lm_head, which transformer.wte.weight shares"):
+        model.merge_and_unload()
+    untied = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say where no merged weight is shared
+        untied.merge_adapter()
+
+
 def test_merged_adapters_leave_when_disabled_or_switched():
     """A merged adapter is in the base weights: disabling adapters or switching to another takes it back out, as HF
     PEFT does, instead of computing it anyway (disabled) or adding it to the new adapter (set_adapter)."""

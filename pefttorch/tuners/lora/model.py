@@ -332,6 +332,7 @@ class LoraModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
+        self._warn_of_tied_weights(adapter_names)
         done = []  # (layer, adapters it had merged before this call)
         for name, layer in self.lora_layers():
             before = list(layer.merged_adapters)
@@ -347,6 +348,23 @@ class LoraModel(Forwarding):
                 raise ValueError(f"safe_merge: merging into {name} gives a weight with NaN or inf; nothing was merged")
             done.append((layer, before))
 
+    def _warn_of_tied_weights(self, adapter_names: list[str] | None) -> None:
+        """A base weight that another module shares (an lm_head tied to the input embeddings) takes the merged update
+        for both: the merged model is then not the adapter model. Said, as HF PEFT does, rather than done silently."""
+        users: dict[int, list[str]] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            users.setdefault(id(p), []).append(n)
+        for path, layer in self.lora_layers():
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            if not any(n in layer.lora_A and n not in layer.merged_adapters for n in names):
+                continue
+            others = [n for n in users.get(id(layer.base_layer.weight), []) if n != f"{path}.base_layer.weight"]
+            if others:
+                warnings.warn(f"merging into the weight of {path}, which {others[0]} shares (tied weights, e.g. "
+                              f"tie_word_embeddings): the update changes that module too, so the merged model's "
+                              f"outputs differ from the adapter model's. To merge exactly, give {path} its own copy "
+                              f"of the weight first", UserWarning, stacklevel=4)
+
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
@@ -354,6 +372,8 @@ class LoraModel(Forwarding):
     def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Replaces every LoraLayer by its base layer (with the active, or the given, adapters merged in if
         `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use."""
+        if merge:
+            self._warn_of_tied_weights(adapter_names)
         for name, layer in self.lora_layers():
             if merge:
                 layer.merge(adapter_names)
