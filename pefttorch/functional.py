@@ -157,19 +157,20 @@ def sparse_mlp(
     path with the same mask. Inference only: when a gradient is needed the pure-PyTorch reference computes it.
     """
     args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, float(threshold))
+
+    def op(*tensors):
+        return ops.sparse_mlp(*tensors, activation, float(threshold))
+
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
         from . import reference
 
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"sparse_mlp: unsupported activation {activation!r}; supported: "
-                             f"{', '.join(reference.ACTIVATIONS)}")
-        if threshold < 0:
-            raise ValueError(f"sparse_mlp: threshold must be >= 0, got {threshold}")
-        if b_up is not None and w_up is None:  # the reference would ignore it; the op refuses it
-            raise ValueError("sparse_mlp: b_up given without w_up")
+        # The op's checks of every argument (shapes, dtypes, devices, activation, threshold, b_up without w_up), run
+        # on no tokens: the reference checks none of them (a down projection not transposed got a bare shape error).
+        with torch.no_grad():
+            in_compute_dtype(op, x.detach().new_empty((0, x.shape[-1])) if x.dim() else x.detach(), *args[1:7])
         return reference.sparse_mlp(*args)
     # under autocast: all in its dtype, as the dense MLP's linears compute (the op's sparse and dense paths alike)
-    return in_compute_dtype(lambda *tensors: ops.sparse_mlp(*tensors, activation, float(threshold)), *args[:7])
+    return in_compute_dtype(op, *args[:7])
 
 
 def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:

@@ -559,12 +559,17 @@ def test_compile_fullgraph(device):
 # errors
 
 
-def mlp_call(**over):
+def mlp_call(path="op", **over):
     w = dict(zip(("w_in", "b_in", "w_up", "b_up", "w_down_t", "b_down"), mlp_weights("silu_gated", torch.float32,
                                                                                        "cpu"), strict=True))
     args = dict(x=rand(3, HIDDEN), **w, activation="silu", threshold=0.1)
     args.update(over)
-    return ops.sparse_mlp(*args.values())
+    if path == "op":
+        return ops.sparse_mlp(*args.values())
+    # functional.sparse_mlp with a gradient to compute: the reference serves, after the op's checks
+    args["w_in"].requires_grad_(args["w_in"].is_floating_point())
+    x, w_in, w_down_t = args.pop("x"), args.pop("w_in"), args.pop("w_down_t")
+    return functional.sparse_mlp(x, w_in, w_down_t, **args)
 
 
 @pytest.mark.parametrize(
@@ -591,21 +596,10 @@ def mlp_call(**over):
     ],
     ids=lambda v: ",".join(v) if isinstance(v, dict) else None,
 )
-def test_sparse_mlp_bad_input(over, match):
+@pytest.mark.parametrize("path", ["op", "with-grad"])  # with grad: the reference checked only three of them
+def test_sparse_mlp_bad_input(over, match, path):
     with pytest.raises(RuntimeError, match=match):
-        mlp_call(**over)
-
-
-def test_functional_sparse_mlp_bad_input_with_grad():
-    """With a gradient needed the reference serves; it checks the same things, as ValueError."""
-    w = mlp_weights("relu", torch.float32, "cpu")
-    x = rand(2, HIDDEN, requires_grad=True)
-    with pytest.raises(ValueError, match=r"unsupported activation 'tanh'"):
-        functional.sparse_mlp(x, w[0], w[4], activation="tanh")
-    with pytest.raises(ValueError, match=r"threshold must be >= 0"):
-        functional.sparse_mlp(x, w[0], w[4], threshold=-1.0)
-    with pytest.raises(ValueError, match=r"b_up given without w_up"):
-        functional.sparse_mlp(x, w[0], w[4], b_up=rand(w[0].shape[0]))
+        mlp_call(path, **over)
 
 
 @pytest.mark.parametrize(
