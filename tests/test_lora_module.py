@@ -51,6 +51,13 @@ def test_bad_alpha(alpha):
         LoRALinear(8, 8, lora_alpha=alpha)
 
 
+def test_numpy_scalars_are_numbers():
+    """A rank or alpha read from a numpy array (np.int64(4), np.float32(16)) was refused as not a number."""
+    np = pytest.importorskip("numpy")
+    layer = LoRALinear(8, 8, r=np.int64(4), lora_alpha=np.float32(16))
+    assert type(layer.r) is int and layer.r == 4 and layer.scaling == pytest.approx(4.0)
+
+
 def test_bad_dropout_and_type():
     with pytest.raises(ValueError, match="lora_dropout"):
         LoRALinear(8, 8, lora_dropout=1.0)

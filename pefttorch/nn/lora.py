@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,12 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:  # (True is an int, of value 1)
+        # numbers.Integral/Real: numpy's scalars too (a rank from a config array), as nn.Linear takes them
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:  # (True is an int, of value 1)
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r!r}")
-        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
             raise ValueError(f"LoRALinear: lora_alpha must be a finite number, got {lora_alpha!r}")
+        r, lora_alpha = int(r), float(lora_alpha)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
         factory = {"device": device, "dtype": dtype}
