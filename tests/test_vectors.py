@@ -248,6 +248,25 @@ def test_hf_peft_loads_ours(family, layers, tmp_path):
     torch.testing.assert_close(logits(theirs, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("family", "targets"), [("llama", ["k_proj", "v_proj", "down_proj"]),
+                                                 ("llama", ["k_proj", "v_proj"]), ("gpt2", "all-linear")])
+def test_targets_without_feedforward_modules_mean_what_they_mean_in_hf_peft(family, targets, tmp_path):
+    """feedforward_modules unset with target_modules set: HF PEFT takes the model type's feedforward modules, we took
+    none (down_proj scaled on its output, not its input), and saved null, which PEFT then read as its defaults and
+    failed to load (a vector of the wrong shape)."""
+    peft = pytest.importorskip("peft")
+    model = get_peft_model(fresh(family), IA3Config(target_modules=targets))
+    randomize(model)
+    theirs = peft.get_peft_model(fresh(family), peft.IA3Config(target_modules=targets))
+    shapes = {k.replace(".ia3_l.default", ".ia3_l"): tuple(v.shape) for k, v in theirs.state_dict().items()
+              if "ia3_l" in k}
+    assert {k: tuple(v.shape) for k, v in model.base_model.adapter_state_dict("default").items()} == shapes
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    batch = inputs(family)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_we_load_hf_peft_ia3(family, tmp_path):
     peft = pytest.importorskip("peft")

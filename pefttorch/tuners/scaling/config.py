@@ -34,8 +34,9 @@ class IA3Config(TargetedConfig):
         target_modules: module names (a module matches if its name equals one or ends with ``.name``), a regex
             matched against the whole module name, or ``"all-linear"``. None: keys, values and the FFN's output
             projection for BERT, Llama, T5, Marian/BART and GPT-2 families.
-        feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None: the
-            defaults' when target_modules is None too, else no module.
+        feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None (as in HF
+            PEFT): the model type's default feedforward modules, those of them among the targets (none for a model
+            type without defaults).
         exclude_modules: names or a regex of modules never adapted.
         layers_to_transform: only these layer indices (pefttorch's; saved as an exact regex for HF PEFT).
         fan_in_fan_out: accepted for HF PEFT compatibility; the layer type decides the layout.

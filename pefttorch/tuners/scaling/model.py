@@ -38,10 +38,13 @@ class Site:
 
 def ia3_targets(model: nn.Module, config: IA3Config):
     """(target spec, feedforward spec): the config's, or the defaults for the model type."""
-    if config.target_modules is not None:
-        return config.target_modules, config.feedforward_modules or []
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     defaults = IA3_DEFAULTS.get(IA3_ALIASES.get(model_type, model_type))
+    if config.target_modules is not None:
+        if config.feedforward_modules is not None:
+            return config.target_modules, config.feedforward_modules
+        # as HF PEFT: unset feedforward modules are the model type's (those among the targets count), or none
+        return config.target_modules, defaults[1] if defaults else []
     if defaults is None and config.feedforward_modules is None:
         raise ValueError(f"IA3Config.target_modules is not set and pefttorch has no default for model type "
                          f"{model_type!r}; set target_modules (and feedforward_modules); defaults exist for: "
@@ -153,6 +156,10 @@ class VectorModel(HookedModel):
             # our defaults, written out: HF PEFT's own differ (e.g. BERT's attention output as feedforward)
             target, feedforward = ia3_targets(self.model, config)
             config = config.replace(target_modules=target, feedforward_modules=feedforward)
+        elif self.ia3 and config.feedforward_modules is None:
+            # the model type's, written out as the modules they picked here ([] for none: HF PEFT reads null as
+            # its own defaults, which may differ, and a list of them not among the targets as an error)
+            config = config.replace(feedforward_modules=exact_regex([s.path for s in self.sites if s.on_input]) or [])
         return config, self.adapter_state_dict(name)
 
     # ------------------------------------------------------------------ merging
