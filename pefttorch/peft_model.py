@@ -80,10 +80,17 @@ def _adapter_trace(model: nn.Module) -> str | None:
 @contextlib.contextmanager
 def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
     """While open, `model`'s parameters and buffers named in `state_dict` are its tensors (the model's own are put
-    back on exit): what save_pretrained(state_dict=...) reads the adapters from."""
+    back on exit): what save_pretrained(state_dict=...) reads the adapters from. A tensor registered in several
+    places (tied weights; BitFit's tuned biases, in their modules and in the tuner) is replaced in all of them."""
     if state_dict is None:
         yield
         return
+    places: dict[int, list[tuple[dict, str]]] = {}  # every registration of each tensor
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, t in table.items():
+                if t is not None:
+                    places.setdefault(id(t), []).append((table, attr))
     swapped = []
     try:
         for key, value in state_dict.items():
@@ -99,8 +106,9 @@ def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
                     continue  # a module's own state (the rank allocator's): not an adapter tensor
                 raise ValueError(f"save_pretrained: state_dict key {key!r} is not a parameter or buffer of this model "
                                  f"(give the state dict of the PeftModel itself, keyed as its state_dict())")
-            swapped.append((tables[0], attr, tables[0][attr]))
-            tables[0][attr] = value
+            for table, name in places.get(id(tables[0][attr]), [(tables[0], attr)]):
+                swapped.append((table, name, table[name]))
+                table[name] = value
         yield
     finally:
         for table, attr, original in reversed(swapped):
@@ -527,15 +535,17 @@ def _class_for(model_cls: type) -> type:
     return _CLASSES[model_cls]
 
 
-# Pickling (torch.save of a whole model, deepcopy) cannot name the per-class subclasses: rebuild them.
+# Pickling (torch.save of a whole model, deepcopy) cannot name the per-class subclasses: rebuild them. The state
+# comes third, set after the object exists: inside the arguments, its references back to the model (the state dict
+# hooks') made deepcopy build a second copy, which the first's hooks then pointed to, dead ("hook of a dead Module").
 def _reduce(self):
-    state = self.__dict__.copy()
-    return (_rebuild, (type(self.base_model.model), state))
+    return (_rebuild, (type(self.base_model.model),), self.__dict__.copy())
 
 
-def _rebuild(model_cls, state):
+def _rebuild(model_cls, state: dict | None = None):
     obj = PeftModel.__new__(_class_for(model_cls))
-    obj.__dict__.update(state)
+    if state is not None:  # pickled before the state came third
+        obj.__dict__.update(state)
     return obj
 
 

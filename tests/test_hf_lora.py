@@ -413,27 +413,38 @@ def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     assert list(loaded.peft_config) == ["default"]
 
 
-def test_save_pretrained_takes_hf_pefts_distributed_arguments(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "bitfit", "ln", "ia3", "adapter"])
+def test_save_pretrained_takes_hf_pefts_distributed_arguments(method, tmp_path):
     """is_main_process=False wrote the files anyway (every process of a run at once) and state_dict= was ignored
-    (under FSDP2 the only way to save; tested with two processes in test_distributed.py)."""
+    (under FSDP2 the only way to save; tested with two processes in test_distributed.py), and then, for BitFit and
+    LayerNorm tuning, whose tuned tensors are registered twice, still read from the model."""
     from safetensors.torch import load_file
 
-    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
-    model = get_peft_model(fresh(FAMILIES["llama"]), config)
+    import pefttorch
+
+    config = {"lora": LoraConfig(r=4, target_modules=["query"], init_lora_weights=False),
+              "bitfit": pefttorch.BitFitConfig(), "ln": pefttorch.LNTuningConfig(),
+              "ia3": pefttorch.IA3Config(), "adapter": pefttorch.AdapterConfig(bottleneck=4)}[method]
+    family = FAMILIES["bert"]
+    model = get_peft_model(fresh(family), config)
     model.save_pretrained(tmp_path / "other", is_main_process=False)
     assert not (tmp_path / "other").exists()
     own = {k: v.clone() for k, v in model.state_dict().items()}
-    given = {k: v + 1 for k, v in own.items()}
+    given = {k: v + 1 if v.is_floating_point() else v for k, v in own.items()}
     model.save_pretrained(tmp_path / "given", state_dict=given)
-    saved = load_file(tmp_path / "given" / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.0.self_attn.q_proj"
-    for factor in ("lora_A", "lora_B"):
-        torch.testing.assert_close(saved[f"{key}.{factor}.weight"], given[f"{key}.{factor}.default.weight"], rtol=0,
-                                   atol=0)
+    twin = copy.deepcopy(model)  # what the file must hold: the save of a model whose tensors are the given ones
+    twin.load_state_dict(given)
+    twin.save_pretrained(tmp_path / "want")
+    model.save_pretrained(tmp_path / "own")
+    got, want, mine = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("given", "want", "own"))
+    assert got.keys() == want.keys() and got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+        assert not torch.equal(got[k], mine[k]), k
     for k, v in model.state_dict().items():  # the model's own tensors are back
         torch.testing.assert_close(v, own[k], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="state_dict key 'model.layers.0.self_attn.q_proj.weight' is not a parameter"):
-        model.save_pretrained(tmp_path / "bad", state_dict={"model.layers.0.self_attn.q_proj.weight": torch.ones(1)})
+    with pytest.raises(ValueError, match="state_dict key 'bert.pooler.nope.weight' is not a parameter"):
+        model.save_pretrained(tmp_path / "bad", state_dict={"bert.pooler.nope.weight": torch.ones(1)})
     assert not (tmp_path / "bad").exists()
 
 
@@ -781,3 +792,9 @@ def test_deepcopy_and_pickle(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert type(loaded).__name__ == type(model).__name__
     torch.testing.assert_close(logits(loaded, inp), want)
+    # A copy's state dict hooks pointed to a second copy, garbage at once: its load_state_dict failed ("hook of a
+    # dead Module").
+    for twin in (copy.deepcopy(model), loaded):
+        other = get_peft_model(fresh(family, seed=1), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+        twin.load_state_dict(other.state_dict())
+        torch.testing.assert_close(logits(twin, inp), logits(other, inp))
