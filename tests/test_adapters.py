@@ -379,3 +379,23 @@ def test_bf16_model_keeps_fp32_adapters_and_trains():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.base_model.adapters.parameters())
+
+
+def test_a_bare_decoder_gets_adapters_and_layer_selection():
+    """What AutoModel returns (LlamaModel: its blocks are "layers.N", its own first component) got no adapter at all
+    ("found no place"), and layers_to_transform matched nothing there for every method: the layer index was only read
+    after one more component, as in model.layers.N."""
+    torch.manual_seed(0)
+    bare = FAMILIES["llama"].build().model  # the LlamaModel inside LlamaForCausalLM
+    ids = torch.randint(1, 90, (2, 5))
+
+    def layers_trained(model):  # the block index in each trained parameter's name ("layers.1." or "layers_1_")
+        return {re.search(r"layers[._](\d+)[._]", n).group(1) for n, p in model.named_parameters() if p.requires_grad}
+
+    assert layers_trained(get_peft_model(copy.deepcopy(bare), AdapterConfig(bottleneck=4))) == {"0", "1"}
+    for config in (AdapterConfig(bottleneck=4, layers_to_transform=[1]), pefttorch.IA3Config(layers_to_transform=[1]),
+                   pefttorch.LNTuningConfig(layers_to_transform=[1]),
+                   pefttorch.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1])):
+        model = get_peft_model(copy.deepcopy(bare), config)
+        assert layers_trained(model) == {"1"}, type(config).__name__
+        model(input_ids=ids)

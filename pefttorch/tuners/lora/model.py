@@ -40,10 +40,11 @@ def _pattern_value(pattern: dict, name: str, default):
 
 def _layer_index(name: str, layers_pattern) -> int | None:
     """Index of the block a module belongs to: the number after ``<layers_pattern>.`` (default: the first
-    numbered component), e.g. 3 for ``model.layers.3.self_attn.q_proj``."""
+    numbered component), e.g. 3 for ``model.layers.3.self_attn.q_proj``, and for ``layers.3.mlp`` in a bare
+    decoder (what AutoModel gives, whose blocks are its own first component; HF PEFT's pattern needs one more)."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
     if not patterns:
-        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        m = re.match(r"(?:^|.*?\.)[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in patterns:
         m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
