@@ -129,6 +129,24 @@ def test_save_and_load_round_trip(family, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=N), DeptConfig(num_virtual_tokens=N, r=2)],
+                         ids=["prompt", "dept"])
+def test_a_model_on_the_meta_device_loads_with_assign(config):
+    """The default initialisation copied vocabulary rows to the CPU: on a meta model it failed ("Cannot copy out of
+    meta tensor"); the prompt is now a meta tensor like the rest, and a state dict loads into all of it."""
+    from hf_models import FAMILIES
+
+    real = get_peft_model(fresh("t5"), copy.deepcopy(config))
+    with torch.device("meta"):
+        meta = FAMILIES["t5"].build()
+    model = get_peft_model(meta, copy.deepcopy(config))
+    assert model.base_model.prompt.device.type == "meta"
+    model.load_state_dict(real.state_dict(), assign=True)
+    batch = inputs("t5")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, real.eval()(**batch).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"num_virtual_tokens": 0}, "positive integer"),
     ({"prompt_tuning_init": "TEXT"}, "needs prompt_tuning_init_text"),

@@ -158,6 +158,8 @@ class PromptModel(VirtualTokenModel):
     @torch.no_grad()
     def _initial_prompt(self, config: PromptTuningConfig, rows: int) -> torch.Tensor:
         weight = self.embedding.weight
+        if weight.device.type == "meta":  # no values to start from: a meta prompt, loaded or materialized with it
+            return torch.empty(rows, weight.shape[1], device="meta")
         if config.prompt_tuning_init == "RANDOM":
             return torch.randn(rows, weight.shape[1])
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
