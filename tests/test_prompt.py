@@ -129,6 +129,22 @@ def test_save_and_load_round_trip(family, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_a_sequence_classifiers_labels_stay_as_they_are(task_type):
+    """Multi-label labels (batch, num_labels) as wide as the input were taken for per-token labels and padded with
+    -100 for the prompt, and the loss failed on the shapes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=7,
+        problem_type="multi_label_classification", max_position_embeddings=64)).eval()
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=N, task_type=task_type))
+    ids, labels = torch.randint(3, 90, (2, 7)), torch.randint(0, 2, (2, 7)).float()
+    out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels))
+
+
 @pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=N), DeptConfig(num_virtual_tokens=N, r=2)],
                          ids=["prompt", "dept"])
 def test_a_model_on_the_meta_device_loads_with_assign(config):

@@ -150,6 +150,9 @@ class PromptModel(VirtualTokenModel):
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         rows = self.n * (config.num_transformer_submodules or 1)  # HF PEFT's seq2seq files hold 2n, use n
         self.prompt = nn.Parameter(self._initial_prompt(config, rows).to(device=weight.device, dtype=dtype))
+        # A sequence classifier's labels are per sequence, whatever their shape (multi-label (batch, labels) may be as
+        # wide as the input): only other models' labels of the input's length are per token and grow with the prompt.
+        self.sequence_labels = (config.task_type or _task_of_class_name(type(model).__name__)) == "SEQ_CLS"
         self.hook(model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         if self.encoder is not None:
             self.hook(self.encoder.register_forward_pre_hook(self._encoder_hook, with_kwargs=True))
@@ -237,7 +240,7 @@ class PromptModel(VirtualTokenModel):
             self._grow(kw, "attention_mask", batch, 1)
             self._grow(kw, "token_type_ids", batch, 0)
             labels = kw.get("labels")
-            if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:  # token-level labels
+            if labels is not None and not self.sequence_labels and labels.dim() >= 2 and labels.shape[1] == length:
                 self._grow(kw, "labels", batch, -100)
             positions = kw.get("position_ids")
             if positions is not None:
