@@ -321,6 +321,7 @@ def test_budget_is_hit_within_one_unit(method, unit, kwargs, budget, capsys):
 
 @pytest.mark.parametrize("method, kwargs, budget", [
     ("prompt", {}, 0.002),
+    ("prompt", {"num_transformer_submodules": 2}, 0.002),  # HF PEFT's seq2seq layout: a row per submodule (was 2x)
     ("ia3", {}, 0.001),
     ("ssf", {}, 0.002),
     ("ln_tuning", {}, 0.0005),

@@ -73,7 +73,8 @@ def _half_context(model: nn.Module) -> int:
 
 def _prompt_plan(model: nn.Module, kwargs: dict) -> _Plan:
     config = PromptTuningConfig(num_virtual_tokens=1, **kwargs)
-    width = model.get_input_embeddings().embedding_dim
+    # HF PEFT's seq2seq layout (num_transformer_submodules=2) holds a row per token per submodule, all trainable
+    width = model.get_input_embeddings().embedding_dim * (config.num_transformer_submodules or 1)
     return _Plan("num_virtual_tokens", width, _saved_parameters(model, config.modules_to_save), _half_context(model))
 
 
