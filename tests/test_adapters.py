@@ -177,6 +177,9 @@ def test_disable_unload_and_merge():
     (dict(style="pfeiffer", after_ffn=False), "all off"),
     (dict(style="parallel", after_ffn=True), "two adapters on one FFN"),
     (dict(scaling=float("nan")), "scaling must be a finite number"),
+    (dict(layer_norm="yes"), "layer_norm must be True or False"),  # passed as truthy
+    (dict(after_ffn=0), "after_ffn must be True or False"),
+    (dict(reduction_factor=True), "reduction_factor must be a number > 0"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

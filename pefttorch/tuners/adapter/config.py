@@ -66,8 +66,14 @@ class AdapterConfig(SavedConfig):
         if self.bottleneck is not None and (isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int)
                                             or self.bottleneck < 1):
             raise bad(f"bottleneck must be a positive integer or None, got {self.bottleneck!r}")
-        if not isinstance(self.reduction_factor, (int, float)) or not self.reduction_factor > 0:
-            raise bad(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
+                or not self.reduction_factor > 0:
+            raise bad(f"reduction_factor must be a number > 0, got {self.reduction_factor!r}")
+        for name in ("layer_norm", "cross_attention", "inference_mode", "after_attention", "after_ffn", "parallel_ffn"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in ("after_attention", "after_ffn",
+                                                                                "parallel_ffn")):
+                raise bad(f"{name} must be True or False, got {value!r}")  # "yes" and 0 would pass as truthy
         if self.activation not in ACTIVATIONS:
             raise bad(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
