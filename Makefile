@@ -1,6 +1,6 @@
 # The README's commands. Each target sets up what it needs first: a .venv with torch and the
 # project's dependencies (from pyproject.toml), and the compiled extension (incremental rebuilds).
-#   make bench      set up, build, run the default benchmarks (LoRA layer, training step) on the best device
+#   make bench      set up, build, run the default benchmarks (a quick run of every suite) on the best device
 #   make test       set up, build, run the whole test suite
 #   make gpu-test   the GPU tests only (on a machine with a CUDA device)
 #   make cmake-test build the same sources with CMake against libtorch and run the C++ tests

@@ -52,9 +52,13 @@ $PY -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|accelerate|s
   | tee "$WORK/versions.txt"
 pack
 
-if has "$PHASES" tests; then
-  budget=$(( $(left) - 200 ))  # keep time for the benchmarks
-  (( budget > ${TEST_TIMEOUT:-150} )) && budget=${TEST_TIMEOUT:-150}
+reserve=10
+has "$PHASES" bench && reserve=200  # keep time for the benchmarks
+budget=$(( $(left) - reserve ))
+(( budget > ${TEST_TIMEOUT:-150} )) && budget=${TEST_TIMEOUT:-150}
+if has "$PHASES" tests && (( budget < 30 )); then  # (a negative timeout is refused, 0 means none)
+  stamp "tests skipped: only $budget s left for them"  # stamp writes the summary too
+elif has "$PHASES" tests; then
   stamp "tests ($TESTS, at most $budget s)"
   select=()
   [[ $TESTS == gpu ]] && select=(-m gpu)

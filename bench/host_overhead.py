@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from pefttorch._args import positive_int
+from pefttorch._args import nonnegative_int, positive_int
 from pefttorch.bench import model as bench_model
 from pefttorch.bench import rank as bench_rank
 from pefttorch.bench.model import ModelShape, make_batches
@@ -73,14 +73,20 @@ def measure(run: str, warmup: int, steps: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     known = list(dict.fromkeys(bench_rank.RUNS + bench_model.RUNS + bench_model.MEFT_RUNS))
-    parser.add_argument("runs", nargs="*", default=["lora", "increlora", "adalora"], choices=known, metavar="RUN",
+    # checked here, not by argparse's choices: with nargs="*" it checks the default list as one value, and refused it
+    parser.add_argument("runs", nargs="*", metavar="RUN",
                         help=f"runs of the rank suite ({', '.join(bench_rank.RUNS)}) or of the model and meft "
-                             f"suites ({', '.join(dict.fromkeys(bench_model.RUNS + bench_model.MEFT_RUNS))})")
+                             f"suites ({', '.join(dict.fromkeys(bench_model.RUNS + bench_model.MEFT_RUNS))}); "
+                             f"default: lora increlora adalora")
     parser.add_argument("--steps", type=positive_int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=nonnegative_int, default=10)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
+    args.runs = args.runs or ["lora", "increlora", "adalora"]
+    unknown = [r for r in args.runs if r not in known]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; known: {', '.join(known)}")
     torch.set_num_threads(args.threads)
     best: dict[tuple[str, str], dict[str, float]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}

@@ -19,8 +19,8 @@ import torch
 import transformers
 
 import pefttorch
+from pefttorch._args import UsageError, positive_int, writable_file
 from pefttorch._args import device as device_arg
-from pefttorch._args import positive_int, writable_dir
 from pefttorch.bench import report
 from pefttorch.nn import reversible
 
@@ -73,7 +73,10 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; known: meft1, meft2, meft3")
     if args.out is not None:
-        writable_dir(args.out.parent, "--out")  # before the run, not after it
+        try:
+            writable_file(args.out, "--out")  # before the run, not after it
+        except UsageError as err:
+            parser.error(str(err))
     dtype = getattr(torch, args.dtype)
     meta = report.metadata(args.device, dtype)  # the commit of this checkout, wherever the script is run from
     commit, device = meta["commit"], meta["device"]

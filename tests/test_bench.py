@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ from pefttorch.cli import main
 
 TINY = lora.Shape(32, 24, 16, 4, 0.1)
 
+
+
+def usage_error(argv, capsys) -> str:
+    """Runs the command, which must stop as argparse stops on a bad value (status 2, the message on stderr; status 1
+    is a failed check of a benchmark's); returns what it printed there."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
 
 def test_rows_ratios_and_accuracy():
     rows = lora.run_shape(TINY, ["base", "torch", "pefttorch"], torch.float32, torch.device("cpu"), repeat=1)
@@ -66,13 +76,13 @@ def test_cli_json_plot_and_compare(tmp_path, capsys):
     assert "change against" in printed and "pefttorch" in printed and "%" in printed
 
 
-def test_cli_rejects_unknown_suite_and_impl():
-    assert main(["bench", "nope", "--device", "cpu"]) == 2
-    with pytest.raises(SystemExit, match="unknown implementations"):
-        main(["bench", "lora", "--device", "cpu", "--impls", "nope", "--quick"])
+def test_cli_rejects_unknown_suite_and_impl(capsys):
+    assert "unknown suite(s) ['nope']" in usage_error(["bench", "nope", "--device", "cpu"], capsys)
+    assert "unknown implementations" in usage_error(["bench", "lora", "--device", "cpu", "--impls", "nope", "--quick"],
+                                                    capsys)
     # a bad shape is a message, not a traceback
-    with pytest.raises(SystemExit, match=r"lora: bad shape 'bogus': expected TOKENSxINxOUTrRANK"):
-        main(["bench", "lora", "--device", "cpu", "--shapes", "bogus"])
+    assert re.search(r"lora: bad shape 'bogus': expected TOKENSxINxOUTrRANK",
+                     usage_error(["bench", "lora", "--device", "cpu", "--shapes", "bogus"], capsys))
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -84,6 +94,11 @@ def test_cli_rejects_unknown_suite_and_impl():
     (["bench", "meft", "--device", "cpu", "--bottleneck", "0"], "--bottleneck: must be >= 1"),
     (["bench", "model", "--device", "cpu", "--dropout", "1.5"], "--dropout: must be in [0, 1)"),
     (["demo", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["demo", "--batch-size", "5000"], "--batch-size 5000: the task has"),  # once after loading and evaluating
+    (["demo", "--lr", "-1"], "--lr: must be > 0"),
+    (["demo", "--density-loss", "nan"], "--density-loss: must be finite"),
+    (["demo", "--density-loss", "-1"], "--density-loss: must be >= 0"),
+    (["demo", "--method", "meft1", "--density-loss", "1"], "--density-loss goes with --method lora"),
     (["demo", "--steps", "-5"], "--steps: must be >= 1"),
     (["demo", "--r", "0"], "--r: must be >= 1"),
 ])
@@ -103,14 +118,13 @@ def test_results_name_the_cpu():
 
 
 @pytest.mark.parametrize("shape", ["8x16x16r0", "8x0x16r4", "0x16x16r4", "8x16x16r4p1"])
-def test_cli_refuses_empty_lora_shapes(shape):
-    with pytest.raises(SystemExit, match="must be >= 1"):
-        main(["bench", "lora", "--device", "cpu", "--shapes", shape])
+def test_cli_refuses_empty_lora_shapes(shape, capsys):
+    assert "must be >= 1" in usage_error(["bench", "lora", "--device", "cpu", "--shapes", shape], capsys)
 
 
-def test_cli_refuses_empty_sparse_shapes():
-    with pytest.raises(SystemExit, match="sizes must be >= 1"):
-        main(["bench", "sparse", "--device", "cpu", "--shapes", "0x16:silu", "--tokens", "1", "--densities", "1"])
+def test_cli_refuses_empty_sparse_shapes(capsys):
+    assert "sizes must be >= 1" in usage_error(["bench", "sparse", "--device", "cpu", "--shapes", "0x16:silu",
+                                                "--tokens", "1", "--densities", "1"], capsys)
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
@@ -118,18 +132,82 @@ def test_cli_checks_where_results_go_before_running(tmp_path, option, capsys):
     """An unwritable results path once failed after the whole benchmark had run, the results lost."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match=f"{option} {blocker}"):
-        main(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", option, str(blocker / "out.x"),
-              *(["--json", str(tmp_path / "r.json")] if option == "--plot" else [])])
-    assert "lora" not in capsys.readouterr().err  # no progress bar: nothing ran
+    err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", option, str(blocker / "out.x"),
+                       *(["--json", str(tmp_path / "r.json")] if option == "--plot" else [])], capsys)
+    assert f"{option} {blocker}" in err and "lora:" not in err  # no progress bar: nothing ran
+
+
+@pytest.mark.parametrize(("suites", "option", "message"), [
+    (["sparse", "lora"], ["--impls", "foo"], "unknown implementations ['foo']"),
+    (["lora", "sparse"], ["--tokens", "0"], "token counts positive"),
+    (["lora", "rank"], ["--runs", "nope"], "unknown runs"),
+])
+def test_every_suites_values_are_checked_before_the_first_runs(tmp_path, capsys, suites, option, message):
+    """A value only the second suite reads was checked when its turn came: the first suite ran in full, then the
+    command failed and its results were never written."""
+    err = usage_error(["bench", *suites, "--device", "cpu", "--json", str(tmp_path / "r.json"), *option], capsys)
+    assert message in err and not (tmp_path / "r.json").exists() and "lora:" not in err
+
+
+def test_runs_naming_none_of_a_suites_runs_skip_it_among_several(tmp_path, monkeypatch, capsys):
+    """--runs' help says each suite makes the runs named that are its own; one with none named stopped the command."""
+    monkeypatch.setattr(model, "CPU_SHAPE", TINY_LLAMA)
+    out = tmp_path / "r.json"
+    assert main(["bench", "model", "rank", "--device", "cpu", "--runs", "full", "--steps", "1", "--json",
+                 str(out)]) == 0
+    assert "rank: --runs names none of its runs, skipped" in capsys.readouterr().out
+    assert list(json.loads(out.read_text())["suites"]) == ["model"]
+
+
+def test_results_paths_and_compare_file_are_checked_before_running(tmp_path, capsys):
+    """A --json naming a directory failed after the run (IsADirectoryError, results lost); a --compare file that is
+    JSON but not results failed after it too; a --plot without a suffix was printed as written, matplotlib had
+    added .png."""
+    (tmp_path / "dir").mkdir()
+    args = ["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base"]
+    assert "is a directory" in usage_error([*args, "--json", str(tmp_path / "dir")], capsys)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "not a results file" in usage_error([*args, "--json", str(tmp_path / "r.json"), "--compare",
+                                                str(tmp_path / "list.json")], capsys)
+    assert main([*args, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "noext")]) == 0
+    assert f"plot: {tmp_path / 'noext.png'}" in capsys.readouterr().out.replace("\n", "")
+    assert (tmp_path / "noext.png").exists()
+
+
+def test_compare_says_when_the_runs_differ_in_what_rows_do_not_name(tmp_path, capsys):
+    """A bfloat16 run compared with a float32 file printed its rows' changes as if of the same thing."""
+    args = ["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base"]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*args, "--json", str(tmp_path / "b.json"), "--dtype", "bf16", "--compare",
+                 str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "the earlier run's dtype was float32, this one's bfloat16" in " ".join(out.split())
+
+
+def test_the_commit_is_pefttorchs_own_checkouts_only(tmp_path, monkeypatch):
+    """An installed copy inside another project's checkout (a venv in its tree) recorded that project's commit."""
+    import subprocess
+
+    from pefttorch.bench import report
+
+    repo = tmp_path / "project"
+    (repo / "venv" / "pefttorch" / "bench").mkdir(parents=True)
+    (repo / "pefttorch" / "bench").mkdir(parents=True)
+    for cmd in (["init", "-q"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m",
+                                  "x"]):
+        subprocess.run(["git", "-C", str(repo), *cmd], check=True)
+    monkeypatch.setattr(report, "__file__", str(repo / "venv" / "pefttorch" / "bench" / "report.py"))
+    assert report._git_commit() is None
+    monkeypatch.setattr(report, "__file__", str(repo / "pefttorch" / "bench" / "report.py"))  # its own checkout
+    assert report._git_commit() is not None
 
 
 def test_cli_reads_the_compare_file_before_running(tmp_path, capsys):
     """A missing --compare file once failed with a traceback after the whole benchmark had run."""
     results = tmp_path / "r.json"
-    assert main(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--json", str(results),
-                 "--compare", str(tmp_path / "missing.json")]) == 2
-    assert "--compare" in capsys.readouterr().out and not results.exists()
+    err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--json", str(results),
+                       "--compare", str(tmp_path / "missing.json")], capsys)
+    assert "--compare" in err and not results.exists()
 
 
 @pytest.mark.slow
@@ -299,13 +377,12 @@ def test_sparse_suite_json_plot_and_compare(tmp_path, capsys):
     assert "change against" in printed and "32->96->32 silu gated 5 0.25 pefttorch" in printed
 
 
-def test_sparse_shape_parsing():
+def test_sparse_shape_parsing(capsys):
     assert sparse.MLPShape.parse("4096x11008:silu:gated") == sparse.MLPShape(4096, 11008, 4096, "silu", True, False)
     assert sparse.MLPShape.parse("1024x4096x512:gelu:bias") == sparse.MLPShape(1024, 4096, 512, "gelu", False, True)
     with pytest.raises(ValueError, match="HIDDENxINTER"):
         sparse.MLPShape.parse("4096x11008:tanh")
-    with pytest.raises(SystemExit, match="densities"):
-        main(["bench", "sparse", "--device", "cpu", "--densities", "0,0.5"])
+    assert "densities" in usage_error(["bench", "sparse", "--device", "cpu", "--densities", "0,0.5"], capsys)
 
 
 # ---- the rank suite (IncreLoRA, AdaLoRA): a tiny Llama on the CPU
@@ -391,10 +468,9 @@ def test_rank_runs_without_peft_and_run_names(tmp_path, monkeypatch, capsys):
     rows = json.loads(out.read_text())["suites"]["rank"]["rows"]
     assert [r["run"] for r in rows] == ["adalora"] and rows[0]["final_rank"] == 2 * 7 * TINY_LLAMA.layers
     assert "peft-adalora is skipped: HF PEFT is not installed" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown runs"):
-        main(["bench", "rank", "--device", "cpu", "--runs", "nope"])
-    with pytest.raises(SystemExit, match="none of the rank suite's runs"):
-        main(["bench", "rank", "--device", "cpu", "--runs", "full"])
+    assert "unknown runs" in usage_error(["bench", "rank", "--device", "cpu", "--runs", "nope"], capsys)
+    assert "none of the rank suite's runs" in usage_error(["bench", "rank", "--device", "cpu", "--runs", "full"],
+                                                         capsys)
 
 
 # ---- the bottleneck adapter suite: tiny shapes on the CPU
@@ -513,7 +589,7 @@ def test_adapter_library_missing_is_one_line_and_a_broken_one_a_flagged_row(monk
 
 
 
-def test_adapter_shapes_grid_and_floor_target():
+def test_adapter_shapes_grid_and_floor_target(capsys):
     assert adapter.AdapterShape.parse("8192x4096:256:silu") == adapter.AdapterShape(8192, 4096, 256, "silu")
     assert adapter.AdapterShape.parse(" 512x384:24 ").activation == "relu"
     with pytest.raises(ValueError, match="TOKENSxD:BOTTLENECK"):
@@ -522,8 +598,8 @@ def test_adapter_shapes_grid_and_floor_target():
         adapter.AdapterShape.parse("8192x4096:256:tanh")
     with pytest.raises(ValueError, match=">= 1"):
         adapter.AdapterShape.parse("8192x4096:0")
-    with pytest.raises(SystemExit, match="adapter: bad adapter shape '8192x4096:r16'"):
-        main(["bench", "adapter", "--device", "cpu", "--shapes", "8192x4096:r16"])
+    assert "adapter: bad adapter shape '8192x4096:r16'" in usage_error(
+        ["bench", "adapter", "--device", "cpu", "--shapes", "8192x4096:r16"], capsys)
     gpu = adapter.default_grid(torch.device("cuda"), quick=False)
     assert {(s.d, s.bottleneck) for s in gpu} >= {(d, m) for d in (768, 2048, 4096) for m in (64, d // 16)}
     assert {s.tokens for s in gpu} == {8192}

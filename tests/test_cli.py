@@ -63,6 +63,7 @@ def test_demo_with_reversible_adapters(tmp_path, capsys):
     assert after >= 90
     assert "same predictions" in out and "DIFFERENT" not in out
     assert (tmp_path / "minilm-meft1" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "loss-meft1.png").exists() and not (tmp_path / "loss.png").exists()  # LoRA's not overwritten
 
 
 @pytest.mark.slow

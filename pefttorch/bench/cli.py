@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .._args import UsageError, positive_int, probability, writable_dir, writable_file
 from .._args import device as device_arg
-from .._args import positive_int, probability, writable_dir
 
 SUITES = ("lora", "model", "sparse", "rank", "meft", "adapter")
 RANK_STEPS = {"cuda": 40, "cpu": 16}  # timed steps of the rank suite
@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("float32", "float64"), help="meft: dtype of MEFT's two streams (default float64: with "
                    "float32 a bf16 model's reconstruction fails within a few layers)")
     p.add_argument("--small-model", action="store_true", help="model, rank, meft: the CPU-sized model even on a GPU")
-    p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"), help="results file")
+    p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"),
+                   help="results file (default build/bench/bench.json)")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
     p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
@@ -98,47 +99,50 @@ def run(args: argparse.Namespace) -> int:
         console.width = 140
     unknown = set(args.suites) - set(SUITES)
     if unknown:
-        console.print(f"[red]unknown suite(s) {sorted(unknown)}; suites: {', '.join(SUITES)}[/red]")
-        return 2
+        raise UsageError(f"unknown suite(s) {sorted(unknown)}; suites: {', '.join(SUITES)}")
     suites = list(dict.fromkeys(args.suites)) or list(SUITES)
     quick = args.quick or not args.suites
-    earlier = None
-    if args.compare:  # read before the run, not found wanting after it
-        try:
-            earlier = json.loads(args.compare.read_text())
-        except (OSError, ValueError) as err:
-            console.print(f"[red]--compare {args.compare}: cannot read it as results JSON ({err})[/red]")
-            return 2
-    # where the results go, checked before the run (not found unwritable after it, the results lost)
-    writable_dir(args.json.parent, "--json")
+    # Everything a value can be wrong in is checked before the first suite runs: found wanting after it (or after an
+    # earlier suite), the results measured so far were lost.
+    earlier = _read_compare(args.compare) if args.compare else None
+    writable_file(args.json, "--json")
     for suite in suites:
         writable_dir(_plot_path(args, suite, len(suites)).parent, "--plot")
     device = args.device  # checked by argparse: it exists here
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
-            console.print("no CUDA device: running on the CPU with CPU-sized shapes")
+            console.print("no CUDA device: running on the CPU" + ("" if args.shapes else " with CPU-sized shapes"))
+    inputs = {suite: _INPUTS[suite](args, device, quick) for suite in suites}
+    for suite in [s for s in suites if inputs[s] is None]:  # --runs named none of its runs
+        if len(suites) == 1:
+            raise UsageError(f"--runs names none of the {suite} suite's runs ({', '.join(_suite_runs(suite))})")
+        console.print(f"{suite}: --runs names none of its runs, skipped")
+        suites.remove(suite)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     peft_missing = _peft_missing()
     if peft_missing:
         console.print(peft_missing)
 
     meta = report.metadata(device, dtype)
+    meta.update(quick=quick, repeat=args.repeat)  # what the timings were taken with
     results, ok = {}, True
     runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank,
                "meft": _run_meft, "adapter": _run_adapter}
     for suite in suites:
-        rows, targets, suite_ok, extra = runners[suite](args, device, dtype, quick, peft_missing is not None, console)
+        rows, targets, suite_ok, extra = runners[suite](args, inputs[suite], device, dtype, quick,
+                                                        peft_missing is not None, console)
         ok &= suite_ok
         results[suite] = {"rows": rows, "targets": [{"target": t, "met": m, "measured": v} for t, m, v in targets],
                           **extra}
+        # written after every suite, before its plot: what was measured is kept whatever fails later
+        args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
         plot_path = _plot_path(args, suite, len(suites))
         _plotter(suite)(plot_path, meta, rows, extra.get("impls"))
         console.print(f"plot: {plot_path}")
-    args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
     console.print(f"results: {args.json}")
     if earlier is not None:
-        compare(console, earlier, results)
+        compare(console, earlier, results, meta)
     return 0 if ok else 1
 
 
@@ -159,48 +163,108 @@ def _plotter(suite: str):
 
 def _plot_path(args, suite: str, n_suites: int) -> Path:
     if args.plot is not None:
-        return args.plot if n_suites == 1 else args.plot.with_name(f"{args.plot.stem}-{suite}.png")
+        plot = args.plot if args.plot.suffix else args.plot.with_suffix(".png")  # what matplotlib writes
+        return plot if n_suites == 1 else plot.with_name(f"{plot.stem}-{suite}.png")
     return args.json.with_name(f"{args.json.stem}-{suite}.png")
 
 
+def _read_compare(path: Path) -> dict:
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--compare {path}: cannot read it as results JSON ({err})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("suites"), dict):
+        raise UsageError(f"--compare {path}: not a results file of pefttorch bench (no suites)")
+    return earlier
+
+
 def _names(spec: str, known, what: str) -> list[str]:
-    """A comma-separated list of names, each one of `known`; otherwise exit with the known ones."""
+    """A comma-separated list of names, each one of `known`."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = set(names) - set(known)
     if unknown:
-        raise SystemExit(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
+        raise UsageError(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
     return names
 
 
-def _runs(spec: str | None, known: tuple[str, ...], suite: str) -> list[str]:
-    """The runs of `suite` that --runs names (all of them without --runs); names of no suite's runs exit."""
+def _suite_runs(suite: str) -> tuple[str, ...]:
     from . import model, rank
 
-    if spec is None:
+    return {"model": model.RUNS, "meft": model.MEFT_RUNS, "rank": rank.RUNS}[suite]
+
+
+def _runs(args, suite: str) -> list[str] | None:
+    """The runs of `suite` that --runs names (all of them without --runs), None if it names none of them."""
+    known = _suite_runs(suite)
+    if args.runs is None:
         return list(known)
-    every = {"model": model.RUNS, "meft": model.MEFT_RUNS, "rank": rank.RUNS}
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    every = {s: _suite_runs(s) for s in ("model", "meft", "rank")}
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if not any(n in runs for runs in every.values())]
     if unknown:
-        raise SystemExit(f"unknown runs {sorted(unknown)}; known: "
+        raise UsageError(f"unknown runs {sorted(unknown)}; known: "
                          + "; ".join(f"{s}: {', '.join(runs)}" for s, runs in every.items()))
-    mine = [n for n in names if n in known]
-    if not mine:
-        raise SystemExit(f"--runs names none of the {suite} suite's runs ({', '.join(known)})")
-    return mine
+    return [n for n in names if n in known] or None
 
 
-def _run_lora(args, device, dtype, quick, no_peft, console):
-    from tqdm import tqdm
-
-    from . import lora, report
+def _lora_inputs(args, device, quick) -> dict:
+    from . import lora
 
     try:
         shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
                   else lora.default_shapes(device, quick))
     except ValueError as err:
-        raise SystemExit(f"lora: {err}") from err
-    impls = _names(args.impls, lora.IMPLS, "implementations")
+        raise UsageError(f"lora: {err}") from None
+    return {"shapes": shapes, "impls": _names(args.impls, lora.IMPLS, "implementations")}
+
+
+def _sparse_inputs(args, device, quick) -> dict:
+    from . import sparse
+
+    shapes, tokens, densities = sparse.default_grid(device, quick)
+    try:
+        if args.shapes:
+            shapes = [sparse.MLPShape.parse(s) for s in args.shapes.split(",")]
+        if args.tokens:
+            tokens = tuple(int(t) for t in args.tokens.split(","))
+        if args.densities:
+            densities = tuple(float(d) for d in args.densities.split(","))
+    except ValueError as err:
+        raise UsageError(f"sparse: {err}") from None
+    if not all(0.0 < d <= 1.0 for d in densities) or not all(t > 0 for t in tokens):
+        raise UsageError("sparse: densities must be in (0, 1] and token counts positive")
+    return {"shapes": shapes, "tokens": tokens, "densities": densities}
+
+
+def _adapter_inputs(args, device, quick) -> dict:
+    from . import adapter
+
+    try:
+        shapes = ([adapter.AdapterShape.parse(s) for s in args.shapes.split(",")] if args.shapes
+                  else adapter.default_grid(device, quick))
+    except ValueError as err:
+        raise UsageError(f"adapter: {err}") from None
+    return {"shapes": shapes}
+
+
+def _runs_inputs(suite: str):
+    def inputs(args, device, quick):
+        runs = _runs(args, suite)
+        return None if runs is None else {"runs": runs}
+    return inputs
+
+
+# per suite: its inputs from the arguments (None: --runs names none of its runs), all checked before any suite runs
+_INPUTS = {"lora": _lora_inputs, "sparse": _sparse_inputs, "adapter": _adapter_inputs,
+           **{suite: _runs_inputs(suite) for suite in ("model", "meft", "rank")}}
+
+
+def _run_lora(args, inputs, device, dtype, quick, no_peft, console):
+    from tqdm import tqdm
+
+    from . import lora, report
+
+    shapes, impls = inputs["shapes"], inputs["impls"]
     if no_peft:
         impls = [i for i in impls if i not in ("peft", "peft-model-dtype")]
     rows: list[lora.Row] = []
@@ -215,22 +279,22 @@ def _run_lora(args, device, dtype, quick, no_peft, console):
     return dict_rows, targets, all(r.ok for r in rows), {"impls": impls}
 
 
-def _run_model(args, device, dtype, quick, no_peft, console):
-    return _run_training("model", args, device, dtype, quick, no_peft, console)
+def _run_model(args, inputs, device, dtype, quick, no_peft, console):
+    return _run_training("model", args, inputs, device, dtype, quick, no_peft, console)
 
 
-def _run_meft(args, device, dtype, quick, no_peft, console):
-    return _run_training("meft", args, device, dtype, quick, no_peft, console)
+def _run_meft(args, inputs, device, dtype, quick, no_peft, console):
+    return _run_training("meft", args, inputs, device, dtype, quick, no_peft, console)
 
 
-def _run_training(suite, args, device, dtype, quick, no_peft, console):
+def _run_training(suite, args, inputs, device, dtype, quick, no_peft, console):
     """The model and meft suites: training steps of the Llama-style model, one run after another."""
     from tqdm import tqdm
 
     from . import model, report
 
     shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
-    runs = _runs(args.runs, model.RUNS if suite == "model" else model.MEFT_RUNS, suite)
+    runs = inputs["runs"]
     if no_peft:
         runs = [r for r in runs if not r.startswith("peft+") and r != "peft"]
     meft = model.MeftOptions(args.bottleneck, getattr(torch, args.stream_dtype))
@@ -259,13 +323,13 @@ def _run_training(suite, args, device, dtype, quick, no_peft, console):
     return rows, targets, all(res.ok for res in results), extra
 
 
-def _run_rank(args, device, dtype, quick, no_peft, console):
+def _run_rank(args, inputs, device, dtype, quick, no_peft, console):
     from tqdm import tqdm
 
     from . import model, rank, report
 
     shape = model.CPU_SHAPE if (device.type == "cpu" or args.small_model) else model.GPU_SHAPE
-    runs = _runs(args.runs, rank.RUNS, "rank")
+    runs = inputs["runs"]
     if no_peft and "peft-adalora" in runs:
         console.print("peft-adalora is skipped: HF PEFT is not installed")
         runs.remove("peft-adalora")
@@ -289,23 +353,12 @@ def _run_rank(args, device, dtype, quick, no_peft, console):
         "budget_at_timed_step": plan.end - plan.start}
 
 
-def _run_sparse(args, device, dtype, quick, no_peft, console):
+def _run_sparse(args, inputs, device, dtype, quick, no_peft, console):
     from tqdm import tqdm
 
     from . import report, sparse
 
-    shapes, tokens, densities = sparse.default_grid(device, quick)
-    try:
-        if args.shapes:
-            shapes = [sparse.MLPShape.parse(s) for s in args.shapes.split(",")]
-        if args.tokens:
-            tokens = tuple(int(t) for t in args.tokens.split(","))
-        if args.densities:
-            densities = tuple(float(d) for d in args.densities.split(","))
-    except ValueError as err:
-        raise SystemExit(f"sparse: {err}") from err
-    if not all(0.0 < d <= 1.0 for d in densities) or not all(t > 0 for t in tokens):
-        raise SystemExit("sparse: densities must be in (0, 1] and token counts positive")
+    shapes, tokens, densities = inputs["shapes"], inputs["tokens"], inputs["densities"]
     repeat = args.repeat or (20 if quick else 50)
     rows: list[sparse.Row] = []
     per_shape = len(tokens) * (1 + 2 * len(densities))
@@ -324,17 +377,12 @@ def _run_sparse(args, device, dtype, quick, no_peft, console):
         "crossover": sparse.crossover(dict_rows)}
 
 
-def _run_adapter(args, device, dtype, quick, no_peft, console):
+def _run_adapter(args, inputs, device, dtype, quick, no_peft, console):
     from tqdm import tqdm
 
     from . import adapter, report
 
-    shapes = adapter.default_grid(device, quick)
-    if args.shapes:
-        try:
-            shapes = [adapter.AdapterShape.parse(s) for s in args.shapes.split(",")]
-        except ValueError as err:
-            raise SystemExit(f"adapter: {err}") from err
+    shapes = inputs["shapes"]
     impls = list(adapter.IMPLS)
     missing = adapter.adapters_status()
     if missing:
@@ -373,12 +421,23 @@ def _row_ms(suite: str, row: dict):
         suite, row.get("ms"))
 
 
-def compare(console, old: dict, results: dict) -> None:
-    """The change of each row's time against an earlier run (same suite and row)."""
+def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> None:
+    """The change of each row's time against an earlier run (same suite and row). Rows are matched by shape and
+    implementation (or run); what they do not name (the device, the dtype, the training suites' model) is compared
+    once, and a difference said, since the times are then not of the same thing."""
     meta = old.get("meta", {})
     console.print(f"change against commit {meta.get('commit')} of {meta.get('date')} on {meta.get('device')}:")
+    for key in ("device", "dtype"):
+        if meta_now is not None and meta.get(key) != meta_now.get(key):
+            console.print(f"[yellow]  note: the earlier run's {key} was {meta.get(key)}, this one's "
+                          f"{meta_now.get(key)}: the rows below compare different things[/yellow]")
     for suite, data in results.items():
-        before = {_row_key(suite, r): r for r in old.get("suites", {}).get(suite, {}).get("rows", [])}
+        earlier = old.get("suites", {}).get(suite, {})
+        for key in ("model", "r", "target_r", "bottleneck", "stream_dtype"):
+            if key in data and key in earlier and data[key] != earlier[key]:
+                console.print(f"[yellow]  note: {suite}: the earlier run's {key} was {earlier[key]}, this one's "
+                              f"{data[key]}[/yellow]")
+        before = {_row_key(suite, r): r for r in earlier.get("rows", [])}
         for row in data["rows"]:
             o = before.get(_row_key(suite, row))
             new_ms, old_ms = _row_ms(suite, row), _row_ms(suite, o) if o else None

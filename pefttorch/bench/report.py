@@ -55,13 +55,18 @@ def _git_commit() -> str | None:
     caller passes the hash."""
     try:
         root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        top, commit = out.stdout.split()
+        if Path(top).resolve() != root:
+            # an installed copy (site-packages) inside some other checkout, e.g. a venv in a project's tree: that
+            # checkout's commit is not pefttorch's
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -142,7 +147,8 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel(f"{mode}: time / base layer")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(ncol=len(shown), fontsize=8)
+    if shown:  # --impls base alone: nothing but the base line to show
+        axes[0].legend(ncol=len(shown), fontsize=8)
     axes[0].set_title(f"LoRA layer, {meta['dtype']} on {meta['device']}\ntorch {meta['torch']}, "
                       f"commit {meta.get('commit')}; lower is better, hatched = mismatch", fontsize=9)
     axes[1].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
