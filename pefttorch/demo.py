@@ -255,7 +255,8 @@ def _rank_summary(ranks: dict[str, int], targets: list[str], r: int, trainable: 
     total = sum(ranks.values())
     per_kind = {t: [v for k, v in ranks.items() if k.endswith("." + t)] for t in targets}
     kinds = ", ".join(f"{t} {sum(v)} = {'+'.join(map(str, v))}" for t, v in per_kind.items())
-    return (f"final ranks: total {total} (budget {r * len(ranks)} = {len(ranks)} modules x {r}); {kinds}; "
+    short = "" if total == r * len(ranks) else " (not reached: the schedule needs more --steps)"
+    return (f"final ranks: total {total} (budget {r * len(ranks)} = {len(ranks)} modules x {r}{short}); {kinds}; "
             f"{trainable:,d} trainable parameters now")
 
 
