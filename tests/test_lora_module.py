@@ -121,4 +121,25 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 8)
     torch.testing.assert_close(a(x), b(x))
-    assert set(a.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(a.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}  # the last: merged or not
+
+
+def test_the_merged_flag_travels_with_the_state_dict():
+    """A merged layer's state dict loaded into an unmerged layer (every key matching) applied the update twice."""
+    torch.manual_seed(0)
+    src = LoRALinear(16, 8, r=4)
+    torch.nn.init.normal_(src.lora_B)
+    x = torch.randn(3, 16)
+    want = src(x)
+    src.merge()
+    dst = LoRALinear(16, 8, r=4)
+    dst.load_state_dict(src.state_dict())
+    assert dst.merged
+    torch.testing.assert_close(dst(x), want)
+    src.unmerge()
+    dst.load_state_dict(src.state_dict())  # and back: the unmerged weight into the merged layer
+    assert not dst.merged
+    torch.testing.assert_close(dst(x), want)
+    old = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}  # saved before the flag was
+    dst.load_state_dict(old)
+    assert not dst.merged

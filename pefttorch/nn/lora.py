@@ -57,6 +57,15 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self._init_base()
         self.reset_lora_parameters()
+        self.register_load_state_dict_pre_hook(_default_unmerged)
+
+    # Whether the weight holds the update travels with it in the state dict: a merged layer's state loaded into an
+    # unmerged one (or the reverse) applied the update twice (or not at all), with every key matching.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
 
     def _init_base(self) -> None:
         # nn.Linear's own initialisation, for layers not built from an existing one.
@@ -138,3 +147,8 @@ class LoRALinear(nn.Module):
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
             f"bias={self.bias is not None}, rslora={self.use_rslora}, merged={self.merged}"
         )
+
+
+def _default_unmerged(module: LoRALinear, state_dict: dict, prefix: str, *_) -> None:
+    """A state dict written before the merged flag was saved holds an unmerged weight (merge() was for inference)."""
+    state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
