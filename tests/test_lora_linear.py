@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -22,6 +24,7 @@ SHAPES = [
     ((2, 5), 20, 12, 4),
     ((3, 7), 33, 65, 17),
     ((130,), 72, 40, 70),
+    ((130,), 71, 40, 17),  # in_features odd: no row of x is aligned for vector loads
     ((40,), 1100, 24, 16),
     ((600,), 300, 20, 5),
 ]
@@ -35,6 +38,9 @@ def _x_view(kind: str, lead, in_features, dtype, device):
         return rand(*lead, in_features + 5, dtype=dtype, device=device)[..., :in_features]
     if kind == "strided":  # every other column: inner stride 2
         return rand(*lead, 2 * in_features, dtype=dtype, device=device)[..., ::2]
+    if kind == "offset":  # contiguous, but one element into its storage: vector loads must see the misalignment
+        numel = math.prod(lead) * in_features
+        return rand(numel + 1, dtype=dtype, device=device)[1:].view(*lead, in_features)
     if kind == "transposed":  # (in, *lead) transposed into place
         return rand(in_features, *reversed(lead), dtype=dtype, device=device).permute(
             *range(len(lead), 0, -1), 0
@@ -92,13 +98,14 @@ def test_matches_reference(shape, dtype, device, dropout_p):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("x_kind", ["padded_rows", "strided", "transposed"])
+@pytest.mark.parametrize("x_kind", ["padded_rows", "strided", "transposed", "offset"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_strided_inputs(x_kind, dtype, device, dropout_p):
     """Strided x and a strided incoming gradient, with the frozen weight's gradient asked for too (dW reads x and
     grad_y through their strides)."""
     run_case((4, 6), 24, 10, 5, dtype, device, x_kind=x_kind, dropout_p=dropout_p, weight_grad=True,
-             grad_kind={"padded_rows": "strided", "strided": "transposed", "transposed": "padded_rows"}[x_kind])
+             grad_kind={"padded_rows": "strided", "strided": "transposed", "transposed": "padded_rows",
+                        "offset": "offset"}[x_kind])
 
 
 @pytest.mark.parametrize("device", DEVICES)
