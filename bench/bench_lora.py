@@ -9,7 +9,7 @@ The same as `pefttorch bench lora`; see `pefttorch bench --help` for the options
 
 import sys
 
-from pefttorch.cli import main
+from pefttorch.bench.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "lora", *sys.argv[1:]]))
+    sys.exit(script_main("lora"))

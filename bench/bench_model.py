@@ -8,7 +8,7 @@ GPU; a small model on the CPU). The same as `pefttorch bench model`.
 
 import sys
 
-from pefttorch.cli import main
+from pefttorch.bench.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "model", *sys.argv[1:]]))
+    sys.exit(script_main("model"))

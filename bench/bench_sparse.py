@@ -10,7 +10,7 @@ smaller MLPs on the CPU). The same as `pefttorch bench sparse`.
 
 import sys
 
-from pefttorch.cli import main
+from pefttorch.bench.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "sparse", *sys.argv[1:]]))
+    sys.exit(script_main("sparse"))

@@ -630,3 +630,15 @@ def test_host_overhead_script_reports_every_run_and_phase():
     assert rows[("lora", "final")][-1] == "1.00x"
     for cells in rows.values():
         assert float(cells[3]) > 0 and cells[-1].endswith("x")
+
+
+def test_the_suite_scripts_run_their_own_suite_only(capsys):
+    """bench/bench_lora.py sparse ran the sparse suite too (it called `pefttorch bench lora sparse`)."""
+    from pefttorch.bench.cli import script_main
+
+    with pytest.raises(SystemExit) as exit_:
+        script_main("lora", ["sparse", "--device", "cpu"])
+    assert exit_.value.code == 2 and "this script runs the lora suite; for sparse" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        script_main("lora", ["--device", "cpu", "--impls", "foo"])
+    assert exit_.value.code == 2 and "unknown implementations ['foo']" in capsys.readouterr().err

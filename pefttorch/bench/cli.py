@@ -146,6 +146,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def script_main(suite: str, argv: list[str] | None = None) -> int:
+    """bench/bench_<suite>.py: `pefttorch bench <suite>` with the same options; another suite named on its command
+    line is refused (it was run too, as `pefttorch bench lora sparse` runs both)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"bench_{suite}.py", description=f"pefttorch bench {suite}: " + __doc__)
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.suites:
+        parser.error(f"this script runs the {suite} suite; for {' '.join(args.suites)}, use pefttorch bench")
+    args.suites = [suite]
+    try:
+        return run(args)
+    except UsageError as err:
+        parser.error(str(err))
+
+
 def _peft_missing() -> str | None:
     try:
         import peft  # noqa: F401
