@@ -204,6 +204,15 @@ class PeftModel(Forwarding):
                                  f"AdaLoraConfig); this model's adapter is a {type(config).__name__}")
         return self.base_model.update_and_allocate(global_step)
 
+    # The HF Trainer tells a causal LM by this name (with label smoothing it shifts the labels only then) and special-
+    # cases HF PEFT's wrapper; ours said "PeftModelFor...", so the Trainer smoothed the current token, not the next:
+    # the wrapped model's name, as the Trainer is training that model. The repr keeps our class's name.
+    def _get_name(self) -> str:
+        return self.base_model.model._get_name()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + super().__repr__()[len(self._get_name()):]
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "

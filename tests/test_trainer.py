@@ -10,7 +10,7 @@ import torch
 from hf_models import FAMILIES
 from safetensors.torch import load_file
 
-from pefttorch import BitFitConfig, LNTuningConfig, LoraConfig, get_peft_model
+from pefttorch import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig, get_peft_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,3 +193,24 @@ def test_rank_allocation_resumes_from_a_trainer_checkpoint_where_it_was(tmp_path
     mine = dict(resumed.named_parameters())
     for name, p in whole.named_parameters():
         torch.testing.assert_close(mine[name], p, rtol=0, atol=0, msg=name)
+
+
+CONFIGS = {"lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "ia3": IA3Config,
+           "ln": LNTuningConfig}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_the_trainer_sees_the_wrapped_models_config_and_class(method, tmp_path):
+    """Two ways the Trainer read the PeftModel wrong: its name ("PeftModelFor...") is not a causal LM's, so label
+    smoothing smoothed the current token instead of the next; and for the methods other than LoRA `model.config` was
+    the PEFT config, so the Trainer's pad_token_id, problem_type and use_cache reads and writes missed the model."""
+    torch.manual_seed(0)
+    base = FAMILIES["llama"].build()
+    model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
+    assert model.config is model.get_base_model().config
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[],
+                                          use_cpu=True)
+    batch = {k: torch.stack([v[k] for v in Texts(n=4)]) for k in ("input_ids", "attention_mask", "labels")}
+    losses = [transformers.Trainer(model=m, args=args).compute_loss(m, dict(batch)) for m in (base, model)]
+    torch.testing.assert_close(losses[1], losses[0])  # the adapters start as the identity
+    assert repr(model).startswith("PeftModelForLlamaForCausalLM(")

@@ -41,7 +41,7 @@ class HookedModel(Forwarding):
 
     def finish(self) -> None:
         """Wraps modules_to_save and marks what trains; call once the method's own parameters exist."""
-        config = self.config
+        config = self.method_config
         name = self.active_adapters[0]
         for path, module in list(self.model.named_modules()):
             if config.modules_to_save and _name_matches(path, config.modules_to_save) \
@@ -49,8 +49,10 @@ class HookedModel(Forwarding):
                 _set_submodule(self.model, path, ModulesToSaveWrapper(module, name))
         self._mark_trainable()
 
+    # Not `config`: that name is the wrapped model's transformers config, which the HF Trainer reads through the
+    # PeftModel (pad_token_id for generation, problem_type, use_cache); this property stood in front of it.
     @property
-    def config(self):
+    def method_config(self):
         return self.peft_config[self.active_adapters[0]]
 
     def hook(self, handle) -> None:
@@ -82,7 +84,7 @@ class HookedModel(Forwarding):
 
     def _mark_trainable(self) -> None:
         self.requires_grad_(False)  # the model and anything a method keeps aside
-        trainable = not self.config.inference_mode
+        trainable = not self.method_config.inference_mode
         for p in self.adapter_parameters():
             p.requires_grad_(trainable)
         for _, wrapper in self._wrappers():

@@ -130,7 +130,7 @@ class ScaLearnModel(AdapterModel):
 
     def apply(self, site: Site, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         deltas = torch.stack([source[site.key].delta(x) for source in self.sources])
-        omega = self.omega["shared" if self.config.shared else site.key].to(deltas.dtype)
+        omega = self.omega["shared" if self.method_config.shared else site.key].to(deltas.dtype)
         omega = omega.view(omega.shape[0], *([1] * (deltas.dim() - 2)), omega.shape[1])
         return residual + (omega * deltas).sum(dim=0)
 
