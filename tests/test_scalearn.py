@@ -37,7 +37,7 @@ def by_hand(base, pm, batch):
         return adapter.scale * F.linear(a, adapter.up.weight, adapter.up.bias)
 
     for site in pm.sites:
-        omega = pm.omega["shared" if pm.config.shared else site.key].detach()
+        omega = pm.omega["shared" if pm.method_config.shared else site.key].detach()
 
         def hook(module, args, out, site=site, omega=omega):
             return out + sum(omega[i] * delta(s[site.key], out) for i, s in enumerate(pm.sources))
