@@ -475,6 +475,16 @@ def test_switching_adapters_leaves_what_the_user_unfroze_alone():
     assert "base_model.model.model.embed_tokens.weight" in trainable()
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_deleting_an_adapter_stops_its_biases_training(bias):
+    """set_adapter marks only what the adapters still there own: the deleted one's biases kept training."""
+    model = get_peft_model(fresh(FAMILIES["bert"]), LoraConfig(r=2, target_modules=["query"], bias=bias))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["value"]))
+    model.delete_adapter("default")
+    assert model.active_adapters == ["other"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)

@@ -279,35 +279,36 @@ class LoraModel(Forwarding):
         """The active adapters' parameters (and the biases their configs train) train, every other adapter's are
         frozen. Parameters no adapter owns keep what they have: frozen when an adapter was injected, unless the user
         unfroze one since (an embedding, say), which switching adapters leaves alone, as HF PEFT's set_adapter."""
-        layers, wrappers = self.lora_layers(), self.save_wrappers()
-
-        def owned(name: str):
-            config = self.peft_config[name]
-            for _, layer in layers:
-                if name in layer.lora_A:
-                    yield from layer.adapter_parameters(name)
-                    if config.bias == "lora_only" and layer.base_layer.bias is not None:
-                        yield layer.base_layer.bias
-            for _, wrapper in wrappers:
-                if name in wrapper.modules_to_save:
-                    yield from wrapper.modules_to_save[name].parameters()
-            if config.bias == "all":
-                yield from (p for n, p in self.model.named_parameters()
-                            if n.endswith("bias") and ".original_module." not in n)
-
         for name in self.peft_config:
-            for p in owned(name):
+            for p in self._owned_parameters(name):
                 p.requires_grad_(False)
         for name in self.active_adapters:
             if not self.peft_config[name].inference_mode:
-                for p in owned(name):
+                for p in self._owned_parameters(name):
                     p.requires_grad_(True)
+
+    def _owned_parameters(self, name: str):
+        """What adapter `name` trains: its factors, its modules_to_save copies, and the biases its config trains."""
+        config = self.peft_config[name]
+        for _, layer in self.lora_layers():
+            if name in layer.lora_A:
+                yield from layer.adapter_parameters(name)
+                if config.bias == "lora_only" and layer.base_layer.bias is not None:
+                    yield layer.base_layer.bias
+        for _, wrapper in self.save_wrappers():
+            if name in wrapper.modules_to_save:
+                yield from wrapper.modules_to_save[name].parameters()
+        if config.bias == "all":
+            yield from (p for n, p in self.model.named_parameters()
+                        if n.endswith("bias") and ".original_module." not in n)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; adapters are: {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError(f"{name!r} is the only adapter: a model needs one (unload() returns the base model)")
+        for p in self._owned_parameters(name):  # its biases stay in the model: set_adapter below marks what trains
+            p.requires_grad_(False)
         for _, layer in self.lora_layers():
             layer.delete_adapter(name)
         for _, wrapper in self.save_wrappers():
