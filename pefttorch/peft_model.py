@@ -231,9 +231,9 @@ class PeftModel(Forwarding):
             have = list(peft_config.modules_to_save or [])
             peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
         active = self.active_adapters
-        self.base_model.inject_adapter(peft_config, adapter_name)
+        # the density loss attached inside the injection: refused (another config's is on), it undoes the adapter too
+        self.base_model.inject_adapter(peft_config, adapter_name, then=lambda: self._attach_density_loss(peft_config))
         self.base_model.set_adapter(active)
-        self._attach_density_loss(peft_config)
 
     def _attach_density_loss(self, config) -> None:
         if getattr(config, "density_loss", None) is None:
@@ -396,14 +396,10 @@ class PeftModel(Forwarding):
         """Loads another saved adapter next to the existing ones (not made active)."""
         config = _load_config(model_id, is_trainable)
         active = self.active_adapters
-        self.base_model.inject_adapter(config, adapter_name)
-        try:
-            self._load_weights(model_id, adapter_name)
-        except Exception:
-            self.base_model.delete_adapter(adapter_name)
-            raise
-        finally:
-            self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
+        # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter left
+        # empty LoRA layers and modules_to_save wrappers, and the model frozen again)
+        self.base_model.inject_adapter(config, adapter_name, then=lambda: self._load_weights(model_id, adapter_name))
+        self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
 
     def _load_weights(self, model_id, adapter_name: str) -> None:
         from .integrations.hf_format import load_adapter_weights

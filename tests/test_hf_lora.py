@@ -673,6 +673,45 @@ def test_a_failed_add_adapter_leaves_the_model_as_it_was(monkeypatch, k):
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # the name is free
 
 
+def test_a_failed_load_adapter_or_density_loss_leaves_the_model_as_it_was(tmp_path):
+    """load_adapter undid a file that did not fit by deleting the adapter, which left empty LoRA layers (other state
+    dict keys), the classifier wrapped and an embedding the user had unfrozen frozen; add_adapter kept an adapter
+    whose density loss was refused."""
+    from safetensors.torch import load_file, save_file
+
+    import pefttorch
+
+    family = FAMILIES["bert"]
+    src = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["value"], modules_to_save=["classifier"]))
+    src.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in saved.items() if "layer.1." not in k}, tmp_path / "adapter_model.safetensors")
+    model = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["query"],
+                                                     density_loss=pefttorch.DensityLossConfig(weight=0.5)))
+    embedding = model.get_base_model().bert.embeddings.word_embeddings.weight
+    embedding.requires_grad_(True)
+    before = _structure(model)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model.load_adapter(tmp_path, "b")
+    assert _structure(model) == before and list(model.peft_config) == ["default"]
+    with pytest.raises(ValueError, match="a density loss with another config is attached already"):
+        model.add_adapter("c", LoraConfig(r=2, target_modules=["value"],
+                                          density_loss=pefttorch.DensityLossConfig(weight=1.0)))
+    assert _structure(model) == before and list(model.peft_config) == ["default"]
+
+
+def test_a_failed_modules_to_save_copy_gives_the_head_back_trainable():
+    """The wrapper freezes the original before copying it: a copy that failed left the user's head frozen."""
+    import threading
+
+    base = fresh(FAMILIES["bert"])
+    base.classifier.lock = threading.Lock()  # deepcopy refuses it (as an out-of-memory error while copying would)
+    with pytest.raises(TypeError, match="pickle"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert all(p.requires_grad for p in base.parameters())
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_a_failed_get_peft_model_leaves_the_model_as_it_was(monkeypatch, k):
     family = FAMILIES["llama"]

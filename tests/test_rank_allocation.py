@@ -778,6 +778,9 @@ def test_a_model_split_over_devices_is_refused_up_front(method):
     stack.blocks[1].mid.to("meta")  # a second device, as far as the adapters' placement goes
     with pytest.raises(NotImplementedError, match=r"one device.*blocks\.1\.mid on meta"):
         get_peft_model(stack, incre() if method == "incre" else ada())
+    # refused after the layers were in (the allocator sees them): they are taken out again, the model as it came
+    assert not any(isinstance(m, RankedLoraLayer) for m in stack.modules())
+    assert all(p.requires_grad for p in stack.parameters())
 
 
 @pytest.mark.parametrize("adapters_on", ["cpu", "cuda:1"])

@@ -90,7 +90,7 @@ class HookedModel(Forwarding):
         for _, wrapper in self._wrappers():
             wrapper.modules_to_save.requires_grad_(trainable)
 
-    def inject_adapter(self, config, adapter_name: str) -> None:
+    def inject_adapter(self, config, adapter_name: str, then=None) -> None:
         raise ValueError(f"a model with {self.method} holds one adapter set")
 
     def set_adapter(self, names) -> None:

@@ -162,9 +162,10 @@ class LoraModel(Forwarding):
     def save_wrappers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
-    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, then=None) -> None:
         """Adds adapter `adapter_name` to every layer `config` targets. Checks what it can first; on any error the
-        model is left as it was (what was changed is undone)."""
+        model is left as it was (what was changed is undone), an error of `then()` included, called once the adapter
+        is in (load_adapter loads its weights there)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -184,7 +185,11 @@ class LoraModel(Forwarding):
         swapped, extended, wrapped, copied = [], [], [], []
         try:
             corrected = self._inject(targets, config, adapter_name, swapped, extended, wrapped, copied)
+            self.peft_config[adapter_name] = config
+            if then is not None:
+                then()
         except BaseException:
+            self.peft_config.pop(adapter_name, None)
             for layer in extended:
                 layer.delete_adapter(adapter_name)
             for name, layer in swapped:
@@ -192,10 +197,10 @@ class LoraModel(Forwarding):
             for wrapper in copied:
                 if adapter_name in wrapper.modules_to_save:
                     del wrapper.modules_to_save[adapter_name]
-            for name, wrapper, requires_grad in wrapped:
-                for p, flag in zip(wrapper.original_module.parameters(), requires_grad, strict=True):
+            for name, module, requires_grad in wrapped:
+                for p, flag in zip(module.parameters(), requires_grad, strict=True):
                     p.requires_grad_(flag)
-                _set_submodule(self.model, name, wrapper.original_module)
+                _set_submodule(self.model, name, module)
             raise
         self.model.requires_grad_(False)  # as HF PEFT's injection: set_adapter then marks what trains
         if corrected:
@@ -204,7 +209,6 @@ class LoraModel(Forwarding):
             warnings.warn(f"fan_in_fan_out=True does not fit {len(corrected)} nn.Linear layer(s) "
                           f"({', '.join(corrected[:3])}{' ...' if len(corrected) > 3 else ''}): using (out, in)",
                           stacklevel=2)
-        self.peft_config[adapter_name] = config
 
     def _inject(self, targets: list[Target], config: LoraConfig, adapter_name: str, swapped: list, extended: list,
                 wrapped: list, copied: list) -> list[str]:
@@ -233,10 +237,9 @@ class LoraModel(Forwarding):
                 copied.append(module)
                 module.add_adapter(adapter_name)
             elif not any(isinstance(p, ModulesToSaveWrapper) for p in self._parents(name)):
-                requires_grad = [p.requires_grad for p in module.parameters()]  # the wrapper freezes the original
-                wrapper = ModulesToSaveWrapper(module, adapter_name)
-                _set_submodule(self.model, name, wrapper)
-                wrapped.append((name, wrapper, requires_grad))
+                # recorded first: the wrapper freezes the original before copying it, which may fail
+                wrapped.append((name, module, [p.requires_grad for p in module.parameters()]))
+                _set_submodule(self.model, name, ModulesToSaveWrapper(module, adapter_name))
         return corrected
 
     def add_to_layer(self, layer: LoraLayer, target: Target, config: LoraConfig, adapter_name: str,

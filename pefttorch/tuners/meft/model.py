@@ -239,7 +239,7 @@ class MeftModel(Forwarding):
         if names != self.active_adapters:
             raise ValueError(f"MEFT holds one adapter ({self.active_adapters[0]!r}); cannot activate {names}")
 
-    def inject_adapter(self, config, adapter_name: str) -> None:
+    def inject_adapter(self, config, adapter_name: str, then=None) -> None:
         raise NotImplementedError("MEFT holds one adapter per model: its layers are rebuilt around it")
 
     def delete_adapter(self, name: str) -> None:

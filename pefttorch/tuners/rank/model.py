@@ -35,7 +35,11 @@ class RankedLoraModel(LoraModel):
         super().__init__(model, config, adapter_name, autocast_adapter_dtype)
         layers = self.lora_layers()
         allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
-        self.allocator = allocator_cls(layers, adapter_name, config)
+        try:
+            self.allocator = allocator_cls(layers, adapter_name, config)
+        except BaseException:  # refused (a model split over devices): the model given back as it came
+            LoraModel.unload(self, merge=False)
+            raise
         self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
         self.register_load_state_dict_pre_hook(_note_missing_allocator_state)
         self.register_load_state_dict_post_hook(_load_allocator_state)
@@ -52,7 +56,7 @@ class RankedLoraModel(LoraModel):
         # applied by _load_allocator_state, once the layers have loaded their ranks (children load after this)
         self._pending_allocator_state = state.cpu().numpy().tobytes()
 
-    def inject_adapter(self, config: RankConfig, adapter_name: str) -> None:
+    def inject_adapter(self, config: RankConfig, adapter_name: str, then=None) -> None:
         if self.peft_config:
             raise ValueError(f"a model with {type(config).__name__[:-6]} holds one adapter; it has "
                              f"{list(self.peft_config)} already")
@@ -62,7 +66,7 @@ class RankedLoraModel(LoraModel):
         if isinstance(config, IncreLoraConfig) and config.top_h > n:
             raise ValueError(f"IncreLoraConfig: top_h={config.top_h} is larger than the number of adapted modules "
                              f"({n})")
-        super().inject_adapter(config, adapter_name)
+        super().inject_adapter(config, adapter_name, then)
 
     def add_to_layer(self, layer: RankedLoraLayer, target: Target, config: RankConfig, adapter_name: str,
                      dtype: torch.dtype) -> None:
