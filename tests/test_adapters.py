@@ -387,8 +387,9 @@ def test_bf16_model_keeps_fp32_adapters_and_trains():
 
 def test_a_bare_decoder_gets_adapters_and_layer_selection():
     """What AutoModel returns (LlamaModel: its blocks are "layers.N", its own first component) got no adapter at all
-    ("found no place"), and layers_to_transform matched nothing there for every method: the layer index was only read
-    after one more component, as in model.layers.N."""
+    ("found no place"), and layers_to_transform matched nothing there: the layer index was only read after one more
+    component, as in model.layers.N. LoRA keeps HF PEFT's reading (which has no index there), so that its save with
+    layers_to_transform always loads in HF PEFT: there it is refused with the layers available."""
     torch.manual_seed(0)
     bare = FAMILIES["llama"].build().model  # the LlamaModel inside LlamaForCausalLM
     ids = torch.randint(1, 90, (2, 5))
@@ -398,8 +399,9 @@ def test_a_bare_decoder_gets_adapters_and_layer_selection():
 
     assert layers_trained(get_peft_model(copy.deepcopy(bare), AdapterConfig(bottleneck=4))) == {"0", "1"}
     for config in (AdapterConfig(bottleneck=4, layers_to_transform=[1]), pefttorch.IA3Config(layers_to_transform=[1]),
-                   pefttorch.LNTuningConfig(layers_to_transform=[1]),
-                   pefttorch.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1])):
+                   pefttorch.LNTuningConfig(layers_to_transform=[1])):
         model = get_peft_model(copy.deepcopy(bare), config)
         assert layers_trained(model) == {"1"}, type(config).__name__
         model(input_ids=ids)
+    with pytest.raises(ValueError, match=r"matched no linear layer .*layers_to_transform=\[1\]"):
+        get_peft_model(copy.deepcopy(bare), pefttorch.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1]))

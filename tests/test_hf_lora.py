@@ -573,6 +573,30 @@ def test_bias_options_and_modules_to_save(tmp_path):
     torch.testing.assert_close(logits(ours, inp), logits(theirs.eval(), inp))
 
 
+def test_layers_to_transform_picks_the_layers_hf_peft_picks():
+    """In a model numbered twice from its top (timm's Swin: layers.<stage>.blocks.<block>) LoRA must read the index
+    as HF PEFT does (the block's), or PEFT loads the save onto other layers, silently."""
+    from torch import nn
+
+    def stage():
+        s = nn.Module()
+        s.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2))
+        return s
+
+    def net():
+        n = nn.Module()
+        n.layers = nn.ModuleList(stage() for _ in range(2))
+        return n
+
+    def picked(m):
+        return sorted(n.removeprefix("base_model.model.") for n, x in m.named_modules() if isinstance(x, LoraLayer)
+                      or type(x).__name__ == "Linear" and hasattr(x, "lora_A"))
+
+    ours = get_peft_model(net(), LoraConfig(r=2, target_modules=["0"], layers_to_transform=[0]))
+    theirs = peft.get_peft_model(net(), peft.LoraConfig(r=2, target_modules=["0"], layers_to_transform=[0]))
+    assert picked(ours) == picked(theirs) == ["layers.0.blocks.0.0", "layers.1.blocks.0.0"]
+
+
 def test_config_errors():
     model = fresh(FAMILIES["llama"])
     with pytest.raises(ValueError, match=r"matched no linear layer.*available to match: .*q_proj \(x2\)"):

@@ -38,13 +38,14 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def _layer_index(name: str, layers_pattern) -> int | None:
+def _layer_index(name: str, layers_pattern, top_level: bool = True) -> int | None:
     """Index of the block a module belongs to: the number after ``<layers_pattern>.`` (default: the first
-    numbered component), e.g. 3 for ``model.layers.3.self_attn.q_proj``, and for ``layers.3.mlp`` in a bare
-    decoder (what AutoModel gives, whose blocks are its own first component; HF PEFT's pattern needs one more)."""
+    numbered component after the first component), e.g. 3 for ``model.layers.3.self_attn.q_proj``. With
+    `top_level`, where that finds none, the number after the first component: ``layers.3.mlp`` in a bare decoder
+    (what AutoModel gives). LoRA asks without it, as HF PEFT reads the index: its saves must load there."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
     if not patterns:
-        m = re.match(r"(?:^|.*?\.)[^.]*\.(\d+)\.", name)
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name) or (re.match(r"[^.]*\.(\d+)\.", name) if top_level else None)
         return int(m.group(1)) if m else None
     for pattern in patterns:
         m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
@@ -103,7 +104,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
                 or _in_modules_to_save(name, config.modules_to_save)
                 or (config.layers_to_transform
-                    and _layer_index(name, config.layers_pattern) not in config.layers_to_transform)):
+                    and _layer_index(name, config.layers_pattern, top_level=False) not in config.layers_to_transform)):
             continue
         if not linear:
             unsupported.append(f"{name} ({type(module).__name__})")
