@@ -63,12 +63,30 @@ def _note_resized(p: nn.Parameter) -> None:
         _fit_hook = register_optimizer_step_pre_hook(_fit_optimizer_state)
 
 
+# Adafactor's factored second moments (transformers' and torch's): a factor per row, which follows the rows, and one
+# per column, which does not. Everything else per entry has the factor's own shape.
+_ROW_FACTORS = ("exp_avg_sq_row", "row_var")
+_COLUMN_FACTORS = ("exp_avg_sq_col", "col_var")
+
+
+def _fresh_value(optimizer: torch.optim.Optimizer, p: nn.Parameter, key: str) -> float:
+    """What `optimizer` starts a new entry's state `key` at: zero but for Rprop's step size (lr) and Adagrad's sum
+    (initial_accumulator_value)."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if key == "step_size" and isinstance(optimizer, torch.optim.Rprop):
+        return float(group["lr"])
+    if key == "sum" and isinstance(optimizer, torch.optim.Adagrad):
+        return float(group["initial_accumulator_value"])
+    return 0.0
+
+
 def _fit_optimizer_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Before any optimizer's step: its per-entry state of a resized factor (moments, momentum buffers) is cut or
-    zero-padded along the component dimension to the factor's shape. The new slots hold no component that has
-    trained, so zero is their fresh state; the rest keeps what it had (the stale moments README mentions: only
-    :class:`pefttorch.optim.RankAwareAdamW`, which matches its state by component id and is skipped here, gets the
-    components right)."""
+    """Before any optimizer's step: its per-entry state of a resized factor (moments, momentum buffers, Adafactor's
+    row factors) is cut or extended along the component dimension to the factor's rows, the new rows at the state
+    the optimizer starts an entry with (their components have not trained). The rest keeps what it had (the stale
+    moments README mentions: only :class:`pefttorch.optim.RankAwareAdamW`, which matches its state by component
+    id and is skipped here, gets the components right). A state of another layout is refused by name: guessed, it
+    would train the new components wrong, or crash, or (fused AdamW, unresized) write out of bounds."""
     from ...optim import RankAwareAdamW
 
     if isinstance(optimizer, RankAwareAdamW):
@@ -78,12 +96,19 @@ def _fit_optimizer_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None
         if not state:
             continue
         for key, value in state.items():
-            if (isinstance(value, torch.Tensor) and value.dim() == p.dim() > 0 and value.shape[1:] == p.shape[1:]
-                    and value.shape[0] != p.shape[0]):
-                fitted = value.new_zeros(p.shape)
-                n = min(value.shape[0], p.shape[0])
-                fitted[:n] = value[:n]
-                state[key] = fitted
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or key in _COLUMN_FACTORS \
+                    or value.shape[0] == p.shape[0]:
+                continue
+            if value.shape[1:] != p.shape[1:] and key not in _ROW_FACTORS:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for a factor "
+                    f"IncreLoRA resized to {tuple(p.shape)}, a layout pefttorch does not know how to resize: train "
+                    f"with pefttorch.optim.RankAwareAdamW, or set IncreLoraConfig(max_rank_per_module=...) so that "
+                    f"the storage is allocated up front")
+            fitted = value.new_full((p.shape[0], *value.shape[1:]), _fresh_value(optimizer, p, key))
+            n = min(value.shape[0], p.shape[0])
+            fitted[:n] = value[:n]
+            state[key] = fitted
 
 
 class Components(nn.Module):
