@@ -572,6 +572,18 @@ def test_bias_options_and_modules_to_save(tmp_path):
     ours = PeftModel.from_pretrained(fresh(family), tmp_path / "peft-all")
     torch.testing.assert_close(logits(ours, inp), logits(theirs.eval(), inp))
 
+    # saved from a model where another adapter wrapped a layer this one does not: its bias under
+    # <path>.base_layer.bias, which a model without that adapter (plain <path>.bias) refused
+    both = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["query"], bias="all", init_lora_weights=False))
+    both.add_adapter("other", LoraConfig(r=2, target_modules=["value"]))
+    with torch.no_grad():
+        for n, p in both.named_parameters():
+            if n.endswith("value.base_layer.bias"):
+                p.normal_()
+    both.save_pretrained(tmp_path / "two")
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path / "two")
+    torch.testing.assert_close(logits(loaded, inp), logits(both, inp))
+
 
 def test_layers_to_transform_picks_the_layers_hf_peft_picks():
     """In a model numbered twice from its top (timm's Swin: layers.<stage>.blocks.<block>) LoRA must read the index

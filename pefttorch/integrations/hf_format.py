@@ -52,8 +52,14 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
             # adapter name (<path>.modules_to_save.bias, next to <path>.bias, the same values): the copy's bias
             path, sep, rest = name.partition(".modules_to_save.")
             head_copy = f"{path}.modules_to_save.{adapter_name}.{rest}" if sep else None
-            if key.endswith(".bias") and (name in params or head_copy in params):
-                expected[key] = params[name if name in params else head_copy].detach()
+            # and the bias of a layer another adapter of the saving model had wrapped (<path>.base_layer.bias),
+            # plain here
+            plain = name.removesuffix(".base_layer.bias") + ".bias" if name.endswith(".base_layer.bias") else None
+            found = next((n for n in (name, head_copy, plain) if n in params), None)
+            if key.endswith(".bias") and found is not None:
+                expected[key] = params[found].detach()
+                if found == plain and "base_model.model." + plain not in saved:
+                    expected.pop("base_model.model." + plain, None)  # the file has it under the other key
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
