@@ -36,7 +36,9 @@ class IA3Config(TargetedConfig):
             projection for BERT, Llama, T5, Marian/BART and GPT-2 families.
         feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None (as in HF
             PEFT): the model type's default feedforward modules, those of them among the targets (none for a model
-            type without defaults).
+            type without defaults). The defaults are pefttorch's: for BERT the FFN's output projection only, where
+            HF PEFT's suffix ``output.dense`` takes the attention's output projection too. Saves name the modules,
+            so either library loads them as they were trained.
         exclude_modules: names or a regex of modules never adapted.
         layers_to_transform: only these layer indices (pefttorch's; saved as an exact regex for HF PEFT).
         fan_in_fan_out: accepted for HF PEFT compatibility; the layer type decides the layout.
