@@ -114,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cpu":
             console.print("no CUDA device: running on the CPU" + ("" if args.shapes else " with CPU-sized shapes"))
     inputs = {suite: _INPUTS[suite](args, device, quick) for suite in suites}
-    for suite in [s for s in suites if inputs[s] is None]:  # --runs named none of its runs
-        if len(suites) == 1:
-            raise UsageError(f"--runs names none of the {suite} suite's runs ({', '.join(_suite_runs(suite))})")
+    skipped = [s for s in suites if inputs[s] is None]  # --runs named none of their runs
+    if skipped and len(skipped) == len(suites):
+        raise UsageError("--runs names none of the " + "; ".join(f"{s} suite's runs ({', '.join(_suite_runs(s))})"
+                                                                 for s in skipped))
+    for suite in skipped:
         console.print(f"{suite}: --runs names none of its runs, skipped")
         suites.remove(suite)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
