@@ -59,10 +59,7 @@ def _finite(text: str) -> float:
 
 def probability(text: str) -> float:
     """An argparse type: a dropout probability, in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _finite(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value

@@ -76,6 +76,13 @@ def randomize(model, scale=0.3):
                 p.copy_(torch.randn_like(p) * scale)
 
 
+def statistics(allocator) -> torch.Tensor:
+    """The allocator's smoothed scores, flat: IncreLoRA's one value per module, AdaLoRA's a tensor per factor."""
+    if isinstance(allocator.ipt, torch.Tensor):
+        return torch.cat([allocator.ipt, allocator.unc])
+    return torch.cat([t.flatten() for ts in (*allocator.ipt, *allocator.unc) for t in ts])
+
+
 def train_step(model, optimizer, x, step):
     loss = model(x).square().mean()
     loss.backward()
@@ -386,17 +393,12 @@ def test_steps_only_go_forward(make, tmp_path):
     model.update_and_allocate(2)
     allocator = model.base_model.allocator
 
-    def statistics():  # IncreLoRA's: one value per module; AdaLoRA's: a tensor per factor of every module
-        if isinstance(allocator.ipt, torch.Tensor):
-            return torch.cat([allocator.ipt, allocator.unc])
-        return torch.cat([t.flatten() for ts in (*allocator.ipt, *allocator.unc) for t in ts])
-
-    ranks, events, before = model.rank_pattern(), list(allocator.events), statistics().clone()
+    ranks, events, before = model.rank_pattern(), list(allocator.events), statistics(allocator).clone()
     assert before.abs().sum() > 0
     with pytest.warns(UserWarning, match=r"update_and_allocate\(2\) was called for step 2 already: ignored"):
         assert model.update_and_allocate(2) is None
     assert model.rank_pattern() == ranks and allocator.events == events
-    assert torch.equal(statistics(), before)
+    assert torch.equal(statistics(allocator), before)
     with pytest.raises(ValueError, match=r"update_and_allocate\(1\) after step 2: steps only go forward"):
         model.update_and_allocate(1)
     torch.save(model.state_dict(), tmp_path / "state.pt")  # the last step is part of the schedule's state
@@ -717,21 +719,16 @@ def test_a_step_with_overflowed_gradients_leaves_the_statistics_as_they_were(con
     opt = RankAwareAdamW(model.parameters(), lr=1e-3)
     x = torch.randn(8, 13)
 
-    def statistics():  # IncreLoRA's: one value per module; AdaLoRA's: a tensor per factor of every module
-        if isinstance(allocator.ipt, torch.Tensor):
-            return torch.cat([allocator.ipt, allocator.unc])
-        return torch.cat([t.flatten() for ts in (*allocator.ipt, *allocator.unc) for t in ts])
-
     for step in range(3):
         train_step(model, opt, x, step)
-    before = statistics().clone()
+    before = statistics(allocator).clone()
     assert before.abs().sum() > 0 and torch.isfinite(before).all()
     (model(x).square().mean() * float("inf")).backward()  # every gradient inf or NaN: the scaler skips opt.step()
     model.update_and_allocate(3)
     opt.zero_grad()
-    assert torch.equal(statistics(), before)
+    assert torch.equal(statistics(allocator), before)
     train_step(model, opt, x, 4)
-    after = statistics()
+    after = statistics(allocator)
     assert torch.isfinite(after).all() and not torch.equal(after, before)
 
 

@@ -226,24 +226,27 @@ def _runs(args, suite: str) -> list[str] | None:
     return [n for n in names if n in known] or None
 
 
+def _shapes(args, suite: str, parse, default) -> list:
+    """--shapes parsed by the suite's parser, or the suite's default grid."""
+    try:
+        return [parse(s) for s in args.shapes.split(",")] if args.shapes else default()
+    except ValueError as err:
+        raise UsageError(f"{suite}: {err}") from None
+
+
 def _lora_inputs(args, device, quick) -> dict:
     from . import lora
 
-    try:
-        shapes = ([lora.Shape.parse(s) for s in args.shapes.split(",")] if args.shapes
-                  else lora.default_shapes(device, quick))
-    except ValueError as err:
-        raise UsageError(f"lora: {err}") from None
-    return {"shapes": shapes, "impls": _names(args.impls, lora.IMPLS, "implementations")}
+    return {"shapes": _shapes(args, "lora", lora.Shape.parse, lambda: lora.default_shapes(device, quick)),
+            "impls": _names(args.impls, lora.IMPLS, "implementations")}
 
 
 def _sparse_inputs(args, device, quick) -> dict:
     from . import sparse
 
-    shapes, tokens, densities = sparse.default_grid(device, quick)
+    default_shapes, tokens, densities = sparse.default_grid(device, quick)
+    shapes = _shapes(args, "sparse", sparse.MLPShape.parse, lambda: default_shapes)
     try:
-        if args.shapes:
-            shapes = [sparse.MLPShape.parse(s) for s in args.shapes.split(",")]
         if args.tokens:
             tokens = tuple(int(t) for t in args.tokens.split(","))
         if args.densities:
@@ -258,12 +261,7 @@ def _sparse_inputs(args, device, quick) -> dict:
 def _adapter_inputs(args, device, quick) -> dict:
     from . import adapter
 
-    try:
-        shapes = ([adapter.AdapterShape.parse(s) for s in args.shapes.split(",")] if args.shapes
-                  else adapter.default_grid(device, quick))
-    except ValueError as err:
-        raise UsageError(f"adapter: {err}") from None
-    return {"shapes": shapes}
+    return {"shapes": _shapes(args, "adapter", adapter.AdapterShape.parse, lambda: adapter.default_grid(device, quick))}
 
 
 def _runs_inputs(suite: str):
