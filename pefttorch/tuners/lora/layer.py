@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from ... import functional
 
@@ -39,6 +40,23 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
+def has_linear_forward(module: nn.Module) -> bool:
+    """Whether `module`'s class computes nn.Linear's (or Conv1D's) forward, not one of its own (a subclass for fake
+    quantization or weight noise)."""
+    conv1d = conv1d_class()
+    return type(module).forward is nn.Linear.forward or (conv1d is not None and type(module).forward is conv1d.forward)
+
+
+def calls_only_linear(module: nn.Module) -> bool:
+    """Whether calling `module` computes nothing but its linear map, so the fused op may read its weight instead of
+    calling it. Not so for a class with its own forward, a module with forward hooks (input steering, DeepSpeed
+    ZeRO-3's parameter gathering) or an instance forward (🤗 Accelerate's device hooks): those are called, as HF
+    PEFT calls its base layer."""
+    return (has_linear_forward(module) and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks
+                     or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks))
+
+
 def dropout_p(module: nn.Module) -> tuple[float, bool]:
     """(probability, active) of a dropout module, or of nn.Identity (no dropout)."""
     if isinstance(module, nn.Dropout):
@@ -56,8 +74,11 @@ def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         layer.unmerge()
     if layer.disable_adapters or layer.merged or not active:
         return base(x)
+    if not all(calls_only_linear(m) for m in (base, layer.lora_A[active[0]], layer.lora_B[active[0]])):
+        # a base or factor that must be called (hooks, its own forward): no fusion, HF PEFT's arithmetic
+        return _add_unfused(layer, base(x), x, active)
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # (out, in) view, no copy
-    first, rest = active[0], active[1:]
+    first = active[0]
     p, training = dropout_p(layer.lora_dropout[first])
     # Adapter weights may be kept in fp32 next to a 16-bit base (HF PEFT's default): cast these small
     # matrices, not the large activations, and let autograd carry the gradient back to fp32.
@@ -65,7 +86,12 @@ def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x, weight, layer.lora_A[first].weight.to(x.dtype), layer.lora_B[first].weight.to(x.dtype), base.bias,
         scaling=layer.scaling[first], dropout=p, training=training,
     )
-    for name in rest:
+    return _add_unfused(layer, y, x, active[1:])
+
+
+def _add_unfused(layer: nn.Module, y: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """y plus the terms of adapters `names`, each computed as HF PEFT does."""
+    for name in names:
         a, b = layer.lora_A[name], layer.lora_B[name]
         h = layer.lora_dropout[name](x.to(a.weight.dtype))
         y = y + (b(a(h)) * layer.scaling[name]).to(y.dtype)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ... import functional, ops
-from ..lora.layer import LoraLayer, dropout_p
+from ..lora.layer import LoraLayer, calls_only_linear, dropout_p
 
 # dim 0 of each factor indexes components; kinds name the factor for the optimizer
 KINDS = ("A", "E", "B_t")
@@ -380,9 +380,16 @@ class RankedLoraLayer(LoraLayer):
         a, e, b_t = self.factors(name)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
+        bias, y = base.bias, None
+        if not calls_only_linear(base):
+            # a base layer that must be called (hooks, its own forward; see calls_only_linear): its output plus the
+            # adapter's term alone, from a zero weight. Rare, so the product with zeros is accepted; the adapter's
+            # term still goes through the op whose backward scores the components.
+            weight, bias, y = weight.new_zeros(()).expand(weight.shape), None, base(x)
         # the factors follow x's dtype inside (ops.ranked_lora_factors): only x, the weight and the bias need the cast
-        return functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
-            x, weight, bias, a, e, b_t, c, p, seed), x, weight, base.bias)
+        out = functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
+            x, weight, bias, a, e, b_t, c, p, seed), x, weight, bias)
+        return out if y is None else y + out.to(y.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update ``scaling * B diag(e) A`` (out, in) of the components in use, in float32."""
