@@ -4,6 +4,7 @@ own features still working, and unsupported layers left alone."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -150,3 +151,123 @@ def test_needs_peft_for_peft_models_only():
     with pytest.warns(UserWarning, match=r"Sequential has no HF PEFT LoRA layer; it serves models built by peft"):
         report = pefttorch.accelerate(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     assert report.switched == [] and report.skipped == {}
+
+
+class _FakeQuantLinear(torch.nn.Linear):
+    """A Linear with a forward of its own (quantization-aware training rounds the weight)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+def _one_projection(linear=torch.nn.Linear):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("proj", linear(17, 9))
+    return net
+
+
+def test_base_layers_that_must_be_called_are_called():
+    """A hook on the base layer (input steering, DeepSpeed ZeRO-3 gathering) and a Linear subclass with its own
+    forward were skipped: the fused op read the weight, as if the base were a plain Linear. HF PEFT calls it."""
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1))
+    config = dict(r=2, target_modules=["proj"], init_lora_weights=False)
+    model = peft.get_peft_model(_one_projection(), peft.LoraConfig(**config))
+    base = model.base_model.model.proj.base_layer
+    calls = []
+    base.register_forward_pre_hook(lambda module, args: (calls.append(1) or args[0] * 0.5,))
+    want = model(x)
+    assert pefttorch.accelerate(model).switched
+    torch.testing.assert_close(model(x), want)
+    assert len(calls) == 2
+
+    model = peft.get_peft_model(_one_projection(_FakeQuantLinear), peft.LoraConfig(**config))
+    want = model(x)
+    report = pefttorch.accelerate(model)
+    assert report.skipped == {"base_model.model.proj": "base layer _FakeQuantLinear has a forward of its own"}
+    torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_pefttorch_layers_call_a_hooked_base_layer(method):
+    """pefttorch's own LoRA layers follow the same rule: a hooked base layer is called, the adapter's term added;
+    the unhooked layer still takes the fused op (the profile shows it)."""
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    if method == "lora":
+        config = pefttorch.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
+    else:
+        config = pefttorch.IncreLoraConfig(target_modules=["proj"], init_rank=2, target_rank=2, top_h=1)
+    model = pefttorch.get_peft_model(_one_projection(), config)
+    layer = model.base_model.model.proj
+    if method == "increlora":
+        with torch.no_grad():  # B starts at zero: give the adapter's term a value
+            for p in layer.factors("default"):
+                p.normal_()
+    y_fused = model(x)
+    (g_fused,) = torch.autograd.grad(y_fused.sum(), x)
+    layer.base_layer.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    y = model(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    with torch.no_grad():
+        base = layer.base_layer.weight
+        half_base = torch.nn.functional.linear(x * 0.5, base, layer.base_layer.bias)
+        full_base = torch.nn.functional.linear(x, base, layer.base_layer.bias)
+    torch.testing.assert_close(y, y_fused - full_base + half_base, rtol=1e-5, atol=1e-5)
+    # d/dx: the base's share halves
+    torch.testing.assert_close(g, g_fused - 0.5 * base.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_hooks_keep_running_and_come_back():
+    """🤗 Accelerate's hooks (dispatch_model, offloading) hold the module's instance forward; the switch replaced
+    them and the undo deleted them, so they stopped running for good. Now the fused forward runs inside the hook,
+    and the undo gives the hook its previous computation back; other code's instance forward is left alone."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    family = FAMILIES["llama"]
+    model = peft_model(family).eval()
+    inputs = family.inputs(torch.Generator().manual_seed(1))
+    layers = model.base_model.model.model.layers
+    q, norm = layers[0].self_attn.q_proj, layers[0].input_layernorm
+    hooks.add_hook_to_module(q, Count())
+    hooks.add_hook_to_module(norm, Count())
+    want = model(**inputs).logits
+    assert Count.calls == 2
+    assert "base_model.model.model.layers.0.self_attn.q_proj" in pefttorch.accelerate(model).switched
+    assert "base_model.model.model.layers.0.input_layernorm" in pefttorch.fuse_norms(model).switched
+    torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+    assert Count.calls == 4 and is_accelerated(q)
+    pefttorch.deaccelerate(model)
+    pefttorch.unfuse_norms(model)
+    assert not is_accelerated(q)
+    torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+    assert Count.calls == 6
+    hooks.remove_hook_from_module(q)  # accelerate's own undo still finds the class's forward
+    assert "forward" not in q.__dict__ or q.forward.__func__ is type(q).forward
+
+    # a hook added after the switch wraps the fused forward, and the undo still finds it
+    pefttorch.accelerate(model)
+    hooks.add_hook_to_module(q, Count())
+    assert is_accelerated(q) and pefttorch.deaccelerate(model) == len(family.targets) * 2
+    torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+    v = layers[1].self_attn.v_proj  # someone else's instance forward: not ours to drop
+    v.forward = functools.partial(type(v).forward, v)
+    report = pefttorch.accelerate(model)
+    assert "already replaced by other code" in report.skipped["base_model.model.model.layers.1.self_attn.v_proj"]
+
+
+def test_the_report_names_the_lora_variant():
+    if not hasattr(peft.LoraConfig(), "alora_invocation_tokens"):
+        pytest.skip("this peft has no aLoRA")
+    model = peft.get_peft_model(_one_projection(), peft.LoraConfig(r=2, target_modules=["proj"],
+                                                                   alora_invocation_tokens=[3]),
+                                adapter_name="mine")
+    (reason,) = pefttorch.accelerate(model).skipped.values()
+    assert reason == "LoRA variant ['ALoraLinearVariant']"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .peft import AccelerateReport, has_forward, remove_forward, set_forward
+from .peft import FOREIGN, AccelerateReport, foreign_forward, has_forward, remove_forward, set_forward
 
 logger = logging.getLogger("pefttorch")
 
@@ -103,6 +103,9 @@ def fuse_norms(model: nn.Module, verbose: bool = True) -> AccelerateReport:
         eps = _eps(module)
         if eps is None:
             report.skipped[name] = f"no float eps among {', '.join(_EPS_NAMES)}"
+            continue
+        if foreign_forward(module):
+            report.skipped[name] = FOREIGN
             continue
         if module.weight.device.type == "meta":
             report.skipped[name] = "its weight is on the meta device"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..tuners.lora.layer import is_linear, lora_forward
+from ..tuners.lora.layer import has_linear_forward, is_linear, lora_forward
 
 logger = logging.getLogger("pefttorch")
 
@@ -54,12 +55,15 @@ def _unsupported(layer) -> str | None:
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
     if not is_linear(base):
         return f"base layer is {type(base).__name__}, not nn.Linear/Conv1D (e.g. quantized)"
+    if not has_linear_forward(base):
+        return f"base layer {type(base).__name__} has a forward of its own"
     if any(getattr(layer, "use_dora", {}).values()):
         return "DoRA"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias"
-    if getattr(layer, "lora_variant", None):
-        return f"LoRA variant {sorted(layer.lora_variant)}"
+    variants = getattr(layer, "lora_variant", None)  # adapter name -> variant object
+    if variants:
+        return f"LoRA variant {sorted({type(v).__name__ for v in variants.values()})}"
     return None
 
 
@@ -84,7 +88,7 @@ def accelerate(model: nn.Module, verbose: bool = True) -> AccelerateReport:
     report = AccelerateReport()
     for name, module in model.named_modules():
         if isinstance(module, peft_lora.Linear):
-            reason = _unsupported(module)
+            reason = FOREIGN if foreign_forward(module) else _unsupported(module)
             if reason is None:
                 set_forward(module, _accelerated_forward)
                 report.switched.append(name)
@@ -115,20 +119,62 @@ def is_accelerated(module: nn.Module) -> bool:
 # class's. The module keeps its class, parameters and state-dict keys. Bound with functools.partial, not as a
 # method: deepcopy and pickle rebuild a partial around the copied module, while a pickled bound method is looked up
 # by name on the module when loading, and no attribute has that name (torch.load of a whole model failed).
+#
+# 🤗 Accelerate's hooks (device_map dispatch, offloading) already hold the instance forward: theirs runs the hook
+# and then calls `_old_forward`, the module's computation. There the switch goes into `_old_forward`, so the hook
+# keeps running around the fused forward; what `_old_forward` held is kept aside and put back by the undo.
+_PRIOR = "_pefttorch_prior_forward"
+
+
+def _slot(module: nn.Module) -> str:
+    """The attribute that holds `module`'s computation."""
+    if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
+def _is(forward, fn) -> bool:
+    return isinstance(forward, functools.partial) and forward.func is fn
+
+
+def _ours(forward) -> bool:
+    return isinstance(forward, functools.partial) and getattr(forward.func, "__module__", "").startswith("pefttorch.")
+
+
+def foreign_forward(module: nn.Module) -> bool:
+    """Whether other code already replaced `module`'s forward by an instance attribute (other than an 🤗 Accelerate
+    hook, which :func:`set_forward` works with): switching it would silently drop that code."""
+    forward = module.__dict__.get("forward")
+    # the class's own forward, bound (what 🤗 Accelerate's remove_hook_from_module leaves behind), drops nothing
+    own = isinstance(forward, types.MethodType) and forward.__func__ is type(module).forward
+    return _slot(module) == "forward" and forward is not None and not own and not _ours(forward)
+
+
+FOREIGN = "its forward was already replaced by other code, which the switch would drop"
+
+
 def set_forward(module: nn.Module, fn) -> None:
-    module.forward = functools.partial(fn, module)
+    slot = _slot(module)
+    current = module.__dict__.get(slot)
+    if slot == "_old_forward" and not _ours(current):
+        module.__dict__[_PRIOR] = current
+    setattr(module, slot, functools.partial(fn, module))
 
 
 def has_forward(module: nn.Module, fn) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is fn
+    return _is(module.__dict__.get(_slot(module)), fn)
 
 
 def remove_forward(model: nn.Module, fn) -> int:
     """Removes `fn` wherever it was set in `model`; returns how many modules had it."""
     count = 0
     for module in model.modules():
-        if has_forward(module, fn):
+        if not has_forward(module, fn):
+            continue
+        if _slot(module) == "forward":
             del module.forward
-            count += 1
+        else:  # under an 🤗 Accelerate hook: what it called before (the class's forward if the hook came after us)
+            prior = module.__dict__.pop(_PRIOR, None)
+            module._old_forward = prior if prior is not None else types.MethodType(type(module).forward, module)
+        count += 1
     return count
