@@ -263,3 +263,44 @@ def test_partial_rotary_goes_through_the_kernel(unfused, family):
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fuse_rotary_leaves_functions_that_read_cos_otherwise_alone(unfused, monkeypatch):
+    """DINOv3's function takes a cos with no batch dimension and rotates only the patch tokens after the class and
+    register tokens. It passed a probe of batch 1 and was switched, and the model then failed in the kernel: now
+    the probe (batch, heads and tokens all different) refuses it, and a call whose cos is not one row per token of q
+    goes to the original even where a probe passed."""
+    import types
+
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("this transformers has no DINOv3")
+    torch.manual_seed(0)
+    model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_register_tokens=2)).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(pixel_values=pixels).last_hidden_state
+    report = pefttorch.fuse_rotary(model)
+    assert not report.switched and "failed on a probe" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, want)
+
+    def patches_only(q, k, cos, sin, unsqueeze_dim=1):  # the probe's layout as Llama; a 2-D cos as DINOv3
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            return reference.rotary_embedding(q, cos, sin), reference.rotary_embedding(k, cos, sin)
+        prefix = q.shape[-2] - cos.shape[-2]
+        return tuple(torch.cat([t[..., :prefix, :], reference.rotary_embedding(t[..., prefix:, :], cos, sin)], -2)
+                     for t in (q, k))
+
+    modeling = types.ModuleType("fake_patch_modeling")
+    modeling.apply_rotary_pos_emb = patches_only
+    monkeypatch.setitem(__import__("sys").modules, "fake_patch_modeling", modeling)
+    attention = type("FakeAttention", (torch.nn.Module,), {"__module__": "fake_patch_modeling"})
+    assert pefttorch.fuse_rotary(torch.nn.Sequential(attention())).switched == ["fake_patch_modeling"]
+    q, k, cos, sin = rand(2, 4, 19, 8), rand(2, 4, 19, 8), rand(16, 8), rand(16, 8)
+    for got, expected in zip(modeling.apply_rotary_pos_emb(q, k, cos, sin), patches_only(q, k, cos, sin),
+                             strict=True):
+        torch.testing.assert_close(got, expected)

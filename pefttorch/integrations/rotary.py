@@ -39,6 +39,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([ops.rotary_embedding(x[..., :width], cos, sin, False), x[..., width:]], dim=-1)
 
 
+def _aligned(cos: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the (unsqueezed) cos broadcasts over x's leading dimensions, as the kernel applies it (its width is
+    checked by the caller: all of x's or, with partial rotary, a share)."""
+    try:
+        return cos.dim() <= x.dim() and torch.broadcast_shapes(cos.shape[:-1], x.shape[:-1]) == x.shape[:-1]
+    except RuntimeError:
+        return False
+
+
 def _fused(original, partial: bool):
     """transformers' `original` through the kernel; with `partial`, also for a cos narrower than the head (partial
     rotary, as the probe found `original` computes it)."""
@@ -51,8 +60,12 @@ def _fused(original, partial: bool):
                 or width % 2 or k.shape[-1] != q.shape[-1] or sin.shape[-1] != width
                 or not (width == q.shape[-1] or (partial and width < q.shape[-1]))):
             return original(q, k, cos, sin, *args, **kwargs)
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos_u, sin_u = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        if not (_aligned(cos_u, q) and _aligned(cos_u, k) and sin_u.shape == cos_u.shape):
+            # cos/sin that do not broadcast to q and k (DINOv3's, with no batch dimension, cover only the patch
+            # tokens): the original knows what it means
+            return original(q, k, cos, sin, *args, **kwargs)
+        return _rotate(q, cos_u, sin_u), _rotate(k, cos_u, sin_u)
 
     apply_rotary_pos_emb.pefttorch_original = original
     apply_rotary_pos_emb.__doc__ = "pefttorch's rotary kernel in place of transformers' function (fuse_rotary)."
@@ -61,10 +74,13 @@ def _fused(original, partial: bool):
 
 def _probe_mismatch(fn, width: int = 8) -> str | None:
     """Why transformers' `fn` is not the half-split rotation the kernel computes, on a random probe of heads of 8
-    features and a cos `width` wide (8: whole heads; 4: partial rotary), or None: it is."""
+    features and a cos `width` wide (8: whole heads; 4: partial rotary), or None: it is. Calls with other layouts
+    are checked again when made (see _aligned)."""
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 1, 3, 8, generator=gen)
-    cos, sin = torch.randn(1, 3, width, generator=gen), torch.randn(1, 3, width, generator=gen)
+    # batch, heads and tokens all differ: a function that reads cos's dimensions otherwise (DINOv3's has no batch
+    # dimension) fails or differs here instead of matching by coincidence
+    q, k = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    cos, sin = torch.randn(2, 5, width, generator=gen), torch.randn(2, 5, width, generator=gen)
     try:
         with torch.no_grad():
             want = fn(q, k, cos, sin)
