@@ -883,3 +883,43 @@ def test_deepcopy_and_pickle(tmp_path):
         other = get_peft_model(fresh(family, seed=1), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
         twin.load_state_dict(other.state_dict())
         torch.testing.assert_close(logits(twin, inp), logits(other, inp))
+
+
+def test_bias_all_is_a_tensor_named_bias_as_in_hf_peft(tmp_path):
+    """Marian's (and BART's) `final_logits_bias` buffer ends in "bias" but is not named bias: pefttorch saved and
+    trained it under bias="all", HF PEFT does neither, and HF PEFT's save then failed to load here."""
+    family = FAMILIES["marian"]
+    config = dict(r=2, target_modules=["q_proj"], bias="all", init_lora_weights=False)
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(**config))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = get_peft_model(fresh(family), LoraConfig(**config))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    inp = inputs_of(family)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded, inp), logits(theirs.eval(), inp))
+
+
+def test_hf_peft_saves_with_the_embedding_layers_load(tmp_path):
+    """HF PEFT saves a targeted lm_head's (or embed_tokens') own weight next to the adapter and loads it back
+    (save_embedding_layers="auto", also after a vocabulary resize); pefttorch refused the file for that key."""
+    family = FAMILIES["llama"]
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                init_lora_weights=False))
+    with torch.no_grad():  # a fine-tuned head: the saved weight must reach the model, not just pass the check
+        theirs.base_model.model.lm_head.base_layer.weight.mul_(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF PEFT says it saves the embedding layers
+        theirs.save_pretrained(tmp_path)
+    inp = inputs_of(family)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(loaded, inp), logits(theirs.eval(), inp))

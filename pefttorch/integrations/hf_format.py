@@ -36,12 +36,31 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
 
 
+def _embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The input and output embedding layers' own tensors, under their saved keys. HF PEFT saves them next to the
+    adapter when the adapter targets one of them (``save_embedding_layers="auto"``: ``lm_head.base_layer.weight``)
+    or the vocabulary was resized, and loads them back into the model; so does this loader."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if layer is not None:
+            layers.append(getattr(layer, "base_layer", layer))
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"base_model.model.{names[id(layer)]}.{key}": value.detach()
+            for layer in layers if id(layer) in names for key, value in layer.state_dict().items()}
+
+
 def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:
     """Copies the saved tensors into adapter `adapter_name` of `lora_model` (a LoraModel or another tuner
     model), after checking that the file has exactly the tensors, of exactly the shapes, that this model's
     adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
+    embeddings = _embedding_tensors(lora_model.model)
+    expected.update({key: embeddings[key] for key in set(saved) - set(expected) if key in embeddings})
     if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
         # LoRA family only (the other tuners' configs have no `bias`): a trained bias of a module saved without
         # factors (pruned to rank 0) is under the plain module's key

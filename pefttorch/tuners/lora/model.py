@@ -18,6 +18,12 @@ ALL_LINEAR = "all-linear"
 PREFIX = "base_model.model."  # HF PEFT's key prefix in saved adapters
 
 
+def _is_bias(key: str) -> bool:
+    """What bias="all" trains and saves, as HF PEFT reads it: a tensor named bias (Marian's final_logits_bias is
+    not one)."""
+    return key == "bias" or key.endswith(".bias")
+
+
 def _name_matches(name: str, keys) -> bool:
     """HF PEFT's rule for lists of names: the module's name is a key or ends with ``.key``."""
     return any(name == k or name.endswith(f".{k}") for k in keys)
@@ -304,7 +310,7 @@ class LoraModel(Forwarding):
                 yield from wrapper.modules_to_save[name].parameters()
         if config.bias == "all":
             yield from (p for n, p in self.model.named_parameters()
-                        if n.endswith("bias") and ".original_module." not in n)
+                        if _is_bias(n) and ".original_module." not in n)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -419,7 +425,7 @@ class LoraModel(Forwarding):
                     out[f"{PREFIX}{path}.{key}"] = value
         if config.bias == "all":
             for key, value in self.model.state_dict().items():
-                if key.endswith("bias") and ".lora_" not in key and ".original_module." not in key \
+                if _is_bias(key) and ".lora_" not in key and ".original_module." not in key \
                         and ".modules_to_save." not in key:
                     path = key.removesuffix(".base_layer.bias")
                     out[f"{PREFIX}{path}.bias" if path in dropped else f"{PREFIX}{key}"] = value
