@@ -68,10 +68,12 @@ def train_ranked(model, optimizer, step_model, rank: int, world: int) -> dict:
 
 
 def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
+    # most training scripts build the model first, before the process group exists
+    early = ranked("increlora") if mode == "increlora-built-first" else None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        if mode in ("increlora", "adalora"):
-            model, optimizer = ranked(mode)
+        if mode in ("increlora", "adalora", "increlora-built-first"):
+            model, optimizer = early or ranked(mode)
             torch.save(train_ranked(model, optimizer, torch.nn.parallel.DistributedDataParallel(model), rank, world),
                        f"{out}.{rank}")
             dist.barrier()

@@ -93,7 +93,8 @@ class IncreLoraAllocator:
     # ------------------------------------------------------------------ importance
 
     def _share_generator(self) -> bool:
-        """Gives every process of a data-parallel run rank 0's generator; True if it did so just now."""
+        """Gives every process of a data-parallel run rank 0's generator; True if some process's generator differed
+        from rank 0's until now (its grid, drawn from it, then differed too)."""
         if self._shared_generator or not data_parallel():
             return False
         # NCCL moves only CUDA tensors: the adapters' device (a DDP script may place each rank's model without
@@ -104,16 +105,22 @@ class IncreLoraAllocator:
             device = self.ipt.device
             if device.type != "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
-        state = self.generator.get_state().to(device)
+        own = self.generator.get_state()
+        state = own.to(device)
         torch.distributed.broadcast(state, src=0)
-        self.generator.set_state(state.cpu())
+        state = state.cpu()
+        # Processes seeded alike (the usual case, and every resumed run: each loads the same saved state) drew the
+        # same grids already; only where one differed is this step's tile not comparable across processes
+        differed = torch.tensor([int(not torch.equal(state, own))], device=device)
+        torch.distributed.all_reduce(differed)
+        self.generator.set_state(state)
         self._shared_generator = True
         if self.config.max_rank_per_module is None:
             warnings.warn("IncreLoRA under data parallelism: a module that outgrows its storage (target_rank plus "
                           "reserve) gets new parameter storage, which DDP cannot follow; set "
                           "IncreLoraConfig(max_rank_per_module=...) so that it is allocated up front", UserWarning,
                           stacklevel=2)
-        return True
+        return bool(differed.item())
 
     def _new_sample(self) -> None:
         """Fresh grid offsets and zeroed tiles for the next step's backward. The tiles are views into one
@@ -184,6 +191,7 @@ class IncreLoraAllocator:
         if data_parallel():
             if self._share_generator():
                 return  # the processes sampled different grids this step: its tiles are not comparable
+            # (processes seeded alike sampled the same ones: the step counts, as in one process)
             # the gradient of the update over the whole batch is the mean of the processes' (their losses are
             # means over their own batches): one collective over the tiles' single buffer
             torch.distributed.all_reduce(self.tiles)
