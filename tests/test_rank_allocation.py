@@ -735,7 +735,9 @@ def test_a_step_with_overflowed_gradients_leaves_the_statistics_as_they_were(con
 @pytest.mark.parametrize("method", ["incre", "ada"])
 def test_state_dict_carries_the_schedule(method):
     """The allocator's state is in the model's state dict: a model loaded from a mid-run state dict goes on as the
-    original does (same events, same statistics), also when loaded into a model whose schedule had finished."""
+    original does (same events, same statistics), also when loaded into a model whose schedule had finished, and
+    into one built on the meta device (loaded with assign=True, or materialized by to_empty first), whose
+    statistics stayed on meta (the load was dropped, and the first step failed)."""
     config = incre(score_sample=4) if method == "incre" else ada(tinit=1, tfinal=2, total_step=10)
     x = torch.randn(8, 13)
 
@@ -752,14 +754,25 @@ def test_state_dict_carries_the_schedule(method):
     steps(model, opt, 3, 12)
     assert model.base_model.allocator.finished
     final, events = model.rank_pattern(), copy.deepcopy(model.base_model.allocator.events)
-    for other in (build(config), model):  # a fresh model, and one whose schedule finished (and grew, IncreLoRA)
-        other.load_state_dict(state)
+    final_statistics = statistics(model.base_model.allocator) if method == "incre" else None
+
+    def on_meta():
+        with torch.device("meta"):
+            return get_peft_model(Stack(), config)
+
+    # a fresh model, one whose schedule finished (and grew, IncreLoRA), and two built on the meta device
+    for other, how in ((build(config), None), (model, None), (on_meta(), "assign"), (on_meta(), "to_empty")):
+        if how == "to_empty":
+            other.to_empty(device="cpu")
+        other.load_state_dict(copy.deepcopy(state), assign=how == "assign")  # assign keeps the given tensors
         assert not other.base_model.allocator.finished and len(other.base_model.allocator.events) <= 3
         other_opt = RankAwareAdamW(other.parameters(), lr=1e-2)
         other_opt.load_state_dict(copy.deepcopy(opt_state))  # torch's load keeps the given tensors: one copy each
         steps(other, other_opt, 3, 12)
         assert other.rank_pattern() == final and other.base_model.allocator.events == events
         assert other.base_model.allocator.finished
+        if final_statistics is not None:  # AdaLoRA's are freed at the end
+            torch.testing.assert_close(statistics(other.base_model.allocator), final_statistics, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["incre", "ada"])
@@ -832,9 +845,11 @@ def test_under_nccl_the_generator_is_sent_from_the_adapters_cuda_device(monkeypa
     monkeypatch.setattr(allocator_module, "data_parallel", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *_: "nccl")
     monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: None)
+    monkeypatch.setattr(allocator_module, "_on_any_process", lambda flag, device: sent_from.append(device) or flag)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     allocator._shared_generator = False
-    assert allocator._share_generator()
+    assert not allocator._share_generator()  # shared; no process's generator differed
+    sent_from = sent_from[:1] if sent_from[1:] == sent_from[:1] else sent_from  # the flag went from there too
     assert sent_from == [torch.device("cuda", 3) if adapters_on == "cpu" else torch.device(adapters_on)]
 
 

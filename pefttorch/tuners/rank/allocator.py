@@ -24,6 +24,19 @@ def data_parallel() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+def _on_any_process(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any process of the data-parallel run (one collective, from `device`)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from the meta device (a model built there, then materialized by to_empty or a load with
+    assign=True), zeros: there were no values to move, and a loaded checkpoint brings its own."""
+    return torch.zeros_like(t, device=device) if t.is_meta else t.to(device)
+
+
 def adapters_device(layers: list[tuple[str, RankedLoraLayer]], adapter: str, method: str) -> torch.device:
     """The one device every adapted layer's factors are on. The allocators keep their statistics and tiles in
     one buffer and rank all modules together, so a model split over devices (device_map="auto" on several GPUs)
@@ -61,7 +74,7 @@ class IncreLoraAllocator:
         device = adapters_device(layers, adapter, "IncreLoRA")
         self.ipt = torch.zeros(len(layers), device=device)  # smoothed sensitivity
         self.unc = torch.zeros(len(layers), device=device)  # smoothed uncertainty
-        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), device="cpu")))
         self.events: list[dict] = []  # (step, {module: rank after}) of every allocation
         self.finished = False
         self.last_step: int | None = None  # of the latest update_and_allocate (see RankedLoraModel's)
@@ -85,7 +98,7 @@ class IncreLoraAllocator:
         """After the model moved: statistics and tiles go where the adapters are."""
         device = adapters_device(self.layers, self.adapter, "IncreLoRA")
         if self.ipt.device != device:
-            self.ipt, self.unc = self.ipt.to(device), self.unc.to(device)
+            self.ipt, self.unc = _moved(self.ipt, device), _moved(self.unc, device)
             if self.tiles is not None:
                 self.tiles = None
                 self._new_sample()
@@ -111,8 +124,7 @@ class IncreLoraAllocator:
         state = state.cpu()
         # Processes seeded alike (the usual case, and every resumed run: each loads the same saved state) drew the
         # same grids already; only where one differed is this step's tile not comparable across processes
-        differed = torch.tensor([int(not torch.equal(state, own))], device=device)
-        torch.distributed.all_reduce(differed)
+        differed = _on_any_process(not torch.equal(state, own.cpu()), device)
         self.generator.set_state(state)
         self._shared_generator = True
         if self.config.max_rank_per_module is None:
@@ -120,7 +132,7 @@ class IncreLoraAllocator:
                           "reserve) gets new parameter storage, which DDP cannot follow; set "
                           "IncreLoraConfig(max_rank_per_module=...) so that it is allocated up front", UserWarning,
                           stacklevel=2)
-        return bool(differed.item())
+        return differed
 
     def _new_sample(self) -> None:
         """Fresh grid offsets and zeroed tiles for the next step's backward. The tiles are views into one
@@ -137,11 +149,11 @@ class IncreLoraAllocator:
             # Every layer's grid indices (rows, then columns) in one buffer, which one copy a step rewrites: index
             # k of a grid is offset + k * stride, clamped to the last row or column (the tile's padding)
             sizes = [n for shape in shapes for n in shape]
-            self._grid_sizes = torch.tensor(sizes)
-            self._grid_steps = torch.cat([torch.arange(n) * stride for n, stride in
+            self._grid_sizes = torch.tensor(sizes, device="cpu")
+            self._grid_steps = torch.cat([torch.arange(n, device="cpu") * stride for n, stride in
                                           zip(sizes, [s for pair in self.strides for s in pair], strict=True)])
             self._grid_last = torch.tensor([d - 1 for _, layer in self.layers
-                                            for d in (layer.out_features, layer.in_features)])
+                                            for d in (layer.out_features, layer.in_features)], device="cpu")
             self._grid_last = self._grid_last.repeat_interleave(self._grid_sizes)
             self.grid_index = torch.zeros(sum(sizes), dtype=torch.int64, device=self.ipt.device)
             self._grid_offsets = None  # the offsets grid_index holds
@@ -151,7 +163,7 @@ class IncreLoraAllocator:
         else:
             self.tiles.zero_()
         # every layer's two offsets from one draw (a draw per offset cost more host time than the tiles' kernels)
-        uniform = torch.rand(len(self.layers), 2, generator=self.generator, dtype=torch.float64).tolist()
+        uniform = torch.rand(len(self.layers), 2, generator=self.generator, dtype=torch.float64, device="cpu").tolist()
         self._use_sample([(min(int(u * rs), rs - 1), rs, min(int(v * cs), cs - 1), cs)
                           for (rs, cs), (u, v) in zip(self.strides, uniform, strict=True)])
 
@@ -161,7 +173,7 @@ class IncreLoraAllocator:
             c = self.components(layer)
             r0, rs, c0, cs = c.sample = tuple(sample)
             c.tile = view[:len(range(r0, layer.out_features, rs)), :len(range(c0, layer.in_features, cs))]
-        offsets = torch.tensor([o for s in samples for o in (s[0], s[2])], dtype=torch.int64)
+        offsets = torch.tensor([o for s in samples for o in (s[0], s[2])], dtype=torch.int64, device="cpu")
         if self._grid_offsets is not None and torch.equal(offsets, self._grid_offsets):
             return  # the same grid (always, with score_sample=None): the indices stand
         self._grid_offsets = offsets
@@ -380,7 +392,7 @@ class AdaLoraAllocator:
         if self._ipt_flat.device != device:
             for name in ("ipt", "unc"):
                 flat, views = self._flat_statistics(device)
-                flat.copy_(getattr(self, f"_{name}_flat"))
+                flat.copy_(_moved(getattr(self, f"_{name}_flat"), device))
                 setattr(self, f"_{name}_flat", flat)
                 setattr(self, name, views)
 
@@ -489,7 +501,7 @@ class AdaLoraAllocator:
         if not torch.isfinite(flat).all():
             raise FloatingPointError("AdaLoRA: importance scores are not finite: the gradients held NaN or inf")
         lowest = torch.topk(flat, excess, largest=False).indices.cpu()
-        doomed = torch.zeros(flat.numel(), dtype=torch.bool)
+        doomed = torch.zeros(flat.numel(), dtype=torch.bool, device="cpu")
         doomed[lowest] = True
         shrunk, start = {}, 0
         for (name, layer), ipts, uncs in zip(self.layers, self.ipt, self.unc, strict=True):
@@ -498,7 +510,7 @@ class AdaLoraAllocator:
             start += c.rank
             if not mine.any():
                 continue
-            slots = torch.arange(c.capacity)
+            slots = torch.arange(c.capacity, device="cpu")
             keep, drop = slots[:c.rank][~mine], slots[:c.rank][mine]
             order = torch.cat([keep, drop, slots[c.rank:]])
             layer.reorder(self.adapter, order)

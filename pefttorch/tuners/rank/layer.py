@@ -127,7 +127,7 @@ class Components(nn.Module):
         self.scale_by_rank = scale_by_rank
         self.fixed_rank = fixed_rank
         self.warmup = warmup  # steps over which a newly trained component's learning rate ramps up
-        self.ids = torch.arange(capacity, dtype=torch.int64)
+        self.ids = torch.arange(capacity, dtype=torch.int64, device="cpu")  # host-side, also under a device context
         self.next_id = capacity
         # IncreLoRA's sampled gradient of the update on this step's grid, what scoring reads (see
         # _RankedLoraLinear); None when not collecting
@@ -155,7 +155,7 @@ class Components(nn.Module):
     def renew_ids(self, index: torch.Tensor | slice) -> None:
         """Fresh ids for these slots: an optimizer starts their state from zero."""
         n = len(self.ids[index])
-        self.ids[index] = torch.arange(self.next_id, self.next_id + n, dtype=torch.int64)
+        self.ids[index] = torch.arange(self.next_id, self.next_id + n, dtype=torch.int64, device="cpu")
         self.next_id += n
 
     def get_extra_state(self) -> torch.Tensor:

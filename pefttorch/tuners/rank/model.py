@@ -224,6 +224,8 @@ def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
                       "its own importance statistics and schedule (fresh ones in a newly built model)", stacklevel=2)
     state = model.__dict__.pop("_pending_allocator_state", None)
     if state is not None:
+        # where the factors are now: a load with assign=True puts a model built on the meta device on a real one
+        model.allocator.follow_device()
         device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
         model.allocator.load_state_dict(torch.load(io.BytesIO(state), map_location=device, weights_only=True))
 
