@@ -153,4 +153,12 @@ class BuildExt(cpp_extension.BuildExtension):
         self.build_temp = str(ROOT / "build" / "temp")
 
 
-setup(version=VERSION, ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+def requirements() -> list[str]:
+    """The torch the extension is compiled against, exactly: its C++ ABI changes between releases, so the compiled
+    pefttorch._C loads under no other (pip would otherwise let an upgrade of torch break the installed package)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors>=0.4"]
+
+
+setup(version=VERSION, install_requires=requirements(), ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

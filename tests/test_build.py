@@ -52,3 +52,28 @@ def test_load_error_messages():
     msg = e(ImportError("libc10.so: cannot open shared object file: No such file or directory"))
     assert "different torch" in msg
     assert "failed to load" in e(ImportError("something else"))
+
+
+def test_the_source_distribution_carries_what_the_build_needs(tmp_path):
+    """The sdist once held only the .cpp/.cu files and the package: setup.py's tools/sources.py, the headers, the
+    build-config template, CMakeLists.txt, the test helpers and the licence were missing, and it did not build.
+    Every file of those folders in this checkout must be in it (the file list is read, nothing is compiled)."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+                             "--dist-dir", str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, env={**__import__("os").environ, "PEFTTORCH_CUDA": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = tmp_path.glob("pefttorch-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {"LICENSE", "README.md", "CMakeLists.txt", "setup.py", "pyproject.toml"}
+    for folder, pattern in (("csrc", "**/*"), ("tools", "*.py"), ("tests", "*.py")):
+        wanted |= {str(p.relative_to(root)) for p in (root / folder).glob(pattern)
+                   if p.is_file() and "__pycache__" not in p.parts}
+    assert not wanted - names, sorted(wanted - names)
+    assert not any(name.endswith(".so") for name in names)
