@@ -361,6 +361,50 @@ def test_merge_and_unload_with_adapter_names_on_one_adapter_set_methods(method):
         torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["ia3", "ssf", "ln", "bitfit", "adapter", "prompt", "meft"])
+def test_safe_merge_for_every_method(method):
+    """merge_adapter/merge_and_unload(safe_merge=True) failed with a TypeError inside every tuner but LoRA's. Now
+    the mergeable ones merge as without it and refuse a NaN, with nothing merged; the others give their own
+    "cannot be merged" error."""
+    import pefttorch
+
+    configs = {"ia3": pefttorch.IA3Config(), "ssf": pefttorch.SsfConfig(), "ln": pefttorch.LNTuningConfig(),
+               "bitfit": pefttorch.BitFitConfig(), "adapter": pefttorch.AdapterConfig(),
+               "prompt": pefttorch.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+               "meft": pefttorch.MeftConfig()}
+    family = FAMILIES["llama"] if method != "bitfit" else FAMILIES["bert"]
+    batch = inputs_of(family)
+
+    def build():
+        model = get_peft_model(fresh(family), configs[method])
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return model
+
+    model = build()
+    try:
+        want = logits(build().merge_and_unload(), batch)
+    except (ValueError, NotImplementedError) as e:
+        with pytest.raises(type(e), match="merged"):
+            model.merge_and_unload(safe_merge=True)
+        return
+    torch.testing.assert_close(logits(model.merge_and_unload(safe_merge=True), batch), want, rtol=0, atol=0)
+
+    model = build()
+    before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    with torch.no_grad():
+        trained = next(p for p in model.parameters() if p.requires_grad)
+        trained.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="safe_merge: .*NaN or inf; nothing was merged"):
+        model.merge_adapter(safe_merge=True)
+    after = dict(model.get_base_model().named_parameters())
+    for n, p in before.items():  # nothing folded: the base weights are as they were (the NaN is the adapter's)
+        if n in after and after[n] is not trained:
+            torch.testing.assert_close(after[n], p, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "meft", "ln"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_unload_of_a_copy_gives_back_the_trainability_the_model_came_with(method, how):

@@ -107,7 +107,7 @@ class HookedModel(Forwarding):
         for _, wrapper in self._wrappers():
             wrapper.disable_adapters = disabled
 
-    def merge_adapter(self, adapter_names=None) -> None:
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         raise ValueError(f"{self.method} cannot be merged into the base weights; use unload() to remove them")
 
     def unmerge_adapter(self) -> None:

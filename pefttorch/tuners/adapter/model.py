@@ -167,6 +167,6 @@ class AdapterModel(HookedModel):
     def on_disabled(self, disabled: bool) -> None:
         self._inputs.clear()
 
-    def merge_adapter(self, adapter_names=None) -> None:
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         raise ValueError("bottleneck adapters cannot be merged into the base weights (a nonlinearity sits between "
                          "their projections); use unload() to remove them")

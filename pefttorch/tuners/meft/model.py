@@ -248,7 +248,7 @@ class MeftModel(Forwarding):
     def set_adapters_disabled(self, disabled: bool) -> None:
         self.disabled = disabled
 
-    def merge_adapter(self, adapter_names=None) -> None:
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         raise NotImplementedError("MEFT's adapters change how layers connect: they cannot be merged into weights")
 
     def unmerge_adapter(self) -> None:

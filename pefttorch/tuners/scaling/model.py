@@ -175,13 +175,22 @@ class VectorModel(HookedModel):
                              f"without merging")
 
     @torch.no_grad()
-    def merge_adapter(self, adapter_names=None) -> None:
-        """Folds the vectors into the targeted modules' weights and biases (the hooks then pass through)."""
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Folds the vectors into the targeted modules' weights and biases (the hooks then pass through). With
+        `safe_merge`, every folded weight and bias is formed first, and a NaN or inf in one raises a ValueError that
+        names the module, with nothing merged."""
         if self.merged:
             return
         self._check_mergeable()
-        for key, s in zip(self.keys, self.sites, strict=True):
-            self._fold(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
+        vectors = [(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
+                   for key, s in zip(self.keys, self.sites, strict=True)]
+        if safe_merge:
+            for s, scale, shift in vectors:
+                if not all(torch.isfinite(t).all() for t in self._folded(s, scale, shift) if t is not None):
+                    raise ValueError(f"safe_merge: merging into {s.path} gives a weight or bias with NaN or inf; "
+                                     "nothing was merged")
+        for s, scale, shift in vectors:
+            self._fold(s, scale, shift)
         self.merged = True
 
     @torch.no_grad()
@@ -200,8 +209,11 @@ class VectorModel(HookedModel):
         self._created_biases = []
         self.merged = False
 
-    def _fold(self, site: Site, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
-        """weight/bias of `site` so that the module alone computes what it did with the vectors applied."""
+    @staticmethod
+    def _folded(site: Site, scale: torch.Tensor,
+                shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias (None: the module keeps none) with which `site`'s module alone computes what it did
+        with the vectors applied; a shift on a module without a bias folds into a zero bias."""
         m = site.module
         w = m.weight
         s = scale.to(device=w.device, dtype=torch.float32)
@@ -210,17 +222,26 @@ class VectorModel(HookedModel):
             shaped = s.view(1, -1) if site.on_input else s.view(-1, *([1] * (w.dim() - 1)))
         else:  # transformers' Conv1D stores (in, out)
             shaped = s.view(-1, 1) if site.on_input else s.view(1, -1)
-        w.copy_((w.float() * shaped).to(w.dtype))
-        if site.on_input:
-            return
+        weight = (w.float() * shaped).to(w.dtype)
         b = m.bias
-        if b is None and shift is not None:
-            b = nn.Parameter(torch.zeros(site.features, device=w.device, dtype=w.dtype), requires_grad=False)
-            m.bias = b
+        if site.on_input or (b is None and shift is None):
+            return weight, None
+        b = torch.zeros(site.features, device=w.device, dtype=w.dtype) if b is None else b
+        bias = b.float() * s + (0 if shift is None else shift.to(device=b.device, dtype=torch.float32))
+        return weight, bias.to(b.dtype)
+
+    def _fold(self, site: Site, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Folds the vectors into `site`'s module (see _folded)."""
+        m = site.module
+        weight, bias = self._folded(site, scale, shift)
+        m.weight.copy_(weight)
+        if bias is None:
+            return
+        if m.bias is None:
+            m.bias = nn.Parameter(bias, requires_grad=False)
             self._created_biases.append(m)
-        if b is not None:
-            new = b.float() * s + (0 if shift is None else shift.to(device=b.device, dtype=torch.float32))
-            b.copy_(new.to(b.dtype))
+        else:
+            m.bias.copy_(bias)
 
     def unload(self, merge: bool = False) -> nn.Module:
         if not merge and self.merged:

@@ -91,8 +91,13 @@ class SelectiveModel(HookedModel):
     def on_disabled(self, disabled: bool) -> None:
         self._swap(tuned=not disabled)
 
-    def merge_adapter(self, adapter_names=None) -> None:
-        return None  # the tuned parameters are the modules' own already: nothing to fold
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        # the tuned parameters are the modules' own already: nothing to fold. unload(merge=True) keeps them; with
+        # `safe_merge`, not if one holds a NaN or an inf
+        if safe_merge:
+            for key, value in self.tuned.items():
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"safe_merge: the tuned {key} holds NaN or inf; nothing was merged")
 
     @torch.no_grad()
     def restore(self, merge: bool) -> None:
