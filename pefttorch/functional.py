@@ -229,7 +229,9 @@ def bottleneck_adapter(
         raise ValueError(f"bottleneck_adapter: unsupported activation {activation!r}; supported: "
                          f"{', '.join(reference.ACTIVATIONS)}")
     scale = float(scale)
-    if not math.isfinite(scale):
+    # checked eagerly; under torch.compile with dynamic shapes the scale is symbolic and math.isfinite cannot be
+    # traced (a graph break per adapter, an error under fullgraph): the eager call checked the same value
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"bottleneck_adapter: scale must be finite, got {scale}")
     add_input = residual is x
     if add_input:

@@ -30,3 +30,24 @@ def test_compiled_llama_matches_eager():
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "adalora", "increlora"])
+def test_one_graph_with_dynamic_shapes_and_labels(method):
+    """fullgraph=True and dynamic=True on a training forward with labels: bottleneck adapters broke the graph at
+    math.isfinite of their (symbolic) scale, AdaLoRA/IncreLoRA at creating the orthogonality term's mask cache."""
+    from hf_models import fresh, inputs
+
+    import pefttorch
+
+    configs = {"adapter": pefttorch.AdapterConfig(),
+               "adalora": pefttorch.AdaLoraConfig(init_r=6, target_r=4, tinit=2, tfinal=4, deltaT=1, total_step=10,
+                                                  target_modules=["query", "value"]),
+               "increlora": pefttorch.IncreLoraConfig(target_rank=3, init_rank=1, incre_interval=2, init_warmup=2,
+                                                      top_h=2, target_modules=["query", "value"])}
+    model = pefttorch.get_peft_model(fresh("bert"), configs[method]).train()
+    batch = inputs("bert")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss)

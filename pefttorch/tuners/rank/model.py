@@ -33,6 +33,8 @@ class RankedLoraModel(LoraModel):
     def __init__(self, model: nn.Module, config: RankConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__(model, config, adapter_name, autocast_adapter_dtype)
+        # the orthogonality term's masks (see _orth_masks); made here, since torch.compile cannot trace creating it
+        self._orth_mask_cache: dict = {}
         layers = self.lora_layers()
         allocator_cls = IncreLoraAllocator if isinstance(config, IncreLoraConfig) else AdaLoraAllocator
         try:
@@ -162,7 +164,7 @@ class RankedLoraModel(LoraModel):
         on the components in use, identity (modules, capacity, capacity) the identity cut to them. Kept until
         the ranks change; built without a host synchronisation (see _to_device)."""
         key = (capacity, used, device, dtype)
-        cache = self.__dict__.setdefault("_orth_mask_cache", {})
+        cache = self._orth_mask_cache
         if key not in cache:
             if len(cache) > 64:  # ranks moved on: the masks of earlier ranks are not coming back
                 cache.clear()
