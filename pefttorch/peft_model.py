@@ -163,6 +163,8 @@ class PeftModel(Forwarding):
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if isinstance(self.base_model, (PromptModel, PrefixModel)):  # continuing from a returned cache, see there
+            return self.base_model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ inspection

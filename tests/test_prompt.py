@@ -338,3 +338,29 @@ def test_task_type_from_the_model_class():
     assert task_type_of(MyForCausalLM()) == "CAUSAL_LM"
     with pytest.warns(UserWarning, match=r"Linear: no task type known .* saved as FEATURE_EXTRACTION"):
         assert task_type_of(torch.nn.Linear(2, 2)) == "FEATURE_EXTRACTION"
+
+
+@pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
+def test_generate_continues_from_a_returned_cache(method):
+    """generate(input_ids=<whole sequence>, past_key_values=<the cache an earlier generate returned>) counted the
+    virtual tokens in the cache as input tokens and fed the wrong ones: the continuation differed from one
+    uninterrupted run, silently. Now it is that run, and the sequences hold the whole text."""
+    from pefttorch import PrefixTuningConfig
+
+    configs = {"prompt": PromptTuningConfig(num_virtual_tokens=3), "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+               "dept": DeptConfig(num_virtual_tokens=3, r=2, max_length=32)}
+    model = get_peft_model(fresh("llama"), configs[method]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    ids = inputs("llama")["input_ids"]
+    kw = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
+    whole = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, **kw)  # no row stops early
+    first = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, **kw)
+    then = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=3,
+                          min_new_tokens=3, **kw)
+    assert torch.equal(then.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(then.scores), torch.stack(whole.scores[3:]))
+    with pytest.raises(ValueError, match="at least one token more than the cache holds"):
+        model.generate(input_ids=ids, past_key_values=then.past_key_values, max_new_tokens=1)

@@ -75,6 +75,41 @@ class VirtualTokenModel(HookedModel):
         self.n = config.num_virtual_tokens
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
+    def generate(self, *args, **kwargs):
+        """The model's generate; continuing from a cache an earlier call returned (``past_key_values=``, with the
+        whole sequence as input, transformers' documented pattern) is made to work. generate takes the cache's
+        length for the number of input tokens it holds, which the virtual tokens in it make too large: it fed the
+        wrong tokens, silently. Here generate is given the tokens after the cached ones (with the whole sequence's
+        mask, which it reads as "only the new inputs were passed"), and the cached ones are put back in front of
+        the sequences it returns."""
+        cache = kwargs.get("past_key_values")
+        if cache_length(cache) == 0:
+            return self.model.generate(*args, **kwargs)
+        key = "inputs" if "inputs" in kwargs else "input_ids"
+        ids = args[0] if args else kwargs.get(key)
+        if self.encoder_decoder or ids is None or kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError(f"{self.method}: continuing generate from a returned key/value cache works "
+                                      "for decoder-only models given input_ids; pass the whole sequence again "
+                                      "without past_key_values")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        if mask.shape[-1] != ids.shape[-1]:  # only the new tokens, with the whole sequence's mask: generate's own
+            return self.model.generate(*args, **kwargs)
+        cached = cache_length(cache) - self.n
+        if not 0 <= cached < ids.shape[-1]:
+            raise ValueError(f"{self.method}: the cache holds {cached} tokens of the sequence besides the "
+                             f"{self.n} virtual ones, the input {ids.shape[-1]}: pass the whole sequence, with at "
+                             "least one token more than the cache holds")
+        kwargs.pop(key, None)
+        out = self.model.generate(ids[:, cached:], *args[1:], **{**kwargs, "attention_mask": mask})
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        head = ids[:, :cached].repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+        sequences = torch.cat([head.to(sequences.device), sequences], dim=-1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
+
     def _keywords(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
         """All arguments by keyword (transformers models take input_ids first; others must be named)."""
         if not args:
