@@ -15,13 +15,16 @@ constexpr const char* kLoss = "density_loss";
 constexpr const char* kMlp = "sparse_mlp";
 // eps enters a^2 / (a^2 + eps) in opmath precision (float32; float64 for float64 a): an eps below the smallest
 // normal float32 loses precision, and one below the smallest subnormal becomes 0, so an exact zero activation
-// (ReLU's) gives 0 / 0 = NaN.
+// (ReLU's) gives 0 / 0 = NaN. An infinite eps (or one beyond float32's range) makes every term 0 and its gradient
+// 0 * inf = NaN.
 void check_eps(const char* op, const at::Tensor& a, double eps) {
-  TORCH_CHECK(eps > 0.0, op, ": eps must be positive, got ", eps);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
   if (a.scalar_type() != at::kDouble) {
     constexpr double kSmallest = std::numeric_limits<float>::min();
-    TORCH_CHECK(eps >= kSmallest, op, ": eps = ", eps, " is below the smallest normal float32 (", kSmallest,
-                "), the precision the loss is computed in for ", a.scalar_type(), " a: use a larger eps or float64 a");
+    constexpr double kLargest = std::numeric_limits<float>::max();
+    TORCH_CHECK(eps >= kSmallest && eps <= kLargest, op, ": eps = ", eps, " is outside float32's normal range (",
+                kSmallest, " to ", kLargest, "), the precision the loss is computed in for ", a.scalar_type(),
+                " a: use another eps or float64 a");
   }
 }
 

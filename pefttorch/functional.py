@@ -50,9 +50,21 @@ def lora_linear(
     ``dropout(x) A^T`` are kept for backward, and only when a gradient needs them.
     """
     p, seed = dropout_seed("lora_linear", dropout, training, generator)
-    scaling = float(scaling)
+    scaling = _finite_scale("lora_linear", "scaling", scaling)
     return in_compute_dtype(lambda x, weight, lora_a, lora_b, bias: ops.lora_linear_forward(
         x, weight, lora_a, lora_b, bias, scaling, p, seed)[0], x, weight, lora_a, lora_b, bias)
+
+
+def _finite_scale(op: str, name: str, value) -> float:
+    """`value` as a float; a string, NaN or inf is refused in words naming `op` and `name` (a NaN scale made every
+    output NaN). Checked in eager calls: under torch.compile with dynamic shapes the value is symbolic, which
+    math.isfinite cannot trace (a graph break per call, an error under fullgraph), and the eager run checked it."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+    value = float(value)
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return value
 
 
 def dropout_seed(name: str, dropout: float, training: bool,
@@ -121,8 +133,10 @@ def density_loss(
 def default_density_threshold(eps: float) -> float:
     """|a| above which an activation counts as active: sqrt(eps), where a^2 / (a^2 + eps) = 1/2."""
     eps = float(eps)
-    if not eps > 0.0:  # sqrt of a negative eps is complex, which the op's schema then refuses in words about that
-        raise ValueError(f"density_loss: eps must be positive, got {eps}")
+    # sqrt of a negative eps is complex, which the op's schema then refuses in words about that; an infinite one
+    # makes every gradient NaN
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"density_loss: eps must be positive and finite, got {eps}")
     return eps ** 0.5
 
 
@@ -228,11 +242,7 @@ def bottleneck_adapter(
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"bottleneck_adapter: unsupported activation {activation!r}; supported: "
                          f"{', '.join(reference.ACTIVATIONS)}")
-    scale = float(scale)
-    # checked eagerly; under torch.compile with dynamic shapes the scale is symbolic and math.isfinite cannot be
-    # traced (a graph break per adapter, an error under fullgraph): the eager call checked the same value
-    if not torch.compiler.is_compiling() and not math.isfinite(scale):
-        raise ValueError(f"bottleneck_adapter: scale must be finite, got {scale}")
+    scale = _finite_scale("bottleneck_adapter", "scale", scale)
     add_input = residual is x
     if add_input:
         residual = None

@@ -50,6 +50,19 @@ def test_bad_dropout_is_a_value_error(p):
         call(dropout=p)
 
 
+@pytest.mark.parametrize("scaling, error, match", [
+    (float("nan"), ValueError, r"lora_linear: scaling must be finite, got nan"),
+    (float("inf"), ValueError, r"lora_linear: scaling must be finite, got inf"),
+    ("2", TypeError, r"lora_linear: scaling must be a number, got '2'"),
+])
+def test_bad_scaling_is_refused(scaling, error, match):
+    """A NaN or inf scaling made every output NaN or inf, and a string was read as its number, where
+    bottleneck_adapter and reversible_coupling refused a non-finite scale."""
+    a = args()
+    with pytest.raises(error, match=match):
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=scaling)
+
+
 def test_op_level_dropout_checks():
     a = args()
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):

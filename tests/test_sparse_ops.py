@@ -607,12 +607,16 @@ def test_sparse_mlp_bad_input(over, match, path):
     [
         (torch.empty(0), 1e-7, 0.1, r"density_loss: a is empty"),
         (torch.empty(3, 0), 1e-7, 0.1, r"density_loss: a is empty"),
-        (rand(4), 0.0, 0.1, r"density_loss: eps must be positive, got 0"),
-        (rand(4), -1e-3, 0.1, r"density_loss: eps must be positive, got -0\.001"),
+        (rand(4), 0.0, 0.1, r"density_loss: eps must be positive and finite, got 0"),
+        (rand(4), -1e-3, 0.1, r"density_loss: eps must be positive and finite, got -0\.001"),
+        # an infinite eps (or one beyond float32's range) made every term 0 and its gradient 0 * inf = NaN
+        (rand(4), float("inf"), 0.1, r"density_loss: eps must be positive and finite, got inf"),
+        (rand(4), float("nan"), 0.1, r"density_loss: eps must be positive and finite, got nan"),
+        (rand(4), 1e300, 0.1, r"density_loss: eps = 1e\+300 is outside float32's normal range .* for Float a"),
         (rand(4), 1e-7, -0.5, r"density_loss: threshold must be >= 0, got -0\.5"),
         # below float32's range eps became 0 in the kernel, and an exact zero activation gave 0 / 0 = NaN
-        (rand(4), 1e-46, 0.1, r"density_loss: eps = 1e-46 is below the smallest normal float32 .* for Float a"),
-        (rand(4).half(), 1e-40, 0.1, r"eps = 1e-40 is below the smallest normal float32 .* for Half a"),
+        (rand(4), 1e-46, 0.1, r"density_loss: eps = 1e-46 is outside float32's normal range .* for Float a"),
+        (rand(4).half(), 1e-40, 0.1, r"eps = 1e-40 is outside float32's normal range .* for Half a"),
         (torch.ones(4, dtype=torch.int32), 1e-7, 0.1, r"density_loss: a has unsupported dtype Int"),
         (torch.ones(4, dtype=torch.bool), 1e-7, 0.1, r"density_loss: a has unsupported dtype Bool"),
     ],
@@ -630,7 +634,7 @@ def test_default_density_threshold_is_sqrt_eps():
     assert functional.default_density_threshold(1e-6) == pytest.approx(1e-3, rel=1e-12)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1.0])
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("inf"), float("nan")])
 def test_functional_density_loss_bad_eps(eps):
     """The default threshold is sqrt(eps): a negative eps once reached the op as a complex number"""
     with pytest.raises(ValueError, match=r"density_loss: eps must be positive"):
@@ -644,9 +648,9 @@ def test_density_loss_backward_bad_input():
         _ops.density_loss_backward(torch.tensor(1.0), torch.empty(0), 1e-7)
     with pytest.raises(RuntimeError, match=r"a has unsupported dtype Long"):
         _ops.density_loss_backward(torch.tensor(1.0), torch.ones(3, dtype=torch.int64), 1e-7)
-    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps must be positive, got 0"):
+    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps must be positive and finite, got 0"):
         _ops.density_loss_backward(torch.tensor(1.0), rand(4), 0.0)
-    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps = 1e-40 is below the smallest normal"):
+    with pytest.raises(RuntimeError, match=r"density_loss_backward: eps = 1e-40 is outside float32's normal range"):
         _ops.density_loss_backward(torch.tensor(1.0), rand(4), 1e-40)
 
 
