@@ -1,6 +1,7 @@
 // The schema of every pefttorch op, in one place. Kernels register per backend with
 // TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and autograd are registered from
 // Python (pefttorch/ops.py).
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include "build_config.h"
@@ -60,6 +61,25 @@ TORCH_LIBRARY(pefttorch, m) {
   // Rotary position embedding (half-split layout): x * cos + rotate_half(x) * sin, cos and sin broadcast to x; with
   // transpose, the transposed rotation (the gradient w.r.t. x). Contiguous, in x's dtype.
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
+}
+
+namespace {
+// The backward ops compute gradients and have no derivative of their own (a second derivative through the forward
+// ops is refused in Python, pefttorch/ops.py first_order_only). Without an Autograd kernel PyTorch's fallback
+// handed back outputs that required grad, recorded the CPU kernel's inner GEMMs, and a backward through them left
+// the inputs' .grad None with only a deprecation warning. This is PyTorch's registration for a non-differentiable
+// op: below autograd, so the outputs never require grad (a backward through them says so).
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pefttorch, Autograd, m) {
+  for (const char* name : {"lora_linear_backward", "density_loss_backward", "reversible_coupling_backward",
+                           "ranked_lora_factors_backward", "bottleneck_adapter_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
+  }
 }
 
 #ifdef PEFTTORCH_PYTHON_MODULE

@@ -175,3 +175,25 @@ def test_eager_autograd_equals_the_registered_formula(device):
         for e, r in zip(grads_e, grads_r, strict=True):
             torch.testing.assert_close(e, r, rtol=0, atol=0, msg=name)
         assert type(out_e[0].grad_fn).__name__.startswith(name)  # the eager path really is the eager Function
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_ops_are_registered_as_non_differentiable(device):
+    """The backward ops had no Autograd kernel: called on tensors that require grad they gave outputs that required
+    grad too (recording their kernels' inner GEMMs), and a backward through them left .grad None, with only a
+    deprecation warning. Now they run below autograd: no output requires grad, nothing warns, and opcheck's
+    autograd-registration test passes with inputs that require grad."""
+    import warnings
+
+    for name, args in fake_samples(device):
+        if not name.endswith("_backward"):
+            continue
+        args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+        op = getattr(torch.ops.pefttorch, name).default
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            outputs = op(*args)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        assert not any(o is not None and o.requires_grad for o in outputs), name
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
