@@ -167,6 +167,19 @@ class IncreLoraAllocator:
         self._use_sample([(min(int(u * rs), rs - 1), rs, min(int(v * cs), cs - 1), cs)
                           for (rs, cs), (u, v) in zip(self.strides, uniform, strict=True)])
 
+    def restore_views(self) -> None:
+        """The tiles, their grids and the layers' references to them as views of the two buffers again (see
+        RankedLoraModel.__setstate__)."""
+        if self.tiles is None:
+            return
+        shapes = [tuple(v.shape) for v in self.tile_views]
+        self.tile_views = [t.view(shape) for t, shape in zip(
+            torch.split(self.tiles, [math.prod(shape) for shape in shapes]), shapes, strict=True)]
+        index_views = torch.split(self.grid_index, self._grid_sizes.tolist())
+        for i, ((_, layer), view) in enumerate(zip(self.layers, self.tile_views, strict=True)):
+            self.components(layer).grid = view, index_views[2 * i], index_views[2 * i + 1]
+        self._use_sample([self.components(layer).sample for _, layer in self.layers])  # the same grid: tiles only
+
     def _use_sample(self, samples: list[tuple[int, int, int, int]]) -> None:
         """Points every layer's tile at its grid (row offset, row stride, column offset, column stride)."""
         for (_, layer), view, sample in zip(self.layers, self.tile_views, samples, strict=True):
@@ -383,6 +396,19 @@ class AdaLoraAllocator:
 
     def total_rank(self) -> int:
         return sum(self.components(layer).rank for _, layer in self.layers)
+
+    def restore_views(self) -> None:
+        """The statistics as views of their flat buffers again (see RankedLoraModel.__setstate__)."""
+        if self.finished:
+            return
+        for name in ("ipt", "unc"):
+            flat, views, start = getattr(self, f"_{name}_flat"), [], 0
+            for ts in getattr(self, name):
+                views.append([])
+                for t in ts:
+                    views[-1].append(flat[start:start + t.numel()].view(t.shape))
+                    start += t.numel()
+            setattr(self, name, views)
 
     def follow_device(self) -> None:
         """After the model moved: the statistics go where the adapters are."""

@@ -84,6 +84,15 @@ class RankedLoraModel(LoraModel):
                                lora_alpha=target.alpha, lora_dropout=config.lora_dropout, scale_by_rank=False,
                                dtype=dtype)
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # plain pickle (multiprocessing, joblib, Ray) copies each view of the allocator's buffers into a storage of
+        # its own: backward then wrote one copy and scoring read another. The views are made again here, after the
+        # allocator and the layers are back (a deep copy or torch.load kept them views; remaking them changes nothing)
+        allocator = self.__dict__.get("allocator")
+        if allocator is not None:
+            allocator.restore_views()
+
     def _apply(self, fn, *args, **kwargs):
         # model.to(device) after get_peft_model: the allocator's statistics and tiles follow the adapters
         out = super()._apply(fn, *args, **kwargs)
