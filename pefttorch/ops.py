@@ -150,12 +150,65 @@ for _name in ("lora_linear_backward", "ranked_lora_factors_backward", "bottlenec
 
 
 # --------------------------------------------------------------------------------------------------
+# What the fake kernels check. The compiled kernels check their arguments (csrc/common/checks.h); a fake kernel
+# stands in for them where none runs (tensors on the meta device, torch.compile's tracing), and it gave outputs of
+# some shape and dtype for arguments the kernel refuses (a down projection the wrong way round: a wrong shape). The
+# user-facing ops' fakes make the kernels' checks on what their outputs depend on, in the kernels' words, through
+# torch._check (symbolic sizes under dynamic shapes). The backward ops are called by pefttorch's formulas only.
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(op: str, ok, message) -> None:
+    torch._check(ok, lambda: f"{op}: {message()}")
+
+
+def _check_float(op: str, t: torch.Tensor, name: str) -> None:
+    _check(op, t.dtype in _FLOAT_DTYPES,
+           lambda: f"{name} has unsupported dtype {t.dtype}; supported are float32, float16, bfloat16, float64")
+
+
+def _check_dim(op: str, t: torch.Tensor, name: str, dim: int) -> None:
+    _check(op, t.dim() == dim, lambda: f"{name} must be {dim}-D, got shape {list(t.shape)}")
+
+
+def _check_size(op: str, t: torch.Tensor, name: str, dim: int, expected, what: str) -> None:
+    _check(op, t.shape[dim] == expected,
+           lambda: f"{name}.size({dim}) must equal {what} ({expected}), got shape {list(t.shape)}")
+
+
+def _check_like(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    _check(op, t.dtype == ref.dtype, lambda: f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    _check(op, t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_vector(op: str, t: torch.Tensor | None, name: str, size, what: str, ref: torch.Tensor,
+                  ref_name: str) -> None:
+    """An optional bias: 1-D of `size`, like `ref`."""
+    if t is not None:
+        _check_dim(op, t, name, 1)
+        _check_size(op, t, name, 0, size, what)
+        _check_like(op, t, name, ref, ref_name)
+
+
+# --------------------------------------------------------------------------------------------------
 # lora_linear
 
 
 @torch.library.register_fake("pefttorch::lora_linear_forward")
 def _lora_linear_forward_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "lora_linear_forward: x.size(-1) != weight.size(1)")
+    op = "lora_linear_forward"
+    _check(op, x.dim() >= 1, lambda: "x must have at least one dimension (..., in_features), got a scalar")
+    _check_float(op, x, "x")
+    for t, name in ((weight, "weight"), (lora_a, "lora_a"), (lora_b, "lora_b")):
+        _check_dim(op, t, name, 2)
+        _check_like(op, t, name, x, "x")
+    _check(op, lora_a.shape[0] > 0, lambda: "the LoRA rank r = lora_a.size(0) must be at least 1")
+    _check_size(op, lora_a, "lora_a", 1, weight.shape[1], "in_features = weight.size(1)")
+    _check_size(op, lora_b, "lora_b", 0, weight.shape[0], "out_features = weight.size(0)")
+    _check_size(op, lora_b, "lora_b", 1, lora_a.shape[0], "the rank r = lora_a.size(0)")
+    _check_size(op, x, "x", -1, weight.shape[1], "in_features = weight.size(1)")
+    _check_vector(op, bias, "bias", weight.shape[0], "out_features = weight.size(0)", x, "x")
     tokens = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((tokens, lora_a.shape[0]))
@@ -238,6 +291,8 @@ def _stat_dtype(a: torch.Tensor) -> torch.dtype:
 
 @torch.library.register_fake("pefttorch::density_loss")
 def _density_loss_fake(a, eps, threshold):
+    _check_float("density_loss", a, "a")
+    _check("density_loss", a.numel() > 0, lambda: "a is empty: the mean over no activations is undefined")
     return a.new_empty((), dtype=_stat_dtype(a)), a.new_empty((), dtype=_stat_dtype(a))
 
 
@@ -276,7 +331,25 @@ def density_loss(a: torch.Tensor, eps: float, threshold: float) -> tuple[torch.T
 
 @torch.library.register_fake("pefttorch::sparse_mlp")
 def _sparse_mlp_fake(x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold):
-    torch._check(x.shape[-1] == w_in.shape[1], lambda: "sparse_mlp: x.size(-1) != w_in.size(1)")
+    op = "sparse_mlp"
+    _check(op, x.dim() >= 1, lambda: "x must have at least one dimension (..., hidden)")
+    _check_float(op, x, "x")
+    _check_dim(op, w_in, "w_in", 2)
+    _check_dim(op, w_down_t, "w_down_t", 2)
+    inter = w_in.shape[0]
+    _check_size(op, x, "x", -1, w_in.shape[1], "hidden = w_in.size(1)")
+    _check_size(op, w_down_t, "w_down_t", 0, inter, "intermediate = w_in.size(0)")
+    _check_like(op, w_in, "w_in", x, "x")
+    _check_like(op, w_down_t, "w_down_t", x, "x")
+    if w_up is not None:
+        _check_dim(op, w_up, "w_up", 2)
+        _check(op, w_up.shape == w_in.shape, lambda: f"w_up must have the shape of w_in {list(w_in.shape)}, got "
+                                                     f"{list(w_up.shape)}")
+        _check_like(op, w_up, "w_up", x, "x")
+    _check(op, b_up is None or w_up is not None, lambda: "b_up given without w_up")
+    for t, name in ((b_in, "b_in"), (b_up, "b_up")):
+        _check_vector(op, t, name, inter, "intermediate = w_in.size(0)", x, "x")
+    _check_vector(op, b_down, "b_down", w_down_t.shape[1], "out = w_down_t.size(1)", x, "x")
     return x.new_empty((*x.shape[:-1], w_down_t.shape[1]))
 
 
@@ -301,6 +374,12 @@ def sparse_mlp(
 
 @torch.library.register_fake("pefttorch::reversible_coupling")
 def _reversible_coupling_fake(x, f, scale):
+    op = "reversible_coupling"
+    _check_float(op, x, "x")
+    _check_float(op, f, "f")
+    _check(op, f.shape == x.shape, lambda: f"f must have the shape of x {list(x.shape)}, got {list(f.shape)}")
+    _check(op, f.device == x.device, lambda: f"f is on {f.device} but x is on {x.device}")
+    _check(op, math.isfinite(scale) and scale != 0.0, lambda: f"scale must be finite and nonzero, got {scale}")
     return x.new_empty(x.shape)
 
 
@@ -395,6 +474,17 @@ def rank_importance(
 
 @torch.library.register_fake("pefttorch::ranked_lora_factors")
 def _ranked_lora_factors_fake(lora_a, lora_e, lora_b_t, n, dtype):
+    op = "ranked_lora_factors"
+    _check_float(op, lora_a, "lora_a")
+    for t, name in ((lora_a, "lora_a"), (lora_e, "lora_e"), (lora_b_t, "lora_b_t")):
+        _check_dim(op, t, name, 2)
+    _check_size(op, lora_e, "lora_e", 0, lora_a.shape[0], "the capacity = lora_a.size(0)")
+    _check_size(op, lora_e, "lora_e", 1, 1, "1")
+    _check_size(op, lora_b_t, "lora_b_t", 0, lora_a.shape[0], "the capacity = lora_a.size(0)")
+    _check_like(op, lora_e, "lora_e", lora_a, "lora_a")
+    _check_like(op, lora_b_t, "lora_b_t", lora_a, "lora_a")
+    _check(op, 0 <= n <= lora_a.shape[0], lambda: f"n must be in [0, capacity = {lora_a.shape[0]}], got {n}")
+    _check(op, dtype in _FLOAT_DTYPES, lambda: f"dtype must be a float dtype, got {dtype}")
     return lora_a.new_empty((n, lora_a.shape[1]), dtype=dtype), lora_a.new_empty((lora_b_t.shape[1], n), dtype=dtype)
 
 
@@ -505,7 +595,28 @@ def component_adamw_(
 
 @torch.library.register_fake("pefttorch::bottleneck_adapter_forward")
 def _bottleneck_adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, add_input, activation, scale):
-    torch._check(x.shape[-1] == w_down.shape[1], lambda: "bottleneck_adapter_forward: x.size(-1) != w_down.size(1)")
+    op = "bottleneck_adapter_forward"
+    _check(op, x.dim() >= 1, lambda: "x must have at least one dimension (..., features), got a scalar")
+    _check_float(op, x, "x")
+    _check_dim(op, w_down, "w_down", 2)
+    _check_dim(op, w_up, "w_up", 2)
+    m = w_down.shape[0]
+    _check(op, m > 0, lambda: f"the bottleneck width m = w_down.size(0) must be at least 1, got shape "
+                              f"{list(w_down.shape)}")
+    _check_size(op, w_up, "w_up", 1, m, "the bottleneck width m = w_down.size(0)")
+    _check_like(op, w_down, "w_down", x, "x")
+    _check_like(op, w_up, "w_up", x, "x")
+    _check_vector(op, b_down, "b_down", m, "the bottleneck width m = w_down.size(0)", x, "x")
+    _check_size(op, x, "x", -1, w_down.shape[1], "d_in = w_down.size(1)")
+    _check_vector(op, b_up, "b_up", w_up.shape[0], "d_out = w_up.size(0)", x, "x")
+    y_shape = (*x.shape[:-1], w_up.shape[0])
+    if residual is not None:
+        _check(op, tuple(residual.shape) == y_shape, lambda: f"residual must have the output's shape {list(y_shape)}, "
+                                                             f"got {list(residual.shape)}")
+        _check_like(op, residual, "residual", x, "x")
+    _check(op, not add_input or w_up.shape[0] == w_down.shape[1],
+           lambda: "add_input needs d_out = w_up.size(0) equal to d_in = w_down.size(1)")
+    _check(op, math.isfinite(scale), lambda: f"scale must be finite, got {scale}")
     tokens = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], w_up.shape[0])), x.new_empty((tokens, w_down.shape[0]))
 
@@ -598,8 +709,26 @@ def bottleneck_adapter_backward(
 # rotary_embedding: x * cos + rotate_half(x) * sin (transformers' half-split layout), cos and sin broadcast to x
 
 
+def _check_broadcast(op: str, t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """cos or sin: x's last dimension, the others x's or 1."""
+    _check_float(op, t, name)
+    _check(op, t.device == x.device, lambda: f"{name} is on {t.device} but x is on {x.device}")
+    fits = 1 <= t.dim() <= x.dim() and t.shape[-1] == x.shape[-1] and all(
+        a == b or a == 1 for a, b in zip(t.shape[:-1], x.shape[x.dim() - t.dim():-1], strict=True))
+    _check(op, fits, lambda: f"{name} of shape {list(t.shape)} does not broadcast to x's shape {list(x.shape)} (its "
+                             "last dimension must equal x's, the others x's or 1)")
+
+
 @torch.library.register_fake("pefttorch::rotary_embedding")
 def _rotary_embedding_fake(x, cos, sin, transpose=False):
+    op = "rotary_embedding"
+    _check_float(op, x, "x")
+    _check(op, 1 <= x.dim() <= 5, lambda: f"x must have 1 to 5 dimensions, got shape {list(x.shape)}")
+    _check(op, x.shape[-1] % 2 == 0, lambda: f"x's last dimension (the head size) must be even, got shape "
+                                             f"{list(x.shape)}")
+    _check_broadcast(op, cos, "cos", x)
+    _check_broadcast(op, sin, "sin", x)
+    _check(op, sin.dtype == cos.dtype, lambda: f"sin has dtype {sin.dtype} but cos has {cos.dtype}")
     return x.new_empty(x.shape)  # contiguous, as the kernels return it
 
 

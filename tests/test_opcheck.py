@@ -197,3 +197,53 @@ def test_backward_ops_are_registered_as_non_differentiable(device):
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         assert not any(o is not None and o.requires_grad for o in outputs), name
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+def _bad_calls():
+    """(what, call on a device) for arguments every kernel refuses."""
+    from pefttorch import functional
+
+    def z(device, *shape, dtype=torch.float32):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    ops = torch.ops.pefttorch
+    return [
+        ("lora_a of other in_features", lambda d: functional.lora_linear(z(d, 2, 8), z(d, 6, 8), z(d, 4, 7),
+                                                                         z(d, 6, 4))),
+        ("lora_b of other out_features", lambda d: functional.lora_linear(z(d, 2, 8), z(d, 6, 8), z(d, 4, 8),
+                                                                          z(d, 5, 4))),
+        ("int64 lora_linear", lambda d: ops.lora_linear_forward(
+            *(z(d, *s, dtype=torch.int64) for s in [(2, 8), (6, 8), (4, 8), (6, 4)]), None, 1.0, 0.0, None)),
+        ("half weight, float x", lambda d: functional.lora_linear(z(d, 2, 8), z(d, 6, 8, dtype=torch.half),
+                                                                  z(d, 4, 8), z(d, 6, 4))),
+        ("bias of other size", lambda d: functional.lora_linear(z(d, 2, 8), z(d, 6, 8), z(d, 4, 8), z(d, 6, 4),
+                                                                z(d, 5))),
+        ("coupling scale 0", lambda d: ops.reversible_coupling(z(d, 2, 8), z(d, 2, 8), 0.0)),
+        ("coupling f of other shape", lambda d: ops.reversible_coupling(z(d, 2, 8), z(d, 8), 1.0)),
+        ("rotary odd head size", lambda d: ops.rotary_embedding(z(d, 2, 7), z(d, 7), z(d, 7))),
+        ("rotary cos of other width", lambda d: ops.rotary_embedding(z(d, 2, 8), z(d, 6), z(d, 6))),
+        ("sparse_mlp down projection not transposed", lambda d: ops.sparse_mlp(
+            z(d, 2, 8), z(d, 5, 8), None, None, None, z(d, 6, 5), None, "relu", 0.0)),
+        ("adapter residual of other shape", lambda d: functional.bottleneck_adapter(
+            z(d, 2, 8), z(d, 3, 8), z(d, 8, 3), residual=z(d, 3, 8))),
+        ("adapter w_up of other width", lambda d: functional.bottleneck_adapter(z(d, 2, 8), z(d, 3, 8), z(d, 8, 4))),
+        ("ranked n > capacity", lambda d: ops.ranked_lora_factors(z(d, 4, 8), z(d, 4, 1), z(d, 4, 6), 5,
+                                                                   torch.float32)),
+        ("ranked n < 0", lambda d: ops.ranked_lora_factors(z(d, 4, 8), z(d, 4, 1), z(d, 4, 6), -1, torch.float32)),
+        ("density_loss of int32", lambda d: ops.density_loss(z(d, 3, dtype=torch.int32), 1e-3, 0.0)),
+        ("density_loss of nothing", lambda d: ops.density_loss(z(d, 0), 1e-3, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("what, call", _bad_calls(), ids=[w for w, _ in _bad_calls()])
+def test_fake_kernels_refuse_what_the_kernels_refuse(what, call):
+    """The fake kernels (the meta device, torch.compile's tracing) gave outputs, some of the wrong shape, for
+    arguments every kernel refuses. Now the meta device refuses them as the CPU kernel does, naming the same op and
+    argument."""
+    with pytest.raises(RuntimeError) as on_cpu:
+        call("cpu")
+    with pytest.raises(RuntimeError) as on_meta:
+        call("meta")
+    cpu_words, meta_words = (str(e.value).split(":")[0:2] for e in (on_cpu, on_meta))
+    assert meta_words[0] == cpu_words[0] and meta_words[1].split()[0] == cpu_words[1].split()[0], \
+        (str(on_cpu.value), str(on_meta.value))
