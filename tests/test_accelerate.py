@@ -217,6 +217,59 @@ def test_pefttorch_layers_call_a_hooked_base_layer(method):
     torch.testing.assert_close(g, g_fused - 0.5 * base.sum(0), rtol=1e-5, atol=1e-5)
 
 
+def _lora_or_increlora(method):
+    if method == "lora":
+        config = pefttorch.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
+    else:
+        config = pefttorch.IncreLoraConfig(target_modules=["proj"], init_rank=2, target_rank=2, top_h=1)
+    model = pefttorch.get_peft_model(_one_projection(), config)
+    if method == "increlora":
+        with torch.no_grad():
+            for p in model.base_model.model.proj.factors("default"):
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_a_base_layer_with_only_backward_hooks_is_called(method):
+    """Backward hooks (gradient attribution, probing) fire only for a module that is called: a base layer with
+    nothing but those was read by the fused op, and they never fired."""
+    model = _lora_or_increlora(method)
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    want = model(x)
+    fired = []
+    base = model.base_model.model.proj.base_layer
+    base.register_full_backward_pre_hook(lambda module, grad_output: fired.append("pre") and None)
+    base.register_full_backward_hook(lambda module, grad_input, grad_output: fired.append("post") and None)
+    y = model(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert fired == ["pre", "post"]
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_a_base_weight_gathered_by_hooks(method):
+    """DeepSpeed ZeRO-3's pattern: the weight is a 0-element placeholder outside the base layer's call, gathered by
+    a forward pre-hook and released by a forward hook. The ranked layer's zero stand-in weight took the
+    placeholder's shape, and its op refused a 1-D weight."""
+    model = _lora_or_increlora(method)
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    base = model.base_model.model.proj.base_layer
+    full = base.weight.data
+
+    def gather(module, args):
+        module.weight.data = full
+
+    def release(module, args, output):
+        module.weight.data = torch.empty(0)
+
+    base.register_forward_pre_hook(gather)
+    base.register_forward_hook(release)
+    base.weight.data = torch.empty(0)
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_accelerate_hooks_keep_running_and_come_back():
     """🤗 Accelerate's hooks (dispatch_model, offloading) hold the module's instance forward; the switch replaced
     them and the undo deleted them, so they stopped running for good. Now the fused forward runs inside the hook,

@@ -17,14 +17,18 @@ from torch.nn.modules import module as module_globals
 
 from ... import functional
 
+_conv1d: list = []  # transformers' Conv1D once looked up: an import statement per call cost every forward ~0.7 us
+
 
 def conv1d_class():
     """transformers' Conv1D (GPT-2 style: weight stored (in, out)), or None without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency of the integration
-        return None
-    return Conv1D
+    if not _conv1d:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover - transformers is a dependency of the integration
+            Conv1D = None  # noqa: N806 - the class, or its absence
+        _conv1d.append(Conv1D)
+    return _conv1d[0]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -43,18 +47,23 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 def has_linear_forward(module: nn.Module) -> bool:
     """Whether `module`'s class computes nn.Linear's (or Conv1D's) forward, not one of its own (a subclass for fake
     quantization or weight noise)."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
     conv1d = conv1d_class()
-    return type(module).forward is nn.Linear.forward or (conv1d is not None and type(module).forward is conv1d.forward)
+    return conv1d is not None and forward is conv1d.forward
 
 
 def calls_only_linear(module: nn.Module) -> bool:
     """Whether calling `module` computes nothing but its linear map, so the fused op may read its weight instead of
-    calling it. Not so for a class with its own forward, a module with forward hooks (input steering, DeepSpeed
-    ZeRO-3's parameter gathering) or an instance forward (🤗 Accelerate's device hooks): those are called, as HF
-    PEFT calls its base layer."""
+    calling it. Not so for a class with its own forward, a module with hooks (input steering, DeepSpeed ZeRO-3's
+    parameter gathering, gradient attribution's backward hooks, which fire only for a module that is called) or an
+    instance forward (🤗 Accelerate's device hooks): those are called, as HF PEFT calls its base layer."""
+    g = module_globals  # written out, not looped over: this runs in every forward (three times)
     return (has_linear_forward(module) and "forward" not in module.__dict__
-            and not (module._forward_hooks or module._forward_pre_hooks
-                     or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks))
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                     or g._global_backward_hooks or g._global_backward_pre_hooks))
 
 
 def dropout_p(module: nn.Module) -> tuple[float, bool]:

@@ -385,7 +385,8 @@ class RankedLoraLayer(LoraLayer):
             # a base layer that must be called (hooks, its own forward; see calls_only_linear): its output plus the
             # adapter's term alone, from a zero weight. Rare, so the product with zeros is accepted; the adapter's
             # term still goes through the op whose backward scores the components.
-            weight, bias, y = weight.new_zeros(()).expand(weight.shape), None, base(x)
+            # (its own shape: hooks that gather a partitioned weight, ZeRO-3's, leave a placeholder outside the call)
+            weight, bias, y = weight.new_zeros(()).expand(self.out_features, self.in_features), None, base(x)
         # the factors follow x's dtype inside (ops.ranked_lora_factors): only x, the weight and the bias need the cast
         out = functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
             x, weight, bias, a, e, b_t, c, p, seed), x, weight, bias)
