@@ -362,5 +362,10 @@ def test_generate_continues_from_a_returned_cache(method):
                           min_new_tokens=3, **kw)
     assert torch.equal(then.sequences, whole.sequences)
     torch.testing.assert_close(torch.stack(then.scores), torch.stack(whole.scores[3:]))
+    # the cache under transformers' new name, and a total length (max_length counts the whole sequence)
+    first = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, **kw)
+    then = model.generate(input_ids=first.sequences, cache=first.past_key_values, max_length=ids.shape[1] + 6,
+                          min_length=ids.shape[1] + 6, **kw)
+    assert torch.equal(then.sequences, whole.sequences)
     with pytest.raises(ValueError, match="at least one token more than the cache holds"):
         model.generate(input_ids=ids, past_key_values=then.past_key_values, max_new_tokens=1)

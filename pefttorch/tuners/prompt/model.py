@@ -82,7 +82,7 @@ class VirtualTokenModel(HookedModel):
         wrong tokens, silently. Here generate is given the tokens after the cached ones (with the whole sequence's
         mask, which it reads as "only the new inputs were passed"), and the cached ones are put back in front of
         the sequences it returns."""
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)  # under either name (transformers 5.25 renamed past_key_values to cache)
         if cache_length(cache) == 0:
             return self.model.generate(*args, **kwargs)
         key = "inputs" if "inputs" in kwargs else "input_ids"
@@ -101,6 +101,13 @@ class VirtualTokenModel(HookedModel):
                              f"{self.n} virtual ones, the input {ids.shape[-1]}: pass the whole sequence, with at "
                              "least one token more than the cache holds")
         kwargs.pop(key, None)
+        # a total length (max_length, min_length: given, or the generation config's when no new-token count is) is
+        # counted from the input generate is given: from the tokens after the cached ones
+        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.model.generation_config
+        if kwargs.get("max_new_tokens", config.max_new_tokens) is None:
+            kwargs["max_length"] = kwargs.get("max_length", config.max_length) - cached
+        if kwargs.get("min_new_tokens", config.min_new_tokens) is None and kwargs.get("min_length", config.min_length):
+            kwargs["min_length"] = max(kwargs.get("min_length", config.min_length) - cached, 0)
         out = self.model.generate(ids[:, cached:], *args[1:], **{**kwargs, "attention_mask": mask})
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         head = ids[:, :cached].repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
