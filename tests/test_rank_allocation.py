@@ -76,6 +76,13 @@ def randomize(model, scale=0.3):
                 p.copy_(torch.randn_like(p) * scale)
 
 
+def statistics_tensors(allocator) -> list[torch.Tensor]:
+    """The tensors the allocator's statistics live in."""
+    if isinstance(allocator.ipt, torch.Tensor):
+        return [allocator.ipt, allocator.unc]
+    return [allocator._ipt_flat, allocator._unc_flat]
+
+
 def statistics(allocator) -> torch.Tensor:
     """The allocator's smoothed scores, flat: IncreLoRA's one value per module, AdaLoRA's a tensor per factor."""
     if isinstance(allocator.ipt, torch.Tensor):
@@ -796,6 +803,14 @@ def test_a_state_dict_without_allocator_state_loads_strictly_with_a_warning(meth
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Missing key"):  # any other key is still missing
         build(config).load_state_dict({k: v for k, v in state.items() if "base_layer" not in k}, strict=True)
+    # into a model built on the meta device, with assign=True: the fresh statistics come off meta too (they stayed
+    # there, and the first step failed)
+    with torch.device("meta"):
+        on_meta = get_peft_model(Stack(), config)
+    with pytest.warns(UserWarning, match="no allocator state"):
+        on_meta.load_state_dict(copy.deepcopy(state), strict=True, assign=True)
+    assert not any(t.is_meta for t in statistics_tensors(on_meta.base_model.allocator))
+    train_step(on_meta, RankAwareAdamW(on_meta.parameters(), lr=1e-2), x, 5)
     # strict=False with the factors alone (swapping weights into a live model): the allocator keeps its statistics,
     # and the key is reported missing like any other, with no word of an old checkpoint
     allocator = model.base_model.allocator

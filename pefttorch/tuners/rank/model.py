@@ -233,10 +233,11 @@ def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
         warnings.warn(f"{type(model.allocator).__name__}: the state dict has no allocator state ({missing[0]}; a "
                       "checkpoint saved before pefttorch kept it): the ranks and weights load, the allocator keeps "
                       "its own importance statistics and schedule (fresh ones in a newly built model)", stacklevel=2)
+    # where the factors are now: a load with assign=True puts a model built on the meta device on a real one (also
+    # from a checkpoint without allocator state, whose fresh statistics would stay on meta)
+    model.allocator.follow_device()
     state = model.__dict__.pop("_pending_allocator_state", None)
     if state is not None:
-        # where the factors are now: a load with assign=True puts a model built on the meta device on a real one
-        model.allocator.follow_device()
         device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
         model.allocator.load_state_dict(torch.load(io.BytesIO(state), map_location=device, weights_only=True))
 
