@@ -157,6 +157,7 @@ for _name in ("lora_linear_backward", "ranked_lora_factors_backward", "bottlenec
 # torch._check (symbolic sizes under dynamic shapes). The backward ops are called by pefttorch's formulas only.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # what the kernels' activation switch knows
 
 
 def _check(op: str, ok, message) -> None:
@@ -180,6 +181,30 @@ def _check_size(op: str, t: torch.Tensor, name: str, dim: int, expected, what: s
 def _check_like(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     _check(op, t.dtype == ref.dtype, lambda: f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
     _check(op, t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_dropout(op: str, p: float, seed: torch.Tensor | None) -> None:
+    _check(op, 0.0 <= p < 1.0, lambda: f"dropout_p must be in [0, 1), got {p}")
+    if p > 0.0:
+        _check(op, seed is not None, lambda: f"dropout_p = {p} needs a seed tensor (int64, one element, on the CPU)")
+        _check(op, seed.dtype == torch.int64 and seed.numel() == 1 and seed.device.type in ("cpu", "meta"),
+               lambda: f"seed must be an int64 tensor with one element on the CPU, got {seed.dtype} of shape "
+                       f"{list(seed.shape)} on {seed.device}")
+
+
+def _check_eps(op: str, a: torch.Tensor, eps: float) -> None:
+    """density_loss's eps: positive, finite, and within float32's normal range below float64 (see the kernel)."""
+    _check(op, eps > 0.0 and math.isfinite(eps), lambda: f"eps must be positive and finite, got {eps}")
+    if a.dtype != torch.float64:
+        info = torch.finfo(torch.float32)
+        _check(op, info.tiny <= eps <= info.max, lambda: f"eps = {eps} is outside float32's normal range ({info.tiny} "
+                                                         f"to {info.max}), the precision the loss is computed in "
+                                                         f"for {a.dtype} a: use another eps or float64 a")
+
+
+def _check_activation(op: str, activation: str) -> None:
+    _check(op, activation in _ACTIVATIONS,
+           lambda: f"unsupported activation '{activation}'; supported: {', '.join(_ACTIVATIONS)}")
 
 
 def _check_vector(op: str, t: torch.Tensor | None, name: str, size, what: str, ref: torch.Tensor,
@@ -209,6 +234,7 @@ def _lora_linear_forward_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_
     _check_size(op, lora_b, "lora_b", 1, lora_a.shape[0], "the rank r = lora_a.size(0)")
     _check_size(op, x, "x", -1, weight.shape[1], "in_features = weight.size(1)")
     _check_vector(op, bias, "bias", weight.shape[0], "out_features = weight.size(0)", x, "x")
+    _check_dropout(op, dropout_p, seed)
     tokens = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((tokens, lora_a.shape[0]))
@@ -292,6 +318,8 @@ def _stat_dtype(a: torch.Tensor) -> torch.dtype:
 @torch.library.register_fake("pefttorch::density_loss")
 def _density_loss_fake(a, eps, threshold):
     _check_float("density_loss", a, "a")
+    _check_eps("density_loss", a, eps)
+    _check("density_loss", threshold >= 0.0, lambda: f"threshold must be >= 0, got {threshold}")
     _check("density_loss", a.numel() > 0, lambda: "a is empty: the mean over no activations is undefined")
     return a.new_empty((), dtype=_stat_dtype(a)), a.new_empty((), dtype=_stat_dtype(a))
 
@@ -337,6 +365,9 @@ def _sparse_mlp_fake(x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, th
     _check_dim(op, w_in, "w_in", 2)
     _check_dim(op, w_down_t, "w_down_t", 2)
     inter = w_in.shape[0]
+    _check(op, inter > 0, lambda: f"the MLP has no intermediate neurons (w_in has shape {list(w_in.shape)})")
+    _check(op, threshold >= 0.0, lambda: f"threshold must be >= 0, got {threshold}")
+    _check_activation(op, activation)
     _check_size(op, x, "x", -1, w_in.shape[1], "hidden = w_in.size(1)")
     _check_size(op, w_down_t, "w_down_t", 0, inter, "intermediate = w_in.size(0)")
     _check_like(op, w_in, "w_in", x, "x")
@@ -426,6 +457,23 @@ def reversible_coupling_backward(
 @torch.library.register_fake("pefttorch::rank_importance")
 def _rank_importance_fake(lora_a, lora_b, lora_e, grad_tiles, row_offset, row_stride, col_offset, col_stride, rank,
                           weight):
+    op = "rank_importance"
+    for name, values in (("lora_b", lora_b), ("lora_e", lora_e), ("grad_tiles", grad_tiles),
+                         ("row_offset", row_offset), ("row_stride", row_stride), ("col_offset", col_offset),
+                         ("col_stride", col_stride), ("rank", rank), ("weight", weight)):
+        _check(op, len(values) == len(lora_a), lambda name=name, values=values: f"every list must have one entry per "
+               f"module: lora_a has {len(lora_a)} but {name} has {len(values)}")
+    for m, (a, b, tile) in enumerate(zip(lora_a, lora_b, grad_tiles, strict=True)):
+        cap = a.shape[0]
+        _check(op, 0 <= rank[m] <= cap, lambda m=m, cap=cap: f"rank[{m}] must be in [0, cap] with cap = "
+               f"lora_a[{m}].size(0) = {cap}, got {rank[m]}")
+        _check(op, tile.dtype == torch.float32, lambda m=m, tile=tile: f"grad_tiles[{m}] must be float32, got "
+               f"{tile.dtype}")
+        # len(range(offset, size, stride)): the rows and columns the grid samples
+        shape = [len(range(row_offset[m], b.shape[0], row_stride[m])), len(range(col_offset[m], a.shape[1],
+                                                                                 col_stride[m]))]
+        _check(op, list(tile.shape) == shape, lambda m=m, tile=tile, shape=shape: f"grad_tiles[{m}] must have the "
+               f"sampled shape {shape}, got {list(tile.shape)}")
     return lora_a[0].new_empty((len(lora_a),), dtype=torch.float32)
 
 
@@ -600,6 +648,7 @@ def _bottleneck_adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, ad
     _check_float(op, x, "x")
     _check_dim(op, w_down, "w_down", 2)
     _check_dim(op, w_up, "w_up", 2)
+    _check_activation(op, activation)
     m = w_down.shape[0]
     _check(op, m > 0, lambda: f"the bottleneck width m = w_down.size(0) must be at least 1, got shape "
                               f"{list(w_down.shape)}")

@@ -232,6 +232,22 @@ def _bad_calls():
         ("ranked n < 0", lambda d: ops.ranked_lora_factors(z(d, 4, 8), z(d, 4, 1), z(d, 4, 6), -1, torch.float32)),
         ("density_loss of int32", lambda d: ops.density_loss(z(d, 3, dtype=torch.int32), 1e-3, 0.0)),
         ("density_loss of nothing", lambda d: ops.density_loss(z(d, 0), 1e-3, 0.0)),
+        ("density_loss eps inf", lambda d: ops.density_loss(z(d, 3), float("inf"), 0.0)),
+        ("density_loss threshold < 0", lambda d: ops.density_loss(z(d, 3), 1e-3, -1.0)),
+        ("lora dropout without a seed", lambda d: ops.lora_linear_forward(z(d, 2, 8), z(d, 6, 8), z(d, 4, 8),
+                                                                          z(d, 6, 4), None, 1.0, 0.5, None)),
+        ("lora dropout 1", lambda d: ops.lora_linear_forward(z(d, 2, 8), z(d, 6, 8), z(d, 4, 8), z(d, 6, 4), None,
+                                                             1.0, 1.0, torch.tensor(1))),
+        ("sparse_mlp unknown activation", lambda d: ops.sparse_mlp(
+            z(d, 2, 8), z(d, 5, 8), None, None, None, z(d, 5, 6), None, "tanh", 0.0)),
+        ("sparse_mlp no neurons", lambda d: ops.sparse_mlp(
+            z(d, 2, 8), z(d, 0, 8), None, None, None, z(d, 0, 6), None, "relu", 0.0)),
+        ("adapter unknown activation", lambda d: ops.bottleneck_adapter_forward(
+            z(d, 2, 8), z(d, 3, 8), None, z(d, 8, 3), None, None, False, "tanh", 1.0)),
+        ("importance rank > capacity", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 6, 8)], [0], [1], [0], [1], [9], [1.0])),
+        ("importance tile of other shape", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 5, 8)], [0], [1], [0], [1], [2], [1.0])),
     ]
 
 
