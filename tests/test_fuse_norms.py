@@ -238,3 +238,15 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     x = rand(4, 32, requires_grad=True)
     torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_the_probes_run_on_the_cpu_whatever_the_default_device():
+    """fuse_norms' and fuse_rotary's probes drew their inputs on torch's default device: under torch.device("meta")
+    (or a CUDA default with its CPU generator) they failed, fuse_rotary's outside its guard."""
+    model = fresh("llama")
+    try:
+        with torch.device("meta"):
+            assert pefttorch.fuse_norms(model).switched
+            assert pefttorch.fuse_rotary(model).switched
+    finally:
+        pefttorch.unfuse_rotary()

@@ -369,3 +369,19 @@ def test_generate_continues_from_a_returned_cache(method):
     assert torch.equal(then.sequences, whole.sequences)
     with pytest.raises(ValueError, match="at least one token more than the cache holds"):
         model.generate(input_ids=ids, past_key_values=then.past_key_values, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("init", ["SAMPLE_VOCAB", "RANDOM"])
+def test_a_default_device_around_the_build_draws_on_the_cpu(init):
+    """The initial prompt was drawn on torch's default device: under torch.device("meta") around get_peft_model of
+    a CPU model the copy failed (and a CUDA default would draw from another generator than the CPU's)."""
+    def prompt(context):
+        base = fresh("llama")
+        torch.manual_seed(5)
+        with context:
+            model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init=init))
+        return next(p for p in model.parameters() if p.requires_grad)
+
+    import contextlib
+
+    torch.testing.assert_close(prompt(torch.device("meta")), prompt(contextlib.nullcontext()), rtol=0, atol=0)

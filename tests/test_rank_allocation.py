@@ -1473,3 +1473,29 @@ def test_a_pickled_copy_trains_as_a_deep_copy(method):
     (deep, deep_ranks), (pickled, pickled_ranks) = results
     assert pickled_ranks == deep_ranks
     torch.testing.assert_close(pickled, deep, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["incre", "ada"])
+def test_torchs_default_dtype_and_device_do_not_leak_in(method):
+    """IncreLoRA's statistics and tiles took torch's default dtype (float64 or bfloat16 there: its first update
+    failed in the float32 scoring op), and new components were drawn on the default device (under
+    torch.device("meta") the copy failed; with a CUDA default they would come from CUDA's generator, another
+    stream than the CPU's, and a later growth would hand the allocator's CPU generator to a CUDA draw)."""
+    config = incre() if method == "incre" else ada()
+    x = torch.randn(8, 13)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build(config)
+        torch.manual_seed(0)
+        base = Stack().float()
+        with torch.device("meta"):  # a CPU model, with another default device around the build
+            around = get_peft_model(base, config)
+    finally:
+        torch.set_default_dtype(previous)
+    for other in (model, around):
+        assert not any(p.is_meta for p in other.parameters())
+        opt = RankAwareAdamW(other.parameters(), lr=1e-2)
+        for step in range(4):
+            train_step(other, opt, x, step)
+        assert all(t.dtype == torch.float32 for t in statistics_tensors(other.base_model.allocator))

@@ -58,7 +58,7 @@ def _probe_mismatch(module: nn.Module, eps: float) -> str | None:
     may differ in ways no name says. The probe runs the module's own forward against the fused one."""
     weight = module.weight
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.shape[0], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    x = torch.randn(3, weight.shape[0], generator=gen, device="cpu").to(device=weight.device, dtype=weight.dtype)
     try:
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             expected = type(module).forward(module, x)

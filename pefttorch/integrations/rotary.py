@@ -79,8 +79,9 @@ def _probe_mismatch(fn, width: int = 8) -> str | None:
     gen = torch.Generator().manual_seed(0)
     # batch, heads and tokens all differ: a function that reads cos's dimensions otherwise (DINOv3's has no batch
     # dimension) fails or differs here instead of matching by coincidence
-    q, k = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
-    cos, sin = torch.randn(2, 5, width, generator=gen), torch.randn(2, 5, width, generator=gen)
+    # on the CPU whatever the default device (torch.set_default_device): transformers' function is probed there
+    q, k = (torch.randn(2, heads, 5, 8, generator=gen, device="cpu") for heads in (3, 1))
+    cos, sin = (torch.randn(2, 5, width, generator=gen, device="cpu") for _ in range(2))
     try:
         with torch.no_grad():
             want = fn(q, k, cos, sin)

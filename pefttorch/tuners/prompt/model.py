@@ -206,9 +206,9 @@ class PromptModel(VirtualTokenModel):
         if weight.device.type == "meta":  # no values to start from: a meta prompt, loaded or materialized with it
             return torch.empty(rows, weight.shape[1], device="meta")
         if config.prompt_tuning_init == "RANDOM":
-            return torch.randn(rows, weight.shape[1])
+            return torch.randn(rows, weight.shape[1], device="cpu")  # the global CPU generator's draws
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, weight.shape[0], (rows,))
+            ids = torch.randint(0, weight.shape[0], (rows,), device="cpu")
         else:
             from transformers import AutoTokenizer
 

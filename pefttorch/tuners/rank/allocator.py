@@ -72,8 +72,9 @@ class IncreLoraAllocator:
         self.config = config
         self.target_total = config.target_rank * len(layers)
         device = adapters_device(layers, adapter, "IncreLoRA")
-        self.ipt = torch.zeros(len(layers), device=device)  # smoothed sensitivity
-        self.unc = torch.zeros(len(layers), device=device)  # smoothed uncertainty
+        # float32 whatever torch's default dtype (rank_importance scores in float32)
+        self.ipt = torch.zeros(len(layers), device=device, dtype=torch.float32)  # smoothed sensitivity
+        self.unc = torch.zeros(len(layers), device=device, dtype=torch.float32)  # smoothed uncertainty
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), device="cpu")))
         self.events: list[dict] = []  # (step, {module: rank after}) of every allocation
         self.finished = False
@@ -143,7 +144,7 @@ class IncreLoraAllocator:
                                   for d in (layer.out_features, layer.in_features)) for _, layer in self.layers]
             shapes = [(math.ceil(layer.out_features / rs), math.ceil(layer.in_features / cs))
                       for (_, layer), (rs, cs) in zip(self.layers, self.strides, strict=True)]
-            self.tiles = torch.zeros(sum(p * q for p, q in shapes), device=self.ipt.device)
+            self.tiles = torch.zeros(sum(p * q for p, q in shapes), device=self.ipt.device, dtype=torch.float32)
             self.tile_views = list(torch.split(self.tiles, [p * q for p, q in shapes]))
             self.tile_views = [t.view(shape) for t, shape in zip(self.tile_views, shapes, strict=True)]
             # Every layer's grid indices (rows, then columns) in one buffer, which one copy a step rewrites: index

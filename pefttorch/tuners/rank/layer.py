@@ -36,7 +36,7 @@ def _normal_like(t: torch.Tensor, generator: torch.Generator | None = None) -> t
     """N(0, 1) values shaped like t, drawn from a CPU generator (the global one by default) whatever t's device: a
     run then allocates the same components on a GPU as on the CPU (CUDA's generator draws other numbers). A few
     small tensors per event."""
-    return torch.randn(t.shape, dtype=t.dtype, generator=generator).to(t.device)
+    return torch.randn(t.shape, dtype=t.dtype, generator=generator, device="cpu").to(t.device)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
