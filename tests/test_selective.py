@@ -132,3 +132,26 @@ def test_we_load_hf_peft_ln_tuning(tmp_path):
     ours = PeftModel.from_pretrained(fresh("llama"), tmp_path)
     batch = inputs("llama")
     torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "config"), [("marian", BitFitConfig()), ("t5", LNTuningConfig())],
+                         ids=["bitfit", "ln"])
+def test_a_model_built_on_meta_and_materialised_by_to_empty(family, config, tmp_path):
+    """to_empty() gave the module's slot and the tuned copy a tensor each: a strict load of the same model's state
+    dict failed, the trainable count doubled, and save_pretrained wrote the copy that did not train. (Families
+    without non-persistent buffers, which to_empty leaves uninitialised and no state dict restores.)"""
+    from hf_models import FAMILIES
+
+    want = get_peft_model(fresh(family), config)
+    randomize(want)
+    with torch.device("meta"):
+        model = get_peft_model(FAMILIES[family].build(), config)
+    model.to_empty(device="cpu")
+    model.get_base_model().tie_weights()  # to_empty unties them, as for any model
+    model.load_state_dict({k: v.clone() for k, v in want.state_dict().items()}, strict=True)
+    assert model.get_nb_trainable_parameters() == want.get_nb_trainable_parameters()
+    batch = inputs(family)
+    torch.testing.assert_close(logits(model, batch), logits(want, batch))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(want, batch))

@@ -80,6 +80,14 @@ class SelectiveModel(HookedModel):
             for p in self.tuned.values():
                 _mark_swapped_in(p, True)
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        # to_empty() (a model built on the meta device) and conversions that make new Parameter objects give each
+        # registration of a shared parameter one of its own: the module then trained one copy and save_pretrained
+        # wrote the other, uninitialised. The modules take the tuned (or, disabled, the original) one again.
+        self._swap(tuned=not self.disabled)
+        return out
+
     def adapter_parameters(self):
         return list(self.tuned.values())
 
