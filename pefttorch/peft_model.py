@@ -197,14 +197,15 @@ class PeftModel(Forwarding):
         idle = self.base_model.idle_parameters() if hasattr(self.base_model, "idle_parameters") else 0
         return trainable - idle, total - idle
 
-    def update_and_allocate(self, global_step: int):
-        """IncreLoRA's and AdaLoRA's rank allocation step (see :class:`~pefttorch.tuners.rank.RankedLoraModel`)."""
+    def update_and_allocate(self, global_step: int, loss_scale: float | torch.Tensor | None = None):
+        """IncreLoRA's and AdaLoRA's rank allocation step; with torch.amp.GradScaler, pass `loss_scale` (see
+        :meth:`pefttorch.tuners.rank.RankedLoraModel.update_and_allocate`)."""
         if not isinstance(self.base_model, RankedLoraModel):
             # (the lookup used to fall through to the wrapped model: "'LlamaForCausalLM' has no attribute ...")
             config = self.base_model.peft_config[self.active_adapter]
             raise AttributeError("update_and_allocate is for rank-allocating adapters (IncreLoraConfig, "
                                  f"AdaLoraConfig); this model's adapter is a {type(config).__name__}")
-        return self.base_model.update_and_allocate(global_step)
+        return self.base_model.update_and_allocate(global_step, loss_scale)
 
     # The HF Trainer tells a causal LM by this name (with label smoothing it shifts the labels only then) and special-
     # cases HF PEFT's wrapper; ours said "PeftModelFor...", so the Trainer smoothed the current token, not the next:

@@ -1499,3 +1499,51 @@ def test_torchs_default_dtype_and_device_do_not_leak_in(method):
         for step in range(4):
             train_step(other, opt, x, step)
         assert all(t.dtype == torch.float32 for t in statistics_tensors(other.base_model.allocator))
+
+
+def test_increlora_under_a_loss_scale_scores_the_unscaled_gradients():
+    """IncreLoRA scores from the backward itself, which torch.amp.GradScaler scales: its statistics came out the
+    loss scale times too large, and as the scale changed the running averages favoured some steps, so other
+    modules grew. With loss_scale given (the Trainer callback reads it from accelerate's scaler), a run whose loss
+    scale doubles every step (exact in floating point) scores and grows exactly as one without."""
+    config = incre(score_sample=4)
+    x = torch.randn(8, 13, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for scaled in (False, True):
+        model = build(config)
+        randomize(model)
+        opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+        for step in range(8):
+            scale = 2.0 ** (10 + step) if scaled else 1.0
+            (model(x).square().mean() * scale).backward()
+            for p in model.parameters():  # what scaler.step does before the optimizer's step
+                if p.grad is not None:
+                    p.grad.div_(scale)
+            opt.step()
+            torch.manual_seed(step)
+            model.update_and_allocate(step, loss_scale=scale if scaled else None)
+            opt.zero_grad()
+        runs.append((statistics(model.base_model.allocator), model.base_model.allocator.events))
+    (plain, plain_events), (scaled, scaled_events) = runs
+    assert plain_events and scaled_events == plain_events
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="loss_scale must be positive and finite"):
+        build(config).update_and_allocate(0, loss_scale=float("inf"))
+
+
+def test_the_trainer_callback_reads_the_loss_scale_before_the_step():
+    from pefttorch.tuners.rank.model import RankAllocationCallback
+
+    model = build(incre())
+    seen = []
+    model.base_model.update_and_allocate = lambda step, loss_scale=None: seen.append((step, loss_scale))
+    callback = RankAllocationCallback()
+    state = type("State", (), {"global_step": 3})()
+    wrapped = type("AcceleratedOptimizer", (), {"scaler": torch.amp.GradScaler("cpu", init_scale=512.0)})()
+    wrapped.scaler.scale(torch.ones(()))  # the backward of this step, at scale 512
+    callback.on_pre_optimizer_step(None, state, None, optimizer=wrapped)
+    wrapped.scaler.update(new_scale=1024.0)  # the wrapper's step updates the scale before on_optimizer_step
+    callback.on_optimizer_step(None, state, None, model=model)
+    callback.on_pre_optimizer_step(None, state, None, optimizer=object())  # no scaler (bf16, fp32)
+    callback.on_optimizer_step(None, state, None, model=model)
+    assert seen == [(3, 512.0), (3, None)]

@@ -213,7 +213,7 @@ class IncreLoraAllocator:
         with torch.no_grad():
             return ops.rank_importance(a, b, e, tiles, r0, rs, c0, cs, ranks, weights)
 
-    def update_ipt(self) -> None:
+    def update_ipt(self, loss_scale: float | torch.Tensor | None = None) -> None:
         if data_parallel():
             if self._share_generator():
                 return  # the processes sampled different grids this step: its tiles are not comparable
@@ -224,6 +224,8 @@ class IncreLoraAllocator:
             self.tiles.div_(torch.distributed.get_world_size())
         b1, b2 = self.config.beta1, self.config.beta2
         s = self.scores()
+        if loss_scale is not None:  # the tiles hold the scaled backward's gradient (see update_and_allocate)
+            s = s / loss_scale
         # A step whose gradients overflowed (GradScaler skips the optimizer step then, as it should) leaves the
         # statistics as they were, where its inf or NaN would stay in them for good. Selected on the device: no
         # host sync per step.
@@ -239,12 +241,12 @@ class IncreLoraAllocator:
 
     # ------------------------------------------------------------------ allocation
 
-    def update_and_allocate(self, step: int) -> dict[str, int] | None:
-        """Updates the scores from this step's backward and, on an allocation step, grows the best modules.
-        Returns {module: new rank} of the modules that grew, or None."""
+    def update_and_allocate(self, step: int, loss_scale: float | torch.Tensor | None = None) -> dict[str, int] | None:
+        """Updates the scores from this step's backward (unscaled by `loss_scale`) and, on an allocation step, grows
+        the best modules. Returns {module: new rank} of the modules that grew, or None."""
         if self.finished:
             return None
-        self.update_ipt()
+        self.update_ipt(loss_scale)
         grown = None
         if step > self.config.init_warmup and step % self.config.incre_interval == 0:
             grown = self.allocate(step)
@@ -504,7 +506,8 @@ class AdaLoraAllocator:
         self.ipt, self.unc = [], []
         self._ipt_flat = self._unc_flat = None
 
-    def update_and_allocate(self, step: int) -> dict[str, int] | None:
+    def update_and_allocate(self, step: int, loss_scale: float | torch.Tensor | None = None) -> dict[str, int] | None:
+        # loss_scale unused: AdaLoRA scores the gradients, which scaler.step has unscaled by now
         if self.finished:
             return None
         end = self.config.total_step - self.config.tfinal

@@ -4,6 +4,7 @@ regulariser, and export as a plain LoRA adapter with the final ranks (loadable b
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections import Counter
 
@@ -102,10 +103,17 @@ class RankedLoraModel(LoraModel):
 
     # ------------------------------------------------------------------ training
 
-    def update_and_allocate(self, global_step: int) -> dict[str, int] | None:
+    def update_and_allocate(self, global_step: int, loss_scale: float | torch.Tensor | None = None
+                            ) -> dict[str, int] | None:
         """One call per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``: updates the
         importance scores and, on the schedule's steps, grows (IncreLoRA) or prunes (AdaLoRA) ranks. Returns
         {module: new rank} for the modules whose rank changed at this step, else None.
+
+        With ``torch.amp.GradScaler``, pass `loss_scale`: the scale this step's backward ran with,
+        ``scaler.get_scale()`` read before ``scaler.update()``. IncreLoRA scores from the backward itself, so its
+        scores are otherwise the loss scale times too large, and as the scaler halves and doubles the scale the
+        running statistics favour some steps over others: other modules grow. (AdaLoRA reads the gradients
+        ``scaler.step`` has unscaled and ignores it.) :class:`RankAllocationCallback` passes it for the Trainer.
 
         Steps must increase: a second call for the same step (once per micro-batch under gradient accumulation) is
         ignored with a warning (it scored the same gradients again and, in IncreLoRA, allocated again), and a step
@@ -120,7 +128,9 @@ class RankedLoraModel(LoraModel):
                           f"optimizer step, after optimizer.step() (under gradient accumulation, not per micro-batch)",
                           stacklevel=2)
             return None
-        changed = self.allocator.update_and_allocate(step)
+        if loss_scale is not None and not (float(loss_scale) > 0 and math.isfinite(float(loss_scale))):
+            raise ValueError(f"update_and_allocate: loss_scale must be positive and finite, got {loss_scale}")
+        changed = self.allocator.update_and_allocate(step, loss_scale)
         self.allocator.last_step = step
         return changed
 
@@ -290,8 +300,14 @@ class RankAllocationCallback(_trainer_callback_base()):
                           f"optimizers=(pefttorch.optim.RankAwareAdamW(model.parameters(), lr=...), None)",
                           stacklevel=2)
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # fp16 under accelerate: its optimizer wrapper holds the GradScaler, whose step and update come before
+        # on_optimizer_step; the scale this step's backward ran with is read here
+        scaler = getattr(optimizer, "scaler", None)
+        self._loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        _ranked(model).update_and_allocate(state.global_step)
+        _ranked(model).update_and_allocate(state.global_step, loss_scale=getattr(self, "_loss_scale", None))
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is not None and model is not None and "eval_loss" not in logs:
