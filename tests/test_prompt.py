@@ -367,6 +367,15 @@ def test_generate_continues_from_a_returned_cache(method):
     then = model.generate(input_ids=first.sequences, cache=first.past_key_values, max_length=ids.shape[1] + 6,
                           min_length=ids.shape[1] + 6, **kw)
     assert torch.equal(then.sequences, whole.sequences)
+    # no length given (generate's default), and a generation config without one: as the same call without the
+    # cache (a total length unset stayed None, and None - int raised)
+    from transformers import GenerationConfig
+
+    for extra in ({}, {"generation_config": GenerationConfig(do_sample=False)}):
+        first = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, **kw)
+        then = model.generate(input_ids=first.sequences, cache=first.past_key_values, **extra, **kw)
+        again = model.generate(input_ids=first.sequences, **extra, **kw)
+        assert torch.equal(then.sequences, again.sequences)
     with pytest.raises(ValueError, match="at least one token more than the cache holds"):
         model.generate(input_ids=ids, past_key_values=then.past_key_values, max_new_tokens=1)
 

@@ -101,13 +101,18 @@ class VirtualTokenModel(HookedModel):
                              f"{self.n} virtual ones, the input {ids.shape[-1]}: pass the whole sequence, with at "
                              "least one token more than the cache holds")
         kwargs.pop(key, None)
-        # a total length (max_length, min_length: given, or the generation config's when no new-token count is) is
-        # counted from the input generate is given: from the tokens after the cached ones
-        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.model.generation_config
-        if kwargs.get("max_new_tokens", config.max_new_tokens) is None:
-            kwargs["max_length"] = kwargs.get("max_length", config.max_length) - cached
-        if kwargs.get("min_new_tokens", config.min_new_tokens) is None and kwargs.get("min_length", config.min_length):
-            kwargs["min_length"] = max(kwargs.get("min_length", config.min_length) - cached, 0)
+        # a total length (max_length, min_length, where no new-token count overrides it) is counted from the input
+        # generate is given: from the tokens after the cached ones. Each setting as generate reads it: the call's
+        # keyword, else the call's generation config, else the model's; unset (None, or 0 for min_length) stays so
+        configs = [c for c in (kwargs.get("generation_config") or (args[1] if len(args) > 1 else None),
+                               self.model.generation_config) if c is not None]
+
+        def setting(name):
+            return next((v for v in (kwargs.get(name), *(getattr(c, name, None) for c in configs)) if v), None)
+
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if setting(new) is None and setting(total) is not None:
+                kwargs[total] = max(setting(total) - cached, 0)
         out = self.model.generate(ids[:, cached:], *args[1:], **{**kwargs, "attention_mask": mask})
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         head = ids[:, :cached].repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
