@@ -155,3 +155,20 @@ def test_a_model_built_on_meta_and_materialised_by_to_empty(family, config, tmp_
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
     torch.testing.assert_close(logits(loaded, batch), logits(want, batch))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_moving_the_peft_model_after_unload_leaves_the_base_model_alone(merge):
+    """The to_empty fix re-seated the tuned copies in _apply, also after unload(): peft.float() put them back into
+    the returned base model (other logits, and a second get_peft_model refused it as adapted)."""
+    base = fresh("bert")
+    want = logits(base, inputs("bert"))
+    peft = get_peft_model(base, LNTuningConfig())
+    randomize(peft)
+    unloaded = peft.merge_and_unload() if merge else peft.unload()
+    after = logits(unloaded, inputs("bert"))
+    peft.float()
+    torch.testing.assert_close(logits(unloaded, inputs("bert")), after)
+    if not merge:
+        torch.testing.assert_close(after, want)
+    get_peft_model(unloaded, LNTuningConfig())  # not refused

@@ -84,8 +84,10 @@ class SelectiveModel(HookedModel):
         out = super()._apply(fn, *args, **kwargs)
         # to_empty() (a model built on the meta device) and conversions that make new Parameter objects give each
         # registration of a shared parameter one of its own: the module then trained one copy and save_pretrained
-        # wrote the other, uninitialised. The modules take the tuned (or, disabled, the original) one again.
-        self._swap(tuned=not self.disabled)
+        # wrote the other, uninitialised. The modules take the tuned (or, disabled, the original) one again; after
+        # unload() they are the user's model's, not ours to change.
+        if not getattr(self, "restored", False):
+            self._swap(tuned=not self.disabled)
         return out
 
     def adapter_parameters(self):
@@ -115,6 +117,7 @@ class SelectiveModel(HookedModel):
             for key in self.tuned:
                 self.originals[key].copy_(self.tuned[key])
         self._swap(tuned=False)
+        self.restored = True  # the modules are the user's again: _apply leaves them be
 
     def export_adapter(self, name: str):
         config = self.peft_config[name]
