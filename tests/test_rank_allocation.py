@@ -3,6 +3,7 @@ saving as a plain LoRA (loadable by HF PEFT), and the HF Trainer callback."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1493,11 +1494,12 @@ def test_torchs_default_dtype_and_device_do_not_leak_in(method):
             around = get_peft_model(base, config)
     finally:
         torch.set_default_dtype(previous)
-    for other in (model, around):
+    for other, context in ((model, contextlib.nullcontext()), (around, torch.device("meta"))):
         assert not any(p.is_meta for p in other.parameters())
         opt = RankAwareAdamW(other.parameters(), lr=1e-2)
-        for step in range(4):
-            train_step(other, opt, x, step)
+        with context:  # trained under it too: growth's new ids, AdaLoRA's regulariser masks, the optimizer's ids
+            for step in range(4):
+                train_step(other, opt, x, step)
         assert all(t.dtype == torch.float32 for t in statistics_tensors(other.base_model.allocator))
 
 

@@ -43,7 +43,7 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small integer tensor on `device`, without a host synchronisation: torch.tensor(..., device="cuda") copies
     from pageable memory and waits for the stream, which on a GPU stalled every training step here (the
     regulariser runs in each forward; the optimizer moves state on allocation events)."""
-    t = torch.tensor(values)
+    t = torch.tensor(values, device="cpu")  # on the CPU whatever torch's default device
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
@@ -325,7 +325,8 @@ class RankedLoraLayer(LoraLayer):
             p.data = data
             p.grad = None  # of the old shape; allocation runs between optimizer.step() and zero_grad()
             _note_resized(p)
-        c.ids = torch.cat([c.ids, torch.arange(c.next_id, c.next_id + capacity - c.capacity, dtype=torch.int64)])
+        c.ids = torch.cat([c.ids, torch.arange(c.next_id, c.next_id + capacity - c.capacity, dtype=torch.int64,
+                                               device="cpu")])
         c.next_id += capacity - c.capacity
         c.capacity = capacity
 
