@@ -463,8 +463,17 @@ def _rank_importance_fake(lora_a, lora_b, lora_e, grad_tiles, row_offset, row_st
                          ("col_stride", col_stride), ("rank", rank), ("weight", weight)):
         _check(op, len(values) == len(lora_a), lambda name=name, values=values: f"every list must have one entry per "
                f"module: lora_a has {len(lora_a)} but {name} has {len(values)}")
-    for m, (a, b, tile) in enumerate(zip(lora_a, lora_b, grad_tiles, strict=True)):
+    for m, (a, b, e, tile) in enumerate(zip(lora_a, lora_b, lora_e, grad_tiles, strict=True)):
         cap = a.shape[0]
+        for which, offset, stride in (("row", row_offset[m], row_stride[m]), ("col", col_offset[m], col_stride[m])):
+            _check(op, stride >= 1, lambda m=m, which=which, stride=stride: f"{which}_stride[{m}] must be >= 1, got "
+                   f"{stride}")
+            _check(op, 0 <= offset < stride, lambda m=m, which=which, offset=offset, stride=stride: f"{which}_offset"
+                   f"[{m}] must be in [0, {which}_stride[{m}]) = [0, {stride}), got {offset}")
+        _check(op, (e.dim() == 1 or (e.dim() == 2 and e.shape[1] == 1)) and e.shape[0] == cap,
+               lambda m=m, e=e, cap=cap: f"lora_e[{m}] must have shape (cap,) or (cap, 1) with cap = "
+               f"lora_a[{m}].size(0) = {cap}, got {list(e.shape)}")
+        _check(op, math.isfinite(weight[m]), lambda m=m: f"weight[{m}] must be finite, got {weight[m]}")
         _check(op, 0 <= rank[m] <= cap, lambda m=m, cap=cap: f"rank[{m}] must be in [0, cap] with cap = "
                f"lora_a[{m}].size(0) = {cap}, got {rank[m]}")
         _check(op, tile.dtype == torch.float32, lambda m=m, tile=tile: f"grad_tiles[{m}] must be float32, got "

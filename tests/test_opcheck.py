@@ -248,6 +248,14 @@ def _bad_calls():
             [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 6, 8)], [0], [1], [0], [1], [9], [1.0])),
         ("importance tile of other shape", lambda d: ops.rank_importance(
             [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 5, 8)], [0], [1], [0], [1], [2], [1.0])),
+        ("importance stride 0", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 6, 8)], [0], [0], [0], [1], [2], [1.0])),
+        ("importance offset past the stride", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 2, 8)], [3], [2], [0], [1], [2], [1.0])),
+        ("importance lora_e of other rows", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 3, 1)], [z(d, 6, 8)], [0], [1], [0], [1], [2], [1.0])),
+        ("importance weight nan", lambda d: ops.rank_importance(
+            [z(d, 4, 8)], [z(d, 6, 4)], [z(d, 4, 1)], [z(d, 6, 8)], [0], [1], [0], [1], [2], [float("nan")])),
     ]
 
 
