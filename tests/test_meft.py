@@ -528,3 +528,16 @@ def test_starting_point_on_the_real_minilm(variant):
     real = inputs["attention_mask"].bool()
     deviation = ((got - want)[real].norm() / want[real].norm()).item()
     assert 0 < deviation <= MINILM_START_BOUND[variant]
+
+
+def test_a_model_on_the_meta_device_runs_forward_and_backward():
+    """Shape inference on the meta device: the reversible forward asked torch.is_autocast_enabled("meta"), which
+    raises ("unknown device type for autocast")."""
+    from hf_models import FAMILIES
+
+    with torch.device("meta"):
+        model = pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.MeftConfig())
+        ids = torch.randint(0, 90, (2, 5))
+        logits = model(input_ids=ids).logits
+        logits.sum().backward()
+    assert logits.is_meta and logits.shape[:2] == (2, 5)

@@ -159,7 +159,7 @@ class ReconstructionReport:
 
 
 def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
-    if want[0].numel() == 0:  # an empty batch: nothing to reconstruct (and no max to take)
+    if want[0].numel() == 0 or want[0].is_meta:  # an empty batch, or shapes only: nothing to measure
         return 0.0
     scale = max(max(w.abs().max().item() for w in want), 1e-30)
     return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)) / scale
@@ -232,7 +232,9 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, run: _Run, x1, x2, *params):
         device = x1.device
         inputs = (x1,) if x1 is x2 else (x1, x2)
-        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        # (the meta device has no autocast, and asking about it raises: off there)
+        on = device.type != "meta" and torch.is_autocast_enabled(device.type)
+        ctx.autocast = (device.type, on, torch.get_autocast_dtype(device.type) if on else None)
         # Random state only matters when some module draws random numbers (dropout in training mode).
         replay = any(m.training for layer in run.layers for m in (*layer.f.modules, *layer.g.modules))
         bounds = guard_bounds(run.layers, x1.dtype, run.dtype)
@@ -276,7 +278,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 if rng is not None:
                     stack.enter_context(rng.replay())
                 stack.enter_context(torch.enable_grad())
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+                if device_type != "meta":  # no autocast there (see forward)
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
                 x = x.detach().requires_grad_()
                 out = block.fn(guarded_cast(x, run.dtype, guard), run.context)
                 results = torch.autograd.grad(out, [x, *params], grad_out.to(out.dtype), allow_unused=True)
