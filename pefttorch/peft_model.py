@@ -30,6 +30,7 @@ from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
 from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfig, PromptModel, PromptTuningConfig
 from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
+from .tuners.prompt.model import WEIGHTS_FOLLOW
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
@@ -385,7 +386,11 @@ class PeftModel(Forwarding):
         """
         del low_cpu_mem_usage, torch_device
         config = _load_config(model_id, is_trainable)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        loading = WEIGHTS_FOLLOW.set(True)
+        try:
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        finally:
+            WEIGHTS_FOLLOW.reset(loading)
         try:
             peft_model._load_weights(model_id, adapter_name)
         except Exception:

@@ -394,3 +394,22 @@ def test_a_default_device_around_the_build_draws_on_the_cpu(init):
     import contextlib
 
     torch.testing.assert_close(prompt(torch.device("meta")), prompt(contextlib.nullcontext()), rtol=0, atol=0)
+
+
+def test_a_text_initialised_prompt_loads_without_its_tokenizer(tmp_path):
+    """Loading built the initial prompt first, and a TEXT one fetched its tokenizer, for a prompt the saved one
+    replaces at once: the adapter failed to load once the tokenizer was gone (offline, another machine)."""
+    from hf_models import logits
+
+    _, model = prompted("llama")
+    with torch.no_grad():
+        model.base_model.prompt.normal_()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="a task",
+                  tokenizer_name_or_path=str(tmp_path / "gone"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    batch = inputs("llama")
+    for trainable in (False, True):
+        loaded = PeftModel.from_pretrained(fresh("llama"), tmp_path, is_trainable=trainable)
+        torch.testing.assert_close(logits(loaded, batch), logits(model, batch))

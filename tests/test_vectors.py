@@ -275,3 +275,19 @@ def test_we_load_hf_peft_ia3(family, tmp_path):
     ours = PeftModel.from_pretrained(fresh(family), tmp_path)
     batch = inputs(family)
     torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_we_load_hf_peft_ia3_on_the_lm_head(tmp_path):
+    """HF PEFT saves a targeted lm_head's own weight next to the adapter, under its wrapper's key
+    (lm_head.base_layer.weight); (IA)^3 here adapts the head by a hook, unwrapped, and the file was refused."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(fresh("llama"), peft.IA3Config(target_modules=["k_proj", "lm_head"],
+                                                                feedforward_modules=[], init_ia3_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF PEFT says it saves the embedding layers
+        theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(fresh("llama"), tmp_path)
+    batch = inputs("llama")
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-6)

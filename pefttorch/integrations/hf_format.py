@@ -40,17 +40,26 @@ def _embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The input and output embedding layers' own tensors, under their saved keys. HF PEFT saves them next to the
     adapter when the adapter targets one of them (``save_embedding_layers="auto"``: ``lm_head.base_layer.weight``)
     or the vocabulary was resized, and loads them back into the model; so does this loader."""
-    layers = []
+    out = {}
+    names = {id(module): name for name, module in model.named_modules()}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
             layer = getattr(model, getter)()
         except (AttributeError, NotImplementedError):
             continue
-        if layer is not None:
-            layers.append(getattr(layer, "base_layer", layer))
-    names = {id(module): name for name, module in model.named_modules()}
-    return {f"base_model.model.{names[id(layer)]}.{key}": value.detach()
-            for layer in layers if id(layer) in names for key, value in layer.state_dict().items()}
+        if layer is None:
+            continue
+        wrapped = getattr(layer, "base_layer", None)
+        # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
+        # hooks here ((IA)^3) leaves it unwrapped, so the file's key names the path the module itself has
+        paths = [names.get(id(wrapped))] if wrapped is not None else [names.get(id(layer))] * 2
+        if paths[0] is None:
+            continue
+        if wrapped is None:
+            paths[1] += ".base_layer"
+        for key, value in (wrapped if wrapped is not None else layer).state_dict().items():
+            out.update({f"base_model.model.{path}.{key}": value.detach() for path in paths})
+    return out
 
 
 def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:

@@ -9,6 +9,7 @@ without knowing of the prompt.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import warnings
@@ -62,6 +63,11 @@ def task_type_of(model: nn.Module) -> str:
 def _parameter_names(cls: type) -> list[str]:
     """The forward's parameter names of a module class (looked up once: the hook runs on every call)."""
     return list(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
+# True while an adapter is built only to have saved weights copied into it (PeftModel.from_pretrained): the initial
+# prompt is then not computed; a TEXT one needed its tokenizer, which a saved adapter does not (HF PEFT skips it too)
+WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch_weights_follow", default=False)
 
 
 class VirtualTokenModel(HookedModel):
@@ -208,6 +214,8 @@ class PromptModel(VirtualTokenModel):
     @torch.no_grad()
     def _initial_prompt(self, config: PromptTuningConfig, rows: int) -> torch.Tensor:
         weight = self.embedding.weight
+        if WEIGHTS_FOLLOW.get():  # loading: the saved prompt replaces it (TEXT init needed the tokenizer for nothing)
+            return torch.zeros(rows, weight.shape[1], device="cpu")
         if weight.device.type == "meta":  # no values to start from: a meta prompt, loaded or materialized with it
             return torch.empty(rows, weight.shape[1], device="meta")
         if config.prompt_tuning_init == "RANDOM":
