@@ -59,6 +59,11 @@ class RankAwareAdamW(torch.optim.Optimizer):
             self.param_groups.pop()
             raise TypeError("RankAwareAdamW does not support complex parameters; use torch.optim.AdamW for them")
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved by another optimizer (torch.optim.AdamW) lack it
+            group.setdefault("component_warmup", None)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the component ids of ranked factors stay exact integers: torch casts every state tensor
         but the step count to the parameter's dtype, and bfloat16 holds integers exactly only up to 256, so a
@@ -76,6 +81,11 @@ class RankAwareAdamW(torch.optim.Optimizer):
                                  "torch.optim.AdamW or another optimizer?): RankAwareAdamW cannot match its moments "
                                  "to the components; start the optimizer afresh instead of loading it")
             ids[p] = saved["ids"].to("cpu", torch.int64, copy=True)
+        for group in state_dict["param_groups"]:  # torch replaces the groups whole: what add_param_group refuses
+            unsupported = [k for k in self._UNSUPPORTED if group.get(k)]
+            if unsupported:
+                raise TypeError(f"RankAwareAdamW does not implement {unsupported}, which this state's parameter "
+                                "groups set; use torch.optim.AdamW for them")
         super().load_state_dict(state_dict)
         for p, saved_ids in ids.items():
             self.state[p]["ids"] = saved_ids

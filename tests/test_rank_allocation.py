@@ -1549,3 +1549,58 @@ def test_the_trainer_callback_reads_the_loss_scale_before_the_step():
     callback.on_pre_optimizer_step(None, state, None, optimizer=object())  # no scaler (bf16, fp32)
     callback.on_optimizer_step(None, state, None, model=model)
     assert seen == [(3, 512.0), (3, None)]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "meta+assign"])
+def test_an_optimizer_state_loads_into_a_copied_or_assigned_model_before_its_forward(how):
+    """The optimizer finds ranked factors by a tag on the Parameter, which copies (deepcopy, a load with
+    assign=True) drop, and only the forward put it back: a state loaded first (the usual resume) was taken for
+    plain AdamW state (per-component step counts restarted; an AdamW state not refused), and a module pruned to
+    rank 0 was never re-tagged (its idle components moved under weight decay)."""
+    config = ada(tinit=1, tfinal=2, deltaT=1, total_step=8)
+    x = torch.randn(8, 13, generator=torch.Generator().manual_seed(4))
+    model = build(config)
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    for step in range(8):
+        train_step(model, opt, x, step)
+    pruned = [name for name, rank in model.rank_pattern().items() if rank == 0]
+    assert pruned, "no module was pruned to rank 0"
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    else:
+        with torch.device("meta"):
+            other = get_peft_model(Stack(), config)
+        other.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    other_opt = RankAwareAdamW(other.parameters(), lr=1e-2, weight_decay=0.5)
+    other_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # before any forward of `other`
+    layers = dict(ranked_layers(other))
+    idle = {name: layers[name].lora_A["default"].detach().clone() for name in pruned}
+    torch.manual_seed(9)
+    train_step(other, other_opt, x, 8)
+    torch.manual_seed(9)
+    train_step(model, opt, x, 8)
+    for (name, p), (_, q) in zip(other.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)  # exactly the run that went on
+    for name, before in idle.items():
+        torch.testing.assert_close(layers[name].lora_A["default"], before, rtol=0, atol=0, msg=name)
+    fresh = build(config)
+    plain = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    train_step(fresh, plain, x, 0)
+    with pytest.raises(ValueError, match="no component ids"):
+        RankAwareAdamW(copy.deepcopy(fresh).parameters(), lr=1e-2).load_state_dict(plain.state_dict())
+
+
+def test_rank_aware_adamw_refuses_loaded_groups_it_does_not_implement_and_fills_missing_options():
+    """torch's load_state_dict replaces the parameter groups whole: a state with maximize=True (or amsgrad) was
+    taken and ignored (it minimised), and one without component_warmup failed at the first step (KeyError)."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    for option in ("maximize", "amsgrad"):
+        state = torch.optim.AdamW(params, lr=1e-2, **{option: True}).state_dict()
+        with pytest.raises(TypeError, match=f"does not implement \\['{option}'\\], which this state's"):
+            RankAwareAdamW(params, lr=1e-2).load_state_dict(state)
+    model = build(incre())
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(torch.optim.AdamW(model.parameters(), lr=1e-2).state_dict())  # no step yet: no state
+    assert all(group["component_warmup"] is None for group in opt.param_groups)
+    train_step(model, opt, torch.randn(8, 13), 0)

@@ -247,6 +247,24 @@ class RankedLoraLayer(LoraLayer):
         self.lora_E = nn.ParameterDict()
         self.lora_B_t = nn.ParameterDict()
         self.lora_components = nn.ModuleDict()
+        self.register_load_state_dict_post_hook(RankedLoraLayer._retag)
+
+    # The tags (see _tag) live on the Parameter objects, and whatever makes new ones drops them: a deep copy or pickle,
+    # load_state_dict(assign=True), to_empty(). The optimizer reads them at its load_state_dict, usually before the
+    # next forward (which re-tags too): a state loaded untagged gave the moments to no component, or refused nothing.
+    def _retag(self, *_) -> None:
+        for name in self.lora_components:
+            if name in self.lora_A:
+                self._tag(name)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._retag()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._retag()
+        return out
 
     def update_layer(self, name: str, *, capacity: int, rank: int, reserve: int, lora_alpha: float,
                      lora_dropout: float, scale_by_rank: bool, warmup: int = 0, reserve_e: float = 1e-5,
@@ -369,6 +387,8 @@ class RankedLoraLayer(LoraLayer):
         name = active[0]  # one ranked adapter per model (RankedLoraModel enforces it)
         c = self.lora_components[name]
         n = c.in_use
+        if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
+            self._tag(name)  # (before the rank-0 return: the optimizer must know a pruned module's factors too)
         if n == 0:  # pruned away entirely: the base layer alone
             y = base(x)
             if torch.is_grad_enabled() and self.lora_A[name].requires_grad:
@@ -376,8 +396,6 @@ class RankedLoraLayer(LoraLayer):
                 # parameter that requires grad to get one, and failed on the next step without it
                 y = y + sum(p[:0].sum() for p in self.factors(name)).to(y.dtype)
             return y
-        if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
-            self._tag(name)
         a, e, b_t = self.factors(name)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
