@@ -51,3 +51,47 @@ def test_one_graph_with_dynamic_shapes_and_labels(method):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss)
+
+
+def _method(name):
+    import peft
+
+    import pefttorch
+
+    if name == "hf-peft+accelerate":
+        model = peft.get_peft_model(FAMILIES["llama"].build(), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                              init_lora_weights=False))
+        pefttorch.accelerate(model)
+        return model
+    configs = {"lora+modules_to_save": LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                  modules_to_save=["lm_head"]),
+               "ia3": pefttorch.IA3Config(), "ssf": pefttorch.SsfConfig(), "ln_tuning": pefttorch.LNTuningConfig(),
+               "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=3),
+               "dept": pefttorch.DeptConfig(num_virtual_tokens=3)}
+    return get_peft_model(FAMILIES["llama"].build(), configs[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora+modules_to_save", "ia3", "ssf", "ln_tuning", "prompt", "dept",
+                                  "hf-peft+accelerate", "fused norms and rotary"])
+def test_every_method_compiles_in_one_graph_with_eagers_gradients(name):
+    """The README's promise for the other methods (and for accelerate, fuse_norms and fuse_rotary): no graph break,
+    and eager's gradients. Only LoRA, prefix tuning, the density loss and the ranked methods were tested."""
+    import pefttorch
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _method("lora+modules_to_save" if name == "fused norms and rotary" else name).train()
+    if name == "fused norms and rotary":
+        pefttorch.fuse_norms(model)
+        pefttorch.fuse_rotary(model)
+    try:
+        ids = torch.randint(1, 95, (2, 9), generator=torch.Generator().manual_seed(1))
+        params = [p for p in model.parameters() if p.requires_grad]
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        grads_c = torch.autograd.grad(compiled(input_ids=ids, labels=ids).loss, params)
+        grads = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params)
+        for a, b in zip(grads_c, grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        pefttorch.unfuse_rotary()

@@ -272,3 +272,20 @@ def test_output_can_be_changed_in_place(device):
     torch.testing.assert_close(y, want_y)
     for got_g, want_g in zip(got, want, strict=True):
         torch.testing.assert_close(got_g, want_g)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_backward_keeps_x_and_the_rank_sized_product_only(dropout):
+    """The README: backward keeps only x and the (tokens, r) product (the dropout mask is regenerated from a seed,
+    never stored). Every tensor autograd saves is counted: beyond the parameters and the seed, x itself and one
+    (tokens, r) tensor."""
+    x = torch.randn(4, 16, 32)
+    weight = torch.randn(24, 32)
+    lora_a, lora_b = torch.randn(3, 32, requires_grad=True), torch.randn(24, 3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        functional.lora_linear(x, weight, lora_a, lora_b, scaling=0.5, dropout=dropout, training=True)
+    params = {t.untyped_storage().data_ptr() for t in (weight, lora_a, lora_b)}
+    kept = [t for t in saved if t.untyped_storage().data_ptr() not in params and t.numel() > 1]
+    assert sorted(tuple(t.shape) for t in kept) == sorted([tuple(x.shape), (64, 3)])
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)  # x, not a copy

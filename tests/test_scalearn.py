@@ -79,7 +79,8 @@ def test_scales_start_at_the_average_and_only_they_train(tmp_path):
     model = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=paths))
     pm = model.base_model
     start = torch.cat([p.detach().flatten() for p in pm.omega.values()])
-    assert abs(start.mean().item() - 1 / 3) < 1e-3 and start.std().item() < 0.003
+    # the noise of 0.001: there, and small
+    assert abs(start.mean().item() - 1 / 3) < 1e-3 and 1e-4 < start.std().item() < 0.003
     model.train()
     model(**inputs("bert")).loss.backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
