@@ -361,3 +361,38 @@ def test_failed_attach_leaves_the_model_unchanged():
     assert type(model[0]) is torch.nn.Linear
     with pytest.raises(ValueError, match="1e-18"):
         DensityLossConfig(eps=1e-23)
+
+
+def test_a_tuple_output_takes_the_term_too():
+    """return_dict=False (or a config's torchscript=True) gives (loss, logits, ...): the term was added only to a
+    dict's loss, and went nowhere, silently."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"].build().train()
+    handle = attach_density_loss(model, DensityLossConfig(weight=10.0))
+    ids = torch.randint(1, 95, (2, 9), generator=torch.Generator().manual_seed(1))
+    as_dict = model(input_ids=ids, labels=ids).loss
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert handle.loss().item() > 0.1  # a term large enough to tell the two apart
+    torch.testing.assert_close(as_tuple[0], as_dict)
+
+
+def test_a_term_that_went_into_no_loss_is_warned_of_once():
+    """With the HF Trainer's label_smoothing_factor (or compute_loss_func) the model's output has no loss: the term
+    was silently never trained. The next training forward says so, once; reading loss() counts as using it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = FAMILIES["llama"].build().train()
+    handle = attach_density_loss(model, DensityLossConfig(weight=1.0))
+    ids = torch.randint(1, 95, (2, 9), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the term read each time: nothing to say
+            (model(input_ids=ids).logits.mean() + handle.loss()).backward()
+        model(input_ids=ids, labels=ids).loss.backward()  # added to the model's loss
+        model(input_ids=ids).logits.mean().backward()  # ... but this one's term goes nowhere
+    with pytest.warns(UserWarning, match="was not added to any loss"):
+        model(input_ids=ids).logits.mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids).logits.mean().backward()  # once

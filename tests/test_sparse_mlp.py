@@ -235,3 +235,17 @@ def test_under_autocast_computes_as_plain_torch_does(family, x_dtype, tokens, th
         assert dense(x).dtype == torch.bfloat16
     assert got.dtype == torch.bfloat16  # as the block's nn.Linear layers give (the reference's bias add promotes)
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def test_sparsify_refuses_parts_with_hooks_it_would_drop():
+    """BERT and BART layers are not probed as a whole: a hook on a part sparsify swaps or bypasses (pefttorch's own
+    bottleneck adapters and (IA)^3 are hooks) was dropped with it, and the model silently computed without it."""
+    model = pefttorch.get_peft_model(FAMILIES["bert"].build(), pefttorch.IA3Config()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"output\.dense \(Linear\) carries forward hooks"):
+        pefttorch.sparsify(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # unchanged
+    plain = FAMILIES["marian"].build().eval()
+    plain.model.encoder.layers[0].fc2.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(ValueError, match=r"fc2 \(Linear\) carries forward hooks"):
+        pefttorch.sparsify(plain)

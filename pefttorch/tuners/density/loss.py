@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -104,6 +105,8 @@ class DensityLoss:
         self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._counts: dict[str, dict[str, int]] = defaultdict(dict)
         self._root_grad = False  # whether the model's current call is a training forward with grad
+        self._used = False  # whether the latest training forward's term went into a loss (see _start)
+        self._warned_unused = False
         self._share = None  # this call's share of the Trainer's accumulated batch (see _start)
         # Hooks are picklable objects (not closures), so models with the loss can be saved and deep-copied.
         self._handles = [m.register_forward_hook(_LayerHook(self, name)) for name, m in self.modules.items()]
@@ -144,6 +147,16 @@ class DensityLoss:
         self._root_grad = module.training and torch.is_grad_enabled()
         if not self._root_grad:
             return  # a no-grad call (evaluation, a reference pass) keeps the training forward's losses
+        if self._losses and not self._used and self.config.weight and not self._warned_unused:
+            # The previous training forward's term went into no loss: its output had none to add it to (the HF
+            # Trainer computes the loss itself under label_smoothing_factor or compute_loss_func) and nobody read
+            # loss(). Training then silently ignores the density loss.
+            self._warned_unused = True
+            warnings.warn("the density loss term of the previous training forward was not added to any loss: the "
+                          "model's output had no loss to add it to (the HF Trainer computes the loss itself with "
+                          "label_smoothing_factor or compute_loss_func) and handle.loss() was not read. Add "
+                          "handle.loss() to your loss (e.g. in a compute_loss_func)", UserWarning, stacklevel=2)
+        self._used = False
         self._losses = {}
         self._no_grad_layers = set()
         self._reversible = False
@@ -181,20 +194,29 @@ class DensityLoss:
         self._check_complete()
         if not self._losses:
             return None
-        task_loss = output.get("loss") if isinstance(output, dict) else None  # HF ModelOutput is a dict
+        if isinstance(output, dict):  # HF ModelOutput is a dict
+            task_loss = output.get("loss")
+        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            task_loss = output[0]  # return_dict=False: (loss, logits, ...) when given labels (logits are never 0-D)
+        else:
+            task_loss = None
         if task_loss is None:
             return None
         term = self.loss()
         if self._share is not None:
             term = term * self._share.to(term.device)
-        output["loss"] = task_loss + term.to(task_loss.device, task_loss.dtype)
-        return output
+        total = task_loss + term.to(task_loss.device, task_loss.dtype)
+        if isinstance(output, dict):
+            output["loss"] = total
+            return output
+        return (total, *output[1:])
 
     def loss(self) -> torch.Tensor:
         """``weight * mean over layers of mean(a^2 / (a^2 + eps))`` of the latest training forward."""
         self._check_complete()
         if not self._losses:
             raise RuntimeError("no density loss recorded: run a forward pass in training mode with grad enabled")
+        self._used = True
         losses = list(self._losses.values())
         device = losses[0].device  # layers may sit on several GPUs (device_map)
         return self.config.weight * torch.stack([v.to(device) for v in losses]).mean()

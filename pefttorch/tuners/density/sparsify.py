@@ -29,6 +29,7 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     for block, sparse in built:
         if not block.layout.replace:
             _check_nothing_else_reads_the_activation(block, sparse)
+            _check_no_hooks(block)
     names = []
     for block, sparse in built:
         target = block.name if block.layout.replace else block.part_name(block.layout.down)
@@ -38,6 +39,19 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
         names.append(target)
     model.eval()
     return names
+
+
+def _check_no_hooks(block) -> None:
+    """A block kept in place (BERT, BART) is not probed as a whole (replaced blocks are: their hooks show there), and
+    the parts swapped or bypassed take their hooks with them: pefttorch's own bottleneck adapters and (IA)^3, both
+    hooks, were silently dropped. Refuse, naming the module."""
+    layout = block.layout
+    for path in dict.fromkeys(p for p in (layout.gate, layout.up, layout.act, layout.down, *layout.bypass) if p):
+        for name, module in block.module.get_submodule(path).named_modules(prefix=path):
+            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+                raise ValueError(f"{block.part_name(name)} ({type(module).__name__}) carries forward hooks (an "
+                                 "adapter's, (IA)^3's, or your own), which sparsify would drop with the module: remove "
+                                 "them, or merge what can be merged (merge_and_unload()), first")
 
 
 def _check_nothing_else_reads_the_activation(block, sparse: SparseMLP) -> None:
