@@ -266,6 +266,11 @@ def test_trainer_logs_density_and_trains(tmp_path, checkpointing):
     assert logs[-1]["loss"] < logs[0]["loss"]
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]
     assert len(evals) == 1 and 0.0 < evals[0]["eval_density"] <= 1.0
+    # an evaluation under another metric prefix: its own window, under its prefix (it was logged as training's)
+    metrics = trainer.evaluate(metric_key_prefix="test")
+    assert 0.0 < metrics.get("test_density", trainer.state.log_history[-1].get("test_density", -1)) <= 1.0
+    assert "density" not in trainer.state.log_history[-1]
+    assert not model.density_loss.densities("eval")  # read: nothing left for the next evaluation
 
 
 def test_density_falls_on_the_real_minilm():

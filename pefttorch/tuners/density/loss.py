@@ -298,7 +298,11 @@ class DensityLossCallback(_trainer_callback_base()):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+        # an evaluation's metrics carry its prefix (metric_key_prefix: "eval" by default, "test" for predictions)
+        # on every key, <prefix>_runtime among them; the end of training logs train_runtime
+        name = next((k.removesuffix("_runtime") for k in logs if k.endswith("_runtime") and k != "train_runtime"),
+                    "eval" if any(k.startswith("eval_") for k in logs) else None)
+        mode, prefix = ("train", "") if name is None else ("eval", f"{name}_")
         per_layer = self.density_loss.densities(mode)
         if not per_layer:
             return
