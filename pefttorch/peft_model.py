@@ -30,7 +30,7 @@ from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
 from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfig, PromptModel, PromptTuningConfig
 from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
-from .tuners.prompt.model import WEIGHTS_FOLLOW
+from .tuners.prompt.model import WEIGHTS_FOLLOW, VirtualTokenModel
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
@@ -164,7 +164,7 @@ class PeftModel(Forwarding):
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        if isinstance(self.base_model, (PromptModel, PrefixModel)):  # continuing from a returned cache, see there
+        if isinstance(self.base_model, VirtualTokenModel):  # continuing from a returned cache, see there
             return self.base_model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 

@@ -50,15 +50,15 @@ def _embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if layer is None:
             continue
         wrapped = getattr(layer, "base_layer", None)
-        # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
-        # hooks here ((IA)^3) leaves it unwrapped, so the file's key names the path the module itself has
-        paths = [names.get(id(wrapped))] if wrapped is not None else [names.get(id(layer))] * 2
-        if paths[0] is None:
+        module = layer if wrapped is None else wrapped
+        path = names.get(id(module))
+        if path is None:
             continue
-        if wrapped is None:
-            paths[1] += ".base_layer"
-        for key, value in (wrapped if wrapped is not None else layer).state_dict().items():
-            out.update({f"base_model.model.{path}.{key}": value.detach() for path in paths})
+        # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
+        # hooks here ((IA)^3) leaves it unwrapped, so that key also names the module's own tensors
+        paths = [path] if wrapped is not None else [path, f"{path}.base_layer"]
+        for key, value in module.state_dict().items():
+            out.update({f"base_model.model.{p}.{key}": value.detach() for p in paths})
     return out
 
 
