@@ -110,6 +110,7 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     The update is formed in float32 (float64 for float64 weights) and rounded once into the weight's
     dtype, so merging and then unmerging (sign -1) restores the weight up to that rounding.
     """
+    scaling = _finite_scale("merge_lora_", "scaling", scaling)  # a NaN would fill the weight with NaN for good
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     delta = (lora_b.to(acc) @ lora_a.to(acc)) * scaling
     if fan_in_fan_out:
@@ -259,7 +260,8 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 
     Args:
         q, k: (batch, heads, tokens, head_dim), any strides, head_dim even (k may have fewer heads).
-        cos, sin: (batch, tokens, head_dim), of q's dtype, as transformers' rotary embedding module returns them.
+        cos, sin: (batch, tokens, head_dim), of q's dtype as transformers' rotary embedding module returns them
+            (a wider dtype promotes q and k to it, as transformers' formula does).
         unsqueeze_dim: where cos and sin get the heads dimension, as in transformers.
 
     Returns ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, contiguous, each element formed
@@ -268,4 +270,6 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     itself is not kept for backward.
     """
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    # the kernel returns x's dtype, transformers' `q * cos + ...` the promoted one (.to is free when they agree)
+    q, k = q.to(torch.promote_types(q.dtype, cos.dtype)), k.to(torch.promote_types(k.dtype, cos.dtype))
     return ops.rotary_embedding(q, cos, sin, False), ops.rotary_embedding(k, cos, sin, False)

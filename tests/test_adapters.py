@@ -196,6 +196,26 @@ def test_module_errors():
         BottleneckAdapter(8, 2, activation="tanh")
 
 
+def test_meta_built_adapter_materialised_module_by_module_starts_as_the_identity():
+    """FSDP's materialisation calls reset_parameters on each module owning parameters: the up projection's own
+    (nn.Linear's) gave it a random weight, and the adapter's did not reset its LayerNorm."""
+    torch.manual_seed(0)
+    adapter = BottleneckAdapter(8, 3, layer_norm=True, device="meta").to_empty(device="cpu")
+    for module in adapter.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            module.reset_parameters()
+    x = torch.randn(4, 8)
+    assert torch.equal(adapter(x), x)
+    assert adapter.down.weight.abs().max() > 0 and torch.equal(adapter.down.bias, torch.zeros(3))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.fill_(5.0)
+    adapter.reset_parameters()
+    ln = adapter.layer_norm
+    assert torch.equal(ln.weight, torch.ones(8)) and torch.equal(ln.bias, torch.zeros(8))
+    assert torch.equal(adapter(x), x)
+
+
 # ------------------------------------------------------------------------------------ placement by hand
 
 # Where each placement puts an adapter, written out independently of pefttorch's ARCHITECTURES: module paths

@@ -61,6 +61,10 @@ def test_bad_scaling_is_refused(scaling, error, match):
     a = args()
     with pytest.raises(error, match=match):
         functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=scaling)
+    weight = a["weight"].clone()
+    with pytest.raises(error, match=match.replace("lora_linear", "merge_lora_")):  # filled the weight with NaN
+        functional.merge_lora_(weight, a["lora_a"], a["lora_b"], scaling)
+    assert torch.equal(weight, a["weight"])
 
 
 def test_op_level_dropout_checks():

@@ -143,3 +143,53 @@ def test_the_merged_flag_travels_with_the_state_dict():
     old = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}  # saved before the flag was
     dst.load_state_dict(old)
     assert not dst.merged
+
+
+def test_loading_the_adapter_alone_keeps_the_merged_flag_and_refuses_a_merged_layer():
+    """An adapter-only state dict set merged=False on a merged layer whose weight still held the old update: both
+    updates applied, and unmerge() refused. It is refused now; into an unmerged layer it loads as before."""
+    torch.manual_seed(0)
+    layer, other = LoRALinear(16, 8, r=4), LoRALinear(16, 8, r=4)
+    torch.nn.init.normal_(layer.lora_B)
+    torch.nn.init.normal_(other.lora_B)
+    adapter = {k: v for k, v in other.state_dict().items() if k.startswith("lora_")}
+    layer.merge()
+    weight = layer.weight.clone()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.load_state_dict(adapter, strict=False)
+    assert layer.merged and torch.equal(layer.weight, weight)
+    layer.unmerge()
+    layer.load_state_dict(adapter, strict=False)
+    assert not layer.merged
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias) + other.scaling
+                               * x @ other.lora_A.t() @ other.lora_B.t())
+
+
+def test_reset_parameters_initialises_a_meta_built_layer():
+    """FSDP-style materialisation: to_empty, then reset_parameters on each module owning parameters."""
+    layer = LoRALinear(16, 8, r=4, device="meta").to_empty(device="cpu")
+    layer.weight.data.fill_(float("nan"))
+    layer.lora_B.data.fill_(float("nan"))
+    layer.reset_parameters()
+    assert torch.equal(layer.lora_B, torch.zeros(8, 4))
+    bound = 1 / math.sqrt(16)
+    assert layer.weight.isfinite().all() and layer.weight.abs().max() <= bound and layer.weight.std() > bound / 4
+
+
+def test_from_linear_refuses_a_subclass_with_its_own_forward():
+    """The fused op reads the weight: a fake-quantizing subclass's forward would be skipped without a word."""
+    class Quantized(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.round(), self.bias)
+
+    with pytest.raises(TypeError, match="forward of its own"):
+        LoRALinear.from_linear(Quantized(8, 4))
+    plain = torch.nn.Linear(8, 4)
+    plain.forward = lambda x: x  # an instance forward (Accelerate's hooks) likewise
+    with pytest.raises(TypeError, match="forward of its own"):
+        LoRALinear.from_linear(plain)
+    class Named(torch.nn.Linear):  # a subclass that only renames is fine
+        pass
+
+    LoRALinear.from_linear(Named(8, 4))

@@ -560,3 +560,43 @@ def test_a_model_on_the_meta_device_runs_forward_and_backward():
         logits = model(input_ids=ids).logits
         logits.sum().backward()
     assert logits.is_meta and logits.shape[:2] == (2, 5)
+
+
+def _tanh_stack(lam=0.1, beta=1.0):
+    torch.manual_seed(0)
+    f, g = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    block = lambda m: reversible.Block(lambda x, c: torch.tanh(m(x)), [m])  # noqa: E731
+    return [reversible.ReversibleLayer(block(f), block(g), lam, beta, True)], (f, g)
+
+
+@pytest.mark.parametrize("view", ["strided", "transposed"])
+def test_float64_streams_may_be_strided_views(view):
+    """With float32 layers the cast guard indexes the streams' elements: a strided or transposed stream crashed
+    (`view` of a non-contiguous tensor), and a transposed one must be indexed in its logical order."""
+    layers, modules = _tanh_stack()
+    base0 = torch.randn(2, 16, 8, dtype=torch.float64) if view == "strided" else torch.randn(8, 14, dtype=torch.float64)
+    stream = (lambda t: t[:, ::2]) if view == "strided" else (lambda t: t.t())  # noqa: E731
+    results = []
+    for contiguous in (False, True):
+        base = base0.clone().requires_grad_()
+        x1, x2 = stream(base), stream(base0 * 0.5)
+        assert not (x1.is_contiguous() or x2.is_contiguous())
+        if contiguous:
+            x1, x2 = x1.contiguous(), x2.contiguous()
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        y1, y2 = reversible.reversible_stack(layers, x1, x2, {}, torch.float32)
+        (y1.square().sum() + y2.sum()).backward()
+        results.append((y1.detach(), y2.detach(), base.grad, *(p.grad for m in modules for p in m.parameters())))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_stream_dtype_and_couplings_are_refused_in_words():
+    layers, _ = _tanh_stack(lam=0.0)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="layer 0's lam must be finite and nonzero"):
+        reversible.reversible_stack(layers, x, x, {}, torch.float32)
+    layers, _ = _tanh_stack()
+    with pytest.raises(TypeError, match="streams must be floating point"):
+        reversible.reversible_stack(layers, torch.ones(3, 8, dtype=torch.long), x, {}, torch.float32)

@@ -134,6 +134,17 @@ def test_apply_rotary_pos_emb_as_transformers(device, dtype):
     assert pefttorch.functional.apply_rotary_pos_emb is functional.apply_rotary_pos_emb
 
 
+def test_apply_rotary_pos_emb_promotes_to_a_wider_cos_as_transformers():
+    """float16 q with float32 cos: transformers' formula returns float32; the kernel alone returned float16."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    q, k = rand(1, 2, 5, 8, dtype=torch.float16), rand(1, 1, 5, 8, dtype=torch.float16)
+    cos, sin = rand(1, 5, 8), rand(1, 5, 8)
+    for got, want in zip(functional.apply_rotary_pos_emb(q, k, cos, sin), llama.apply_rotary_pos_emb(q, k, cos, sin),
+                         strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+
 # ---- fuse_rotary: transformers' apply_rotary_pos_emb switched, per modeling module
 
 

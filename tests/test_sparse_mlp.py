@@ -249,3 +249,15 @@ def test_sparsify_refuses_parts_with_hooks_it_would_drop():
     plain.model.encoder.layers[0].fc2.register_forward_hook(lambda module, args, output: output * 2)
     with pytest.raises(ValueError, match=r"fc2 \(Linear\) carries forward hooks"):
         pefttorch.sparsify(plain)
+
+
+def test_from_linears_refuses_a_projection_with_its_own_forward():
+    """SparseMLP reads the weights: a fake-quantizing nn.Linear subclass's forward would be skipped silently."""
+    class Quantized(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.round(), self.bias)
+
+    with pytest.raises(ValueError, match="forward of its own"):
+        SparseMLP.from_linears(Quantized(8, 16), torch.nn.Linear(16, 8), "relu")
+    with pytest.raises(ValueError, match="forward of its own"):
+        SparseMLP.from_linears(torch.nn.Linear(8, 16), Quantized(16, 8), "relu")

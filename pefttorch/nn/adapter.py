@@ -25,6 +25,10 @@ class BottleneckAdapter(nn.Module):
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
         scale: factor of the adapter's output.
         layer_norm: a LayerNorm on the adapter's input (AdapterHub's ``ln_before``).
+
+    ``down``, ``up`` and ``layer_norm`` hold the parameters (and name them in the state dict), but the fused op
+    reads them rather than calling those submodules: hooks registered on them do not run (parametrizations,
+    which act through the weight, do).
     """
 
     def __init__(self, features: int, bottleneck: int, activation: str = "relu", scale: float = 1.0,
@@ -40,18 +44,14 @@ class BottleneckAdapter(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.features, self.bottleneck, self.activation, self.scale = features, bottleneck, activation, float(scale)
         self.layer_norm = nn.LayerNorm(features, **factory) if layer_norm else None
-        self.down = nn.Linear(features, bottleneck, **factory)
-        self.up = nn.Linear(bottleneck, features, **factory)
+        self.down = _Projection(features, bottleneck, zero_weight=False, **factory)
+        self.up = _Projection(bottleneck, features, zero_weight=True, **factory)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.down.weight.device.type == "meta":
-            return
-        self.down.reset_parameters()  # nn.Linear's Kaiming-uniform
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)  # near-identity: the adapter adds nothing at first
-        nn.init.zeros_(self.up.bias)
+        for part in (self.layer_norm, self.down, self.up):
+            if part is not None:
+                part.reset_parameters()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter plus its residual: x itself when `residual` is None (sequential)."""
@@ -72,3 +72,22 @@ class BottleneckAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"features={self.features}, bottleneck={self.bottleneck}, activation={self.activation}, "
                 f"scale={self.scale:g}")
+
+
+class _Projection(nn.Linear):
+    """An adapter's projection, whose own reset_parameters gives the adapter's initialisation (a zero bias; for the
+    up projection a zero weight too, so the adapter starts as the identity): materialising a meta-device model
+    module by module (FSDP's ``to_empty`` then ``reset_parameters`` on each module that owns parameters) must not
+    give the up projection nn.Linear's random weight."""
+
+    def __init__(self, in_features: int, out_features: int, *, zero_weight: bool, device=None, dtype=None) -> None:
+        self.zero_weight = zero_weight  # read by reset_parameters, which nn.Linear's __init__ calls
+        super().__init__(in_features, out_features, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.zero_weight:
+            nn.init.zeros_(self.weight)
+        else:
+            super().reset_parameters()  # nn.Linear's Kaiming-uniform
+        nn.init.zeros_(self.bias)

@@ -55,8 +55,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self._init_base()
-        self.reset_lora_parameters()
+        self.reset_parameters()
         self.register_load_state_dict_pre_hook(_default_unmerged)
 
     # Whether the weight holds the update travels with it in the state dict: a merged layer's state loaded into an
@@ -66,6 +65,12 @@ class LoRALinear(nn.Module):
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.merged = bool(state)
+
+    def reset_parameters(self) -> None:
+        """Initialises the base layer as nn.Linear does and the adapter as :meth:`reset_lora_parameters`: what a
+        meta-device module materialised per module (FSDP's ``to_empty`` + ``reset_parameters``) needs."""
+        self._init_base()
+        self.reset_lora_parameters()
 
     def _init_base(self) -> None:
         # nn.Linear's own initialisation, for layers not built from an existing one.
@@ -88,9 +93,17 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
     ) -> LoRALinear:
-        """Wraps ``linear``: shares (and freezes) its weight and bias, adds A and B beside them."""
+        """Wraps ``linear``: shares (and freezes) its weight and bias, adds A and B beside them. The new layer reads
+        the weight (it does not call `linear`, whose hooks do not carry over), so a subclass of nn.Linear that
+        computes something else (fake quantization, weight noise) is refused."""
+        from ..tuners.lora.layer import has_linear_forward
+
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not has_linear_forward(linear) or "forward" in linear.__dict__:
+            raise TypeError(f"LoRALinear.from_linear: {type(linear).__name__} has a forward of its own, which the "
+                            "fused op would skip (it reads the weight); wrap it with pefttorch.get_peft_model, which "
+                            "calls such a layer")
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -150,5 +163,11 @@ class LoRALinear(nn.Module):
 
 
 def _default_unmerged(module: LoRALinear, state_dict: dict, prefix: str, *_) -> None:
-    """A state dict written before the merged flag was saved holds an unmerged weight (merge() was for inference)."""
-    state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
+    """A state dict written before the merged flag was saved holds an unmerged weight (merge() was for inference).
+    One without the weight (the adapter alone) leaves the flag as it is: but loaded into a merged layer it would
+    leave the old update in the weight, with factors that no longer take it out, so that is refused."""
+    if prefix + "weight" in state_dict:
+        state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
+    elif module.merged and any(prefix + name in state_dict for name in ("lora_A", "lora_B")):
+        raise RuntimeError(f"LoRALinear{' ' + prefix[:-1] if prefix else ''}: loading lora_A/lora_B without the "
+                           "weight into a merged layer would leave the old update in the weight; unmerge() first")

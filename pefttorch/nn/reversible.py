@@ -35,6 +35,7 @@ input in all (0.026 when each guard was scaled by its own input, which left the 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -125,17 +126,19 @@ def cast_guard(x: torch.Tensor, dtype: torch.dtype, bound: float,
         return torch.empty(0, dtype=torch.int32, device=x.device), torch.empty(0, dtype=dtype, device=x.device)
     rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     d = (rows.abs().amax(-1, keepdim=True) if scale is None else scale) * bound
-    risky = ((rows - d).to(dtype) != (rows + d).to(dtype)).view(-1)
+    risky = ((rows - d).to(dtype) != (rows + d).to(dtype)).reshape(-1)
     index = risky.nonzero().squeeze(1)
     if risky.numel() <= torch.iinfo(torch.int32).max:  # kept until backward: 4 bytes an index, not 8
         index = index.to(torch.int32)
-    return index, rows.view(-1)[index].to(dtype)
+    # indices in row-major order of x's elements, whatever its strides (guarded_cast writes them back so)
+    return index, rows.reshape(-1)[index].to(dtype)
 
 
 def guarded_cast(x: torch.Tensor, dtype: torch.dtype, guard: tuple[torch.Tensor, torch.Tensor] | None):
     """x cast to `dtype`, with the recorded elements put back to forward's casts (no gradient flows through the
     put: the cast's gradient stays the identity)."""
-    out = x.to(dtype)
+    # row-major (x.to would keep a transposed x's strides, and a flat index would then name another element)
+    out = x.to(dtype, memory_format=torch.contiguous_format)
     if guard is not None:
         with torch.no_grad():
             out.view(-1)[guard[0]] = guard[1]
@@ -327,6 +330,14 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
     of keeping them; otherwise autograd caches them as usual (same values, for comparison and for
     inference). Tensors in `context` must not need gradients: nothing would carry them back. `report`, if
     given, receives what backward measures of its reconstruction (see :class:`ReconstructionReport`)."""
+    for name, t in (("x1", x1), ("x2", x2)):
+        if not t.is_floating_point():
+            raise TypeError(f"reversible_stack: the streams must be floating point, got {name} of {t.dtype}")
+    for i, layer in enumerate(layers):
+        for name in ("lam", "beta"):
+            value = getattr(layer, name)
+            if not (math.isfinite(value) and value != 0):  # each coupling divides by it in backward
+                raise ValueError(f"reversible_stack: layer {i}'s {name} must be finite and nonzero, got {value}")
     params: list[nn.Parameter] = []
     seen: set[int] = set()
     for layer in layers:

@@ -41,12 +41,15 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
 
 def _weight_rows(layer: nn.Module) -> torch.Tensor:
     """The weight of an nn.Linear or transformers Conv1D as (out, in) rows, without a copy for nn.Linear."""
-    from ..tuners.lora.layer import LoraLayer, conv1d_class, is_linear
+    from ..tuners.lora.layer import LoraLayer, conv1d_class, has_linear_forward, is_linear
 
     if isinstance(layer, LoraLayer):
         raise ValueError("the MLP holds LoRA layers: merge the adapters first (merge_and_unload()), then sparsify")
     if not is_linear(layer):
         raise ValueError(f"SparseMLP is built from nn.Linear or Conv1D projections, got {type(layer).__name__}")
+    if not has_linear_forward(layer) or "forward" in layer.__dict__:  # SparseMLP reads the weight, never calls it
+        raise ValueError(f"SparseMLP reads the projections' weights, but {type(layer).__name__} has a forward of its "
+                         "own (fake quantization, weight noise...) that it would skip")
     conv1d = conv1d_class()
     return layer.weight.detach().t() if conv1d is not None and isinstance(layer, conv1d) else layer.weight.detach()
 
