@@ -82,16 +82,33 @@ class _Refused(torch.autograd.Function):
     """Hands `values` on as outputs whose derivative raises `message`. The outputs' graph edges lead to `inputs`
     (what the values depend on), so a gradient taken with respect to any of those reaches the error;
     torch.autograd.function.once_differentiable's error node hangs off fresh leaves instead, which
-    torch.autograd.grad(..., inputs) never visits: its second derivative came out zero, or "unused"."""
+    torch.autograd.grad(..., inputs) never visits: its second derivative came out zero, or "unused". A separate
+    setup_context and a generated vmap rule make it usable under torch.func too, where functorch records it at
+    every level whose tensors need a gradient (an ordinary autograd graph around torch.func.grad included)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, message, values, *inputs):
-        ctx.message = message
+    def forward(message, values, *inputs):
         return tuple(None if v is None else v.detach() for v in values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(ctx.message)
+
+
+def _needs_grad_at_any_level(t: torch.Tensor) -> bool:
+    """Whether `t` requires grad at its own level or at one beneath (under torch.func a wrapper answers for its level
+    alone: the incoming gradient of torch.func.grad run inside an ordinary autograd graph requires grad only there)."""
+    while not t.requires_grad:
+        if not torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = torch._C._functorch.get_unwrapped(t)
+    return True
 
 
 def first_order_only(name: str):
@@ -101,29 +118,42 @@ def first_order_only(name: str):
     call that names neither the op nor the reason.
 
     torch.autograd.function.once_differentiable does this only when an incoming gradient requires grad; here the
-    saved tensors count too (density_loss's gradient depends on `a` alone: its incoming gradient is a constant)."""
+    saved tensors count too (density_loss's gradient depends on `a` alone: its incoming gradient is a constant),
+    and a formula whose gradient depends on an input it does not keep sets ``ctx.unkept_dependence`` (the
+    bottleneck adapter's gradient of x, through act'(h), when only x needs one): with nothing to hang the error
+    node on, that is refused as the backward runs."""
 
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():  # a plain backward (no create_graph): nothing to guard
                 return backward(ctx, *grads)
+            message = (f"{name} has no second derivative: its gradient cannot be differentiated again "
+                       "(create_graph=True, gradient penalties, hessians, nested torch.func.grad / jacrev)")
+            tensors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor)]
             if torch._C._are_functorch_transforms_active():
-                # torch.func.grad always differentiates with create_graph=True, and its tensors cannot be marked
-                # as below; what would differentiate this backward is a second grad-type transform around the
-                # first (jacrev or grad of grad: reverse over reverse), refused here and now
+                # torch.func.grad always differentiates with create_graph=True, and its tensors cannot be marked as
+                # below. Reverse over reverse is refused here and now: a second grad-type level around the one this
+                # backward serves (jacrev or grad of grad), or one around a level that has already exited, as in
+                # jacrev(jacrev(f)) or vjp of vjp, whose inner backward runs after its level is gone: its tensors
+                # are then dead wrappers (level -2). Anything else that differentiates the result (an ordinary
+                # autograd graph around torch.func.grad, autograd.grad(create_graph=True) inside it) reaches the
+                # error node below, which functorch records at every level.
                 levels = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()
-                if sum(level.key() == torch._C._functorch.TransformType.Grad for level in levels) > 1:
-                    raise RuntimeError(f"{name} has no second derivative: its gradient cannot be differentiated "
-                                       "again (nested torch.func.grad / jacrev, hessians)")
-                return backward(ctx, *grads)
-            with torch.no_grad():
+                grad_levels = sum(level.key() == torch._C._functorch.TransformType.Grad for level in levels)
+                dead = any(torch._C._functorch.maybe_get_level(t) == -2 for t in tensors)
+                if grad_levels > 1 or (grad_levels == 1 and dead):
+                    raise RuntimeError(message)
                 outputs = backward(ctx, *grads)
-            inputs = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            else:
+                with torch.no_grad():
+                    outputs = backward(ctx, *grads)
+            inputs = [t for t in tensors if _needs_grad_at_any_level(t)]
             if not inputs:
+                if getattr(ctx, "unkept_dependence", False):
+                    raise RuntimeError(message)
                 return outputs
-            return _Refused.apply(f"{name} has no second derivative: its gradient cannot be differentiated again "
-                                  "(create_graph=True, gradient penalties, hessians)", outputs, *inputs)
+            return _Refused.apply(message, outputs, *inputs)
 
         return wrapper
 
@@ -558,6 +588,7 @@ def _ranked_lora_factors_setup_context(ctx, inputs, output):
     need_a, need_e, need_b = ctx.needs_input_grad[:3]
     ctx.save_for_backward(lora_a, lora_e, lora_b_t)  # the storage: parameters, so no memory kept
     ctx.n, ctx.mask = n, [need_a, need_e, need_b]
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros (see the backward)
 
 
 @first_order_only("pefttorch::ranked_lora_factors")
@@ -709,6 +740,9 @@ def _bottleneck_adapter_setup_context(ctx, inputs, output):
     ctx.mask = [*need[:5], False]
     # h is an internal result handed to backward, not part of the function's value: no gradient flows into it
     ctx.mark_non_differentiable(h)
+    # x's gradient depends on x through act'(h) (not for relu, whose act' is piecewise constant), but x is not kept
+    # when only it needs a gradient: a second derivative has no saved tensor to hang its refusal on
+    ctx.unkept_dependence = need[0] and not need[1] and activation != "relu"
 
 
 @first_order_only("pefttorch::bottleneck_adapter")

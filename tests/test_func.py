@@ -152,6 +152,69 @@ def test_nested_reverse_mode_is_refused():
     torch.testing.assert_close(got, torch.func.jacrev(torch.func.grad(lambda x_: _loss(ref)(x_, c, s)))(x))
 
 
+def _reverse_over_reverse(kind):
+    """A second derivative by two reverse passes, built five ways, over a scalar function of one tensor."""
+    def second(f, t):
+        if kind == "jacrev(jacrev)":
+            return torch.func.jacrev(torch.func.jacrev(f))(t)
+        if kind == "vjp(vjp)":
+            def first(u):
+                return torch.func.vjp(f, u)[1](torch.ones((), dtype=u.dtype))[0]
+            return torch.func.vjp(first, t)[1](torch.ones_like(t))[0]
+        if kind == "hessian by autograd":
+            return torch.autograd.functional.hessian(f, t)
+        if kind == "autograd around func.grad":  # an input-gradient penalty written with torch.func.grad
+            leaf = t.clone().requires_grad_()
+            return torch.autograd.grad((torch.func.grad(lambda u: f(u) * leaf.sum())(t) ** 2).sum(), leaf)[0]
+        assert kind == "func.grad around autograd.grad"
+        def penalty(u):
+            return (torch.autograd.grad(f(u), u, create_graph=True)[0] ** 2).sum()
+        return torch.func.grad(penalty)(t)
+    return second
+
+
+KINDS = ["jacrev(jacrev)", "vjp(vjp)", "hessian by autograd", "autograd around func.grad",
+         "func.grad around autograd.grad"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_reverse_over_reverse_is_refused_or_right(name, kind):
+    """Each way of differentiating a gradient again raises the op's error, or for the ops that have a second
+    derivative gives the reference's. jacrev(jacrev) and vjp of vjp once passed the refusal (their inner backward
+    runs after its level has exited) and came out zero, as did an ordinary graph around torch.func.grad."""
+    fn, ref, make = CASES[name]
+    first, *rest = make()
+    second = _reverse_over_reverse(kind)
+    if name in SECOND_ORDER:
+        torch.testing.assert_close(second(lambda t: _loss(fn)(t, *rest), first),
+                                   second(lambda t: _loss(ref)(t, *rest), first))
+    else:
+        with pytest.raises(RuntimeError, match=r"has no second derivative"):
+            second(lambda t: _loss(fn)(t, *rest), first)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_adapter_hessian_in_x_with_frozen_weights(activation):
+    """Frozen weights and a loss linear in y: x is not kept and the incoming gradient is a constant, so nothing
+    carried the refusal and the hessian in x came out zero. With gelu x's gradient depends on x (through act'(h)):
+    refused; relu's derivative is piecewise constant, so zero is the reference's answer, and it stands."""
+    fn, ref, make = CASES["bottleneck_adapter"]
+    x, *rest = make()
+    weights = torch.linspace(-1.0, 2.0, 15, dtype=x.dtype).reshape(3, 5)
+    ours = lambda t: (functional.bottleneck_adapter(t, *rest[:4], residual=rest[4], activation=activation,  # noqa: E731
+                                                    scale=0.7) * weights).sum()
+    theirs = lambda t: (reference.bottleneck_adapter(t, rest[0], rest[2], rest[1], rest[3], rest[4], False,  # noqa: E731
+                                                     activation, 0.7) * weights).sum()
+    if activation == "relu":
+        torch.testing.assert_close(torch.autograd.functional.hessian(ours, x),
+                                   torch.autograd.functional.hessian(theirs, x))
+    else:
+        assert torch.autograd.functional.hessian(theirs, x).abs().max() > 0.1
+        with pytest.raises(RuntimeError, match=r"has no second derivative"):
+            torch.autograd.functional.hessian(ours, x)
+
+
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning")
 @pytest.mark.parametrize("name", ["lora_linear", "bottleneck_adapter"])
 def test_compiled_per_sample_gradients_match_the_reference(name):
