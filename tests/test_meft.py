@@ -427,6 +427,52 @@ def test_per_layer_outputs_are_refused_not_returned_empty(family):
             model(**inputs, **{flag: True})
     with torch.no_grad(), model.disable_adapter():
         assert len(model(**inputs, output_hidden_states=True).hidden_states) == model.config.num_hidden_layers + 1
+    # the backbone too (model.bert(...), model.model(...): feature extraction), which once gave empty tuples
+    backbone = model.get_base_model().base_model
+    assert backbone is not model.get_base_model()
+    with torch.no_grad(), pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
+        backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+
+
+def test_a_training_forward_hands_back_no_cache_to_continue_from():
+    """With a reversible backward ahead, the forward must not write the key/value cache (backward recomputes
+    attention): the cache came back empty, and continuing from it gave wrong logits without a word. It is refused
+    now; a model with nothing to train (an adapter loaded for inference) called with grad enabled fills it."""
+    ids = torch.randint(3, VOCAB - 1, (1, 8), generator=torch.Generator().manual_seed(0))
+    for trainable in (True, False):
+        model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(stream_dtype=torch.float64)).eval()
+        if not trainable:
+            model.requires_grad_(False)
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[:, -1]
+        cache = model(input_ids=ids[:, :7], use_cache=True).past_key_values
+        if trainable:
+            assert cache.get_seq_length() == 0
+            with torch.no_grad(), pytest.raises(ValueError, match="handed back empty by a training forward"):
+                model(input_ids=ids[:, 7:], past_key_values=cache)
+        else:
+            assert cache.get_seq_length() == 7
+            with torch.no_grad():
+                torch.testing.assert_close(model(input_ids=ids[:, 7:], past_key_values=cache).logits[:, -1], full)
+
+
+def test_gradient_checkpointing_covers_the_ordinary_layers():
+    """The layers above num_rev_layers run from the two-stream model, not through their own __call__, where
+    transformers checkpoints: gradient_checkpointing_enable() was accepted and did nothing. Now they are
+    checkpointed, with the same gradients."""
+    inputs = batch(torch.Generator().manual_seed(4), "llama", tokens=16)
+    model = pefttorch.get_peft_model(build("llama", layers=6), pefttorch.MeftConfig(
+        num_rev_layers=2, stream_dtype=torch.float64))
+    model.train()
+    _, want = gradients(model, inputs, True)
+    plain = saved_bytes(model, inputs)
+    for reentrant in (False, True):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        _, got = gradients(model, inputs, True)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert saved_bytes(model, inputs) < plain / 2
+        model.gradient_checkpointing_disable()
 
 
 def test_generate_with_a_key_value_cache():

@@ -68,6 +68,10 @@ class ReversibleLayerList(nn.ModuleList):
         return super().__getitem__(idx)
 
 
+# Set on a key/value cache that a training forward handed back unfilled (see MeftModel._run_layers).
+_UNFILLED = "_pefttorch_meft_unfilled"
+
+
 def _set_active(layers: ReversibleLayerList, value: bool, *unused) -> None:
     layers._active = value
 
@@ -142,9 +146,12 @@ class MeftModel(Forwarding):
             })
         wrapped = ReversibleLayerList(layers, self._run_layers)
         setattr(parent, attr, wrapped)
+        # the refusal on the backbone too: model.bert(...) / model.model(...) (feature extraction) skips the top
+        backbones = dict.fromkeys((model, getattr(model, "base_model", model)))
         self._hooks = [parent.register_forward_pre_hook(functools.partial(_set_active, wrapped, True)),
                        parent.register_forward_hook(functools.partial(_set_active, wrapped, False), always_call=True),
-                       model.register_forward_pre_hook(self._refuse_per_layer_outputs, with_kwargs=True)]
+                       *(m.register_forward_pre_hook(self._refuse_per_layer_outputs, with_kwargs=True)
+                         for m in backbones)]
         trainable = not config.inference_mode
         for layer in layers:
             layer.meft_adapters.requires_grad_(trainable)
@@ -205,18 +212,35 @@ class MeftModel(Forwarding):
         context = self._family.context(args, kwargs)
         dtype = hidden_states.dtype
         stack = self.reversible_layers()
-        if stack and self.reversible and torch.is_grad_enabled():
-            cache = get_cache(context)
-            if cache is not None:
-                if cache_length(cache) > 0:
-                    raise ValueError("MEFT: a reversible backward cannot recompute attention over a filled "
-                                     "key/value cache; train without past_key_values")
-                context[cache_key(context)] = None  # backward recomputes attention: it must not write twice
+        grad = torch.is_grad_enabled()
+        # what backward will recompute: the reversible stack, when something in it trains (as reversible_stack
+        # decides; a frozen model called with grad enabled runs it as plain layers), and the ordinary layers above
+        # it that gradient_checkpointing_enable() marked (HF's own checkpointing lives in the layer's __call__,
+        # which the two-stream model never makes)
+        recomputed = grad and self.reversible and bool(stack) and (hidden_states.requires_grad or any(
+            block.trainable_parameters() for layer in stack for block in (layer.f, layer.g)))
+        upper = layers[self._num_rev:]
+        checkpointed = [grad and layer.training and getattr(layer, "gradient_checkpointing", False) for layer in upper]
+        cache = get_cache(context)
+        if cache is not None and getattr(cache, _UNFILLED, False):
+            raise ValueError("MEFT: this key/value cache was handed back empty by a training forward (backward "
+                             "recomputes attention, so that forward did not fill it); continue from a forward run "
+                             "under torch.no_grad(), as generate() does")
+        if cache is not None and (recomputed or any(checkpointed)):
+            if cache_length(cache) > 0:
+                raise ValueError("MEFT: a reversible backward cannot recompute attention over a filled "
+                                 "key/value cache; train without past_key_values")
+            context[cache_key(context)] = None  # backward recomputes attention: it must not write twice
+            setattr(cache, _UNFILLED, True)  # the model hands it back empty: refused if a later call passes it
         x = hidden_states.to(config.stream_dtype)
         y1, y2 = reversible_stack(stack, x, x, context, dtype, reversible=self.reversible, report=self._report)
         h = ((y1 + y2) * 0.5).to(dtype) if stack else hidden_states
-        for layer in layers[self._num_rev:]:
-            h = _layer_block(self._family, layer, h, context)
+        for layer, checkpoint in zip(upper, checkpointed, strict=True):
+            if checkpoint:
+                h = layer._gradient_checkpointing_func(functools.partial(_layer_block, self._family, layer), h,
+                                                        context)
+            else:
+                h = _layer_block(self._family, layer, h, context)
         return h
 
     def reconstruction_errors(self) -> list[float]:
