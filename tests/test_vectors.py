@@ -136,6 +136,31 @@ def test_disable_merge_unmerge_unload(config):
     assert all(p.requires_grad for p in unloaded.parameters())
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_unmerge_refused_changes_nothing(config):
+    # a zero scale on the last site only: the refusal must come before the earlier sites are divided
+    model = get_peft_model(fresh("llama"), copy.deepcopy(config))
+    randomize(model)
+    vm = model.base_model
+    with torch.no_grad():
+        vm.scales[vm.keys[-1]].view(-1)[0] = 0.0
+    batch = inputs("llama")
+    adapted = logits(model, batch)
+    model.merge_adapter()
+    weights = {n: p.clone() for n, p in vm.model.named_parameters()}
+    for attempt in range(2):
+        with pytest.raises(ValueError, match="cannot be divided out again"):
+            if attempt == 0:
+                model.unmerge_adapter()
+            else:
+                with model.disable_adapter():
+                    pass
+        assert vm.merged and not vm.disabled  # the failed switch off left the adapter on
+        for n, p in vm.model.named_parameters():
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-4, atol=1e-5)
+
+
 def test_ssf_on_norms():
     base = fresh("bert")
     config = SsfConfig(target_modules=["query", "LayerNorm"])

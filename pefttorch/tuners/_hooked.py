@@ -102,8 +102,12 @@ class HookedModel(Forwarding):
         raise ValueError(f"{self.method} cannot be deleted one by one; use unload()")
 
     def set_adapters_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self.on_disabled(disabled)
+        previous, self.disabled = self.disabled, disabled
+        try:
+            self.on_disabled(disabled)
+        except BaseException:
+            self.disabled = previous  # a switch that failed (e.g. an unmerge refused) leaves the adapter as it was
+            raise
         for _, wrapper in self._wrappers():
             wrapper.disable_adapters = disabled
 

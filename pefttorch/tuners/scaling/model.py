@@ -198,11 +198,15 @@ class VectorModel(HookedModel):
         """Takes the vectors out of the weights again (exact up to rounding; a scale of zero cannot be undone)."""
         if not self.merged:
             return
-        for key, s in zip(self.keys, self.sites, strict=True):
-            scale = self.scales[key].view(-1)
+        vectors = [(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
+                   for key, s in zip(self.keys, self.sites, strict=True)]
+        # every site is checked before any weight changes: a raise midway left the earlier sites divided and the
+        # model still marked merged (a second unmerge divided them again)
+        for s, scale, _ in vectors:
             if bool((scale.abs() < 1e-6).any()):
-                raise ValueError(f"{s.path}: a merged scale is (near) zero, so it cannot be divided out again")
-            shift = self.shifts[key] if key in self.shifts else None
+                raise ValueError(f"{s.path}: a merged scale is (near) zero, so it cannot be divided out again; "
+                                 "nothing was unmerged")
+        for s, scale, shift in vectors:
             self._fold(s, 1 / scale, None if shift is None else -shift / scale)
         for module in self._created_biases:
             module.bias = None
