@@ -114,6 +114,16 @@ def test_errors(tmp_path):
         ScaLearnConfig()
     with pytest.raises(ValueError, match="omega_shape must be one of"):
         ScaLearnConfig(source_adapters=[a], omega_shape="matrix")
+    for kw, match in [(dict(source_adapters=None), "source_adapters must be a folder or a list of folders"),
+                      (dict(source_adapters=[a, 3]), "source_adapters must be"),
+                      (dict(source_adapters=[a], shared="no"), "shared must be True or False"),
+                      (dict(source_adapters=[a], inference_mode=1), "inference_mode must be True or False"),
+                      (dict(source_adapters=[a], omega_init_scale=float("nan")), "omega_init_scale must be a finite"),
+                      (dict(source_adapters=[a], omega_init_scale=float("inf")), "omega_init_scale must be a finite"),
+                      (dict(source_adapters=[a], omega_init_scale="0.5"), "omega_init_scale must be a finite"),
+                      (dict(source_configs={"a": 1}), "source_configs must be None or a list")]:
+        with pytest.raises(ValueError, match=match):
+            ScaLearnConfig(**kw)
     with pytest.raises(ValueError, match="other places than source 0"):
         get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a, p]))
     with pytest.raises(FileNotFoundError, match="not a saved adapter"):

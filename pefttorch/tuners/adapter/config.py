@@ -18,6 +18,18 @@ STYLES = {
 }
 
 
+def check_flag(owner: str, name: str, value, optional: bool = False) -> None:
+    """`value` must be True or False (or None where `optional`): "yes" and 0 would pass as truthy."""
+    if not isinstance(value, bool) and not (optional and value is None):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def check_finite(owner: str, name: str, value) -> None:
+    """`value` must be a finite number (not a bool, a string or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+
+
 @reject_unknown_fields
 @dataclass
 class AdapterConfig(SavedConfig):
@@ -69,15 +81,13 @@ class AdapterConfig(SavedConfig):
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
                 or not self.reduction_factor > 0:
             raise bad(f"reduction_factor must be a number > 0, got {self.reduction_factor!r}")
-        for name in ("layer_norm", "cross_attention", "inference_mode", "after_attention", "after_ffn", "parallel_ffn"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name in ("after_attention", "after_ffn",
-                                                                                "parallel_ffn")):
-                raise bad(f"{name} must be True or False, got {value!r}")  # "yes" and 0 would pass as truthy
+        for name in ("layer_norm", "cross_attention", "inference_mode"):
+            check_flag("AdapterConfig", name, getattr(self, name))
+        for name in ("after_attention", "after_ffn", "parallel_ffn"):
+            check_flag("AdapterConfig", name, getattr(self, name), optional=True)
         if self.activation not in ACTIVATIONS:
             raise bad(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
-            raise bad(f"scaling must be a finite number, got {self.scaling!r}")
+        check_finite("AdapterConfig", "scaling", self.scaling)
         normalize_common(self)
         if not any(self.placement):
             raise bad("after_attention, after_ffn and parallel_ffn are all off: no adapter would be added")

@@ -21,7 +21,7 @@ from torch import nn
 from .._config import SavedConfig, normalize_common, reject_unknown_fields
 from .._hooked import HookedModel
 from .config import PEFT_TYPE as ADAPTER
-from .config import AdapterConfig
+from .config import AdapterConfig, check_finite, check_flag
 from .model import AdapterModel, Site, build_adapters, find_sites
 
 SCALEARN = "SCALEARN"
@@ -61,7 +61,15 @@ class ScaLearnConfig(SavedConfig):
     def __post_init__(self) -> None:
         if isinstance(self.source_adapters, (str, Path)):
             self.source_adapters = [self.source_adapters]
+        if not isinstance(self.source_adapters, (list, tuple)) \
+                or not all(isinstance(p, (str, Path)) for p in self.source_adapters):
+            raise ValueError(f"ScaLearnConfig: source_adapters must be a folder or a list of folders, got "
+                             f"{self.source_adapters!r}")
         self.source_adapters = [str(p) for p in self.source_adapters]
+        if self.source_configs is not None and not (isinstance(self.source_configs, list) and all(
+                isinstance(c, dict) for c in self.source_configs)):
+            raise ValueError(f"ScaLearnConfig: source_configs must be None or a list of the sources' saved configs "
+                             f"(dicts), got {self.source_configs!r}")
         count = len(self.source_configs) if self.source_configs is not None else len(self.source_adapters)
         if count < 1:
             raise ValueError("ScaLearnConfig: source_adapters is empty; give the folders of the source tasks' "
@@ -69,6 +77,9 @@ class ScaLearnConfig(SavedConfig):
         if self.omega_shape not in SHAPES:
             raise ValueError(f"ScaLearnConfig: omega_shape must be one of {', '.join(SHAPES)}, got "
                              f"{self.omega_shape!r}")
+        check_flag("ScaLearnConfig", "shared", self.shared)  # "no" would pass as truthy: one shared set
+        check_flag("ScaLearnConfig", "inference_mode", self.inference_mode)
+        check_finite("ScaLearnConfig", "omega_init_scale", self.omega_init_scale)
         normalize_common(self)
 
 
