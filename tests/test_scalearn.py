@@ -107,6 +107,26 @@ def test_save_and_load_without_the_source_folders(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_one_config_for_two_models(tmp_path):
+    # a sweep reuses the config: each model reads the source folders (the config is not turned into a saved mix's)
+    _, a = source(tmp_path, "a", seed=1)
+    config = ScaLearnConfig(source_adapters=[a])
+    first, second = (get_peft_model(fresh("bert"), config) for _ in range(2))
+    want = first.base_model.sources.state_dict()
+    got = second.base_model.sources.state_dict()
+    assert any(v.abs().max() > 0 for k, v in want.items() if ".up." in k)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    assert config.source_configs is None
+    # the model's own copy carries the sources' configs, so its save loads without the folders
+    assert second.peft_config["default"].source_configs is not None
+    second.save_pretrained(tmp_path / "mix")
+    shutil.rmtree(a)
+    batch = inputs("bert")
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh("bert"), tmp_path / "mix"), batch),
+                               logits(second, batch), rtol=0, atol=0)
+
+
 def test_errors(tmp_path):
     _, a = source(tmp_path, "a")
     _, p = source(tmp_path, "p", style="pfeiffer")

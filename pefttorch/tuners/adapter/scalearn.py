@@ -42,8 +42,8 @@ class ScaLearnConfig(SavedConfig):
         omega_init_scale: the scales start at ``omega_init_scale / N`` (the average of the sources), with noise
             of standard deviation 0.001 (as the paper's code).
         modules_to_save: modules trained in full and saved with the scales (e.g. a new classifier).
-        source_configs: filled in when the sources are read (saved with the scales so that loading needs no
-            source folder); not set by hand.
+        source_configs: filled in when the sources are read, in the model's copy of the config (its
+            ``peft_config``; saved with the scales so that loading needs no source folder); not set by hand.
     """
 
     source_adapters: list[str] = field(default_factory=list)
@@ -100,11 +100,13 @@ class ScaLearnModel(AdapterModel):
     method = "ScaLearn"
 
     def __init__(self, model: nn.Module, config: ScaLearnConfig, adapter_name: str = "default") -> None:
-        HookedModel.__init__(self, model, config, adapter_name)
-        loaded = config.source_configs is None  # a new ScaLearn model: the sources come from their folders
-        if loaded:
+        sources = None
+        if config.source_configs is None:  # a new ScaLearn model: the sources come from their folders
             sources = [_read_source(p) for p in config.source_adapters]
-            config.source_configs = [c.to_dict() for c, _ in sources]
+            # into a copy: the caller's config, given to get_peft_model again (another seed, another model), would
+            # otherwise name saved sources and its model would mix untrained ones
+            config = config.replace(source_configs=[c.to_dict() for c, _ in sources])
+        HookedModel.__init__(self, model, config, adapter_name)
         configs = [AdapterConfig.from_dict(d) for d in config.source_configs]
         self.sites = find_sites(model, configs[0])
         for i, c in enumerate(configs[1:], 1):
@@ -115,7 +117,7 @@ class ScaLearnModel(AdapterModel):
         self.sources = nn.ModuleList(build_adapters(model, self.sites, c) for c in configs)
         reference = next(self.sources.parameters())
         factory = {"device": reference.device, "dtype": reference.dtype}
-        if loaded:
+        if sources is not None:
             for i, (source, (_, tensors)) in enumerate(zip(self.sources, sources, strict=True)):
                 state = {k[len("adapters."):]: v for k, v in tensors.items() if k.startswith("adapters.")}
                 try:
