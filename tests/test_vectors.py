@@ -100,6 +100,20 @@ def test_default_sites():
     assert len(ssf.base_model.sites) == 2 * 7  # every linear layer of both blocks, not the LM head
 
 
+def test_default_sites_of_aliased_model_types():
+    # as IA3Config's docstring says (HF PEFT's differ: BART's queries instead of keys, mT5's wi_1 on its output)
+    from transformers import BartConfig, BartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration
+
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    mt5 = MT5ForConditionalGeneration(MT5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    for model, want in [(bart, {("k_proj", False), ("v_proj", False), ("fc2", True)}),
+                        (mt5, {("k", False), ("v", False), ("wo", True)})]:
+        sites = get_peft_model(model, IA3Config()).base_model.sites
+        assert {(s.path.rsplit(".", 1)[-1], s.on_input) for s in sites} == want
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
 def test_only_the_vectors_train(family, config):

@@ -20,6 +20,8 @@ IA3_DEFAULTS = {
     "marian": (["k_proj", "v_proj", "fc2"], ["fc2"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
 }
+# A family's default serves its relatives; HF PEFT's own differ for bart (q_proj, not k_proj) and mt5 (wi_1's output,
+# no feedforward module), and it has none for marian/mbart (documented in IA3Config).
 IA3_ALIASES = {"roberta": "bert", "mistral": "llama", "qwen2": "llama", "gemma": "llama", "mt5": "t5",
                "mbart": "marian", "bart": "marian"}
 
@@ -36,9 +38,13 @@ class IA3Config(TargetedConfig):
             projection for BERT, Llama, T5, Marian/BART and GPT-2 families.
         feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None (as in HF
             PEFT): the model type's default feedforward modules, those of them among the targets (none for a model
-            type without defaults). The defaults are pefttorch's: for BERT the FFN's output projection only, where
-            HF PEFT's suffix ``output.dense`` takes the attention's output projection too. Saves name the modules,
-            so either library loads them as they were trained.
+            type without defaults). The defaults are pefttorch's and differ from HF PEFT's in places:
+            for BERT the FFN's output projection only, where HF PEFT's suffix ``output.dense`` takes the
+            attention's output projection too; for BART (and mBART, Marian: HF PEFT has no default for them) keys,
+            values and ``fc2``'s input, where HF PEFT's BART takes queries (``q_proj``) instead of keys; for mT5
+            T5's (keys, values and ``wo``'s input), where HF PEFT's takes ``k``, ``v`` and ``wi_1``, all on their
+            output. Saves name the modules, so either library loads them as they were trained; for HF PEFT's
+            choice, set ``target_modules`` and ``feedforward_modules``.
         exclude_modules: names or a regex of modules never adapted.
         layers_to_transform: only these layer indices (pefttorch's; saved as an exact regex for HF PEFT).
         fan_in_fan_out: accepted for HF PEFT compatibility; the layer type decides the layout.
