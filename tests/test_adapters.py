@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -372,6 +373,32 @@ def test_budget_in_tokens_and_layers_is_hit_within_one_unit(method, kwargs, budg
             ([config.replace(layers_to_transform=[below[-1], *chosen])] if below else [])
     counts = [_trainable(get_peft_model(copy.deepcopy(base), c)) for c in neighbours]
     assert counts and all(abs(count - budget * total) <= abs(c - budget * total) for c in counts)
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    ("bert", {"target_modules": ["query", "value"], "bias": "lora_only"}),
+    ("bert", {"target_modules": ["query", "value"], "bias": "all"}),
+    ("bert", {"target_modules": ["query", "value"], "bias": "all", "modules_to_save": ["classifier"]}),  # once
+    ("gpt2", {"target_modules": ["c_attn"], "bias": "lora_only"}),  # Conv1D's bias
+    ("bert", {"target_modules": ["query", "value"], "rank_pattern": {"value": 2}}),  # value's rank is fixed
+])
+def test_lora_budget_counts_the_biases_and_pinned_ranks_that_train(family, kwargs, capsys):
+    torch.manual_seed(0)
+    base = FAMILIES[family].build()
+    total = sum(p.numel() for p in base.parameters())
+    config = config_for_budget(base, "lora", 0.05, **kwargs)
+    said = int(re.search(r": ([\d,]+) trainable", capsys.readouterr().out).group(1).replace(",", ""))
+    count = _trainable(get_peft_model(copy.deepcopy(base), config))
+    assert said == count  # the printed count is the model's
+    counts = [_trainable(get_peft_model(copy.deepcopy(base), dataclasses.replace(config, r=u)))
+              for u in (config.r - 1, config.r + 1) if u >= 1]
+    assert counts and all(abs(count - 0.05 * total) <= abs(c - 0.05 * total) for c in counts)  # r chosen on it
+
+
+def test_lora_budget_refuses_a_rank_pattern_covering_every_target():
+    base = FAMILIES["bert"].build()
+    with pytest.raises(ValueError, match="rank_pattern sets the rank of every targeted layer"):
+        config_for_budget(base, "lora", 0.05, target_modules=["query", "value"], rank_pattern={"query": 2, "value": 2})
 
 
 def _layers(model):

@@ -12,7 +12,8 @@ from torch import nn
 from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
-from .lora.model import _layer_index, _name_matches, plan_targets
+from .lora.layer import LoraLayer
+from .lora.model import _is_bias, _layer_index, _name_matches, _pattern_value, plan_targets
 from .prompt.config import PrefixTuningConfig, PromptTuningConfig
 from .prompt.prefix import attention_shape
 from .scaling.config import IA3Config, SsfConfig
@@ -36,24 +37,39 @@ class _Plan:
         return self.fixed + units * self.per_unit
 
 
-def _saved_parameters(model: nn.Module, modules_to_save) -> int:
-    """Parameters of the modules trained in full (counted once)."""
-    if not modules_to_save:
-        return 0
-    seen = {}
-    for name, module in model.named_modules():
-        if _name_matches(name, modules_to_save):
-            seen.update({id(p): p.numel() for p in module.parameters()})
+def _saved_parameters(model: nn.Module, modules_to_save, also=()) -> int:
+    """Parameters of the modules trained in full, and `also` (other parameters trained whatever the unit), each
+    counted once (a bias may be both)."""
+    seen = {id(p): p.numel() for p in also}
+    if modules_to_save:
+        for name, module in model.named_modules():
+            if _name_matches(name, modules_to_save):
+                seen.update({id(p): p.numel() for p in module.parameters()})
     return sum(seen.values())
 
 
 def _lora_plan(model: nn.Module, kwargs: dict) -> _Plan:
     config = LoraConfig(r=1, **kwargs)
     targets = plan_targets(model, config)
-    dims = [(t.module.in_features, t.module.out_features) if isinstance(t.module, nn.Linear)
-            else tuple(t.module.weight.shape) for t in targets]
-    return _Plan("r", sum(i + o for i, o in dims), _saved_parameters(model, config.modules_to_save),
-                 min(min(d) for d in dims))
+    dims = {t.name: (t.module.in_features, t.module.out_features) if isinstance(t.module, nn.Linear)
+            else tuple(t.module.weight.shape) for t in targets}
+    # a layer whose rank rank_pattern sets keeps it whatever r: part of the fixed count, not of the unit
+    scaled = [t.name for t in targets if _pattern_value(config.rank_pattern, t.name, None) is None]
+    if not scaled:
+        raise ValueError("config_for_budget: rank_pattern sets the rank of every targeted layer, so r changes "
+                         "nothing; leave some layers to r")
+    pinned = sum(t.r * sum(dims[t.name]) for t in targets if t.name not in scaled)
+    # the biases that train as well (bias="lora_only" / "all"), picked as the LoRA tuner picks them
+    if config.bias == "lora_only":
+        bases = (t.module.base_layer if isinstance(t.module, LoraLayer) else t.module for t in targets)
+        biases = [b.bias for b in bases if b.bias is not None]
+    elif config.bias == "all":
+        biases = [p for n, p in model.named_parameters() if _is_bias(n) and ".original_module." not in n]
+    else:
+        biases = []
+    return _Plan("r", sum(sum(dims[n]) for n in scaled),
+                 pinned + _saved_parameters(model, config.modules_to_save, biases),
+                 min(min(dims[n]) for n in scaled))
 
 
 def _adapter_plan(model: nn.Module, kwargs: dict) -> _Plan:
@@ -135,7 +151,8 @@ METHODS = {
 def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: bool = True, **kwargs):
     """The `method` config whose trainable parameter count is closest to ``budget`` times `model`'s parameters.
 
-    What the budget moves, per method: ``"lora"`` the rank r; ``"adapter"`` the bottleneck width; ``"prompt"``
+    What the budget moves, per method: ``"lora"`` the rank r (the biases ``bias`` trains and the layers whose rank
+    ``rank_pattern`` sets count as a fixed part); ``"adapter"`` the bottleneck width; ``"prompt"``
     and ``"prefix"`` the number of virtual tokens (at most half the context; a prefix's reparameterisation MLP,
     with ``prefix_projection=True``, counts as a fixed part); ``"ia3"``, ``"ssf"``, ``"bitfit"`` and
     ``"ln_tuning"`` the number of layers adapted (``layers_to_transform``), counted from the top: the layers
