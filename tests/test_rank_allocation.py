@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -821,6 +822,91 @@ def test_a_state_dict_without_allocator_state_loads_strictly_with_a_warning(meth
         result = model.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False)
     assert "base_model._extra_state" in result.missing_keys
     assert torch.equal(model.base_model.get_extra_state(), kept) and allocator.events
+
+
+def _trained(config, steps=3):
+    model = build(config)
+    randomize(model)
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 13)
+    for step in range(steps):
+        train_step(model, opt, x, step)
+    return model
+
+
+def _allocator_state(model) -> dict:
+    import io
+
+    return torch.load(io.BytesIO(model.base_model.get_extra_state().numpy().tobytes()), weights_only=True)
+
+
+@pytest.mark.parametrize("saved, into, match", [
+    (incre(), incre(target_modules=["up", "down"]), r"IncreLoRA: the allocator state is of other modules than this "
+     r"model's \(only in the state dict: blocks\.0\.mid, blocks\.1\.mid; only in this model: none\)"),
+    (ada(target_modules=["up", "down"]), ada(), r"AdaLoRA: the allocator state is of other modules .*only in the "
+     r"state dict: none; only in this model: blocks\.0\.mid, blocks\.1\.mid\)"),
+    (incre(), ada(), "AdaLoRA: the state dict's allocator state is IncreLoRA's"),
+    (ada(), incre(), "IncreLoRA: the state dict's allocator state is AdaLoRA's"),
+])
+def test_a_state_dict_of_another_method_or_other_modules_is_refused_before_anything_loads(saved, into, match):
+    """Such a load failed with errors that named nothing (tensor sizes, a 0-d tensor iterated, copy_ of a list),
+    or (AdaLoRA, statistics paired by position) named the wrong module after overwriting others; now it names the
+    mismatch, and the model (weights, ranks, allocator) is as it was."""
+    state = _trained(saved).state_dict()
+    model = _trained(into)
+    before, allocator = copy.deepcopy(model.state_dict()), model.base_model.get_extra_state()
+    with pytest.raises(ValueError, match=match):
+        model.load_state_dict(state, strict=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(model.base_model.get_extra_state(), allocator)
+    # the way out the message gives: the weights alone load
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (of a state dict without allocator state)
+        model.load_state_dict({k: v for k, v in state.items() if k != "base_model._extra_state"}, strict=False)
+
+
+@pytest.mark.parametrize("method", ["incre", "ada"])
+def test_allocator_statistics_are_matched_by_module_path_and_old_states_still_load(method):
+    """The saved statistics are paired with the modules by path (they were paired by position); a state saved
+    before the paths were kept still loads by position, and one of another module count is refused by name."""
+    config = incre(score_sample=4) if method == "incre" else ada(tinit=1, tfinal=2, total_step=10)
+    model = _trained(config)
+    allocator, state = model.base_model.allocator, _allocator_state(model)
+    expected = statistics(allocator)
+    other = build(config)
+    # the same state with its modules listed in another order: each module still gets its own statistics
+    order = list(reversed(range(len(state["modules"]))))
+    shuffled = {**state, "modules": [state["modules"][i] for i in order]}
+    if method == "incre":
+        shuffled.update(ipt=state["ipt"][order], unc=state["unc"][order], samples=[state["samples"][i] for i in order])
+    else:
+        shuffled.update(ipt=[state["ipt"][i] for i in order], unc=[state["unc"][i] for i in order])
+    other.base_model.allocator.load_state_dict(shuffled)
+    torch.testing.assert_close(statistics(other.base_model.allocator), expected, rtol=0, atol=0)
+    if method == "incre":
+        assert [other.base_model.allocator.components(layer).sample for _, layer in allocator.layers] == \
+            [allocator.components(layer).sample for _, layer in allocator.layers]
+    # saved before the method and the paths were kept: by position, as then
+    old = {k: v for k, v in state.items() if k not in ("method", "modules")}
+    fresh = build(config)
+    fresh.base_model.allocator.load_state_dict(old)
+    torch.testing.assert_close(statistics(fresh.base_model.allocator), expected, rtol=0, atol=0)
+    fewer = build(dataclasses.replace(config, target_modules=["up", "down"]))
+    kept = statistics(fewer.base_model.allocator).clone()
+    with pytest.raises(ValueError, match="holds statistics of 6 modules, this model adapts 4"):
+        fewer.base_model.allocator.load_state_dict(old)
+    torch.testing.assert_close(statistics(fewer.base_model.allocator), kept, rtol=0, atol=0)
+
+
+def test_adalora_checks_every_saved_shape_before_it_copies_any():
+    model, other = _trained(ada()), build(ada())
+    state = _allocator_state(model)
+    state["unc"][-1] = [t[:, :1] if t.dim() == 2 and t.shape[1] > 1 else t for t in state["unc"][-1]]
+    kept = statistics(other.base_model.allocator).clone()
+    with pytest.raises(ValueError, match=r"the saved unc of blocks\.1\.down has shape"):
+        other.base_model.allocator.load_state_dict(state)
+    torch.testing.assert_close(statistics(other.base_model.allocator), kept, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["incre", "ada"])

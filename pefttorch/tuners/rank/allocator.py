@@ -51,6 +51,40 @@ def adapters_device(layers: list[tuple[str, RankedLoraLayer]], adapter: str, met
     return next(iter(devices))
 
 
+def saved_order(state: dict, method: str, layers: list[tuple[str, RankedLoraLayer]]) -> list[int] | None:
+    """Where each of `layers`' statistics is in a saved allocator state: positions in the saved ones, matched by
+    module path (None: saved before the paths were kept, in this model's order). Raises, before anything is
+    changed, where the state is another method's or of other modules (a checkpoint of another configuration)."""
+    # states saved before the method was kept: IncreLoRA's statistics are one vector, AdaLoRA's lists per module
+    saved_method = state.get("method") or ("IncreLoRA" if isinstance(state["ipt"], torch.Tensor) else "AdaLoRA")
+    if saved_method != method:
+        raise ValueError(f"{method}: the state dict's allocator state is {saved_method}'s: the checkpoint is of "
+                         f"another method's model (this one is {method}'s)")
+    names = [name for name, _ in layers]
+    hint = ("the checkpoint is of another configuration (target_modules); to load the weights alone, leave the "
+            "allocator's '_extra_state' entry out of the state dict")
+    saved = state.get("modules")
+    if saved is None:
+        count = len(state["ipt"])  # none where AdaLoRA's schedule had finished (its statistics freed)
+        if count and count != len(names):
+            raise ValueError(f"{method}: the allocator state holds statistics of {count} modules, this model adapts "
+                             f"{len(names)}: {hint}")
+        return None
+    if sorted(saved) != sorted(names):
+        only_saved, only_here = [n for n in saved if n not in names], [n for n in names if n not in saved]
+        raise ValueError(f"{method}: the allocator state is of other modules than this model's (only in the state "
+                         f"dict: {', '.join(only_saved) or 'none'}; only in this model: "
+                         f"{', '.join(only_here) or 'none'}): {hint}")
+    return [saved.index(n) for n in names]
+
+
+def loaded_events(events: list[dict], layers: list[tuple[str, RankedLoraLayer]]) -> list[dict]:
+    """Saved events, their module names made this model's own name objects again, as in events made here: a state
+    saved after a load then pickles as the original did (the names shared with "modules"), byte for byte."""
+    own = {name: name for name, _ in layers}
+    return [{**e, "ranks": {own.get(k, k): v for k, v in e["ranks"].items()}} for e in events]
+
+
 class IncreLoraAllocator:
     """IncreLoRA: importance per module from the sampled gradient of its update; every `incre_interval`
     steps after `init_warmup`, the `top_h` best modules receive `incre_rank_num` components until the total
@@ -65,6 +99,8 @@ class IncreLoraAllocator:
     the smoothed sensitivity. With ``score_sample=None`` (strides 1) the score is exact. The input to LoRA
     dropout stands for its output in G (dropout's mask is not kept).
     """
+
+    method = "IncreLoRA"  # as saved in the state dict
 
     def __init__(self, layers: list[tuple[str, RankedLoraLayer]], adapter: str, config: IncreLoraConfig) -> None:
         self.layers = layers
@@ -335,14 +371,20 @@ class IncreLoraAllocator:
         """What the schedule needs to go on exactly where it was (a checkpoint is taken between steps, with the
         tiles zeroed): the statistics, the history, the sampling generator and the grid drawn for the next step."""
         samples = None if self.finished else [self.components(layer).sample for _, layer in self.layers]
-        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
+        return {"method": self.method, "modules": [name for name, _ in self.layers], "ipt": self.ipt,
+                "unc": self.unc, "events": self.events, "finished": self.finished,
                 "generator": self.generator.get_state(), "samples": samples, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
+        order = saved_order(state, self.method, self.layers)
+        ipt, unc, samples = state["ipt"], state["unc"], state.get("samples")
+        if order is not None:
+            ipt, unc = ipt[order], unc[order]
+            samples = None if samples is None else [samples[i] for i in order]
         self.last_step = state.get("last_step")  # None from a checkpoint written before it was kept
-        self.ipt.copy_(state["ipt"])
-        self.unc.copy_(state["unc"])
-        self.events = list(state["events"])
+        self.ipt.copy_(ipt)
+        self.unc.copy_(unc)
+        self.events = loaded_events(state["events"], self.layers)
         if state["finished"]:
             self.generator.set_state(state["generator"])
             if not self.finished:
@@ -353,7 +395,6 @@ class IncreLoraAllocator:
             self._new_sample()  # the tiles again (the grid is set below, the generator's draw undone next)
         self.generator.set_state(state["generator"])
         self.tiles.zero_()
-        samples = state.get("samples")
         if samples is not None and [(s[1], s[3]) for s in samples] == self.strides:
             self._use_sample(samples)
         else:  # saved with another score_sample: a grid of this one's
@@ -366,6 +407,8 @@ class AdaLoraAllocator:
     budget falls along a cubic from `tinit` to ``total_step - tfinal``; every `deltaT` steps the lowest-scoring
     components are pruned down to it. Pruned components are moved out of the rank in use (the survivors
     keep their order and their optimizer state, matched by id), so compute shrinks with the budget."""
+
+    method = "AdaLoRA"  # as saved in the state dict
 
     def __init__(self, layers: list[tuple[str, RankedLoraLayer]], adapter: str, config: AdaLoraConfig) -> None:
         self.layers = layers
@@ -481,24 +524,30 @@ class AdaLoraAllocator:
         return out
 
     def state_dict(self) -> dict:
-        return {"ipt": self.ipt, "unc": self.unc, "events": self.events, "finished": self.finished,
-                "last_step": self.last_step}
+        return {"method": self.method, "modules": [name for name, _ in self.layers], "ipt": self.ipt, "unc": self.unc,
+                "events": self.events, "finished": self.finished, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
+        order = saved_order(state, self.method, self.layers)
+        if not state["finished"]:  # (a finished schedule's statistics were freed) every shape checked before any copy
+            saved = {name: state[name] if order is None else [state[name][i] for i in order] for name in ("ipt", "unc")}
+            for name, theirs in saved.items():
+                for (path, layer), ts in zip(self.layers, theirs, strict=True):
+                    for p, u in zip(layer.factors(self.adapter), ts, strict=True):
+                        if p.shape != u.shape:
+                            raise ValueError(f"AdaLoRA: the saved {name} of {path} has shape {tuple(u.shape)}, this "
+                                             f"model's {tuple(p.shape)}: the checkpoint is of another configuration")
         self.last_step = state.get("last_step")
-        self.events = list(state["events"])
+        self.events = loaded_events(state["events"], self.layers)
         if state["finished"]:
             self._free_statistics()
             return
         if self.finished:  # a checkpoint from before the schedule's end, loaded after it: statistics again
             self.finished = False
             (self._ipt_flat, self.ipt), (self._unc_flat, self.unc) = self._flat_statistics(), self._flat_statistics()
-        for name, mine, theirs in (("ipt", self.ipt, state["ipt"]), ("unc", self.unc, state["unc"])):
-            for (path, _), ts, saved in zip(self.layers, mine, theirs, strict=True):
-                for t, u in zip(ts, saved, strict=True):
-                    if t.shape != u.shape:
-                        raise ValueError(f"AdaLoRA: the saved {name} of {path} has shape {tuple(u.shape)}, this "
-                                         f"model's {tuple(t.shape)}: the checkpoint is of another configuration")
+        for mine, theirs in ((self.ipt, saved["ipt"]), (self.unc, saved["unc"])):
+            for ts, us in zip(mine, theirs, strict=True):
+                for t, u in zip(ts, us, strict=True):
                     t.copy_(u)
 
     def _free_statistics(self) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from ..density.loss import counted_labels
 from ..lora.config import LoraConfig
 from ..lora.model import LoraModel, Target, plan_targets
-from .allocator import AdaLoraAllocator, IncreLoraAllocator
+from .allocator import AdaLoraAllocator, IncreLoraAllocator, saved_order
 from .config import AdaLoraConfig, IncreLoraConfig
 from .layer import RankedLoraLayer, _to_device
 
@@ -44,7 +44,7 @@ class RankedLoraModel(LoraModel):
             LoraModel.unload(self, merge=False)
             raise
         self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
-        self.register_load_state_dict_pre_hook(_note_missing_allocator_state)
+        self.register_load_state_dict_pre_hook(_check_allocator_state)
         self.register_load_state_dict_post_hook(_load_allocator_state)
 
     # The allocator's state (statistics, history, sampling) goes into the model's state dict, so that a checkpoint,
@@ -227,8 +227,13 @@ class RankedLoraModel(LoraModel):
         return super().unload(merge, adapter_names)
 
 
-def _note_missing_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:
-    model._missing_allocator_state = None if prefix + "_extra_state" in state_dict else prefix
+def _check_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:
+    state = state_dict.get(prefix + "_extra_state")
+    model._missing_allocator_state = None if state is not None else prefix
+    if state is not None:
+        # another method's allocator state, or one of other modules, is refused here, before the layers below load
+        # anything (they load after this hook; the state itself is applied once they have, see _load_allocator_state)
+        saved_order(_decoded(state.cpu().numpy().tobytes(), "cpu"), model.allocator.method, model.allocator.layers)
 
 
 def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
@@ -249,7 +254,12 @@ def _load_allocator_state(model: RankedLoraModel, incompatible_keys) -> None:
     state = model.__dict__.pop("_pending_allocator_state", None)
     if state is not None:
         device = model.lora_layers()[0][1].lora_A[model.active_adapters[0]].device
-        model.allocator.load_state_dict(torch.load(io.BytesIO(state), map_location=device, weights_only=True))
+        model.allocator.load_state_dict(_decoded(state, device))
+
+
+def _decoded(state: bytes, device) -> dict:
+    """An allocator's state from the bytes get_extra_state wrote."""
+    return torch.load(io.BytesIO(state), map_location=device, weights_only=True)
 
 
 class _OrthRegHook:
