@@ -1384,6 +1384,28 @@ def test_orth_regularization_with_ranks_that_differ_and_its_gradient():
         assert a.grad[n:].abs().sum() == 0 and a.grad[:n].abs().sum() > 0 and b_t.grad[n:].abs().sum() == 0
 
 
+def test_the_docs_say_what_the_orthogonality_term_and_init_warmup_do():
+    """The docs gave the term as the mean over modules of ||AA^T - I|| + ||B^TB - I|| (twice what is computed: the
+    mean over the factors, as HF PEFT's), and init_warmup as "no allocation before this step" (the first comes at a
+    multiple of incre_interval after it: init_warmup=3, incre_interval=3 allocates first at step 6)."""
+    from pefttorch.tuners.rank.model import RankedLoraModel
+
+    for doc in (IncreLoraConfig.__doc__, RankedLoraModel.orth_regularization.__doc__):
+        assert "mean(||A A^T - I||_F + ||B^T B - I||_F)" not in doc and "one term" in doc
+    model = build(incre())
+    randomize(model)
+    per_factor = [torch.linalg.matrix_norm(f[:n] @ f[:n].t() - torch.eye(n))
+                  for _, layer in ranked_layers(model) if (n := layer.lora_components["default"].in_use)
+                  for f in layer.factors("default")[::2]]
+    torch.testing.assert_close(model.orth_regularization(), torch.stack(per_factor).mean())
+    assert "no allocation before this step" not in IncreLoraConfig.__doc__
+    assert "init_warmup=3, incre_interval=3`` the first is at step 6" in " ".join(IncreLoraConfig.__doc__.split())
+    model = build(incre(init_warmup=3, incre_interval=3, target_rank=5))
+    opt = RankAwareAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 13)
+    assert [step for step in range(8) if train_step(model, opt, x, step)] == [6]
+
+
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_a_module_pruned_to_rank_zero_keeps_its_trained_bias_through_save_and_load(bias, tmp_path):
     """Saved without factors, such a module loads as a plain layer: its trained bias is saved under the plain

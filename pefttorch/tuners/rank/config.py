@@ -59,11 +59,14 @@ class IncreLoraConfig(LoraConfig):
         target_rank: average rank per module at the end; the total budget is ``target_rank * modules``.
         init_rank: rank every module starts with (the paper: 1).
         incre_interval: steps between two allocations.
-        init_warmup: no allocation before this step.
+        init_warmup: allocations come at the steps after this one (``step > init_warmup``) that are multiples of
+            ``incre_interval``: with ``init_warmup=3, incre_interval=3`` the first is at step 6.
         top_h: modules receiving rank at each allocation (those with the highest scores).
         incre_rank_num: rank added to each of them (default: ``max(1, target_rank // 2)``, the paper's table).
         beta1, beta2: smoothing of the sensitivity and of its uncertainty.
-        orth_reg_weight: coefficient of ``mean(||A A^T - I||_F + ||B^T B - I||_F)`` added to the loss.
+        orth_reg_weight: coefficient of the orthogonality term added to the loss: the mean, over the A and the B
+            factors of every module (one term each, as in HF PEFT's AdaLoRA), of ``||A A^T - I||_F`` and
+            ``||B^T B - I||_F`` (the model's ``orth_regularization()``).
         max_rank_per_module: no module grows beyond this (None: no limit).
         advance_learning: keep ``incre_rank_num`` reserve components per module that train (e fixed at
             1e-5, b starting at 0) before they are activated (the paper's "advance learning").

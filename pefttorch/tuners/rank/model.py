@@ -150,8 +150,9 @@ class RankedLoraModel(LoraModel):
         return idle
 
     def orth_regularization(self) -> torch.Tensor:
-        """``mean(||A A^T - I||_F + ||B^T B - I||_F)`` over the modules, of the components in use (the term
-        the paper adds to the loss, times orth_reg_weight).
+        """The mean of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` over the factors, one term per factor: the A and
+        the B of every module with components in use, of those components (as HF PEFT's AdaLoRA: half the mean over
+        the modules of their sum). The term the paper adds to the loss, times orth_reg_weight.
 
         It runs in every training forward, so it is built for few kernels and little host work: factors of one
         storage shape are stacked and handled by one batched product, the rows beyond each module's components
