@@ -118,10 +118,13 @@ def first_order_only(name: str):
     call that names neither the op nor the reason.
 
     torch.autograd.function.once_differentiable does this only when an incoming gradient requires grad; here the
-    saved tensors count too (density_loss's gradient depends on `a` alone: its incoming gradient is a constant),
-    and a formula whose gradient depends on an input it does not keep sets ``ctx.unkept_dependence`` (the
-    bottleneck adapter's gradient of x, through act'(h), when only x needs one): with nothing to hang the error
-    node on, that is refused as the backward runs."""
+    saved tensors count too (density_loss's gradient depends on `a` alone: its incoming gradient is a constant).
+    A formula whose gradient depends on an input it does not keep sets ``ctx.unkept_dependence`` (the bottleneck
+    adapter's gradients, through act'(h), on x, which it keeps only for w_down's gradient): no error node could
+    reach that input, so a backward with create_graph=True is refused as it runs. Not under torch.func, which
+    always differentiates with create_graph=True (a first derivative there is no reason to refuse): its reverse
+    over reverse is caught by the levels below, all but an ordinary graph around torch.func.grad that reaches
+    the op only through such an x (a known gap)."""
 
     def decorate(backward):
         @functools.wraps(backward)
@@ -146,14 +149,12 @@ def first_order_only(name: str):
                     raise RuntimeError(message)
                 outputs = backward(ctx, *grads)
             else:
+                if getattr(ctx, "unkept_dependence", False):
+                    raise RuntimeError(message)
                 with torch.no_grad():
                     outputs = backward(ctx, *grads)
             inputs = [t for t in tensors if _needs_grad_at_any_level(t)]
-            if not inputs:
-                if getattr(ctx, "unkept_dependence", False):
-                    raise RuntimeError(message)
-                return outputs
-            return _Refused.apply(message, outputs, *inputs)
+            return _Refused.apply(message, outputs, *inputs) if inputs else outputs
 
         return wrapper
 
@@ -740,8 +741,8 @@ def _bottleneck_adapter_setup_context(ctx, inputs, output):
     ctx.mask = [*need[:5], False]
     # h is an internal result handed to backward, not part of the function's value: no gradient flows into it
     ctx.mark_non_differentiable(h)
-    # x's gradient depends on x through act'(h) (not for relu, whose act' is piecewise constant), but x is not kept
-    # when only it needs a gradient: a second derivative has no saved tensor to hang its refusal on
+    # the gradients depend on x through act'(h) (not for relu, whose act' is piecewise constant), but x is kept
+    # only for w_down's gradient: without it, a second derivative in x has no saved tensor to hang its refusal on
     ctx.unkept_dependence = need[0] and not need[1] and activation != "relu"
 
 

@@ -215,6 +215,13 @@ def test_meta_built_adapter_materialised_module_by_module_starts_as_the_identity
     ln = adapter.layer_norm
     assert torch.equal(ln.weight, torch.ones(8)) and torch.equal(ln.bias, torch.zeros(8))
     assert torch.equal(adapter(x), x)
+    # a module pickled before the projections had their own class holds plain nn.Linear ones: the adapter's
+    # reset_parameters still gives the adapter's initialisation
+    for name in ("down", "up"):
+        old = torch.nn.Linear(*reversed(getattr(adapter, name).weight.shape))
+        setattr(adapter, name, old)
+    adapter.reset_parameters()
+    assert torch.equal(adapter(x), x) and torch.equal(adapter.down.bias, torch.zeros(3))
 
 
 # ------------------------------------------------------------------------------------ placement by hand

@@ -194,18 +194,23 @@ def test_every_reverse_over_reverse_is_refused_or_right(name, kind):
             second(lambda t: _loss(fn)(t, *rest), first)
 
 
+@pytest.mark.parametrize("trainable", ["none", "b_down", "w_up", "b_up"])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_adapter_hessian_in_x_with_frozen_weights(activation):
-    """Frozen weights and a loss linear in y: x is not kept and the incoming gradient is a constant, so nothing
-    carried the refusal and the hessian in x came out zero. With gelu x's gradient depends on x (through act'(h)):
-    refused; relu's derivative is piecewise constant, so zero is the reference's answer, and it stands."""
+def test_adapter_hessian_in_x_with_w_down_frozen(activation, trainable):
+    """w_down frozen and a loss linear in y: x is not kept and the incoming gradient is a constant, so no error node
+    reached x and the hessian in x came out zero (whatever else trained). With gelu the gradients depend on x
+    (through act'(h)): refused; relu's derivative is piecewise constant, so zero is the reference's answer."""
     fn, ref, make = CASES["bottleneck_adapter"]
-    x, *rest = make()
+    x, wd, wu, bd, bu, r = make()
+    parts = {"w_up": wu, "b_down": bd, "b_up": bu}
+    if trainable != "none":
+        parts[trainable] = parts[trainable].clone().requires_grad_()
+    wu, bd, bu = parts["w_up"], parts["b_down"], parts["b_up"]
     weights = torch.linspace(-1.0, 2.0, 15, dtype=x.dtype).reshape(3, 5)
-    ours = lambda t: (functional.bottleneck_adapter(t, *rest[:4], residual=rest[4], activation=activation,  # noqa: E731
+    ours = lambda t: (functional.bottleneck_adapter(t, wd, wu, bd, bu, residual=r, activation=activation,  # noqa: E731
                                                     scale=0.7) * weights).sum()
-    theirs = lambda t: (reference.bottleneck_adapter(t, rest[0], rest[2], rest[1], rest[3], rest[4], False,  # noqa: E731
-                                                     activation, 0.7) * weights).sum()
+    theirs = lambda t: (reference.bottleneck_adapter(t, wd, bd, wu, bu, r, False, activation, 0.7)  # noqa: E731
+                        * weights).sum()
     if activation == "relu":
         torch.testing.assert_close(torch.autograd.functional.hessian(ours, x),
                                    torch.autograd.functional.hessian(theirs, x))
@@ -213,6 +218,22 @@ def test_adapter_hessian_in_x_with_frozen_weights(activation):
         assert torch.autograd.functional.hessian(theirs, x).abs().max() > 0.1
         with pytest.raises(RuntimeError, match=r"has no second derivative"):
             torch.autograd.functional.hessian(ours, x)
+
+
+def test_first_derivatives_of_the_adapter_in_x_under_torch_func_with_frozen_weights():
+    """torch.func differentiates with create_graph=True even for a first derivative: the refusal above must not
+    fire there (saliency maps, jacobians of a frozen adapter)."""
+    fn, ref, make = CASES["bottleneck_adapter"]
+    x, *rest = make()
+    weights = torch.linspace(-1.0, 2.0, 15, dtype=x.dtype).reshape(3, 5)
+    def linear_loss(f):
+        return lambda t: (f(t, *rest) * weights).sum()
+    torch.testing.assert_close(torch.func.grad(linear_loss(fn))(x), torch.func.grad(linear_loss(ref))(x))
+    torch.testing.assert_close(torch.func.jacrev(lambda t: fn(t, *rest))(x),
+                               torch.func.jacrev(lambda t: ref(t, *rest))(x))
+    batched = torch.stack([make()[0] for _ in range(3)])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(linear_loss(fn)))(batched),
+                               torch.func.vmap(torch.func.grad(linear_loss(ref)))(batched))
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning")

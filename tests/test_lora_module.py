@@ -166,6 +166,22 @@ def test_loading_the_adapter_alone_keeps_the_merged_flag_and_refuses_a_merged_la
                                * x @ other.lora_A.t() @ other.lora_B.t())
 
 
+def test_a_merged_flag_without_its_weight_is_refused():
+    """A merged layer's state dict without its weight, loaded into an unmerged layer, set merged=True on a weight
+    that held no update: the adapter vanished from forward and unmerge() subtracted an update never added."""
+    src, dst = LoRALinear(16, 8, r=4), LoRALinear(16, 8, r=4)
+    torch.nn.init.normal_(src.lora_B)
+    src.merge()
+    state = {k: v for k, v in src.state_dict().items() if k != "weight"}
+    weight = dst.weight.clone()
+    with pytest.raises(RuntimeError, match="merged=True but brings no weight"):
+        dst.load_state_dict(state, strict=False)
+    assert not dst.merged and torch.equal(dst.weight, weight)
+    del state["_extra_state"]
+    with pytest.raises(RuntimeError, match="unmerge"):  # and the factors alone into the merged layer
+        src.load_state_dict(state, strict=False)
+
+
 def test_reset_parameters_initialises_a_meta_built_layer():
     """FSDP-style materialisation: to_empty, then reset_parameters on each module owning parameters."""
     layer = LoRALinear(16, 8, r=4, device="meta").to_empty(device="cpu")

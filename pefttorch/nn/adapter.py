@@ -49,9 +49,11 @@ class BottleneckAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for part in (self.layer_norm, self.down, self.up):
-            if part is not None:
-                part.reset_parameters()
+        if self.layer_norm is not None:
+            self.layer_norm.reset_parameters()
+        # (not the children's own: a module pickled before _Projection existed holds plain nn.Linear ones)
+        _init_projection(self.down, zero_weight=False)
+        _init_projection(self.up, zero_weight=True)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter plus its residual: x itself when `residual` is None (sequential)."""
@@ -84,10 +86,14 @@ class _Projection(nn.Linear):
         self.zero_weight = zero_weight  # read by reset_parameters, which nn.Linear's __init__ calls
         super().__init__(in_features, out_features, device=device, dtype=dtype)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.zero_weight:
-            nn.init.zeros_(self.weight)
-        else:
-            super().reset_parameters()  # nn.Linear's Kaiming-uniform
-        nn.init.zeros_(self.bias)
+        _init_projection(self, self.zero_weight)
+
+
+@torch.no_grad()
+def _init_projection(linear: nn.Linear, zero_weight: bool) -> None:
+    if zero_weight:
+        nn.init.zeros_(linear.weight)
+    else:
+        nn.Linear.reset_parameters(linear)  # Kaiming-uniform
+    nn.init.zeros_(linear.bias)

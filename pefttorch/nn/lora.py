@@ -168,6 +168,13 @@ def _default_unmerged(module: LoRALinear, state_dict: dict, prefix: str, *_) -> 
     leave the old update in the weight, with factors that no longer take it out, so that is refused."""
     if prefix + "weight" in state_dict:
         state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
-    elif module.merged and any(prefix + name in state_dict for name in ("lora_A", "lora_B")):
-        raise RuntimeError(f"LoRALinear{' ' + prefix[:-1] if prefix else ''}: loading lora_A/lora_B without the "
-                           "weight into a merged layer would leave the old update in the weight; unmerge() first")
+        return
+    name = f"LoRALinear{' ' + prefix[:-1] if prefix else ''}"
+    flag = state_dict.get(prefix + "_extra_state")
+    if flag is not None and bool(flag) != module.merged:  # the flag describes a weight that is not loaded
+        raise RuntimeError(f"{name}: the state dict says merged={bool(flag)} but brings no weight, and this layer's "
+                           f"weight is {'' if module.merged else 'not '}merged; load it with its weight, or without "
+                           "the '_extra_state' entry")
+    if module.merged and any(prefix + key in state_dict for key in ("lora_A", "lora_B")):
+        raise RuntimeError(f"{name}: loading lora_A/lora_B without the weight into a merged layer would leave the old "
+                           "update in the weight; unmerge() first")
