@@ -99,7 +99,11 @@ def writable_dir(path: Path, what: str) -> None:
 
 
 def writable_file(path: Path, what: str) -> None:
-    """`path` can be written as a file: its directory is writable (and made) and it is not a directory itself."""
+    """`path` can be written as a file: its directory is writable (and made) and it is not a directory itself, nor
+    an existing file that cannot be overwritten (read-only: its directory's check passed, and the write failed after
+    the run)."""
     if path.is_dir():
         raise UsageError(f"{what} {path}: is a directory; give a file name")
     writable_dir(path.parent, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path}: the file exists and cannot be written")

@@ -137,6 +137,34 @@ def test_cli_checks_where_results_go_before_running(tmp_path, option, capsys):
     assert f"{option} {blocker}" in err and "lora:" not in err  # no progress bar: nothing ran
 
 
+@pytest.fixture
+def read_only_file(tmp_path):
+    """An existing file that cannot be written: chmod 444, and for root (whom the mode does not stop) chattr +i."""
+    import os
+    import subprocess
+
+    path = tmp_path / "old.json"
+    path.write_text("{}")
+    path.chmod(0o444)
+    immutable = False
+    if os.access(path, os.W_OK):
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable or os.access(path, os.W_OK):
+            pytest.skip("cannot make a file read-only here")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_cli_checks_an_existing_results_file_can_be_written(tmp_path, read_only_file, capsys):
+    """Only the --json file's directory was checked: a read-only file there failed with a traceback after the run,
+    everything measured lost."""
+    err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--json",
+                       str(read_only_file)], capsys)
+    assert f"--json {read_only_file}: the file exists and cannot be written" in err and "lora:" not in err
+    assert read_only_file.read_text() == "{}"
+
+
 @pytest.mark.parametrize(("suites", "option", "message"), [
     (["sparse", "lora"], ["--impls", "foo"], "unknown implementations ['foo']"),
     (["lora", "sparse"], ["--tokens", "0"], "token counts positive"),
