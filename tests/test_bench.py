@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,30 @@ def test_cli_checks_an_existing_results_file_can_be_written(tmp_path, read_only_
                        str(read_only_file)], capsys)
     assert f"--json {read_only_file}: the file exists and cannot be written" in err and "lora:" not in err
     assert read_only_file.read_text() == "{}"
+
+
+@pytest.mark.parametrize(("plot", "message"), [
+    ("p.xyz", "matplotlib cannot write '.xyz' files; use one of"),
+    ("r.png", "the same file as --json"),
+])
+def test_cli_checks_the_plot_file_before_running(tmp_path, capsys, plot, message):
+    """A --plot in a format matplotlib cannot write, or the --json file itself, failed at the save, after the run."""
+    err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--json",
+                       str(tmp_path / "r.png"), "--plot", str(tmp_path / plot)], capsys)
+    assert message in err and "lora:" not in err and not (tmp_path / "r.png").exists()
+
+
+def test_plot_paths_keep_the_suffix_given():
+    """--plot fig.svg gave an SVG for one suite, but PNGs for several."""
+    import argparse
+
+    from pefttorch.bench import cli
+
+    args = argparse.Namespace(plot=Path("out/fig.svg"), json=Path("r.json"))
+    assert cli._plot_path(args, "lora", 1) == Path("out/fig.svg")
+    assert cli._plot_path(args, "lora", 2) == Path("out/fig-lora.svg")
+    args.plot = Path("out/fig")  # matplotlib's default format, said in the name
+    assert cli._plot_path(args, "sparse", 2) == Path("out/fig-sparse.png")
 
 
 @pytest.mark.parametrize(("suites", "option", "message"), [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._args import UsageError, positive_int, probability, writable_dir, writable_file
+from .._args import UsageError, positive_int, probability, writable_file
 from .._args import device as device_arg
 
 SUITES = ("lora", "model", "sparse", "rank", "meft", "adapter")
@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"),
                    help="results file (default build/bench/bench.json)")
     p.add_argument("--plot", type=Path, default=None,
-                   help="PNG plot (default: next to the JSON, one per suite: <stem>-<suite>.png)")
+                   help="plot file, its format from the suffix (.png without one; .svg, .pdf, ...); with several "
+                   "suites, one per suite: <stem>-<suite><suffix> (default: next to the JSON, <stem>-<suite>.png)")
     p.add_argument("--compare", type=Path, default=None, help="an earlier results JSON: print the change per row")
     p.epilog = ("lora implementations:\n" + "\n".join(f"  {k:18} {v}" for k, v in lora.IMPL_HELP.items())
                 + "\nmodel and meft runs:\n" + "\n".join(f"  {k:18} {v}" for k, v in model.RUN_HELP.items())
@@ -106,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     # earlier suite), the results measured so far were lost.
     earlier = _read_compare(args.compare) if args.compare else None
     writable_file(args.json, "--json")
-    for suite in suites:
-        writable_dir(_plot_path(args, suite, len(suites)).parent, "--plot")
+    _check_plots(args, suites)
     device = args.device  # checked by argparse: it exists here
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,8 +183,24 @@ def _plotter(suite: str):
 def _plot_path(args, suite: str, n_suites: int) -> Path:
     if args.plot is not None:
         plot = args.plot if args.plot.suffix else args.plot.with_suffix(".png")  # what matplotlib writes
-        return plot if n_suites == 1 else plot.with_name(f"{plot.stem}-{suite}.png")
+        return plot if n_suites == 1 else plot.with_name(f"{plot.stem}-{suite}{plot.suffix}")
     return args.json.with_name(f"{args.json.stem}-{suite}.png")
+
+
+def _check_plots(args, suites: list[str]) -> None:
+    """Each suite's plot can be written, in a format matplotlib knows, and is not the results file: found wanting at
+    the save, after the suite had run, the later suites never ran."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    for suite in suites:
+        path = _plot_path(args, suite, len(suites))
+        if path.suffix[1:].lower() not in formats:  # matplotlib takes the format from the suffix, in any case
+            raise UsageError(f"--plot {path}: matplotlib cannot write {path.suffix!r} files; use one of "
+                             + ", ".join(f".{f}" for f in sorted(formats)))
+        if path.resolve() == args.json.resolve():
+            raise UsageError(f"--plot {path}: the same file as --json")
+        writable_file(path, "--plot")
 
 
 def _read_compare(path: Path) -> dict:
