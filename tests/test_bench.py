@@ -241,6 +241,34 @@ def test_results_paths_and_compare_file_are_checked_before_running(tmp_path, cap
     assert (tmp_path / "noext.png").exists()
 
 
+@pytest.mark.parametrize(("results", "message"), [
+    ({"meta": {}, "suites": {"lora": {"rows": [{"shape": "8x8->8 r1 p0", "impl": "base", "ms": 1.0}]}}},
+     "a lora row is not one of pefttorch bench's (each names shape, mode, impl and a time ms)"),
+    ({"meta": [], "suites": {"lora": {"rows": []}}}, "meta is not an object"),
+    ({"suites": {"lora": []}}, "suite 'lora' is not an object with a list of rows"),
+    ({"suites": {"lora": {"rows": [[1]]}}}, "a lora row is not one of pefttorch bench's"),
+    ({"suites": {"lora": {"rows": [{"shape": "s", "mode": "fwd", "impl": "base", "ms": "1"}]}}}, "a time ms"),
+    ({"suites": {"rank": {"rows": [{"run": ["x"], "mean_ms": 1.0}]}}}, "a rank row is not one of"),
+])
+def test_compare_file_rows_are_checked_before_running(tmp_path, capsys, results, message):
+    """--compare checked only for a "suites" object: rows or meta of another shape crashed the comparison at the very
+    end, a traceback after the run."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(results))
+    err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--json",
+                       str(tmp_path / "r.json"), "--compare", str(old)], capsys)
+    assert message in " ".join(err.split()) and not (tmp_path / "r.json").exists()
+
+
+def test_compare_reads_the_repositorys_own_results():
+    from pefttorch.bench import cli
+
+    files = sorted((Path(__file__).parents[1] / "bench" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        assert cli._read_compare(path)["suites"]
+
+
 def test_compare_says_when_the_runs_differ_in_what_rows_do_not_name(tmp_path, capsys):
     """A bfloat16 run compared with a float32 file printed its rows' changes as if of the same thing."""
     args = ["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base"]

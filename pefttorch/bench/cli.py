@@ -217,7 +217,29 @@ def _read_compare(path: Path) -> dict:
         raise UsageError(f"--compare {path}: cannot read it as results JSON ({err})") from None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("suites"), dict):
         raise UsageError(f"--compare {path}: not a results file of pefttorch bench (no suites)")
+    # what compare() reads of it, checked now: found wanting there, after the run, it was a traceback
+    if not isinstance(earlier.get("meta", {}), dict):
+        raise UsageError(f"--compare {path}: not a results file of pefttorch bench (meta is not an object)")
+    for suite, data in earlier["suites"].items():
+        if suite not in _ROW_KEYS:  # not a suite of this version: never compared
+            continue
+        rows = data.get("rows", []) if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise UsageError(f"--compare {path}: suite {suite!r} is not an object with a list of rows")
+        for row in rows:
+            if not (isinstance(row, dict) and all(_is_scalar(row.get(k, [])) for k in _ROW_KEYS[suite])
+                    and _is_number_or_none(_row_ms(suite, row))):
+                raise UsageError(f"--compare {path}: a {suite} row is not one of pefttorch bench's (each names "
+                                 f"{', '.join(_ROW_KEYS[suite])} and a time {_ROW_MS.get(suite, 'ms')}): {row}"[:300])
     return earlier
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _is_number_or_none(value) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _names(spec: str, known, what: str) -> list[str]:
@@ -450,15 +472,19 @@ def _run_adapter(args, inputs, device, dtype, quick, no_peft, console):
         "scale": adapter.SCALE}
 
 
+# what --compare matches rows by, per suite, and the time it compares
+_ROW_KEYS = {"lora": ("shape", "mode", "impl"), "adapter": ("shape", "mode", "impl"),
+             "sparse": ("shape", "tokens", "target_density", "impl"), "model": ("run",), "meft": ("run",),
+             "rank": ("run",)}
+_ROW_MS = {"model": "step_ms", "meft": "step_ms", "rank": "mean_ms"}  # the others': "ms"
+
+
 def _row_key(suite: str, row: dict) -> tuple:
-    if suite == "sparse":
-        return (row["shape"], row["tokens"], row["target_density"], row["impl"])
-    return (row["shape"], row["mode"], row["impl"]) if suite in ("lora", "adapter") else (row["run"],)
+    return tuple(row[k] for k in _ROW_KEYS[suite])
 
 
 def _row_ms(suite: str, row: dict):
-    return {"model": row.get("step_ms"), "meft": row.get("step_ms"), "rank": row.get("mean_ms")}.get(
-        suite, row.get("ms"))
+    return row.get(_ROW_MS.get(suite, "ms"))
 
 
 def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> None:
