@@ -269,6 +269,51 @@ def test_compare_reads_the_repositorys_own_results():
         assert cli._read_compare(path)["suites"]
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions make, kept instead of written."""
+    from pefttorch.bench import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    yield figures
+    import matplotlib.pyplot as plt
+
+    for fig in figures:
+        plt.close(fig)
+
+
+META = {"dtype": "float32", "device": "cpu", "device_type": "cpu", "torch": "2", "pefttorch": "0", "peft": None}
+
+
+def test_plots_without_their_reference_run_show_the_times(tmp_path, drawn, capsys):
+    """The model/meft plot drew every run at 0 without full fine-tuning; the lora plot was empty without base (the
+    JSON had the times)."""
+    from rich.console import Console
+
+    from pefttorch.bench import report
+
+    runs = [{"run": "meft1", "step_ms": 30.0, "ratio_to_full": None, "peak_gib": None, "ok": True, "note": ""},
+            {"run": "pefttorch", "step_ms": 20.0, "ratio_to_full": None, "peak_gib": None, "ok": True, "note": ""}]
+    report.plot_model(tmp_path / "m.png", META, runs)
+    ax = drawn[-1].axes[0]
+    assert [p.get_height() for p in ax.patches] == [30.0, 20.0] and ax.get_ylabel() == "step ms"
+    rows = [{"shape": "s", "mode": mode, "impl": impl, "ms": ms, "ratio_to_base": None, "ok": True,
+             "peak_mib": None} for mode in ("fwd", "fwd+bwd") for impl, ms in (("peft", 2.0), ("pefttorch", 1.0))]
+    report.plot(tmp_path / "l.png", META, rows, ["peft", "pefttorch"])
+    ax = drawn[-1].axes[0]
+    assert [p.get_height() for p in ax.patches] == [2.0, 1.0] and ax.get_ylabel() == "fwd: ms"
+    console = Console(width=200, record=True)
+    report.print_table(META, rows, ["peft", "pefttorch"], [], console)
+    report.print_model_table(META, "t", runs, [], console)
+    text = console.export_text()
+    assert "peft ms" in text and "(/base)" not in text and "/ full" not in text
+    # with the reference, the ratios as before
+    runs = [{**r, "ratio_to_full": r["step_ms"] / 40} for r in runs]
+    report.plot_model(tmp_path / "m.png", META, [{"run": "full", "step_ms": 40.0, "ratio_to_full": 1.0}, *runs])
+    assert [p.get_height() for p in drawn[-1].axes[0].patches] == [1.0, 0.75, 0.5]
+
+
 def test_compare_says_when_the_runs_differ_in_what_rows_do_not_name(tmp_path, capsys):
     """A bfloat16 run compared with a float32 file printed its rows' changes as if of the same thing."""
     args = ["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base"]

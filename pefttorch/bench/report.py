@@ -94,8 +94,9 @@ def print_table(meta: dict, rows: list[dict], impls: list[str], targets: list, c
                   title_justify="left")
     table.add_column("tokens x in->out, rank, dropout")
     table.add_column("pass")
+    relative = any(r.get("ratio_to_base") is not None for r in rows)  # without base: the times alone
     for impl in impls:
-        table.add_column(impl + (" ms" if impl == "base" else " (/base)"), justify="right")
+        table.add_column(impl + (" (/base)" if relative and impl != "base" else " ms"), justify="right")
     table.add_column("pefttorch speed-up vs peft", justify="right")
     table.add_column("peak MiB base/peft/ours", justify="right")
     table.add_column("ours Mtok/s", justify="right")
@@ -119,7 +120,8 @@ def print_table(meta: dict, rows: list[dict], impls: list[str], targets: list, c
 
 
 def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
-    """Ratio to the base layer per shape, one bar per implementation, forward and forward+backward."""
+    """Ratio to the base layer per shape, one bar per implementation, forward and forward+backward; the time itself
+    where the base layer was not run (the ratios' plot was empty)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +129,8 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     by = {(r["shape"], r["mode"], r["impl"]): r for r in rows}
+    relative = any(r.get("ratio_to_base") is not None for r in rows)
+    key = "ratio_to_base" if relative else "ms"
     shown = [i for i in impls if i != "base"]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(shapes) * len(shown) / 2), 8), sharex=True)
     width = 0.8 / max(1, len(shown))
@@ -135,17 +139,18 @@ def plot(path: Path, meta: dict, rows: list[dict], impls: list[str]) -> None:
             xs, ys, bad = [], [], []
             for s, shape in enumerate(shapes):
                 r = by.get((shape, mode, impl))
-                if r and r.get("ratio_to_base") is not None:
+                if r and r.get(key) is not None:
                     xs.append(s + (k - (len(shown) - 1) / 2) * width)
-                    ys.append(r["ratio_to_base"])
+                    ys.append(r[key])
                     bad.append(not r.get("ok", True))
             bars = ax.bar(xs, ys, width, label=impl)
             for bar, b in zip(bars, bad, strict=True):
                 if b:
                     bar.set_hatch("xx")
                     bar.set_edgecolor("red")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel(f"{mode}: time / base layer")
+        if relative:
+            ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{mode}: time / base layer" if relative else f"{mode}: ms")
         ax.grid(axis="y", alpha=0.3)
     if shown:  # --impls base alone: nothing but the base line to show
         axes[0].legend(ncol=len(shown), fontsize=8)
@@ -169,7 +174,8 @@ def print_model_table(meta: dict, title: str, rows: list[dict], targets: list, c
                ("/ peft", "ratio_to_peft", ".2f"), ("/ pefttorch", "ratio_to_lora", ".2f"),
                ("tokens/s", "tokens_per_s", ",.0f"), ("peak MiB", "peak_mib", ",.1f"), ("trainable", "trainable", ",d"),
                ("recon. error", "reconstruction_error", ".1e"), ("check", None, None)]
-    shown = [c for c in columns if not (c[1] == "ratio_to_peft" and "peft" not in runs
+    shown = [c for c in columns if not (c[1] == "ratio_to_full" and "full" not in runs
+                                        or c[1] == "ratio_to_peft" and "peft" not in runs
                                         or c[1] == "ratio_to_lora" and "pefttorch" not in runs
                                         or c[1] == "reconstruction_error" and all(r.get(c[1]) is None for r in rows))]
     for name, _, _ in shown:
@@ -194,7 +200,8 @@ def peak_label(meta: dict) -> str:
 
 
 def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
-    """Step time and peak memory of each run, relative to full fine-tuning; flagged runs hatched."""
+    """Step time relative to full fine-tuning (the time itself where full fine-tuning did not run: every bar was 0)
+    and peak memory of each run; flagged runs hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,9 +211,13 @@ def plot_model(path: Path, meta: dict, rows: list[dict], _impls=None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.4 * len(runs)), 4))
     names = [r["run"] for r in runs]
     colours = ["grey" if r["run"].startswith("full") else "C0" for r in runs]
-    bars = [axes[0].bar(names, [r["ratio_to_full"] or 0 for r in runs], color=colours)]
-    axes[0].axhline(1.0, color="black", linewidth=0.8)
-    axes[0].set_ylabel("step time / full fine-tuning")
+    if all(r.get("ratio_to_full") is not None for r in runs):
+        bars = [axes[0].bar(names, [r["ratio_to_full"] for r in runs], color=colours)]
+        axes[0].axhline(1.0, color="black", linewidth=0.8)
+        axes[0].set_ylabel("step time / full fine-tuning")
+    else:
+        bars = [axes[0].bar(names, [r["step_ms"] for r in runs], color=colours)]
+        axes[0].set_ylabel("step ms")
     if all(r.get("peak_gib") is not None for r in runs):
         bars.append(axes[1].bar(names, [r["peak_gib"] for r in runs],
                                 color=["grey" if r["run"].startswith("full") else "C1" for r in runs]))
