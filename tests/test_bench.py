@@ -324,6 +324,28 @@ def test_compare_says_when_the_runs_differ_in_what_rows_do_not_name(tmp_path, ca
     assert "the earlier run's dtype was float32, this one's bfloat16" in " ".join(out.split())
 
 
+def test_compare_with_older_cpu_results_says_no_difference():
+    """Older CPU results name the device "cpu", newer ones the CPU's model: the comparison said the rows compared
+    different things."""
+    import io
+
+    from rich.console import Console
+
+    from pefttorch.bench import cli
+
+    def notes(old_meta, now_meta):
+        console = Console(file=io.StringIO(), width=200)
+        cli.compare(console, {"meta": old_meta, "suites": {}}, {}, now_meta)
+        return console.file.getvalue().count("note:")
+
+    now = {"device": "Intel(R) Xeon(R) Processor", "device_type": "cpu", "dtype": "float32"}
+    assert notes({"device": "cpu", "device_type": "cpu", "dtype": "float32"}, now) == 0
+    assert notes({"device": "cpu", "dtype": "float32"}, now) == 0  # no device_type: "cpu" says it
+    assert notes({"device": "cpu", "device_type": "cpu", "dtype": "float32"},
+                 {"device": "NVIDIA H200", "device_type": "cuda", "dtype": "float32"}) == 1
+    assert notes({"device": "AMD EPYC", "device_type": "cpu", "dtype": "float32"}, now) == 1  # two CPUs named
+
+
 def test_the_commit_is_pefttorchs_own_checkouts_only(tmp_path, monkeypatch):
     """An installed copy inside another project's checkout (a venv in its tree) recorded that project's commit."""
     import subprocess

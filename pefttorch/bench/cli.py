@@ -487,6 +487,13 @@ def _row_ms(suite: str, row: dict):
     return row.get(_ROW_MS.get(suite, "ms"))
 
 
+def _differ(key: str, old: dict, now: dict) -> bool:
+    if key == "device" and "cpu" in (old.get(key), now.get(key)):
+        # older results named the CPU just "cpu", newer ones its model: then the kind of device is what can be said
+        return (old.get("device_type") or old.get(key)) != (now.get("device_type") or now.get(key))
+    return old.get(key) != now.get(key)
+
+
 def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> None:
     """The change of each row's time against an earlier run (same suite and row). Rows are matched by shape and
     implementation (or run); what they do not name (the device, the dtype, the training suites' model) is compared
@@ -494,7 +501,7 @@ def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> 
     meta = old.get("meta", {})
     console.print(f"change against commit {meta.get('commit')} of {meta.get('date')} on {meta.get('device')}:")
     for key in ("device", "dtype"):
-        if meta_now is not None and meta.get(key) != meta_now.get(key):
+        if meta_now is not None and _differ(key, meta, meta_now):
             console.print(f"[yellow]  note: the earlier run's {key} was {meta.get(key)}, this one's "
                           f"{meta_now.get(key)}: the rows below compare different things[/yellow]")
     for suite, data in results.items():
