@@ -112,6 +112,18 @@ def test_cli_refuses_bad_values_before_running(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["lora", "--impls", ","], "no implementations named in ','"),
+    (["lora", "--impls", ""], "no implementations named in ''"),
+    (["rank", "--runs", ","], "--runs ',' names no run"),
+])
+def test_cli_refuses_an_empty_list(tmp_path, capsys, argv, message):
+    """--impls "," ran nothing and exited 0, with an empty table, JSON and plot."""
+    err = usage_error(["bench", *argv, "--device", "cpu", "--shapes", "8x16x16r2", "--json", str(tmp_path / "r.json")],
+                      capsys)
+    assert message in err and not (tmp_path / "r.json").exists()
+
+
 def test_results_name_the_cpu():
     """platform.processor() is empty on Linux: CPU results said just "cpu"."""
     from pefttorch.bench import report

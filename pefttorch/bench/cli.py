@@ -243,8 +243,10 @@ def _is_number_or_none(value) -> bool:
 
 
 def _names(spec: str, known, what: str) -> list[str]:
-    """A comma-separated list of names, each one of `known`."""
+    """A comma-separated list of names, each one of `known`, at least one (none ran nothing, and exited 0)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"no {what} named in {spec!r}; known: {', '.join(known)}")
     unknown = set(names) - set(known)
     if unknown:
         raise UsageError(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
@@ -264,6 +266,8 @@ def _runs(args, suite: str) -> list[str] | None:
         return list(known)
     every = {s: _suite_runs(s) for s in ("model", "meft", "rank")}
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--runs {args.runs!r} names no run")
     unknown = [n for n in names if not any(n in runs for runs in every.values())]
     if unknown:
         raise UsageError(f"unknown runs {sorted(unknown)}; known: "
