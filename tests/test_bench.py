@@ -124,6 +124,14 @@ def test_cli_refuses_an_empty_list(tmp_path, capsys, argv, message):
     assert message in err and not (tmp_path / "r.json").exists()
 
 
+def test_rank_suite_refuses_a_target_increlora_starts_at(tmp_path, capsys):
+    """--r 1 is IncreLoRA's starting rank: no allocation event can happen, and the run was flagged after it was made."""
+    err = usage_error(["bench", "rank", "--device", "cpu", "--r", "1", "--quick", "--steps", "1", "--json",
+                       str(tmp_path / "r.json")], capsys)
+    assert "rank: --r 1 is IncreLoRA's starting rank" in err and "rank:" not in err.split("error:")[0]
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_results_name_the_cpu():
     """platform.processor() is empty on Linux: CPU results said just "cpu"."""
     from pefttorch.bench import report

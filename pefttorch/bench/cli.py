@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{RANK_STEPS_QUICK['cuda']}, {RANK_STEPS_QUICK['cpu']})")
     p.add_argument("--r", type=positive_int, default=None,
                    help="model, meft: LoRA rank (default 16); rank: the target rank, average per module at the end "
-                   "(default 8)")
+                   "(default 8; 2 or more for increlora, which starts at 1)")
     p.add_argument("--dropout", type=probability, default=0.0, help="model, meft: LoRA dropout (0: losses are "
                    "cross-checked), MEFT's adapter dropout; rank: the adapters' dropout")
     p.add_argument("--bottleneck", type=positive_int, default=model.MEFT_BOTTLENECK,
@@ -320,9 +320,18 @@ def _runs_inputs(suite: str):
     return inputs
 
 
+def _rank_inputs(args, device, quick):
+    inputs = _runs_inputs("rank")(args, device, quick)
+    if inputs is not None and "increlora" in inputs["runs"] and args.r == 1:
+        # it would run, and then be flagged for the allocation event that cannot happen
+        raise UsageError("rank: --r 1 is IncreLoRA's starting rank, so it has no rank to allocate; give --r 2 or "
+                         "more (or --runs without increlora)")
+    return inputs
+
+
 # per suite: its inputs from the arguments (None: --runs names none of its runs), all checked before any suite runs
-_INPUTS = {"lora": _lora_inputs, "sparse": _sparse_inputs, "adapter": _adapter_inputs,
-           **{suite: _runs_inputs(suite) for suite in ("model", "meft", "rank")}}
+_INPUTS = {"lora": _lora_inputs, "sparse": _sparse_inputs, "adapter": _adapter_inputs, "rank": _rank_inputs,
+           **{suite: _runs_inputs(suite) for suite in ("model", "meft")}}
 
 
 def _run_lora(args, inputs, device, dtype, quick, no_peft, console):
