@@ -411,6 +411,12 @@ def test_model_bench_cross_checks_the_lora_runs(tmp_path):
     assert runs["pefttorch"]["trainable"] == runs["peft"]["trainable"] < runs["full"]["trainable"]
 
 
+def test_step_time_median_is_the_middle_of_an_even_count():
+    """The model and rank suites' median was the upper one: of two steps, the slower, above their mean."""
+    assert model.median([1000.0, 3000.0]) == 2000.0
+    assert model.median([4.0, 1.0, 3.0, 2.0]) == 2.5 and model.median([3.0, 1.0, 2.0]) == 2.0
+
+
 def test_live_tensor_bytes_follows_storages_until_freed():
     from pefttorch.bench.timing import LiveTensorBytes
 
