@@ -91,6 +91,8 @@ def test_cli_rejects_unknown_suite_and_impl(capsys):
     (["bench", "lora", "--device", "gpu"], "not a device: 'gpu'"),
     (["bench", "lora", "--device", "cuda:99"], "cuda:99"),
     (["bench", "lora", "--device", "cpu", "--repeat", "0"], "--repeat: must be >= 1, got 0"),
+    (["bench", "sparse", "--device", "cpu", "--tokens", "a"], "sparse: --tokens 'a': expected comma-separated"),
+    (["bench", "sparse", "--device", "cpu", "--densities", "x"], "sparse: --densities 'x': expected comma-separated"),
     (["bench", "model", "--device", "cpu", "--steps", "-1"], "--steps: must be >= 1, got -1"),
     (["bench", "model", "--device", "cpu", "--steps", "0"], "--steps: must be >= 1, got 0"),  # was the default
     (["bench", "meft", "--device", "cpu", "--bottleneck", "0"], "--bottleneck: must be >= 1"),

@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=None, help="model, rank, meft: comma-separated runs to make (default: all of "
                    "the suite's; with several suites, each makes the ones named that are its own)")
     p.add_argument("--repeat", type=positive_int, default=None,
-                   help="lora, sparse, adapter: timed calls per measurement on GPU (default 50; sparse and "
-                   "adapter quick 20)")
+                   help="lora, sparse, adapter: timed calls per measurement on a GPU; on the CPU, where "
+                   "torch.utils.benchmark picks the call count, it sets the minimum time measured: REPEAT/100 s (at "
+                   "least 0.2 s) (default 50; sparse and adapter quick 20)")
     p.add_argument("--tokens", default=None,
                    help=f"sparse: comma-separated token counts (default {','.join(map(str, sparse.TOKENS))})")
     p.add_argument("--densities", default=None, help="sparse: comma-separated target densities in (0, 1] "
@@ -298,10 +299,13 @@ def _sparse_inputs(args, device, quick) -> dict:
     try:
         if args.tokens:
             tokens = tuple(int(t) for t in args.tokens.split(","))
+    except ValueError:  # int()'s own message named neither the option nor what it wants
+        raise UsageError(f"sparse: --tokens {args.tokens!r}: expected comma-separated integers") from None
+    try:
         if args.densities:
             densities = tuple(float(d) for d in args.densities.split(","))
-    except ValueError as err:
-        raise UsageError(f"sparse: {err}") from None
+    except ValueError:
+        raise UsageError(f"sparse: --densities {args.densities!r}: expected comma-separated numbers") from None
     if not all(0.0 < d <= 1.0 for d in densities) or not all(t > 0 for t in tokens):
         raise UsageError("sparse: densities must be in (0, 1] and token counts positive")
     return {"shapes": shapes, "tokens": tokens, "densities": densities}
