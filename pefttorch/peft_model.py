@@ -8,6 +8,7 @@ adapters move freely between pefttorch and ``peft``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -252,8 +253,14 @@ class PeftModel(Forwarding):
         self.density_loss = attach_density_loss(self, config.density_loss)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activates one adapter, or several whose updates add up; only active adapters train (none with
-        `inference_mode`, as in HF PEFT)."""
+        """Activates one adapter, or several whose updates add up; only active adapters train. As in HF PEFT, the
+        activated adapters train even if they were loaded for inference (``is_trainable=False``), and none does
+        with `inference_mode`."""
+        for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
+            config = self.peft_config.get(name)
+            previous = getattr(config, "inference_mode", None)
+            if previous is not None and previous != inference_mode:  # what the tuner reads to freeze an adapter
+                config.inference_mode = inference_mode
         self.base_model.set_adapter(adapter_name)
         if inference_mode:
             self.requires_grad_(False)
@@ -372,20 +379,28 @@ class PeftModel(Forwarding):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, autocast_adapter_dtype: bool = True,
-                        low_cpu_mem_usage: bool = False, torch_device: str | None = None) -> PeftModel:
+                        is_trainable: bool = False, config=None, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False, torch_device: str | None = None, **kwargs) -> PeftModel:
         """Loads an adapter saved by pefttorch or by HF PEFT (LoRA) into `model`.
 
-        `low_cpu_mem_usage` and `torch_device` are accepted for HF PEFT's signature and change nothing here: the
-        adapter is created on the model's device and the saved tensors are copied straight into it (so a model on
-        the meta device is refused: materialize it first).
+        HF PEFT's arguments are taken: `config` (a config to use instead of the saved one), ``subfolder=`` (the
+        adapter lies in ``model_id/subfolder``, as save_pretrained writes a non-default adapter), and the hub's
+        download options (``revision``, ``token``, ``cache_dir``...), which a local folder does not need.
+        `low_cpu_mem_usage` and `torch_device` change nothing here: the adapter is created on the model's device
+        and the saved tensors are copied straight into it (so a model on the meta device is refused: materialize
+        it first).
 
         With ``is_trainable=False`` (the default, as in HF PEFT) the adapter is frozen and the model put
         in eval mode. A missing file, keys that do not fit the model or an unsupported adapter type raise
         and leave `model` unchanged.
         """
         del low_cpu_mem_usage, torch_device
-        config = _load_config(model_id, is_trainable)
+        model_id = _adapter_folder(model_id, kwargs, "from_pretrained")
+        if config is None:
+            config = _load_config(model_id, is_trainable)
+        else:
+            config = copy.deepcopy(config)
+            config.inference_mode = not is_trainable
         loading = WEIGHTS_FOLLOW.set(True)
         try:
             peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
@@ -400,13 +415,26 @@ class PeftModel(Forwarding):
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Loads another saved adapter next to the existing ones (not made active)."""
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        """Loads another saved adapter next to the existing ones (not made active). Takes HF PEFT's arguments as
+        :meth:`from_pretrained` does (``subfolder=``; `torch_device` and `low_cpu_mem_usage` change nothing)."""
+        del torch_device, low_cpu_mem_usage
+        model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
         active = self.active_adapters
-        # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter left
-        # empty LoRA layers and modules_to_save wrappers, and the model frozen again)
-        self.base_model.inject_adapter(config, adapter_name, then=lambda: self._load_weights(model_id, adapter_name))
+        autocast = getattr(self.base_model, "autocast_adapter_dtype", None)
+        if autocast is not None:  # the tuner's setting, for this adapter only
+            self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter
+            # left empty LoRA layers and modules_to_save wrappers, and the model frozen again)
+            self.base_model.inject_adapter(config, adapter_name,
+                                           then=lambda: self._load_weights(model_id, adapter_name))
+        finally:
+            if autocast is not None:
+                self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
 
     def _load_weights(self, model_id, adapter_name: str) -> None:
@@ -490,6 +518,21 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
     return False
 
 
+# HF PEFT's from_pretrained/load_adapter pass these to the hub's download; a local folder needs none of them.
+_HUB_ARGUMENTS = ("revision", "token", "use_auth_token", "cache_dir", "force_download", "local_files_only",
+                  "proxies", "resume_download", "ephemeral_gpu_offload")
+
+
+def _adapter_folder(model_id, kwargs: dict, caller: str) -> Path:
+    """`model_id`, or its `subfolder` (HF PEFT's argument); other keyword arguments must be the hub's download
+    options (ignored: pefttorch loads local folders) or an error names them."""
+    subfolder = kwargs.pop("subfolder", None)
+    unknown = [k for k in kwargs if k not in _HUB_ARGUMENTS]
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    return Path(model_id) / subfolder if subfolder else Path(model_id)
+
+
 def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
     directory = Path(model_id)
     if not directory.is_dir():
@@ -517,7 +560,8 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> PeftModel:
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """Adds an adapter to `model` (as HF PEFT's get_peft_model does) and freezes everything else.
 
     With a LoraConfig, the layers `peft_config.target_modules` matches (nn.Linear, or GPT-2's Conv1D)
@@ -526,9 +570,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapt
     IncreLoraConfig or AdaLoraConfig gives them a rank that changes during training (see
     :class:`IncreLoraConfig`). With a MeftConfig, the layer stack becomes reversible, with adapters (see
     :class:`MeftConfig`). `low_cpu_mem_usage` is accepted for HF PEFT's signature: adapters are small and
-    created on the model's device either way.
+    created on the model's device either way. `revision` (of the base model) is recorded in the config where it
+    has the field, as HF PEFT does; ``mixed=True`` (HF PEFT's PeftMixedModel) is not supported.
     """
     del low_cpu_mem_usage
+    if mixed:
+        raise ValueError("get_peft_model(mixed=True): pefttorch has no mixed model of several adapter types")
+    if revision is not None and hasattr(peft_config, "revision"):
+        peft_config.revision = revision
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 

@@ -4,6 +4,7 @@ merging, generation, gradient checkpointing; on tiny Llama, BERT, T5, GPT-2 (Con
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -581,6 +582,52 @@ def test_default_targets_per_model_type():
     model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig())
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert names == {"q_proj", "v_proj"}
+    # HF PEFT's choice wherever both have one (Qwen3, OPT, Gemma2... had none here: a ported script stopped)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
+
+    from pefttorch.tuners.lora.config import DEFAULT_TARGET_MODULES as ours
+    assert {"qwen3", "opt", "gemma2", "falcon", "phi"} <= set(ours)
+    for model_type in set(ours) & set(theirs):
+        assert ours[model_type] == theirs[model_type], model_type
+
+
+def test_hf_peft_code_runs_unchanged(tmp_path):
+    """HF PEFT's spelled-out defaults (use_dora=False...), keyword arguments (subfolder=, config=, revision=...)
+    and set_adapter semantics: each once raised, or (set_adapter) left a loaded adapter frozen, so a ported
+    training script trained nothing."""
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=False,
+                        lora_bias=False, layer_replication=None, target_parameters=None, ensure_weight_tying=False)
+    with pytest.raises(ValueError, match="use_dora=True is a feature of HF PEFT's LoraConfig"):
+        LoraConfig(use_dora=True)
+    model = get_peft_model(fresh(family), config, revision="main")
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.set_adapter("second")
+    want = logits(model, inp)
+    model.save_pretrained(tmp_path)  # the second adapter in tmp_path/second
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["revision"] == "main"
+
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path, subfolder="second", revision="main", token=None)
+    torch.testing.assert_close(logits(loaded, inp), want)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+    loaded.load_adapter(tmp_path, "first", low_cpu_mem_usage=True, torch_device="cpu", autocast_adapter_dtype=False)
+    loaded.load_adapter(tmp_path, "again", subfolder="second")
+    for name in ("first", "default", "again"):  # as HF PEFT: the activated adapter trains
+        loaded.set_adapter(name)
+        trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+        assert trainable and all(f".{name}." in n for n in trainable), (name, trainable)
+    loaded.set_adapter("first", inference_mode=True)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    given = LoraConfig(r=2, target_modules=["v_proj"])
+    again = PeftModel.from_pretrained(fresh(family), tmp_path / "second", config=given, is_trainable=True)
+    torch.testing.assert_close(logits(again, inp), want)
+    assert not given.inference_mode and any(p.requires_grad for p in again.parameters())
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'subfoldr'"):
+        PeftModel.from_pretrained(fresh(family), tmp_path, subfoldr="second")
+    with pytest.raises(ValueError, match="mixed"):
+        get_peft_model(fresh(family), LoraConfig(r=2), mixed=True)
 
 
 def test_bias_options_and_modules_to_save(tmp_path):

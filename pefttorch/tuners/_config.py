@@ -16,12 +16,20 @@ CONFIG_NAME = "adapter_config.json"
 
 def reject_unknown_fields(cls):
     """Class decorator for a config dataclass: a misspelt field is an error that names it, suggests the
-    closest field and lists them all (instead of dataclass's bare "unexpected keyword argument")."""
+    closest field and lists them all (instead of dataclass's bare "unexpected keyword argument"). Fields of HF
+    PEFT's config that pefttorch lacks (the class's ``FOREIGN_FIELDS``: name -> default) are accepted at their
+    default, which HF PEFT code often spells out (``use_dora=False``), and refused in words otherwise."""
     init = cls.__init__
     names = [f.name for f in fields(cls) if f.init]
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
+        foreign = getattr(type(self), "FOREIGN_FIELDS", {})
+        for k in [k for k in kwargs if k not in names and k in foreign]:
+            value = kwargs.pop(k)
+            if value not in (foreign[k], None, False, {}, []):
+                raise ValueError(f"{cls.__name__}: {k}={value!r} is a feature of HF PEFT's {cls.__name__} that "
+                                 "pefttorch does not implement")
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             hints = []

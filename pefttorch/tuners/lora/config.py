@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .._config import (
     CONFIG_NAME,
@@ -18,19 +18,19 @@ from .._config import (
 )
 
 # Target modules when the config gives none, per model_type (the attention projections PEFT users know).
+# HF PEFT's choice for every type both know (tested); Marian and mBART have none in HF PEFT, BART's here.
+_Q_V = ["q_proj", "v_proj"]
 DEFAULT_TARGET_MODULES = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "gpt2": ["c_attn"],
-    "marian": ["q_proj", "v_proj"],
-    "mbart": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj",
+                     "gpt_neo", "stablelm", "marian", "mbart", "bart"), _Q_V),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ["query", "value"]),
+    **dict.fromkeys(("t5", "mt5"), ["q", "v"]),
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), ["c_attn"]),
+    **dict.fromkeys(("bloom", "gpt_neox", "falcon"), ["query_key_value"]),
+    "deberta-v2": ["query_proj", "value_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
 }
 # As in HF PEFT: for sequence classification the new head is trained in full and saved with the adapter.
 TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"]}
@@ -102,6 +102,8 @@ class LoraConfig:
     density_loss: Any = None  # DensityLossConfig | dict | None
 
     peft_type = "LORA"
+    # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
+    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS)}
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
