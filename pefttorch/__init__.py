@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 # `ops` loads pefttorch._C (the op schemas and kernels) and registers fake kernels and autograd; every
 # module that calls an op imports it.
-from . import functional, nn, ops, optim, reference
+from . import _extension, functional, nn, ops, optim, reference
 from .integrations.norms import fuse_norms, unfuse_norms
 from .integrations.peft import AccelerateReport, accelerate, deaccelerate
 from .integrations.rotary import fuse_rotary, unfuse_rotary
@@ -39,10 +41,7 @@ def build_info() -> dict:
     empty without CUDA), ``ops`` (the registered op names) and ``devices`` (the backends with kernels).
     """
     c = ops._C
-    names = ["lora_linear_forward", "lora_linear_backward", "density_loss", "density_loss_backward", "sparse_mlp",
-             "reversible_coupling", "reversible_coupling_backward", "rank_importance",
-             "bottleneck_adapter_forward", "bottleneck_adapter_backward", "component_adamw_", "ranked_lora_factors",
-             "ranked_lora_factors_backward", "rotary_embedding"]
+    names = list(_extension.OPS)
     devices = [
         key.lower()
         for key in ("CPU", "CUDA")
@@ -53,7 +52,7 @@ def build_info() -> dict:
         "torch_version": c.TORCH_VERSION,
         "cuda": bool(c.WITH_CUDA),
         "cuda_version": c.CUDA_VERSION or None,
-        "cuda_archs": [a for a in c.CUDA_ARCHS.split(";") if a],
+        "cuda_archs": [a for a in re.split(r"[;\s]+", c.CUDA_ARCHS) if a],  # torch takes ";" or spaces
         "ops": names,
         "devices": devices,
     }

@@ -46,15 +46,25 @@ def info(_args: argparse.Namespace | None = None) -> int:
     if gpus and b["cuda"]:
         for i in range(gpus):
             major, minor = torch.cuda.get_device_capability(i)
-            archs = {a.split("+")[0] for a in b["cuda_archs"]}
-            ptx = [a for a in b["cuda_archs"] if a.endswith("+PTX")]
-            same_major = any(a.split(".")[0] == str(major) for a in archs)
-            if f"{major}.{minor}" not in archs and f"{major}.{minor}a" not in archs and not same_major and not ptx:
+            if not runs_on(b["cuda_archs"], major, minor):
                 warnings.append(f"cuda:{i} is sm_{major}{minor}, which the build does not target "
                                 f"({';'.join(b['cuda_archs'])}): set TORCH_CUDA_ARCH_LIST and rebuild")
     for w in warnings:
         print(f"warning: {w}")
     return 0
+
+
+def runs_on(archs: list[str], major: int, minor: int) -> bool:
+    """Whether a build for `archs` (TORCH_CUDA_ARCH_LIST entries: "8.6", "9.0a", "8.0+PTX") has code a GPU of
+    compute capability major.minor runs: machine code for X.Y runs on X.y with y >= Y (an "a" target, using
+    that GPU's own instructions, on X.Y alone), and PTX for X.Y is compiled by the driver for any GPU >= X.Y."""
+    for arch in archs:
+        number, ptx = arch.removesuffix("+PTX"), arch.endswith("+PTX")
+        specific = number.endswith("a")  # ("f", family code, runs as plain machine code does)
+        x, y = (int(v) for v in number.rstrip("af").split("."))
+        if (ptx and (major, minor) >= (x, y)) or (x == major and (minor == y if specific else minor >= y)):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,7 +286,8 @@ def test_compare_reads_the_repositorys_own_results():
     from pefttorch.bench import cli
 
     files = sorted((Path(__file__).parents[1] / "bench" / "results").glob("*.json"))
-    assert files
+    if not files:  # the source distribution leaves the results out
+        pytest.skip("no bench/results here")
     for path in files:
         assert cli._read_compare(path)["suites"]
 

@@ -52,6 +52,41 @@ def test_load_error_messages():
     msg = e(ImportError("libc10.so: cannot open shared object file: No such file or directory"))
     assert "different torch" in msg
     assert "failed to load" in e(ImportError("something else"))
+    assert "--no-deps" in msg  # --force-reinstall alone reinstalls torch too
+
+
+def test_not_built_says_where_it_looked_and_why(tmp_path):
+    """The message named no directory and always said "not built": also for a _C built for another Python, and for
+    an unbuilt source tree that, run from its root, hides an installed copy."""
+    package = tmp_path / "src" / "pefttorch"
+    package.mkdir(parents=True)
+    assert str(package) in _extension._not_built(package) and "not built" in _extension._not_built(package)
+    (tmp_path / "src" / "setup.py").write_text("")
+    assert "source tree that was not built" in _extension._not_built(package)
+    (package / "_C.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")
+    assert "_C.cpython-399-x86_64-linux-gnu.so, built for another Python" in _extension._not_built(package)
+
+
+def test_a_stale_extension_lacking_an_op_is_named(monkeypatch):
+    """A _C built from older sources (an in-place build not redone) failed inside torch.library with "operator
+    pefttorch::... does not exist"; load() names the missing ops and the rebuild."""
+    import pytest
+
+    assert _extension.load() is pefttorch.ops._C  # the list matches what this build registers
+    monkeypatch.setattr(_extension, "OPS", (*_extension.OPS, "an_op_from_newer_sources"))
+    with pytest.raises(ImportError, match="older than pefttorch's Python sources: it lacks the op.s. "
+                                          "an_op_from_newer_sources"):
+        _extension.load()
+
+
+def test_info_knows_which_gpus_a_build_runs_on():
+    from pefttorch.cli import runs_on
+
+    default = ["8.0+PTX", "9.0a"]
+    assert runs_on(default, 8, 0) and runs_on(default, 8, 6) and runs_on(default, 9, 0) and runs_on(default, 12, 0)
+    assert not runs_on(default, 7, 5)  # PTX for 8.0 cannot be compiled for an older GPU
+    assert not runs_on(["8.6"], 8, 0) and runs_on(["8.6"], 8, 9) and not runs_on(["8.6"], 9, 0)
+    assert not runs_on(["9.0a"], 10, 0) and runs_on(["10.0f"], 10, 3)
 
 
 def test_the_source_distribution_carries_what_the_build_needs(tmp_path):
