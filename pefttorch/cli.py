@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 
 import torch
@@ -59,10 +60,17 @@ def runs_on(archs: list[str], major: int, minor: int) -> bool:
     compute capability major.minor runs: machine code for X.Y runs on X.y with y >= Y (an "a" target, using
     that GPU's own instructions, on X.Y alone), and PTX for X.Y is compiled by the driver for any GPU >= X.Y."""
     for arch in archs:
-        number, ptx = arch.removesuffix("+PTX"), arch.endswith("+PTX")
-        specific = number.endswith("a")  # ("f", family code, runs as plain machine code does)
-        x, y = (int(v) for v in number.rstrip("af").split("."))
-        if (ptx and (major, minor) >= (x, y)) or (x == major and (minor == y if specific else minor >= y)):
+        parsed = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", arch.strip())
+        if parsed is None:  # a name torch expands ("Hopper", "native"): no telling, so no warning
+            return True
+        x, y, kind, ptx = int(parsed[1]), int(parsed[2]), parsed[3], bool(parsed[4])
+        if kind == "a":  # the GPU's own instructions, in machine code and PTX alike: that GPU alone
+            fits = (x, y) == (major, minor)
+        elif ptx and not kind:
+            fits = (major, minor) >= (x, y)
+        else:  # machine code, or family ("f") code
+            fits = x == major and minor >= y
+        if fits:
             return True
     return False
 

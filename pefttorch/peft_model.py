@@ -253,16 +253,15 @@ class PeftModel(Forwarding):
         self.density_loss = attach_density_loss(self, config.density_loss)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activates one adapter, or several whose updates add up; only active adapters train. As in HF PEFT, the
-        activated adapters train even if they were loaded for inference (``is_trainable=False``), and none does
-        with `inference_mode`."""
-        for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
-            config = self.peft_config.get(name)
-            previous = getattr(config, "inference_mode", None)
-            if previous is not None and previous != inference_mode:  # what the tuner reads to freeze an adapter
-                config.inference_mode = inference_mode
-        self.base_model.set_adapter(adapter_name)
-        if inference_mode:
+        """Activates one adapter, or several whose updates add up; only active adapters train. For the LoRA family,
+        as in HF PEFT, the activated adapters train even if they were loaded for inference (``is_trainable=False``),
+        and with `inference_mode` they are frozen (they alone). The methods that hold one adapter set leave it as
+        it is, and `inference_mode` freezes the whole model."""
+        self.base_model.set_adapter(adapter_name)  # checks the names before anything changes
+        set_trainable = getattr(self.base_model, "set_trainable", None)
+        if set_trainable is not None:
+            set_trainable([adapter_name] if isinstance(adapter_name, str) else list(adapter_name), not inference_mode)
+        elif inference_mode:
             self.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -520,13 +519,18 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
 
 # HF PEFT's from_pretrained/load_adapter pass these to the hub's download; a local folder needs none of them.
 _HUB_ARGUMENTS = ("revision", "token", "use_auth_token", "cache_dir", "force_download", "local_files_only",
-                  "proxies", "resume_download", "ephemeral_gpu_offload")
+                  "proxies", "resume_download", "ephemeral_gpu_offload", "use_safetensors")
 
 
 def _adapter_folder(model_id, kwargs: dict, caller: str) -> Path:
     """`model_id`, or its `subfolder` (HF PEFT's argument); other keyword arguments must be the hub's download
-    options (ignored: pefttorch loads local folders) or an error names them."""
+    options (ignored: pefttorch loads local folders), or HF PEFT's loading options at their defaults, or an error
+    names them."""
     subfolder = kwargs.pop("subfolder", None)
+    for key, default in (("key_mapping", None), ("ignore_mismatched_sizes", False)):
+        value = kwargs.pop(key, default)
+        if value is not default and value != default:
+            raise ValueError(f"{caller}({key}={value!r}): pefttorch loads the saved keys and shapes as they are")
     unknown = [k for k in kwargs if k not in _HUB_ARGUMENTS]
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")

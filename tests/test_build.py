@@ -86,7 +86,8 @@ def test_info_knows_which_gpus_a_build_runs_on():
     assert runs_on(default, 8, 0) and runs_on(default, 8, 6) and runs_on(default, 9, 0) and runs_on(default, 12, 0)
     assert not runs_on(default, 7, 5)  # PTX for 8.0 cannot be compiled for an older GPU
     assert not runs_on(["8.6"], 8, 0) and runs_on(["8.6"], 8, 9) and not runs_on(["8.6"], 9, 0)
-    assert not runs_on(["9.0a"], 10, 0) and runs_on(["10.0f"], 10, 3)
+    assert not runs_on(["9.0a"], 10, 0) and runs_on(["10.0f"], 10, 3) and not runs_on(["9.0a+PTX"], 10, 0)
+    assert runs_on(["Hopper"], 9, 0) and runs_on(["native"], 8, 0)  # names torch expands: no telling, no warning
 
 
 def test_the_source_distribution_carries_what_the_build_needs(tmp_path):

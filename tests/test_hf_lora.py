@@ -599,8 +599,13 @@ def test_hf_peft_code_runs_unchanged(tmp_path):
     inp = inputs_of(family)
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=False,
                         lora_bias=False, layer_replication=None, target_parameters=None, ensure_weight_tying=False)
-    with pytest.raises(ValueError, match="use_dora=True is a feature of HF PEFT's LoraConfig"):
+    with pytest.raises(ValueError, match="use_dora=True is an HF PEFT feature"):
         LoraConfig(use_dora=True)
+    with pytest.raises(ValueError, match="trainable_token_indices=.* is an HF PEFT feature"):
+        LoraConfig(trainable_token_indices=torch.tensor([1, 2]))
+    # fields that change nothing pefttorch computes, at HF PEFT's own defaults (not None)
+    hf = peft.LoraConfig()
+    LoraConfig(qalora_group_size=hf.qalora_group_size, megatron_core=hf.megatron_core, runtime_config=hf.runtime_config)
     model = get_peft_model(fresh(family), config, revision="main")
     model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
     model.set_adapter("second")
@@ -619,6 +624,19 @@ def test_hf_peft_code_runs_unchanged(tmp_path):
         assert trainable and all(f".{name}." in n for n in trainable), (name, trainable)
     loaded.set_adapter("first", inference_mode=True)
     assert not any(p.requires_grad for p in loaded.parameters())
+    # the switch is the model's: the adapters' configs (maybe the user's own objects) are left alone, a failed
+    # call changes nothing, a later add_adapter keeps it, and inference_mode freezes the adapter alone
+    assert all(c.inference_mode for c in loaded.peft_config.values())
+    loaded.set_adapter("again")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        loaded.set_adapter(["again", "typo"], inference_mode=True)
+    loaded.add_adapter("fresh", config)
+    assert {n.split(".")[-2] for n, p in loaded.named_parameters() if p.requires_grad} == {"again"}
+    embedding = loaded.get_input_embeddings().weight.requires_grad_(True)  # unfrozen by the user
+    loaded.set_adapter("again", inference_mode=True)
+    assert embedding.requires_grad and not config.inference_mode
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        "base_model.model.model.embed_tokens.weight"]
 
     given = LoraConfig(r=2, target_modules=["v_proj"])
     again = PeftModel.from_pretrained(fresh(family), tmp_path / "second", config=given, is_trainable=True)
@@ -626,6 +644,10 @@ def test_hf_peft_code_runs_unchanged(tmp_path):
     assert not given.inference_mode and any(p.requires_grad for p in again.parameters())
     with pytest.raises(TypeError, match="unexpected keyword argument.*'subfoldr'"):
         PeftModel.from_pretrained(fresh(family), tmp_path, subfoldr="second")
+    PeftModel.from_pretrained(fresh(family), tmp_path, key_mapping=None, ignore_mismatched_sizes=False,
+                              use_safetensors=True)
+    with pytest.raises(ValueError, match="key_mapping"):
+        PeftModel.from_pretrained(fresh(family), tmp_path, key_mapping={"a": "b"})
     with pytest.raises(ValueError, match="mixed"):
         get_peft_model(fresh(family), LoraConfig(r=2), mixed=True)
 

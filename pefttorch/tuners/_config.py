@@ -14,6 +14,17 @@ from typing import Any, ClassVar
 CONFIG_NAME = "adapter_config.json"
 
 
+# A FOREIGN_FIELDS default meaning "any value": a field that does not change what the adapter computes
+ANY_VALUE = object()
+
+
+def _is_default(value, default) -> bool:
+    try:
+        return bool(value is default or value in (default, None, False, {}, []))
+    except (TypeError, RuntimeError, ValueError):  # an array or tensor: its truth value is ambiguous
+        return False
+
+
 def reject_unknown_fields(cls):
     """Class decorator for a config dataclass: a misspelt field is an error that names it, suggests the
     closest field and lists them all (instead of dataclass's bare "unexpected keyword argument"). Fields of HF
@@ -27,9 +38,9 @@ def reject_unknown_fields(cls):
         foreign = getattr(type(self), "FOREIGN_FIELDS", {})
         for k in [k for k in kwargs if k not in names and k in foreign]:
             value = kwargs.pop(k)
-            if value not in (foreign[k], None, False, {}, []):
-                raise ValueError(f"{cls.__name__}: {k}={value!r} is a feature of HF PEFT's {cls.__name__} that "
-                                 "pefttorch does not implement")
+            if foreign[k] is not ANY_VALUE and not _is_default(value, foreign[k]):
+                raise ValueError(f"{cls.__name__}: {k}={value!r} is an HF PEFT feature that pefttorch does not "
+                                 "implement")
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             hints = []

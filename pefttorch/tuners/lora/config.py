@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._config import (
+    ANY_VALUE,
     CONFIG_NAME,
     module_names,
     normalize_common,
@@ -103,7 +104,7 @@ class LoraConfig:
 
     peft_type = "LORA"
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
-    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS)}
+    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS, ANY_VALUE)}
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
