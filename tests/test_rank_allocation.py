@@ -1179,6 +1179,23 @@ def test_orth_regularization_is_added_to_the_loss_in_training():
     torch.testing.assert_close(with_term, plain + 0.3 * reg, rtol=1e-5, atol=1e-6)
 
 
+def test_orth_regularization_with_no_loss_to_join_warns_once():
+    """Without labels (the HF Trainer's label smoothing or compute_loss_func computes the loss itself from the
+    logits) the term had nowhere to go and training went on without it, silently (the density loss warns)."""
+    model = get_peft_model(FAMILIES["llama"].build(), incre(target_modules=["q_proj", "v_proj"], top_h=1,
+                                                             orth_reg_weight=0.3))
+    ids = torch.randint(3, 90, (2, 6))
+    model.train()
+    with pytest.warns(UserWarning, match=r"add orth_reg_weight \* model.orth_regularization\(\) to your loss"):
+        model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)  # once
+        model(input_ids=ids, labels=ids)
+        model.eval()
+        model(input_ids=ids)
+
+
 def test_orth_regularization_counts_once_per_accumulated_batch():
     """With the HF Trainer's num_items_in_batch each micro-batch's loss is a share of the batch's, summed, not
     averaged: the term was added whole to every micro-batch, so accumulating over k steps weighed it k times."""

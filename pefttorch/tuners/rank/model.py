@@ -274,7 +274,17 @@ class _OrthRegHook:
         owner = self.owner
         weight = owner.peft_config[owner.active_adapters[0]].orth_reg_weight
         loss = output.get("loss") if isinstance(output, dict) else None
-        if not module.training or weight == 0 or loss is None or not torch.is_grad_enabled():
+        if not module.training or weight == 0 or not torch.is_grad_enabled():
+            return None
+        if loss is None:
+            if isinstance(output, dict) and not getattr(self, "warned", False):  # (a plain module: its user's loss)
+                # the HF Trainer computes the loss itself under label_smoothing_factor or compute_loss_func: the term
+                # had nothing to join, and training would go on without it without a word
+                self.warned = True
+                warnings.warn("orth_reg_weight > 0 but the model's output has no loss to add the orthogonality term "
+                              "to (the HF Trainer computes the loss itself with label_smoothing_factor or "
+                              "compute_loss_func): add orth_reg_weight * model.orth_regularization() to your loss",
+                              UserWarning, stacklevel=2)
             return None
         if any(layer.disable_adapters for _, layer in owner.allocator.layers):
             return None
