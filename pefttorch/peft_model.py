@@ -196,8 +196,9 @@ class PeftModel(Forwarding):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        idle = self.base_model.idle_parameters() if hasattr(self.base_model, "idle_parameters") else 0
-        return trainable - idle, total - idle
+        ranked = isinstance(self.base_model, RankedLoraModel)
+        idle = self.base_model.idle_parameters() if ranked else 0
+        return trainable - (self.base_model.idle_parameters(trainable_only=True) if ranked else 0), total - idle
 
     def update_and_allocate(self, global_step: int, loss_scale: float | torch.Tensor | None = None):
         """IncreLoRA's and AdaLoRA's rank allocation step; with torch.amp.GradScaler, pass `loss_scale` (see
@@ -257,10 +258,12 @@ class PeftModel(Forwarding):
         as in HF PEFT, the activated adapters train even if they were loaded for inference (``is_trainable=False``),
         and with `inference_mode` they are frozen (they alone). The methods that hold one adapter set leave it as
         it is, and `inference_mode` freezes the whole model."""
-        self.base_model.set_adapter(adapter_name)  # checks the names before anything changes
-        set_trainable = getattr(self.base_model, "set_trainable", None)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)  # (an iterator, once)
+        self.base_model.set_adapter(names)  # checks the names before anything changes
+        # looked up on the class: a tuner forwards missing attributes to the user's model, which may have one
+        set_trainable = getattr(type(self.base_model), "set_trainable", None)
         if set_trainable is not None:
-            set_trainable([adapter_name] if isinstance(adapter_name, str) else list(adapter_name), not inference_mode)
+            set_trainable(self.base_model, names, not inference_mode)
         elif inference_mode:
             self.requires_grad_(False)
 
@@ -527,9 +530,9 @@ def _adapter_folder(model_id, kwargs: dict, caller: str) -> Path:
     options (ignored: pefttorch loads local folders), or HF PEFT's loading options at their defaults, or an error
     names them."""
     subfolder = kwargs.pop("subfolder", None)
-    for key, default in (("key_mapping", None), ("ignore_mismatched_sizes", False)):
-        value = kwargs.pop(key, default)
-        if value is not default and value != default:
+    for key in ("key_mapping", "ignore_mismatched_sizes"):  # at their defaults (None or {}, False) they do nothing
+        value = kwargs.pop(key, None)
+        if value is not None and value is not False and not (isinstance(value, dict) and not value):
             raise ValueError(f"{caller}({key}={value!r}): pefttorch loads the saved keys and shapes as they are")
     unknown = [k for k in kwargs if k not in _HUB_ARGUMENTS]
     if unknown:

@@ -578,6 +578,24 @@ def test_target_selection_options():
         "model.layers.0.self_attn.q_proj"].scaling["default"] == 4.0
 
 
+def test_set_adapter_does_not_reach_into_the_users_model():
+    """A tuner forwards missing attributes to the wrapped model: set_adapter's switch was looked up there (a model's
+    own set_trainable was called, its `_trainable` attribute read and written). And adapter names given as an
+    iterator were consumed by the first use, so inference_mode froze nothing."""
+    family = FAMILIES["llama"]
+    base = fresh(family)
+    calls = []
+    base.set_trainable = lambda *args: calls.append(args)
+    base._trainable = True
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["v_proj"]))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter(iter(["default", "b"]), inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_adapter(["default", "b"])
+    assert sum(p.requires_grad for p in model.parameters()) == 8
+    assert calls == [] and base._trainable is True
+
+
 def test_default_targets_per_model_type():
     model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig())
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -644,8 +662,10 @@ def test_hf_peft_code_runs_unchanged(tmp_path):
     assert not given.inference_mode and any(p.requires_grad for p in again.parameters())
     with pytest.raises(TypeError, match="unexpected keyword argument.*'subfoldr'"):
         PeftModel.from_pretrained(fresh(family), tmp_path, subfoldr="second")
-    PeftModel.from_pretrained(fresh(family), tmp_path, key_mapping=None, ignore_mismatched_sizes=False,
+    PeftModel.from_pretrained(fresh(family), tmp_path, key_mapping={}, ignore_mismatched_sizes=False,
                               use_safetensors=True)
+    with pytest.raises(ValueError, match="ensure_weight_tying=True is an HF PEFT feature"):
+        LoraConfig(ensure_weight_tying=True)  # HF PEFT ties a trained embedding copy to lm_head: not ignorable
     with pytest.raises(ValueError, match="key_mapping"):
         PeftModel.from_pretrained(fresh(family), tmp_path, key_mapping={"a": "b"})
     with pytest.raises(ValueError, match="mixed"):

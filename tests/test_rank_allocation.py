@@ -1194,6 +1194,14 @@ def test_orth_regularization_with_no_loss_to_join_warns_once():
         model(input_ids=ids, labels=ids)
         model.eval()
         model(input_ids=ids)
+    fresh = get_peft_model(FAMILIES["llama"].build(), incre(target_modules=["q_proj", "v_proj"], top_h=1,
+                                                             orth_reg_weight=0.3)).train()
+    with warnings.catch_warnings(), fresh.disable_adapter():  # no term to add there: nothing to warn of
+        warnings.simplefilter("error")
+        fresh(input_ids=ids)
+    # and a frozen ranked model counts no trainable parameter (its spare capacity was subtracted: negative)
+    fresh.set_adapter("default", inference_mode=True)
+    assert fresh.get_nb_trainable_parameters()[0] == 0
 
 
 def test_orth_regularization_counts_once_per_accumulated_batch():

@@ -104,7 +104,9 @@ class LoraConfig:
 
     peft_type = "LORA"
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
-    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS, ANY_VALUE)}
+    # (ensure_weight_tying=True ties a trained embedding copy to lm_head in HF PEFT: not ignored when training)
+    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS, ANY_VALUE),
+                                      "ensure_weight_tying": False}
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:

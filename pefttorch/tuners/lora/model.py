@@ -292,7 +292,8 @@ class LoraModel(Forwarding):
         for name in self.peft_config:
             for p in self._owned_parameters(name):
                 p.requires_grad_(False)
-        trainable = getattr(self, "_trainable", {})  # (absent from a model pickled before it existed)
+        # (read from __dict__: a tuner forwards missing attributes to the user's model; absent from old pickles)
+        trainable = self.__dict__.get("_trainable", {})
         for name in self.active_adapters:
             if trainable.get(name, not self.peft_config[name].inference_mode):
                 for p in self._owned_parameters(name):
@@ -302,9 +303,7 @@ class LoraModel(Forwarding):
         """Whether these adapters train when active, whatever their config says (PeftModel.set_adapter: HF PEFT's
         activated adapter trains, also one loaded for inference); kept here, not in the configs, which may be
         the user's own objects."""
-        if not hasattr(self, "_trainable"):
-            self._trainable = {}
-        self._trainable.update(dict.fromkeys(names, trainable))
+        self.__dict__.setdefault("_trainable", {}).update(dict.fromkeys(names, trainable))
         self._mark_trainable()
 
     def _owned_parameters(self, name: str):
@@ -329,7 +328,7 @@ class LoraModel(Forwarding):
             raise ValueError(f"{name!r} is the only adapter: a model needs one (unload() returns the base model)")
         for p in self._owned_parameters(name):  # its biases stay in the model: set_adapter below marks what trains
             p.requires_grad_(False)
-        getattr(self, "_trainable", {}).pop(name, None)  # a new adapter of this name follows its own config
+        self.__dict__.get("_trainable", {}).pop(name, None)  # a new adapter of this name follows its own config
         for _, layer in self.lora_layers():
             layer.delete_adapter(name)
         for _, wrapper in self.save_wrappers():

@@ -139,14 +139,16 @@ class RankedLoraModel(LoraModel):
         name = self.active_adapters[0]
         return {path: layer.lora_components[name].rank for path, layer in self.lora_layers()}
 
-    def idle_parameters(self) -> int:
-        """Entries of the factors' storage that do not train now (spare capacity, and reserve e)."""
+    def idle_parameters(self, trainable_only: bool = False) -> int:
+        """Entries of the factors' storage that do not train now (spare capacity, and reserve e); with
+        `trainable_only`, of the storage that requires grad (a frozen adapter's is not counted as trainable)."""
         name = self.active_adapters[0]
         idle = 0
         for _, layer in self.lora_layers():
             c = layer.lora_components[name]
             for kind, p in zip(("A", "E", "B_t"), layer.factors(name), strict=True):
-                idle += (c.capacity - c.trainable(kind)) * p.shape[1]
+                if p.requires_grad or not trainable_only:
+                    idle += (c.capacity - c.trainable(kind)) * p.shape[1]
         return idle
 
     def orth_regularization(self) -> torch.Tensor:
@@ -276,6 +278,8 @@ class _OrthRegHook:
         loss = output.get("loss") if isinstance(output, dict) else None
         if not module.training or weight == 0 or not torch.is_grad_enabled():
             return None
+        if any(layer.disable_adapters for _, layer in owner.allocator.layers):
+            return None
         if loss is None:
             if isinstance(output, dict) and not getattr(self, "warned", False):  # (a plain module: its user's loss)
                 # the HF Trainer computes the loss itself under label_smoothing_factor or compute_loss_func: the term
@@ -283,10 +287,8 @@ class _OrthRegHook:
                 self.warned = True
                 warnings.warn("orth_reg_weight > 0 but the model's output has no loss to add the orthogonality term "
                               "to (the HF Trainer computes the loss itself with label_smoothing_factor or "
-                              "compute_loss_func): add orth_reg_weight * model.orth_regularization() to your loss",
-                              UserWarning, stacklevel=2)
-            return None
-        if any(layer.disable_adapters for _, layer in owner.allocator.layers):
+                              "compute_loss_func): add orth_reg_weight * model.orth_regularization() to your loss "
+                              "(if it has it already, this warning can be ignored)", UserWarning, stacklevel=2)
             return None
         # With the HF Trainer's loss kwargs the micro-batches' losses are summed over the accumulated batch (each is
         # divided by the whole batch's item count): weigh the term by this micro-batch's share of the items, so it
