@@ -110,14 +110,14 @@ def writable_file(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path}: the file exists and cannot be written")
 
 
-def missing_extra(command: str, extra: str, modules) -> str | None:
-    """The one-line message for `pefttorch <command>` when one of `modules` (the pip extra `extra` installs them;
-    the plain `pip install .` does not) is not importable, None when all are: checked before the command does
-    anything, not found as a traceback halfway (or after a benchmark had run)."""
+def missing_extra(command: str, modules) -> str | None:
+    """The one-line message for `pefttorch <command>` when one of `modules` (the pip extra of the command's name
+    installs them; the plain `pip install .` does not) is not importable, None when all are: checked before the
+    command does anything, not found as a traceback halfway (or after a benchmark had run)."""
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            return (f"pefttorch {command} needs the {extra} extras ({err.name or name} is missing): "
-                    f"pip install 'pefttorch[{extra}]'")
+            return (f"pefttorch {command} needs the {command} extras ({err.name or name} is missing): "
+                    f"pip install 'pefttorch[{command}]'")
     return None

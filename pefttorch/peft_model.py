@@ -196,9 +196,10 @@ class PeftModel(Forwarding):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        ranked = isinstance(self.base_model, RankedLoraModel)
-        idle = self.base_model.idle_parameters() if ranked else 0
-        return trainable - (self.base_model.idle_parameters(trainable_only=True) if ranked else 0), total - idle
+        if isinstance(self.base_model, RankedLoraModel):  # spare capacity is storage, not parameters
+            trainable -= self.base_model.idle_parameters(trainable_only=True)
+            total -= self.base_model.idle_parameters()
+        return trainable, total
 
     def update_and_allocate(self, global_step: int, loss_scale: float | torch.Tensor | None = None):
         """IncreLoRA's and AdaLoRA's rank allocation step; with torch.amp.GradScaler, pass `loss_scale` (see

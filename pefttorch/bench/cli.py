@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     suites = list(dict.fromkeys(args.suites)) or list(SUITES)
     # the [bench] extra's (the plain `pip install .` has none of them); the training suites build a transformers model
     needed = ("rich", "tqdm", "matplotlib") + (("transformers",) if {"model", "meft", "rank"} & set(suites) else ())
-    missing = missing_extra("bench", "bench", needed)
+    missing = missing_extra("bench", needed)
     if missing:
         print(missing)
         return 2

@@ -213,12 +213,8 @@ class MeftModel(Forwarding):
         dtype = hidden_states.dtype
         stack = self.reversible_layers()
         grad = torch.is_grad_enabled()
-        # what backward will recompute: the reversible stack, when something in it trains (as reversible_stack
-        # decides; a frozen model called with grad enabled runs it as plain layers), and the ordinary layers above
-        # it that gradient_checkpointing_enable() marked (HF's own checkpointing lives in the layer's __call__,
-        # which the two-stream model never makes)
-        recomputed = grad and self.reversible and bool(stack) and (hidden_states.requires_grad or any(
-            block.trainable_parameters() for layer in stack for block in (layer.f, layer.g)))
+        # the ordinary layers above the stack that gradient_checkpointing_enable() marked (HF's own checkpointing
+        # lives in the layer's __call__, which the two-stream model never makes)
         upper = layers[self._num_rev:]
         checkpointed = [grad and layer.training and getattr(layer, "gradient_checkpointing", False) for layer in upper]
         cache = get_cache(context)
@@ -226,7 +222,7 @@ class MeftModel(Forwarding):
             raise ValueError("MEFT: this key/value cache was handed back empty by a training forward (backward "
                              "recomputes attention, so that forward did not fill it); continue from a forward run "
                              "under torch.no_grad(), as generate() does")
-        if cache is not None and (recomputed or any(checkpointed)):
+        if cache is not None and (any(checkpointed) or self._stack_recomputed(stack, hidden_states)):
             if cache_length(cache) > 0:
                 raise ValueError("MEFT: a reversible backward cannot recompute attention over a filled "
                                  "key/value cache; train without past_key_values")
@@ -242,6 +238,13 @@ class MeftModel(Forwarding):
             else:
                 h = _layer_block(self._family, layer, h, context)
         return h
+
+    def _stack_recomputed(self, stack: list[ReversibleLayer], hidden_states: torch.Tensor) -> bool:
+        """Whether backward will recompute the reversible stack: with grad enabled, when something in it trains (as
+        reversible_stack decides; a frozen model called with grad enabled runs it as plain layers)."""
+        return (torch.is_grad_enabled() and self.reversible and bool(stack) and (hidden_states.requires_grad or any(
+            p.requires_grad for layer in stack for block in (layer.f, layer.g) for m in block.modules
+            for p in m.parameters())))
 
     def reconstruction_errors(self) -> list[float]:
         """Per reversible layer (bottom first), the error of its reconstructed input in the last backward,
