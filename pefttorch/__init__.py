@@ -17,7 +17,6 @@ from .tuners.adapter import AdapterConfig, ScaLearnConfig
 from .tuners.budget import config_for_budget
 from .tuners.density import (
     DensityLoss,
-    DensityLossCallback,
     DensityLossConfig,
     attach_density_loss,
     find_mlp_blocks,
@@ -26,7 +25,7 @@ from .tuners.density import (
 from .tuners.lora import LoraConfig
 from .tuners.meft import MeftConfig
 from .tuners.prompt import DeptConfig, PrefixTuningConfig, PromptTuningConfig
-from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankAllocationCallback
+from .tuners.rank import AdaLoraConfig, IncreLoraConfig
 from .tuners.scaling import IA3Config, SsfConfig
 from .tuners.selective import BitFitConfig, LNTuningConfig
 
@@ -56,6 +55,15 @@ def build_info() -> dict:
         "ops": names,
         "devices": devices,
     }
+
+
+def __getattr__(name: str):
+    # the Trainer callbacks load transformers' Trainer (seconds): only when asked for
+    if name in ("DensityLossCallback", "RankAllocationCallback"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

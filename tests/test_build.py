@@ -113,3 +113,16 @@ def test_the_source_distribution_carries_what_the_build_needs(tmp_path):
                    if p.is_file() and "__pycache__" not in p.parts}
     assert not wanted - names, sorted(wanted - names)
     assert not any(name.endswith(".so") for name in names)
+
+
+def test_import_leaves_transformers_and_dynamo_unloaded():
+    """`import pefttorch` costs about what `import torch` does: the Trainer callbacks (transformers' Trainer pulls in
+    peft) and torch.compiler.disable (dynamo) load on first use; together they took ~6 s of ~10 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pefttorch; heavy = ('transformers', 'peft', 'torch._dynamo'); "
+            "print([m for m in heavy if m in sys.modules]); "
+            "print(pefttorch.RankAllocationCallback.__mro__[1].__name__, pefttorch.DensityLossCallback.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "TrainerCallback DensityLossCallback"]

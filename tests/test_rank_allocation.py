@@ -1667,7 +1667,7 @@ def test_increlora_under_a_loss_scale_scores_the_unscaled_gradients():
 
 
 def test_the_trainer_callback_reads_the_loss_scale_before_the_step():
-    from pefttorch.tuners.rank.model import RankAllocationCallback
+    from pefttorch.callbacks import RankAllocationCallback
 
     model = build(incre())
     seen = []

@@ -360,7 +360,9 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
     return _reversible_apply(_Run(list(layers), context, dtype, params, report), x1, x2, *params)
 
 
-@torch.compiler.disable
+# torch._disable_dynamo is torch.compiler.disable that imports dynamo at the first call, not here: importing
+# dynamo costs seconds that `import pefttorch` should not
+@torch._disable_dynamo
 def _reversible_apply(run: _Run, x1, x2, *params):
     """The stack runs eagerly even inside torch.compile: backward recomputes F and G eagerly (autograd calls it
     outside any compiled frame), and a forward compiled into other kernels would round differently, an error

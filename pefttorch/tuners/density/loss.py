@@ -250,6 +250,8 @@ class DensityLoss:
 
     def callback(self):
         """A transformers ``TrainerCallback`` that adds the densities to the Trainer's logs."""
+        from ...callbacks import DensityLossCallback
+
         return DensityLossCallback(self)
 
     def __repr__(self) -> str:
@@ -274,40 +276,3 @@ def attach_density_loss(model: nn.Module, config: DensityLossConfig | None = Non
     your loss. Densities are measured in training and evaluation alike. ``handle.remove()`` detaches.
     """
     return DensityLoss(model, config or DensityLossConfig())
-
-
-def _trainer_callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover - transformers is optional for the loss itself
-        return object
-    return TrainerCallback
-
-
-class DensityLossCallback(_trainer_callback_base()):
-    """Adds ``density`` (mean over layers) and ``density/<layer>`` to the Trainer's training logs, and
-    ``eval_density`` (and per layer) to its evaluation logs, then starts a new measurement window.
-
-    The printed progress and ``trainer.state.log_history`` show them; reporting integrations that log
-    before user callbacks run (TensorBoard, W&B) see them only if this callback is first in the list.
-    """
-
-    def __init__(self, density_loss: DensityLoss) -> None:
-        self.density_loss = density_loss
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        # an evaluation's metrics carry its prefix (metric_key_prefix: "eval" by default, "test" for predictions)
-        # on every key, <prefix>_runtime among them; the end of training logs train_runtime
-        name = next((k.removesuffix("_runtime") for k in logs if k.endswith("_runtime") and k != "train_runtime"),
-                    "eval" if any(k.startswith("eval_") for k in logs) else None)
-        mode, prefix = ("train", "") if name is None else ("eval", f"{name}_")
-        per_layer = self.density_loss.densities(mode)
-        if not per_layer:
-            return
-        added = {f"{prefix}density": sum(per_layer.values()) / len(per_layer)}
-        added.update({f"{prefix}density/{name}": v for name, v in per_layer.items()})
-        logs.update(added)
-        if state.log_history:
-            state.log_history[-1].update(added)

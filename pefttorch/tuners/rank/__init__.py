@@ -3,6 +3,6 @@ follows the rank in use."""
 
 from .config import AdaLoraConfig, IncreLoraConfig
 from .layer import RankedLoraLayer
-from .model import RankAllocationCallback, RankedLoraModel
+from .model import RankedLoraModel
 
-__all__ = ["AdaLoraConfig", "IncreLoraConfig", "RankAllocationCallback", "RankedLoraLayer", "RankedLoraModel"]
+__all__ = ["AdaLoraConfig", "IncreLoraConfig", "RankedLoraLayer", "RankedLoraModel"]
