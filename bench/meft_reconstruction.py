@@ -72,6 +72,8 @@ def main() -> None:
     unknown = set(args.variants.split(",")) - {"meft1", "meft2", "meft3"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; known: meft1, meft2, meft3")
+    if args.hidden % args.heads or args.hidden // args.heads % 2:  # rotary rotates halves of each head
+        parser.error(f"--hidden {args.hidden} must split into --heads {args.heads} heads of an even size")
     if args.out is not None:
         try:
             writable_file(args.out, "--out")  # before the run, not after it

@@ -833,3 +833,19 @@ def test_the_suite_scripts_run_their_own_suite_only(capsys):
     with pytest.raises(SystemExit) as exit_:
         script_main("lora", ["--device", "cpu", "--impls", "foo"])
     assert exit_.value.code == 2 and "unknown implementations ['foo']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "16", "--heads", "5"], "--hidden 16 must split into --heads 5 heads of an even size"),
+    (["--hidden", "12", "--heads", "4"], "--hidden 12 must split into --heads 4 heads of an even size"),
+])
+def test_meft_reconstruction_script_checks_the_shape(argv, message, monkeypatch, capsys):
+    """A head count that does not divide the width (or leaves heads of odd size for rotary) is a usage error, not
+    transformers' traceback from inside the model."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "meft_reconstruction.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
