@@ -4,6 +4,7 @@ merging, generation, gradient checkpointing; on tiny Llama, BERT, T5, GPT-2 (Con
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -867,6 +868,22 @@ def test_a_failed_load_adapter_or_density_loss_leaves_the_model_as_it_was(tmp_pa
         model.add_adapter("c", LoraConfig(r=2, target_modules=["value"],
                                           density_loss=pefttorch.DensityLossConfig(weight=1.0)))
     assert _structure(model) == before and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("names", [["score|classifier"], ["classif.*"], ["lassifier"]])
+def test_modules_to_save_that_wrap_nothing_are_refused(method, names):
+    """An entry is a module's name or its last dotted parts, as the wrapping matches it: a regular expression passed
+    the "matched nothing" check of LoRA once, wrapped nothing and left the head frozen."""
+    import pefttorch
+
+    config = (LoraConfig(r=2, target_modules=["query"], modules_to_save=names) if method == "lora"
+              else pefttorch.IA3Config(target_modules=["value", "output.dense"], feedforward_modules=["output.dense"],
+                                       modules_to_save=names))
+    with pytest.raises(ValueError, match=r"matched no module of the model: each entry .* e\.g\. one of \['bert'"):
+        get_peft_model(fresh(FAMILIES["bert"]), config)
+    kept = get_peft_model(fresh(FAMILIES["bert"]), dataclasses.replace(config, modules_to_save=["classifier"]))
+    assert any("classifier.modules_to_save" in n for n, p in kept.named_parameters() if p.requires_grad)
 
 
 def test_a_failed_modules_to_save_copy_gives_the_head_back_trainable():

@@ -16,7 +16,15 @@ from torch import nn
 
 from ._forwarding import Forwarding
 from .lora.layer import ModulesToSaveWrapper, is_linear
-from .lora.model import ALL_LINEAR, _in_modules_to_save, _layer_index, _matches, _name_matches, _set_submodule
+from .lora.model import (
+    ALL_LINEAR,
+    _in_modules_to_save,
+    _layer_index,
+    _matches,
+    _name_matches,
+    _set_submodule,
+    check_modules_to_save,
+)
 
 
 class HookedModel(Forwarding):
@@ -35,9 +43,7 @@ class HookedModel(Forwarding):
         self.active_adapters = [adapter_name]
         self.disabled = False
         self._handles: list = []
-        modules_to_save = getattr(config, "modules_to_save", None)
-        if modules_to_save and not any(_name_matches(n, modules_to_save) for n, _ in model.named_modules()):
-            raise ValueError(f"modules_to_save={modules_to_save} matched no module of the model")
+        check_modules_to_save(model, getattr(config, "modules_to_save", None))
 
     def finish(self) -> None:
         """Wraps modules_to_save and marks what trains; call once the method's own parameters exist."""

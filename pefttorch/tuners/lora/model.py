@@ -61,7 +61,20 @@ def _layer_index(name: str, layers_pattern, top_level: bool = True) -> int | Non
 
 
 def _in_modules_to_save(name: str, modules_to_save) -> bool:
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
+    """The module or one above it is wrapped as a module to save: matched by the same rule as the wrapping (a regex
+    here once let "classifier|score" pass the "matched nothing" check and wrap nothing, leaving the head frozen)."""
+    parts = name.split(".")
+    return bool(modules_to_save) and any(_name_matches(".".join(parts[:i]), modules_to_save)
+                                         for i in range(1, len(parts) + 1))
+
+
+def check_modules_to_save(model: nn.Module, modules_to_save) -> None:
+    """Refuses modules_to_save that name no module. HF PEFT's task defaults name several possible heads
+    ("classifier", "score"): one match suffices."""
+    if modules_to_save and not any(_name_matches(n, modules_to_save) for n, _ in model.named_modules()):
+        near_top = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+        raise ValueError(f"modules_to_save={modules_to_save} matched no module of the model: each entry is a module's "
+                         f"name or its last dotted parts (not a regular expression), e.g. one of {near_top[:12]}")
 
 
 @dataclass
@@ -181,12 +194,7 @@ class LoraModel(Forwarding):
             raise ValueError(f"adapter name {adapter_name!r} is taken by an attribute of torch's nn.ModuleDict, "
                              f"which holds each layer's adapters: choose another")
         targets = plan_targets(self.model, config)
-        if config.modules_to_save:
-            missing = [m for m in config.modules_to_save
-                       if not any(_in_modules_to_save(n, [m]) for n, _ in self.model.named_modules())]
-            # HF PEFT's task defaults name several possible heads ("classifier", "score"): one suffices.
-            if len(missing) == len(config.modules_to_save):
-                raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
+        check_modules_to_save(self.model, config.modules_to_save)
         # What an error halfway (a layer refusing its settings, out of memory) must undo: layers swapped in, the
         # adapter's entries in layers that had other adapters, modules_to_save wrappers and copies.
         swapped, extended, wrapped, copied = [], [], [], []
