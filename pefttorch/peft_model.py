@@ -404,6 +404,9 @@ class PeftModel(Forwarding):
         else:
             config = copy.deepcopy(config)
             config.inference_mode = not is_trainable
+            if isinstance(config, PrefixTuningConfig):
+                # with the MLP the prefix would be computed, a fresh tensor the saved one was copied into and lost
+                config = config.loaded()
         loading = WEIGHTS_FOLLOW.set(True)
         try:
             peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)

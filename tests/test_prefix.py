@@ -209,6 +209,15 @@ def test_fold_prefix_keeps_the_output_and_drops_the_mlp(tmp_path):
     loaded = PeftModel.from_pretrained(fresh("llama"), saved)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, before, rtol=1e-6, atol=1e-6)
+    # the training config handed back in: the file holds the prefix, not the MLP (a fresh MLP computed a prefix
+    # the saved one was copied into and lost; the model ran on a random prefix)
+    config = PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=8)
+    for trainable in (False, True):
+        loaded = PeftModel.from_pretrained(fresh("llama"), saved, config=config, is_trainable=trainable)
+        assert loaded.base_model.prefix_embeddings.requires_grad is trainable
+        assert config.prefix_projection  # the user's config is left as it was
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, before, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert", "t5", "marian"])

@@ -155,10 +155,11 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ValueError(f"{name}: token_dim={self.token_dim} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
 
+    def loaded(self) -> PrefixTuningConfig:
+        """The config a saved adapter loads with. The file holds the prefix itself (HF PEFT's too, when it trained
+        through the MLP): loaded, the prefix is what trains on, so there is no projection."""
+        return self.replace(prefix_projection=False)
+
     @classmethod
     def from_dict(cls, data):
-        """A saved adapter holds the prefix itself (HF PEFT too, when it trained through the MLP): loaded, the
-        prefix is what trains on, so the loaded config has no projection."""
-        config = super().from_dict(data)
-        config.prefix_projection = False
-        return config
+        return super().from_dict(data).loaded()
