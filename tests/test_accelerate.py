@@ -136,6 +136,49 @@ def test_unsupported_layers_are_left_alone_and_reported():
     torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_dropout_of_one_is_left_to_peft():
+    """HF PEFT takes lora_dropout=1 (the LoRA term is zero in training); the fused op's dropout takes p < 1, so those
+    layers stay PEFT's (switched, every forward raised, in eval too)."""
+    family = FAMILIES["llama"]
+    model = peft_model(family, lora_dropout=1.0).eval()
+    inputs = family.inputs(torch.Generator().manual_seed(1))
+    want = model(**inputs).logits
+    report = pefttorch.accelerate(model)
+    assert not report.switched and all(r == "lora_dropout=1, beyond the fused op's p < 1"
+                                       for r in report.skipped.values())
+    torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
+
+
+def test_pefts_compiled_hotswap_scaling_stays_a_tensor_in_one_graph():
+    """peft's prepare_model_for_compiled_hotswap makes each scaling a 0-d tensor, changed in place by a hotswap so
+    that the compiled model need not recompile: read as a float it was a graph break per layer (an error with
+    fullgraph) and, compiled, a constant that a hotswap would not change."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    family = FAMILIES["llama"]
+    model = peft_model(family).eval()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    inputs = family.inputs(torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    assert pefttorch.accelerate(model).switched
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    scalings = [m.scaling["default"] for m in model.modules() if is_accelerated(m)]
+    assert scalings and all(isinstance(s, torch.Tensor) for s in scalings)
+    with torch.no_grad():
+        for factor in (1.0, 3.0):  # a hotswap writes new scalings in place
+            for m in (model, reference):
+                for layer in (x for x in m.modules() if isinstance(getattr(x, "scaling", None), dict)):
+                    layer.scaling["default"].fill_(factor)
+            torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    y, grads = run(model, inputs)
+    reference.train()
+    y0, grads0 = run(reference, inputs)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_mixed_batch_inference_falls_back_to_peft():
     family = FAMILIES["llama"]
     model = peft_model(family).eval()

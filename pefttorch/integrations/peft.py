@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..tuners.lora.layer import has_linear_forward, is_linear, lora_forward
+from ..tuners.lora.layer import dropout_p, has_linear_forward, is_linear, lora_forward
 
 logger = logging.getLogger("pefttorch")
 
@@ -61,6 +61,8 @@ def _unsupported(layer) -> str | None:
         return "DoRA"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias"
+    if any(dropout_p(d)[0] >= 1 for d in layer.lora_dropout.values()):
+        return "lora_dropout=1, beyond the fused op's p < 1"
     variants = getattr(layer, "lora_variant", None)  # adapter name -> variant object
     if variants:
         return f"LoRA variant {sorted({type(v).__name__ for v in variants.values()})}"

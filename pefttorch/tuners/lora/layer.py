@@ -91,9 +91,14 @@ def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     p, training = dropout_p(layer.lora_dropout[first])
     # Adapter weights may be kept in fp32 next to a 16-bit base (HF PEFT's default): cast these small
     # matrices, not the large activations, and let autograd carry the gradient back to fp32.
+    lora_b, scaling = layer.lora_B[first].weight.to(x.dtype), layer.scaling[first]
+    if isinstance(scaling, torch.Tensor):
+        # HF PEFT's compiled hotswap keeps it as a 0-d tensor changed in place: read as the op's float, it was a
+        # .item() (a graph break under torch.compile, an error with fullgraph) and a constant baked into the graph
+        lora_b, scaling = lora_b * scaling.to(lora_b.dtype), 1.0
     y = functional.lora_linear(
-        x, weight, layer.lora_A[first].weight.to(x.dtype), layer.lora_B[first].weight.to(x.dtype), base.bias,
-        scaling=layer.scaling[first], dropout=p, training=training,
+        x, weight, layer.lora_A[first].weight.to(x.dtype), lora_b, base.bias,
+        scaling=scaling, dropout=p, training=training,
     )
     return _add_unfused(layer, y, x, active[1:])
 
