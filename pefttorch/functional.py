@@ -50,20 +50,30 @@ def lora_linear(
     ``dropout(x) A^T`` are kept for backward, and only when a gradient needs them.
     """
     p, seed = dropout_seed("lora_linear", dropout, training, generator)
-    scaling = _finite_scale("lora_linear", "scaling", scaling)
+    scaling = _finite_scale("lora_linear", "scaling", scaling, x.dtype)
     return in_compute_dtype(lambda x, weight, lora_a, lora_b, bias: ops.lora_linear_forward(
         x, weight, lora_a, lora_b, bias, scaling, p, seed)[0], x, weight, lora_a, lora_b, bias)
 
 
-def _finite_scale(op: str, name: str, value) -> float:
-    """`value` as a float; a string, NaN or inf is refused in words naming `op` and `name` (a NaN scale made every
-    output NaN). Checked in eager calls: under torch.compile with dynamic shapes the value is symbolic, which
-    math.isfinite cannot trace (a graph break per call, an error under fullgraph), and the eager run checked it."""
+def _number(op: str, name: str, value) -> float:
+    """`value` as a float; a string is refused in words naming `op` and `name` (float() would parse it)."""
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
-    value = float(value)
-    if not torch.compiler.is_compiling() and not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def _finite_scale(op: str, name: str, value, dtype: torch.dtype | None = None) -> float:
+    """`value` as a float; a string, NaN or inf, or (for tensors of `dtype` other than float64, which the kernels
+    compute in float32) a value beyond float32's range is refused in words naming `op` and `name` (a NaN scale made
+    every output NaN; 1e39 failed in an ATen call naming neither). Checked in eager calls: under torch.compile with
+    dynamic shapes the value is symbolic, which math.isfinite cannot trace (a graph break per call, an error under
+    fullgraph), and the eager run checked it."""
+    value = _number(op, name, value)
+    if not torch.compiler.is_compiling():
+        if not math.isfinite(value):
+            raise ValueError(f"{op}: {name} must be finite, got {value}")
+        if dtype not in (None, torch.float64) and abs(value) > torch.finfo(torch.float32).max:
+            raise ValueError(f"{op}: {name}={value} is beyond float32's range, in which {dtype} tensors compute")
     return value
 
 
@@ -110,7 +120,21 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     The update is formed in float32 (float64 for float64 weights) and rounded once into the weight's
     dtype, so merging and then unmerging (sign -1) restores the weight up to that rounding.
     """
-    scaling = _finite_scale("merge_lora_", "scaling", scaling)  # a NaN would fill the weight with NaN for good
+    op = "merge_lora_"
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not t.is_floating_point() or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D floating-point tensor, got {t.dtype} of shape "
+                             f"{list(t.shape)}")
+        if t.device != weight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
+    # without these checks a (2, 1) lora_a broadcast: every column got one update
+    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    if lora_a.shape[1] != in_features or lora_b.shape != (out_features, lora_a.shape[0]):
+        raise ValueError(f"{op}: lora_a (r, in_features) and lora_b (out_features, r) must fit a weight of "
+                         f"{out_features} x {in_features} (out x in), got {list(lora_a.shape)} and "
+                         f"{list(lora_b.shape)}")
+    # a NaN would fill the weight with NaN for good, a scale beyond the float32 it is formed in with inf
+    scaling = _finite_scale(op, "scaling", scaling, weight.dtype)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     delta = (lora_b.to(acc) @ lora_a.to(acc)) * scaling
     if fan_in_fan_out:
@@ -128,7 +152,9 @@ def density_loss(
     ``sqrt(eps)``, where each term of the loss is 1/2). Both are 0-dim float32 tensors (float64 for
     float64 `a`). Backward makes one more pass over `a` and keeps nothing but `a` itself.
     """
-    return ops.density_loss(a, float(eps), default_density_threshold(eps) if threshold is None else float(threshold))
+    eps = _number("density_loss", "eps", eps)
+    threshold = default_density_threshold(eps) if threshold is None else _number("density_loss", "threshold", threshold)
+    return ops.density_loss(a, eps, threshold)
 
 
 def default_density_threshold(eps: float) -> float:
@@ -171,21 +197,26 @@ def sparse_mlp(
     projections only for active ones; above that, or (on the CPU) when most neurons are active, a dense
     path with the same mask. Inference only: when a gradient is needed the pure-PyTorch reference computes it.
     """
-    args = (x, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, float(threshold))
+    threshold = _number("sparse_mlp", "threshold", threshold)
+    tensors = (x, w_in, b_in, w_up, b_up, w_down_t, b_down)
 
     def op(*tensors):
-        return ops.sparse_mlp(*tensors, activation, float(threshold))
+        return ops.sparse_mlp(*tensors, activation, threshold)
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+    # The op has no derivative: the reference computes when a gradient is needed, in reverse mode or in forward mode
+    # (dual tensors need not require grad: the op dropped their tangents without a word)
+    if ((torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            or torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()):
         from . import reference
 
         # The op's checks of every argument (shapes, dtypes, devices, activation, threshold, b_up without w_up), run
         # on no tokens: the reference checks none of them (a down projection not transposed got a bare shape error).
         with torch.no_grad():
-            in_compute_dtype(op, x.detach().new_empty((0, x.shape[-1])) if x.dim() else x.detach(), *args[1:7])
-        return reference.sparse_mlp(*args)
+            in_compute_dtype(op, x.detach().new_empty((0, x.shape[-1])) if x.dim() else x.detach(), *tensors[1:])
+        # under autocast in its dtype, as the op computes (the reference added a float32 bias to a bf16 product)
+        return in_compute_dtype(lambda *t: reference.sparse_mlp(*t, activation, threshold), *tensors)
     # under autocast: all in its dtype, as the dense MLP's linears compute (the op's sparse and dense paths alike)
-    return in_compute_dtype(op, *args[:7])
+    return in_compute_dtype(op, *tensors)
 
 
 def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
@@ -203,7 +234,7 @@ def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch
     saved for backward. A reversible block's own backward uses :func:`pefttorch.ops.reversible_coupling_backward`
     to reconstruct x and update both streams' gradients in one pass.
     """
-    return ops.reversible_coupling(x, f, float(scale))
+    return ops.reversible_coupling(x, f, _number("reversible_coupling", "scale", scale))
 
 
 def bottleneck_adapter(
@@ -243,7 +274,7 @@ def bottleneck_adapter(
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"bottleneck_adapter: unsupported activation {activation!r}; supported: "
                          f"{', '.join(reference.ACTIVATIONS)}")
-    scale = _finite_scale("bottleneck_adapter", "scale", scale)
+    scale = _finite_scale("bottleneck_adapter", "scale", scale, x.dtype)
     add_input = residual is x
     if add_input:
         residual = None

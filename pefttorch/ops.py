@@ -441,12 +441,22 @@ def _reversible_coupling_fake(x, f, scale):
     _check_float(op, f, "f")
     _check(op, f.shape == x.shape, lambda: f"f must have the shape of x {list(x.shape)}, got {list(f.shape)}")
     _check(op, f.device == x.device, lambda: f"f is on {f.device} but x is on {x.device}")
-    _check(op, math.isfinite(scale) and scale != 0.0, lambda: f"scale must be finite and nonzero, got {scale}")
+    _check_coupling_scale(op, scale, x)
     return x.new_empty(x.shape)
+
+
+def _check_coupling_scale(op: str, scale: float, stream: torch.Tensor) -> None:
+    """csrc/reversible.cpp's check: a normal number of the compute dtype (float32, float64 for float64 streams)."""
+    wide = stream.dtype == torch.float64
+    info = torch.finfo(torch.float64 if wide else torch.float32)
+    where = "" if wide else " in float32, the kernels' compute dtype"
+    _check(op, math.isfinite(scale) and info.tiny <= abs(scale) <= info.max,
+           lambda: f"scale must be finite and nonzero{where} (a normal number), got {scale}")
 
 
 @torch.library.register_fake("pefttorch::reversible_coupling_backward")
 def _reversible_coupling_backward_fake(y, f, grad_y, grad_other, vjp, scale):
+    _check_coupling_scale("reversible_coupling_backward", scale, y)
     return y.new_empty(y.shape), y.new_empty(y.shape), y.new_empty(y.shape)
 
 

@@ -67,6 +67,50 @@ def test_bad_scaling_is_refused(scaling, error, match):
     assert torch.equal(weight, a["weight"])
 
 
+def test_a_scale_beyond_float32_is_refused_in_words():
+    """1e39 is finite but not a float32: it failed inside an ATen call ("value cannot be converted to type float
+    without overflow") naming neither the op nor the argument, and merge_lora_ would have filled the weight with
+    inf. A float64 call takes it."""
+    a = args()
+    with pytest.raises(ValueError, match=r"lora_linear: scaling=1e\+39 is beyond float32's range"):
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=1e39)
+    weight = a["weight"].clone()
+    with pytest.raises(ValueError, match=r"merge_lora_: scaling=-1e\+39 is beyond float32's range"):
+        functional.merge_lora_(weight, a["lora_a"], a["lora_b"], -1e39)
+    assert torch.equal(weight, a["weight"])
+    x = a["x"]
+    with pytest.raises(ValueError, match=r"bottleneck_adapter: scale=1e\+39 is beyond float32's range"):
+        functional.bottleneck_adapter(x, torch.randn(2, x.shape[-1]), torch.randn(x.shape[-1], 2), scale=1e39)
+    d = {k: v.double() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    assert torch.isfinite(functional.lora_linear(d["x"], d["weight"], d["lora_a"], d["lora_b"], scaling=1e39)).all()
+
+
+@pytest.mark.parametrize("weight_shape, a_shape, b_shape, fan_in_fan_out", [
+    ((4, 6), (2, 1), (4, 2), False),  # broadcast: every column got one update
+    ((4, 6), (2, 6), (1, 2), False),  # broadcast: every row got one update
+    ((4, 6), (2, 6), (4, 3), False),
+    ((4, 6), (2, 6), (4, 2), True),  # a (4, 6) weight stored (in, out) is 6 out x 4 in
+])
+def test_merge_refuses_factors_that_do_not_fit(weight_shape, a_shape, b_shape, fan_in_fan_out):
+    weight = torch.randn(weight_shape)
+    before = weight.clone()
+    with pytest.raises(ValueError, match=r"merge_lora_: lora_a \(r, in_features\) and lora_b \(out_features, r\) "
+                                         r"must fit a weight of"):
+        functional.merge_lora_(weight, torch.randn(a_shape), torch.randn(b_shape), 1.0, fan_in_fan_out=fan_in_fan_out)
+    assert torch.equal(weight, before)
+
+
+def test_merge_refuses_a_weight_that_is_not_floating_point():
+    weight = torch.ones(4, 6, dtype=torch.int8)  # the update was truncated into it
+    with pytest.raises(ValueError, match=r"merge_lora_: weight must be a 2-D floating-point tensor, got torch.int8"):
+        functional.merge_lora_(weight, torch.randn(2, 6), torch.randn(4, 2), 1.0)
+
+
+def test_reversible_coupling_refuses_a_string_scale():
+    with pytest.raises(TypeError, match=r"reversible_coupling: scale must be a number, got '2'"):
+        functional.reversible_coupling(torch.randn(3), torch.randn(3), "2")
+
+
 def test_op_level_dropout_checks():
     a = args()
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from helpers import DEVICES, HAS_CUDA
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pefttorch import functional, ops, reference
 
@@ -343,16 +344,31 @@ def test_compile_fullgraph(device):
         (torch.randn(3, 17), torch.randn(17), 1.0, r"f must have the shape of x \[3, 17\], got \[17\]"),
         (torch.ones(4, dtype=torch.int32), torch.randn(4), 1.0, r"reversible_coupling: x has unsupported dtype Int"),
         (torch.randn(4), torch.ones(4, dtype=torch.bool), 1.0, r"reversible_coupling: f has unsupported dtype Bool"),
-        (torch.randn(4), torch.randn(4), 0.0, r"reversible_coupling: scale must be finite and nonzero, got 0"),
-        (torch.randn(4), torch.randn(4), -0.0, r"scale must be finite and nonzero, got -0"),
-        (torch.randn(4), torch.randn(4), float("nan"), r"scale must be finite and nonzero, got nan"),
-        (torch.randn(4), torch.randn(4), float("inf"), r"scale must be finite and nonzero, got inf"),
-        (torch.randn(4), torch.randn(4), float("-inf"), r"scale must be finite and nonzero, got -inf"),
+        (torch.randn(4), torch.randn(4), 0.0, r"reversible_coupling: scale must be finite and nonzero.*, got 0"),
+        (torch.randn(4), torch.randn(4), -0.0, r"scale must be finite and nonzero.*, got -0"),
+        (torch.randn(4), torch.randn(4), float("nan"), r"scale must be finite and nonzero.*, got nan"),
+        (torch.randn(4), torch.randn(4), float("inf"), r"scale must be finite and nonzero.*, got inf"),
+        (torch.randn(4), torch.randn(4), float("-inf"), r"scale must be finite and nonzero.*, got -inf"),
+        # zero, infinite or subnormal in the float32 the kernels compute in: y = f exactly, x reconstructed as NaN
+        (torch.randn(4), torch.randn(4), 1e-46,
+         r"scale must be finite and nonzero in float32, the kernels' compute dtype \(a normal number\), got 1e-46"),
+        (torch.randn(4, dtype=bf16), torch.randn(4), -1e-40, r"nonzero in float32.*got -1e-40"),
+        (torch.randn(4), torch.randn(4), 1e39, r"nonzero in float32.*got 1e\+39"),
+        (torch.randn(4, dtype=f64), torch.randn(4), 1e-320,
+         r"finite and nonzero \(a normal number\), got (1e-320|9\.99989e-321)"),
     ],
 )
 def test_forward_bad_input(x, f, scale, match):
     with pytest.raises(RuntimeError, match=match):
         ops.reversible_coupling(x, f, scale)
+    if "scale" in match:  # the fake kernel checks the scale alike (its dtype messages name dtypes as torch does)
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=match):
+            ops.reversible_coupling(mode.from_tensor(x), mode.from_tensor(f), scale)
+
+
+def test_a_float64_stream_takes_a_scale_below_float32s_range():
+    x, f = torch.randn(4, dtype=f64), torch.randn(4, dtype=f64)
+    torch.testing.assert_close(ops.reversible_coupling(x, f, 1e-300), 1e-300 * x + f)
 
 
 def backward_args(**over):
@@ -376,9 +392,10 @@ def backward_args(**over):
         (dict(y=torch.ones(3, 17, dtype=torch.int64)), r"reversible_coupling_backward: y has unsupported dtype Long"),
         (dict(vjp=torch.ones(3, 17, dtype=torch.int32)), r"vjp has unsupported dtype Int"),
         (dict(f=torch.ones(3, 17, dtype=torch.uint8)), r"f has unsupported dtype Byte"),
-        (dict(scale=0.0), r"reversible_coupling_backward: scale must be finite and nonzero, got 0"),
-        (dict(scale=float("nan")), r"scale must be finite and nonzero, got nan"),
-        (dict(scale=float("inf")), r"scale must be finite and nonzero, got inf"),
+        (dict(scale=0.0), r"reversible_coupling_backward: scale must be finite and nonzero.*, got 0"),
+        (dict(scale=float("nan")), r"scale must be finite and nonzero.*, got nan"),
+        (dict(scale=float("inf")), r"scale must be finite and nonzero.*, got inf"),
+        (dict(scale=1e-46), r"reversible_coupling_backward: scale must be finite and nonzero in float32"),
     ],
     ids=lambda v: ",".join(v) if isinstance(v, dict) else None,
 )

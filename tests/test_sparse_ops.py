@@ -692,3 +692,56 @@ def test_sparse_mlp_strided_biases_and_nan(tokens, device, activation, threshold
     b_in[5] = float("nan")
     y, want = ops.sparse_mlp(*args), reference.sparse_mlp(*args)
     assert want.isnan().all() and y.isnan().all()
+
+
+@pytest.mark.parametrize("tokens", [1, 20])  # the sparse and the dense path
+def test_sparse_mlp_forward_mode_gives_the_references_tangent(tokens):
+    """Dual tensors (torch.func.jvp, forward AD) need not require grad: the call went to the op, which has no
+    derivative, and the tangent came out zero (jvp) or None (forward AD on the sparse path)."""
+    w = dict(zip(("w_in", "b_in", "w_up", "b_up", "w_down_t", "b_down"),
+                 mlp_weights("silu_gated", torch.float64, "cpu"), strict=True))
+    x, t = rand(tokens, HIDDEN, dtype=torch.float64), rand(tokens, HIDDEN, dtype=torch.float64)
+
+    def fn(impl):
+        return lambda x_: impl(x_, w["w_in"], w["b_in"], w["w_up"], w["b_up"], w["w_down_t"], w["b_down"], "silu",
+                               0.05)
+
+    def ours(x_, w_in, b_in, w_up, b_up, w_down_t, b_down, activation, threshold):
+        return functional.sparse_mlp(x_, w_in, w_down_t, b_in=b_in, w_up=w_up, b_up=b_up, b_down=b_down,
+                                     activation=activation, threshold=threshold)
+
+    _, want = torch.func.jvp(fn(reference.sparse_mlp), (x,), (t,))
+    assert want.abs().sum() > 0
+    _, got = torch.func.jvp(fn(ours), (x,), (t,))
+    torch.testing.assert_close(got, want)
+    with torch.autograd.forward_ad.dual_level():
+        got = torch.autograd.forward_ad.unpack_dual(fn(ours)(torch.autograd.forward_ad.make_dual(x, t))).tangent
+    torch.testing.assert_close(got, want)
+
+
+def test_sparse_mlp_with_a_gradient_computes_in_the_autocast_dtype():
+    """With a gradient to compute the reference serves: under autocast it added the float32 bias to the bfloat16
+    product, a float32 output where the op (and the dense MLP) give bfloat16."""
+    w = [t.requires_grad_() if t is not None else t for t in mlp_weights("silu_gated", torch.float32, "cpu")]
+    w_in, b_in, w_up, b_up, w_down_t, b_down = w
+    x = rand(3, HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = functional.sparse_mlp(x, w_in, w_down_t, b_in=b_in, w_up=w_up, b_up=b_up, b_down=b_down,
+                                  activation="silu", threshold=0.1)
+        with torch.no_grad():
+            want = functional.sparse_mlp(x, w_in, w_down_t, b_in=b_in, w_up=w_up, b_up=b_up, b_down=b_down,
+                                         activation="silu", threshold=0.1)
+    assert y.dtype == want.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w_in.grad is not None and w_in.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call", [
+    lambda: functional.sparse_mlp(rand(3, HIDDEN), rand(INTER, HIDDEN), rand(INTER, OUT), threshold="0.1"),
+    lambda: functional.density_loss(rand(3, 5), eps="1e-3"),
+    lambda: functional.density_loss(rand(3, 5), threshold="0.1"),
+], ids=["sparse_mlp threshold", "density_loss eps", "density_loss threshold"])
+def test_a_string_hyperparameter_is_refused(call):
+    """float() read '0.1' as its number, where lora_linear's scaling refused a string."""
+    with pytest.raises(TypeError, match=r"must be a number, got '"):
+        call()
