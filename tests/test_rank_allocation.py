@@ -1737,3 +1737,18 @@ def test_rank_aware_adamw_refuses_loaded_groups_it_does_not_implement_and_fills_
     opt.load_state_dict(torch.optim.AdamW(model.parameters(), lr=1e-2).state_dict())  # no step yet: no state
     assert all(group["component_warmup"] is None for group in opt.param_groups)
     train_step(model, opt, torch.randn(8, 13), 0)
+
+
+def test_adalora_names_a_module_the_user_froze():
+    """Factors frozen with requires_grad_(False) have no gradient to score: the error blamed the call order, which
+    was right."""
+    model = build(ada())
+    for name, p in model.named_parameters():
+        if "blocks.0.up" in name:
+            p.requires_grad_(False)
+    opt = RankAwareAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(4, 13)).square().mean().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"AdaLoRA: blocks\.0\.up's factors do not require grad, so it has no "
+                                           r"importance score .* leave it out of target_modules"):
+        model.update_and_allocate(2)

@@ -488,6 +488,11 @@ class AdaLoraAllocator:
             if r == 0:
                 continue
             for p, i, u in zip(layer.factors(self.adapter), ipts, uncs, strict=True):
+                if p.grad is None and not p.requires_grad:
+                    # frozen by the user: no score to rank it by (the call order was blamed)
+                    raise RuntimeError(f"AdaLoRA: {name}'s factors do not require grad, so it has no importance "
+                                       f"score to allocate its rank by; leave it out of target_modules (or "
+                                       f"layers_to_transform) instead of freezing it")
                 if p.grad is None:
                     raise RuntimeError(f"AdaLoRA: {name} has no gradient: call update_and_allocate(step) after "
                                        f"backward (and optimizer.step()) and before zero_grad()")
