@@ -210,6 +210,15 @@ class PromptModel(VirtualTokenModel):
         if self.encoder is not None:
             self.hook(self.encoder.register_forward_pre_hook(self._encoder_hook, with_kwargs=True))
         self.finish()
+        # A decoder sequence classifier pools its head's output at each row's last token that is not padding, found
+        # in input_ids; given the prompted embeddings instead it pools the last column, a pad token on right-padded
+        # rows (HF PEFT's prompt tuning does). The head's hook puts the right token's logits there. After finish(),
+        # which may wrap the head: a hook of the head itself would be deep-copied into the wrapper's copy.
+        self._last_tokens: torch.Tensor | None = None
+        head = getattr(model, "score", None)
+        self._pools = self.sequence_labels and self.encoder is None and isinstance(head, nn.Module)
+        if self._pools:
+            self.hook(head.register_forward_hook(self._pool_hook))
 
     @torch.no_grad()
     def _initial_prompt(self, config: PromptTuningConfig, rows: int) -> torch.Tensor:
@@ -278,6 +287,7 @@ class PromptModel(VirtualTokenModel):
         return length
 
     def _top_hook(self, module, args, kwargs):
+        self._last_tokens = None
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
@@ -292,6 +302,7 @@ class PromptModel(VirtualTokenModel):
         batch, length = source.shape[:2]
         if past_length == 0:  # the whole input: the prompt goes in front
             refuse_static(get_cache(kw), self.method)
+            self._last_tokens = self._last_real_tokens(module, kw.get("input_ids"))
             self._with_prompt(kw)
             self._grow(kw, "attention_mask", batch, 1)
             self._grow(kw, "token_type_ids", batch, 0)
@@ -309,6 +320,26 @@ class PromptModel(VirtualTokenModel):
                 kw["inputs_embeds"], kw["input_ids"] = self._embeddings(kw, start=past_length - n), None
             self._after_virtual_tokens(kw, past_length, length, batch)
         return (), kw
+
+    def _last_real_tokens(self, model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Where a sequence classifier pools each row, after the prompt: its last token that is not padding, as
+        transformers finds it from input_ids (None: no ids, or no pad token to find)."""
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        pad = getattr(config, "pad_token_id", None)
+        if not self._pools or ids is None or pad is None or ids.dim() != 2:
+            return None
+        positions = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
+        return self.n + (positions * (ids != pad).to(torch.int32)).argmax(-1)
+
+    def _pool_hook(self, module, args, output):
+        last, self._last_tokens = self._last_tokens, None  # one forward's
+        if last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
+            return None
+        rows = torch.arange(output.shape[0], device=output.device)
+        output = output.clone()
+        output[rows, -1] = output[rows, last.to(output.device)]
+        return output
 
     def _mask_for_encoder_output(self, kw: dict) -> None:
         """An encoder-decoder model's attention mask (also the decoder's cross-attention mask) must cover the
