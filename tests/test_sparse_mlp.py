@@ -251,6 +251,20 @@ def test_sparsify_refuses_parts_with_hooks_it_would_drop():
         pefttorch.sparsify(plain)
 
 
+def test_sparsify_refuses_a_bypassed_part_holding_more_than_the_mlp():
+    """RoBERTa-PreLayerNorm's intermediate normalises its input before `dense`: sparsify bypassed the whole
+    intermediate and dropped the LayerNorm, and the model's outputs changed at threshold 0."""
+    from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RobertaPreLayerNormForSequenceClassification(RobertaPreLayerNormConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3, max_position_embeddings=70, pad_token_id=1)).eval()
+    with pytest.raises(ValueError, match=r"layer\.0: its intermediate\.LayerNorm \(LayerNorm\) is more than the MLP"):
+        pefttorch.sparsify(model)
+    assert not any(isinstance(m, SparseMLP) for m in model.modules())  # unchanged
+
+
 def test_from_linears_refuses_a_projection_with_its_own_forward():
     """SparseMLP reads the weights: a fake-quantizing nn.Linear subclass's forward would be skipped silently."""
     class Quantized(torch.nn.Linear):

@@ -28,6 +28,7 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     built = [(b, SparseMLP.from_mlp(b.module, threshold)) for b in blocks]
     for block, sparse in built:
         if not block.layout.replace:
+            _check_bypass_holds_only_the_mlp(block)
             _check_nothing_else_reads_the_activation(block, sparse)
             _check_no_hooks(block)
     names = []
@@ -52,6 +53,22 @@ def _check_no_hooks(block) -> None:
                 raise ValueError(f"{block.part_name(name)} ({type(module).__name__}) carries forward hooks (an "
                                  "adapter's, (IA)^3's, or your own), which sparsify would drop with the module: remove "
                                  "them, or merge what can be merged (merge_and_unload()), first")
+
+
+def _check_bypass_holds_only_the_mlp(block) -> None:
+    """A bypassed part becomes an identity, so it must hold nothing but the parts SparseMLP computes: anything else in
+    it runs in its forward, and would be dropped. RoBERTa-PreLayerNorm's intermediate normalises its input before the
+    up projection (a LayerNorm beside `dense`): the model computed without it. Refuse what is not a known part."""
+    layout = block.layout
+    known = [p for p in (layout.gate, layout.up, layout.act) if p]
+    for path in layout.bypass:
+        for name, module in block.module.get_submodule(path).named_modules(prefix=path):
+            if any(name == p or name.startswith(f"{p}.") for p in known):
+                continue
+            if name != path or next(module.parameters(recurse=False), None) is not None:
+                raise ValueError(f"{block.name or type(block.module).__name__}: its {name} ({type(module).__name__}) "
+                                 f"is more than the MLP's {', '.join(known)} in the part sparsify would bypass, and "
+                                 "would be dropped with it: this block is not one SparseMLP can replace")
 
 
 def _check_nothing_else_reads_the_activation(block, sparse: SparseMLP) -> None:
