@@ -65,6 +65,43 @@ def test_loss_term_and_gradient_match_the_reference(family):
         torch.testing.assert_close(out.loss.detach(), plain + got.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_layer_called_several_times_in_one_forward_counts_every_call():
+    """BERT's chunked feed-forward runs each activation once per chunk: the loss kept only the last chunk's term (and
+    the other chunks got no gradient). A layer's term is the mean over all elements of all its calls."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        chunk_size_feed_forward=2)).train()
+    handle = attach_density_loss(model, DensityLossConfig(eps=1e-3))
+    acts = {n: [] for n in handle.layers}
+    for n in handle.layers:
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: acts[n].append(o))
+    model(input_ids=torch.randint(2, 94, (2, 8), generator=torch.Generator().manual_seed(1)))
+    assert all(len(v) == 4 for v in acts.values())
+    want = torch.stack([reference.density_loss(torch.cat(v, dim=1), 1e-3) for v in acts.values()]).mean()
+    got = handle.loss()
+    torch.testing.assert_close(got, want)
+    assert all(g is not None for g in torch.autograd.grad(got, acts[handle.layers[-1]], allow_unused=True))
+
+    class Shared(torch.nn.Module):  # one activation called on inputs of different sizes
+        def __init__(self):
+            super().__init__()
+            self.proj, self.act = torch.nn.Linear(4, 8), torch.nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.proj(x)).sum() + self.act(self.proj(x[:1])).sum()
+
+    shared = Shared()
+    handle = attach_density_loss(shared, DensityLossConfig(eps=1e-3, target_modules=["act"]))
+    x = torch.randn(5, 4)
+    shared(x)
+    a = torch.nn.functional.gelu(shared.proj(torch.cat([x, x[:1]])))
+    torch.testing.assert_close(handle.loss(), reference.density_loss(a, 1e-3))
+
+
 def test_densities_per_layer_and_mode():
     torch.manual_seed(0)
     fam = FAMILIES["bert"]

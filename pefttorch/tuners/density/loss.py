@@ -99,7 +99,9 @@ class DensityLoss:
     def __init__(self, model: nn.Module, config: DensityLossConfig) -> None:
         self.config = config
         self.modules = _activation_modules(model, config)
-        self._losses: dict[str, torch.Tensor] = {}
+        # per layer, (loss, elements) of each of its calls in the latest training forward: a module that runs several
+        # times in one forward (BERT's chunked feed-forward, a layer shared across depths) is one layer
+        self._losses: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self._no_grad_layers: set[str] = set()  # layers that ran in training mode without grad (see loss())
         self._reversible = False  # whether they ran inside a reversible (MEFT) stack's forward
         self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -135,7 +137,7 @@ class DensityLoss:
             return
         mode = "train" if module.training else "eval"
         if module.training and torch.is_grad_enabled():
-            self._losses[name] = loss
+            self._losses.setdefault(name, []).append((loss, output.numel()))
         elif module.training and self._root_grad:
             self._no_grad_layers.add(name)
             self._reversible = self._reversible or in_reversible_forward()
@@ -217,7 +219,7 @@ class DensityLoss:
         if not self._losses:
             raise RuntimeError("no density loss recorded: run a forward pass in training mode with grad enabled")
         self._used = True
-        losses = list(self._losses.values())
+        losses = [_mean_over_calls(calls) for calls in self._losses.values()]
         device = losses[0].device  # layers may sit on several GPUs (device_map)
         return self.config.weight * torch.stack([v.to(device) for v in losses]).mean()
 
@@ -256,6 +258,14 @@ class DensityLoss:
 
     def __repr__(self) -> str:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
+
+
+def _mean_over_calls(calls: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """A layer's term over all its calls: the mean over all their elements, as one unchunked call would give."""
+    if len(calls) == 1:
+        return calls[0][0]
+    total = sum(n for _, n in calls)
+    return sum(loss * (n / total) for loss, n in calls)
 
 
 class _LayerHook:
