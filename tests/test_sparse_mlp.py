@@ -251,6 +251,29 @@ def test_sparsify_refuses_parts_with_hooks_it_would_drop():
         pefttorch.sparsify(plain)
 
 
+@pytest.mark.parametrize("family", ["llama", "t5", "gpt2"])
+def test_sparsify_refuses_hooks_in_blocks_it_replaces_whole(family):
+    """Gated, T5 and GPT-2 blocks are replaced whole; only a probe guarded them, which passes while a hook is the
+    identity (a fresh (IA)^3 vector, weights loaded later): the hooks were dropped silently. And the probe ran the
+    density loss's hooks, which counted it as an evaluation forward."""
+    model = FAMILIES[family].build().eval()
+    handle = pefttorch.attach_density_loss(model)
+    with pytest.raises(ValueError, match=r"act(_fn)? \((\w+)\) carries forward hooks"):
+        pefttorch.sparsify(model)
+    assert handle.densities("eval") == {}  # no probe ran
+    assert not any(isinstance(m, SparseMLP) for m in model.modules())
+    handle.remove()
+    path = BLOCKS[family][0]
+    hook = model.get_submodule(path).register_forward_pre_hook(lambda module, args: None)  # on the block itself
+    with pytest.raises(ValueError, match=rf"{path} \(\w+\) carries forward hooks"):
+        pefttorch.sparsify(model)
+    hook.remove()
+    ia3 = pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.IA3Config(
+        target_modules=["down_proj"], feedforward_modules=["down_proj"])).eval()
+    with pytest.raises(ValueError, match=r"mlp\.down_proj \(Linear\) carries forward hooks"):
+        pefttorch.sparsify(ia3)
+
+
 def test_sparsify_refuses_a_bypassed_part_holding_more_than_the_mlp():
     """RoBERTa-PreLayerNorm's intermediate normalises its input before `dense`: sparsify bypassed the whole
     intermediate and dropped the LayerNorm, and the model's outputs changed at threshold 0."""

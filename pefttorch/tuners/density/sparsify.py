@@ -25,12 +25,13 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     blocks = find_mlp_blocks(model)
     if any(b.name == "" for b in blocks):
         raise ValueError("the model itself is an MLP block: use SparseMLP.from_mlp(model) instead")
+    for block in blocks:  # before from_mlp's probe, which would run the hooks (the density loss's counts it)
+        _check_no_hooks(block)
     built = [(b, SparseMLP.from_mlp(b.module, threshold)) for b in blocks]
     for block, sparse in built:
         if not block.layout.replace:
             _check_bypass_holds_only_the_mlp(block)
             _check_nothing_else_reads_the_activation(block, sparse)
-            _check_no_hooks(block)
     names = []
     for block, sparse in built:
         target = block.name if block.layout.replace else block.part_name(block.layout.down)
@@ -43,16 +44,21 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
 
 
 def _check_no_hooks(block) -> None:
-    """A block kept in place (BERT, BART) is not probed as a whole (replaced blocks are: their hooks show there), and
-    the parts swapped or bypassed take their hooks with them: pefttorch's own bottleneck adapters and (IA)^3, both
-    hooks, were silently dropped. Refuse, naming the module."""
+    """The modules sparsify replaces (a whole block, or the parts swapped or bypassed of one kept in place: BERT,
+    BART) take their hooks with them: pefttorch's own bottleneck adapters and (IA)^3, both hooks, the density loss's
+    and the user's were silently dropped (a replaced block's probe misses a hook that is the identity for now, as
+    a fresh (IA)^3 vector). Refuse, naming the module."""
     layout = block.layout
-    for path in dict.fromkeys(p for p in (layout.gate, layout.up, layout.act, layout.down, *layout.bypass) if p):
+    paths = [""] if layout.replace else [p for p in (layout.gate, layout.up, layout.act, layout.down, *layout.bypass)
+                                         if p]
+    for path in dict.fromkeys(paths):
         for name, module in block.module.get_submodule(path).named_modules(prefix=path):
             if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
-                raise ValueError(f"{block.part_name(name)} ({type(module).__name__}) carries forward hooks (an "
-                                 "adapter's, (IA)^3's, or your own), which sparsify would drop with the module: remove "
-                                 "them, or merge what can be merged (merge_and_unload()), first")
+                where = block.part_name(name) if name else block.name
+                raise ValueError(f"{where} ({type(module).__name__}) carries forward hooks (an adapter's, (IA)^3's, "
+                                 "the density loss's, or your own), which sparsify would drop with the module: remove "
+                                 "them (handle.remove() for the density loss), or merge what can be merged "
+                                 "(merge_and_unload()), first")
 
 
 def _check_bypass_holds_only_the_mlp(block) -> None:
