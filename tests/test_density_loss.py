@@ -130,6 +130,25 @@ def test_densities_per_layer_and_mode():
         handle.densities("test")
 
 
+def test_densities_weigh_each_forward_by_its_elements():
+    """The eval density depended on the eval batch size: each forward's share was averaged with equal weight, so a
+    short last batch weighed as much as a full one. It is the share over all elements since the last read."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"].build().eval()
+    handle = attach_density_loss(model, DensityLossConfig(threshold=0.05))
+    acts = {n: [] for n in handle.layers}
+    for n in handle.layers:
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: acts[n].append(o))
+    ids = torch.randint(2, 94, (9, 6), generator=torch.Generator().manual_seed(1))
+    ids[8] = 5  # unlike the others
+    with torch.no_grad():
+        model(input_ids=ids[:8])
+        model(input_ids=ids[8:])
+    got = handle.densities("eval")
+    for n, v in acts.items():
+        assert got[n] == pytest.approx(reference.activation_density(torch.cat(v), 0.05).item(), rel=1e-6)
+
+
 def test_no_term_outside_training_and_remove_restores():
     fam = FAMILIES["bert"]
     model = fam.build()
@@ -206,15 +225,16 @@ def lora_with_density_loss_and_eager_step():
     return model, ids, want, want_grads
 
 
-def assert_same_step(model, got, want, want_grads):
+def assert_same_step(model, ids, got, want, want_grads):
     """`got` (a loss not yet backpropagated) and its gradients equal the eager step's; one density count per
-    forward (two so far): a recomputation in backward is not counted again."""
+    forward (two so far, of the activation's elements each): a recomputation in backward is not counted again."""
     torch.testing.assert_close(got, want)
     got.backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
-    assert model.density_loss._counts["train"] == {n: 2 for n in model.density_loss.layers}
+    per_forward = ids.numel() * model.get_base_model().config.intermediate_size
+    assert model.density_loss._counts["train"] == {n: 2 * per_forward for n in model.density_loss.layers}
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -225,7 +245,7 @@ def test_gradient_checkpointing(reentrant):
         with pytest.raises(RuntimeError, match="use_reentrant"):
             model(input_ids=ids, labels=ids)
         return
-    assert_same_step(model, model(input_ids=ids, labels=ids).loss, want, want_grads)
+    assert_same_step(model, ids, model(input_ids=ids, labels=ids).loss, want, want_grads)
 
 
 def test_meft_reversible_layers_are_refused_and_the_ordinary_ones_train():
@@ -274,7 +294,7 @@ def test_torch_compile_gives_the_eager_loss_and_gradients_in_one_graph(checkpoin
     # (with checkpointing, transformers' own hook that makes the embeddings' output require grad breaks the graph)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=not checkpointing)
     got = compiled(input_ids=ids, labels=ids, use_cache=False).loss  # (transformers' warning about it breaks)
-    assert_same_step(model, got, want, want_grads)
+    assert_same_step(model, ids, got, want, want_grads)
 
 
 @pytest.mark.slow

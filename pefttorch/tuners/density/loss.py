@@ -141,9 +141,12 @@ class DensityLoss:
         elif module.training and self._root_grad:
             self._no_grad_layers.add(name)
             self._reversible = self._reversible or in_reversible_forward()
+        # weighted by the elements: the share over all of them, whatever the batch sizes (a short last eval batch
+        # weighed as much as a full one)
+        n = output.numel()
         sums = self._sums[mode]
-        sums[name] = sums[name] + density if name in sums else density
-        self._counts[mode][name] = self._counts[mode].get(name, 0) + 1
+        sums[name] = sums[name] + density * n if name in sums else density * n
+        self._counts[mode][name] = self._counts[mode].get(name, 0) + n
 
     def _start(self, module, args, kwargs):
         self._root_grad = module.training and torch.is_grad_enabled()
@@ -224,7 +227,8 @@ class DensityLoss:
         return self.config.weight * torch.stack([v.to(device) for v in losses]).mean()
 
     def densities(self, mode: str = "train", reset: bool = True) -> dict[str, float]:
-        """Mean activation density per hooked layer over the forwards in `mode` since the last reset."""
+        """Activation density per hooked layer: the share of active elements over all of its calls in `mode` since
+        the last reset."""
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         sums, counts = self._sums[mode], self._counts[mode]
