@@ -137,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
 
     def density(model):
         """Mean over layers of the share of MLP activations with |a| > threshold on the test set."""
-        handle = pefttorch.attach_density_loss(model, pefttorch.DensityLossConfig(threshold=args.density_threshold))
+        # the training's own density loss measures at the same threshold (a second one on the model is refused)
+        own = getattr(model, "density_loss", None)
+        handle = own or pefttorch.attach_density_loss(
+            model, pefttorch.DensityLossConfig(threshold=args.density_threshold))
+        handle.reset("eval")
         predict(model)
-        handle.remove()
+        if own is None:
+            handle.remove()
         return handle.mean_density("eval")
 
     targets = ["query", "key", "value"]

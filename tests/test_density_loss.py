@@ -452,6 +452,22 @@ def test_failed_attach_leaves_the_model_unchanged():
         DensityLossConfig(eps=1e-23)
 
 
+def test_a_second_density_loss_on_a_model_is_refused():
+    """attach_density_loss on a model carrying one (its own earlier attach, or a PeftModel whose config asks for one)
+    was accepted silently, and the term was added twice."""
+    model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                  density_loss=DensityLossConfig()))
+    for target in (model, model.get_base_model()):
+        with pytest.raises(ValueError, match=r"carries a density loss already .*layers\.0\.mlp\.act_fn.*one per model"):
+            attach_density_loss(target, DensityLossConfig())
+    plain = FAMILIES["bert"].build()
+    handle = attach_density_loss(plain)
+    with pytest.raises(ValueError, match="carries a density loss already"):
+        attach_density_loss(plain)
+    handle.remove()
+    attach_density_loss(plain)  # after remove(), another may go on
+
+
 def test_a_tuple_output_takes_the_term_too():
     """return_dict=False (or a config's torchscript=True) gives (loss, logits, ...): the term was added only to a
     dict's loss, and went nowhere, silently."""

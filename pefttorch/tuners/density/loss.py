@@ -88,6 +88,15 @@ def _activation_modules(model: nn.Module, config: DensityLossConfig) -> dict[str
     return found
 
 
+def _check_not_attached(model: nn.Module) -> None:
+    """A second density loss on a model (or on the model inside it, a PeftModel's) adds its term a second time."""
+    for name, module in model.named_modules():
+        if any(isinstance(h, _LayerHook) for h in module._forward_hooks.values()):
+            raise ValueError(f"{type(model).__name__} carries a density loss already (its hooks are on "
+                             f"{name or 'the model'}), and a second would add its term again: one per model. Remove "
+                             "the first (its handle's remove()) to attach another")
+
+
 class DensityLoss:
     """The hooks :func:`attach_density_loss` put on a model, and what they measured.
 
@@ -98,6 +107,7 @@ class DensityLoss:
 
     def __init__(self, model: nn.Module, config: DensityLossConfig) -> None:
         self.config = config
+        _check_not_attached(model)
         self.modules = _activation_modules(model, config)
         # per layer, (loss, elements) of each of its calls in the latest training forward: a module that runs several
         # times in one forward (BERT's chunked feed-forward, a layer shared across depths) is one layer
