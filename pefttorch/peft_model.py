@@ -270,6 +270,8 @@ class PeftModel(Forwarding):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
+        if not any(getattr(c, "density_loss", None) is not None for c in self.peft_config.values()):
+            self._detach_density_loss()  # its only config went with the adapter (as unload() detaches it)
 
     @contextlib.contextmanager
     def disable_adapter(self):

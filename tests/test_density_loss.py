@@ -195,6 +195,26 @@ def test_lora_config_density_loss_trains_and_is_not_saved(tmp_path):
         DensityLossConfig(weight=float("nan"))
 
 
+def test_deleting_the_adapter_that_asked_for_the_density_loss_detaches_it():
+    """delete_adapter left the density loss on when no remaining adapter's config asked for it (unload and
+    merge_and_unload detach it): the remaining adapter trained with a term its config does not have."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
+    model.add_adapter("same", LoraConfig(r=4, target_modules=["k_proj"], density_loss=DensityLossConfig()))
+    model.add_adapter("plain", LoraConfig(r=4, target_modules=["v_proj"]))
+    model.set_adapter("plain")
+    model.delete_adapter("default")
+    assert model.density_loss is not None  # "same" still asks for it
+    model.delete_adapter("same")
+    assert model.density_loss is None
+    assert not any(m._forward_hooks for m in model.modules())
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        torch.testing.assert_close(loss.detach(), model.get_base_model()(input_ids=ids, labels=ids).loss)
+
+
 def test_target_modules_and_errors():
     model = FAMILIES["bert"].build()
     handle = attach_density_loss(model, DensityLossConfig(target_modules=r".*layer\.1\..*intermediate_act_fn"))
