@@ -228,6 +228,10 @@ def test_target_modules_and_errors():
     lin = torch.nn.Sequential(torch.nn.Linear(3, 3), shared, torch.nn.Linear(3, 3), shared)
     with pytest.raises(ValueError, match="shared"):
         attach_density_loss(lin, DensityLossConfig(target_modules=["1", "3"]))
+    # a module whose output is no tensor (BertAttention's tuple): every forward silently added nothing
+    attach_density_loss(model, DensityLossConfig(target_modules=r".*layer\.\d+\.attention"))
+    with pytest.raises(ValueError, match=r"layer\.0\.attention \(BertAttention\), whose output is a tuple, not a"):
+        model(**FAMILIES["bert"].inputs(torch.Generator().manual_seed(0)))
 
 
 def lora_with_density_loss_and_eager_step():

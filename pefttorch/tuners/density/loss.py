@@ -137,7 +137,13 @@ class DensityLoss:
         return list(self.modules)
 
     def _record(self, name: str, module: nn.Module, output) -> None:
-        if not isinstance(output, torch.Tensor) or output.numel() == 0:
+        if not isinstance(output, torch.Tensor):
+            # every forward silently added nothing; the output's type shows only now (the MLP activations found by
+            # default are tensors: this is target_modules naming something else)
+            raise ValueError(f"the density loss hooks {name} ({type(module).__name__}), whose output is a "
+                             f"{type(output).__name__}, not a tensor: DensityLossConfig.target_modules must name "
+                             "activation modules (their output is the activations)")
+        if output.numel() == 0:
             return
         loss, density = functional.density_loss(output, self.config.eps, self.config.density_threshold)
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
