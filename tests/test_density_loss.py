@@ -492,6 +492,22 @@ def test_a_second_density_loss_on_a_model_is_refused():
     attach_density_loss(plain)  # after remove(), another may go on
 
 
+def test_config_takes_numpy_and_torch_scalars_and_checks_target_modules():
+    """numpy/torch scalars were refused with a message contradicting them ("must be >= 0, got np.float32(0.1)"), and
+    target_modules=3 passed the config, then attach failed with a bare TypeError."""
+    np = pytest.importorskip("numpy")
+    config = DensityLossConfig(weight=np.float32(0.5), eps=torch.tensor(1e-3), threshold=np.float64(0.1))
+    assert (config.weight, config.eps, config.threshold) == (0.5, pytest.approx(1e-3), pytest.approx(0.1))
+    assert all(type(v) is float for v in (config.weight, config.eps, config.threshold))
+    with pytest.raises(ValueError, match="threshold must be >= 0 or None, got -1.0"):
+        DensityLossConfig(threshold=np.int64(-1))
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got tensor"):
+        DensityLossConfig(weight=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="DensityLossConfig: target_modules must be a list of module names"):
+        DensityLossConfig(target_modules=3)
+    assert DensityLossConfig(target_modules=("act_fn",)).target_modules == ["act_fn"]
+
+
 def test_a_tuple_output_takes_the_term_too():
     """return_dict=False (or a config's torchscript=True) gives (loss, logits, ...): the term was added only to a
     dict's loss, and went nowhere, silently."""
