@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .tuners._config import TASK_MODULES_TO_SAVE
 from .tuners._forwarding import Forwarding
 from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLearnModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
-from .tuners.lora.config import CONFIG_NAME, TASK_MODULES_TO_SAVE, LoraConfig
+from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.layer import LoraLayer, ModulesToSaveWrapper
 from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from hf_models import FAMILIES
+from safetensors import safe_open
 
 from pefttorch import LoraConfig, PeftModel, get_peft_model
 from pefttorch.tuners.lora import LoraLayer
@@ -884,6 +885,64 @@ def test_modules_to_save_that_wrap_nothing_are_refused(method, names):
         get_peft_model(fresh(FAMILIES["bert"]), config)
     kept = get_peft_model(fresh(FAMILIES["bert"]), dataclasses.replace(config, modules_to_save=["classifier"]))
     assert any("classifier.modules_to_save" in n for n, p in kept.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("task, kind, head", [("TOKEN_CLS", "ForTokenClassification", "score"),
+                                              ("QUESTION_ANS", "ForQuestionAnswering", "qa_outputs"),
+                                              ("SEQ_CLS", "ForSequenceClassification", "score")])
+def test_a_tasks_new_head_trains_and_is_saved_as_hf_peft_does(task, kind, head, tmp_path):
+    """HF PEFT trains and saves the new head of TOKEN_CLS (classifier/score) and QUESTION_ANS (qa_outputs) models, and
+    adds the task's heads to a modules_to_save the user gives: only SEQ_CLS without a list did here (the head stayed
+    frozen, random and unsaved)."""
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+        return getattr(transformers, f"Qwen2{kind}")(config)
+
+    # dotted: HF PEFT matches "norm" as any name ending so (input_layernorm too)
+    for extra in (None, [f"{build().base_model_prefix}.norm"]):
+        config = dict(r=2, target_modules=["q_proj"], task_type=task, modules_to_save=extra)
+        ours = get_peft_model(build(), LoraConfig(**config))
+        theirs = peft.get_peft_model(build(), peft.LoraConfig(**copy.deepcopy(config)))
+
+        def trained(model):
+            return sorted({n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                           if p.requires_grad and ".modules_to_save." in n})
+
+        assert trained(ours) == trained(theirs) == sorted({head, *(["norm"] if extra else [])})
+        ours.save_pretrained(tmp_path / task)
+        with safe_open(tmp_path / task / "adapter_model.safetensors", "pt") as f:
+            assert any(f".{head}." in k for k in f.keys())
+
+
+def test_all_linear_leaves_the_head_alone_when_another_adapter_is_on_it():
+    """The output head is compared with the layer found: once a first adapter wrapped lm_head, a second all-linear
+    adapter took it too (HF PEFT's does not), and its own saved adapter then failed to load."""
+    model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
+    assert sorted(model.base_model.model.lm_head.lora_A) == ["default"]
+
+
+def test_all_linear_warns_of_weights_it_leaves_alone():
+    """A transformers-5 mixture of experts keeps its experts as 3-D parameters, which HF PEFT's all-linear adapts
+    through target_parameters: left alone without a word, most of the model went without an adapter."""
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 8, 6))
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), Experts(), torch.nn.Conv1d(2, 2, 3))
+    with pytest.warns(UserWarning, match=r'"all-linear" adapts linear layers only; 1 weight\(s\) of other layers '
+                                         r"are left alone \(1\.gate_up_proj: a mixture of experts"):
+        get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the conv's 3-D weight is not one
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Conv1d(2, 2, 3)),
+                       LoraConfig(r=2, target_modules="all-linear"))
 
 
 def test_a_failed_modules_to_save_copy_gives_the_head_back_trainable():

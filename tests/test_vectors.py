@@ -114,6 +114,24 @@ def test_default_sites_of_aliased_model_types():
         assert {(s.path.rsplit(".", 1)[-1], s.on_input) for s in sites} == want
 
 
+@pytest.mark.parametrize("kind", ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2"])
+def test_default_sites_of_decoders_are_hf_pefts(kind):
+    """Qwen and Gemma took Llama's keys where HF PEFT's defaults take queries; the docstring said only BERT,
+    BART/Marian and mT5 differ."""
+    import transformers
+    from peft.utils import constants
+
+    config = getattr(transformers, f"{kind}Config")(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                    head_dim=8)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config)
+    sites = get_peft_model(model, IA3Config()).base_model.sites
+    model_type = config.model_type
+    feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]
+    want = {(n, n in feedforward) for n in constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]}
+    assert {(s.path.rsplit(".", 1)[-1], s.on_input) for s in sites} == want
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
 def test_only_the_vectors_train(family, config):

@@ -70,9 +70,15 @@ def module_names(value, what: str, owner: str):
     raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
 
 
+# As in HF PEFT: a classification or question-answering model's new head trains in full and is saved with the
+# adapter (the names cover the model types; one match suffices).
+TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                        "QUESTION_ANS": ["qa_outputs"]}
+
+
 def normalize_common(config) -> None:
-    """The fields most configs share: a single layer index or module name becomes a list, and a sequence
-    classifier's new head trains in full (HF PEFT's default modules_to_save for SEQ_CLS)."""
+    """The fields most configs share: a single layer index or module name becomes a list, and a task's new head
+    trains in full (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS and QUESTION_ANS, added to the user's)."""
     layers = getattr(config, "layers_to_transform", None)
     if isinstance(layers, int) and not isinstance(layers, bool):
         config.layers_to_transform = layers = [layers]
@@ -82,8 +88,10 @@ def normalize_common(config) -> None:
                          f"(integers >= 0), got {layers!r}")
     if isinstance(config.modules_to_save, str):
         config.modules_to_save = [config.modules_to_save]
-    if config.modules_to_save is None and config.task_type == "SEQ_CLS":
-        config.modules_to_save = ["classifier", "score"]
+    heads = TASK_MODULES_TO_SAVE.get(config.task_type)
+    if heads:  # added to the user's own, as HF PEFT does (given a list, the new head stayed frozen and unsaved)
+        have = list(config.modules_to_save or [])
+        config.modules_to_save = have + [h for h in heads if h not in have]
 
 
 # Fields of HF PEFT's adapter_config.json that are bookkeeping: they never change what an adapter computes.

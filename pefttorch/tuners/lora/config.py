@@ -33,8 +33,6 @@ DEFAULT_TARGET_MODULES = {
     "codegen": ["qkv_proj"],
     "mpt": ["Wqkv"],
 }
-# As in HF PEFT: for sequence classification the new head is trained in full and saved with the adapter.
-TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"]}
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
 
@@ -76,7 +74,8 @@ class LoraConfig:
         layers_to_transform, layers_pattern: adapt only these layer indices (of the ModuleList named by
             layers_pattern, default: the first numbered one).
         fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D.
-        task_type: HF PEFT's task type (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); SEQ_CLS trains the head.
+        task_type: HF PEFT's task type (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); as in HF PEFT, SEQ_CLS and TOKEN_CLS
+            add ``classifier`` and ``score`` to modules_to_save, QUESTION_ANS ``qa_outputs`` (the new head trains).
         density_loss: a :class:`pefttorch.DensityLossConfig` (or its fields as a dict) to train with DEFT's
             density loss on the MLP activations (see :func:`pefttorch.attach_density_loss`); pefttorch only,
             a training setting: not written to adapter_config.json.

@@ -119,7 +119,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         linear = is_linear(base)
         if linear:
             linear_names[name.rsplit(".", 1)[-1]] += 1
-        matched = (linear and base is not head) if spec == ALL_LINEAR else _matches(spec, name)
+        # the head may already carry another adapter: then `module` is it, and its base is not
+        matched = (linear and head is not base and head is not module) if spec == ALL_LINEAR else _matches(spec, name)
         if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
                 or _in_modules_to_save(name, config.modules_to_save)
                 or (config.layers_to_transform
@@ -131,6 +132,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
         targets.append(Target(name, module, r, alpha))
+    if spec == ALL_LINEAR:
+        _warn_of_fused_weights(model)
     if unsupported:
         raise ValueError(
             "pefttorch LoRA adapts nn.Linear and transformers Conv1D layers; these matched modules are not: "
@@ -148,6 +151,20 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                else "")
         )
     return targets
+
+
+def _warn_of_fused_weights(model: nn.Module) -> None:
+    """"all-linear" takes linear layers; a mixture of experts in transformers 5 keeps its experts as 3-D parameters
+    of one module, which HF PEFT's all-linear adapts too (target_parameters, which pefttorch does not support):
+    left alone silently, most of such a model's weights went without an adapter."""
+    fused = [f"{name}.{p}" if name else p for name, m in model.named_modules()
+             if not isinstance(m, nn.modules.conv._ConvNd)
+             for p, t in m.named_parameters(recurse=False) if t.dim() >= 3]
+    if fused:
+        warnings.warn(f'target_modules="all-linear" adapts linear layers only; {len(fused)} weight(s) of other '
+                      f"layers are left alone ({', '.join(fused[:3])}{' ...' if len(fused) > 3 else ''}: a mixture "
+                      f"of experts' fused experts?), which HF PEFT adapts with target_parameters, not supported here",
+                      UserWarning, stacklevel=3)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -16,14 +16,15 @@ SSF = "SSF"
 IA3_DEFAULTS = {
     "bert": (r".*\.(?:key|value|\d+\.output\.dense)", r".*\.\d+\.output\.dense"),
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),  # HF PEFT's choice for Qwen and Gemma: queries
     "t5": (["k", "v", "wo"], ["wo"]),
     "marian": (["k_proj", "v_proj", "fc2"], ["fc2"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
 }
 # A family's default serves its relatives; HF PEFT's own differ for bart (q_proj, not k_proj) and mt5 (wi_1's output,
 # no feedforward module), and it has none for marian/mbart (documented in IA3Config).
-IA3_ALIASES = {"roberta": "bert", "mistral": "llama", "qwen2": "llama", "gemma": "llama", "mt5": "t5",
-               "mbart": "marian", "bart": "marian"}
+IA3_ALIASES = {"roberta": "bert", "mistral": "llama", "qwen3": "qwen2", "gemma": "qwen2", "gemma2": "qwen2",
+               "mt5": "t5", "mbart": "marian", "bart": "marian"}
 
 
 @reject_unknown_fields
@@ -34,8 +35,9 @@ class IA3Config(TargetedConfig):
 
     Args:
         target_modules: module names (a module matches if its name equals one or ends with ``.name``), a regex
-            matched against the whole module name, or ``"all-linear"``. None: keys, values and the FFN's output
-            projection for BERT, Llama, T5, Marian/BART and GPT-2 families.
+            matched against the whole module name, or ``"all-linear"``. None: keys (queries for Qwen and Gemma, as
+            in HF PEFT), values and the FFN's output projection for BERT, Llama, Qwen, Gemma, T5, Marian/BART and
+            GPT-2 families.
         feedforward_modules: the targets scaled on their input (the FFN intermediate activation). None (as in HF
             PEFT): the model type's default feedforward modules, those of them among the targets (none for a model
             type without defaults). The defaults are pefttorch's and differ from HF PEFT's in places:
