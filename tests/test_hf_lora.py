@@ -945,6 +945,49 @@ def test_all_linear_warns_of_weights_it_leaves_alone():
                        LoraConfig(r=2, target_modules="all-linear"))
 
 
+@pytest.mark.parametrize("method", ["ia3", "bitfit"])
+def test_a_module_to_save_inside_another_is_trained_with_it(method, tmp_path):
+    """["pooler", "pooler.dense"]: the inner module was wrapped again inside the outer copy, never called, and its
+    untrained copy was saved under the outer copy's key (the reload lost the training), as LoRA does not."""
+    import pefttorch
+
+    config = (pefttorch.IA3Config(target_modules=["value"], feedforward_modules=[], modules_to_save=["pooler",
+                                                                                                    "pooler.dense"])
+              if method == "ia3" else pefttorch.BitFitConfig(modules_to_save=["pooler", "dense"]))
+    family = FAMILIES["bert"]
+    model = get_peft_model(fresh(family), config)
+    batch = inputs_of(family)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).zero_grad()
+    model(**batch).logits.sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    wrappers = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    assert "base_model.model.bert.pooler" in wrappers
+    assert not [(a, b) for a in wrappers for b in wrappers if b.startswith(a + ".")]  # none inside another
+    with torch.no_grad():
+        model.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.add_(1.0)
+        want = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh(family), tmp_path), batch), want)
+
+
+def test_modules_to_save_naming_an_adapter_is_refused():
+    """An adapter named like a module to save: LoRA's own factors (query.lora_A.classifier) were wrapped and trained
+    in full as "modules to save" (HF PEFT refuses it); the model is left as it was."""
+    family = FAMILIES["bert"]
+    base = fresh(family)
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"matches .*query\.lora_A\.classifier, part of a LoRA layer: an adapter's "
+                                         r"name is also a name in modules_to_save"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]),
+                       adapter_name="classifier")
+    assert {n: p for n, p in base.state_dict().items()}.keys() == before.keys()
+    model = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"lora_A\.default, part of a LoRA layer"):
+        model.add_adapter("two", LoraConfig(r=2, target_modules=["query"], modules_to_save=["default"]))
+    assert "two" not in model.peft_config
+
+
 def test_a_failed_modules_to_save_copy_gives_the_head_back_trainable():
     """The wrapper freezes the original before copying it: a copy that failed left the user's head frozen."""
     import threading

@@ -49,10 +49,15 @@ class HookedModel(Forwarding):
         """Wraps modules_to_save and marks what trains; call once the method's own parameters exist."""
         config = self.method_config
         name = self.active_adapters[0]
+        inside: tuple[str, ...] = ()  # wrapped subtrees: the copy trains whole (a wrapper inside was never called)
         for path, module in list(self.model.named_modules()):
-            if config.modules_to_save and _name_matches(path, config.modules_to_save) \
-                    and not isinstance(module, ModulesToSaveWrapper):
+            if not path or path.startswith(inside):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                inside += (path + ".",)
+            elif config.modules_to_save and _name_matches(path, config.modules_to_save):
                 _set_submodule(self.model, path, ModulesToSaveWrapper(module, name))
+                inside += (path + ".",)
         self._mark_trainable()
 
     # Not `config`: that name is the wrapped model's transformers config, which the HF Trainer reads through the

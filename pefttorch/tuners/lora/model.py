@@ -25,7 +25,8 @@ def _is_bias(key: str) -> bool:
 
 
 def _name_matches(name: str, keys) -> bool:
-    """HF PEFT's rule for lists of names: the module's name is a key or ends with ``.key``."""
+    """The module's name is a key or ends with ``.key`` (HF PEFT's rule for target_modules; for modules_to_save HF
+    PEFT takes any name ending with the key, so that "norm" matches "input_layernorm" too)."""
     return any(name == k or name.endswith(f".{k}") for k in keys)
 
 
@@ -265,10 +266,16 @@ class LoraModel(Forwarding):
         for name, module in list(self.model.named_modules()):
             if not config.modules_to_save or not _name_matches(name, config.modules_to_save):
                 continue
+            parents = self._parents(name)
+            if any(isinstance(p, LoraLayer) for p in parents):
+                # an adapter's name (lora_A.<name>) taken for a module's: its factors would be copied and trained
+                # in full (HF PEFT refuses this too); raised here, the injection is undone
+                raise ValueError(f"modules_to_save={config.modules_to_save} matches {name}, part of a LoRA layer: an "
+                                 f"adapter's name is also a name in modules_to_save; rename the adapter")
             if isinstance(module, ModulesToSaveWrapper):
                 copied.append(module)
                 module.add_adapter(adapter_name)
-            elif not any(isinstance(p, ModulesToSaveWrapper) for p in self._parents(name)):
+            elif not any(isinstance(p, ModulesToSaveWrapper) for p in parents):
                 # recorded first: the wrapper freezes the original before copying it, which may fail
                 wrapped.append((name, module, [p.requires_grad for p in module.parameters()]))
                 _set_submodule(self.model, name, ModulesToSaveWrapper(module, adapter_name))
