@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import torch
@@ -57,13 +58,28 @@ def build_info() -> dict:
     }
 
 
+# The Trainer callbacks load transformers' Trainer (seconds): only when asked for. Listed (dir, `import *`) only
+# where transformers is installed, since asking for them without it raises the ImportError that says so.
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a module without a spec
+        return False
+
+
+_CALLBACKS = ("DensityLossCallback", "RankAllocationCallback") if _installed("transformers") else ()
+
+
 def __getattr__(name: str):
-    # the Trainer callbacks load transformers' Trainer (seconds): only when asked for
     if name in ("DensityLossCallback", "RankAllocationCallback"):
         from . import callbacks
 
         return getattr(callbacks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_CALLBACKS})
 
 
 __all__ = [
@@ -73,7 +89,6 @@ __all__ = [
     "BitFitConfig",
     "DensityLoss",
     "DeptConfig",
-    "DensityLossCallback",
     "DensityLossConfig",
     "IA3Config",
     "IncreLoraConfig",
@@ -83,7 +98,6 @@ __all__ = [
     "PeftModel",
     "PrefixTuningConfig",
     "PromptTuningConfig",
-    "RankAllocationCallback",
     "ScaLearnConfig",
     "SsfConfig",
     "__version__",
@@ -103,4 +117,5 @@ __all__ = [
     "sparsify",
     "unfuse_norms",
     "unfuse_rotary",
+    *_CALLBACKS,
 ]

@@ -126,3 +126,21 @@ def test_import_leaves_transformers_and_dynamo_unloaded():
             "print(pefttorch.RankAllocationCallback.__mro__[1].__name__, pefttorch.DensityLossCallback.__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[:2] == ["[]", "TrainerCallback DensityLossCallback"]
+
+
+def test_the_lazy_callbacks_are_listed_only_where_they_load():
+    """With transformers installed they show in dir() and `import *`; without it (the hf extra is optional)
+    `import *` listed them and raised, and asking for one says what to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys{block}; import pefttorch; names = {{}}; exec('from pefttorch import *', names); "
+            "print('RankAllocationCallback' in names, 'DensityLossCallback' in dir(pefttorch))\n"
+            "try:\n    pefttorch.DensityLossCallback; print('loaded')\n"
+            "except ImportError as e:\n    print(e)")
+    needs = "pefttorch's Trainer callbacks need transformers: pip install 'pefttorch[hf]'"
+    without = "; sys.modules['transformers'] = None"
+    for block, want in (("", ["True True", "loaded"]), (without, ["False False", needs])):
+        result = subprocess.run([sys.executable, "-c", code.format(block=block)], capture_output=True, text=True,
+                                check=True)
+        assert result.stdout.split("\n")[:2] == want
