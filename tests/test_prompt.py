@@ -436,7 +436,7 @@ def test_a_text_initialised_prompt_loads_without_its_tokenizer(tmp_path):
         torch.testing.assert_close(logits(loaded, batch), logits(model, batch))
 
 
-@pytest.mark.parametrize("kind", ["Llama", "GPT2"])
+@pytest.mark.parametrize("kind", ["Llama", "GPT2", "CTRL"])  # CTRL's head is `classifier`, not `score`
 @pytest.mark.parametrize("method", ["prompt", "dept"])
 def test_a_decoder_classifier_pools_each_rows_last_real_token(kind, method):
     """A decoder sequence classifier finds each row's last non-pad token in input_ids; given the prompted embeddings
@@ -445,9 +445,12 @@ def test_a_decoder_classifier_pools_each_rows_last_real_token(kind, method):
 
     torch.manual_seed(0)
     size = dict(vocab_size=96, num_labels=3, pad_token_id=0)
-    config = (transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=64, **size) if kind == "Llama"
-              else transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **size))
+    config = {"Llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2,
+                                                        max_position_embeddings=64, **size),
+              "GPT2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **size),
+              "CTRL": lambda: transformers.CTRLConfig(n_embd=32, dff=64, n_layer=2, n_head=4, n_positions=64, **size),
+              }[kind]()
     base = getattr(transformers, f"{kind}ForSequenceClassification")(config).eval()
     config = (PromptTuningConfig if method == "prompt" else DeptConfig)(num_virtual_tokens=3, task_type="SEQ_CLS")
     model = get_peft_model(base, config)
@@ -464,3 +467,54 @@ def test_a_decoder_classifier_pools_each_rows_last_real_token(kind, method):
     torch.testing.assert_close(out.logits, torch.cat(alone), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(torch.cat(alone), labels),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_calls_pool_their_own_rows():
+    """Two threads sharing one model (a server, nn.DataParallel's replicas): where each call pools went from the
+    top hook to the head's hook through the model, and one call's head used the other's positions (a shape error, or
+    a right-padded row pooled at its pad). The hooks below only force that interleaving."""
+    import threading
+
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0)).eval()
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        model.base_model.prompt.normal_()
+    ids = torch.randint(3, 90, (2, 6))
+    ids[1, 4:] = 0
+    calls = {"A": ids[1:], "B": ids}
+    with torch.no_grad():
+        want = {k: model(input_ids=v, attention_mask=(v != 0).long()).logits for k, v in calls.items()}
+    both_in, a_done = threading.Barrier(2, timeout=10), threading.Event()
+    def both_past_the_top_hook(*_):
+        both_in.wait()
+
+    def b_pools_after_a(*_):
+        if threading.current_thread().name == "B":
+            a_done.wait(5)
+
+    hooks = [base.model.layers[0].register_forward_pre_hook(both_past_the_top_hook),
+             base.score.register_forward_pre_hook(b_pools_after_a)]
+    got = {}
+
+    def run(key):
+        try:
+            with torch.no_grad():
+                got[key] = model(input_ids=calls[key], attention_mask=(calls[key] != 0).long()).logits
+        finally:
+            if key == "A":
+                a_done.set()
+
+    threads = [threading.Thread(target=run, args=(k,), name=k) for k in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for h in hooks:
+        h.remove()
+    for k in calls:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)

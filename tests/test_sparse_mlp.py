@@ -298,3 +298,21 @@ def test_from_linears_refuses_a_projection_with_its_own_forward():
         SparseMLP.from_linears(Quantized(8, 16), torch.nn.Linear(16, 8), "relu")
     with pytest.raises(ValueError, match="forward of its own"):
         SparseMLP.from_linears(torch.nn.Linear(8, 16), Quantized(16, 8), "relu")
+
+
+def test_sparsify_takes_a_bypassed_part_with_a_dropout():
+    """TimeSformer's intermediate has a dropout after the activation: nothing at inference, where SparseMLP runs;
+    the check of what a bypassed part holds refused it."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.TimesformerModel(transformers.TimesformerConfig(
+        image_size=8, patch_size=4, num_channels=3, num_frames=2, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, hidden_act="relu")).eval()
+    assert isinstance(model.encoder.layer[0].intermediate.dropout, torch.nn.Dropout)
+    x = torch.randn(1, 2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+        pefttorch.sparsify(model, 0.0)
+        torch.testing.assert_close(model(x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, SparseMLP) for m in model.modules())

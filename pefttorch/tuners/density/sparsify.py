@@ -71,6 +71,8 @@ def _check_bypass_holds_only_the_mlp(block) -> None:
         for name, module in block.module.get_submodule(path).named_modules(prefix=path):
             if any(name == p or name.startswith(f"{p}.") for p in known):
                 continue
+            if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)):
+                continue  # nothing at inference (TimeSformer's intermediate has a dropout), and SparseMLP is that
             if name != path or next(module.parameters(recurse=False), None) is not None:
                 raise ValueError(f"{block.name or type(block.module).__name__}: its {name} ({type(module).__name__}) "
                                  f"is more than the MLP's {', '.join(known)} in the part sparsify would bypass, and "

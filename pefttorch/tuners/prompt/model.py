@@ -68,6 +68,9 @@ def _parameter_names(cls: type) -> list[str]:
 # True while an adapter is built only to have saved weights copied into it (PeftModel.from_pretrained): the initial
 # prompt is then not computed; a TEXT one needed its tokenizer, which a saved adapter does not (HF PEFT skips it too)
 WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch_weights_follow", default=False)
+# (model, where its sequence classifier pools each row) from the top hook to the head's hook of the same call: per
+# call, not on the model, so that threads sharing a model (nn.DataParallel's replicas) keep their own
+_POOL_AT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
 
 
 class VirtualTokenModel(HookedModel):
@@ -214,9 +217,9 @@ class PromptModel(VirtualTokenModel):
         # in input_ids; given the prompted embeddings instead it pools the last column, a pad token on right-padded
         # rows (HF PEFT's prompt tuning does). The head's hook puts the right token's logits there. After finish(),
         # which may wrap the head: a hook of the head itself would be deep-copied into the wrapper's copy.
-        self._last_tokens: torch.Tensor | None = None
-        head = getattr(model, "score", None)
-        self._pools = self.sequence_labels and self.encoder is None and isinstance(head, nn.Module)
+        head = next((h for h in (getattr(model, n, None) for n in ("score", "classifier")) if isinstance(h, nn.Module)),
+                    None)  # CTRL's and ModernBERT-decoder's are `classifier`; an encoder's, 2-D, is left alone
+        self._pools = self.sequence_labels and self.encoder is None and head is not None
         if self._pools:
             self.hook(head.register_forward_hook(self._pool_hook))
 
@@ -287,7 +290,7 @@ class PromptModel(VirtualTokenModel):
         return length
 
     def _top_hook(self, module, args, kwargs):
-        self._last_tokens = None
+        _POOL_AT.set(None)
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
@@ -302,7 +305,7 @@ class PromptModel(VirtualTokenModel):
         batch, length = source.shape[:2]
         if past_length == 0:  # the whole input: the prompt goes in front
             refuse_static(get_cache(kw), self.method)
-            self._last_tokens = self._last_real_tokens(module, kw.get("input_ids"))
+            _POOL_AT.set((self, self._last_real_tokens(module, kw.get("input_ids"))))
             self._with_prompt(kw)
             self._grow(kw, "attention_mask", batch, 1)
             self._grow(kw, "token_type_ids", batch, 0)
@@ -333,8 +336,9 @@ class PromptModel(VirtualTokenModel):
         return self.n + (positions * (ids != pad).to(torch.int32)).argmax(-1)
 
     def _pool_hook(self, module, args, output):
-        last, self._last_tokens = self._last_tokens, None  # one forward's
-        if last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
+        owner, last = _POOL_AT.get() or (None, None)
+        _POOL_AT.set(None)  # one forward's
+        if owner is not self or last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
             return None
         rows = torch.arange(output.shape[0], device=output.device)
         output = output.clone()
