@@ -10,7 +10,7 @@ import pytest
 import torch
 from hf_models import FAMILIES
 
-from pefttorch import DensityLossConfig, LoraConfig, attach_density_loss, get_peft_model, reference
+from pefttorch import DensityLoss, DensityLossConfig, LoraConfig, attach_density_loss, get_peft_model, reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -482,14 +482,44 @@ def test_a_second_density_loss_on_a_model_is_refused():
     model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(r=4, target_modules=["q_proj"],
                                                                   density_loss=DensityLossConfig()))
     for target in (model, model.get_base_model()):
-        with pytest.raises(ValueError, match=r"carries a density loss already .*layers\.0\.mlp\.act_fn.*one per model"):
+        with pytest.raises(ValueError, match=r"carries a density loss already.*one per model.*"
+                                             r"pefttorch\.DensityLoss\.attached_to\(model\)"):
             attach_density_loss(target, DensityLossConfig())
     plain = FAMILIES["bert"].build()
     handle = attach_density_loss(plain)
     with pytest.raises(ValueError, match="carries a density loss already"):
         attach_density_loss(plain)
+    # a copy carries a copy of the loss, whose handle the user never had: attached_to finds it
+    copied = copy.deepcopy(plain)
+    carried = DensityLoss.attached_to(copied)
+    assert carried is not None and carried is not handle and DensityLoss.attached_to(plain) is handle
+    carried.remove()
+    assert DensityLoss.attached_to(copied) is None
+    attach_density_loss(copied)
     handle.remove()
     attach_density_loss(plain)  # after remove(), another may go on
+
+
+def test_a_loop_over_the_backbone_adds_each_steps_own_term():
+    """Attached to a model whose backbone the loop calls itself (a custom head on the hidden states) and adding
+    loss() to its own loss: the model's call never started a fresh set of per-layer losses, so they piled up step
+    after step and the second backward went through the first step's freed graph."""
+    torch.manual_seed(0)
+    base = FAMILIES["llama"].build().train()
+    handle = attach_density_loss(base)
+    head = torch.nn.Linear(base.config.hidden_size, 1)
+    ids = torch.randint(3, 90, (2, 8))
+    seen = []
+    for module in handle.modules.values():
+        module.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    for _ in range(3):
+        for run in (lambda: base.model(input_ids=ids).last_hidden_state,
+                    lambda: base.forward(input_ids=ids).logits):  # forward() skips the model's own hooks too
+            seen.clear()
+            out = run()
+            want = torch.stack([reference.density_loss(a, 1e-7) for a in seen]).mean()
+            torch.testing.assert_close(handle.loss(), want)
+            (head(out[:, -1, :base.config.hidden_size]).pow(2).mean() + handle.loss()).backward()
 
 
 def test_config_takes_numpy_and_torch_scalars_and_checks_target_modules():

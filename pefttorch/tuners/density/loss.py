@@ -104,11 +104,11 @@ def _activation_modules(model: nn.Module, config: DensityLossConfig) -> dict[str
 
 def _check_not_attached(model: nn.Module) -> None:
     """A second density loss on a model (or on the model inside it, a PeftModel's) adds its term a second time."""
-    for name, module in model.named_modules():
-        if any(isinstance(h, _LayerHook) for h in module._forward_hooks.values()):
-            raise ValueError(f"{type(model).__name__} carries a density loss already (its hooks are on "
-                             f"{name or 'the model'}), and a second would add its term again: one per model. Remove "
-                             "the first (its handle's remove()) to attach another")
+    if DensityLoss.attached_to(model) is not None:
+        raise ValueError(f"{type(model).__name__} carries a density loss already, and a second would add its term "
+                         "again: one per model. Remove the first to attach another: its handle's remove(), where the "
+                         "handle is pefttorch.DensityLoss.attached_to(model) (a deep copy or a torch.load of a model "
+                         "with a density loss carries a copy of it)")
 
 
 class DensityLoss:
@@ -139,12 +139,29 @@ class DensityLoss:
         # The model's own call starts a fresh set of per-layer losses, and adds their term to its loss.
         self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._add_to_output))
+        self._handles.append(model.register_forward_hook(self._end, always_call=True))
+        # So does a call of the layers' nearest common ancestor that is called, for a user who runs the backbone
+        # (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer are kept,
+        # and without a fresh start they piled up step after step (a second backward through a freed graph).
+        ancestor = _called_ancestor(model, list(self.modules))
+        if ancestor is not model:
+            self._handles.append(ancestor.register_forward_pre_hook(self._start_inner))
 
     def __getstate__(self) -> dict:
         # the latest forward's losses carry its autograd graph: not part of a saved or copied model
         state = self.__dict__.copy()
         state.update(_losses={}, _no_grad_layers=set(), _reversible=False, _root_grad=False, _share=None)
         return state
+
+    @staticmethod
+    def attached_to(model: nn.Module) -> DensityLoss | None:
+        """The density loss whose hooks are on `model` or on a module inside it (None: none is), e.g. the copy that
+        a deep copy or a torch.load of a model with a density loss carries."""
+        for module in model.modules():
+            for hook in module._forward_hooks.values():
+                if isinstance(hook, _LayerHook):
+                    return hook.owner
+        return None
 
     @property
     def layers(self) -> list[str]:
@@ -178,6 +195,18 @@ class DensityLoss:
         sums[name] = sums[name] + density * n if name in sums else density * n
         self._counts[mode][name] = self._counts[mode].get(name, 0) + n
 
+    def _start_inner(self, module, args):
+        if not self._root_grad and module.training and torch.is_grad_enabled():  # (the model's call started one)
+            self._fresh()
+
+    def _end(self, module, args, output):
+        self._root_grad = False  # also when the forward raised: the next direct call of the backbone starts afresh
+
+    def _fresh(self) -> None:
+        self._losses = {}
+        self._no_grad_layers = set()
+        self._reversible = False
+
     def _start(self, module, args, kwargs):
         self._root_grad = module.training and torch.is_grad_enabled()
         if not self._root_grad:
@@ -192,9 +221,7 @@ class DensityLoss:
                           "label_smoothing_factor or compute_loss_func) and handle.loss() was not read. Add "
                           "handle.loss() to your loss (e.g. in a compute_loss_func)", UserWarning, stacklevel=2)
         self._used = False
-        self._losses = {}
-        self._no_grad_layers = set()
-        self._reversible = False
+        self._fresh()
         # With the HF Trainer's loss kwargs the task loss is a sum over the micro-batch divided by the items
         # of the whole accumulated (and, across processes, gathered) batch, and the Trainer neither divides
         # by the accumulation steps nor averages over processes. Weigh the term by this micro-batch's share of
@@ -292,6 +319,23 @@ class DensityLoss:
 
     def __repr__(self) -> str:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
+
+
+def _called_ancestor(model: nn.Module, names: list[str]) -> nn.Module:
+    """The nearest module above all the modules `names` that is called as they run (a ModuleList or ModuleDict of
+    layers is not called; the model itself, when nothing below it is)."""
+    parts = [n.split(".")[:-1] for n in names]  # each module's parent
+    common = []
+    for level in zip(*parts, strict=False):  # as deep as the shortest name
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    while common:
+        module = model.get_submodule(".".join(common))
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return module
+        common.pop()
+    return model
 
 
 def _mean_over_calls(calls: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
