@@ -28,9 +28,12 @@ from pefttorch.nn import reversible
 def errors(variant: str, dtype: torch.dtype, stream_dtype: torch.dtype, args) -> list[float]:
     torch.manual_seed(0)
     device = args.device
+    # grouped-query attention, two query heads per key/value head, when the head count is even; with an odd count
+    # (5 // 2 = 2 does not divide 5: SDPA refuses it) one key/value head per query head
+    kv_heads = args.heads // 2 if args.heads % 2 == 0 else args.heads
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                   num_key_value_heads=max(1, args.heads // 2),
+                                   num_key_value_heads=kv_heads,
                                    max_position_embeddings=max(128, args.tokens), pad_token_id=0)
     with torch.device(device):  # built where it runs: a GPU-sized model initialises slowly on the CPU
         model = transformers.LlamaForCausalLM(cfg).to(dtype=dtype)
