@@ -558,7 +558,7 @@ def test_bad_configs_and_models():
         pefttorch.get_peft_model(build("bert"), pefttorch.MeftConfig(num_rev_layers=3))
     with pytest.raises(ValueError, match="wider than the hidden size"):
         pefttorch.get_peft_model(build("bert"), pefttorch.MeftConfig(bottleneck=33))
-    with pytest.raises(ValueError, match="match no module"):
+    with pytest.raises(ValueError, match="matched no module"):
         pefttorch.get_peft_model(build("bert"), pefttorch.MeftConfig(modules_to_save=["nope"]))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(ValueError, match=r"does not support model type 'gpt2'.*supported are BERT family: bert"):
@@ -568,6 +568,21 @@ def test_bad_configs_and_models():
         model.merge_and_unload()
     with pytest.raises(NotImplementedError, match="one adapter"):
         model.add_adapter("second", pefttorch.MeftConfig())
+
+
+def test_task_type_heads_train_and_one_name_of_modules_to_save_suffices():
+    """As LoRA and the hooked methods (HF PEFT): SEQ_CLS's new head trains and is saved, and modules_to_save naming
+    several possible heads needs one to match (MEFT refused ["classifier", "score"] and left the classifier frozen)."""
+    config = pefttorch.MeftConfig(variant="meft1", task_type="SEQ_CLS", modules_to_save=["pooler"])
+    assert config.modules_to_save == ["pooler", "classifier", "score"]
+    model = pefttorch.get_peft_model(build("bert"), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "meft_adapters" not in n} == {
+        n for n, _ in model.named_parameters() if ".classifier." in n or ".pooler." in n}
+    saved = model.base_model.adapter_state_dict("default")
+    assert {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight"} <= set(saved)
+    model = pefttorch.get_peft_model(build("bert"), pefttorch.MeftConfig(modules_to_save=["classifier", "score"]))
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".classifier." in n)
 
 
 # Right after conversion, the deviation of MiniLM's output (last hidden state, rms over real tokens,

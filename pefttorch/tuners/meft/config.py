@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._config import reject_unknown_fields, save_config
+from .._config import normalize_common, reject_unknown_fields, save_config
 
 PEFT_TYPE = "MEFT"
 
@@ -52,7 +52,9 @@ class MeftConfig:
             cast guard of :mod:`pefttorch.nn.reversible`) keep a 16-layer bf16 meft1/meft2 stack within about
             1e-7 to 1e-6, growing with the width (measured: 8e-8 at hidden 64, 3e-7 at 256, 2e-6 at 2048).
         modules_to_save: modules (by name, e.g. a new classifier) trained in full, in place, and saved
-            with the adapters.
+            with the adapters; one name must match (as for LoRA).
+        task_type: HF PEFT's task type; as for the other configs, SEQ_CLS and TOKEN_CLS add ``classifier`` and
+            ``score`` to modules_to_save, QUESTION_ANS ``qa_outputs`` (the new head trains).
         debug_reconstruction: after each backward, ``model.reconstruction_errors()`` gives the error of
             every reconstructed layer input (keeps a copy of each layer's input: debugging only).
     """
@@ -96,8 +98,7 @@ class MeftConfig:
             self.stream_dtype = _FLOAT_DTYPES.get(self.stream_dtype.removeprefix("torch."), self.stream_dtype)
         if self.stream_dtype not in _FLOAT_DTYPES.values():
             raise bad(f"stream_dtype must be a floating dtype ({', '.join(_FLOAT_DTYPES)}), got {self.stream_dtype!r}")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        normalize_common(self)  # as the other configs: a task's new head (SEQ_CLS: classifier/score) trains
 
     @property
     def scales(self) -> tuple[float, float, bool]:

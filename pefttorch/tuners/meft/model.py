@@ -22,6 +22,7 @@ from torch import nn
 from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
 from .._cache import cache_key, cache_length, get_cache
 from .._forwarding import Forwarding
+from ..lora.model import _name_matches, check_modules_to_save
 from .arch import Family, find_family
 from .config import MeftConfig
 
@@ -160,12 +161,11 @@ class MeftModel(Forwarding):
 
     @staticmethod
     def _modules_to_save(model: nn.Module, config: MeftConfig) -> list[tuple[str, nn.Module]]:
+        # LoRA's rule: one match suffices (HF PEFT's task defaults name several possible heads, "classifier" and
+        # "score", and a model has one of them)
+        check_modules_to_save(model, config.modules_to_save)
         names = config.modules_to_save or []
-        found = [(n, m) for n, m in model.named_modules() if any(n == k or n.endswith("." + k) for k in names)]
-        missing = [k for k in names if not any(n == k or n.endswith("." + k) for n, _ in found)]
-        if missing:
-            raise ValueError(f"MeftConfig: modules_to_save {missing} match no module of the model")
-        return found
+        return [(n, m) for n, m in model.named_modules() if _name_matches(n, names)]
 
     # ------------------------------------------------------------------ the stack
 
