@@ -445,12 +445,22 @@ def _reversible_coupling_fake(x, f, scale):
     return x.new_empty(x.shape)
 
 
+def coupling_compute_dtype(stream_dtype: torch.dtype) -> torch.dtype:
+    """The dtype reversible_coupling computes in: float64 for float64 streams, float32 for the others."""
+    return torch.float64 if stream_dtype == torch.float64 else torch.float32
+
+
+def coupling_scale_ok(scale: float, stream_dtype: torch.dtype) -> bool:
+    """csrc/reversible.cpp's rule for a coupling's scale (MEFT's lam and beta): a normal number of the compute dtype
+    (finite, nonzero and not subnormal: backward divides by it). Shared by the checks of the op, of
+    nn.reversible.reversible_stack and of MeftConfig."""
+    info = torch.finfo(coupling_compute_dtype(stream_dtype))
+    return math.isfinite(scale) and info.tiny <= abs(scale) <= info.max
+
+
 def _check_coupling_scale(op: str, scale: float, stream: torch.Tensor) -> None:
-    """csrc/reversible.cpp's check: a normal number of the compute dtype (float32, float64 for float64 streams)."""
-    wide = stream.dtype == torch.float64
-    info = torch.finfo(torch.float64 if wide else torch.float32)
-    where = "" if wide else " in float32, the kernels' compute dtype"
-    _check(op, math.isfinite(scale) and info.tiny <= abs(scale) <= info.max,
+    where = "" if stream.dtype == torch.float64 else " in float32, the kernels' compute dtype"
+    _check(op, coupling_scale_ok(scale, stream.dtype),
            lambda: f"scale must be finite and nonzero{where} (a normal number), got {scale}")
 
 

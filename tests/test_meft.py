@@ -585,6 +585,29 @@ def test_task_type_heads_train_and_one_name_of_modules_to_save_suffices():
     assert any(p.requires_grad for n, p in model.named_parameters() if ".classifier." in n)
 
 
+def test_lam_and_beta_outside_the_kernels_compute_dtype_are_refused_by_the_config():
+    """The kernels compute in float32 (float64 for float64 streams) and refuse a scale that is not a normal number
+    there: the config passed lam=1e-40 and beta=1e39, and the first forward failed about a 'scale'."""
+    for kw, shown in ((dict(lam=1e-40), "lam"), (dict(beta=1e39), "beta"), (dict(lam=-1e-39), "lam")):
+        with pytest.raises(ValueError, match=rf"MeftConfig: {shown} must be a finite non-zero number .*normal in "
+                                             r"float32, the reversible kernels' compute dtype for float32 streams"):
+            pefttorch.MeftConfig(**kw)
+        with pytest.raises(ValueError, match=f"{shown} .*normal in float32.*for bfloat16 streams"):
+            pefttorch.MeftConfig(stream_dtype=torch.bfloat16, **kw)
+        assert pefttorch.MeftConfig(stream_dtype=torch.float64, **kw).scales  # within float64's range
+    with pytest.raises(ValueError, match="lam .*normal in float64"):
+        pefttorch.MeftConfig(stream_dtype=torch.float64, lam=1e-310)
+    with pytest.raises(ValueError, match="lam must be a number, got True"):
+        pefttorch.MeftConfig(lam=True)
+    # the stack says the same of a layer's scale, by its name, before running anything
+    layers, _ = _tanh_stack(lam=1e-40)
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="layer 0's lam must be finite and nonzero, a normal number of float32"):
+        reversible.reversible_stack(layers, x, x, {}, torch.float32)
+    x = x.double()
+    assert reversible.reversible_stack(layers, x, x, {}, torch.float32)[0].isfinite().all()
+
+
 # Right after conversion, the deviation of MiniLM's output (last hidden state, rms over real tokens,
 # relative) from the pretrained model's. The stack's output is the mean of the two streams, which at the
 # start hold the pretrained trajectory and a copy lagging one layer (meft1/2), or the attention and MLP

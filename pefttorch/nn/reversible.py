@@ -35,7 +35,6 @@ input in all (0.026 when each guard was scaled by its own input, which left the 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -333,11 +332,16 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
     for name, t in (("x1", x1), ("x2", x2)):
         if not t.is_floating_point():
             raise TypeError(f"reversible_stack: the streams must be floating point, got {name} of {t.dtype}")
+    # the kernels' rule (ops.coupling_scale_ok: each coupling divides by it in backward), said with the layer's name
+    # for it before anything runs; float32 is the compute dtype unless both streams are float64
+    compute = ops.coupling_compute_dtype(x1.dtype if x1.dtype == x2.dtype else torch.float32)
     for i, layer in enumerate(layers):
         for name in ("lam", "beta"):
             value = getattr(layer, name)
-            if not (math.isfinite(value) and value != 0):  # each coupling divides by it in backward
-                raise ValueError(f"reversible_stack: layer {i}'s {name} must be finite and nonzero, got {value}")
+            if not ops.coupling_scale_ok(value, compute):
+                raise ValueError(f"reversible_stack: layer {i}'s {name} must be finite and nonzero, a normal number "
+                                 f"of {str(compute).removeprefix('torch.')} (the kernels' compute dtype for these "
+                                 f"streams), got {value}")
     params: list[nn.Parameter] = []
     seen: set[int] = set()
     for layer in layers:

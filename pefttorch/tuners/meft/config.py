@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...ops import coupling_compute_dtype, coupling_scale_ok
 from .._config import normalize_common, reject_unknown_fields, save_config
 
 PEFT_TYPE = "MEFT"
@@ -41,7 +41,8 @@ class MeftConfig:
             attention block with an adapter, G = the MLP block with an adapter; lam = beta = 0.1, no swap).
         bottleneck: the adapters' inner width (Linear(d, bottleneck) -> activation -> dropout ->
             Linear(bottleneck, d), weights N(0, 0.02), biases zero).
-        lam, beta: override the variant's scales; non-zero (backward divides by them).
+        lam, beta: override the variant's scales: normal numbers of the kernels' compute dtype, float32 (float64 for
+            float64 streams), since backward divides by them.
         num_rev_layers: only the lowest N layers are reversible; the rest run as ordinary layers with
             their adapters on the mean of the streams (None: all).
         adapter_dropout: dropout inside the adapters, in [0, 1).
@@ -82,10 +83,6 @@ class MeftConfig:
             raise bad(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise bad(f"bottleneck must be a positive int, got {self.bottleneck!r}")
-        for name in ("lam", "beta"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0):
-                raise bad(f"{name} must be a finite non-zero number (backward divides by it), got {value!r}")
         if self.num_rev_layers is not None and (
                 isinstance(self.num_rev_layers, bool) or not isinstance(self.num_rev_layers, int)
                 or self.num_rev_layers < 0):
@@ -98,6 +95,17 @@ class MeftConfig:
             self.stream_dtype = _FLOAT_DTYPES.get(self.stream_dtype.removeprefix("torch."), self.stream_dtype)
         if self.stream_dtype not in _FLOAT_DTYPES.values():
             raise bad(f"stream_dtype must be a floating dtype ({', '.join(_FLOAT_DTYPES)}), got {self.stream_dtype!r}")
+        for name in ("lam", "beta"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(f"{name} must be a number, got {value!r}")
+            if not coupling_scale_ok(value, self.stream_dtype):
+                info = torch.finfo(coupling_compute_dtype(self.stream_dtype))
+                raise bad(f"{name} must be a finite non-zero number (backward divides by it), normal in {info.dtype}, "
+                          f"the reversible kernels' compute dtype for {str(self.stream_dtype).removeprefix('torch.')} "
+                          f"streams (magnitude {info.tiny:.4g} to {info.max:.4g}), got {value!r}")
         normalize_common(self)  # as the other configs: a task's new head (SEQ_CLS: classifier/score) trains
 
     @property
