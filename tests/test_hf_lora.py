@@ -788,6 +788,32 @@ def test_config_errors_name_the_field():
     assert LoraConfig(target_modules=["q_proj"], layers_to_transform=1).layers_to_transform == [1]
 
 
+def test_numpy_scalars_are_taken_as_plain_numbers():
+    """As HF PEFT and the functional ops: np.int64 (a sweep over a numpy grid) and np.float32 were refused as not
+    numbers. They are stored as Python numbers (the saved config is plain JSON); a bool is still refused."""
+    import numpy as np
+
+    from pefttorch import AdaLoraConfig, IncreLoraConfig
+
+    config = LoraConfig(r=np.int64(4), lora_alpha=np.int64(8), lora_dropout=np.float32(0.25),
+                        rank_pattern={"q_proj": np.int64(2)}, alpha_pattern={"q_proj": np.float32(0.5)})
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.25) and config.scaling == 2
+    assert [type(v) for v in (config.r, config.lora_alpha, config.lora_dropout, config.rank_pattern["q_proj"],
+                              config.alpha_pattern["q_proj"])] == [int, int, float, int, float]
+    json.dumps(config.to_dict())
+    assert peft.LoraConfig(r=np.int64(4), lora_alpha=np.int64(8)).lora_alpha == config.lora_alpha
+    ada = AdaLoraConfig(init_r=np.int64(6), target_r=np.int64(2), total_step=np.int64(10), beta1=np.float32(0.5))
+    incre = IncreLoraConfig(target_rank=np.int64(4), init_rank=np.int64(1), top_h=np.int64(1))
+    assert (type(ada.init_r), type(ada.total_step), type(ada.beta1), type(incre.incre_rank_num)) == (
+        int, int, float, int)
+    json.dumps(ada.to_dict()), json.dumps(incre.to_dict())
+    for kw, match in [(dict(r=True), "r must be a positive integer, got True"),
+                      (dict(r=np.float32(4)), "r must be a positive integer"),
+                      (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be a positive integer")]:
+        with pytest.raises(ValueError, match=match):
+            LoraConfig(**kw)
+
+
 @pytest.mark.parametrize("name", ["eval", "float", "training"])
 def test_adapter_names_that_clash_with_module_dict_attributes_are_refused(name):
     base = fresh(FAMILIES["llama"])

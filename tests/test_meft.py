@@ -608,6 +608,23 @@ def test_lam_and_beta_outside_the_kernels_compute_dtype_are_refused_by_the_confi
     assert reversible.reversible_stack(layers, x, x, {}, torch.float32)[0].isfinite().all()
 
 
+def test_numpy_scalars_are_taken_as_plain_numbers():
+    """np.float32 / np.int64 (a sweep over a numpy grid) were refused as not numbers; stored as Python numbers, the
+    saved config is plain JSON."""
+    import json
+
+    import numpy as np
+
+    config = pefttorch.MeftConfig(lam=np.float32(0.5), beta=np.int64(2), bottleneck=np.int64(4),
+                                  num_rev_layers=np.int64(1), adapter_dropout=np.float64(0.1))
+    assert (config.lam, config.beta, config.bottleneck, config.num_rev_layers) == (0.5, 2, 4, 1)
+    assert [type(v) for v in (config.lam, config.beta, config.bottleneck, config.adapter_dropout)] == [
+        float, int, int, float]
+    json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match="bottleneck must be a positive int"):
+        pefttorch.MeftConfig(bottleneck=np.float32(4))
+
+
 # Right after conversion, the deviation of MiniLM's output (last hidden state, rms over real tokens,
 # relative) from the pretrained model's. The stack's output is the mean of the two streams, which at the
 # start hold the pretrained trajectory and a copy lagging one layer (meft1/2), or the attention and MLP

@@ -10,6 +10,7 @@ import torch
 
 from ...ops import coupling_compute_dtype, coupling_scale_ok
 from .._config import normalize_common, reject_unknown_fields, save_config
+from ..lora.config import plain_numbers
 
 PEFT_TYPE = "MEFT"
 
@@ -79,6 +80,7 @@ class MeftConfig:
         def bad(msg: str) -> ValueError:
             return ValueError(f"MeftConfig: {msg}")
 
+        plain_numbers(self)
         if self.variant not in VARIANTS:
             raise bad(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
