@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import numbers
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -59,6 +60,28 @@ def save_config(config, directory: str | Path) -> None:
     path = Path(directory) / CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def plain_number(value):
+    """A number of any kind (numpy's np.int64 from a sweep over a numpy grid, np.float32, a 0-d tensor) as a Python
+    int or float; a bool, or anything else, as it is, for the checks to refuse in their own words."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not isinstance(value, numbers.Number):
+        value = value.item()  # a 0-d tensor
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def plain_numbers(config, *dicts: str) -> None:
+    """Every field of `config` (and every value of its dict fields named in `dicts`) that is a number becomes a Python
+    int or float (:func:`plain_number`): HF PEFT and the functional ops take numpy's, the checks test for int and
+    float, and the saved JSON must stay plain."""
+    for f in fields(config):
+        setattr(config, f.name, plain_number(getattr(config, f.name)))
+    for name in dicts:
+        value = getattr(config, name)
+        if isinstance(value, dict):
+            setattr(config, name, {k: plain_number(v) for k, v in value.items()})
 
 
 def module_names(value, what: str, owner: str):

@@ -9,7 +9,6 @@ uses for an unrelated method.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import warnings
 from collections import defaultdict
@@ -20,7 +19,7 @@ from torch import nn
 
 from ... import functional
 from ...nn.reversible import in_reversible_forward
-from .._config import module_names
+from .._config import module_names, plain_number
 from .mlp import find_mlp_blocks
 
 
@@ -60,14 +59,14 @@ class DensityLossConfig:
     target_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
-        self.weight, self.eps = _real(self.weight), _real(self.eps)
+        self.weight, self.eps = _as_float(self.weight), _as_float(self.eps)
         if not (isinstance(self.weight, float) and math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"DensityLossConfig: weight must be a finite number >= 0, got {self.weight!r}")
         if not (isinstance(self.eps, float) and math.isfinite(self.eps) and self.eps >= 1e-18):
             # below that, (a^2 + eps)^2 in the float32 gradient underflows
             raise ValueError(f"DensityLossConfig: eps must be a finite number >= 1e-18, got {self.eps!r}")
         if self.threshold is not None:
-            self.threshold = _real(self.threshold)
+            self.threshold = _as_float(self.threshold)
             if not (isinstance(self.threshold, float) and self.threshold >= 0):
                 raise ValueError(f"DensityLossConfig: threshold must be >= 0 or None, got {self.threshold!r}")
         self.target_modules = module_names(self.target_modules, "target_modules", "DensityLossConfig")
@@ -77,12 +76,11 @@ class DensityLossConfig:
         return functional.default_density_threshold(self.eps) if self.threshold is None else float(self.threshold)
 
 
-def _real(value):
-    """A real number of any kind (a numpy or 0-d torch scalar too) as a float; anything else as it is, to be refused
-    in words about it (numpy's float32 was refused as "must be >= 0, got np.float32(0.1)")."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
-    return float(value) if isinstance(value, numbers.Real) else value
+def _as_float(value):
+    """A number of any kind as a float (numpy's float32 was refused as "must be >= 0, got np.float32(0.1)"); anything
+    else as it is, to be refused in words about it."""
+    value = plain_number(value)
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _activation_modules(model: nn.Module, config: DensityLossConfig) -> dict[str, nn.Module]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,6 +13,7 @@ from .._config import (
     CONFIG_NAME,
     module_names,
     normalize_common,
+    plain_numbers,
     reject_unknown_fields,
     save_config,
     warn_unknown_fields,
@@ -51,24 +51,6 @@ _IGNORED_PEFT_FIELDS = ("corda_config", "eva_config", "loftq_config", "lora_ga_c
 # Initialisations after which HF PEFT's loading changes the base weights too (it subtracts the principal part the
 # adapter started from, or quantizes): the saved factors alone are not the adapter.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-def plain_numbers(config, *dicts: str) -> None:
-    """Every field of `config` (and every value of its dict fields named in `dicts`) that is a number of any kind,
-    numpy's np.int64 from a sweep over a numpy grid or np.float32, becomes a Python int or float: HF PEFT and the
-    functional ops take them, the checks test for int and float, and the saved JSON must stay plain. A bool stays
-    as it is (True is an Integral), for the checks that refuse it."""
-    def plain(value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return value
-        return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-    for f in fields(config):
-        setattr(config, f.name, plain(getattr(config, f.name)))
-    for name in dicts:
-        value = getattr(config, name)
-        if isinstance(value, dict):
-            setattr(config, name, {k: plain(v) for k, v in value.items()})
 
 
 @reject_unknown_fields

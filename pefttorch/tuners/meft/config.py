@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from ...ops import coupling_compute_dtype, coupling_scale_ok
-from .._config import normalize_common, reject_unknown_fields, save_config
-from ..lora.config import plain_numbers
+from .._config import normalize_common, plain_numbers, reject_unknown_fields, save_config
 
 PEFT_TYPE = "MEFT"
 
