@@ -440,6 +440,31 @@ def test_increlora_respects_max_rank_per_module(monkeypatch):
     assert model.rank_pattern()[first] == 4  # 1 + 2 + 1 (capped), then the next best module
 
 
+def test_increlora_outgrowing_its_storage_under_data_parallelism_changes_nothing(monkeypatch):
+    """Under data parallelism a module may not outgrow its storage (DDP cannot follow new parameters): the error came
+    only once the module's e was rescaled, its rank raised and its reserve used, and after the modules ranked above it
+    had grown; the history missed the event. Every module's storage is now checked before any changes."""
+    import pefttorch.tuners.rank.allocator as allocator_module
+
+    model = build(incre())  # capacity target_rank + reserve = 5, no max_rank_per_module
+    randomize(model)
+    allocator = model.base_model.allocator
+    monkeypatch.setattr(allocator_module, "data_parallel", lambda: True)  # only checked here: no collective runs
+    monkeypatch.setattr(allocator, "score_vector", lambda: torch.tensor([9.0, 8, 1, 1, 1, 1]))
+    allocator.allocate(step=2)  # the first two modules: rank 3, reserve 2 refilled, their storage full
+    # the third module first (it fits), then the first, which would need 3 + 2 + a refill of 2 components
+    monkeypatch.setattr(allocator, "score_vector", lambda: torch.tensor([8.0, 1, 9, 1, 1, 1]))
+    before = copy.deepcopy(model.state_dict()), model.rank_pattern(), copy.deepcopy(allocator.events)
+    reserves = [allocator.components(layer).reserve for _, layer in allocator.layers]
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.up outgrew its storage \(5 components\)"):
+        allocator.allocate(step=4)
+    assert model.rank_pattern() == before[1] and allocator.events == before[2]
+    assert [allocator.components(layer).reserve for _, layer in allocator.layers] == reserves
+    assert model.state_dict().keys() == before[0].keys()
+    for key, value in before[0].items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("advance", [True, False])
 def test_increlora_allocation_leaves_the_output_unchanged(advance):
     config = incre(target_rank=4, incre_interval=1, init_warmup=0, top_h=3, incre_rank_num=1,

@@ -117,9 +117,10 @@ class IncreLoraAllocator:
         self.last_step: int | None = None  # of the latest update_and_allocate (see RankedLoraModel's)
         self.tiles: torch.Tensor | None = None  # every layer's tile, in one buffer (see _new_sample)
         # Data parallelism: every process must sample the same grid, sum the same tiles and draw the same new
-        # components; the generator is made one (rank 0's) here if the processes are up, else at the first update.
+        # components; the generator is made one (rank 0's) at the first update, which every process of the run
+        # calls. Not here: building a model runs no collective (as LoRA's and AdaLoRA's), so one process alone may
+        # build one (to evaluate or export on rank 0) where a broadcast here waited for the others until the timeout.
         self._shared_generator = False
-        self._share_generator()
         if self.total_rank() >= self.target_total:
             self._finish()
         else:
@@ -303,16 +304,22 @@ class IncreLoraAllocator:
                     if limit is None or self.components(layer).rank < limit]
         eligible.sort(key=lambda i: -scores[i])
         remaining = self.target_total - self.total_rank()
-        grown = {}
+        gives = []  # (module, components it gets)
         for i in eligible[:config.top_h]:
             if remaining == 0:
                 break
             name, layer = self.layers[i]
             c = self.components(layer)
             give = min(config.incre_rank_num, remaining, (limit - c.rank) if limit is not None else remaining)
-            self._activate(layer, give)
+            gives.append((name, layer, give))
             remaining -= give
-            grown[name] = c.rank
+        # every module's storage checked before any is changed: a refusal leaves the model and history as they were
+        for _, layer, give in gives:
+            self._check_capacity(layer, self._in_use_after(layer, give))
+        grown = {}
+        for name, layer, give in gives:
+            self._activate(layer, give)
+            grown[name] = self.components(layer).rank
         self.events.append({"step": step, "ranks": dict(grown)})
         if remaining == 0:
             self._finish()
@@ -341,7 +348,15 @@ class IncreLoraAllocator:
             layer.init_components(self.adapter, slice(c.in_use, c.in_use + refill), e=1e-5, generator=self.generator)
             c.reserve += refill
 
-    def _ensure_capacity(self, layer: RankedLoraLayer, needed: int) -> None:
+    def _in_use_after(self, layer: RankedLoraLayer, give: int) -> int:
+        """The most components `_activate(layer, give)` has in use: active, what is left of the reserve, its refill."""
+        c = self.components(layer)
+        left = c.reserve - min(give, c.reserve)
+        refill = max(0, self.config.incre_rank_num - left) if self.config.advance_learning else 0
+        return c.rank + give + left + refill
+
+    def _check_capacity(self, layer: RankedLoraLayer, needed: int) -> None:
+        """Refuses, under data parallelism, to give `layer` more components than its storage holds."""
         c = self.components(layer)
         if needed > c.capacity and data_parallel():
             name = next(n for n, m in self.layers if m is layer)
@@ -349,6 +364,10 @@ class IncreLoraAllocator:
                                f"run; DDP cannot follow a parameter whose storage is replaced (its gradients would no "
                                f"longer be averaged). Set IncreLoraConfig(max_rank_per_module=...) so that the "
                                f"storage is allocated for it up front")
+
+    def _ensure_capacity(self, layer: RankedLoraLayer, needed: int) -> None:
+        self._check_capacity(layer, needed)
+        c = self.components(layer)
         if needed > c.capacity:  # doubling: reallocations stay logarithmic in the final rank
             layer.grow(self.adapter, max(needed, 2 * c.capacity))
 
