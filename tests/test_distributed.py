@@ -61,3 +61,31 @@ def test_rank_allocation_under_ddp_is_one_process_on_the_whole_batch(tmp_path, m
         for name, p in want["params"].items():
             torch.testing.assert_close(got["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
 
+
+
+@pytest.mark.slow
+def test_building_a_ranked_model_on_one_process_runs_no_collective(tmp_path):
+    """An IncreLoRA model built by rank 0 alone (to evaluate or export on the main process) broadcast its sampling
+    generator at once, over the whole world: rank 0 waited in a collective the other process never joined, until
+    the process group's timeout (30 minutes with gloo's default). The generator is now shared at the first
+    update_and_allocate, which every process calls; a model is built without any collective, as LoRA's is."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "result"
+    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "built-on-rank0", str(out)), nprocs=2, join=True)
+    assert [set(p.values()) for p in torch.load(f"{out}.0")] == [{1}, {4}]
+    assert not (tmp_path / "result.1").exists()
+
+
+@pytest.mark.slow
+def test_rank_allocation_under_fsdp2_is_refused_with_the_remedy(tmp_path):
+    """IncreLoRA's and AdaLoRA's allocators score and grow whole factors; under FSDP2 those are sharded DTensors, and
+    update_and_allocate failed inside an op mixing Tensor and DTensor. It now says FSDP2 is not supported, use DDP."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "result"
+    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "ranked-fsdp2", str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        errors = torch.load(f"{out}.{rank}")
+        assert [e.split(" is not")[0] for e in errors] == ["IncreLoRA", "AdaLoRA"]
+        assert all("FSDP2" in e and "DDP" in e for e in errors)

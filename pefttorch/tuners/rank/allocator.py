@@ -51,6 +51,19 @@ def adapters_device(layers: list[tuple[str, RankedLoraLayer]], adapter: str, met
     return next(iter(devices))
 
 
+def refuse_sharded(layers: list[tuple[str, RankedLoraLayer]], adapter: str, method: str) -> None:
+    """FSDP2 (fully_shard) makes the factors DTensors, each process holding a shard: the allocators score, rank and
+    grow whole factors, and failed on them inside an op mixing Tensor and DTensor. Refused with the remedy instead."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(layers[0][1].lora_A[adapter], DTensor):
+        raise NotImplementedError(f"{method} is not supported under FSDP2 (fully_shard) yet: its factors are sharded "
+                                  f"DTensors, which rank allocation cannot score or grow; use DDP "
+                                  f"(torch.nn.parallel.DistributedDataParallel) instead")
+
+
 def saved_order(state: dict, method: str, layers: list[tuple[str, RankedLoraLayer]]) -> list[int] | None:
     """Where each of `layers`' statistics is in a saved allocator state: positions in the saved ones, matched by
     module path (None: saved before the paths were kept, in this model's order). Raises, before anything is
@@ -283,6 +296,7 @@ class IncreLoraAllocator:
         the best modules. Returns {module: new rank} of the modules that grew, or None."""
         if self.finished:
             return None
+        refuse_sharded(self.layers, self.adapter, self.method)
         self.update_ipt(loss_scale)
         grown = None
         if step > self.config.init_warmup and step % self.config.incre_interval == 0:
@@ -583,6 +597,7 @@ class AdaLoraAllocator:
         # loss_scale unused: AdaLoRA scores the gradients, which scaler.step has unscaled by now
         if self.finished:
             return None
+        refuse_sharded(self.layers, self.adapter, self.method)
         end = self.config.total_step - self.config.tfinal
         if step < end:
             self.update_ipt()
