@@ -518,3 +518,26 @@ def test_concurrent_calls_pool_their_own_rows():
         h.remove()
     for k in calls:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_classifier_called_inside_anothers_forward_leaves_its_pooling_alone():
+    """Where a call pools was one slot per context: a prompted classifier run inside another's forward (a teacher,
+    from a hook) overwrote and cleared the outer one's, which then pooled a pad token on right-padded rows."""
+    import transformers
+
+    def build(n):
+        torch.manual_seed(n)
+        return get_peft_model(transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3)),
+            PromptTuningConfig(num_virtual_tokens=n, task_type="SEQ_CLS")).eval()
+
+    outer, inner = build(3), build(2)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    with torch.no_grad():
+        plain = outer(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        hook = outer.base_model.model.model.layers[0].register_forward_hook(
+            lambda *_: inner(input_ids=ids, attention_mask=(ids != 0).long()) and None)
+        nested = outer(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        hook.remove()
+    torch.testing.assert_close(nested, plain, rtol=0, atol=0)

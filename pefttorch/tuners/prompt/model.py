@@ -68,9 +68,10 @@ def _parameter_names(cls: type) -> list[str]:
 # True while an adapter is built only to have saved weights copied into it (PeftModel.from_pretrained): the initial
 # prompt is then not computed; a TEXT one needed its tokenizer, which a saved adapter does not (HF PEFT skips it too)
 WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch_weights_follow", default=False)
-# (model, where its sequence classifier pools each row) from the top hook to the head's hook of the same call: per
-# call, not on the model, so that threads sharing a model (nn.DataParallel's replicas) keep their own
-_POOL_AT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
+# {model: where its sequence classifier pools each row}, from the top hook to the head's hook of the same call: per
+# call, not on the model, so that threads sharing a model (nn.DataParallel's replicas) keep their own; per model, so
+# that a prompted classifier called inside another's forward leaves the outer one's entry alone
+_POOL_AT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
 
 
 class VirtualTokenModel(HookedModel):
@@ -290,7 +291,7 @@ class PromptModel(VirtualTokenModel):
         return length
 
     def _top_hook(self, module, args, kwargs):
-        _POOL_AT.set(None)
+        self._pool_at(None)
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
@@ -305,7 +306,7 @@ class PromptModel(VirtualTokenModel):
         batch, length = source.shape[:2]
         if past_length == 0:  # the whole input: the prompt goes in front
             refuse_static(get_cache(kw), self.method)
-            _POOL_AT.set((self, self._last_real_tokens(module, kw.get("input_ids"))))
+            self._pool_at(self._last_real_tokens(module, kw.get("input_ids")))
             self._with_prompt(kw)
             self._grow(kw, "attention_mask", batch, 1)
             self._grow(kw, "token_type_ids", batch, 0)
@@ -335,10 +336,18 @@ class PromptModel(VirtualTokenModel):
         positions = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
         return self.n + (positions * (ids != pad).to(torch.int32)).argmax(-1)
 
+    def _pool_at(self, last: torch.Tensor | None) -> None:
+        """Sets (None: clears) this model's entry in _POOL_AT; the dict is replaced, never changed in place, since
+        other contexts (threads) may hold it."""
+        pools = {m: v for m, v in (_POOL_AT.get() or {}).items() if m is not self}
+        if last is not None:
+            pools[self] = last
+        _POOL_AT.set(pools)
+
     def _pool_hook(self, module, args, output):
-        owner, last = _POOL_AT.get() or (None, None)
-        _POOL_AT.set(None)  # one forward's
-        if owner is not self or last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
+        last = (_POOL_AT.get() or {}).get(self)
+        self._pool_at(None)  # one forward's
+        if last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
             return None
         rows = torch.arange(output.shape[0], device=output.device)
         output = output.clone()
