@@ -571,3 +571,39 @@ def test_a_term_that_went_into_no_loss_is_warned_of_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(input_ids=ids).logits.mean().backward()  # once
+
+
+@pytest.mark.parametrize("case", ["albert", "chunked", "checkpointed"])
+def test_the_backbones_fresh_start_comes_once_per_forward(case):
+    """The per-layer losses started afresh at each call of the hooked layers' nearest called ancestor: ALBERT's one
+    layer, shared by every depth, and a chunked feed-forward with one layer hooked called it several times per
+    forward (only the last call's term was kept), and a checkpointed layer's recomputation in backward wiped the
+    step's losses before loss() was read."""
+    import transformers
+
+    ids, labels = torch.randint(1, 95, (2, 8)), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    size = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if case == "albert":
+        model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+            embedding_size=16, num_hidden_layers=3, classifier_dropout_prob=0.0, **size))
+        backbone, target = model.albert, "albert_layers.0.activation"
+    else:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_hidden_layers=2, chunk_size_feed_forward=2 if case == "chunked" else 0, **size))
+        backbone, target = model.bert, "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    model.train()
+    handle = attach_density_loss(model, DensityLossConfig(target_modules=[target]))
+    seen = []
+    next(iter(handle.modules.values())).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    if case == "checkpointed":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=labels).loss.backward()
+        calls = seen[:1]  # the forward's; backward recomputed it (and called the hook) once more
+    else:
+        backbone(input_ids=ids)
+        calls = seen
+    want = reference.density_loss(torch.cat([a.flatten() for a in calls]), 1e-7)
+    assert len(calls) == (3 if case == "albert" else 4 if case == "chunked" else 1)
+    torch.testing.assert_close(handle.loss(), want, rtol=1e-5, atol=1e-6)

@@ -138,10 +138,12 @@ class DensityLoss:
         self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._add_to_output))
         self._handles.append(model.register_forward_hook(self._end, always_call=True))
-        # So does a call of the layers' nearest common ancestor that is called, for a user who runs the backbone
-        # (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer are kept,
-        # and without a fresh start they piled up step after step (a second backward through a freed graph).
-        ancestor = _called_ancestor(model, list(self.modules))
+        # So does a call of the outermost module below the model that holds all the layers, for a user who runs the
+        # backbone (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer are
+        # kept, and without a fresh start they piled up step after step (a second backward through a freed graph).
+        # The outermost, not the nearest: that one may run several times in one forward (ALBERT's shared layer, a
+        # chunked feed-forward) or be recomputed by gradient checkpointing, and each call wiped the earlier ones.
+        ancestor = _backbone(model, list(self.modules))
         if ancestor is not model:
             self._handles.append(ancestor.register_forward_pre_hook(self._start_inner))
 
@@ -194,7 +196,9 @@ class DensityLoss:
         self._counts[mode][name] = self._counts[mode].get(name, 0) + n
 
     def _start_inner(self, module, args):
-        if not self._root_grad and module.training and torch.is_grad_enabled():  # (the model's call started one)
+        # (the model's own call started a fresh set already; a recomputation in backward is no new forward)
+        if (not self._root_grad and module.training and torch.is_grad_enabled()
+                and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1)):
             self._fresh()
 
     def _end(self, module, args, output):
@@ -319,20 +323,19 @@ class DensityLoss:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
 
 
-def _called_ancestor(model: nn.Module, names: list[str]) -> nn.Module:
-    """The nearest module above all the modules `names` that is called as they run (a ModuleList or ModuleDict of
-    layers is not called; the model itself, when nothing below it is)."""
+def _backbone(model: nn.Module, names: list[str]) -> nn.Module:
+    """The outermost module below `model` that holds all the modules `names` and is called as they run (a ModuleList
+    or ModuleDict of layers is not called); the model itself when there is none."""
     parts = [n.split(".")[:-1] for n in names]  # each module's parent
     common = []
     for level in zip(*parts, strict=False):  # as deep as the shortest name
         if len(set(level)) > 1:
             break
         common.append(level[0])
-    while common:
-        module = model.get_submodule(".".join(common))
+    for depth in range(1, len(common) + 1):
+        module = model.get_submodule(".".join(common[:depth]))
         if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             return module
-        common.pop()
     return model
 
 
