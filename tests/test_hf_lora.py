@@ -898,7 +898,7 @@ def test_a_failed_load_adapter_or_density_loss_leaves_the_model_as_it_was(tmp_pa
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
-@pytest.mark.parametrize("names", [["score|classifier"], ["classif.*"], ["lassifier"]])
+@pytest.mark.parametrize("names", [["score|classifier"], ["classif.*"], ["pooler.dens"]])
 def test_modules_to_save_that_wrap_nothing_are_refused(method, names):
     """An entry is a module's name or its last dotted parts, as the wrapping matches it: a regular expression passed
     the "matched nothing" check of LoRA once, wrapped nothing and left the head frozen."""
@@ -969,6 +969,42 @@ def test_all_linear_warns_of_weights_it_leaves_alone():
         warnings.simplefilter("error")  # the conv's 3-D weight is not one
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Conv1d(2, 2, 3)),
                        LoraConfig(r=2, target_modules="all-linear"))
+
+
+def test_modules_to_save_match_as_in_hf_peft_and_only_task_heads_may_match_nothing(tmp_path):
+    """HF PEFT's rule is a name ending with the entry: its DistilBERT SEQ_CLS adapter holds pre_classifier too, which
+    a dotted-suffix rule refused to load; a task's heads named otherwise (BART's classification_head) were refused
+    (HF PEFT loads them, the head frozen: a warning now); and a typo beside a task head that matched passed."""
+    import transformers
+
+    def distilbert():
+        torch.manual_seed(0)
+        return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=96, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3))
+
+    theirs = peft.get_peft_model(distilbert(), peft.LoraConfig(r=2, target_modules=["q_lin"], task_type="SEQ_CLS",
+                                                                init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.5)
+    theirs.save_pretrained(tmp_path / "distilbert")
+    batch = {"input_ids": torch.randint(1, 95, (2, 7))}
+    ours = PeftModel.from_pretrained(distilbert(), tmp_path / "distilbert")
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch))
+    trained = get_peft_model(distilbert(), LoraConfig(r=2, target_modules=["q_lin"], task_type="SEQ_CLS"))
+    assert {n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n, p in trained.named_parameters()
+            if p.requires_grad and ".modules_to_save." in n} == {"pre_classifier", "classifier"}
+
+    bart = transformers.BartForSequenceClassification(transformers.BartConfig(
+        vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    with pytest.warns(UserWarning, match=r"\['classifier', 'score'\] \(the task's heads\) names no module of "
+                                         r"BartForSequenceClassification"):
+        get_peft_model(bart, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"\['pooler\.dens'\] matched no module"):
+        get_peft_model(fresh(FAMILIES["bert"]), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
+                                                           modules_to_save=["pooler.dens"]))
 
 
 @pytest.mark.parametrize("method", ["ia3", "bitfit"])

@@ -21,9 +21,9 @@ from .lora.model import (
     _in_modules_to_save,
     _layer_index,
     _matches,
-    _name_matches,
     _set_submodule,
     check_modules_to_save,
+    saves_module,
 )
 
 
@@ -55,7 +55,7 @@ class HookedModel(Forwarding):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
                 inside += (path + ".",)
-            elif config.modules_to_save and _name_matches(path, config.modules_to_save):
+            elif saves_module(path, config.modules_to_save):
                 _set_submodule(self.model, path, ModulesToSaveWrapper(module, name))
                 inside += (path + ".",)
         self._mark_trainable()

@@ -13,7 +13,7 @@ from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
 from .lora.layer import LoraLayer
-from .lora.model import _is_bias, _layer_index, _name_matches, _pattern_value, plan_targets
+from .lora.model import _is_bias, _layer_index, _pattern_value, plan_targets, saves_module
 from .prompt.config import PrefixTuningConfig, PromptTuningConfig
 from .prompt.prefix import attention_shape
 from .scaling.config import IA3Config, SsfConfig
@@ -43,7 +43,7 @@ def _saved_parameters(model: nn.Module, modules_to_save, also=()) -> int:
     seen = {id(p): p.numel() for p in also}
     if modules_to_save:
         for name, module in model.named_modules():
-            if _name_matches(name, modules_to_save):
+            if saves_module(name, modules_to_save):
                 seen.update({id(p): p.numel() for p in module.parameters()})
     return sum(seen.values())
 

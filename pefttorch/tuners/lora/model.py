@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._config import TASK_MODULES_TO_SAVE
 from .._forwarding import Forwarding
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import LoraLayer, ModulesToSaveWrapper, is_linear
@@ -25,8 +26,8 @@ def _is_bias(key: str) -> bool:
 
 
 def _name_matches(name: str, keys) -> bool:
-    """The module's name is a key or ends with ``.key`` (HF PEFT's rule for target_modules; for modules_to_save HF
-    PEFT takes any name ending with the key, so that "norm" matches "input_layernorm" too)."""
+    """The module's name is a key or ends with ``.key`` (HF PEFT's rule for target_modules; modules_to_save has its
+    own, :func:`saves_module`)."""
     return any(name == k or name.endswith(f".{k}") for k in keys)
 
 
@@ -61,21 +62,40 @@ def _layer_index(name: str, layers_pattern, top_level: bool = True) -> int | Non
     return None
 
 
+TASK_HEADS = {h for heads in TASK_MODULES_TO_SAVE.values() for h in heads}
+
+
+def saves_module(name: str, modules_to_save) -> bool:
+    """HF PEFT's rule for modules_to_save: the module's name ends with an entry. So "classifier" takes DistilBERT's
+    pre_classifier too, as HF PEFT trains and saves it (and its adapters hold it: a stricter rule refused them)."""
+    return bool(name and modules_to_save) and any(name.endswith(k) for k in modules_to_save)
+
+
 def _in_modules_to_save(name: str, modules_to_save) -> bool:
     """The module or one above it is wrapped as a module to save: matched by the same rule as the wrapping (a regex
     here once let "classifier|score" pass the "matched nothing" check and wrap nothing, leaving the head frozen)."""
     parts = name.split(".")
-    return bool(modules_to_save) and any(_name_matches(".".join(parts[:i]), modules_to_save)
-                                         for i in range(1, len(parts) + 1))
+    return any(saves_module(".".join(parts[:i]), modules_to_save) for i in range(1, len(parts) + 1))
 
 
 def check_modules_to_save(model: nn.Module, modules_to_save) -> None:
-    """Refuses modules_to_save that name no module. HF PEFT's task defaults name several possible heads
-    ("classifier", "score"): one match suffices."""
-    if modules_to_save and not any(_name_matches(n, modules_to_save) for n, _ in model.named_modules()):
-        near_top = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
-        raise ValueError(f"modules_to_save={modules_to_save} matched no module of the model: each entry is a module's "
-                         f"name or its last dotted parts (not a regular expression), e.g. one of {near_top[:12]}")
+    """Refuses entries of modules_to_save that name no module; the task heads HF PEFT adds (``classifier`` and
+    ``score`` for SEQ_CLS, ...) need not all be there, since a model has one of them or its head is named otherwise
+    (BART's classification_head: then a warning, as its head stays frozen)."""
+    if not modules_to_save:
+        return
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [m for m in modules_to_save if not any(saves_module(n, [m]) for n in names)]
+    given = [m for m in unmatched if m not in TASK_HEADS]
+    if given:  # a typo once passed when another entry (a task head) matched
+        near_top = [n for n in names if n and n.count(".") <= 1]
+        raise ValueError(f"modules_to_save={modules_to_save}: {given} matched no module of the model: each entry is "
+                         f"a module's name or its end (HF PEFT's rule; not a regular expression), e.g. one of "
+                         f"{near_top[:12]}")
+    if unmatched and len(unmatched) == len(modules_to_save):
+        warnings.warn(f"modules_to_save={modules_to_save} (the task's heads) names no module of "
+                      f"{type(model).__name__}: a new head named otherwise stays frozen and unsaved; name it in "
+                      "modules_to_save to train it", UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -264,7 +284,7 @@ class LoraModel(Forwarding):
                 else w_dtype
             self.add_to_layer(layer, t, config, adapter_name, dtype)
         for name, module in list(self.model.named_modules()):
-            if not config.modules_to_save or not _name_matches(name, config.modules_to_save):
+            if not saves_module(name, config.modules_to_save):
                 continue
             parents = self._parents(name)
             if any(isinstance(p, LoraLayer) for p in parents):

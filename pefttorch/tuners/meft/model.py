@@ -22,7 +22,7 @@ from torch import nn
 from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
 from .._cache import cache_key, cache_length, get_cache
 from .._forwarding import Forwarding
-from ..lora.model import _name_matches, check_modules_to_save
+from ..lora.model import check_modules_to_save, saves_module
 from .arch import Family, find_family
 from .config import MeftConfig
 
@@ -161,11 +161,8 @@ class MeftModel(Forwarding):
 
     @staticmethod
     def _modules_to_save(model: nn.Module, config: MeftConfig) -> list[tuple[str, nn.Module]]:
-        # LoRA's rule: one match suffices (HF PEFT's task defaults name several possible heads, "classifier" and
-        # "score", and a model has one of them)
-        check_modules_to_save(model, config.modules_to_save)
-        names = config.modules_to_save or []
-        return [(n, m) for n, m in model.named_modules() if _name_matches(n, names)]
+        check_modules_to_save(model, config.modules_to_save)  # LoRA's rules
+        return [(n, m) for n, m in model.named_modules() if saves_module(n, config.modules_to_save)]
 
     # ------------------------------------------------------------------ the stack
 
