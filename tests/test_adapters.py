@@ -118,6 +118,33 @@ def test_classification_head_trains_and_is_saved(tmp_path):
     assert any(k.startswith("classifier.") for k in load_file(str(tmp_path / "adapter_model.safetensors")))
 
 
+@pytest.mark.parametrize("style, modules_to_save", [
+    ("houlsby", ["layer.0"]),
+    ("parallel", ["layer.0"]),
+    ("parallel", ["layer.0.intermediate"]),  # only the parallel adapter's input module
+])
+def test_no_adapter_inside_a_module_to_save(style, modules_to_save, capsys):
+    # the wrapper runs a deep copy of the module to save, whose hooks called a copy of the adapters: those in it
+    # trained and were saved but never ran (no gradient); as LoRA's targets, they are left out
+    config = AdapterConfig(style=style, bottleneck=3, modules_to_save=modules_to_save)
+    base, model = build("bert", config)
+    sites = model.base_model.sites
+    assert sites and not any(s.output.startswith("bert.encoder.layer.0.") or (s.input or "").startswith(
+        "bert.encoder.layer.0.") for s in sites)
+    randomize(model)
+    model.train()
+    model(**inputs("bert")).logits.sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save." in n for n in trainable)  # the module to save trains in full
+    assert all(p.grad is not None for p in trainable.values())
+    # the budget counts what trains (asked for this model's share, it picks its bottleneck)
+    share = _trainable(model) / sum(p.numel() for p in base.parameters())
+    budget = config_for_budget(base, "adapter", share, style=style, modules_to_save=modules_to_save)
+    assert budget.bottleneck == 3
+    count = int(re.search(r"([\d,]+) trainable", capsys.readouterr().out).group(1).replace(",", ""))
+    assert count == _trainable(get_peft_model(copy.deepcopy(base), budget))
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_save_and_load_round_trip(family, tmp_path):
     base, model = build(family, AdapterConfig(style="parallel", bottleneck=3, activation="silu"))

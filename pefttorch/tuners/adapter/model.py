@@ -17,7 +17,7 @@ from torch import nn
 
 from ...nn.adapter import BottleneckAdapter
 from .._hooked import HookedModel
-from ..lora.model import _layer_index
+from ..lora.model import _in_modules_to_save, _layer_index
 from .config import AdapterConfig
 
 # Per model type: the attention output projections (self, then cross), and the FFN as (input module, output
@@ -78,6 +78,11 @@ def find_sites(model: nn.Module, config: AdapterConfig) -> list[Site]:
             prefix = name[: -len(suffix)]
             if kind in ("ffn", "parallel") and prefix + ffn_in not in modules:
                 continue  # e.g. BERT's attention.output.dense also ends in output.dense
+            hooked = [name, prefix + ffn_in] if kind == "parallel" else [name]
+            if any(_in_modules_to_save(n, config.modules_to_save) for n in hooked):
+                # as LoRA's and IA3's targets: the wrapper runs a deep copy of the module, whose hooks would call a
+                # copy of this model's adapters; the real ones (trained, saved) would never run
+                continue
             if kind == "parallel":
                 sites.append(Site(re.sub(r"\W", "_", name), kind, name, prefix + ffn_in,
                                   _features(modules[prefix + ffn_in], "in")))
