@@ -814,6 +814,36 @@ def test_numpy_scalars_are_taken_as_plain_numbers():
             LoraConfig(**kw)
 
 
+@pytest.mark.parametrize("name, kwargs, plain", [
+    ("AdapterConfig", {"bottleneck": "i", "reduction_factor": "f", "scaling": "f"}, {}),
+    ("ScaLearnConfig", {"omega_init_scale": "f"}, {"source_adapters": "src"}),
+    ("IA3Config", {"layers_to_transform": "i"}, {}),
+    ("PromptTuningConfig", {"num_virtual_tokens": "i", "token_dim": "i"}, {}),
+    ("PrefixTuningConfig", {"num_virtual_tokens": "i", "encoder_hidden_size": "i"}, {}),
+    ("DeptConfig", {"num_virtual_tokens": "i", "r": "i", "max_length": "i"}, {}),
+    *[(name, {"layers_to_transform": "list"}, {"target_modules": ["q"]} if name == "LoraConfig" else {})
+      for name in ("LoraConfig", "IA3Config", "SsfConfig", "BitFitConfig", "LNTuningConfig", "AdapterConfig")],
+])
+def test_numpy_numbers_are_taken_by_every_config(name, kwargs, plain):
+    """Not LoRA's alone: np.int64 / np.float32 fields, and a list of numpy layer indices (``list(np.arange(2))``),
+    were refused by the other configs; they are stored as Python numbers (the saved config is plain JSON)."""
+    import numpy as np
+
+    import pefttorch
+
+    cls = getattr(pefttorch, name)
+    numpy = {"i": np.int64(2), "f": np.float32(0.5), "list": list(np.arange(2))}
+    config = cls(**plain, **{k: numpy[v] for k, v in kwargs.items()})
+    for k, v in kwargs.items():
+        value = getattr(config, k)
+        assert all(type(x) is {"i": int, "f": float, "list": int}[v] for x in (value if isinstance(value, list)
+                                                                                 else [value]))
+    json.dumps(config.to_dict())
+    for k, v in kwargs.items():  # a bool is still refused
+        with pytest.raises(ValueError, match=k):
+            cls(**plain, **{k: [True] if v == "list" else True})
+
+
 @pytest.mark.parametrize("name", ["eval", "float", "training"])
 def test_adapter_names_that_clash_with_module_dict_attributes_are_refused(name):
     base = fresh(FAMILIES["llama"])

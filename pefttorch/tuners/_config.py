@@ -73,11 +73,16 @@ def plain_number(value):
 
 
 def plain_numbers(config, *dicts: str) -> None:
-    """Every field of `config` (and every value of its dict fields named in `dicts`) that is a number becomes a Python
-    int or float (:func:`plain_number`): HF PEFT and the functional ops take numpy's, the checks test for int and
-    float, and the saved JSON must stay plain."""
+    """Every field of `config` that is a number, every number in its list or tuple fields (layers_to_transform:
+    ``list(np.arange(2))``) and every value of its dict fields named in `dicts` becomes a Python int or float
+    (:func:`plain_number`): HF PEFT and the functional ops take numpy's, the checks test for int and float, and the
+    saved JSON must stay plain."""
     for f in fields(config):
-        setattr(config, f.name, plain_number(getattr(config, f.name)))
+        value = getattr(config, f.name)
+        if isinstance(value, (list, tuple)):
+            setattr(config, f.name, type(value)(plain_number(v) for v in value))
+        else:
+            setattr(config, f.name, plain_number(value))
     for name in dicts:
         value = getattr(config, name)
         if isinstance(value, dict):
@@ -101,7 +106,9 @@ TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["class
 
 def normalize_common(config) -> None:
     """The fields most configs share: a single layer index or module name becomes a list, and a task's new head
-    trains in full (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS and QUESTION_ANS, added to the user's)."""
+    trains in full (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS and QUESTION_ANS, added to the user's). Numbers
+    of any kind become plain first (:func:`plain_numbers`): configs call this before checking their own fields."""
+    plain_numbers(config)
     layers = getattr(config, "layers_to_transform", None)
     if isinstance(layers, int) and not isinstance(layers, bool):
         config.layers_to_transform = layers = [layers]

@@ -73,6 +73,7 @@ class AdapterConfig(SavedConfig):
         def bad(msg: str) -> ValueError:
             return ValueError(f"AdapterConfig: {msg}")
 
+        normalize_common(self)  # first: it makes numpy's numbers plain for the checks
         if self.style not in STYLES:
             raise bad(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if self.bottleneck is not None and (isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int)
@@ -88,7 +89,6 @@ class AdapterConfig(SavedConfig):
         if self.activation not in ACTIVATIONS:
             raise bad(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         check_finite("AdapterConfig", "scaling", self.scaling)
-        normalize_common(self)
         if not any(self.placement):
             raise bad("after_attention, after_ffn and parallel_ffn are all off: no adapter would be added")
         if self.placement[1] and self.placement[2]:

@@ -59,6 +59,7 @@ class ScaLearnConfig(SavedConfig):
     peft_type_name: ClassVar[str] = SCALEARN
 
     def __post_init__(self) -> None:
+        normalize_common(self)  # first: it makes numpy's numbers plain for the checks
         if isinstance(self.source_adapters, (str, Path)):
             self.source_adapters = [self.source_adapters]
         if not isinstance(self.source_adapters, (list, tuple)) \
@@ -80,7 +81,6 @@ class ScaLearnConfig(SavedConfig):
         check_flag("ScaLearnConfig", "shared", self.shared)  # "no" would pass as truthy: one shared set
         check_flag("ScaLearnConfig", "inference_mode", self.inference_mode)
         check_finite("ScaLearnConfig", "omega_init_scale", self.omega_init_scale)
-        normalize_common(self)
 
 
 def _read_source(path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -40,11 +40,11 @@ class PromptLearningConfig(SavedConfig):
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        normalize_common(self)  # first: it makes numpy's numbers plain for the checks (the subclasses' fields too)
         _positive(self, ["num_virtual_tokens"], optional=False)
         _positive(self, ["token_dim", "num_attention_heads", "num_layers"], optional=True)
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"{type(self).__name__}: num_transformer_submodules must be 1, 2 or None")
-        normalize_common(self)
 
 
 @reject_unknown_fields
