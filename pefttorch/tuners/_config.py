@@ -104,11 +104,12 @@ TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["class
                         "QUESTION_ANS": ["qa_outputs"]}
 
 
-def normalize_common(config) -> None:
+def normalize_common(config, *dicts: str) -> None:
     """The fields most configs share: a single layer index or module name becomes a list, and a task's new head
     trains in full (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS and QUESTION_ANS, added to the user's). Numbers
-    of any kind become plain first (:func:`plain_numbers`): configs call this before checking their own fields."""
-    plain_numbers(config)
+    of any kind (also in the dict fields `dicts`) become plain first (:func:`plain_numbers`): configs call this before
+    checking their own fields."""
+    plain_numbers(config, *dicts)
     layers = getattr(config, "layers_to_transform", None)
     if isinstance(layers, int) and not isinstance(layers, bool):
         config.layers_to_transform = layers = [layers]

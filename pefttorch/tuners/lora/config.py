@@ -13,7 +13,6 @@ from .._config import (
     CONFIG_NAME,
     module_names,
     normalize_common,
-    plain_numbers,
     reject_unknown_fields,
     save_config,
     warn_unknown_fields,
@@ -112,7 +111,7 @@ class LoraConfig:
         def bad(msg: str) -> ValueError:
             return ValueError(f"LoraConfig: {msg}")
 
-        plain_numbers(self, "rank_pattern", "alpha_pattern")  # the subclasses' fields too (IncreLoRA's, AdaLoRA's)
+        normalize_common(self, "rank_pattern", "alpha_pattern")  # the subclasses' fields too (IncreLoRA's, AdaLoRA's)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
@@ -142,7 +141,6 @@ class LoraConfig:
             self.target_modules = sorted(set(self.target_modules))
             if not self.target_modules:
                 raise bad("target_modules is empty")
-        normalize_common(self)
         if self.layers_pattern and not self.layers_to_transform:
             raise bad("layers_pattern only makes sense together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

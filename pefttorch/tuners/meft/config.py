@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...ops import coupling_compute_dtype, coupling_scale_ok
-from .._config import normalize_common, plain_numbers, reject_unknown_fields, save_config
+from .._config import normalize_common, reject_unknown_fields, save_config
 
 PEFT_TYPE = "MEFT"
 
@@ -79,7 +79,7 @@ class MeftConfig:
         def bad(msg: str) -> ValueError:
             return ValueError(f"MeftConfig: {msg}")
 
-        plain_numbers(self)
+        normalize_common(self)  # as the other configs: plain numbers, a task's new head (SEQ_CLS: classifier/score)
         if self.variant not in VARIANTS:
             raise bad(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
@@ -107,7 +107,6 @@ class MeftConfig:
                 raise bad(f"{name} must be a finite non-zero number (backward divides by it), normal in {info.dtype}, "
                           f"the reversible kernels' compute dtype for {str(self.stream_dtype).removeprefix('torch.')} "
                           f"streams (magnitude {info.tiny:.4g} to {info.max:.4g}), got {value!r}")
-        normalize_common(self)  # as the other configs: a task's new head (SEQ_CLS: classifier/score) trains
 
     @property
     def scales(self) -> tuple[float, float, bool]:
