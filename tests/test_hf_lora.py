@@ -986,18 +986,23 @@ def test_all_linear_warns_of_weights_it_leaves_alone():
     """A transformers-5 mixture of experts keeps its experts as 3-D parameters, which HF PEFT's all-linear adapts
     through target_parameters: left alone without a word, most of the model went without an adapter."""
 
-    class Experts(torch.nn.Module):
+    class MixtureExperts(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 8, 6))
 
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), Experts(), torch.nn.Conv1d(2, 2, 3))
+    class Embeddings(torch.nn.Module):  # ViT's class token and position embeddings are 3-D too
+        def __init__(self):
+            super().__init__()
+            self.cls_token = torch.nn.Parameter(torch.randn(1, 1, 6))
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), MixtureExperts(), torch.nn.Conv1d(2, 2, 3), Embeddings())
     with pytest.warns(UserWarning, match=r'"all-linear" adapts linear layers only; 1 weight\(s\) of other layers '
                                          r"are left alone \(1\.gate_up_proj: a mixture of experts"):
         get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the conv's 3-D weight is not one
-        get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Conv1d(2, 2, 3)),
+        warnings.simplefilter("error")  # the conv's 3-D weight and the class token are not experts
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Conv1d(2, 2, 3), Embeddings()),
                        LoraConfig(r=2, target_modules="all-linear"))
 
 

@@ -178,8 +178,9 @@ def _warn_of_fused_weights(model: nn.Module) -> None:
     """"all-linear" takes linear layers; a mixture of experts in transformers 5 keeps its experts as 3-D parameters
     of one module, which HF PEFT's all-linear adapts too (target_parameters, which pefttorch does not support):
     left alone silently, most of such a model's weights went without an adapter."""
-    fused = [f"{name}.{p}" if name else p for name, m in model.named_modules()
-             if not isinstance(m, nn.modules.conv._ConvNd)
+    # by the module's class name (MixtralExperts, Qwen2MoeExperts, ...): 3-D parameters are also ViT's class token and
+    # position embeddings, RWKV's time mixing, a weight-normed conv's parts
+    fused = [f"{name}.{p}" if name else p for name, m in model.named_modules() if "expert" in type(m).__name__.lower()
              for p, t in m.named_parameters(recurse=False) if t.dim() >= 3]
     if fused:
         warnings.warn(f'target_modules="all-linear" adapts linear layers only; {len(fused)} weight(s) of other '
