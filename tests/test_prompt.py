@@ -541,3 +541,27 @@ def test_a_classifier_called_inside_anothers_forward_leaves_its_pooling_alone():
         nested = outer(input_ids=ids, attention_mask=(ids != 0).long()).logits
         hook.remove()
     torch.testing.assert_close(nested, plain, rtol=0, atol=0)
+
+
+def test_a_compiled_decoder_classifier_pools_the_same_without_a_graph_break():
+    """The per-call state travels through a ContextVar, which dynamo cannot trace (the first version of this fix made
+    every prompt-tuned model fail under fullgraph compilation); compiled, the model keeps it itself."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3)),
+        PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS")).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    torch._dynamo.reset()
+    with torch.no_grad():  # (transformers' own warning about inputs_embeds breaks the graph, whatever pefttorch does)
+        breaks = torch._dynamo.explain(model)(input_ids=ids, attention_mask=(ids != 0).long()).break_reasons
+    assert not [b for b in breaks if "ContextVar" in str(b.reason)]
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        got = compiled(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        alone = model(input_ids=ids[1:, :3]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], alone, rtol=1e-5, atol=1e-5)

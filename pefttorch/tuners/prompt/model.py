@@ -221,6 +221,7 @@ class PromptModel(VirtualTokenModel):
         head = next((h for h in (getattr(model, n, None) for n in ("score", "classifier")) if isinstance(h, nn.Module)),
                     None)  # CTRL's and ModernBERT-decoder's are `classifier`; an encoder's, 2-D, is left alone
         self._pools = self.sequence_labels and self.encoder is None and head is not None
+        self._traced_pool: torch.Tensor | None = None  # _POOL_AT's entry while torch.compile traces (see _pool_at)
         if self._pools:
             self.hook(head.register_forward_hook(self._pool_hook))
 
@@ -338,14 +339,18 @@ class PromptModel(VirtualTokenModel):
 
     def _pool_at(self, last: torch.Tensor | None) -> None:
         """Sets (None: clears) this model's entry in _POOL_AT; the dict is replaced, never changed in place, since
-        other contexts (threads) may hold it."""
+        other contexts (threads) may hold it. While torch.compile traces, on the model: dynamo cannot trace a
+        ContextVar (a graph break per call, an error with fullgraph), and a trace runs in one thread."""
+        if torch.compiler.is_compiling():
+            self._traced_pool = last
+            return
         pools = {m: v for m, v in (_POOL_AT.get() or {}).items() if m is not self}
         if last is not None:
             pools[self] = last
         _POOL_AT.set(pools)
 
     def _pool_hook(self, module, args, output):
-        last = (_POOL_AT.get() or {}).get(self)
+        last = self._traced_pool if torch.compiler.is_compiling() else (_POOL_AT.get() or {}).get(self)
         self._pool_at(None)  # one forward's
         if last is None or not isinstance(output, torch.Tensor) or output.dim() != 3:
             return None
