@@ -87,5 +87,5 @@ def test_rank_allocation_under_fsdp2_is_refused_with_the_remedy(tmp_path):
     mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "ranked-fsdp2", str(out)), nprocs=2, join=True)
     for rank in range(2):
         errors = torch.load(f"{out}.{rank}")
-        assert [e.split(" is not")[0] for e in errors] == ["IncreLoRA", "AdaLoRA"]
+        assert [e.split(" is not")[0] for e in errors] == ["IncreLoRA", "IncreLoRA", "AdaLoRA", "AdaLoRA"]
         assert all("FSDP2" in e and "DDP" in e for e in errors)

@@ -14,7 +14,7 @@ from torch import nn
 from ..density.loss import counted_labels
 from ..lora.config import LoraConfig
 from ..lora.model import LoraModel, Target, plan_targets
-from .allocator import AdaLoraAllocator, IncreLoraAllocator, saved_order
+from .allocator import AdaLoraAllocator, IncreLoraAllocator, refuse_sharded, saved_order
 from .config import AdaLoraConfig, IncreLoraConfig
 from .layer import RankedLoraLayer, _to_device
 
@@ -161,6 +161,8 @@ class RankedLoraModel(LoraModel):
         zeroed and its identity cut to them by a mask that is cached until the ranks change (allocation events
         are rare), so a step issues five kernels per storage shape and its backward about as many."""
         name = self.active_adapters[0]
+        if not torch.compiler.is_compiling():  # sharded factors failed in the stack below: the refusal comes first
+            refuse_sharded(self.allocator.layers, self.allocator.adapter, self.allocator.method)
         groups: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
         for _, layer in self.allocator.layers:  # the ranked layers, listed once (not a walk of the model per step)
             n = layer.lora_components[name].in_use
