@@ -217,6 +217,29 @@ def test_fuse_rotary_leaves_other_arithmetic_alone(unfused, monkeypatch):
     assert modeling.apply_rotary_pos_emb is interleaved
 
 
+def test_fuse_rotary_passes_calls_without_k_to_the_original(unfused, monkeypatch):
+    """Families whose function takes k as optional (Qwen4-Exp: `apply_rotary_pos_emb(q, k=None, cos=None,
+    sin=None, unsqueeze_dim=1)`, called with q alone and cos/sin by keyword) passed the probe, made with q and k,
+    and every q-only call then failed in the switched function ("missing 1 required positional argument: 'k'")."""
+    import types
+
+    def optional_k(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        q = reference.rotary_embedding(q, cos, sin)
+        return q if k is None else (q, reference.rotary_embedding(k, cos, sin))
+
+    modeling = types.ModuleType("fake_optional_k_modeling")
+    modeling.apply_rotary_pos_emb = optional_k
+    monkeypatch.setitem(__import__("sys").modules, "fake_optional_k_modeling", modeling)
+    attention = type("FakeAttention", (torch.nn.Module,), {"__module__": "fake_optional_k_modeling"})
+    assert pefttorch.fuse_rotary(torch.nn.Sequential(attention())).switched == ["fake_optional_k_modeling"]
+    q, k, cos, sin = rand(2, 4, 5, 8), rand(2, 1, 5, 8), rand(2, 5, 8), rand(2, 5, 8)
+    torch.testing.assert_close(modeling.apply_rotary_pos_emb(q, cos=cos, sin=sin), optional_k(q, cos=cos, sin=sin))
+    for got, want in zip(modeling.apply_rotary_pos_emb(q, k, cos=cos, sin=sin), optional_k(q, k, cos, sin),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_unsqueeze_dim_2_for_tokens_before_heads(unfused, monkeypatch, device):
     """q and k in the (batch, tokens, heads, head_dim) layout take cos and sin with unsqueeze_dim=2, as in

@@ -51,9 +51,13 @@ def _aligned(cos: torch.Tensor, x: torch.Tensor) -> bool:
 def _fused(original, partial: bool):
     """transformers' `original` through the kernel; with `partial`, also for a cos narrower than the head (partial
     rotary, as the probe found `original` computes it)."""
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+    def apply_rotary_pos_emb(q, k=None, cos=None, sin=None, *args, **kwargs):
         # transformers' signature has changed across versions: (..., position_ids=None, unsqueeze_dim=1) and
-        # (..., unsqueeze_dim=1); the extra arguments pass to the original unchanged
+        # (..., unsqueeze_dim=1); the extra arguments pass to the original unchanged. Some families make k optional
+        # (Qwen4-Exp's indexer rotates q alone, cos and sin by keyword): what such a call returns is the original's
+        # to say, so it goes there
+        if k is None or cos is None or sin is None:
+            return original(q, k, cos, sin, *args, **kwargs)
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args and isinstance(args[-1], int) else 1)
         width = cos.shape[-1]
         if (q.dtype != cos.dtype or k.dtype != q.dtype or sin.dtype != cos.dtype or q.dim() != 4 or k.dim() != 4
