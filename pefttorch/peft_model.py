@@ -355,7 +355,7 @@ class PeftModel(Forwarding):
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, *,
                         is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
-                        **kwargs) -> None:
+                        save_embedding_layers: str | bool = "auto", **kwargs) -> None:
         """Writes each adapter in HF PEFT's format: ``adapter_config.json`` and
         ``adapter_model.safetensors``; the adapter "default" in `save_directory`, others in
         ``save_directory/<name>`` (as HF PEFT does).
@@ -365,10 +365,16 @@ class PeftModel(Forwarding):
         gives the tensors to save instead of the model's own: under FSDP2 pass the full state dict
         (``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))``, which every process must call), since the model's parameters are
-        then shards. Other keyword arguments of HF PEFT (``safe_serialization``, ...) are accepted and ignored: the
-        format is always safetensors."""
-        from .integrations.hf_format import save_adapter
+        then shards. ``save_embedding_layers=True`` also writes the input and output embedding layers' weights (a
+        resized vocabulary's new rows), as HF PEFT does, and loading puts them back; where the adapter wraps an
+        embedding layer, that layer's base weights alone; ``"auto"`` (the default) writes those, as HF PEFT's does
+        short of asking the hub whether the vocabulary was resized. Other keyword arguments of HF PEFT
+        (``safe_serialization``, ...) are accepted and ignored: the format is always safetensors."""
+        from .integrations.hf_format import save_adapter, saved_embedding_tensors
 
+        if save_embedding_layers not in (True, False, "auto"):
+            raise ValueError(f"save_pretrained: save_embedding_layers is True, False or 'auto', got "
+                             f"{save_embedding_layers!r}")
         self._check_adapter_names(selected_adapters)
         if not is_main_process:
             return
@@ -381,7 +387,9 @@ class PeftModel(Forwarding):
                 if config.base_model_name_or_path is None:
                     config.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path",
                                                              None) or None
-                save_adapter(directory, *self.base_model.export_adapter(name))
+                config, tensors = self.base_model.export_adapter(name)
+                tensors = {**saved_embedding_tensors(base, name, save_embedding_layers), **tensors}
+                save_adapter(directory, config, tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -559,7 +567,12 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
                 "adapter with model.save_pretrained(dir) after training") \
             if (directory / "model.safetensors").is_file() else ""
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter{hint}")
-    data = json.loads((directory / CONFIG_NAME).read_text())
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: not a JSON adapter config ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{directory / CONFIG_NAME}: an adapter config is a JSON object, got a {type(data).__name__}")
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
                PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict,

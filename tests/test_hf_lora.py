@@ -1272,3 +1272,66 @@ def test_hf_peft_saves_with_the_embedding_layers_load(tmp_path):
     inp = inputs_of(family)
     loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
     torch.testing.assert_close(logits(loaded, inp), logits(theirs.eval(), inp))
+
+
+def test_save_embedding_layers_writes_a_resized_vocabulary_as_hf_peft_does(tmp_path):
+    """save_embedding_layers=True was accepted and ignored: an adapter trained with new tokens was saved without
+    their embeddings, and reloaded into a freshly resized base (random new rows) it gave other outputs. Now the
+    files hold what HF PEFT's hold, for True and for "auto" (which saves a targeted embedding layer's base weights),
+    and load in both libraries to the saved model's outputs."""
+    from hf_models import VOCAB, fresh
+
+    def base():
+        torch.manual_seed(0)
+        model = fresh("llama")
+        model.resize_token_embeddings(VOCAB + 10)  # new rows sampled: a fresh base differs from the trained one
+        return model
+
+    ids = torch.tensor([[1, VOCAB + 5, VOCAB + 7, 3]])
+    for setting, targets in ((True, ["q_proj"]), ("auto", ["q_proj", "lm_head"]), ("auto", ["q_proj"])):
+        keys, outputs = [], []
+        for lib in (__import__("pefttorch"), peft):
+            model = lib.get_peft_model(base(), lib.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+            with torch.no_grad():
+                torch.manual_seed(1)
+                model.get_base_model().model.embed_tokens.weight[VOCAB:] = torch.randn(10, 32)
+                model.get_base_model().lm_head.weight[VOCAB:] = torch.randn(10, 32)
+                want = model.eval()(input_ids=ids).logits
+            path = tmp_path / f"{lib.__name__}-{setting}-{len(targets)}"
+            model.save_pretrained(path, save_embedding_layers=setting)
+            with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+                keys.append(sorted(f.keys()))
+            outputs.append((path, want))
+        assert keys[0] == keys[1], setting
+        # a targeted embedding layer's base weights alone, else (with True) both layers' (a resized vocabulary)
+        assert ("base_model.model.lm_head.base_layer.weight" in keys[0]) == ("lm_head" in targets)
+        saves_embeddings = setting is True
+        assert ("base_model.model.model.embed_tokens.weight" in keys[0]) == saves_embeddings
+        path, want = outputs[0]
+        for loader in (PeftModel, peft.PeftModel):
+            with torch.no_grad():
+                got = loader.from_pretrained(base(), path).eval()(input_ids=ids).logits
+            assert torch.equal(got, want) == saves_embeddings, (setting, loader)
+    with pytest.raises(ValueError, match="save_embedding_layers is True, False or 'auto'"):
+        get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+            tmp_path / "x", save_embedding_layers="yes")
+
+
+def test_a_corrupt_adapter_file_is_named(tmp_path):
+    """A config that is not JSON or not an object, and a truncated weights file, raised JSONDecodeError,
+    AttributeError ('list' object has no attribute 'get') and SafetensorError, none naming the file."""
+    from hf_models import fresh
+
+    get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    weights = (tmp_path / "adapter_model.safetensors").read_bytes()
+    for name, data, message in (("adapter_config.json", b"{oops", "not a JSON adapter config"),
+                                ("adapter_config.json", b"[]", "an adapter config is a JSON object, got a list"),
+                                ("adapter_model.safetensors", weights[:40], "not a readable safetensors file")):
+        broken = tmp_path / f"broken-{len(data)}"
+        broken.mkdir()
+        for saved in tmp_path.iterdir():
+            if saved.is_file():
+                (broken / saved.name).write_bytes(saved.read_bytes())
+        (broken / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: {message}"):
+            PeftModel.from_pretrained(fresh("llama"), broken)

@@ -28,19 +28,22 @@ def save_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.T
 
 def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS_NAME).is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(directory / WEIGHTS_NAME))
+        try:
+            return load_file(str(directory / WEIGHTS_NAME))
+        except SafetensorError as err:  # its message names no file
+            raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({err})") from err
     if (directory / LEGACY_WEIGHTS_NAME).is_file():
         return torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
 
 
-def _embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The input and output embedding layers' own tensors, under their saved keys. HF PEFT saves them next to the
-    adapter when the adapter targets one of them (``save_embedding_layers="auto"``: ``lm_head.base_layer.weight``)
-    or the vocabulary was resized, and loads them back into the model; so does this loader."""
-    out = {}
+def _embedding_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
+    """(path, module, wrapped) of the input and output embedding layers: the module holding their own tensors (the
+    base layer of an adapter's wrapper) and its path."""
+    out = []
     names = {id(module): name for name, module in model.named_modules()}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
@@ -51,15 +54,41 @@ def _embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         wrapped = getattr(layer, "base_layer", None)
         module = layer if wrapped is None else wrapped
-        path = names.get(id(module))
-        if path is None:
-            continue
-        # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
-        # hooks here ((IA)^3) leaves it unwrapped, so that key also names the module's own tensors
-        paths = [path] if wrapped is not None else [path, f"{path}.base_layer"]
-        for key, value in module.state_dict().items():
-            out.update({f"base_model.model.{p}.{key}": value.detach() for p in paths})
+        if id(module) in names:
+            out.append((names[id(module)], module, wrapped is not None))
     return out
+
+
+def _keyed(path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"base_model.model.{path}.{key}": value.detach() for key, value in module.state_dict().items()}
+
+
+def embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The input and output embedding layers' own tensors, under the keys a saved adapter may hold them (see
+    :func:`saved_embedding_tensors`): what the loader copies such tensors into."""
+    out = {}
+    for path, module, wrapped in _embedding_layers(model):
+        out.update(_keyed(path, module))
+        if not wrapped:
+            # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
+            # hooks here ((IA)^3) leaves it unwrapped, so that key also names the module's own tensors
+            out.update(_keyed(f"{path}.base_layer", module))
+    return out
+
+
+def saved_embedding_tensors(model: torch.nn.Module, adapter: str, setting: bool | str) -> dict[str, torch.Tensor]:
+    """The embedding tensors HF PEFT's save_pretrained(save_embedding_layers=`setting`) writes next to `adapter`:
+    where the adapter wraps an embedding layer, that layer's base weights (and with "auto" only then); otherwise,
+    with True, every embedding layer's (a resized vocabulary's new rows). HF PEFT's "auto" also asks the hub
+    whether the vocabulary was resized; there is no hub here."""
+    layers = _embedding_layers(model)
+    targeted = [(path, module) for path, module, wrapped in layers
+                if wrapped and adapter in getattr(model.get_submodule(path.rpartition(".")[0]), "lora_A", {})]
+    if targeted:
+        chosen = targeted if setting else []
+    else:
+        chosen = [(path, module) for path, module, _ in layers] if setting is True else []
+    return {key: value for path, module in chosen for key, value in _keyed(path, module).items()}
 
 
 def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:
@@ -68,7 +97,7 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
     adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
-    embeddings = _embedding_tensors(lora_model.model)
+    embeddings = embedding_tensors(lora_model.model)
     expected.update({key: embeddings[key] for key in set(saved) - set(expected) if key in embeddings})
     if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
         # LoRA family only (the other tuners' configs have no `bias`): a trained bias of a module saved without
