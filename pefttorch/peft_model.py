@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import os
 import types
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tuners._config import TASK_MODULES_TO_SAVE
+from .tuners._config import TASK_MODULES_TO_SAVE, read_config
 from .tuners._forwarding import Forwarding
 from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLearnModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
@@ -567,12 +566,7 @@ def _load_config(model_id, is_trainable: bool) -> LoraConfig | MeftConfig:
                 "adapter with model.save_pretrained(dir) after training") \
             if (directory / "model.safetensors").is_file() else ""
         raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a saved adapter{hint}")
-    try:
-        data = json.loads((directory / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{directory / CONFIG_NAME}: not a JSON adapter config ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{directory / CONFIG_NAME}: an adapter config is a JSON object, got a {type(data).__name__}")
+    data = read_config(directory / CONFIG_NAME)
     readers = {MEFT: MeftConfig.from_dict, ADAPTER: AdapterConfig.from_dict, IA3: IA3Config.from_dict,
                SSF: SsfConfig.from_dict, BITFIT: BitFitConfig.from_dict, LN_TUNING: LNTuningConfig.from_dict,
                PROMPT_TUNING: PromptTuningConfig.from_dict, DEPT: DeptConfig.from_dict,

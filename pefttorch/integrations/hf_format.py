@@ -40,9 +40,9 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
 
 
-def _embedding_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
-    """(path, module, wrapped) of the input and output embedding layers: the module holding their own tensors (the
-    base layer of an adapter's wrapper) and its path."""
+def _embedding_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.nn.Module | None]]:
+    """(path, module, wrapper) of the input and output embedding layers: the module holding their own tensors (the
+    base layer of an adapter's wrapper, or the layer itself: wrapper None) and its path."""
     out = []
     names = {id(module): name for name, module in model.named_modules()}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -55,7 +55,7 @@ def _embedding_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
         wrapped = getattr(layer, "base_layer", None)
         module = layer if wrapped is None else wrapped
         if id(module) in names:
-            out.append((names[id(module)], module, wrapped is not None))
+            out.append((names[id(module)], module, None if wrapped is None else layer))
     return out
 
 
@@ -67,9 +67,9 @@ def embedding_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The input and output embedding layers' own tensors, under the keys a saved adapter may hold them (see
     :func:`saved_embedding_tensors`): what the loader copies such tensors into."""
     out = {}
-    for path, module, wrapped in _embedding_layers(model):
+    for path, module, wrapper in _embedding_layers(model):
         out.update(_keyed(path, module))
-        if not wrapped:
+        if wrapper is None:
             # HF PEFT wraps every targeted module and saves it as <path>.base_layer.<key>; a method that adapts it by
             # hooks here ((IA)^3) leaves it unwrapped, so that key also names the module's own tensors
             out.update(_keyed(f"{path}.base_layer", module))
@@ -82,8 +82,7 @@ def saved_embedding_tensors(model: torch.nn.Module, adapter: str, setting: bool 
     with True, every embedding layer's (a resized vocabulary's new rows). HF PEFT's "auto" also asks the hub
     whether the vocabulary was resized; there is no hub here."""
     layers = _embedding_layers(model)
-    targeted = [(path, module) for path, module, wrapped in layers
-                if wrapped and adapter in getattr(model.get_submodule(path.rpartition(".")[0]), "lora_A", {})]
+    targeted = [(path, module) for path, module, wrapper in layers if adapter in getattr(wrapper, "lora_A", {})]
     if targeted:
         chosen = targeted if setting else []
     else:

@@ -35,7 +35,6 @@ input in all (0.026 when each guard was scaled by its own input, which left the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -172,15 +171,14 @@ def _step(layer: ReversibleLayer, x1, x2, context, dtype, rng: list | None = Non
           guards: list | None = None, bound: float | None = None):
     """One layer forward; with `rng` a list, the random states before F and before G are appended to it; with
     `guards` a list, the cast guards of F's and G's inputs (see :func:`cast_guard`, None without `bound`)."""
-    # F and G see their input row-major, as backward's recomputation (guarded_cast) gives it: a strided input
+    # F and G see their input cast as backward's recomputation casts it (guarded_cast, row-major): a strided input
     # (a transposed stream) made another matmul path round F's output otherwise, and x1 was reconstructed with it
-    cast = functools.partial(torch.Tensor.to, dtype=dtype, memory_format=torch.contiguous_format)
     if rng is not None:
         rng.append(_RngState(x1.device))
-    y1 = functional.reversible_coupling(x1, layer.f.fn(cast(x2), context), layer.lam)
+    y1 = functional.reversible_coupling(x1, layer.f.fn(guarded_cast(x2, dtype, None), context), layer.lam)
     if rng is not None:
         rng.append(_RngState(x1.device))
-    y2 = functional.reversible_coupling(x2, layer.g.fn(cast(y1), context), layer.beta)
+    y2 = functional.reversible_coupling(x2, layer.g.fn(guarded_cast(y1, dtype, None), context), layer.beta)
     if guards is not None:
         # Backward reconstructs F's input x2 from y2 and G(y1), and G's input y1 from the layer above, so their
         # errors follow the layer's largest magnitudes, not their own: on a 16-layer Llama the embedding output

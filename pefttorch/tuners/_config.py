@@ -62,6 +62,17 @@ def save_config(config, directory: str | Path) -> None:
     path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The fields of a saved adapter_config.json, its path named where it is not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON adapter config ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: an adapter config is a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def plain_number(value):
     """A number of any kind (numpy's np.int64 from a sweep over a numpy grid, np.float32, a 0-d tensor) as a Python
     int or float; a bool, or anything else, as it is, for the checks to refuse in their own words."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -13,6 +12,7 @@ from .._config import (
     CONFIG_NAME,
     module_names,
     normalize_common,
+    read_config,
     reject_unknown_fields,
     save_config,
     warn_unknown_fields,
@@ -208,4 +208,4 @@ class LoraConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved adapter")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_config(path))
