@@ -112,6 +112,22 @@ def in_compute_dtype(fn, x: torch.Tensor, *tensors: torch.Tensor | None):
         return fn(*cast)
 
 
+def plain_tensor(t: torch.Tensor | None) -> bool:
+    """Whether pefttorch's ops may read `t`: a plain tensor (or one being traced by torch.compile/export). A tensor
+    subclass with a dispatch of its own (torchao's quantized weights, DTensor under tensor parallelism) implements
+    the aten ops a linear layer calls, not pefttorch's: the op failed on it with the subclass's NotImplementedError."""
+    cls = type(t)
+    if t is None or cls is torch.nn.Parameter or cls is torch.Tensor or cls.__torch_dispatch__ is _PLAIN_DISPATCH:
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor  # (imported here: rare, and it is not a light import)
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__  # what a subclass with only __torch_function__ (or none) inherits
+
+
 @torch.no_grad()
 def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
                 sign: float = 1.0, fan_in_fan_out: bool = False) -> None:
@@ -121,6 +137,9 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     dtype, so merging and then unmerging (sign -1) restores the weight up to that rounding.
     """
     op = "merge_lora_"
+    if not plain_tensor(weight):
+        raise TypeError(f"{op}: the weight is of type {type(weight).__name__}, a tensor subclass (a quantized weight?) "
+                        "that pefttorch cannot merge into; dequantize it first, or keep the adapter unmerged")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not t.is_floating_point() or t.dim() != 2:
             raise ValueError(f"{op}: {name} must be a 2-D floating-point tensor, got {t.dtype} of shape "

@@ -260,12 +260,12 @@ def test_pefttorch_layers_call_a_hooked_base_layer(method):
     torch.testing.assert_close(g, g_fused - 0.5 * base.sum(0), rtol=1e-5, atol=1e-5)
 
 
-def _lora_or_increlora(method):
+def _lora_or_increlora(method, net=None):
     if method == "lora":
         config = pefttorch.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
     else:
         config = pefttorch.IncreLoraConfig(target_modules=["proj"], init_rank=2, target_rank=2, top_h=1)
-    model = pefttorch.get_peft_model(_one_projection(), config)
+    model = pefttorch.get_peft_model(_one_projection() if net is None else net, config)
     if method == "increlora":
         with torch.no_grad():
             for p in model.base_model.model.proj.factors("default"):
@@ -367,3 +367,82 @@ def test_the_report_names_the_lora_variant():
                                 adapter_name="mine")
     (reason,) = pefttorch.accelerate(model).skipped.values()
     assert reason == "LoRA variant ['ALoraLinearVariant']"
+
+
+class _Int8Weight(torch.Tensor):
+    """A weight kept as int8 values and per-row scales, dequantized inside the aten ops a linear layer uses, as
+    torchao's quantized weights are; any other op (pefttorch's among them) is NotImplementedError."""
+
+    @staticmethod
+    def __new__(cls, q, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, q.shape, dtype=scale.dtype, device=q.device)
+
+    def __init__(self, q, scale):
+        self.q, self.scale = q, scale
+
+    def __repr__(self):
+        return f"_Int8Weight({list(self.shape)})"
+
+    def dequantize(self):
+        return self.q.to(self.scale.dtype) * self.scale
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.t.default):  # (the scales are transposed along: (1, out) for (in, out))
+            return cls(func(args[0].q), func(args[0].scale))
+        if func in (aten.mm.default, aten.addmm.default):
+            plain = [a.dequantize() if isinstance(a, _Int8Weight) else a for a in args]
+            return func(*plain, **(kwargs or {}))
+        raise NotImplementedError(f"_Int8Weight: {func}")
+
+
+def _quantized_projection():
+    """_one_projection with its weight quantized, and the same projection with the dequantized weight."""
+    net = _one_projection()
+    w = net.proj.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    quantized = _Int8Weight(torch.round(w / scale).to(torch.int8), scale)
+    plain = copy.deepcopy(net)
+    plain.proj.weight.data = quantized.dequantize()
+    net.proj.weight = torch.nn.Parameter(quantized, requires_grad=False)
+    return net, plain
+
+
+def test_accelerate_leaves_a_quantized_base_weight_to_peft():
+    """A base weight that is a tensor subclass (torchao's quantized weights) implements the ops nn.Linear calls, not
+    pefttorch's: the switched layer failed at its first forward with the subclass's NotImplementedError."""
+    net, _ = _quantized_projection()
+    config = peft.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
+    model = peft.get_peft_model(net, config)
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    report = pefttorch.accelerate(model)
+    reason = "base weight is a _Int8Weight, a tensor subclass (e.g. quantized)"
+    assert report.skipped == {"base_model.model.proj": reason}
+    torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_pefttorch_layers_call_a_base_layer_with_a_quantized_weight(method):
+    """pefttorch's own layers call such a base layer and add the adapter's term (they failed as accelerate did);
+    outputs and gradients are those of the same model with the weight dequantized. Merging into it, or wrapping it
+    in LoRALinear (which reads the weight), is refused by name."""
+    torch.manual_seed(0)
+    quantized, plain = (_lora_or_increlora(method, net) for net in _quantized_projection())
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), quantized.parameters(), strict=True):
+            if p.requires_grad:
+                q.copy_(p)
+    x = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads = []
+    for model in (quantized, plain):
+        y = model(x)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads.append((y, *torch.autograd.grad(y.square().sum(), [x, *trainable])))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="_Int8Weight, a tensor subclass"):
+        quantized.merge_and_unload()
+    with pytest.raises(TypeError, match="_Int8Weight, a tensor subclass"):
+        pefttorch.nn.LoRALinear.from_linear(_quantized_projection()[0].proj)

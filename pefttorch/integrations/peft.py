@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..functional import plain_tensor
 from ..tuners.lora.layer import dropout_p, has_linear_forward, is_linear, lora_forward
 
 logger = logging.getLogger("pefttorch")
@@ -57,6 +58,8 @@ def _unsupported(layer) -> str | None:
         return f"base layer is {type(base).__name__}, not nn.Linear/Conv1D (e.g. quantized)"
     if not has_linear_forward(base):
         return f"base layer {type(base).__name__} has a forward of its own"
+    if not (plain_tensor(base.weight) and plain_tensor(base.bias)):
+        return f"base weight is a {type(base.weight).__name__}, a tensor subclass (e.g. quantized)"
     if any(getattr(layer, "use_dora", {}).values()):
         return "DoRA"
     if any(getattr(layer, "lora_bias", {}).values()):

@@ -104,6 +104,10 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear.from_linear: {type(linear).__name__} has a forward of its own, which the "
                             "fused op would skip (it reads the weight); wrap it with pefttorch.get_peft_model, which "
                             "calls such a layer")
+        if not (functional.plain_tensor(linear.weight) and functional.plain_tensor(linear.bias)):
+            raise TypeError(f"LoRALinear.from_linear: the weight is of type {type(linear.weight).__name__}, a tensor "
+                            "subclass (a quantized weight?) that the fused op cannot read; wrap the layer with "
+                            "pefttorch.get_peft_model, which calls it")
         w = linear.weight
         layer = cls(
             linear.in_features,

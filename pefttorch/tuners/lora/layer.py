@@ -57,10 +57,12 @@ def has_linear_forward(module: nn.Module) -> bool:
 def calls_only_linear(module: nn.Module) -> bool:
     """Whether calling `module` computes nothing but its linear map, so the fused op may read its weight instead of
     calling it. Not so for a class with its own forward, a module with hooks (input steering, DeepSpeed ZeRO-3's
-    parameter gathering, gradient attribution's backward hooks, which fire only for a module that is called) or an
-    instance forward (🤗 Accelerate's device hooks): those are called, as HF PEFT calls its base layer."""
+    parameter gathering, gradient attribution's backward hooks, which fire only for a module that is called), an
+    instance forward (🤗 Accelerate's device hooks) or weights the op cannot read (functional.plain_tensor): those
+    are called, as HF PEFT calls its base layer."""
     g = module_globals  # written out, not looped over: this runs in every forward (three times)
     return (has_linear_forward(module) and "forward" not in module.__dict__
+            and functional.plain_tensor(module.weight) and functional.plain_tensor(module.bias)
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
                      or g._global_backward_hooks or g._global_backward_pre_hooks))

@@ -397,15 +397,17 @@ class RankedLoraLayer(LoraLayer):
                 y = y + sum(p[:0].sum() for p in self.factors(name)).to(y.dtype)
             return y
         a, e, b_t = self.factors(name)
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
         p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
-        bias, y = base.bias, None
-        if not calls_only_linear(base):
-            # a base layer that must be called (hooks, its own forward; see calls_only_linear): its output plus the
-            # adapter's term alone, from a zero weight. Rare, so the product with zeros is accepted; the adapter's
-            # term still goes through the op whose backward scores the components.
-            # (its own shape: hooks that gather a partitioned weight, ZeRO-3's, leave a placeholder outside the call)
-            weight, bias, y = weight.new_zeros(()).expand(self.out_features, self.in_features), None, base(x)
+        if calls_only_linear(base):
+            weight, bias, y = base.weight.t() if self.fan_in_fan_out else base.weight, base.bias, None
+        else:
+            # a base layer that must be called (hooks, its own forward, a quantized weight; see calls_only_linear):
+            # its output plus the adapter's term alone, from a zero weight. Rare, so the product with zeros is
+            # accepted; the adapter's term still goes through the op whose backward scores the components.
+            # (its own shape: hooks that gather a partitioned weight, ZeRO-3's, leave a placeholder outside the call;
+            # a plain tensor: a weight's subclass would take the op to its own dispatch)
+            zero = torch.zeros((), dtype=base.weight.dtype, device=base.weight.device)
+            weight, bias, y = zero.expand(self.out_features, self.in_features), None, base(x)
         # the factors follow x's dtype inside (ops.ranked_lora_factors): only x, the weight and the bias need the cast
         out = functional.in_compute_dtype(lambda x, weight, bias: _ranked_lora_linear(
             x, weight, bias, a, e, b_t, c, p, seed), x, weight, bias)
