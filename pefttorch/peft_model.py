@@ -25,7 +25,7 @@ from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.layer import LoraLayer, ModulesToSaveWrapper
-from .tuners.lora.model import LoraModel
+from .tuners.lora.model import LoraModel, _set_submodule
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
@@ -321,9 +321,16 @@ class PeftModel(Forwarding):
         return self.base_model.unload(merge=adapter_names is None or bool(adapter_names))
 
     def unload(self) -> nn.Module:
-        """The base model as it was, LoRA layers (and density loss hooks) removed, nothing merged."""
+        """The base model's weights as they were, adapter layers (and density loss hooks) removed, nothing merged;
+        modules in modules_to_save (a task head) are the active adapter's trained copies, as HF PEFT leaves them
+        (the original came back, and a head trained with the adapter was thrown away)."""
         self._detach_density_loss()
-        return self.base_model.unload(merge=False)
+        in_use = [(path, wrapper.active_module()) for path, wrapper in self.base_model.model.named_modules()
+                  if isinstance(wrapper, ModulesToSaveWrapper)]
+        model = self.base_model.unload(merge=False)
+        for path, module in in_use:
+            _set_submodule(model, path, module)
+        return model
 
     def _detach_density_loss(self) -> None:
         if self.density_loss is not None:
@@ -435,7 +442,8 @@ class PeftModel(Forwarding):
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      low_cpu_mem_usage: bool = False, **kwargs) -> None:
         """Loads another saved adapter next to the existing ones (not made active). Takes HF PEFT's arguments as
-        :meth:`from_pretrained` does (``subfolder=``; `torch_device` and `low_cpu_mem_usage` change nothing)."""
+        :meth:`from_pretrained` does (``subfolder=``; `torch_device` and `low_cpu_mem_usage` change nothing); with
+        ``is_trainable=False`` (the default) the adapter is frozen and the model put in eval mode, as HF PEFT does."""
         del torch_device, low_cpu_mem_usage
         model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
@@ -452,6 +460,8 @@ class PeftModel(Forwarding):
             if autocast is not None:
                 self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
+        if not is_trainable:
+            self.eval()  # for inference: dropout (the adapters' and the model's) off, as HF PEFT's load_adapter
 
     def _load_weights(self, model_id, adapter_name: str) -> None:
         from .integrations.hf_format import load_adapter_weights

@@ -532,6 +532,88 @@ def test_deleting_an_adapter_stops_its_biases_training(bias):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
 
 
+def test_load_adapter_for_inference_puts_the_model_in_eval_mode(tmp_path):
+    """As HF PEFT's load_adapter (and from_pretrained here): left in training mode, the adapters' dropout and the
+    model's own changed every output of a model loaded for inference."""
+    family = FAMILIES["llama"]
+    get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["v_proj"], lora_dropout=0.5)).save_pretrained(
+        tmp_path)
+    for is_trainable in (False, True):
+        model = get_peft_model(fresh(family).train(), LoraConfig(r=2, target_modules=["q_proj"]))
+        model.load_adapter(tmp_path, "other", is_trainable=is_trainable)
+        assert model.training is is_trainable
+        theirs = peft.get_peft_model(fresh(family).train(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        theirs.load_adapter(tmp_path, "other", is_trainable=is_trainable)
+        assert theirs.training is is_trainable
+
+
+def test_a_refused_delete_of_a_merged_adapter_changes_nothing():
+    """The refusal came after the adapter was frozen: it stayed active, untrainable, and unmerging did not help."""
+    model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("two", LoraConfig(r=2, target_modules=["v_proj"]))
+    model.set_adapter("two")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".two." in n for n in trainable)
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match="'two' is merged into the base weight of .*v_proj and 1 more"):
+        model.delete_adapter("two")
+    model.unmerge_adapter()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    model.delete_adapter("two")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_one_adapter_per_model_may_train_biases():
+    """The biases are the base model's, shared by all adapters: a second adapter with bias != 'none' was accepted,
+    and training it changed the first adapter's outputs (HF PEFT refuses it)."""
+    config = dict(r=2, target_modules=["query"], bias="all")
+    model = get_peft_model(fresh(FAMILIES["bert"]), LoraConfig(**config))
+    with pytest.raises(ValueError, match="adapter 'default' trains biases .*one adapter per model"):
+        model.add_adapter("two", LoraConfig(**{**config, "bias": "lora_only"}))
+    assert list(model.peft_config) == ["default"]
+    theirs = peft.get_peft_model(fresh(FAMILIES["bert"]), peft.LoraConfig(**config))
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        theirs.add_adapter("two", peft.LoraConfig(**{**config, "bias": "lora_only"}))
+    model.add_adapter("two", LoraConfig(**{**config, "bias": "none"}))  # biases trained by one adapter alone
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_unload_keeps_the_trained_modules_to_save(method):
+    """HF PEFT's unload() gives the active adapter's copy of a modules_to_save module (a task head trained with the
+    adapter): pefttorch gave the original back, and the trained head was silently thrown away."""
+    from pefttorch import IA3Config
+
+    family = FAMILIES["bert"]
+    inp = inputs_of(family)
+    outputs = []
+    for lib in (peft, None):
+        if lib is None:
+            config = (LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]) if method == "lora"
+                      else IA3Config(target_modules=["query"], feedforward_modules=[], modules_to_save=["classifier"]))
+            model = get_peft_model(fresh(family), config)
+        else:
+            config = (peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]) if method == "lora"
+                      else peft.IA3Config(target_modules=["query"], feedforward_modules=[],
+                                          modules_to_save=["classifier"]))
+            model = peft.get_peft_model(fresh(family), config)
+        with torch.no_grad():
+            model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+        outputs.append(logits(model.unload(), inp))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert (outputs[1] - logits(fresh(family), inp)).abs().max() > 0.1
+
+
+def test_saved_config_is_for_inference_as_hf_peft_writes_it(tmp_path):
+    """HF PEFT writes inference_mode true (its PeftConfig.from_pretrained + get_peft_model then gives a frozen
+    adapter); pefttorch wrote the live value, false, and that route trained the adapter."""
+    for lib, folder in ((peft, "theirs"), (None, "ours")):
+        build = get_peft_model if lib is None else peft.get_peft_model
+        make = LoraConfig if lib is None else peft.LoraConfig
+        build(fresh(FAMILIES["llama"]), make(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / folder)
+    for folder in ("theirs", "ours"):
+        assert json.loads((tmp_path / folder / "adapter_config.json").read_text())["inference_mode"] is True
+
+
 def test_multiple_adapters_save_and_load(tmp_path):
     family = FAMILIES["llama"]
     inp = inputs_of(family)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -20,7 +21,11 @@ def save_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.T
         raise ValueError(f"cannot save the adapter: {len(on_meta)} of its tensors are on the meta device, which holds "
                          f"no values (first: {on_meta[0]}); materialize the model (to_empty() and load its weights)")
     directory.mkdir(parents=True, exist_ok=True)
-    config.save(directory)
+    # written for inference, as HF PEFT writes it: its PeftConfig.from_pretrained + get_peft_model route then gives a
+    # frozen adapter (the loaders here set the field from is_trainable)
+    saved = copy.copy(config)
+    saved.inference_mode = True
+    saved.save(directory)
     # safetensors refuses tensors that share memory (tied weights in a saved head): write copies.
     save_file({k: v.detach().clone().contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt"})

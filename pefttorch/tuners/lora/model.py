@@ -232,6 +232,11 @@ class LoraModel(Forwarding):
         if hasattr(nn.ModuleDict(), adapter_name):  # the layers keep adapters in ModuleDicts, keyed by name
             raise ValueError(f"adapter name {adapter_name!r} is taken by an attribute of torch's nn.ModuleDict, "
                              f"which holds each layer's adapters: choose another")
+        with_bias = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if config.bias != "none" and with_bias:
+            # the biases are the base model's, shared by every adapter: training one adapter's changed the other's
+            raise ValueError(f"adapter {with_bias[0]!r} trains biases (bias={self.peft_config[with_bias[0]].bias!r}) "
+                             f"already: one adapter per model may have bias other than 'none', as in HF PEFT")
         targets = plan_targets(self.model, config)
         check_modules_to_save(self.model, config.modules_to_save)
         # What an error halfway (a layer refusing its settings, out of memory) must undo: layers swapped in, the
@@ -379,6 +384,11 @@ class LoraModel(Forwarding):
             raise ValueError(f"unknown adapter {name!r}; adapters are: {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError(f"{name!r} is the only adapter: a model needs one (unload() returns the base model)")
+        merged = [path for path, layer in self.lora_layers() if name in layer.merged_adapters]
+        if merged:  # refused before anything changes (it froze the adapter, which then stayed frozen once unmerged)
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight of {merged[0]}"
+                               f"{f' and {len(merged) - 1} more' if len(merged) > 1 else ''}; unmerge before deleting "
+                               "it")
         for p in self._owned_parameters(name):  # its biases stay in the model: set_adapter below marks what trains
             p.requires_grad_(False)
         self.__dict__.get("_trainable", {}).pop(name, None)  # a new adapter of this name follows its own config
@@ -446,7 +456,8 @@ class LoraModel(Forwarding):
 
     def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Replaces every LoraLayer by its base layer (with the active, or the given, adapters merged in if
-        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use."""
+        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use if
+        `merge`, else the original (the model as it came: what a failed construction or load falls back to)."""
         if merge:
             self._warn_of_tied_weights(adapter_names)
         for name, layer in self.lora_layers():
