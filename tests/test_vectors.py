@@ -324,6 +324,41 @@ def test_targets_without_feedforward_modules_mean_what_they_mean_in_hf_peft(fami
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
 
 
+def test_no_feedforward_modules_with_layers_to_transform_is_saved_as_none(tmp_path):
+    """The export for layers_to_transform wrote feedforward_modules null for none: both loaders read that as the model
+    type's defaults (down_proj scaled on its input) and refused the saved vectors' shape."""
+    peft = pytest.importorskip("peft")
+    config = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=[], layers_to_transform=[1])
+    model = get_peft_model(fresh("llama"), config)
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["feedforward_modules"] == []
+    batch = inputs("llama")
+    for loaded in (PeftModel.from_pretrained(fresh("llama"), tmp_path),
+                   peft.PeftModel.from_pretrained(fresh("llama"), tmp_path)):
+        torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_feedforward_modules_outside_the_default_targets_are_refused():
+    """With target_modules unset, feedforward modules outside the model type's targets were not adapted (and the
+    defaults' own feedforward module was scaled on its output); the save then failed the config's own check."""
+    with pytest.raises(ValueError, match=r"must be among target_modules, here the defaults .*'llama'.*\['up_proj'\]"):
+        get_peft_model(fresh("llama"), IA3Config(feedforward_modules=["up_proj"]))
+    model = get_peft_model(fresh("llama"), IA3Config(feedforward_modules=[]))  # among them: none
+    assert not any(s.on_input for s in model.base_model.sites) and len(model.base_model.sites) == 6
+
+
+@pytest.mark.parametrize("config", [IA3Config(target_modules=["lm_head"], feedforward_modules=[]),
+                                    SsfConfig(target_modules=["lm_head"])], ids=["ia3", "ssf"])
+def test_merging_into_a_tied_weight_warns(config):
+    """GPT-2's lm_head shares the input embeddings' weight: merging scales both, so the merged model's outputs are
+    not the adapter model's. LoRA (and HF PEFT) say so; (IA)^3 and SSF merged silently."""
+    model = get_peft_model(fresh("gpt2"), copy.deepcopy(config))
+    randomize(model)
+    with pytest.warns(UserWarning, match="merging into the weight of lm_head, which transformer.wte shares"):
+        model.merge_and_unload()
+
+
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_we_load_hf_peft_ia3(family, tmp_path):
     peft = pytest.importorskip("peft")

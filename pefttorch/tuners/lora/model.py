@@ -189,6 +189,22 @@ def _warn_of_fused_weights(model: nn.Module) -> None:
                       UserWarning, stacklevel=3)
 
 
+def warn_of_tied_weights(model: nn.Module, merging: list[tuple[str, str, torch.Tensor]], stacklevel: int) -> None:
+    """A weight that another module shares (an lm_head tied to the input embeddings) takes a merged update for both:
+    the merged model is then not the adapter model. Said, as HF PEFT does, rather than done silently. `merging`:
+    (module path, parameter name, parameter) of each weight about to take an update."""
+    users: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(n)
+    for path, name, weight in merging:
+        others = [n for n in users.get(id(weight), []) if n != name]
+        if others:
+            warnings.warn(f"merging into the weight of {path}, which {others[0].rpartition('.')[0]} shares (tied "
+                          f"weights, e.g. tie_word_embeddings): the update changes that module too, so the merged "
+                          f"model's outputs differ from the adapter model's. To merge exactly, give {path} its own "
+                          f"copy of the weight first", UserWarning, stacklevel=stacklevel)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -434,21 +450,12 @@ class LoraModel(Forwarding):
             done.append((layer, before))
 
     def _warn_of_tied_weights(self, adapter_names: list[str] | None) -> None:
-        """A base weight that another module shares (an lm_head tied to the input embeddings) takes the merged update
-        for both: the merged model is then not the adapter model. Said, as HF PEFT does, rather than done silently."""
-        users: dict[int, list[str]] = {}
-        for n, p in self.model.named_parameters(remove_duplicate=False):
-            users.setdefault(id(p), []).append(n)
+        merging = []
         for path, layer in self.lora_layers():
             names = layer.active_adapters if adapter_names is None else adapter_names
-            if not any(n in layer.lora_A and n not in layer.merged_adapters for n in names):
-                continue
-            others = [n for n in users.get(id(layer.base_layer.weight), []) if n != f"{path}.base_layer.weight"]
-            if others:
-                warnings.warn(f"merging into the weight of {path}, which {others[0]} shares (tied weights, e.g. "
-                              f"tie_word_embeddings): the update changes that module too, so the merged model's "
-                              f"outputs differ from the adapter model's. To merge exactly, give {path} its own copy "
-                              f"of the weight first", UserWarning, stacklevel=4)
+            if any(n in layer.lora_A and n not in layer.merged_adapters for n in names):
+                merging.append((path, f"{path}.base_layer.weight", layer.base_layer.weight))
+        warn_of_tied_weights(self.model, merging, stacklevel=5)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():

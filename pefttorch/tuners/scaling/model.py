@@ -15,7 +15,7 @@ from torch import nn
 
 from .._hooked import HookedModel, exact_regex, find_modules
 from ..lora.layer import is_linear, linear_dims
-from ..lora.model import PREFIX, _matches
+from ..lora.model import PREFIX, _matches, warn_of_tied_weights
 from .config import IA3_ALIASES, IA3_DEFAULTS, IA3Config, SsfConfig
 
 
@@ -51,7 +51,17 @@ def ia3_targets(model: nn.Module, config: IA3Config):
                          f"{', '.join(sorted({*IA3_DEFAULTS, *IA3_ALIASES}))}")
     if defaults is None:
         raise ValueError("IA3Config: feedforward_modules must be among target_modules, which is not set")
-    return defaults[0], defaults[1] if config.feedforward_modules is None else config.feedforward_modules
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        return defaults
+    # the config checks this where both are given; against the defaults it was not, and a feedforward module outside
+    # them was silently not adapted (and the saved config, naming both, refused by the check)
+    lists = isinstance(feedforward, list) and isinstance(defaults[0], list)  # (a regex is not checked, as there)
+    extra = sorted(set(feedforward) - set(defaults[0])) if lists else []
+    if extra:
+        raise ValueError(f"IA3Config: feedforward_modules must be among target_modules, here the defaults for model "
+                         f"type {model_type!r} ({defaults[0]}); not there: {extra}. Set target_modules too")
+    return defaults[0], feedforward
 
 
 def find_sites(model: nn.Module, config: IA3Config | SsfConfig) -> list[Site]:
@@ -150,8 +160,8 @@ class VectorModel(HookedModel):
         if self.ia3 and config.layers_to_transform:
             # HF PEFT's IA3Config has no layers_to_transform: name exactly the modules adapted
             config = config.replace(target_modules=exact_regex([s.path for s in self.sites]),
-                                    feedforward_modules=exact_regex([s.path for s in self.sites if s.on_input]),
-                                    layers_to_transform=None)
+                                    feedforward_modules=exact_regex([s.path for s in self.sites if s.on_input]) or [],
+                                    layers_to_transform=None)  # ([] for none, as below: null is HF's defaults)
         elif self.ia3 and config.target_modules is None:
             # our defaults, written out: HF PEFT's own differ (e.g. BERT's attention output as feedforward)
             target, feedforward = ia3_targets(self.model, config)
@@ -182,6 +192,8 @@ class VectorModel(HookedModel):
         if self.merged:
             return
         self._check_mergeable()
+        warn_of_tied_weights(self.model, [(s.path, f"{s.path}.weight", s.module.weight) for s in self.sites],
+                             stacklevel=5)  # (torch.no_grad's wrapper is a frame too)
         vectors = [(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
                    for key, s in zip(self.keys, self.sites, strict=True)]
         if safe_merge:
