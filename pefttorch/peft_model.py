@@ -460,6 +460,13 @@ class PeftModel(Forwarding):
             if autocast is not None:
                 self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
+        owned = getattr(self.base_model, "_owned_parameters", None)
+        if is_trainable and owned is not None:
+            # ... and trainable, inactive, as HF PEFT leaves it (set_adapter above froze it): an optimizer built from
+            # the parameters that require grad, before set_adapter activates it, left it out (until the next
+            # set_adapter, which trains the active adapters only, here and in HF PEFT)
+            for p in owned(adapter_name):
+                p.requires_grad_(True)
         if not is_trainable:
             self.eval()  # for inference: dropout (the adapters' and the model's) off, as HF PEFT's load_adapter
 

@@ -545,6 +545,11 @@ def test_load_adapter_for_inference_puts_the_model_in_eval_mode(tmp_path):
         theirs = peft.get_peft_model(fresh(family).train(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
         theirs.load_adapter(tmp_path, "other", is_trainable=is_trainable)
         assert theirs.training is is_trainable
+        # and the loaded adapter trains (inactive) if asked to, as in HF PEFT: an optimizer built from what requires
+        # grad before set_adapter left it out
+        assert ({n.replace(".other", "") for n, p in model.named_parameters() if p.requires_grad and ".other" in n}
+                == {n.replace(".other", "") for n, p in theirs.named_parameters() if p.requires_grad and ".other" in n}
+                != set()) is is_trainable
 
 
 def test_a_refused_delete_of_a_merged_adapter_changes_nothing():
