@@ -291,6 +291,18 @@ def test_torch_compile_keeps_the_reconstruction_exact():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_fullgraph_compile_is_refused_with_the_reason():
+    """fullgraph=True cannot hold the eager stack: dynamo's error was about bool() of a list, then a skipped function
+    of torch's, neither naming MEFT."""
+    from torch._dynamo.exc import Unsupported
+
+    inputs = batch(torch.Generator().manual_seed(7), "llama", tokens=6)
+    model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1"))
+    torch._dynamo.reset()
+    with pytest.raises(Unsupported, match="MEFT's reversible stack runs eagerly by design.*without fullgraph=True"):
+        torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)
+
+
 class _Saved:
     def __init__(self, t: torch.Tensor) -> None:
         self.t = t

@@ -363,14 +363,28 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
                                  "carries gradients only to the streams and the layers' parameters")
     report = ReconstructionReport() if report is None else report
     report.errors.clear()
-    return _reversible_apply(_Run(list(layers), context, dtype, params, report), x1, x2, *params)
+    return _eager_apply(_Run(list(layers), context, dtype, params, report), x1, x2, *params)
 
 
-# torch._disable_dynamo is torch.compiler.disable that imports dynamo at the first call, not here: importing
-# dynamo costs seconds that `import pefttorch` should not
-@torch._disable_dynamo
 def _reversible_apply(run: _Run, x1, x2, *params):
-    """The stack runs eagerly even inside torch.compile: backward recomputes F and G eagerly (autograd calls it
-    outside any compiled frame), and a forward compiled into other kernels would round differently, an error
-    the reconstruction then multiplies by 1/lam per layer (measured: 1e-5 instead of 1e-13 on two layers)."""
     return _ReversibleFunction.apply(run, x1, x2, *params)
+
+
+# The stack runs eagerly even inside torch.compile: backward recomputes F and G eagerly (autograd calls it outside any
+# compiled frame), and a forward compiled into other kernels would round differently, an error the reconstruction
+# then multiplies by 1/lam per layer (measured: 1e-5 instead of 1e-13 on two layers).
+_EAGER = ("MEFT's reversible stack runs eagerly by design (its backward recomputes the layers eagerly, and compiled "
+          "kernels would round differently); compile the model without fullgraph=True")
+# torch._disable_dynamo imports dynamo at the first call, not here (seconds that `import pefttorch` should not cost),
+# but takes no reason; eager_under_compile() puts dynamo's own disable, which does, in its place
+_eager_apply = torch._disable_dynamo(_reversible_apply)
+
+
+def eager_under_compile() -> None:
+    """Called where a reversible model is built: under torch.compile(fullgraph=True) the stack's refusal then says
+    why (dynamo's message named a skipped function of torch's)."""
+    global _eager_apply
+    import torch._dynamo
+
+    if getattr(_eager_apply, "_torchdynamo_disable_msg", None) != _EAGER:
+        _eager_apply = torch._dynamo.disable(_reversible_apply, reason=_EAGER)

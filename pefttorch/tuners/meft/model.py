@@ -19,7 +19,7 @@ import functools
 import torch
 from torch import nn
 
-from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, reversible_stack
+from ...nn.reversible import Block, ReconstructionReport, ReversibleLayer, eager_under_compile, reversible_stack
 from .._cache import cache_key, cache_length, get_cache
 from .._forwarding import Forwarding
 from ..lora.model import check_modules_to_save, saves_module
@@ -108,6 +108,7 @@ class MeftModel(Forwarding):
 
     def __init__(self, model: nn.Module, config: MeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        eager_under_compile()
         family = find_family(model)
         parent, attr = family.container(model)
         layers = getattr(parent, attr)
@@ -239,7 +240,7 @@ class MeftModel(Forwarding):
     def _stack_recomputed(self, stack: list[ReversibleLayer], hidden_states: torch.Tensor) -> bool:
         """Whether backward will recompute the reversible stack: with grad enabled, when something in it trains (as
         reversible_stack decides; a frozen model called with grad enabled runs it as plain layers)."""
-        return (torch.is_grad_enabled() and self.reversible and bool(stack) and (hidden_states.requires_grad or any(
+        return (torch.is_grad_enabled() and self.reversible and len(stack) > 0 and (hidden_states.requires_grad or any(
             p.requires_grad for layer in stack for block in (layer.f, layer.g) for m in block.modules
             for p in m.parameters())))
 
