@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UsageError as err:  # a value argparse could not judge alone: reported as it reports its own
         sub.choices[args.command].error(str(err))
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a results file so far says it is incomplete)
+        print(f"pefttorch {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -115,14 +115,13 @@ def test_cli_refuses_bad_values_before_running(argv, message, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["lora", "--impls", ","], "no implementations named in ','"),
-    (["lora", "--impls", ""], "no implementations named in ''"),
+    (["lora", "--shapes", "8x16x16r2", "--impls", ","], "no implementations named in ','"),
+    (["lora", "--shapes", "8x16x16r2", "--impls", ""], "no implementations named in ''"),
     (["rank", "--runs", ","], "--runs ',' names no run"),
 ])
 def test_cli_refuses_an_empty_list(tmp_path, capsys, argv, message):
     """--impls "," ran nothing and exited 0, with an empty table, JSON and plot."""
-    err = usage_error(["bench", *argv, "--device", "cpu", "--shapes", "8x16x16r2", "--json", str(tmp_path / "r.json")],
-                      capsys)
+    err = usage_error(["bench", *argv, "--device", "cpu", "--json", str(tmp_path / "r.json")], capsys)
     assert message in err and not (tmp_path / "r.json").exists()
 
 
@@ -246,6 +245,40 @@ def test_runs_naming_none_of_a_suites_runs_skip_it_among_several(tmp_path, monke
                  str(out)]) == 0
     assert "rank: --runs names none of its runs, skipped" in capsys.readouterr().out
     assert list(json.loads(out.read_text())["suites"]) == ["model"]
+
+
+@pytest.mark.parametrize(("suite", "option"), [("sparse", ["--runs", "increlora"]), ("lora", ["--steps", "3"]),
+                                               ("adapter", ["--tokens", "8"]), ("model", ["--shapes", "8x16x16r2"])])
+def test_options_no_selected_suite_reads_are_refused(suite, option, capsys):
+    """`bench sparse --runs increlora` ran the sparse suite and ignored --runs without a word."""
+    err = usage_error(["bench", suite, "--device", "cpu", *option], capsys)
+    assert f"{option[0]} applies to the " in err and "none of them is selected" in err
+
+
+def test_an_interrupted_run_leaves_a_file_that_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second suite printed a traceback and left a file of the first suite's results that nothing told
+    from a whole run; --compare against it printed an empty section for the missing suite."""
+    from pefttorch.bench import cli as bench_cli
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_cli, "_run_model", interrupted)
+    out = tmp_path / "r.json"
+    lora_args = ["--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--repeat", "1"]
+    assert main(["bench", "lora", "model", *lora_args, "--json", str(out)]) == 130
+    assert "pefttorch bench: interrupted" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["meta"]["suites"] == ["lora", "model"] and data["meta"]["complete"] is False
+    assert list(data["suites"]) == ["lora"] and not list(tmp_path.glob("*.part"))
+    monkeypatch.undo()
+    sparse_args = ["--shapes", "8x16:relu", "--tokens", "4", "--densities", "1", "--repeat", "1"]
+    assert main(["bench", "sparse", "--device", "cpu", *sparse_args, "--json", str(tmp_path / "r2.json"),
+                 "--compare", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the earlier run was cut short: it has results for lora of lora, model" in printed
+    assert "the earlier run has no sparse results" in printed
+    assert json.loads((tmp_path / "r2.json").read_text())["meta"]["complete"] is True
 
 
 def test_results_paths_and_compare_file_are_checked_before_running(tmp_path, capsys):

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
             console.print("no CUDA device: running on the CPU" + ("" if args.shapes else " with CPU-sized shapes"))
+    _check_suite_options(args, suites)
     inputs = {suite: _INPUTS[suite](args, device, quick) for suite in suites}
     skipped = [s for s in suites if inputs[s] is None]  # --runs named none of their runs
     if skipped and len(skipped) == len(suites):
@@ -135,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(peft_missing)
 
     meta = report.metadata(device, dtype)
-    meta.update(quick=quick, repeat=args.repeat)  # what the timings were taken with
+    # what the timings were taken with; `complete` false until every suite ran (a run cut short by Ctrl-C or an
+    # error leaves a file that says so, and that --compare names as such)
+    meta.update(quick=quick, repeat=args.repeat, suites=suites, complete=False)
     results, ok = {}, True
     runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank,
                "meft": _run_meft, "adapter": _run_adapter}
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         results[suite] = {"rows": rows, "targets": [{"target": t, "met": m, "measured": v} for t, m, v in targets],
                           **extra}
         # written after every suite, before its plot: what was measured is kept whatever fails later
-        args.json.write_text(json.dumps({"meta": meta, "suites": results}, indent=1))
+        meta["complete"] = suite == suites[-1]
+        _write_json(args.json, {"meta": meta, "suites": results})
         plot_path = _plot_path(args, suite, len(suites))
         _plotter(suite)(plot_path, meta, rows, extra.get("impls"))
         console.print(f"plot: {plot_path}")
@@ -154,6 +158,25 @@ def run(args: argparse.Namespace) -> int:
     if earlier is not None:
         compare(console, earlier, results, meta)
     return 0 if ok else 1
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: written beside and renamed over, so an interrupt mid-write leaves the previous file."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(data, indent=1))
+    part.replace(path)
+
+
+# Options that only some suites read: given to a run of none of those, they were silently ignored. (Those with a
+# default that is a value, --dropout or --bottleneck, cannot be told given from not.)
+_SUITE_OPTIONS = {"runs": ("model", "meft", "rank"), "steps": ("model", "meft", "rank"), "r": ("model", "meft", "rank"),
+                  "tokens": ("sparse",), "densities": ("sparse",), "shapes": ("lora", "sparse", "adapter")}
+
+
+def _check_suite_options(args: argparse.Namespace, suites: list[str]) -> None:
+    for option, readers in _SUITE_OPTIONS.items():
+        if getattr(args, option) is not None and not set(readers) & set(suites):
+            raise UsageError(f"--{option} applies to the {', '.join(readers)} suite(s); none of them is selected")
 
 
 def script_main(suite: str, argv: list[str] | None = None) -> int:
@@ -517,12 +540,18 @@ def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> 
     once, and a difference said, since the times are then not of the same thing."""
     meta = old.get("meta", {})
     console.print(f"change against commit {meta.get('commit')} of {meta.get('date')} on {meta.get('device')}:")
+    if meta.get("complete") is False:
+        had, asked = ", ".join(old.get("suites", {})) or "no suite", ", ".join(meta.get("suites", []))
+        console.print(f"[yellow]  note: the earlier run was cut short: it has results for {had} of {asked}[/yellow]")
     for key in ("device", "dtype"):
         if meta_now is not None and _differ(key, meta, meta_now):
             console.print(f"[yellow]  note: the earlier run's {key} was {meta.get(key)}, this one's "
                           f"{meta_now.get(key)}: the rows below compare different things[/yellow]")
     for suite, data in results.items():
         earlier = old.get("suites", {}).get(suite, {})
+        if not earlier:
+            console.print(f"[yellow]  note: the earlier run has no {suite} results: nothing to compare[/yellow]")
+            continue
         for key in ("model", "r", "target_r", "bottleneck", "stream_dtype"):
             if key in data and key in earlier and data[key] != earlier[key]:
                 console.print(f"[yellow]  note: {suite}: the earlier run's {key} was {earlier[key]}, this one's "
