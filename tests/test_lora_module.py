@@ -209,3 +209,14 @@ def test_from_linear_refuses_a_subclass_with_its_own_forward():
         pass
 
     LoRALinear.from_linear(Named(8, 4))
+
+
+def test_torchscript_is_refused_in_words():
+    """torch.jit.script failed inside pefttorch's sources (keyword-only arguments), as if they had a bug; a model
+    holding one of the modules is refused the same way."""
+    from pefttorch.nn import BottleneckAdapter, SparseMLP
+
+    sparse = SparseMLP(torch.randn(32, 16), torch.randn(32, 16))
+    for module in (LoRALinear(16, 12, r=4), BottleneckAdapter(16, 4), sparse):
+        with pytest.raises(TypeError, match=f"{type(module).__name__} does not support TorchScript.*torch.compile"):
+            torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), module))

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional, reference
+from ._scripting import NotScriptable
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(NotScriptable, nn.Module):
     """``y = residual + scale * (act(LN(x) W_down^T + b_down) W_up^T + b_up)``.
 
     As a sequential adapter (Houlsby, Pfeiffer) its input is the block's output h and ``residual = h``: call

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
+from ._scripting import NotScriptable
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(NotScriptable, nn.Module):
     """``y = x W^T + b + scaling * dropout(x) A^T B^T`` with W and b frozen.
 
     ``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). A starts

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import functional
+from ._scripting import NotScriptable
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach()
 
 
-class SparseMLP(nn.Module):
+class SparseMLP(NotScriptable, nn.Module):
     """``y = mask(h) W_down^T + b_down``, ``h = act(x W_in^T + b_in)`` (times ``x W_up^T + b_up`` if gated),
     where the mask zeroes every neuron whose activation has magnitude <= ``threshold``.
 
