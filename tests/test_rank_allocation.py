@@ -1199,6 +1199,10 @@ def test_orth_regularization_is_added_to_the_loss_in_training():
         manual += [torch.linalg.matrix_norm(a[:n] @ a[:n].t() - torch.eye(n)),
                    torch.linalg.matrix_norm(b_t[:n] @ b_t[:n].t() - torch.eye(n))]
     torch.testing.assert_close(reg, torch.stack(manual).mean())
+    # return_dict=False: the (loss, logits, ...) tuple's loss carries it too (it was the task loss alone)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], with_term, rtol=1e-6, atol=1e-7)
     model.eval()
     plain = model(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(with_term, plain + 0.3 * reg, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,24 @@ from .._config import module_names, plain_number
 from .mlp import find_mlp_blocks
 
 
+def output_loss(output) -> torch.Tensor | None:
+    """The loss a model's output carries: an HF ModelOutput's (a dict), or the first item of its return_dict=False
+    tuple, (loss, logits, ...) when given labels (logits are never 0-D); None if it has none."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+        return output[0]
+    return None
+
+
+def with_loss(output, loss: torch.Tensor):
+    """`output` (one output_loss found a loss in) carrying `loss` instead."""
+    if isinstance(output, dict):
+        output["loss"] = loss
+        return output
+    return (loss, *output[1:])
+
+
 def counted_labels(model, labels: torch.Tensor, shift_labels) -> torch.Tensor:
     """The labels the HF Trainer counts into num_items_in_batch for this model: a causal LM's loss shifts them, so
     the Trainer counts ``labels[..., 1:]`` (or the collator's shift_labels); every other model's, all of them.
@@ -258,22 +276,13 @@ class DensityLoss:
         self._check_complete()
         if not self._losses:
             return None
-        if isinstance(output, dict):  # HF ModelOutput is a dict
-            task_loss = output.get("loss")
-        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
-            task_loss = output[0]  # return_dict=False: (loss, logits, ...) when given labels (logits are never 0-D)
-        else:
-            task_loss = None
+        task_loss = output_loss(output)
         if task_loss is None:
             return None
         term = self.loss()
         if self._share is not None:
             term = term * self._share.to(term.device)
-        total = task_loss + term.to(task_loss.device, task_loss.dtype)
-        if isinstance(output, dict):
-            output["loss"] = total
-            return output
-        return (total, *output[1:])
+        return with_loss(output, task_loss + term.to(task_loss.device, task_loss.dtype))
 
     def loss(self) -> torch.Tensor:
         """``weight * mean over layers of mean(a^2 / (a^2 + eps))`` of the latest training forward."""

@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..density.loss import counted_labels
+from ..density.loss import counted_labels, output_loss, with_loss
 from ..lora.config import LoraConfig
 from ..lora.model import LoraModel, Target, plan_targets
 from .allocator import AdaLoraAllocator, IncreLoraAllocator, refuse_sharded, saved_order
@@ -277,13 +277,13 @@ class _OrthRegHook:
     def __call__(self, module, args, kwargs, output):
         owner = self.owner
         weight = owner.peft_config[owner.active_adapters[0]].orth_reg_weight
-        loss = output.get("loss") if isinstance(output, dict) else None
+        loss = output_loss(output)  # (a return_dict=False tuple's too: the term was left out of it, without a word)
         if not module.training or weight == 0 or not torch.is_grad_enabled():
             return None
         if any(layer.disable_adapters for _, layer in owner.allocator.layers):
             return None
         if loss is None:
-            if isinstance(output, dict) and not getattr(self, "warned", False):  # (a plain module: its user's loss)
+            if isinstance(output, (dict, tuple)) and not getattr(self, "warned", False):  # (a tensor: its user's loss)
                 # the HF Trainer computes the loss itself under label_smoothing_factor or compute_loss_func: the term
                 # had nothing to join, and training would go on without it without a word
                 self.warned = True
@@ -298,5 +298,4 @@ class _OrthRegHook:
         total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
         if total is not None and isinstance(labels, torch.Tensor):
             weight = weight * (counted_labels(module, labels, kwargs.get("shift_labels")).ne(-100).sum() / total)
-        output["loss"] = loss + weight * owner.orth_regularization().to(loss.device, loss.dtype)
-        return output
+        return with_loss(output, loss + weight * owner.orth_regularization().to(loss.device, loss.dtype))
