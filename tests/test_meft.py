@@ -88,6 +88,19 @@ def test_gradients_match_ordinary_autograd_float64(family, variant, dropout):
     assert_same_gradients(model, batch(g, family), rtol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_dropout_of_the_adapters_alone_is_replayed(variant):
+    """model.eval() with only the FFN adapters' dropout kept on: backward replays the random state when any module
+    inside F or G trains, not only the blocks' own modules (the layers, in eval mode), or it drew other masks (error
+    4.6)."""
+    model = pefttorch.get_peft_model(build("llama").double(), pefttorch.MeftConfig(
+        variant=variant, adapter_dropout=0.5, stream_dtype=torch.float64))
+    model.eval()
+    for layer in model.base_model.layers:
+        layer.meft_adapters["ffn"].train()  # inside F (meft1) or G (meft3), never a block's own module
+    assert_same_gradients(model, batch(torch.Generator().manual_seed(1), "llama"), rtol=1e-6)
+
+
 def test_a_second_derivative_is_refused():
     """A gradient penalty through the reversible stack (create_graph=True) is refused: its backward recomputes F
     and G for first-order vector-Jacobian products only, so a second derivative would come out wrong."""

@@ -239,8 +239,11 @@ class _ReversibleFunction(torch.autograd.Function):
         # (the meta device has no autocast, and asking about it raises: off there)
         on = device.type != "meta" and torch.is_autocast_enabled(device.type)
         ctx.autocast = (device.type, on, torch.get_autocast_dtype(device.type) if on else None)
-        # Random state only matters when some module draws random numbers (dropout in training mode).
-        replay = any(m.training for layer in run.layers for m in (*layer.f.modules, *layer.g.modules))
+        # Random state only matters when some module draws random numbers (dropout in training mode): any module
+        # inside F and G, not only the blocks' own (model.eval() with the adapters' dropout kept on drew other masks
+        # in backward). Each module once: meft3's F and G share their layer, meft1's F holds G's adapter.
+        blocks = dict.fromkeys(m for layer in run.layers for m in (*layer.f.modules, *layer.g.modules))
+        replay = any(m.training for block in blocks for m in block.modules())
         bounds = guard_bounds(run.layers, x1.dtype, run.dtype)
         guards: list = []
         _forward.depth = getattr(_forward, "depth", 0) + 1
