@@ -459,6 +459,45 @@ def test_per_layer_outputs_are_refused_not_returned_empty(family):
         backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
 
 
+def test_threads_sharing_a_model_each_run_the_stack():
+    """Whether the layer list is the stack is per call: one thread's forward ending (its post-hook) while another's is
+    inside made the other run the plain layers, no adapters. Made deterministic: thread A waits in its embedding's
+    hook (its parent's pre-hook has run) while the main thread runs a whole forward."""
+    import threading
+
+    ids = torch.randint(1, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(0))
+    model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1")).eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=ids).logits, want)  # the check can fail
+    inside, done, got = threading.Event(), threading.Event(), {}
+
+    def wait_in_a(module, args):
+        if threading.current_thread().name == "a":
+            inside.set()
+            assert done.wait(30)
+
+    def a():
+        with torch.no_grad():
+            got["a"] = model(input_ids=ids).logits
+
+    hook = model.get_base_model().model.embed_tokens.register_forward_pre_hook(wait_in_a)
+    try:
+        thread = threading.Thread(target=a, name="a")
+        thread.start()
+        assert inside.wait(30)
+        with torch.no_grad():
+            got["main"] = model(input_ids=ids).logits
+        done.set()
+        thread.join(30)
+    finally:
+        done.set()
+        hook.remove()
+    torch.testing.assert_close(got["main"], want, rtol=0, atol=0)
+    torch.testing.assert_close(got["a"], want, rtol=0, atol=0)
+
+
 def test_a_training_forward_hands_back_no_cache_to_continue_from():
     """With a reversible backward ahead, the forward must not write the key/value cache (backward recomputes
     attention): the cache came back empty, and continuing from it gave wrong logits without a word. It is refused

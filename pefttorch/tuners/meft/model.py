@@ -14,6 +14,7 @@ the wrapped model (e.g. ``bert.encoder.layer.0.meft_adapters.ffn.down.weight``) 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import torch
@@ -49,6 +50,12 @@ class MeftAdapter(nn.Module):
         return self.up(self.dropout(self.act(self.down(x.to(self.down.weight.dtype))))).to(x.dtype)
 
 
+# The ReversibleLayerLists whose parent's forward runs in this context: per call, not on the list, so that threads
+# sharing a model each see their own forward (a flag on the list, cleared by one thread's post-hook while another
+# thread was inside, made that one run the plain layers: no adapters, no word). Replaced, never changed in place.
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pefttorch_meft_active", default=frozenset())
+
+
 class ReversibleLayerList(nn.ModuleList):
     """The model's layer list, unchanged as a container (indexing, len, state dict), except that while
     its parent's forward runs, iterating or slicing it yields one callable: the whole MEFT stack."""
@@ -56,7 +63,11 @@ class ReversibleLayerList(nn.ModuleList):
     def __init__(self, layers: nn.ModuleList, runner) -> None:
         super().__init__(layers)
         self._runner = runner
-        self._active = False
+        self._traced_active = False  # _ACTIVE's entry while torch.compile traces (see _set_active)
+
+    @property
+    def _active(self) -> bool:
+        return self._traced_active if torch.compiler.is_compiling() else self in _ACTIVE.get()
 
     def __iter__(self):
         return iter([self._runner]) if self._active else super().__iter__()
@@ -74,7 +85,13 @@ _UNFILLED = "_pefttorch_meft_unfilled"
 
 
 def _set_active(layers: ReversibleLayerList, value: bool, *unused) -> None:
-    layers._active = value
+    """While torch.compile traces, on the list: dynamo cannot trace a ContextVar (a graph break per call, an error
+    with fullgraph before the stack's own refusal), and a trace runs in one thread."""
+    if torch.compiler.is_compiling():
+        layers._traced_active = value
+        return
+    active = _ACTIVE.get()
+    _ACTIVE.set(active | {layers} if value else active - {layers})
 
 
 # The blocks of a layer, as functions of (x, context) bound to the layer's modules at call time (never
