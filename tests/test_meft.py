@@ -498,6 +498,22 @@ def test_threads_sharing_a_model_each_run_the_stack():
     torch.testing.assert_close(got["a"], want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["register_forward_hook", "register_forward_pre_hook"])
+@pytest.mark.parametrize("position", [0, 1])  # reversible, ordinary (above num_rev_layers)
+def test_hooks_on_a_layer_are_refused_not_skipped(kind, position):
+    """The adapted layers are computed from their blocks, never called: a hook on a layer did not run, and the output
+    it changed came out unchanged without a word. Refused now; with adapters disabled the layers are called."""
+    ids = torch.randint(1, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(0))
+    model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1", num_rev_layers=1)).eval()
+    calls = []
+    getattr(model.base_model.layers[position], kind)(lambda module, *rest: calls.append(module))
+    with torch.no_grad(), pytest.raises(ValueError, match=f"layer model.layers.{position} has forward .*would not run"):
+        model(input_ids=ids)
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=ids)
+    assert calls == [model.base_model.layers[position]]
+
+
 def test_a_training_forward_hands_back_no_cache_to_continue_from():
     """With a reversible backward ahead, the forward must not write the key/value cache (backward recomputes
     attention): the cache came back empty, and continuing from it gave wrong logits without a word. It is refused

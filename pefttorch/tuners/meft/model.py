@@ -217,12 +217,29 @@ class MeftModel(Forwarding):
                                  "stack and have no per-layer outputs to record (with adapters disabled the model "
                                  "runs its own layers and has them)")
 
+    def _refuse_layer_hooks(self, layers: list[nn.Module]) -> None:
+        """Hooks on a layer module run from its __call__, which the adapted model never makes (the reversible stack
+        computes a layer from its attention and MLP blocks, as F and G, again in backward; the ordinary layers above
+        it too, their FFN adapter being added between the blocks): refuse, instead of running without them. (Neither
+        transformers nor Accelerate puts hooks there: Accelerate's dispatch replaces the forward instead.)"""
+        for layer in layers:
+            kinds = [kind for kind, hooks in (("pre-hooks", layer._forward_pre_hooks), ("hooks", layer._forward_hooks))
+                     if hooks]
+            if kinds:
+                name = next(n for n, m in self.model.named_modules() if m is layer)
+                raise ValueError(f"MEFT: the layer {name} has forward {' and '.join(kinds)}, which would not run: with "
+                                 "MEFT's adapters on, the layers are computed from their attention and MLP blocks, not "
+                                 "called; remove them (hooks on the blocks' modules run, again when backward "
+                                 "recomputes them), or run with adapters disabled, where the model calls its own "
+                                 "layers")
+
     def _run_layers(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layers = list(self.layers._modules.values())
         if self.disabled:
             for layer in layers:
                 hidden_states = layer(hidden_states, *args, **kwargs)
             return hidden_states
+        self._refuse_layer_hooks(layers)
         config = self.peft_config[self.active_adapters[0]]
         context = self._family.context(args, kwargs)
         dtype = hidden_states.dtype
