@@ -650,6 +650,25 @@ def test_bad_configs_and_models():
         model.add_adapter("second", pefttorch.MeftConfig())
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_layer_shared_across_depth(variant):
+    """A layer module at two depths holds one set of adapters: split by num_rev_layers into a reversible and an
+    ordinary layer, meft1/meft2 need two different sets, and the first forward failed with KeyError 'coupling'. That
+    split is refused at get_peft_model; meft3's (the same adapters) and unsplit sharing run."""
+    ids = torch.randint(1, VOCAB - 1, (1, 5), generator=torch.Generator().manual_seed(0))
+    for n_rev in (None, 0, 1):
+        base = build("llama")
+        base.model.layers[1] = base.model.layers[0]  # weight sharing across depth (ALBERT-style)
+        config = pefttorch.MeftConfig(variant=variant, num_rev_layers=n_rev)
+        if n_rev == 1 and variant != "meft3":
+            with pytest.raises(ValueError, match="layers 0 and 1 are the same module, and num_rev_layers=1"):
+                pefttorch.get_peft_model(base, config)
+            continue
+        model = pefttorch.get_peft_model(base, config)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_task_type_heads_train_and_one_name_of_modules_to_save_suffices():
     """As LoRA and the hooked methods (HF PEFT): SEQ_CLS's new head trains and is saved, and modules_to_save naming
     several possible heads needs one to match (MEFT refused ["classifier", "score"] and left the classifier frozen)."""

@@ -137,6 +137,7 @@ class MeftModel(Forwarding):
             raise ValueError(f"MeftConfig: num_rev_layers={n_rev} but the model has {depth} layers")
         for layer in layers:
             family.check_layer(layer)
+        self._refuse_split_shared_layers(layers, n_rev, config.variant)
         hidden = model.config.hidden_size
         if config.bottleneck > hidden:
             raise ValueError(f"MeftConfig: bottleneck {config.bottleneck} is wider than the hidden size {hidden}")
@@ -176,6 +177,23 @@ class MeftModel(Forwarding):
             layer.meft_adapters.requires_grad_(trainable)
         for _, module in targets:
             module.requires_grad_(trainable)
+
+    @staticmethod
+    def _refuse_split_shared_layers(layers: nn.ModuleList, n_rev: int, variant: str) -> None:
+        """A layer module holds one set of adapters: one that appears both below num_rev_layers and above it (weight
+        sharing across depth) would need a reversible layer's and an ordinary one's, and for meft1/meft2 they differ
+        (the coupling adapter: a KeyError at forward). Shared layers that are all reversible or all ordinary work,
+        and so does a split for meft3, whose two kinds of layer hold the same adapters."""
+        if _adapter_kinds(variant, True) == _adapter_kinds(variant, False):
+            return
+        first: dict[int, int] = {}
+        for i, layer in enumerate(layers):
+            j = first.setdefault(id(layer), i)
+            if j < n_rev <= i:
+                raise ValueError(f"MeftConfig: layers {j} and {i} are the same module, and num_rev_layers={n_rev} "
+                                 f"makes {j} reversible and {i} ordinary, which take different {variant} adapters "
+                                 f"(a module holds one set); make both reversible or both ordinary (num_rev_layers "
+                                 f"<= {j} or > {i})")
 
     @staticmethod
     def _modules_to_save(model: nn.Module, config: MeftConfig) -> list[tuple[str, nn.Module]]:
