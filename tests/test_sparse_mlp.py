@@ -316,3 +316,18 @@ def test_sparsify_takes_a_bypassed_part_with_a_dropout():
         pefttorch.sparsify(model, 0.0)
         torch.testing.assert_close(model(x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, SparseMLP) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_sparsify_refuses_hf_peft_layers_asking_to_merge(method):
+    """HF PEFT's LoRA and IA3 layers left in an MLP were refused as 'built from nn.Linear or Conv1D projections, got
+    Linear', which names no adapter: they get the message pefttorch's own LoRA layers get."""
+    peft = pytest.importorskip("peft")
+    config = (peft.LoraConfig(r=4, target_modules=["up_proj"]) if method == "lora" else
+              peft.IA3Config(target_modules=["up_proj"], feedforward_modules=["up_proj"]))
+    model = peft.get_peft_model(FAMILIES["llama"].build(), config).eval()
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: the MLP holds adapter layers \(peft\.tuners\..*merge the "
+                                         r"adapters first \(merge_and_unload\(\)\)"):
+        pefttorch.sparsify(model)
+    assert pefttorch.sparsify(model.merge_and_unload())
+

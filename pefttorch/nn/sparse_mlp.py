@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -40,12 +42,19 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
                          f"cannot replace it")
 
 
+def _is_hf_peft_layer(layer: nn.Module) -> bool:
+    """An HF PEFT tuner layer (LoRA, IA3, ...): if peft is not imported, no layer can be one (not imported here)."""
+    tuners_utils = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners_utils is not None and isinstance(layer, tuners_utils.BaseTunerLayer)
+
+
 def _weight_rows(layer: nn.Module) -> torch.Tensor:
     """The weight of an nn.Linear or transformers Conv1D as (out, in) rows, without a copy for nn.Linear."""
     from ..tuners.lora.layer import LoraLayer, conv1d_class, has_linear_forward, is_linear
 
-    if isinstance(layer, LoraLayer):
-        raise ValueError("the MLP holds LoRA layers: merge the adapters first (merge_and_unload()), then sparsify")
+    if isinstance(layer, LoraLayer) or _is_hf_peft_layer(layer):
+        raise ValueError(f"the MLP holds adapter layers ({type(layer).__module__}.{type(layer).__name__}): merge the "
+                         "adapters first (merge_and_unload()), then sparsify")
     if not is_linear(layer):
         raise ValueError(f"SparseMLP is built from nn.Linear or Conv1D projections, got {type(layer).__name__}")
     if not has_linear_forward(layer) or "forward" in layer.__dict__:  # SparseMLP reads the weight, never calls it

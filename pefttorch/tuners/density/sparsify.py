@@ -27,7 +27,7 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
         raise ValueError("the model itself is an MLP block: use SparseMLP.from_mlp(model) instead")
     for block in blocks:  # before from_mlp's probe, which would run the hooks (the density loss's counts it)
         _check_no_hooks(block)
-    built = [(b, SparseMLP.from_mlp(b.module, threshold)) for b in blocks]
+    built = [(b, _build(b, threshold)) for b in blocks]
     for block, sparse in built:
         if not block.layout.replace:
             _check_bypass_holds_only_the_mlp(block)
@@ -41,6 +41,13 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
         names.append(target)
     model.eval()
     return names
+
+
+def _build(block, threshold: float) -> SparseMLP:
+    try:
+        return SparseMLP.from_mlp(block.module, threshold)
+    except ValueError as err:  # its class names the kind of block, not which of the model's it is
+        raise ValueError(f"{block.name}: {err}") from None
 
 
 def _check_no_hooks(block) -> None:
