@@ -331,3 +331,17 @@ def test_sparsify_refuses_hf_peft_layers_asking_to_merge(method):
         pefttorch.sparsify(model)
     assert pefttorch.sparsify(model.merge_and_unload())
 
+
+
+def test_sparsify_refuses_a_glu_split_from_fc1_naming_the_block():
+    """Moonshine's decoder MLP splits fc1's output in two and gates one half with the other: fc1 gives twice the
+    features fc2 takes, and the SparseMLP constructor failed on the shapes, naming no module. It is refused, named."""
+    from transformers import MoonshineConfig, MoonshineForConditionalGeneration
+
+    model = MoonshineForConditionalGeneration(MoonshineConfig(
+        hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=1, decoder_num_hidden_layers=1,
+        encoder_num_attention_heads=4, decoder_num_attention_heads=4, vocab_size=100)).eval()
+    with pytest.raises(ValueError, match=r"^model\.decoder\.layers\.0\.mlp: MoonshineDecoderMLP: its fc1 gives 128 "
+                                         r"features but its fc2 takes 64"):
+        pefttorch.sparsify(model)
+    assert not any(isinstance(m, SparseMLP) for m in model.modules())

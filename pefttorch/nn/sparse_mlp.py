@@ -148,8 +148,13 @@ class SparseMLP(NotScriptable, nn.Module):
             raise ValueError(f"{type(mlp).__name__} is not an MLP block SparseMLP knows; supported are the MLPs of "
                              f"{SUPPORTED}")
         part = mlp.get_submodule
-        sparse = cls.from_linears(part(layout.gate), part(layout.down), part(layout.act), threshold,
-                                  up=part(layout.up) if layout.up else None)
+        gate, down = part(layout.gate), part(layout.down)
+        inter, down_in = _weight_rows(gate).shape[0], _weight_rows(down).shape[1]
+        if inter != down_in:
+            raise ValueError(f"{type(mlp).__name__}: its {layout.gate} gives {inter} features but its {layout.down} "
+                             f"takes {down_in}, so its forward computes more than the activation between them (a GLU "
+                             "splits the output in two, as Moonshine's): SparseMLP cannot replace it")
+        sparse = cls.from_linears(gate, down, part(layout.act), threshold, up=part(layout.up) if layout.up else None)
         if layout.replace:
             _check_computes_as(mlp, sparse)
         return sparse
