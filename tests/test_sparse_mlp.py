@@ -182,14 +182,15 @@ class _GatedWithATwist(torch.nn.Module):
 
 
 class _LayerWithANormInside(torch.nn.Module):
-    """A BART-style layer whose forward normalises the activation before fc2 (as Kosmos-2's FFN does)."""
+    """A BART-style layer (its forward also takes the attention mask, so no probe can call it alone) whose forward
+    normalises the activation before fc2."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
         self.activation_fn, self.ffn_layernorm = torch.nn.GELU(), torch.nn.LayerNorm(16)
 
-    def forward(self, x):
+    def forward(self, x, attention_mask):
         return x + self.fc2(self.ffn_layernorm(self.activation_fn(self.fc1(x))))
 
 
@@ -316,6 +317,45 @@ def test_sparsify_takes_a_bypassed_part_with_a_dropout():
         pefttorch.sparsify(model, 0.0)
         torch.testing.assert_close(model(x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, SparseMLP) for m in model.modules())
+
+
+class _HoldsAnMlp(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_fc1_fc2_mlp_modules_that_compute_otherwise_are_refused_at_equal_widths():
+    """An fc1/fc2 block was never probed, and the structural check gives up when the intermediate width equals the
+    input's: LightGlue's MLP (a LayerNorm between fc1 and the activation) and Kosmos-2's FFN with ffn_dim ==
+    embed_dim were swapped, and the model silently computed something else. A block whose forward takes the hidden
+    states alone is an MLP module, and is now probed; the plain ones (Phi's) still pass."""
+    from transformers import Kosmos2TextConfig, LightGlueConfig, PhiConfig, PhiForCausalLM
+    from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+    from transformers.models.lightglue.modeling_lightglue import LightGlueMLP
+
+    torch.manual_seed(0)
+    lightglue = _HoldsAnMlp(LightGlueMLP(LightGlueConfig(descriptor_dim=16, num_hidden_layers=1,
+                                                         num_attention_heads=2))).eval()
+    with pytest.raises(ValueError, match=r"^mlp: LightGlueMLP has the parts .* computes something else"):
+        pefttorch.sparsify(lightglue)
+    kosmos = Kosmos2TextForCausalLM(Kosmos2TextConfig(embed_dim=32, ffn_dim=32, layers=1, attention_heads=4,
+                                                      vocab_size=100)).eval()
+    with torch.no_grad():
+        kosmos.model.layers[0].ffn.ffn_layernorm.weight.normal_()  # a trained norm, not the identity
+    with pytest.raises(ValueError, match=r"layers\.0\.ffn: Kosmos2TextFFN has the parts .* computes something else"):
+        pefttorch.sparsify(kosmos)
+    assert not any(isinstance(m, SparseMLP) for m in (*lightglue.modules(), *kosmos.modules()))
+    phi = PhiForCausalLM(PhiConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   vocab_size=100)).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        want = phi(ids).logits
+        assert pefttorch.sparsify(phi) == ["model.layers.0.mlp.fc2"]
+        torch.testing.assert_close(phi(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

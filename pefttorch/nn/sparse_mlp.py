@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -14,8 +15,9 @@ from ._scripting import NotScriptable
 @torch.no_grad()
 def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
     """Refuses a block whose parts have the names of a known layout but whose forward computes something else (say
-    Gemma-3n's MLP, which sparsifies its gate before the activation): a probe through both at threshold 0 must agree
-    up to rounding. The block runs in eval mode for it (its dropout off) and is left as it was."""
+    Gemma-3n's MLP, which sparsifies its gate before the activation, or LightGlue's, which normalises between fc1 and
+    the activation): a probe through both at threshold 0 must agree up to rounding. The block runs in eval mode for
+    it (its dropout off) and is left as it was."""
     w = sparse.w_in
     if w.device.type == "meta":
         return
@@ -40,6 +42,15 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
         raise ValueError(f"{type(mlp).__name__} has the parts of an MLP block SparseMLP knows but computes something "
                          f"else (a probe differs by {error:.2e} against an output scale of {scale:.2e}): SparseMLP "
                          f"cannot replace it")
+
+
+def _takes_the_hidden_states_alone(mlp: nn.Module) -> bool:
+    """Whether a block of a layout kept in place (fc1/fc2) is an MLP module that a probe can call on the hidden states
+    alone (Phi's, CLIP's, LightGlue's, Kosmos-2's FFN), rather than a layer that also takes an attention mask and
+    computes attention around its MLP (BART's), which only the structural checks of sparsify can judge."""
+    params = list(inspect.signature(mlp.forward).parameters.values())
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _is_hf_peft_layer(layer: nn.Module) -> bool:
@@ -155,7 +166,7 @@ class SparseMLP(NotScriptable, nn.Module):
                              f"takes {down_in}, so its forward computes more than the activation between them (a GLU "
                              "splits the output in two, as Moonshine's): SparseMLP cannot replace it")
         sparse = cls.from_linears(gate, down, part(layout.act), threshold, up=part(layout.up) if layout.up else None)
-        if layout.replace:
+        if layout.replace or _takes_the_hidden_states_alone(mlp):
             _check_computes_as(mlp, sparse)
         return sparse
 

@@ -89,11 +89,12 @@ def _check_bypass_holds_only_the_mlp(block) -> None:
 def _check_nothing_else_reads_the_activation(block, sparse: SparseMLP) -> None:
     """A block kept in place (a BERT or BART layer) has its down projection swapped for the whole MLP, which is
     right only if its forward does nothing between the activation and the down projection. Another part sized to
-    the intermediate width (Kosmos-2's FFN normalises the activation there) says it does: refuse rather than run a
-    different model."""
+    the intermediate width (a norm of the activation there) says it does: refuse rather than run a different model.
+    A block that takes the hidden states alone (an MLP module: Kosmos-2's FFN, LightGlue's MLP) was probed by
+    from_mlp, which also covers equal widths."""
     inter = sparse.intermediate_size
     if inter == sparse.in_features:
-        return  # the widths cannot tell the parts apart
+        return  # the widths cannot tell the parts apart (a layer's own norms have the width too)
     parts = {block.layout.gate, block.layout.down, block.layout.act, *block.layout.bypass}
     for path, module in block.module.named_modules():
         if not path or any(path == p or path.startswith(f"{p}.") for p in parts):
