@@ -358,6 +358,61 @@ def test_fc1_fc2_mlp_modules_that_compute_otherwise_are_refused_at_equal_widths(
         torch.testing.assert_close(phi(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def _t5_gated_in_float16(tmp_path, wo_scale):
+    """A T5 v1.1 model loaded in float16, where transformers keeps `wo` in float32, with large FFN outputs (as
+    flan-t5-xl has: the reason it keeps them)."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                                       vocab_size=100, feed_forward_proj="gated-gelu"))
+    with torch.no_grad():
+        for blk in model.encoder.block:
+            blk.layer[1].DenseReluDense.wo.weight.mul_(wo_scale)
+    model.save_pretrained(tmp_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    if model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype != torch.float32:
+        pytest.skip("this transformers does not keep T5's wo in float32")
+    return model
+
+
+@pytest.mark.parametrize("wo_scale", [3e4, 1e5])
+def test_t5_in_float16_with_wo_kept_in_float32_computes_as_the_dense_block(tmp_path, wo_scale):
+    """T5's block casts its hidden to wo's dtype (float32) and returns float32; SparseMLP cast wo to float16: the
+    encoder's output was 22% off at threshold 0 (3e4), or the probe overflowed and called the block one that
+    computes something else (1e5). The sparse block now computes in wo's dtype and returns what the dense one does."""
+    model = _t5_gated_in_float16(tmp_path, wo_scale)
+    ids = torch.randint(3, 100, (1, 6))
+    dense = copy.deepcopy(model)
+    pefttorch.sparsify(model)
+    x = torch.randn(6, 32).half()
+    sparse, block = model.encoder.block[0].layer[1].DenseReluDense, dense.encoder.block[0].layer[1].DenseReluDense
+    with torch.no_grad():
+        want, got = block(x), sparse(x)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        want = dense.encoder(input_ids=ids).last_hidden_state.float()
+        got = model.encoder(input_ids=ids).last_hidden_state.float()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_a_probe_that_overflows_is_not_taken_for_another_computation():
+    """A float16 block with large weights overflows on a unit-scale probe, in the block and in SparseMLP alike: inf -
+    inf made the probe differ by NaN, and the block was refused as computing something else."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, hidden_act="silu")).half().eval()
+    with torch.no_grad():
+        mlp.down_proj.weight.mul_(4e5)  # up to 5e4, within float16
+    x = torch.randn(3, 32).half() / 256
+    with torch.no_grad():
+        assert not mlp(torch.randn(4, 32).half()).isfinite().all()
+        want = mlp(x)
+        torch.testing.assert_close(SparseMLP.from_mlp(mlp)(x), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_sparsify_refuses_hf_peft_layers_asking_to_merge(method):
     """HF PEFT's LoRA and IA3 layers left in an MLP were refused as 'built from nn.Linear or Conv1D projections, got
@@ -370,7 +425,6 @@ def test_sparsify_refuses_hf_peft_layers_asking_to_merge(method):
                                          r"adapters first \(merge_and_unload\(\)\)"):
         pefttorch.sparsify(model)
     assert pefttorch.sparsify(model.merge_and_unload())
-
 
 
 def test_sparsify_refuses_a_glu_split_from_fc1_naming_the_block():

@@ -22,21 +22,34 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
     if w.device.type == "meta":
         return
     x = torch.randn(4, sparse.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    x = x.to(device=w.device, dtype=w.dtype)
     modes = [(m, m.training) for m in mlp.modules()]
     threshold, sparse.threshold = sparse.threshold, 0.0
     try:
         mlp.eval()
-        want, got = mlp(x), sparse(x)
+        # An overflow says nothing of what the block computes (inf - inf is NaN, and a half-precision block with
+        # large weights, as T5's in float16, overflows on a unit-scale probe): a smaller probe is tried instead.
+        for scale in (1.0, 2.0**-8, 2.0**-16):
+            probe = (x * scale).to(device=w.device, dtype=sparse.input_dtype)
+            want, got = mlp(probe), sparse(probe)
+            if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+                raise ValueError(f"{type(mlp).__name__} does not compute as an MLP block of its layout (its output is "
+                                 f"not one tensor of shape {tuple(got.shape)}): SparseMLP cannot replace it")
+            if want.isfinite().all() and got.isfinite().all():
+                break
+        else:
+            raise ValueError(f"{type(mlp).__name__}: a probe overflows {sparse.input_dtype} at every scale tried, so "
+                             "SparseMLP cannot check that it computes as the block does")
     finally:
         sparse.threshold = threshold
         for m, training in modes:
             m.training = training
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        raise ValueError(f"{type(mlp).__name__} does not compute as an MLP block of its layout (its output is not "
-                         f"one tensor of shape {tuple(got.shape)}): SparseMLP cannot replace it")
+    if want.dtype != got.dtype:
+        raise ValueError(f"{type(mlp).__name__} returns {want.dtype} where SparseMLP would return {got.dtype}: "
+                         "SparseMLP cannot replace it")
     scale = want.float().abs().max().item()
-    tol = (1e-4 if w.dtype in (torch.float32, torch.float64) else 5e-2) * scale + 1e-6
+    # the narrowest dtype the block computes in sets the rounding (T5 in float16 keeps only `wo` in float32)
+    exact = sparse.input_dtype in (torch.float32, torch.float64) and w.dtype in (torch.float32, torch.float64)
+    tol = (1e-4 if exact else 5e-2) * scale + 1e-6
     error = (want.float() - got.float()).abs().max().item()
     if not error <= tol:
         raise ValueError(f"{type(mlp).__name__} has the parts of an MLP block SparseMLP knows but computes something "
@@ -98,11 +111,15 @@ class SparseMLP(NotScriptable, nn.Module):
     transposed (``w_down_t``, ``(intermediate, out)``) so an active neuron's row is contiguous. It is an
     inference module, created in eval mode: calling it in training mode is an error (the dropout of the
     original block is not reproduced).
+
+    ``input_dtype`` (default: the weights') is the dtype of the inputs the block takes when its weights are wider:
+    such inputs are cast to the weights' dtype, and the output has it (see :meth:`from_linears`).
     """
 
     def __init__(self, w_in: torch.Tensor, w_down_t: torch.Tensor, *, b_in: torch.Tensor | None = None,
                  w_up: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
-                 b_down: torch.Tensor | None = None, activation: str = "relu", threshold: float = 0.0) -> None:
+                 b_down: torch.Tensor | None = None, activation: str = "relu", threshold: float = 0.0,
+                 input_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         threshold = float(threshold)
         if not threshold >= 0.0:  # also refuses NaN
@@ -130,6 +147,7 @@ class SparseMLP(NotScriptable, nn.Module):
         self.w_down_t, self.b_down = frozen(w_down_t), frozen(b_down)
         self.activation = activation
         self.threshold = threshold
+        self.input_dtype = w_in.dtype if input_dtype is None else input_dtype
         self.eval()  # an inference module starts ready for inference
 
     @classmethod
@@ -140,12 +158,19 @@ class SparseMLP(NotScriptable, nn.Module):
         from ..tuners.density.mlp import activation_name
 
         act = activation if isinstance(activation, str) else activation_name(activation)
-        w_in = _weight_rows(gate)
-        # T5 keeps `wo` in float32 in half-precision models; the kernels compute in one dtype, w_in's
-        w_down_t, b_down = _weight_rows(down).t().to(w_in.dtype), _bias(down)
-        return cls(w_in, w_down_t, b_in=_bias(gate), w_up=None if up is None else _weight_rows(up),
-                   b_up=None if up is None else _bias(up), b_down=None if b_down is None else b_down.to(w_in.dtype),
-                   activation=act, threshold=threshold)
+        w_in, w_down = _weight_rows(gate), _weight_rows(down)
+        # T5 v1.1 in float16 keeps `wo` in float32 (transformers' _keep_in_fp32_modules), and its block casts the
+        # hidden to wo's dtype and returns float32: in float16 the down projection overflowed or lost the precision
+        # kept for it. The kernels compute in one dtype, so the block computes in the down projection's, with
+        # copies of the input projections in it (no copy when the dtypes agree, the usual case).
+        dtype = w_down.dtype
+
+        def cast(t):
+            return None if t is None else t.to(dtype)
+
+        return cls(cast(w_in), w_down.t(), b_in=cast(_bias(gate)), w_up=None if up is None else cast(_weight_rows(up)),
+                   b_up=None if up is None else cast(_bias(up)), b_down=_bias(down), activation=act,
+                   threshold=threshold, input_dtype=w_in.dtype)
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, threshold: float = 0.0) -> SparseMLP:
@@ -186,6 +211,8 @@ class SparseMLP(NotScriptable, nn.Module):
         if self.training:
             raise RuntimeError("SparseMLP is an inference module: call model.eval() first (it does not reproduce the "
                                "original block's dropout, and its mask has no gradient)")
+        if x.dtype == self.input_dtype != self.w_in.dtype:  # as T5's block casts its hidden to wo's dtype
+            x = x.to(self.w_in.dtype)
         return functional.sparse_mlp(x, self.w_in, self.w_down_t, b_in=self.b_in, w_up=self.w_up, b_up=self.b_up,
                                      b_down=self.b_down, activation=self.activation, threshold=self.threshold)
 
