@@ -439,3 +439,27 @@ def test_sparsify_refuses_a_glu_split_from_fc1_naming_the_block():
                                          r"features but its fc2 takes 64"):
         pefttorch.sparsify(model)
     assert not any(isinstance(m, SparseMLP) for m in model.modules())
+
+
+def test_sparsify_takes_a_layer_holding_a_second_mlp_beside_its_own():
+    """InstructBLIP's Q-Former layer runs its query tokens through a second MLP (intermediate_query, output_query) and
+    MobileBERT's runs stacked ffn layers before its own MLP: parts of the intermediate width, but not between the
+    parts SparseMLP replaces, and the whole model was refused. The layer's own MLP is swapped, the second left dense."""
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel, MobileBertConfig, MobileBertModel
+
+    torch.manual_seed(0)
+    qformer = InstructBlipQFormerModel(InstructBlipQFormerConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, encoder_hidden_size=32,
+        vocab_size=100)).eval()
+    mobilebert = MobileBertModel(MobileBertConfig(
+        hidden_size=32, embedding_size=16, intermediate_size=64, true_hidden_size=16, intra_bottleneck_size=16,
+        num_hidden_layers=1, num_attention_heads=4, vocab_size=100)).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    inputs = [(qformer, dict(input_ids=ids, query_embeds=torch.randn(2, 4, 32),
+                             encoder_hidden_states=torch.randn(2, 5, 32))), (mobilebert, dict(input_ids=ids))]
+    for model, kwargs in inputs:
+        with torch.no_grad():
+            want = model(**kwargs).last_hidden_state
+            names = pefttorch.sparsify(model)
+            torch.testing.assert_close(model(**kwargs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        assert names == ["encoder.layer.0.output.dense"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...nn.sparse_mlp import SparseMLP
-from .mlp import find_mlp_blocks
+from .mlp import find_mlp_blocks, layout_of
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -99,8 +99,25 @@ def _check_nothing_else_reads_the_activation(block, sparse: SparseMLP) -> None:
     for path, module in block.module.named_modules():
         if not path or any(path == p or path.startswith(f"{p}.") for p in parts):
             continue
+        if _in_a_second_mlp(block, path):
+            continue
         if any(inter in t.shape for t in module.parameters(recurse=False)):
             raise ValueError(f"{block.name or type(block.module).__name__}: its {path} ({type(module).__name__}) works "
                              f"on the MLP's intermediate width ({inter}), between the parts SparseMLP would replace: "
                              f"this block is not one SparseMLP can replace")
+
+
+def _in_a_second_mlp(block, path: str) -> bool:
+    """Whether `path` lies in another MLP the layer computes on its own, beside the one sparsify replaces (which it
+    leaves dense): a copy of the layer's intermediate or output part (BLIP-2's and InstructBLIP's Q-Former run the
+    query tokens through intermediate_query and output_query), or a whole MLP block of a known layout (MobileBERT's
+    stacked ffn layers, run before its own MLP). Those work on the intermediate width but not between the parts."""
+    owners = {type(block.part(p.rpartition(".")[0])) for p in (block.layout.gate, block.layout.down) if "." in p}
+    prefix = ""
+    for name in path.split("."):
+        prefix = f"{prefix}.{name}" if prefix else name
+        module = block.part(prefix)
+        if type(module) in owners or layout_of(module) is not None:
+            return True
+    return False
 
