@@ -463,3 +463,61 @@ def test_sparsify_takes_a_layer_holding_a_second_mlp_beside_its_own():
             names = pefttorch.sparsify(model)
             torch.testing.assert_close(model(**kwargs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
         assert names == ["encoder.layer.0.output.dense"]
+
+
+class _FFNWithResidual(torch.nn.Module):
+    """An fc1/fc2 MLP module that adds its own residual and norm, as DETR-family decoders' FFN modules do (LwDetr's,
+    RF-DETR's, DAB-DETR's)."""
+
+    def __init__(self, hidden=32, inter=64):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(hidden, inter), torch.nn.Linear(inter, hidden)
+        self.activation_fn = torch.nn.ReLU()
+        self.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, hidden_states):
+        return self.norm(hidden_states + self.fc2(self.activation_fn(self.fc1(hidden_states))))
+
+
+def test_an_mlp_module_with_its_own_residual_is_probed_with_the_swap():
+    """The probe of an fc1/fc2 module compared the whole module (its residual and norm included) with SparseMLP alone,
+    and refused DETR-family FFNs that sparsify had swapped exactly: it compares the module with the swap made now."""
+    torch.manual_seed(0)
+    model = _HoldsAnMlp(_FFNWithResidual()).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert pefttorch.sparsify(model) == ["mlp.fc2"]
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_norm_inside_the_layers_own_output_part_is_still_refused():
+    """The second-MLP exception covered the layer's own intermediate/output parts (their type is the second MLP's):
+    a norm on the intermediate width inside `output` was swapped over, and the model then failed or was wrong."""
+
+    class Intermediate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.intermediate_act_fn = torch.nn.Linear(16, 64), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.intermediate_act_fn(self.dense(x))
+
+    class Output(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.dense = torch.nn.LayerNorm(64), torch.nn.Linear(64, 16)
+
+        def forward(self, h, x):
+            return self.dense(self.norm(h)) + x
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.intermediate, self.output = Intermediate(), Output()
+
+        def forward(self, x, attention_mask=None):
+            return self.output(self.intermediate(x), x)
+
+    with pytest.raises(ValueError, match=r"its output\.norm \(LayerNorm\) works on the MLP's intermediate width"):
+        pefttorch.sparsify(torch.nn.Sequential(Layer()).eval())

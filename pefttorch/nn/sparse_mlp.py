@@ -13,11 +13,12 @@ from ._scripting import NotScriptable
 
 
 @torch.no_grad()
-def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
+def _check_computes_as(mlp: nn.Module, sparse: SparseMLP, layout=None) -> None:
     """Refuses a block whose parts have the names of a known layout but whose forward computes something else (say
     Gemma-3n's MLP, which sparsifies its gate before the activation, or LightGlue's, which normalises between fc1 and
-    the activation): a probe through both at threshold 0 must agree up to rounding. The block runs in eval mode for
-    it (its dropout off) and is left as it was."""
+    the activation): a probe through both at threshold 0 must agree up to rounding. A block kept in place (`layout`
+    not replace: fc1/fc2) is probed against itself with the swap sparsify makes (its own residual and norm around
+    the MLP stay: DETR's FFN modules). The block runs in eval mode for it (its dropout off) and is left as it was."""
     w = sparse.w_in
     if w.device.type == "meta":
         return
@@ -30,7 +31,8 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
         # large weights, as T5's in float16, overflows on a unit-scale probe): a smaller probe is tried instead.
         for scale in (1.0, 2.0**-8, 2.0**-16):
             probe = (x * scale).to(device=w.device, dtype=sparse.input_dtype)
-            want, got = mlp(probe), sparse(probe)
+            want = mlp(probe)
+            got = sparse(probe) if layout is None else _swapped_call(mlp, sparse, layout, probe)
             if not isinstance(want, torch.Tensor) or want.shape != got.shape:
                 raise ValueError(f"{type(mlp).__name__} does not compute as an MLP block of its layout (its output is "
                                  f"not one tensor of shape {tuple(got.shape)}): SparseMLP cannot replace it")
@@ -55,6 +57,26 @@ def _check_computes_as(mlp: nn.Module, sparse: SparseMLP) -> None:
         raise ValueError(f"{type(mlp).__name__} has the parts of an MLP block SparseMLP knows but computes something "
                          f"else (a probe differs by {error:.2e} against an output scale of {scale:.2e}): SparseMLP "
                          f"cannot replace it")
+
+
+def _swapped_call(mlp: nn.Module, sparse: SparseMLP, layout, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)` with its parts swapped as sparsify swaps them in place (the bypassed ones the identity, the down
+    projection `sparse`), then put back."""
+    paths = (*layout.bypass, layout.down)
+    parts = [mlp.get_submodule(p) for p in paths]
+    try:
+        for p in layout.bypass:
+            mlp.set_submodule(p, nn.Identity())
+        mlp.set_submodule(layout.down, sparse)
+        try:
+            return mlp(x)
+        except (RuntimeError, ValueError) as err:  # a module between the parts now sees the hidden width (Kosmos-2)
+            raise ValueError(f"{type(mlp).__name__} computes something between the parts SparseMLP would replace "
+                             f"(with them swapped its forward fails: {str(err)[:120]}): SparseMLP cannot replace "
+                             "it") from None
+    finally:
+        for p, part in zip(paths, parts, strict=True):
+            mlp.set_submodule(p, part)
 
 
 def _takes_the_hidden_states_alone(mlp: nn.Module) -> bool:
@@ -191,8 +213,10 @@ class SparseMLP(NotScriptable, nn.Module):
                              f"takes {down_in}, so its forward computes more than the activation between them (a GLU "
                              "splits the output in two, as Moonshine's): SparseMLP cannot replace it")
         sparse = cls.from_linears(gate, down, part(layout.act), threshold, up=part(layout.up) if layout.up else None)
-        if layout.replace or _takes_the_hidden_states_alone(mlp):
+        if layout.replace:
             _check_computes_as(mlp, sparse)
+        elif _takes_the_hidden_states_alone(mlp):
+            _check_computes_as(mlp, sparse, layout)
         return sparse
 
     @property

@@ -112,10 +112,13 @@ def _in_a_second_mlp(block, path: str) -> bool:
     leaves dense): a copy of the layer's intermediate or output part (BLIP-2's and InstructBLIP's Q-Former run the
     query tokens through intermediate_query and output_query), or a whole MLP block of a known layout (MobileBERT's
     stacked ffn layers, run before its own MLP). Those work on the intermediate width but not between the parts."""
-    owners = {type(block.part(p.rpartition(".")[0])) for p in (block.layout.gate, block.layout.down) if "." in p}
+    own = {p.rpartition(".")[0] for p in (block.layout.gate, block.layout.down) if "." in p}
+    owners = {type(block.part(p)) for p in own}
     prefix = ""
     for name in path.split("."):
         prefix = f"{prefix}.{name}" if prefix else name
+        if prefix in own:  # the layer's own parts (and what they hold) are not a second MLP: checked as parts
+            return False
         module = block.part(prefix)
         if type(module) in owners or layout_of(module) is not None:
             return True
