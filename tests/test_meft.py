@@ -498,20 +498,36 @@ def test_threads_sharing_a_model_each_run_the_stack():
     torch.testing.assert_close(got["a"], want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["register_forward_hook", "register_forward_pre_hook"])
+@pytest.mark.parametrize(("kind", "words"), [
+    ("register_forward_hook", "forward hooks"), ("register_forward_pre_hook", "forward pre-hooks"),
+    ("register_full_backward_hook", "backward hooks"), ("register_full_backward_pre_hook", "backward pre-hooks"),
+    ("accelerate", "a forward of its own"),
+])
 @pytest.mark.parametrize("position", [0, 1])  # reversible, ordinary (above num_rev_layers)
-def test_hooks_on_a_layer_are_refused_not_skipped(kind, position):
+def test_hooks_on_a_layer_are_refused_not_skipped(kind, words, position):
     """The adapted layers are computed from their blocks, never called: a hook on a layer did not run, and the output
-    it changed came out unchanged without a word. Refused now; with adapters disabled the layers are called."""
+    it changed came out unchanged without a word (backward hooks and 🤗 Accelerate's, which replace the forward, as
+    well). Refused now; with adapters disabled the layers are called."""
     ids = torch.randint(1, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(0))
     model = pefttorch.get_peft_model(build("llama"), pefttorch.MeftConfig(variant="meft1", num_rev_layers=1)).eval()
-    calls = []
-    getattr(model.base_model.layers[position], kind)(lambda module, *rest: calls.append(module))
-    with torch.no_grad(), pytest.raises(ValueError, match=f"layer model.layers.{position} has forward .*would not run"):
+    layer, calls = model.base_model.layers[position], []
+    if kind == "accelerate":
+        hooks = pytest.importorskip("accelerate.hooks")
+
+        class Count(hooks.ModelHook):
+            def pre_forward(self, module, *args, **kwargs):
+                calls.append(module)
+                return args, kwargs
+
+        hooks.add_hook_to_module(layer, Count())
+    else:
+        getattr(layer, kind)(lambda module, *rest: calls.append(module))
+    with pytest.raises(ValueError, match=f"layer model.layers.{position} has {words}.*would not run"):
         model(input_ids=ids)
-    with torch.no_grad(), model.disable_adapter():
-        model(input_ids=ids)
-    assert calls == [model.base_model.layers[position]]
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with model.disable_adapter():
+        model(inputs_embeds=embeds).logits.sum().backward()
+    assert calls == [layer]
 
 
 def test_a_training_forward_hands_back_no_cache_to_continue_from():

@@ -238,15 +238,20 @@ class MeftModel(Forwarding):
     def _refuse_layer_hooks(self, layers: list[nn.Module]) -> None:
         """Hooks on a layer module run from its __call__, which the adapted model never makes (the reversible stack
         computes a layer from its attention and MLP blocks, as F and G, again in backward; the ordinary layers above
-        it too, their FFN adapter being added between the blocks): refuse, instead of running without them. (Neither
-        transformers nor Accelerate puts hooks there: Accelerate's dispatch replaces the forward instead.)"""
+        it too, their FFN adapter being added between the blocks): refuse, instead of running without them. So for
+        an instance forward (🤗 Accelerate's add_hook_to_module, which device_map dispatch and offloading use), never
+        called either. (Global module hooks are left alone: they run for the blocks' modules, not the layer.)"""
         for layer in layers:
-            kinds = [kind for kind, hooks in (("pre-hooks", layer._forward_pre_hooks), ("hooks", layer._forward_hooks))
-                     if hooks]
+            kinds = [kind for kind, hooks in (("forward pre-hooks", layer._forward_pre_hooks),
+                                              ("forward hooks", layer._forward_hooks),
+                                              ("backward hooks", layer._backward_hooks),
+                                              ("backward pre-hooks", layer._backward_pre_hooks),
+                                              ("a forward of its own (an 🤗 Accelerate hook?)",
+                                               "forward" in layer.__dict__)) if hooks]
             if kinds:
                 name = next(n for n, m in self.model.named_modules() if m is layer)
-                raise ValueError(f"MEFT: the layer {name} has forward {' and '.join(kinds)}, which would not run: with "
-                                 "MEFT's adapters on, the layers are computed from their attention and MLP blocks, not "
+                raise ValueError(f"MEFT: the layer {name} has {' and '.join(kinds)}, which would not run: with MEFT's "
+                                 "adapters on, the layers are computed from their attention and MLP blocks, not "
                                  "called; remove them (hooks on the blocks' modules run, again when backward "
                                  "recomputes them), or run with adapters disabled, where the model calls its own "
                                  "layers")
