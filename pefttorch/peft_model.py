@@ -25,7 +25,7 @@ from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.layer import LoraLayer, ModulesToSaveWrapper
-from .tuners.lora.model import LoraModel, _set_submodule
+from .tuners.lora.model import LoraModel
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
@@ -150,7 +150,7 @@ class PeftModel(Forwarding):
         try:
             self._attach_density_loss(config)
         except Exception:
-            self.base_model.unload(merge=False)  # the model is given back as it came
+            self.base_model.unload(merge=False, restore=True)  # the model is given back as it came
             raise
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
@@ -325,12 +325,7 @@ class PeftModel(Forwarding):
         modules in modules_to_save (a task head) are the active adapter's trained copies, as HF PEFT leaves them
         (the original came back, and a head trained with the adapter was thrown away)."""
         self._detach_density_loss()
-        in_use = [(path, wrapper.active_module()) for path, wrapper in self.base_model.model.named_modules()
-                  if isinstance(wrapper, ModulesToSaveWrapper)]
-        model = self.base_model.unload(merge=False)
-        for path, module in in_use:
-            _set_submodule(model, path, module)
-        return model
+        return self.base_model.unload(merge=False)
 
     def _detach_density_loss(self) -> None:
         if self.density_loss is not None:
@@ -432,7 +427,7 @@ class PeftModel(Forwarding):
         try:
             peft_model._load_weights(model_id, adapter_name)
         except Exception:
-            peft_model.base_model.unload(merge=False)  # restores the model as it was given
+            peft_model.base_model.unload(merge=False, restore=True)  # the model as it was given
             raise
         if not is_trainable:
             peft_model.eval()

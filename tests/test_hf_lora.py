@@ -583,9 +583,11 @@ def test_one_adapter_per_model_may_train_biases():
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_unload_keeps_the_trained_modules_to_save(method):
-    """HF PEFT's unload() gives the active adapter's copy of a modules_to_save module (a task head trained with the
-    adapter): pefttorch gave the original back, and the trained head was silently thrown away."""
+@pytest.mark.parametrize("entry", ["unload", "base_model.unload"])
+def test_unload_keeps_the_trained_modules_to_save(method, entry):
+    """HF PEFT's unload() (PeftModel's, and its tuner's, LoraModel.unload) gives the active adapter's copy of a
+    modules_to_save module (a task head trained with the adapter): pefttorch gave the original back, and the trained
+    head was silently thrown away."""
     from pefttorch import IA3Config
 
     family = FAMILIES["bert"]
@@ -603,7 +605,7 @@ def test_unload_keeps_the_trained_modules_to_save(method):
             model = peft.get_peft_model(fresh(family), config)
         with torch.no_grad():
             model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
-        outputs.append(logits(model.unload(), inp))
+        outputs.append(logits(model.unload() if entry == "unload" else model.base_model.unload(), inp))
     torch.testing.assert_close(outputs[1], outputs[0])
     assert (outputs[1] - logits(fresh(family), inp)).abs().max() > 0.1
 

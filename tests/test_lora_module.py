@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import DEVICES, DTYPES
 
+import pefttorch
 from pefttorch.nn import LoRALinear
 
 
@@ -213,10 +214,13 @@ def test_from_linear_refuses_a_subclass_with_its_own_forward():
 
 def test_torchscript_is_refused_in_words():
     """torch.jit.script failed inside pefttorch's sources (keyword-only arguments), as if they had a bug; a model
-    holding one of the modules is refused the same way."""
+    holding one of the modules is refused the same way, and so are get_peft_model's layers and models."""
     from pefttorch.nn import BottleneckAdapter, SparseMLP
 
     sparse = SparseMLP(torch.randn(32, 16), torch.randn(32, 16))
-    for module in (LoRALinear(16, 12, r=4), BottleneckAdapter(16, 4), sparse):
+    model = pefttorch.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)),
+                                     pefttorch.LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]  # the tuner's layer (and the PeftModel itself) as well
+    for module in (LoRALinear(16, 12, r=4), BottleneckAdapter(16, 4), sparse, layer, model):
         with pytest.raises(TypeError, match=f"{type(module).__name__} does not support TorchScript.*torch.compile"):
             torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), module))

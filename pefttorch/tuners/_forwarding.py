@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn._scripting import NotScriptable
 
-class Forwarding(nn.Module):
+
+class Forwarding(NotScriptable, nn.Module):
     """Attributes this module lacks are looked up on the module it wraps (``config``, ``generate``, a model's
     own helpers), so code written for the wrapped model keeps working on the wrapper."""
 

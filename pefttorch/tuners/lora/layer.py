@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from ... import functional
+from ...nn._scripting import NotScriptable
 
 _conv1d: list = []  # transformers' Conv1D once looked up: an import statement per call cost every forward ~0.7 us
 
@@ -114,7 +115,7 @@ def _add_unfused(layer: nn.Module, y: torch.Tensor, x: torch.Tensor, names: list
     return y
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(NotScriptable, nn.Module):
     """An nn.Linear or transformers Conv1D (``base_layer``, frozen) with LoRA adapters.
 
     Attribute names and state_dict keys are those of HF PEFT's ``lora.Linear``:
@@ -217,7 +218,7 @@ class LoraLayer(nn.Module):
                f"active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(NotScriptable, nn.Module):
     """A module trained in full for each adapter (e.g. a new classification head), next to the frozen
     original, which serves while adapters are disabled. Same layout as HF PEFT's wrapper."""
 
