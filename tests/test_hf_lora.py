@@ -643,6 +643,31 @@ def test_multiple_adapters_save_and_load(tmp_path):
 # ---------------------------------------------------------------------------------------- config
 
 
+def test_overlapping_patterns_mean_the_same_after_a_reload(tmp_path):
+    """The first matching key of rank_pattern/alpha_pattern wins; the saved config sorted the keys, so after a reload
+    another one won: a scaling of 8 instead of 0.25 in silence, or ranks that no longer fit the saved tensors."""
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    later = r"layers\.1\..*"  # sorts before q_proj
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                        rank_pattern={"q_proj": 2, later: 3}, alpha_pattern={"q_proj": 2, later: 64})
+    model = get_peft_model(fresh(family), config)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+    layer = loaded.base_model.model.model.layers[1].self_attn.q_proj
+    assert (layer.r["default"], layer.scaling["default"]) == (2, 1.0)
+    torch.testing.assert_close(logits(loaded, inp), logits(model, inp))
+
+
+def test_all_linear_in_any_case_as_hf_peft():
+    """HF PEFT compares the shorthand lower-cased; "All-Linear" was taken here as a regex that matched nothing."""
+    family = FAMILIES["llama"]
+    ours = get_peft_model(fresh(family), LoraConfig(target_modules="All-Linear"))
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(target_modules="All-Linear"))
+    assert ({n for n, p in ours.named_parameters() if p.requires_grad}
+            == {n for n, p in theirs.named_parameters() if p.requires_grad} != set())
+
+
 def test_target_selection_options():
     family = FAMILIES["llama"]
     model = fresh(family)

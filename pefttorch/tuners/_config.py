@@ -59,7 +59,9 @@ def save_config(config, directory: str | Path) -> None:
     """Writes ``config.to_dict()`` as ``directory/adapter_config.json``."""
     path = Path(directory) / CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    # the fields sorted, not the dicts inside them: rank_pattern's and alpha_pattern's first matching key wins, and
+    # sorted keys made another one win after a reload (another scaling in silence, or ranks that no longer fit)
+    path.write_text(json.dumps(dict(sorted(config.to_dict().items())), indent=2) + "\n")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -101,7 +103,10 @@ def plain_numbers(config, *dicts: str) -> None:
 
 
 def module_names(value, what: str, owner: str):
-    """A list of names or a regex string (as HF PEFT takes them), or None."""
+    """A list of names or a regex string (as HF PEFT takes them), or None. HF PEFT's shorthand for target_modules,
+    "all-linear", in any case as HF PEFT compares it (it was taken as a regex matching nothing)."""
+    if isinstance(value, str) and what == "target_modules" and value.lower() == "all-linear":
+        return "all-linear"
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
