@@ -101,6 +101,20 @@ def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
             torch.save(errors, f"{out}.{rank}")
             dist.barrier()
             return
+        if mode == "ranked-reentrant":  # the orthogonality term and reentrant checkpointing: refused with the remedy
+            errors = []
+            for method in ("increlora", "adalora"):
+                model = ranked(method)[0]
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+                ddp = torch.nn.parallel.DistributedDataParallel(model.train())
+                ids = batch().chunk(world)[rank]
+                try:
+                    ddp(input_ids=ids, labels=ids).loss.backward()
+                except RuntimeError as e:
+                    errors.append(str(e))
+            torch.save(errors, f"{out}.{rank}")
+            dist.barrier()
+            return
         if mode in ("increlora", "adalora", "increlora-built-first"):
             model, optimizer = early or ranked(mode)
             torch.save(train_ranked(model, optimizer, torch.nn.parallel.DistributedDataParallel(model), rank, world),

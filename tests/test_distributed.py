@@ -89,3 +89,16 @@ def test_rank_allocation_under_fsdp2_is_refused_with_the_remedy(tmp_path):
         errors = torch.load(f"{out}.{rank}")
         assert [e.split(" is not")[0] for e in errors] == ["IncreLoRA", "IncreLoRA", "AdaLoRA", "AdaLoRA"]
         assert all("FSDP2" in e and "DDP" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_the_orthogonality_term_with_reentrant_checkpointing_under_ddp_is_refused_with_the_remedy(tmp_path):
+    """The term reads every factor outside the checkpointed layers, whose reentrant backward reads them again: DDP
+    failed with "marked as ready twice" (static_graph: parameters that "did not receive grad"), naming no remedy."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "result"
+    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "ranked-reentrant", str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        errors = torch.load(f"{out}.{rank}")
+        assert len(errors) == 2 and all("use_reentrant': False" in e for e in errors), errors

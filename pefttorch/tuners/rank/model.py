@@ -268,6 +268,22 @@ def _decoded(state: bytes, device) -> dict:
     return torch.load(io.BytesIO(state), map_location=device, weights_only=True)
 
 
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on somewhere in `model` with reentrant checkpoints (torch's
+    default where use_reentrant is not given)."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            keywords = getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", None) or {}
+            if keywords.get("use_reentrant", True):
+                return True
+    return False
+
+
 class _OrthRegHook:
     """Adds ``orth_reg_weight * orth_regularization()`` to the wrapped model's ``loss`` in training mode (as HF
     PEFT's AdaLoRA does), whenever the output carries one."""
@@ -293,6 +309,14 @@ class _OrthRegHook:
                               "compute_loss_func): add orth_reg_weight * model.orth_regularization() to your loss "
                               "(if it has it already, this warning can be ignored)", UserWarning, stacklevel=2)
             return None
+        if _distributed() and _reentrant_checkpointing(module):
+            # the term reads every factor outside the checkpointed layers, whose reentrant backward reads them again:
+            # two gradients for one parameter in one backward, which DDP refused with "marked ready twice" (and
+            # static_graph with parameters that "did not receive grad" once a module was pruned)
+            raise RuntimeError("orth_reg_weight > 0 with reentrant gradient checkpointing cannot run under "
+                               "DistributedDataParallel: use non-reentrant checkpointing (gradient_checkpointing_"
+                               "enable(gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' "
+                               "default), or orth_reg_weight=0")
         # With the HF Trainer's loss kwargs the micro-batches' losses are summed over the accumulated batch (each is
         # divided by the whole batch's item count): weigh the term by this micro-batch's share of the items, so it
         # counts once per optimizer step however the batch is split (as the density loss does).
