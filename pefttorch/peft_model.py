@@ -142,7 +142,7 @@ class PeftModel(Forwarding):
                 f"the model holds a pefttorch adapter already ({trace}): it was given to get_peft_model before. Use "
                 "that PeftModel's add_adapter() for another adapter, or its unload() first; to adapt the model "
                 "twice independently, deep-copy it before the first get_peft_model")
-        if tuner in (LoraModel, RankedLoraModel):
+        if tuner in (LoraModel, RankedLoraModel, VectorModel, AdapterModel):  # (the tuners with parameters of a dtype)
             self.base_model = tuner(model, config, adapter_name, autocast_adapter_dtype)
         else:
             self.base_model = tuner(model, config, adapter_name)
@@ -227,8 +227,12 @@ class PeftModel(Forwarding):
 
     # ------------------------------------------------------------------ adapters
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Adds a second (third, ...) adapter; it is not made active (see set_adapter)."""
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Adds a second (third, ...) adapter; it is not made active (see set_adapter). HF PEFT's arguments:
+        `autocast_adapter_dtype` for this adapter (float32 in a 16-bit model, or with False the model's dtype; the
+        model's own setting was used), `low_cpu_mem_usage` accepted and ignored (the adapter is created in place)."""
+        del low_cpu_mem_usage
         if _tuner_for(peft_config) is not type(self.base_model):
             raise TypeError(f"add_adapter: this model's adapters are {type(self.base_model).__name__}'s; a "
                             f"{type(peft_config).__name__} cannot join them (one method per model)")
@@ -238,8 +242,17 @@ class PeftModel(Forwarding):
             have = list(peft_config.modules_to_save or [])
             peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
         active = self.active_adapters
-        # the density loss attached inside the injection: refused (another config's is on), it undoes the adapter too
-        self.base_model.inject_adapter(peft_config, adapter_name, then=lambda: self._attach_density_loss(peft_config))
+        autocast = getattr(self.base_model, "autocast_adapter_dtype", None)
+        if autocast is not None:  # the tuner's setting, for this adapter only (as load_adapter)
+            self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            # the density loss attached inside the injection: refused (another config's is on), it undoes the
+            # adapter too
+            self.base_model.inject_adapter(peft_config, adapter_name,
+                                           then=lambda: self._attach_density_loss(peft_config))
+        finally:
+            if autocast is not None:
+                self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)
 
     def _attach_density_loss(self, config) -> None:

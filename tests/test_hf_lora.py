@@ -668,6 +668,33 @@ def test_all_linear_in_any_case_as_hf_peft():
             == {n for n, p in theirs.named_parameters() if p.requires_grad} != set())
 
 
+def test_autocast_adapter_dtype_as_hf_peft():
+    """(IA)^3, SSF and bottleneck adapters made float32 parameters in a bf16 model whatever autocast_adapter_dtype
+    said; add_adapter took the model's setting, not its own argument (which it refused, with low_cpu_mem_usage)."""
+    from pefttorch import AdapterConfig, IA3Config, SsfConfig
+
+    base = fresh(FAMILIES["llama"]).to(torch.bfloat16)
+
+    def dtypes(model, part=""):
+        return {p.dtype for n, p in model.named_parameters() if p.requires_grad and part in n}
+
+    ia3 = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    for autocast in (True, False):
+        want = {torch.float32 if autocast else torch.bfloat16}
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**ia3), autocast_adapter_dtype=autocast)
+        assert dtypes(theirs) == want
+        for config in (IA3Config(**ia3), SsfConfig(target_modules=["k_proj"]), AdapterConfig(bottleneck=4)):
+            assert dtypes(get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=autocast)) == want
+    lora = dict(r=2, target_modules=["q_proj"])
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**lora), autocast_adapter_dtype=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora), autocast_adapter_dtype=False)
+    for model, config in ((ours, LoraConfig(**lora)), (theirs, peft.LoraConfig(**lora))):
+        model.add_adapter("two", config)  # its own default, True: float32
+        model.add_adapter("three", config, low_cpu_mem_usage=False, autocast_adapter_dtype=False)
+        for name, want in (("two", torch.float32), ("three", torch.bfloat16)):
+            assert {p.dtype for n, p in model.named_parameters() if f".{name}." in n} == {want}, name
+
+
 def test_target_selection_options():
     family = FAMILIES["llama"]
     model = fresh(family)

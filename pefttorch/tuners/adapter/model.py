@@ -94,12 +94,20 @@ def find_sites(model: nn.Module, config: AdapterConfig) -> list[Site]:
     return sites
 
 
-def build_adapters(model: nn.Module, sites: list[Site], config: AdapterConfig) -> nn.ModuleDict:
-    """One adapter of `config` per site, on the model's device; as LoRA's autocast_adapter_dtype, fp32 adapters in
-    a 16-bit model (cast to its dtype in forward)."""
+def adapter_dtype(model: nn.Module, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of new adapter parameters, as HF PEFT's autocast_adapter_dtype: float32 in a 16-bit model (cast to
+    its dtype in forward), or with False the model's own."""
+    weight_dtype = next(model.parameters()).dtype
+    return torch.float32 if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16) \
+        else weight_dtype
+
+
+def build_adapters(model: nn.Module, sites: list[Site], config: AdapterConfig,
+                   autocast_adapter_dtype: bool = True) -> nn.ModuleDict:
+    """One adapter of `config` per site, on the model's device, in :func:`adapter_dtype`."""
     hidden = max(s.features for s in sites)
     weight = next(model.parameters())
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(model, autocast_adapter_dtype)
     return nn.ModuleDict({
         s.key: BottleneckAdapter(s.features, config.width(hidden), config.activation, config.scaling,
                                  config.layer_norm, device=weight.device, dtype=dtype)
@@ -143,10 +151,11 @@ class AdapterModel(HookedModel):
     method = "bottleneck adapters"
     key_prefix = ""  # this format's modules_to_save keys are the module paths
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__(model, config, adapter_name)
         self.sites = find_sites(model, config)
-        self.adapters = build_adapters(model, self.sites, config)
+        self.adapters = build_adapters(model, self.sites, config, autocast_adapter_dtype)
         self._inputs: dict[str, torch.Tensor] = {}
         self._hook_sites()
         self.finish()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._hooked import HookedModel, exact_regex, find_modules
+from ..adapter.model import adapter_dtype
 from ..lora.layer import is_linear, linear_dims
 from ..lora.model import PREFIX, _matches, warn_of_tied_weights
 from .config import IA3_ALIASES, IA3_DEFAULTS, IA3Config, SsfConfig
@@ -109,15 +110,14 @@ class _Input:
 class VectorModel(HookedModel):
     """A model with (IA)^3 or SSF vectors (one adapter set, named by the PeftModel)."""
 
-    def __init__(self, model: nn.Module, config: IA3Config | SsfConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: IA3Config | SsfConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__(model, config, adapter_name)
         self.ia3 = isinstance(config, IA3Config)
         self.method = "(IA)^3 vectors" if self.ia3 else "SSF vectors"
         self.sites = find_sites(model, config)
         self.keys = [re.sub(r"\W", "_", s.path) for s in self.sites]
-        weight = next(model.parameters())
-        # as LoRA's autocast_adapter_dtype: fp32 vectors in a 16-bit model (cast to its dtype in forward)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(model, autocast_adapter_dtype)  # fp32 vectors in a 16-bit model, unless False
         random = not (config.init_ia3_weights if self.ia3 else config.init_ssf_weights)
         self.scales, self.shifts = nn.ParameterDict(), nn.ParameterDict()
         for key, s in zip(self.keys, self.sites, strict=True):
