@@ -536,6 +536,28 @@ def _fill_dropped_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) 
                                                           for n in names):
             ties.append(names)
     module._ties_to_restore = ties  # for _restore_ties, after the load
+    _fill_declared_ties(module, state_dict, prefix)
+
+
+def _fill_declared_ties(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Keys the saving model dropped as aliases, for a loading model whose tied tensors are not one (yet): built
+    under accelerate's init_empty_weights, transformers 5 leaves lm_head and the embeddings separate meta tensors,
+    and the dropped key was missing (strict) or left lm_head on meta or uninitialised (strict=False). The ties its
+    transformers models declare (all_tied_weights_keys: {} where the config unties them) say which key it is."""
+    names = None
+    for path, sub in module.named_modules():
+        tied = getattr(sub, "all_tied_weights_keys", None)
+        if not isinstance(tied, dict) or not tied:
+            continue
+        if names is None:
+            names = {n for n, _ in (*module.named_parameters(remove_duplicate=False),
+                                    *module.named_buffers(remove_duplicate=False))}
+        base = f"{path}." if path else ""
+        for target, source in tied.items():
+            # (where the adapter wraps the target, lm_head.base_layer.weight, the declared name is not the model's)
+            if base + target in names and prefix + base + target not in state_dict \
+                    and prefix + base + source in state_dict:
+                state_dict[prefix + base + target] = state_dict[prefix + base + source]
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:
