@@ -554,10 +554,18 @@ def _fill_declared_ties(module: nn.Module, state_dict: dict, prefix: str) -> Non
                                     *module.named_buffers(remove_duplicate=False))}
         base = f"{path}." if path else ""
         for target, source in tied.items():
-            # (where the adapter wraps the target, lm_head.base_layer.weight, the declared name is not the model's)
-            if base + target in names and prefix + base + target not in state_dict \
-                    and prefix + base + source in state_dict:
-                state_dict[prefix + base + target] = state_dict[prefix + base + source]
+            # where an adapter wraps a tied module the tensor is its base layer's (lm_head.base_layer.weight, or
+            # lm_head.original_module.weight beside a modules_to_save copy), not under the declared name
+            have = [n for n in _wrapped_names(base + target) if n in names and prefix + n not in state_dict]
+            given = next((prefix + n for n in _wrapped_names(base + source) if prefix + n in state_dict), None)
+            if have and given is not None:
+                state_dict[prefix + have[0]] = state_dict[given]
+
+
+def _wrapped_names(name: str) -> tuple[str, ...]:
+    """A module's tensor `name` and its names where an adapter wraps the module."""
+    owner, _, attr = name.rpartition(".")
+    return name, f"{owner}.base_layer.{attr}", f"{owner}.original_module.{attr}"
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:

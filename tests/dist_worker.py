@@ -101,18 +101,24 @@ def run(rank: int, world: int, init_file: str, mode: str, out: str) -> None:
             torch.save(errors, f"{out}.{rank}")
             dist.barrier()
             return
-        if mode == "ranked-reentrant":  # the orthogonality term and reentrant checkpointing: refused with the remedy
-            errors = []
+        if mode == "ranked-reentrant":  # the orthogonality term and reentrant checkpointing: the remedy said first
+            import warnings
+
+            said = []
             for method in ("increlora", "adalora"):
                 model = ranked(method)[0]
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
                 ddp = torch.nn.parallel.DistributedDataParallel(model.train())
                 ids = batch().chunk(world)[rank]
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loss = ddp(input_ids=ids, labels=ids).loss
+                said += [str(w.message) for w in caught if "use_reentrant" in str(w.message)]
                 try:
-                    ddp(input_ids=ids, labels=ids).loss.backward()
-                except RuntimeError as e:
-                    errors.append(str(e))
-            torch.save(errors, f"{out}.{rank}")
+                    loss.backward()
+                except RuntimeError as e:  # DDP's own words follow
+                    said.append(str(e))
+            torch.save(said, f"{out}.{rank}")
             dist.barrier()
             return
         if mode in ("increlora", "adalora", "increlora-built-first"):

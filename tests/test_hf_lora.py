@@ -696,7 +696,8 @@ def test_autocast_adapter_dtype_as_hf_peft():
 
 
 @pytest.mark.parametrize("how", ["assign", "to_empty"])
-def test_a_state_dict_loads_into_a_model_whose_tied_weights_are_not_one_yet(how):
+@pytest.mark.parametrize("extra", [{}, {"target_modules": ["q_proj", "lm_head"]}, {"modules_to_save": ["lm_head"]}])
+def test_a_state_dict_loads_into_a_model_whose_tied_weights_are_not_one_yet(how, extra):
     """The state dict keeps one key of tied tensors; a model built under accelerate's init_empty_weights has lm_head
     and the embeddings as separate meta tensors: its lm_head key was missing (strict), or lm_head stayed on meta or
     uninitialised (strict=False, a Trainer's resume): logits off by 0.7 to 1e32."""
@@ -706,7 +707,7 @@ def test_a_state_dict_loads_into_a_model_whose_tied_weights_are_not_one_yet(how)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
     torch.manual_seed(0)
-    lora = dict(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    lora = {"r": 2, "target_modules": ["q_proj"], "init_lora_weights": False, **extra}  # (lm_head wrapped: its base's)
     trained = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(**lora))
     state = trained.state_dict()
     with init_empty_weights():

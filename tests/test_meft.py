@@ -530,6 +530,24 @@ def test_hooks_on_a_layer_are_refused_not_skipped(kind, words, position):
     assert calls == [layer]
 
 
+def test_what_is_not_a_skipped_hook_is_not_refused():
+    """A layer whose 🤗 Accelerate hook was removed keeps the class's own forward bound in its __dict__, and backward
+    hooks miss nothing without a backward (inference, generate()): both ran before the refusal and run again."""
+    ids = torch.randint(1, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = build("llama")
+    layer = base.model.layers[0]
+    hooks = pytest.importorskip("accelerate.hooks")
+    hooks.add_hook_to_module(layer, hooks.ModelHook())
+    hooks.remove_hook_from_module(layer)
+    assert "forward" in layer.__dict__
+    model = pefttorch.get_peft_model(base, pefttorch.MeftConfig(variant="meft1", num_rev_layers=1)).eval()
+    layer.register_full_backward_hook(lambda *args: None)
+    with torch.no_grad():
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="has backward hooks, which would not run"):
+        model(input_ids=ids)
+
+
 def test_a_training_forward_hands_back_no_cache_to_continue_from():
     """With a reversible backward ahead, the forward must not write the key/value cache (backward recomputes
     attention): the cache came back empty, and continuing from it gave wrong logits without a word. It is refused

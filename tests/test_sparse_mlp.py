@@ -521,3 +521,17 @@ def test_a_norm_inside_the_layers_own_output_part_is_still_refused():
 
     with pytest.raises(ValueError, match=r"its output\.norm \(LayerNorm\) works on the MLP's intermediate width"):
         pefttorch.sparsify(torch.nn.Sequential(Layer()).eval())
+
+
+def test_a_part_read_by_the_forward_is_refused_in_words():
+    """A forward that reads a part's weight (Seamless-M4T's FFN casts to fc1's dtype) fails once the parts are
+    swapped: the probe let its AttributeError out, naming nothing; refused in words now, the model left as it was."""
+
+    class ReadsFc1(_FFNWithResidual):
+        def forward(self, hidden_states):
+            return self.fc2(self.activation_fn(self.fc1(hidden_states.to(self.fc1.weight.dtype))))
+
+    model = _HoldsAnMlp(ReadsFc1()).eval()
+    with pytest.raises(ValueError, match="ReadsFc1 computes something between the parts .*'Identity' object has no"):
+        pefttorch.sparsify(model)
+    assert isinstance(model.mlp.fc1, torch.nn.Linear) and isinstance(model.mlp.fc2, torch.nn.Linear)

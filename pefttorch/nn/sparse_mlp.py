@@ -70,7 +70,7 @@ def _swapped_call(mlp: nn.Module, sparse: SparseMLP, layout, x: torch.Tensor) ->
         mlp.set_submodule(layout.down, sparse)
         try:
             return mlp(x)
-        except (RuntimeError, ValueError) as err:  # a module between the parts now sees the hidden width (Kosmos-2)
+        except Exception as err:  # a module between the parts now sees the hidden width (Kosmos-2), or reads a part
             raise ValueError(f"{type(mlp).__name__} computes something between the parts SparseMLP would replace "
                              f"(with them swapped its forward fails: {str(err)[:120]}): SparseMLP cannot replace "
                              "it") from None

@@ -241,13 +241,16 @@ class MeftModel(Forwarding):
         it too, their FFN adapter being added between the blocks): refuse, instead of running without them. So for
         an instance forward (🤗 Accelerate's add_hook_to_module, which device_map dispatch and offloading use), never
         called either. (Global module hooks are left alone: they run for the blocks' modules, not the layer.)"""
+        grad = torch.is_grad_enabled()  # (backward hooks miss nothing where there is no backward)
         for layer in layers:
+            forward = layer.__dict__.get("forward")
+            # the class's own forward bound to it is no hook (what Accelerate's remove_hook_from_module leaves)
+            own = forward is None or getattr(forward, "__func__", None) is type(layer).forward
             kinds = [kind for kind, hooks in (("forward pre-hooks", layer._forward_pre_hooks),
                                               ("forward hooks", layer._forward_hooks),
-                                              ("backward hooks", layer._backward_hooks),
-                                              ("backward pre-hooks", layer._backward_pre_hooks),
-                                              ("a forward of its own (an 🤗 Accelerate hook?)",
-                                               "forward" in layer.__dict__)) if hooks]
+                                              ("backward hooks", grad and layer._backward_hooks),
+                                              ("backward pre-hooks", grad and layer._backward_pre_hooks),
+                                              ("a forward of its own (an 🤗 Accelerate hook?)", not own)) if hooks]
             if kinds:
                 name = next(n for n, m in self.model.named_modules() if m is layer)
                 raise ValueError(f"MEFT: the layer {name} has {' and '.join(kinds)}, which would not run: with MEFT's "

@@ -309,14 +309,17 @@ class _OrthRegHook:
                               "compute_loss_func): add orth_reg_weight * model.orth_regularization() to your loss "
                               "(if it has it already, this warning can be ignored)", UserWarning, stacklevel=2)
             return None
-        if _distributed() and _reentrant_checkpointing(module):
+        if not getattr(self, "warned_reentrant", False) and _distributed() and _reentrant_checkpointing(module):
             # the term reads every factor outside the checkpointed layers, whose reentrant backward reads them again:
-            # two gradients for one parameter in one backward, which DDP refused with "marked ready twice" (and
-            # static_graph with parameters that "did not receive grad" once a module was pruned)
-            raise RuntimeError("orth_reg_weight > 0 with reentrant gradient checkpointing cannot run under "
-                               "DistributedDataParallel: use non-reentrant checkpointing (gradient_checkpointing_"
-                               "enable(gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' "
-                               "default), or orth_reg_weight=0")
+            # two gradients for one parameter in one backward, which DDP refuses with "marked ready twice" (unless
+            # static_graph=True, which AdaLoRA's pruning then breaks): said once, with the remedy, before DDP's
+            # words (a warning, not an error: this process cannot see the DDP wrapper or its static_graph)
+            self.warned_reentrant = True
+            warnings.warn("orth_reg_weight > 0 with reentrant gradient checkpointing under DistributedDataParallel "
+                          "fails with 'marked as ready twice' (AdaLoRA also with static_graph=True once it prunes): "
+                          "use non-reentrant checkpointing (gradient_checkpointing_enable(gradient_checkpointing_"
+                          "kwargs={'use_reentrant': False}), transformers' default), or orth_reg_weight=0",
+                          UserWarning, stacklevel=2)
         # With the HF Trainer's loss kwargs the micro-batches' losses are summed over the accumulated batch (each is
         # divided by the whole batch's item count): weigh the term by this micro-batch's share of the items, so it
         # counts once per optimizer step however the batch is split (as the density loss does).
