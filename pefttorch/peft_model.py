@@ -150,7 +150,7 @@ class PeftModel(Forwarding):
         try:
             self._attach_density_loss(config)
         except Exception:
-            self.base_model.unload(merge=False, restore=True)  # the model is given back as it came
+            self.base_model.unload(merge=False)  # the model is given back as it came
             raise
         if _checkpointing_enabled(model):
             self._enable_input_require_grads()
@@ -334,9 +334,9 @@ class PeftModel(Forwarding):
         return self.base_model.unload(merge=adapter_names is None or bool(adapter_names))
 
     def unload(self) -> nn.Module:
-        """The base model's weights as they were, adapter layers (and density loss hooks) removed, nothing merged;
-        modules in modules_to_save (a task head) are the active adapter's trained copies, as HF PEFT leaves them
-        (the original came back, and a head trained with the adapter was thrown away)."""
+        """The base model as it was, adapter layers (and density loss hooks) removed, nothing merged: modules in
+        modules_to_save are the originals, as HF PEFT 0.22 gives them back (0.21 gave the trained copies);
+        merge_and_unload() keeps the trained copies."""
         self._detach_density_loss()
         return self.base_model.unload(merge=False)
 
@@ -440,7 +440,7 @@ class PeftModel(Forwarding):
         try:
             peft_model._load_weights(model_id, adapter_name)
         except Exception:
-            peft_model.base_model.unload(merge=False, restore=True)  # the model as it was given
+            peft_model.base_model.unload(merge=False)  # the model as it was given
             raise
         if not is_trainable:
             peft_model.eval()

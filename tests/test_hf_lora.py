@@ -450,7 +450,7 @@ def test_hf_peft_keywords_and_classification_heads_per_adapter(tmp_path):
     second = LoraConfig(r=2, target_modules=["v_proj"])
     model.add_adapter("b", second)
     assert second.modules_to_save is None  # the user's config is left as it was
-    assert model.peft_config["b"].modules_to_save == ["classifier", "score"]
+    assert model.peft_config["b"].modules_to_save == ["classifier", "score", "pre_classifier"]  # HF PEFT 0.22's
     model.set_adapter("b")
     assert any(p.requires_grad and "score" in n and ".b." in n for n, p in model.named_parameters())
     model.set_adapter("b", inference_mode=True)
@@ -583,31 +583,25 @@ def test_one_adapter_per_model_may_train_biases():
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
-@pytest.mark.parametrize("entry", ["unload", "base_model.unload"])
-def test_unload_keeps_the_trained_modules_to_save(method, entry):
-    """HF PEFT's unload() (PeftModel's, and its tuner's, LoraModel.unload) gives the active adapter's copy of a
-    modules_to_save module (a task head trained with the adapter): pefttorch gave the original back, and the trained
-    head was silently thrown away."""
+@pytest.mark.parametrize("entry", ["unload", "base_model.unload", "merge_and_unload"])
+def test_unload_gives_the_original_modules_to_save_back_and_merging_the_trained(method, entry):
+    """A task head trained with the adapter (a modules_to_save copy): unload() gives the original back, as HF PEFT
+    0.22 does (0.21 gave the trained copy), the tuner's own unload() too; merge_and_unload() keeps the trained copy."""
     from pefttorch import IA3Config
 
     family = FAMILIES["bert"]
     inp = inputs_of(family)
-    outputs = []
-    for lib in (peft, None):
-        if lib is None:
-            config = (LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]) if method == "lora"
-                      else IA3Config(target_modules=["query"], feedforward_modules=[], modules_to_save=["classifier"]))
-            model = get_peft_model(fresh(family), config)
-        else:
-            config = (peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]) if method == "lora"
-                      else peft.IA3Config(target_modules=["query"], feedforward_modules=[],
-                                          modules_to_save=["classifier"]))
-            model = peft.get_peft_model(fresh(family), config)
-        with torch.no_grad():
-            model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
-        outputs.append(logits(model.unload() if entry == "unload" else model.base_model.unload(), inp))
-    torch.testing.assert_close(outputs[1], outputs[0])
-    assert (outputs[1] - logits(fresh(family), inp)).abs().max() > 0.1
+    config = (LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]) if method == "lora"
+              else IA3Config(target_modules=["query"], feedforward_modules=[], modules_to_save=["classifier"]))
+    model = get_peft_model(fresh(family), config)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    trained = logits(model, inp)
+    unload = {"unload": model.unload, "base_model.unload": model.base_model.unload,
+              "merge_and_unload": model.merge_and_unload}[entry]
+    want = trained if entry == "merge_and_unload" else logits(fresh(family), inp)
+    torch.testing.assert_close(logits(unload(), inp), want)
+    assert (trained - logits(fresh(family), inp)).abs().max() > 0.1
 
 
 def test_saved_config_is_for_inference_as_hf_peft_writes_it(tmp_path):
@@ -1204,7 +1198,8 @@ def test_modules_to_save_match_as_in_hf_peft_and_only_task_heads_may_match_nothi
     bart = transformers.BartForSequenceClassification(transformers.BartConfig(
         vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
-    with pytest.warns(UserWarning, match=r"\['classifier', 'score'\] \(the task's heads\) names no module of "
+    with pytest.warns(UserWarning, match=r"\['classifier', 'score', 'pre_classifier'\] \(the task's heads\) names no "
+                                         r"module of "
                                          r"BartForSequenceClassification"):
         get_peft_model(bart, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match=r"\['pooler\.dens'\] matched no module"):

@@ -707,7 +707,7 @@ def test_task_type_heads_train_and_one_name_of_modules_to_save_suffices():
     """As LoRA and the hooked methods (HF PEFT): SEQ_CLS's new head trains and is saved, and modules_to_save naming
     several possible heads needs one to match (MEFT refused ["classifier", "score"] and left the classifier frozen)."""
     config = pefttorch.MeftConfig(variant="meft1", task_type="SEQ_CLS", modules_to_save=["pooler"])
-    assert config.modules_to_save == ["pooler", "classifier", "score"]
+    assert config.modules_to_save == ["pooler", "classifier", "score", "pre_classifier"]
     model = pefttorch.get_peft_model(build("bert"), config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if "meft_adapters" not in n} == {

@@ -116,7 +116,9 @@ def module_names(value, what: str, owner: str):
 
 # As in HF PEFT: a classification or question-answering model's new head trains in full and is saved with the
 # adapter (the names cover the model types; one match suffices).
-TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+# (pre_classifier: DistilBERT's head is two layers, both new; HF PEFT 0.22 names it, and writes it in its configs)
+TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score", "pre_classifier"],
+                        "TOKEN_CLS": ["classifier", "score", "pre_classifier"],
                         "QUESTION_ANS": ["qa_outputs"]}
 
 

@@ -128,11 +128,10 @@ class HookedModel(Forwarding):
     def unmerge_adapter(self) -> None:
         return None
 
-    def unload(self, merge: bool = False, *, restore: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False) -> nn.Module:
         """The base model without the method's hooks: with `merge`, what the adapter learned folded into its
-        weights (where the algebra allows, else an error and nothing changed); otherwise exactly as it came. Modules
-        in modules_to_save are the trained copies, as HF PEFT leaves them; with `restore`, the originals (the model
-        as it came, what a failed construction or load falls back to)."""
+        weights (where the algebra allows, else an error and nothing changed) and the modules in modules_to_save
+        the trained copies; otherwise exactly as it came (the originals: HF PEFT 0.22's rule too)."""
         if merge:
             self.merge_adapter()  # raises before anything is removed where merging is impossible
         for h in self._handles:
@@ -140,7 +139,7 @@ class HookedModel(Forwarding):
         self._handles = []
         self.restore(merge)
         for path, wrapper in self._wrappers():
-            _set_submodule(self.model, path, wrapper.original_module if restore else wrapper.active_module())
+            _set_submodule(self.model, path, wrapper.active_module() if merge else wrapper.original_module)
         self._restore_trainability(self.model)
         return self.model
 

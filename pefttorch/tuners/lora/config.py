@@ -42,6 +42,7 @@ _UNSUPPORTED_PEFT_FIELDS = {
     "use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
     "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "use_bdlora": None, "megatron_config": None, "kasa_config": None, "monteclora_config": None,
+    "astra_config": None,  # HF PEFT 0.22: builds the adapter layers its own way
 }
 # Fields of HF PEFT's LoraConfig that do not change what a loaded adapter computes: initialisation settings (the
 # weights are loaded), distributed and runtime options, VeLoRA's backward-only compression.

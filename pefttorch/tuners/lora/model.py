@@ -461,12 +461,10 @@ class LoraModel(Forwarding):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def unload(self, merge: bool = False, adapter_names: list[str] | None = None, *,
-               restore: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Replaces every LoraLayer by its base layer (with the active, or the given, adapters merged in if
-        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use (the
-        active adapter's trained copy, as HF PEFT does), or with `restore` by the original (the model as it came:
-        what a failed construction or load falls back to)."""
+        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use if
+        `merge`, else the original (the model as it came, as HF PEFT 0.22 gives it; 0.21 gave the trained copy)."""
         if merge:
             self._warn_of_tied_weights(adapter_names)
         for name, layer in self.lora_layers():
@@ -476,7 +474,7 @@ class LoraModel(Forwarding):
                 layer.unmerge()
             _set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in self.save_wrappers():
-            _set_submodule(self.model, name, wrapper.original_module if restore else wrapper.active_module())
+            _set_submodule(self.model, name, wrapper.active_module() if merge else wrapper.original_module)
         self._restore_trainability(self.model)
         return self.model
 

@@ -339,10 +339,9 @@ class MeftModel(Forwarding):
     def unmerge_adapter(self) -> None:
         raise NotImplementedError("MEFT's adapters are never merged")
 
-    def unload(self, merge: bool = False, *, restore: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False) -> nn.Module:
         """The model with its original layer list, adapters removed, trainability as it came (modules_to_save
-        keep what they learned: they were trained in place, with or without `restore`)."""
-        del restore
+        keep what they learned: they were trained in place)."""
         if merge:
             self.merge_adapter()
         for hook in self._hooks:

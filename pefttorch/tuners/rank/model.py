@@ -41,7 +41,7 @@ class RankedLoraModel(LoraModel):
         try:
             self.allocator = allocator_cls(layers, adapter_name, config)
         except BaseException:  # refused (a model split over devices): the model given back as it came
-            LoraModel.unload(self, merge=False, restore=True)
+            LoraModel.unload(self, merge=False)
             raise
         self._orth_hook = self.model.register_forward_hook(_OrthRegHook(self), with_kwargs=True)
         self.register_load_state_dict_pre_hook(_check_allocator_state)
@@ -227,10 +227,9 @@ class RankedLoraModel(LoraModel):
         )
         return lora, self.adapter_state_dict(name)
 
-    def unload(self, merge: bool = False, adapter_names: list[str] | None = None, *,
-               restore: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         self._orth_hook.remove()
-        return super().unload(merge, adapter_names, restore=restore)
+        return super().unload(merge, adapter_names)
 
 
 def _check_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:

@@ -259,10 +259,10 @@ class VectorModel(HookedModel):
         else:
             m.bias.copy_(bias)
 
-    def unload(self, merge: bool = False, *, restore: bool = False) -> nn.Module:
+    def unload(self, merge: bool = False) -> nn.Module:
         if not merge and self.merged:
             self.unmerge_adapter()
         if merge:
             self._created_biases = []  # merged for good
-        return super().unload(merge, restore=restore)
+        return super().unload(merge)
 
