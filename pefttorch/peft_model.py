@@ -242,18 +242,24 @@ class PeftModel(Forwarding):
             have = list(peft_config.modules_to_save or [])
             peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
         active = self.active_adapters
-        autocast = getattr(self.base_model, "autocast_adapter_dtype", None)
-        if autocast is not None:  # the tuner's setting, for this adapter only (as load_adapter)
-            self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
-        try:
+        with self._adapter_autocast(autocast_adapter_dtype):
             # the density loss attached inside the injection: refused (another config's is on), it undoes the
             # adapter too
             self.base_model.inject_adapter(peft_config, adapter_name,
                                            then=lambda: self._attach_density_loss(peft_config))
-        finally:
-            if autocast is not None:
-                self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)
+
+    @contextlib.contextmanager
+    def _adapter_autocast(self, autocast_adapter_dtype: bool):
+        """The tuner's autocast_adapter_dtype set for one adapter's injection (where the tuner has the setting)."""
+        before = getattr(self.base_model, "autocast_adapter_dtype", None)
+        if before is not None:
+            self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            yield
+        finally:
+            if before is not None:
+                self.base_model.autocast_adapter_dtype = before
 
     def _attach_density_loss(self, config) -> None:
         if getattr(config, "density_loss", None) is None:
@@ -456,17 +462,11 @@ class PeftModel(Forwarding):
         model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
         active = self.active_adapters
-        autocast = getattr(self.base_model, "autocast_adapter_dtype", None)
-        if autocast is not None:  # the tuner's setting, for this adapter only
-            self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
-        try:
+        with self._adapter_autocast(autocast_adapter_dtype):
             # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter
             # left empty LoRA layers and modules_to_save wrappers, and the model frozen again)
             self.base_model.inject_adapter(config, adapter_name,
                                            then=lambda: self._load_weights(model_id, adapter_name))
-        finally:
-            if autocast is not None:
-                self.base_model.autocast_adapter_dtype = autocast
         self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
         owned = getattr(self.base_model, "_owned_parameters", None)
         if is_trainable and owned is not None:

@@ -81,12 +81,7 @@ def test_building_a_ranked_model_on_one_process_runs_no_collective(tmp_path):
 def test_rank_allocation_under_fsdp2_is_refused_with_the_remedy(tmp_path):
     """IncreLoRA's and AdaLoRA's allocators score and grow whole factors; under FSDP2 those are sharded DTensors, and
     update_and_allocate failed inside an op mixing Tensor and DTensor. It now says FSDP2 is not supported, use DDP."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    out = tmp_path / "result"
-    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "ranked-fsdp2", str(out)), nprocs=2, join=True)
-    for rank in range(2):
-        errors = torch.load(f"{out}.{rank}")
+    for errors in _per_rank(tmp_path, "ranked-fsdp2"):
         assert [e.split(" is not")[0] for e in errors] == ["IncreLoRA", "IncreLoRA", "AdaLoRA", "AdaLoRA"]
         assert all("FSDP2" in e and "DDP" in e for e in errors)
 
@@ -96,11 +91,15 @@ def test_the_orthogonality_term_with_reentrant_checkpointing_under_ddp_says_the_
     """The term reads every factor outside the checkpointed layers, whose reentrant backward reads them again: DDP
     failed with "marked as ready twice" (static_graph: parameters that "did not receive grad"), naming no remedy.
     A warning says it first (an error would refuse IncreLoRA under static_graph=True, which works)."""
+    for said in _per_rank(tmp_path, "ranked-reentrant"):
+        kinds = [("use_reentrant': False" in s, "Expected to mark" in s) for s in said]
+        assert kinds == [(True, False), (False, True)] * 2, said
+
+
+def _per_rank(tmp_path, mode: str) -> list:
+    """What each of two processes running dist_worker's `mode` saved."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path / "result"
-    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), "ranked-reentrant", str(out)), nprocs=2, join=True)
-    for rank in range(2):
-        said = torch.load(f"{out}.{rank}")
-        kinds = [("use_reentrant': False" in s, "Expected to mark" in s) for s in said]
-        assert kinds == [(True, False), (False, True)] * 2, said
+    mp.spawn(dist_worker.run, args=(2, str(tmp_path / "init"), mode, str(out)), nprocs=2, join=True)
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
