@@ -15,6 +15,13 @@ def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
     Drawing it from torch's generator makes dropout reproducible under torch.manual_seed, and keeping
     it a tensor lets torch.compile trace the draw instead of breaking the graph on a Python int.
     """
+    if generator is not None and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        # a forward run inside backward is activation checkpointing's recomputation (reentrant or not): it restores
+        # torch's global RNG state only, so this generator would give another seed, another mask than the forward's
+        # output was computed with, and gradients silently wrong
+        raise RuntimeError("dropout with generator= cannot be recomputed by activation checkpointing, which replays "
+                           "torch's global RNG only (the mask would differ from the forward's); leave generator "
+                           "unset (torch.manual_seed makes dropout reproducible) or do not checkpoint this call")
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device="cpu", generator=generator)
 
 
@@ -67,7 +74,7 @@ def _finite_scale(op: str, name: str, value, dtype: torch.dtype | None = None) -
     compute in float32) a value beyond float32's range is refused in words naming `op` and `name` (a NaN scale made
     every output NaN; 1e39 failed in an ATen call naming neither). Checked in eager calls: under torch.compile with
     dynamic shapes the value is symbolic, which math.isfinite cannot trace (a graph break per call, an error under
-    fullgraph), and the eager run checked it."""
+    fullgraph); there the op's fake kernel checks what it is given (a compiled call need not follow an eager one)."""
     value = _number(op, name, value)
     if not torch.compiler.is_compiling():
         if not math.isfinite(value):
@@ -154,11 +161,13 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
                          f"{list(lora_b.shape)}")
     # a NaN would fill the weight with NaN for good, a scale beyond the float32 it is formed in with inf
     scaling = _finite_scale(op, "scaling", scaling, weight.dtype)
+    sign = _finite_scale(op, "sign", sign)
+    scaling = _finite_scale(op, "sign * scaling", sign * scaling, weight.dtype)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     delta = (lora_b.to(acc) @ lora_a.to(acc)) * scaling
     if fan_in_fan_out:
         delta = delta.t()
-    weight.copy_(weight.to(acc) + sign * delta)
+    weight.copy_(weight.to(acc) + delta)
 
 
 def density_loss(

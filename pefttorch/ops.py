@@ -266,6 +266,8 @@ def _lora_linear_forward_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_
     _check_size(op, x, "x", -1, weight.shape[1], "in_features = weight.size(1)")
     _check_vector(op, bias, "bias", weight.shape[0], "out_features = weight.size(0)", x, "x")
     _check_dropout(op, dropout_p, seed)
+    # the Python wrapper checks it in eager calls only (see functional._finite_scale): a compiled call is checked here
+    _check(op, math.isfinite(scaling), lambda: f"scaling must be finite, got {scaling}")
     tokens = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((tokens, lora_a.shape[0]))

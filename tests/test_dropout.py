@@ -102,3 +102,28 @@ def test_dropout_only_on_lora_path(device):
     x, w = rand(8, 16, device=device), rand(4, 16, device=device)
     a, b = rand(3, 16, device=device), torch.zeros(4, 3, device=device)
     torch.testing.assert_close(functional.lora_linear(x, w, a, b, dropout=0.7), x @ w.t())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_replays_the_default_generator_and_refuses_another(use_reentrant):
+    """Checkpointing restores torch's global RNG before recomputing, so dropout from it gets the forward's mask again;
+    a generator= of the user's gave the recomputation another seed: the gradients were silently wrong (the output
+    was right). That is refused now, in backward, where the recomputation happens."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 5), torch.randn(7, 5), torch.randn(7, 3)
+    a0 = torch.randn(3, 5)
+
+    def grads(ckpt, generator=None):
+        a = a0.clone().requires_grad_()
+        torch.manual_seed(1)
+        f = lambda a: functional.lora_linear(x, w, a, b, dropout=0.3, generator=generator)  # noqa: E731
+        y = checkpoint(f, a, use_reentrant=use_reentrant) if ckpt else f(a)
+        y.square().sum().backward()
+        return a.grad
+
+    torch.testing.assert_close(grads(True), grads(False), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"dropout with generator= cannot be recomputed by activation checkpointing"):
+        grads(True, torch.Generator().manual_seed(9))
+    grads(False, torch.Generator().manual_seed(9))  # without checkpointing the generator is fine

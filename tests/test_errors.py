@@ -137,3 +137,31 @@ def test_backward_op_missing_saved_tensors():
 def test_mixed_devices():
     with pytest.raises(RuntimeError, match=r"weight is on cpu but x is on cuda"):
         call(x=rand(4, 8, device="cuda"))
+
+
+@pytest.mark.parametrize("sign, scaling, match", [
+    (float("nan"), 2.0, r"merge_lora_: sign must be finite, got nan"),
+    (1e30, 1e30, r"merge_lora_: sign \* scaling=1\S*e\+60 is beyond float32's range"),
+])
+def test_merge_refuses_a_sign_that_would_ruin_the_weight(sign, scaling, match):
+    """Only scaling was checked: sign=nan filled the weight with NaN for good, sign=1e30 with inf."""
+    a = args()
+    weight = a["weight"].clone()
+    with pytest.raises(ValueError, match=match):
+        functional.merge_lora_(weight, a["lora_a"], a["lora_b"], scaling, sign=sign)
+    assert torch.equal(weight, a["weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_call_refuses_a_non_finite_scaling(dynamic):
+    """The wrapper checks scaling in eager calls only; a compiled function called with NaN gave NaN everywhere (no
+    eager call had checked it first)."""
+    torch._dynamo.reset()
+    a = args()
+    compiled = torch.compile(lambda x, w, la, lb, s: functional.lora_linear(x, w, la, lb, scaling=s),
+                             fullgraph=True, dynamic=dynamic, backend="eager")
+    torch.testing.assert_close(compiled(a["x"], a["weight"], a["lora_a"], a["lora_b"], 0.5),
+                               functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=0.5))
+    with pytest.raises(Exception, match=r"lora_linear_forward: scaling must be finite, got nan"):
+        compiled(a["x"], a["weight"], a["lora_a"], a["lora_b"], float("nan"))
