@@ -264,6 +264,8 @@ class PeftModel(Forwarding):
     def _attach_density_loss(self, config) -> None:
         if getattr(config, "density_loss", None) is None:
             return
+        if self.density_loss is not None and not self.density_loss.attached:
+            self.density_loss = None  # its handle's remove() detached it
         if self.density_loss is not None:
             if self.density_loss.config != config.density_loss:
                 raise ValueError("a density loss with another config is attached already: one per model")

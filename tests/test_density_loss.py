@@ -215,6 +215,23 @@ def test_deleting_the_adapter_that_asked_for_the_density_loss_detaches_it():
         torch.testing.assert_close(loss.detach(), model.get_base_model()(input_ids=ids, labels=ids).loss)
 
 
+def test_an_adapter_added_after_the_handles_remove_attaches_the_loss_again():
+    """remove() left the wrapper holding the removed handle: an adapter added next whose config asks for the density
+    loss trained without it (silently), or one with another config was refused as "attached already"."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    model = get_peft_model(fam.build(), LoraConfig(r=4, target_modules=["q_proj"], density_loss=DensityLossConfig()))
+    model.density_loss.remove()
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["k_proj"], density_loss=DensityLossConfig(weight=0.5)))
+    assert DensityLoss.attached_to(model) is model.density_loss and model.density_loss.config.weight == 0.5
+    model.set_adapter("b")
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss.detach(), plain + model.density_loss.loss().detach())
+
+
 def test_target_modules_and_errors():
     model = FAMILIES["bert"].build()
     handle = attach_density_loss(model, DensityLossConfig(target_modules=r".*layer\.1\..*intermediate_act_fn"))
@@ -500,13 +517,22 @@ def test_a_second_density_loss_on_a_model_is_refused():
     attach_density_loss(plain)  # after remove(), another may go on
 
 
-def test_a_loop_over_the_backbone_adds_each_steps_own_term():
+@pytest.mark.parametrize("wrapper", ["none", "pefttorch", "hf"])
+def test_a_loop_over_the_backbone_adds_each_steps_own_term(wrapper):
     """Attached to a model whose backbone the loop calls itself (a custom head on the hidden states) and adding
     loss() to its own loss: the model's call never started a fresh set of per-layer losses, so they piled up step
-    after step and the second backward went through the first step's freed graph."""
+    after step and the second backward went through the first step's freed graph. Under a PeftModel (pefttorch's
+    or HF's) the fresh start was hooked on the tuner, which no call goes through: the same."""
     torch.manual_seed(0)
     base = FAMILIES["llama"].build().train()
-    handle = attach_density_loss(base)
+    if wrapper == "none":
+        handle = attach_density_loss(base)
+    elif wrapper == "pefttorch":
+        handle = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                                 density_loss=DensityLossConfig())).density_loss
+    else:
+        peft = pytest.importorskip("peft")
+        handle = attach_density_loss(peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])))
     head = torch.nn.Linear(base.config.hidden_size, 1)
     ids = torch.randint(3, 90, (2, 8))
     seen = []

@@ -156,19 +156,23 @@ class DensityLoss:
         self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._add_to_output))
         self._handles.append(model.register_forward_hook(self._end, always_call=True))
-        # So does a call of the outermost module below the model that holds all the layers, for a user who runs the
-        # backbone (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer are
-        # kept, and without a fresh start they piled up step after step (a second backward through a freed graph).
-        # The outermost, not the nearest: that one may run several times in one forward (ALBERT's shared layer, a
-        # chunked feed-forward) or be recomputed by gradient checkpointing, and each call wiped the earlier ones.
-        ancestor = _backbone(model, list(self.modules))
-        if ancestor is not model:
+        # So does the outermost call among the modules below the model that hold all the layers, for a user who runs
+        # the backbone (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer
+        # are kept, and without a fresh start they piled up step after step (a second backward through a freed
+        # graph). Every such module is hooked, since which of them the user calls is not known (a PeftModel's tuner
+        # is never called: hooked alone, the backbone's calls piled up); only the outermost call starts afresh, since
+        # an inner one may run several times in one forward (ALBERT's shared layer, a chunked feed-forward), and each
+        # call wiped the earlier ones.
+        self._inner_depth = 0
+        for ancestor in _backbone_chain(model, list(self.modules)):
             self._handles.append(ancestor.register_forward_pre_hook(self._start_inner))
+            self._handles.append(ancestor.register_forward_hook(self._end_inner, always_call=True))
 
     def __getstate__(self) -> dict:
         # the latest forward's losses carry its autograd graph: not part of a saved or copied model
         state = self.__dict__.copy()
-        state.update(_losses={}, _no_grad_layers=set(), _reversible=False, _root_grad=False, _share=None)
+        state.update(_losses={}, _no_grad_layers=set(), _reversible=False, _root_grad=False, _share=None,
+                     _inner_depth=0)
         return state
 
     @staticmethod
@@ -214,10 +218,14 @@ class DensityLoss:
         self._counts[mode][name] = self._counts[mode].get(name, 0) + n
 
     def _start_inner(self, module, args):
+        self._inner_depth += 1
         # (the model's own call started a fresh set already; a recomputation in backward is no new forward)
-        if (not self._root_grad and module.training and torch.is_grad_enabled()
+        if (self._inner_depth == 1 and not self._root_grad and module.training and torch.is_grad_enabled()
                 and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1)):
             self._fresh()
+
+    def _end_inner(self, module, args, output):
+        self._inner_depth -= 1  # (also when the forward raised: always_call)
 
     def _end(self, module, args, output):
         self._root_grad = False  # also when the forward raised: the next direct call of the backbone starts afresh
@@ -322,6 +330,11 @@ class DensityLoss:
         self._handles = []
         self._losses = {}
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model still (False once removed)."""
+        return bool(self._handles)
+
     def callback(self):
         """A transformers ``TrainerCallback`` that adds the densities to the Trainer's logs."""
         from ...callbacks import DensityLossCallback
@@ -332,20 +345,23 @@ class DensityLoss:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
 
 
-def _backbone(model: nn.Module, names: list[str]) -> nn.Module:
-    """The outermost module below `model` that holds all the modules `names` and is called as they run (a ModuleList
-    or ModuleDict of layers is not called); the model itself when there is none."""
+def _backbone_chain(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules below `model` that hold all the modules `names` and may be called as they run, outermost first,
+    down to the first ModuleList or ModuleDict of layers (not called itself; the layers below it are not hooked,
+    since MEFT refuses hooks on the layers it computes itself)."""
     parts = [n.split(".")[:-1] for n in names]  # each module's parent
     common = []
     for level in zip(*parts, strict=False):  # as deep as the shortest name
         if len(set(level)) > 1:
             break
         common.append(level[0])
+    chain = []
     for depth in range(1, len(common) + 1):
         module = model.get_submodule(".".join(common[:depth]))
-        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            return module
-    return model
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            break
+        chain.append(module)
+    return chain
 
 
 def _mean_over_calls(calls: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
