@@ -142,7 +142,8 @@ class PeftModel(Forwarding):
                 f"the model holds a pefttorch adapter already ({trace}): it was given to get_peft_model before. Use "
                 "that PeftModel's add_adapter() for another adapter, or its unload() first; to adapt the model "
                 "twice independently, deep-copy it before the first get_peft_model")
-        if tuner in (LoraModel, RankedLoraModel, VectorModel, AdapterModel):  # (the tuners with parameters of a dtype)
+        # (the tuners with parameters of a dtype, and their subclasses: ScaLearn's sources and scales)
+        if issubclass(tuner, (LoraModel, VectorModel, AdapterModel)):
             self.base_model = tuner(model, config, adapter_name, autocast_adapter_dtype)
         else:
             self.base_model = tuner(model, config, adapter_name)

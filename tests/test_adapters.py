@@ -486,3 +486,13 @@ def test_a_bare_decoder_gets_adapters_and_layer_selection():
         model(input_ids=ids)
     with pytest.raises(ValueError, match=r"matched no linear layer .*layers_to_transform=\[1\]"):
         get_peft_model(copy.deepcopy(bare), pefttorch.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1]))
+
+
+@pytest.mark.parametrize("name", ["AdapterConfig", "LoraConfig", "IA3Config", "SsfConfig", "BitFitConfig",
+                                  "LNTuningConfig", "IncreLoraConfig"])
+def test_an_empty_layers_to_transform_is_refused(name):
+    """[] was read as no restriction: every layer was adapted (HF PEFT reads it as no layer, and finds nothing)."""
+    cls = getattr(pefttorch, name)
+    with pytest.raises(ValueError, match=rf"{name}: layers_to_transform=\[\] selects no layer; give None"):
+        cls(layers_to_transform=[])
+    assert cls(layers_to_transform=None).layers_to_transform is None

@@ -120,6 +120,10 @@ def test_one_config_for_two_models(tmp_path):
     assert config.source_configs is None
     # the model's own copy carries the sources' configs, so its save loads without the folders
     assert second.peft_config["default"].source_configs is not None
+    # ... and given to get_peft_model again, it reads the folders too (its sources came up untrained: the base model)
+    third = get_peft_model(fresh("bert"), second.peft_config["default"])
+    for key, value in want.items():
+        torch.testing.assert_close(third.base_model.sources.state_dict()[key], value, rtol=0, atol=0, msg=key)
     second.save_pretrained(tmp_path / "mix")
     shutil.rmtree(a)
     batch = inputs("bert")
@@ -156,3 +160,24 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_and_unload()
     assert not any(m._forward_hooks for m in model.unload().modules())
+
+
+def test_modules_to_save_holding_a_site_is_refused(tmp_path):
+    """The wrapper ran a trained deep copy of the module, with copies of the sources and scales in its hooks: the real
+    scales there never ran nor trained, yet were saved, and all scales at 0 was not the base model."""
+    _, a = source(tmp_path, "a")
+    with pytest.raises(ValueError, match=r"ScaLearn: modules_to_save \['layer.1'\] holds the sources' adapter sites"):
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a], modules_to_save=["layer.1"]))
+    get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a], modules_to_save=["pooler"]))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype(tmp_path, autocast):
+    """autocast_adapter_dtype=False was ignored: float32 sources and scales in a bfloat16 model, unlike
+    AdapterConfig's."""
+    _, a = source(tmp_path, "a")
+    model = get_peft_model(fresh("bert").to(torch.bfloat16), ScaLearnConfig(source_adapters=[a]),
+                           autocast_adapter_dtype=autocast)
+    want = torch.float32 if autocast else torch.bfloat16
+    assert {p.dtype for p in model.base_model.sources.parameters()} == {want}
+    assert {p.dtype for p in model.base_model.omega.parameters()} == {want}

@@ -135,6 +135,11 @@ def normalize_common(config, *dicts: str) -> None:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
         raise ValueError(f"{type(config).__name__}: layers_to_transform must be a layer index or a list of them "
                          f"(integers >= 0), got {layers!r}")
+    if layers is not None and not layers:
+        # the tuners read an empty list as no restriction and adapted every layer; HF PEFT reads it as none (and
+        # finds nothing to adapt)
+        raise ValueError(f"{type(config).__name__}: layers_to_transform=[] selects no layer; give None (the "
+                         "default) to adapt every layer")
     if isinstance(config.modules_to_save, str):
         config.modules_to_save = [config.modules_to_save]
     heads = TASK_MODULES_TO_SAVE.get(config.task_type)

@@ -20,6 +20,8 @@ from torch import nn
 
 from .._config import SavedConfig, normalize_common, reject_unknown_fields
 from .._hooked import HookedModel
+from ..lora.model import _in_modules_to_save
+from ..prompt.model import WEIGHTS_FOLLOW
 from .config import PEFT_TYPE as ADAPTER
 from .config import AdapterConfig, check_finite, check_flag
 from .model import AdapterModel, Site, build_adapters, find_sites
@@ -99,22 +101,34 @@ class ScaLearnModel(AdapterModel):
 
     method = "ScaLearn"
 
-    def __init__(self, model: nn.Module, config: ScaLearnConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: ScaLearnConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         sources = None
-        if config.source_configs is None:  # a new ScaLearn model: the sources come from their folders
+        if config.source_configs is None or not WEIGHTS_FOLLOW.get():
+            # a new ScaLearn model: the sources come from their folders, also where the config holds their configs
+            # already (a model's peft_config given to get_peft_model again: without reading, the sources were
+            # untrained and the model was the base model). Only loading a saved ScaLearn model, whose file holds
+            # the sources' weights, goes without the folders.
             sources = [_read_source(p) for p in config.source_adapters]
             # into a copy: the caller's config, given to get_peft_model again (another seed, another model), would
-            # otherwise name saved sources and its model would mix untrained ones
+            # otherwise name saved sources
             config = config.replace(source_configs=[c.to_dict() for c, _ in sources])
         HookedModel.__init__(self, model, config, adapter_name)
         configs = [AdapterConfig.from_dict(d) for d in config.source_configs]
         self.sites = find_sites(model, configs[0])
+        inside = [s.output for s in self.sites if any(_in_modules_to_save(n, config.modules_to_save)
+                                                      for n in (s.output, s.input) if n is not None)]
+        if inside:
+            # the wrapper runs a trained deep copy of the module, whose hooks would mix copies of the sources and
+            # scales: the real scales there would never run (untrained, yet saved)
+            raise ValueError(f"ScaLearn: modules_to_save {config.modules_to_save} holds the sources' adapter sites "
+                             f"{inside}; name modules outside them (e.g. a new classifier head)")
         for i, c in enumerate(configs[1:], 1):
             if [(s.key, s.kind) for s in find_sites(model, c)] != [(s.key, s.kind) for s in self.sites]:
                 raise ValueError(f"ScaLearn: source {i} ({c.style}, layers {c.layers_to_transform}) puts its "
                                  f"adapters at other places than source 0 ({configs[0].style}, layers "
                                  f"{configs[0].layers_to_transform}); all sources must share their sites")
-        self.sources = nn.ModuleList(build_adapters(model, self.sites, c) for c in configs)
+        self.sources = nn.ModuleList(build_adapters(model, self.sites, c, autocast_adapter_dtype) for c in configs)
         reference = next(self.sources.parameters())
         factory = {"device": reference.device, "dtype": reference.dtype}
         if sources is not None:
