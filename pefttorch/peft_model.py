@@ -334,6 +334,9 @@ class PeftModel(Forwarding):
         (merging is a pass over the adapted layers, quick enough not to need one)."""
         del progressbar
         self._check_adapter_names(adapter_names)
+        if isinstance(self.base_model, LoraModel):
+            for _, wrapper in self.base_model.save_wrappers():
+                wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
         if safe_merge:
             self.merge_adapter(adapter_names, safe_merge=True)
         self._detach_density_loss()

@@ -604,6 +604,40 @@ def test_unload_gives_the_original_modules_to_save_back_and_merging_the_trained(
     assert (trained - logits(fresh(family), inp)).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("merged, active, keeps", [
+    (["default"], "y", "default"),  # the active adapter's (original) head stayed: default's trained head was lost
+    (["y"], "default", "original"),  # y has no copy: default's trained head came along
+    (["default", "z"], "default", None),  # two trained heads: which? (HF PEFT refuses; one was kept silently)
+])
+def test_merge_and_unload_keeps_the_named_adapters_modules_to_save_copy(merged, active, keeps):
+    """As HF PEFT 0.22: merging named adapters keeps the trained copy of the one that has one, or the original."""
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    results = []
+    for lib in (peft, None):
+        make = LoraConfig if lib is None else peft.LoraConfig
+        model = (get_peft_model if lib is None else peft.get_peft_model)(
+            fresh(family), make(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        model.add_adapter("y", make(r=2, target_modules=["k_proj"]))
+        model.add_adapter("z", make(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, copied in model.base_model.model.lm_head.modules_to_save.items():
+                copied.weight.add_(1.0 if name == "default" else -1.0)
+        model.set_adapter(active)
+        if keeps is None:
+            with pytest.raises(ValueError, match=None if lib else r"each train their own copy of this module"):
+                model.merge_and_unload(adapter_names=merged)
+            continue
+        head = model.merge_and_unload(adapter_names=merged).lm_head.weight
+        want = fresh(family).lm_head.weight + (1.0 if keeps == "default" else 0.0)
+        torch.testing.assert_close(head, want, rtol=0, atol=0)
+        results.append(logits(model.base_model.model, inp))
+    if keeps is not None:
+        torch.testing.assert_close(results[1], results[0])
+    else:  # refused before anything changed
+        assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, LoraLayer))
+
+
 def test_saved_config_is_for_inference_as_hf_peft_writes_it(tmp_path):
     """HF PEFT writes inference_mode true (its PeftConfig.from_pretrained + get_peft_model then gives a frozen
     adapter); pefttorch wrote the live value, false, and that route trained the adapter."""

@@ -241,6 +241,19 @@ class ModulesToSaveWrapper(NotScriptable, nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
+    def merged_module(self, adapter_names: list[str] | None) -> nn.Module:
+        """The module that stays when the adapters `adapter_names` (None: those in use) are merged, as HF PEFT
+        0.22 picks it: the trained copy of the one of them that has one, the original where none has; two with a
+        copy each are refused (which to keep?). (The copy in use stayed whatever was named: merging another
+        adapter lost its trained head, and an adapter without a copy came with the active one's.)"""
+        if adapter_names is None:
+            return self.active_module()
+        names = [n for n in adapter_names if n in self.modules_to_save]
+        if len(names) > 1:
+            raise ValueError(f"adapters {names} each train their own copy of this module (modules_to_save): "
+                             "merging keeps one copy; name only one of them in adapter_names")
+        return self.modules_to_save[names[0]] if names else self.original_module
+
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)
 

@@ -463,8 +463,12 @@ class LoraModel(Forwarding):
 
     def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Replaces every LoraLayer by its base layer (with the active, or the given, adapters merged in if
-        `merge`, else exactly the original weights) and every modules_to_save wrapper by the module in use if
-        `merge`, else the original (the model as it came, as HF PEFT 0.22 gives it; 0.21 gave the trained copy)."""
+        `merge`, else exactly the original weights) and every modules_to_save wrapper by the merged adapter's
+        copy if `merge` (see ModulesToSaveWrapper.merged_module), else the original (the model as it came, as HF
+        PEFT 0.22 gives it; 0.21 gave the trained copy)."""
+        # first: a refusal (two merged adapters with a copy each) comes before anything changed
+        kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
+                for name, wrapper in self.save_wrappers()}
         if merge:
             self._warn_of_tied_weights(adapter_names)
         for name, layer in self.lora_layers():
@@ -473,8 +477,8 @@ class LoraModel(Forwarding):
             else:
                 layer.unmerge()
             _set_submodule(self.model, name, layer.base_layer)
-        for name, wrapper in self.save_wrappers():
-            _set_submodule(self.model, name, wrapper.active_module() if merge else wrapper.original_module)
+        for name, module in kept.items():
+            _set_submodule(self.model, name, module)
         self._restore_trainability(self.model)
         return self.model
 
