@@ -222,6 +222,16 @@ def test_unsupported_architecture():
 def test_module_errors():
     with pytest.raises(ValueError, match="unsupported activation"):
         BottleneckAdapter(8, 2, activation="tanh")
+    # a float, bool or string width failed inside torch.empty ("invalid combination of arguments"), naming neither
+    for sizes in ((16, 2.5), (16.0, 4), (16, True), (16, "4"), (16, 0)):
+        with pytest.raises(ValueError, match="BottleneckAdapter: features and bottleneck must be positive integers"):
+            BottleneckAdapter(*sizes)
+    for scale in ("1", float("nan"), True):
+        with pytest.raises(ValueError, match="BottleneckAdapter: scale must be a finite number"):
+            BottleneckAdapter(8, 2, scale=scale)
+    np = pytest.importorskip("numpy")
+    adapter = BottleneckAdapter(np.int64(8), np.int32(2), scale=np.float32(0.5))  # numpy's scalars, as LoRALinear
+    assert (adapter.features, adapter.bottleneck, adapter.scale) == (8, 2, 0.5) and adapter.down.weight.shape == (2, 8)
 
 
 def test_meta_built_adapter_materialised_module_by_module_starts_as_the_identity():

@@ -66,6 +66,21 @@ def test_bad_dropout_and_type():
         LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
 
 
+def test_bad_sizes_and_dropout_are_refused_in_words():
+    """A string dropout failed comparing float and str, a float or negative width inside torch.empty, naming
+    neither the layer nor the argument; numpy's integers are taken, as for r."""
+    np = pytest.importorskip("numpy")
+    for dropout in ("0.1", float("nan"), True, None):
+        with pytest.raises(ValueError, match=r"LoRALinear: lora_dropout must be a number in \[0, 1\), got "):
+            LoRALinear(5, 7, lora_dropout=dropout)
+    for sizes in ((5.0, 7), (5, -1), (True, 7), ("5", 7)):
+        with pytest.raises(ValueError, match="LoRALinear: in_features and out_features must be non-negative integers"):
+            LoRALinear(*sizes)
+    layer = LoRALinear(np.int64(5), np.int32(7), lora_dropout=np.float32(0.25))
+    assert (type(layer.in_features), type(layer.out_features), layer.lora_dropout) == (int, int, 0.25)
+    assert layer.weight.shape == (7, 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_trains(device):
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional, reference
+from ._args import is_integer, is_real
 from ._scripting import NotScriptable
 
 
@@ -38,10 +39,13 @@ class BottleneckAdapter(NotScriptable, nn.Module):
         if activation not in reference.ACTIVATIONS:
             raise ValueError(f"BottleneckAdapter: unsupported activation {activation!r}; supported: "
                              f"{', '.join(reference.ACTIVATIONS)}")
-        if bottleneck < 1 or features < 1:
-            raise ValueError(f"BottleneckAdapter: features and bottleneck must be >= 1, got {features}, {bottleneck}")
-        if not math.isfinite(scale):
-            raise ValueError(f"BottleneckAdapter: scale must be finite, got {scale}")
+        # numpy's integer scalars count, as LoRALinear's sizes (see nn._args); 2.5 or True failed in torch.empty
+        if not (is_integer(features) and features >= 1 and is_integer(bottleneck) and bottleneck >= 1):
+            raise ValueError(f"BottleneckAdapter: features and bottleneck must be positive integers, got "
+                             f"{features!r} and {bottleneck!r}")
+        if not is_real(scale) or not math.isfinite(scale):
+            raise ValueError(f"BottleneckAdapter: scale must be a finite number, got {scale!r}")
+        features, bottleneck = int(features), int(bottleneck)
         factory = {"device": device, "dtype": dtype}
         self.features, self.bottleneck, self.activation, self.scale = features, bottleneck, activation, float(scale)
         self.layer_norm = nn.LayerNorm(features, **factory) if layer_norm else None

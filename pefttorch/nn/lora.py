@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
+from ._args import is_integer, is_real
 from ._scripting import NotScriptable
 
 
@@ -35,14 +35,18 @@ class LoRALinear(NotScriptable, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        # numbers.Integral/Real: numpy's scalars too (a rank from a config array), as nn.Linear takes them
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:  # (True is an int, of value 1)
+        # numpy's scalars count (a rank from a config array), as nn.Linear takes them (see nn._args)
+        if not (is_integer(in_features) and in_features >= 0 and is_integer(out_features) and out_features >= 0):
+            raise ValueError(f"LoRALinear: in_features and out_features must be non-negative integers, got "
+                             f"{in_features!r} and {out_features!r}")
+        if not is_integer(r) or r <= 0:
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+        if not is_real(lora_alpha) or not math.isfinite(lora_alpha):
             raise ValueError(f"LoRALinear: lora_alpha must be a finite number, got {lora_alpha!r}")
-        r, lora_alpha = int(r), float(lora_alpha)
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:  # (NaN fails the comparison too)
+            raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        in_features, out_features, r = int(in_features), int(out_features), int(r)
+        lora_alpha, lora_dropout = float(lora_alpha), float(lora_dropout)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
