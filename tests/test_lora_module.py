@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from helpers import DEVICES, DTYPES
 
 import pefttorch
@@ -123,6 +124,47 @@ def test_merge_unmerge_round_trip(device, dtype):
         layer.unmerge()
 
 
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+_COMPUTED_WEIGHT = {  # what computes the weight, and the name the refusal gives it
+    "weight_norm": (lambda m: torch.nn.utils.parametrizations.weight_norm(m), "_WeightNorm"),
+    "spectral_norm": (lambda m: torch.nn.utils.parametrizations.spectral_norm(m), "_SpectralNorm"),
+    "register_parametrization": (lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Double()),
+                                 "_Double"),
+    "old_weight_norm": (lambda m: torch.nn.utils.weight_norm(m), "WeightNorm"),
+    "prune": (lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5), "L1Unstructured"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated")
+@pytest.mark.parametrize("kind", list(_COMPUTED_WEIGHT))
+def test_merge_refuses_a_computed_weight(kind):
+    """merge() wrote the update into a weight that a parametrization (or weight_norm's or pruning's pre-hook)
+    computes afresh: the update was lost, and merged=True made forward skip it too (the output off by the whole
+    update, in silence). Refused, with nothing changed; unmerge() likewise when the weight became computed since."""
+    wrap, shown = _COMPUTED_WEIGHT[kind]
+    torch.manual_seed(0)
+    layer = LoRALinear(5, 7, r=3, lora_alpha=6, dtype=torch.float64).eval()
+    torch.nn.init.normal_(layer.lora_B)
+    wrap(layer)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    want = layer(x)
+    with pytest.raises(RuntimeError, match=rf"LoRALinear.merge: the weight is not a parameter of the layer: .*"
+                                           rf"\({shown}\).*remove it first .*or keep the layer unmerged"):
+        layer.merge()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    plain = LoRALinear(5, 7, r=3, dtype=torch.float64)
+    plain.merge()
+    wrap(plain)
+    with pytest.raises(RuntimeError, match=rf"LoRALinear.unmerge: the weight is not a parameter .*\({shown}\)"):
+        plain.unmerge()
+    assert plain.merged
+
+
 def test_extra_repr():
     text = repr(LoRALinear(8, 4, r=2, lora_alpha=4, lora_dropout=0.05))
     for part in ("in_features=8", "out_features=4", "r=2", "lora_alpha=4", "scaling=2", "lora_dropout=0.05",
@@ -225,6 +267,23 @@ def test_from_linear_refuses_a_subclass_with_its_own_forward():
         pass
 
     LoRALinear.from_linear(Named(8, 4))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated")
+@pytest.mark.parametrize("kind", list(_COMPUTED_WEIGHT))
+def test_from_linear_refuses_a_computed_weight_or_bias(kind):
+    """A parametrized or pruned nn.Linear failed with torch's "cannot assign 'torch.FloatTensor' as parameter
+    'weight'": its weight is computed, not a parameter LoRALinear could share. Refused naming what computes it."""
+    wrap, shown = _COMPUTED_WEIGHT[kind]
+    linear = torch.nn.Linear(5, 7)
+    wrap(linear)
+    with pytest.raises(TypeError, match=rf"LoRALinear.from_linear: the weight of \w+ is not a parameter of it: .*"
+                                        rf"\({shown}\).*remove it first"):
+        LoRALinear.from_linear(linear)
+    linear = torch.nn.Linear(5, 7)
+    torch.nn.utils.parametrize.register_parametrization(linear, "bias", _Double())  # the bias likewise
+    with pytest.raises(TypeError, match=r"the bias of \w+ is not a parameter of it: .*\(_Double\)"):
+        LoRALinear.from_linear(linear)
 
 
 def test_torchscript_is_refused_in_words():

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import functional
 from ._args import is_integer, is_real
@@ -109,6 +110,12 @@ class LoRALinear(NotScriptable, nn.Module):
             raise TypeError(f"LoRALinear.from_linear: {type(linear).__name__} has a forward of its own, which the "
                             "fused op would skip (it reads the weight); wrap it with pefttorch.get_peft_model, which "
                             "calls such a layer")
+        for name in ("weight", "bias"):
+            why = _computed(linear, name)
+            if why is not None:
+                raise TypeError(f"LoRALinear.from_linear: the {name} of {type(linear).__name__} is not a parameter of "
+                                f"it: {why}. LoRALinear holds the weight and bias as parameters and reads them (the "
+                                f"layer's hooks do not carry over); {_REMOVE_FIRST}")
         if not (functional.plain_tensor(linear.weight) and functional.plain_tensor(linear.bias)):
             raise TypeError(f"LoRALinear.from_linear: the weight is of type {type(linear.weight).__name__}, a tensor "
                             "subclass (a quantized weight?) that the fused op cannot read; wrap the layer with "
@@ -153,6 +160,7 @@ class LoRALinear(NotScriptable, nn.Module):
         """W += scaling * B A, in place; forward then runs the plain linear layer."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
+        self._check_weight_writable("merge")
         functional.merge_lora_(self.weight, self.lora_A, self.lora_B, self.scaling)
         self.merged = True
 
@@ -160,8 +168,18 @@ class LoRALinear(NotScriptable, nn.Module):
         """Undoes merge(): W -= scaling * B A (exact up to rounding in W's dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
+        self._check_weight_writable("unmerge")
         functional.merge_lora_(self.weight, self.lora_A, self.lora_B, self.scaling, sign=-1.0)
         self.merged = False
+
+    def _check_weight_writable(self, method: str) -> None:
+        # merge/unmerge write into the weight in place: a weight computed from other tensors at each access or call
+        # (a parametrization, weight_norm's or pruning's pre-hook) is a fresh tensor, so the update was lost while
+        # merged=True made forward skip it (an output off by the whole update, in silence)
+        why = _computed(self, "weight")
+        if why is not None:
+            raise RuntimeError(f"LoRALinear.{method}: the weight is not a parameter of the layer: {why}, so the update "
+                               f"written into it would be lost; {_REMOVE_FIRST}, or keep the layer unmerged")
 
     def extra_repr(self) -> str:
         return (
@@ -169,6 +187,26 @@ class LoRALinear(NotScriptable, nn.Module):
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
             f"bias={self.bias is not None}, rslora={self.use_rslora}, merged={self.merged}"
         )
+
+
+_REMOVE_FIRST = ("remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+                 "torch.nn.utils.remove_weight_norm or torch.nn.utils.prune.remove)")
+
+
+def _computed(module: nn.Module, name: str) -> str | None:
+    """Why `module`'s `name` is computed rather than a Parameter registered on it (a parametrization, or a forward
+    pre-hook of the old torch.nn.utils.weight_norm or of torch.nn.utils.prune that recomputes it before each call),
+    naming what computes it; None for a plain parameter, or a bias that is None."""
+    if parametrize.is_parametrized(module, name):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        return f"a parametrization ({kinds}) computes it from module.parametrizations.{name}.original"
+    value = getattr(module, name)
+    if value is None or (module._parameters.get(name) is not None and value is module._parameters[name]):
+        return None
+    # the hooks name their tensor: WeightNorm as `name`, the pruning methods (and their container) as `_tensor_name`
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()
+             if name in (getattr(h, "name", None), getattr(h, "_tensor_name", None))]
+    return f"a forward pre-hook ({', '.join(hooks)}) recomputes it" if hooks else "it is a tensor set on the module"
 
 
 def _default_unmerged(module: LoRALinear, state_dict: dict, prefix: str, *_) -> None:
