@@ -251,6 +251,27 @@ def test_reset_parameters_initialises_a_meta_built_layer():
     assert layer.weight.isfinite().all() and layer.weight.abs().max() <= bound and layer.weight.std() > bound / 4
 
 
+@pytest.mark.parametrize("method", ["reset_lora_parameters", "reset_parameters"])
+def test_resetting_a_merged_layer_is_refused(method):
+    """reset_lora_parameters() on a merged layer left the old update in the weight for good (the new factors could
+    not take it out); reset_parameters() left merged=True. Refused, with nothing changed, as loading the factors
+    alone into a merged layer is; unmerged, they reset as before."""
+    torch.manual_seed(0)
+    layer = LoRALinear(5, 7, r=3, dtype=torch.float64)
+    torch.nn.init.normal_(layer.lora_B)
+    w0 = layer.weight.clone()
+    layer.merge()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=f"LoRALinear.{method}: the layer is merged.*unmerge\\(\\) first"):
+        getattr(layer, method)()
+    assert layer.merged and all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    layer.unmerge()
+    getattr(layer, method)()
+    assert not layer.merged and torch.equal(layer.lora_B, torch.zeros(7, 3))
+    if method == "reset_lora_parameters":  # the base as before (up to unmerge's rounding); reset_parameters redraws it
+        torch.testing.assert_close(layer.weight, w0)
+
+
 def test_from_linear_refuses_a_subclass_with_its_own_forward():
     """The fused op reads the weight: a fake-quantizing subclass's forward would be skipped without a word."""
     class Quantized(torch.nn.Linear):

@@ -75,6 +75,7 @@ class LoRALinear(NotScriptable, nn.Module):
     def reset_parameters(self) -> None:
         """Initialises the base layer as nn.Linear does and the adapter as :meth:`reset_lora_parameters`: what a
         meta-device module materialised per module (FSDP's ``to_empty`` + ``reset_parameters``) needs."""
+        self._refuse_merged("reset_parameters")
         self._init_base()
         self.reset_lora_parameters()
 
@@ -87,8 +88,16 @@ class LoRALinear(NotScriptable, nn.Module):
 
     def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform (as nn.Linear initialises its weight), B zero: the update starts at 0."""
+        self._refuse_merged("reset_lora_parameters")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def _refuse_merged(self, method: str) -> None:
+        # A merged weight holds scaling * B A: new factors could no longer take it out (it stayed in W for good), and
+        # reset_parameters left merged=True on a fresh weight. As loading the factors alone (_default_unmerged).
+        if self.merged:
+            raise RuntimeError(f"LoRALinear.{method}: the layer is merged, and its weight holds the update of the "
+                               "current factors, which new ones could not take out; unmerge() first")
 
     @classmethod
     def from_linear(
