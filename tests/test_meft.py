@@ -836,3 +836,18 @@ def test_bad_stream_dtype_and_couplings_are_refused_in_words():
     layers, _ = _tanh_stack()
     with pytest.raises(TypeError, match="streams must be floating point"):
         reversible.reversible_stack(layers, torch.ones(3, 8, dtype=torch.long), x, {}, torch.float32)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_streams_of_two_dtypes_are_refused_up_front(grad):
+    """A float64 and a float32 stream ran forward, then crashed inside reversible_coupling_backward (grad_other of
+    the other stream's dtype): backward forms both gradients in one stream dtype and sizes the cast guard for it.
+    Refused before anything runs, without a gradient too; one dtype (MEFT passes one tensor) runs as before."""
+    layers, _ = _tanh_stack()
+    x1 = torch.randn(3, 8, dtype=torch.float64, requires_grad=grad)
+    x2 = torch.randn(3, 8, requires_grad=grad)
+    with pytest.raises(TypeError, match=r"reversible_stack: the two streams must have one dtype, got x1 of "
+                                        r"torch.float64 and x2 of torch.float32 .*x2.to\(x1.dtype\)"):
+        reversible.reversible_stack(layers, x1, x2, {}, torch.float32)
+    y1, y2 = reversible.reversible_stack(layers, x1, x2.detach().double().requires_grad_(grad), {}, torch.float32)
+    assert y1.dtype == y2.dtype == torch.float64

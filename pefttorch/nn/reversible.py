@@ -329,7 +329,7 @@ class _ReversibleFunction(torch.autograd.Function):
 def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: torch.Tensor, context: Context,
                      dtype: torch.dtype, *, reversible: bool = True,
                      report: ReconstructionReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs `layers` on the streams (x1, x2) (in the stream dtype); F and G get their input cast to
+    """Runs `layers` on the streams (x1, x2) (of one dtype, the stream dtype); F and G get their input cast to
     `dtype`. With ``reversible`` (and a gradient to compute) backward reconstructs activations instead
     of keeping them; otherwise autograd caches them as usual (same values, for comparison and for
     inference). Tensors in `context` must not need gradients: nothing would carry them back. `report`, if
@@ -337,9 +337,17 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
     for name, t in (("x1", x1), ("x2", x2)):
         if not t.is_floating_point():
             raise TypeError(f"reversible_stack: the streams must be floating point, got {name} of {t.dtype}")
+    # One stream dtype: backward's coupling step forms both streams' gradients in the dtype of the stream it
+    # reconstructs, and the cast guard is sized for one stream dtype (guard_bounds). Mixed streams ran forward and
+    # crashed in backward (MEFT passes one tensor as both). Refused without a gradient too: a stack that runs in
+    # inference and fails in training would only defer the error.
+    if x1.dtype != x2.dtype:
+        raise TypeError(f"reversible_stack: the two streams must have one dtype, got x1 of {x1.dtype} and x2 of "
+                        f"{x2.dtype} (the reversible backward reconstructs both in one stream dtype); cast one to the "
+                        "other's, e.g. x2.to(x1.dtype)")
     # the kernels' rule (ops.coupling_scale_ok: each coupling divides by it in backward), said with the layer's name
-    # for it before anything runs; float32 is the compute dtype unless both streams are float64
-    compute = ops.coupling_compute_dtype(x1.dtype if x1.dtype == x2.dtype else torch.float32)
+    # for it before anything runs; float32 is the compute dtype unless the streams are float64
+    compute = ops.coupling_compute_dtype(x1.dtype)
     for i, layer in enumerate(layers):
         for name in ("lam", "beta"):
             value = getattr(layer, name)
