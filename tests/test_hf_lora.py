@@ -1534,3 +1534,30 @@ def test_a_corrupt_adapter_file_is_named(tmp_path):
         (broken / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name}: {message}"):
             PeftModel.from_pretrained(fresh("llama"), broken)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merging_into_a_computed_weight_is_refused(method):
+    """A base layer whose weight a parametrization computes (weight_norm here): merging wrote the update into a fresh
+    tensor, lost, while the adapter counted as merged and was skipped: the merged model was the base model."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from pefttorch import IA3Config
+
+    family = FAMILIES["llama"]
+    base = fresh(family)
+    weight_norm(base.model.layers[0].self_attn.q_proj, "weight")
+    config = (LoraConfig(r=2, target_modules=["q_proj"]) if method == "lora"
+              else IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # an adapter that changes the output
+    inp = inputs_of(family)
+    before = logits(model, inp)
+    for call in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(RuntimeError, match=r"merging: the weight of .*q_proj.* is not a parameter of it: a "
+                                               r"parametrization \(_WeightNorm\)"):
+            call()
+        torch.testing.assert_close(logits(model, inp), before, rtol=0, atol=0)  # nothing merged, still adapted

@@ -202,6 +202,19 @@ _REMOVE_FIRST = ("remove it first (torch.nn.utils.parametrize.remove_parametriza
                  "torch.nn.utils.remove_weight_norm or torch.nn.utils.prune.remove)")
 
 
+def refuse_computed_weights(op: str, modules: list[tuple[str, nn.Module]]) -> None:
+    """Refuses, before anything is written, to merge into the weight or bias of any of `modules` (path, module) that
+    is computed rather than a parameter (see :func:`_computed`): the update written in place went into a fresh
+    tensor and was lost, while the adapter was marked merged and skipped (the tuners' merges, as LoRALinear's)."""
+    for path, module in modules:
+        for name in ("weight", "bias"):
+            why = _computed(module, name)
+            if why is not None:
+                raise RuntimeError(f"{op}: the {name} of {path} ({type(module).__name__}) is not a parameter of it: "
+                                   f"{why}, so an update written into it would be lost; {_REMOVE_FIRST}, or keep "
+                                   "the adapter unmerged")
+
+
 def _computed(module: nn.Module, name: str) -> str | None:
     """Why `module`'s `name` is computed rather than a Parameter registered on it (a parametrization, or a forward
     pre-hook of the old torch.nn.utils.weight_norm or of torch.nn.utils.prune that recomputes it before each call),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...nn.lora import refuse_computed_weights
 from .._config import TASK_MODULES_TO_SAVE
 from .._forwarding import Forwarding
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
@@ -433,6 +434,7 @@ class LoraModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
+        self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
         done = []  # (layer, adapters it had merged before this call)
         for name, layer in self.lora_layers():
@@ -448,6 +450,14 @@ class LoraModel(Forwarding):
                         other._merge(other.merged_adapters.pop(), -1.0)
                 raise ValueError(f"safe_merge: merging into {name} gives a weight with NaN or inf; nothing was merged")
             done.append((layer, before))
+
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        merging = []
+        for path, layer in self.lora_layers():
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            if any(n in layer.lora_A and n not in layer.merged_adapters for n in names):
+                merging.append((f"{path}.base_layer", layer.base_layer))
+        refuse_computed_weights("merging", merging)
 
     def _warn_of_tied_weights(self, adapter_names: list[str] | None) -> None:
         merging = []
@@ -470,6 +480,7 @@ class LoraModel(Forwarding):
         kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
                 for name, wrapper in self.save_wrappers()}
         if merge:
+            self._check_mergeable(adapter_names)
             self._warn_of_tied_weights(adapter_names)
         for name, layer in self.lora_layers():
             if merge:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...nn.lora import refuse_computed_weights
 from .._hooked import HookedModel, exact_regex, find_modules
 from ..adapter.model import adapter_dtype
 from ..lora.layer import is_linear, linear_dims
@@ -175,6 +176,7 @@ class VectorModel(HookedModel):
     # ------------------------------------------------------------------ merging
 
     def _check_mergeable(self) -> None:
+        refuse_computed_weights("merging", [(s.path, s.module) for s in self.sites])
         for s in self.sites:
             if is_linear(s.module) or isinstance(s.module, nn.LayerNorm):
                 continue
