@@ -20,6 +20,7 @@ from torch import nn
 
 from .tuners._config import TASK_MODULES_TO_SAVE, read_config
 from .tuners._forwarding import Forwarding
+from .tuners._hooked import HookedModel
 from .tuners.adapter import AdapterConfig, AdapterModel, ScaLearnConfig, ScaLearnModel
 from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
@@ -163,9 +164,11 @@ class PeftModel(Forwarding):
         self.__class__ = _class_for(type(model))
 
     def forward(self, *args, **kwargs):
+        _refuse_mixed_batch(kwargs)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        _refuse_mixed_batch(kwargs)
         if isinstance(self.base_model, VirtualTokenModel):  # continuing from a returned cache, see there
             return self.base_model.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
@@ -211,6 +214,71 @@ class PeftModel(Forwarding):
             raise AttributeError("update_and_allocate is for rank-allocating adapters (IncreLoraConfig, "
                                  f"AdaLoraConfig); this model's adapter is a {type(config).__name__}")
         return self.base_model.update_and_allocate(global_step, loss_scale)
+
+    @property
+    def active_peft_config(self):
+        """The active adapter's config (HF PEFT's property)."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The names in every adapter's modules_to_save (None where none has any), as HF PEFT's property."""
+        names = {n for c in self.peft_config.values() for n in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def disable_adapter_layers(self) -> None:
+        """Switches every adapter off until :meth:`enable_adapter_layers` (HF PEFT's; ``disable_adapter()`` is
+        the same as a context manager)."""
+        self.base_model.set_adapters_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self.base_model.set_adapters_disabled(False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Whether the named adapters' parameters (their modules_to_save copies included) train, as HF PEFT's. The
+        LoRA family's set_adapter marks what trains again, as HF PEFT's does."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names:
+            raise ValueError("set_requires_grad: name at least one adapter")
+        self._check_adapter_names(names)
+        owned = getattr(type(self.base_model), "_owned_parameters", None)  # (on the class: see set_adapter)
+        if owned is not None:
+            params = [p for name in names for p in owned(self.base_model, name)]
+        elif isinstance(self.base_model, HookedModel):  # one adapter set, named by the check above
+            params = [*self.base_model.adapter_parameters(),
+                      *(p for _, w in self.base_model._wrappers() for p in w.modules_to_save.parameters())]
+        else:
+            raise NotImplementedError(f"set_requires_grad is not implemented for {type(self.base_model).__name__}; "
+                                      "use requires_grad_ on the parameters you mean")
+        for p in params:
+            p.requires_grad_(requires_grad)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    **save_kwargs) -> str:
+        """Uploads the adapters as :meth:`save_pretrained` writes them (``save_kwargs`` go there) to the hub repo
+        `repo_id`, created if missing; returns the commit's URL. (The lookup used to reach the wrapped
+        transformers model's push_to_hub, which uploaded the whole model with LoRA-renamed keys.)"""
+        import tempfile
+
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
+                                 create_pr=create_pr, commit_message=commit_message or "Upload adapter (pefttorch)")
+
+    def __getattr__(self, name: str):
+        if name in _HF_PEFT_ONLY:
+            # the lookup would go on to the wrapped model: "'LlamaForCausalLM' object has no attribute ...", or
+            # transformers' own adapter methods of the same name (disable_adapters: "No adapter loaded")
+            raise AttributeError(f"pefttorch's PeftModel has no {name} (HF PEFT's){_HF_PEFT_ONLY[name]}")
+        return super().__getattr__(name)
 
     # The HF Trainer tells a causal LM by this name (with label smoothing it shifts the labels only then) and special-
     # cases HF PEFT's wrapper; ours said "PeftModelFor...", so the Trainer smoothed the current token, not the next:
@@ -313,7 +381,10 @@ class PeftModel(Forwarding):
         else:
             self.base_model.merge_adapter(adapter_names)
 
-    def unmerge_adapter(self) -> None:
+    def unmerge_adapter(self, force_reshard: bool = False) -> None:
+        """Takes the merged adapters out of the base weights. (`force_reshard` is HF PEFT's, for FSDP-sharded
+        weights, which pefttorch's merges read and write as they are: accepted and unused.)"""
+        del force_reshard
         self.base_model.unmerge_adapter()
 
     def _check_adapter_names(self, adapter_names) -> None:
@@ -379,9 +450,10 @@ class PeftModel(Forwarding):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, *,
-                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
-                        save_embedding_layers: str | bool = "auto", **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None, *,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
         """Writes each adapter in HF PEFT's format: ``adapter_config.json`` and
         ``adapter_model.safetensors``; the adapter "default" in `save_directory`, others in
         ``save_directory/<name>`` (as HF PEFT does).
@@ -394,9 +466,20 @@ class PeftModel(Forwarding):
         then shards. ``save_embedding_layers=True`` also writes the input and output embedding layers' weights (a
         resized vocabulary's new rows), as HF PEFT does, and loading puts them back; where the adapter wraps an
         embedding layer, that layer's base weights alone; ``"auto"`` (the default) writes those, as HF PEFT's does
-        short of asking the hub whether the vocabulary was resized. Other keyword arguments of HF PEFT
-        (``safe_serialization``, ...) are accepted and ignored: the format is always safetensors."""
+        short of asking the hub whether the vocabulary was resized. The arguments come in HF PEFT's order;
+        ``safe_serialization`` and HF PEFT's other keyword arguments are accepted and ignored (the format is always
+        safetensors, which HF PEFT loads), and ``path_initial_model_for_weight_conversion`` (converting a PiSSA or
+        OLoRA adapter, initialisations pefttorch does not have) is refused. ``selected_adapters=[]`` writes
+        nothing, as HF PEFT."""
         from .integrations.hf_format import save_adapter, saved_embedding_tensors
+
+        del safe_serialization
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("save_pretrained(path_initial_model_for_weight_conversion=...) converts PiSSA/OLoRA "
+                             "adapters, which pefttorch does not initialise: its adapters are saved as they are")
+        if selected_adapters is not None and not isinstance(selected_adapters, (list, tuple)):
+            raise TypeError(f"save_pretrained: selected_adapters is a list of adapter names or None, got "
+                            f"{selected_adapters!r}")
 
         if save_embedding_layers not in (True, False, "auto"):
             raise ValueError(f"save_pretrained: save_embedding_layers is True, False or 'auto', got "
@@ -404,7 +487,7 @@ class PeftModel(Forwarding):
         self._check_adapter_names(selected_adapters)
         if not is_main_process:
             return
-        names = selected_adapters or list(self.peft_config)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         base = self.get_base_model()
         with _tensors_from(self, state_dict):
             for name in names:
@@ -605,6 +688,11 @@ def _adapter_folder(model_id, kwargs: dict, caller: str) -> Path:
     options (ignored: pefttorch loads local folders), or HF PEFT's loading options at their defaults, or an error
     names them."""
     subfolder = kwargs.pop("subfolder", None)
+    # HF PEFT 0.22 can load keys that do not fit the model with a warning or in silence; pefttorch refuses them
+    # always, as its "error": each value is taken (the strictest is what happens), anything else refused
+    check = kwargs.pop("strict_adapter_check", "warn")
+    if check not in ("warn", "error", "ignore"):
+        raise ValueError(f"{caller}: strict_adapter_check must be one of 'warn', 'error' or 'ignore', got {check!r}")
     for key in ("key_mapping", "ignore_mismatched_sizes"):  # at their defaults (None or {}, False) they do nothing
         value = kwargs.pop(key, None)
         if value is not None and value is not False and not (isinstance(value, dict) and not value):
@@ -663,6 +751,32 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | MeftConfig, adapt
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
+# HF PEFT's PeftModel methods pefttorch does not have (or has under another name), said as such
+_HF_PEFT_ONLY = {
+    "disable_adapters": ": use disable_adapter() (a context manager) or disable_adapter_layers()",
+    "enable_adapters": ": use enable_adapter_layers()",
+    "set_adapters": ": use set_adapter(), which takes a list",
+    "add_weighted_adapter": "",
+    "get_layer_status": "",
+    "get_model_status": "",
+    "create_or_update_model_card": "",
+    "has_active_enabled_adapter": "",
+    "set_additional_trainable_modules": ": list the modules in the config's modules_to_save",
+    "get_prompt": "",
+    "get_prompt_embedding_to_save": "",
+    "prepare_model_for_gradient_checkpointing": ": use gradient_checkpointing_enable()",
+}
+
+
+def _refuse_mixed_batch(kwargs: dict) -> None:
+    """HF PEFT's adapter_names= (a different adapter per row) is not implemented: refused, since the wrapped model's
+    forward takes **kwargs and dropped it, and every row ran the active adapter in silence."""
+    if kwargs.pop("adapter_names", None) is not None:
+        raise ValueError("adapter_names= (a different adapter per row, HF PEFT's mixed-batch inference) is not "
+                         "supported by pefttorch: run the rows of each adapter as their own batch after "
+                         "set_adapter(name), or under disable_adapter() for the base model's rows")
+
+
 # One PeftModel subclass per wrapped model class, whose forward shows that class's signature.
 _CLASSES: dict[type, type] = {}
 
@@ -671,6 +785,7 @@ def _class_for(model_cls: type) -> type:
     if model_cls not in _CLASSES:
         @functools.wraps(model_cls.forward)
         def forward(self, *args, **kwargs):
+            _refuse_mixed_batch(kwargs)
             return self.base_model.model(*args, **kwargs)
 
         forward.__doc__ = f"Calls the wrapped {model_cls.__name__}'s forward. " + (model_cls.forward.__doc__ or "")

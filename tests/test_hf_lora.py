@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -1052,7 +1053,8 @@ def test_adapter_names_that_clash_with_module_dict_attributes_are_refused(name):
 
 def _structure(model):
     """What injection may change: each module's type and adapters, and what requires grad."""
-    modules = [(n, type(m).__name__, sorted(getattr(m, "lora_A", {})), sorted(getattr(m, "modules_to_save", {})))
+    modules = [(n, type(m).__name__, sorted(getattr(m, "lora_A", {})),
+                sorted(getattr(m, "modules_to_save", None) or {}))  # (a PeftModel's is None without any)
                for n, m in model.named_modules()]
     return modules, {n: p.requires_grad for n, p in model.named_parameters()}
 
@@ -1561,3 +1563,100 @@ def test_merging_into_a_computed_weight_is_refused(method):
                                                r"parametrization \(_WeightNorm\)"):
             call()
         torch.testing.assert_close(logits(model, inp), before, rtol=0, atol=0)  # nothing merged, still adapted
+
+
+def two_adapter_models(family):
+    """HF PEFT's and pefttorch's model with adapters "default" (with a trained lm_head copy) and "b", same weights."""
+    models = []
+    for lib in (peft, None):
+        make = LoraConfig if lib is None else peft.LoraConfig
+        model = (get_peft_model if lib is None else peft.get_peft_model)(
+            fresh(family), make(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+        model.add_adapter("b", make(r=2, target_modules=["v_proj"], init_lora_weights=False))
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict(), strict=False)
+    return models
+
+
+def test_mixed_batch_adapter_names_is_refused():
+    """adapter_names= (HF PEFT's per-row adapters) went into the wrapped model's **kwargs and was dropped: every row
+    ran the active adapter, in silence."""
+    family = FAMILIES["llama"]
+    _, model = two_adapter_models(family)
+    inp = inputs_of(family)
+    rows = inp["input_ids"].shape[0]
+    for call in (model, model.forward, model.generate):
+        with pytest.raises(ValueError, match=r"adapter_names= .* is not supported by pefttorch"):
+            call(**inp, adapter_names=["b"] * rows)
+    torch.testing.assert_close(model(**inp, adapter_names=None).logits, model(**inp).logits)
+
+
+def test_hf_peft_methods_that_pefttorch_has_behave_as_hf_peft():
+    """Each went on to the wrapped transformers model: "'LlamaForCausalLM' object has no attribute ...", or its own
+    methods of the name (disable_adapters: "No adapter loaded")."""
+    family = FAMILIES["llama"]
+    theirs, ours = two_adapter_models(family)
+    inp = inputs_of(family)
+    for model in (theirs, ours):
+        model.disable_adapter_layers()
+    torch.testing.assert_close(logits(ours, inp), logits(theirs, inp))
+    torch.testing.assert_close(logits(ours, inp), logits(fresh(family), inp))
+    for model in (theirs, ours):
+        model.enable_adapter_layers()
+    torch.testing.assert_close(logits(ours, inp), logits(theirs, inp))
+    assert ours.active_peft_config is ours.peft_config["default"]
+    assert ours.modules_to_save == theirs.modules_to_save == {"lm_head"}
+    assert ours.base_model_torch_dtype == theirs.base_model_torch_dtype == torch.float32
+
+    def trainable(model):
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    for names, flag in ((["b"], True), ("default", False), (["b", "default"], True)):
+        for model in (theirs, ours):
+            model.set_requires_grad(names, requires_grad=flag)
+        assert trainable(ours) == trainable(theirs), (names, flag)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        ours.set_requires_grad("nope")
+    for name in ("disable_adapters", "add_weighted_adapter", "get_model_status"):
+        with pytest.raises(AttributeError, match=rf"pefttorch's PeftModel has no {name} \(HF PEFT's\)"):
+            getattr(ours, name)
+
+
+def test_save_pretrained_takes_hf_peft_arguments(tmp_path):
+    """save_pretrained(d, True) failed ("'bool' object is not iterable": the second slot was selected_adapters, HF
+    PEFT's is safe_serialization); selected_adapters=[] wrote every adapter; a PiSSA conversion path was ignored."""
+    _, model = two_adapter_models(FAMILIES["llama"])
+    model.save_pretrained(tmp_path / "positional", True, ["b"])
+    assert sorted(p.name for p in (tmp_path / "positional").iterdir()) == ["b"]
+    model.save_pretrained(tmp_path / "none", selected_adapters=[])
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+    with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion=.... converts PiSSA/OLoRA"):
+        model.save_pretrained(tmp_path / "pissa", path_initial_model_for_weight_conversion=str(tmp_path))
+    model.save_pretrained(tmp_path / "all")
+    for check in ("warn", "error", "ignore"):  # HF PEFT 0.22's; pefttorch refuses keys that do not fit, always
+        PeftModel.from_pretrained(fresh(FAMILIES["llama"]), tmp_path / "all", strict_adapter_check=check)
+        model.load_adapter(tmp_path / "all" / "b", f"b_{check}", strict_adapter_check=check)
+    with pytest.raises(ValueError, match="strict_adapter_check must be one of"):
+        model.load_adapter(tmp_path / "all" / "b", "c", strict_adapter_check="strict")
+    model.merge_adapter()
+    model.unmerge_adapter(force_reshard=False)
+
+
+def test_push_to_hub_uploads_the_adapter(tmp_path, monkeypatch):
+    """It reached the wrapped transformers model's push_to_hub, which uploaded the whole model (LoRA-renamed keys)."""
+    import types
+
+    import huggingface_hub
+
+    _, model = two_adapter_models(FAMILIES["llama"])
+    uploaded = {}
+
+    def upload_folder(*, repo_id, folder_path, **kwargs):
+        uploaded.update(repo=repo_id, files=sorted(str(p.relative_to(folder_path))
+                                                   for p in Path(folder_path).rglob("*") if p.is_file()))
+        return "https://hub/commit"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    assert model.push_to_hub("me/adapter", selected_adapters=["default"]) == "https://hub/commit"
+    assert uploaded == {"repo": "me/adapter", "files": ["adapter_config.json", "adapter_model.safetensors"]}
