@@ -420,3 +420,42 @@ def test_a_static_cache_is_refused_with_a_clear_error(method):
     lora = get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"])).eval()
     static = lora.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert torch.equal(static, lora.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "marian"])
+def test_an_empty_cache_passed_in_is_filled_in_place(family):
+    """A cache the caller passes (as to the base model, to step on with it) holds the prefix and the tokens after
+    the call: it was replaced by the hook's own, stayed empty, and the next step with it computed without the
+    prefix or the tokens (silently wrong logits)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    _, model = prefixed(family)
+    enc_dec = family != "llama"
+    ids = inputs(family)["input_ids"]
+    step = {"decoder_input_ids": ids[:, :5]} if enc_dec else {"input_ids": ids}
+    name = next(iter(step))
+    with torch.no_grad():
+        whole = model(**({"input_ids": ids} if enc_dec else {}), **step).logits[:, -1]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if enc_dec else DynamicCache()
+        first = {name: step[name][:, :-1]}
+        out = model(**({"input_ids": ids} if enc_dec else {}), **first, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == N + step[name].shape[1] - 1
+        assert (out.past_key_values if hasattr(out, "past_key_values") else out.cache) is cache
+        extra = {"encoder_outputs": (out.encoder_last_hidden_state,)} if enc_dec else {}
+        last = model(**extra, **{name: step[name][:, -1:]}, past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_passed_in_under_gradient_checkpointing_is_refused():
+    """The checkpointed layers get a read-only cache holding the prefix, so one passed in cannot be filled: said,
+    not left empty silently."""
+    from transformers import DynamicCache
+
+    _, model = prefixed("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(ValueError, match="cannot be filled while gradient checkpointing trains"):
+        model(**inputs("llama"), past_key_values=DynamicCache())
+    # refused before the checkpointed layers were let keep a cache: nothing is left granted, and training goes on
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
+    loss(model(**inputs("llama"))).backward()

@@ -228,8 +228,22 @@ class PrefixModel(VirtualTokenModel):
             yield (rows[step * i].unsqueeze(0).expand(batch, -1, -1, -1),
                    rows[step * i + 1].unsqueeze(0).expand(batch, -1, -1, -1))
 
-    def _prefilled_cache(self, batch: int, read_only: bool):
+    def _prefilled_cache(self, batch: int, read_only: bool, given=None):
+        """The cache a new sequence starts with, the prefix in every layer. `given`, an empty cache the caller
+        passed (as to the base model, to step on with it), is filled in place: replaced, it stayed empty and the
+        caller's next step computed without the prefix and the tokens, silently."""
         classes = self._cache_classes
+        if given is not None:
+            if read_only:
+                # the checkpointed layers store nothing (transformers drops any other cache they are handed)
+                raise ValueError("prefix tuning: a key/value cache passed in cannot be filled while gradient "
+                                 "checkpointing trains (the layers get a read-only cache holding the prefix); pass "
+                                 "none, or train without gradient checkpointing")
+            cache = given.self_attention_cache if isinstance(given, classes["enc_dec"]) else given
+            for i, (key, value) in enumerate(self._layer_prefixes(batch)):
+                cache.update(key, value, i)
+            self._pending = cache
+            return given
         # a decoder-only model's config says which layers slide (their cache keeps a window); an encoder-decoder
         # model's may count its encoder's layers: there the cache grows its layers as they come
         cache = classes["prefix"](config=None if self.encoder_decoder else self.model.config)
@@ -253,7 +267,7 @@ class PrefixModel(VirtualTokenModel):
         """A model that hands its checkpointed layers no cache (GPT-2 does, under gradient checkpointing) would fail
         deep in attention on a mask made for the prefix: say why, before the layer runs."""
         cache = self._pending
-        if cache is None or not cache.read_only or not layer.gradient_checkpointing:
+        if cache is None or not getattr(cache, "read_only", False) or not layer.gradient_checkpointing:
             return
         if not any(isinstance(a, self._cache_classes["any"]) for a in (*args, *kwargs.values())):
             raise RuntimeError(f"prefix tuning: {type(self.model).__name__} hands its layers no key/value cache under "
@@ -270,8 +284,14 @@ class PrefixModel(VirtualTokenModel):
             self._granted = False
         if output is None:  # the call raised (this hook runs anyway, to clean up): its own error stands
             return
-        if cache is not None and len(cache.reads) < self.layers:
-            missing = sorted(set(range(self.layers)) - cache.reads)
+        if cache is None:
+            return
+        if isinstance(cache, self._cache_classes["prefix"]):
+            reads = cache.reads
+        else:  # the caller's, filled in place: a layer that read the prefix stored its own keys after it
+            reads = {i for i, layer in enumerate(cache.layers) if layer.get_seq_length() > self.n}
+        if len(reads) < self.layers:
+            missing = sorted(set(range(self.layers)) - reads)
             raise RuntimeError(f"prefix tuning: attention layers {missing} did not read the prefix (the model did "
                                "not hand them the key/value cache"
                                + (", as gradient checkpointing does in this transformers version; train without it"
@@ -295,9 +315,10 @@ class PrefixModel(VirtualTokenModel):
         key = cache_key(kw, _parameter_names(type(module)))
         # without use_cache a call computes its whole sequence; a cache it is handed is the one an earlier call
         # returned (generate passes it on even then), holding that call's keys after the prefix
-        past = 0 if kw.get("use_cache") is False else cache_length(kw.get(key))
+        given = kw.get(key)
+        past = 0 if kw.get("use_cache") is False else cache_length(given)
         if past == 0:  # a new sequence: the cache starts with the prefix
-            refuse_static(kw.get(key), self.method)
+            refuse_static(given, self.method)
             read_only = self._checkpointing(module)
             if read_only and self.projected and any(_reentrant(m) for m in self._checkpointed
                                                     if m.gradient_checkpointing):
@@ -306,12 +327,13 @@ class PrefixModel(VirtualTokenModel):
                 raise RuntimeError("prefix tuning with prefix_projection=True cannot train under reentrant gradient "
                                    "checkpointing: use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                                    "{'use_reentrant': False}) (transformers' default), or fold_prefix() first")
+            # an empty cache passed in is filled (one an earlier call filled is not: use_cache=False computes anew)
+            kw[key] = self._prefilled_cache(batch, read_only, given if cache_length(given) == 0 else None)
+            past = self.n
             if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
                 for m in self._checkpointed:
                     m._can_checkpoint_with_cache = True
                 self._granted = True
-            kw[key] = self._prefilled_cache(batch, read_only)
-            past = self.n
         # the input follows the prefix (and, in a later generation step, the tokens before it): positions count
         # from the prefix's end, as the model's own do for a filled cache
         self._after_virtual_tokens(kw, past, length, batch, mask_key, positions_key)
