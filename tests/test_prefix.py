@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -459,3 +460,49 @@ def test_a_cache_passed_in_under_gradient_checkpointing_is_refused():
     # refused before the checkpointed layers were let keep a cache: nothing is left granted, and training goes on
     assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
     loss(model(**inputs("llama"))).backward()
+
+
+def _bart(cls):
+    from transformers import BartConfig
+
+    torch.manual_seed(0)
+    return cls(BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=2, num_labels=3, dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("kind", ["BartForConditionalGeneration", "BartForSequenceClassification"])
+def test_a_decoder_input_the_model_makes_from_input_ids(kind):
+    """BART-family models (and T5's classification and QA heads) make the decoder input from input_ids when given
+    none, and a seq2seq LM from its labels: the hook looked at decoder inputs and labels only, refused the first and
+    read a classifier's (batch,) labels as a sequence ("not enough values to unpack"). Now the prefixed model
+    equals itself given the decoder input the model makes."""
+    import transformers
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    model = get_peft_model(_bart(getattr(transformers, kind)), PrefixTuningConfig(num_virtual_tokens=N))
+    with torch.no_grad():
+        model.base_model.prefix_embeddings.normal_(generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 4, 3, 2, 1]])
+    mask = (ids != 1).long()
+    made = shift_tokens_right(ids, 1, 2)
+    labels = torch.tensor([0, 2]) if kind.endswith("Classification") else torch.tensor([[5, 6, 2], [4, 2, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask, decoder_input_ids=made).logits)
+        ours = model(input_ids=ids, attention_mask=mask, labels=labels)
+        made = made if kind.endswith("Classification") else shift_tokens_right(labels, 1, 2)
+        want = model(input_ids=ids, attention_mask=mask, decoder_input_ids=made, labels=labels)
+    torch.testing.assert_close(ours.logits, want.logits)
+    torch.testing.assert_close(ours.loss, want.loss)
+
+
+def test_a_seq2seq_lm_without_any_decoder_input_gives_its_own_error():
+    base, model = prefixed("t5")  # T5ForConditionalGeneration makes its decoder input from labels only
+    ids = inputs("t5")["input_ids"]
+    with pytest.raises(ValueError) as theirs:
+        base(input_ids=ids)
+    with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+        model(input_ids=ids)

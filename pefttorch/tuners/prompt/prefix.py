@@ -16,7 +16,7 @@ from torch import nn
 
 from .._cache import cache_key, cache_length, refuse_static
 from .config import PrefixTuningConfig
-from .model import VirtualTokenModel, _parameter_names
+from .model import VirtualTokenModel, _parameter_names, _task_of_class_name
 
 
 def _first(config, *names):
@@ -137,6 +137,10 @@ class PrefixModel(VirtualTokenModel):
                                 encoder_hidden_size=config.encoder_hidden_size or heads * head_dim)
         super().__init__(model, config, adapter_name)
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        # An encoder-decoder model left without a decoder input makes one: a seq2seq LM (BART's, T5's
+        # ...ForConditionalGeneration) from its labels, the token labels it is trained on; BART-family models and
+        # T5's classification and QA heads from input_ids (their labels are per sequence or are positions).
+        self.decoder_from_labels = (_task_of_class_name(type(model).__name__) or config.task_type) == "SEQ_2_SEQ_LM"
         weight = next(p for p in model.parameters() if p.is_floating_point())
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         factory = {"device": weight.device, "dtype": dtype}
@@ -305,10 +309,14 @@ class PrefixModel(VirtualTokenModel):
         names = ("decoder_input_ids", "decoder_inputs_embeds") if self.encoder_decoder else ("input_ids",
                                                                                                 "inputs_embeds")
         source = next((kw[k] for k in names if kw.get(k) is not None), None)
-        if source is None and self.encoder_decoder and kw.get("labels") is not None:
-            source = kw["labels"]  # the decoder input is made from the labels
+        if source is None and self.encoder_decoder:  # the decoder input the model makes (see __init__)
+            source = kw.get("labels") if self.decoder_from_labels else None
+            source = kw.get("input_ids") if source is None else source
+            # a model that makes none (T5ForConditionalGeneration without labels) says so itself
         if source is None:
-            raise ValueError(f"prefix tuning needs {' or '.join(names)}")
+            raise ValueError(f"prefix tuning needs {' or '.join(names)}"
+                             + (" (or the input_ids or labels the model makes it from)" if self.encoder_decoder
+                                else ""))
         batch, length = source.shape[:2]
         mask_key, positions_key = (("decoder_attention_mask", "decoder_position_ids") if self.encoder_decoder
                                    else ("attention_mask", "position_ids"))
