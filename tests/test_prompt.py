@@ -565,3 +565,31 @@ def test_a_compiled_decoder_classifier_pools_the_same_without_a_graph_break():
         alone = model(input_ids=ids[1:, :3]).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+def _bert_head(cls):
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    return cls(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)).eval()
+
+
+@pytest.mark.parametrize("method", ["prompt", "dept"])
+def test_question_answering_positions_index_the_input_after_the_prompt(method):
+    """start/end positions index the input's tokens: unshifted they pointed into the prompt (a silently wrong
+    loss). The model's clamping stays: a negative position is the first token, one at the input's length is
+    ignored."""
+    from transformers import BertForQuestionAnswering
+
+    config = PromptTuningConfig(num_virtual_tokens=N) if method == "prompt" else DeptConfig(num_virtual_tokens=N, r=2)
+    model = get_peft_model(_bert_head(BertForQuestionAnswering), config)
+    ids = torch.randint(1, 95, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, start_positions=torch.tensor([2, -1]), end_positions=torch.tensor([4, 6]))
+    assert out.start_logits.shape == (2, N + 6)
+    ignored, ce = N + 6, torch.nn.functional.cross_entropy
+    want = (ce(out.start_logits, torch.tensor([N + 2, N]), ignore_index=ignored)
+            + ce(out.end_logits, torch.tensor([N + 4, ignored]), ignore_index=ignored)) / 2
+    torch.testing.assert_close(out.loss, want)

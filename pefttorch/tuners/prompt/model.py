@@ -314,6 +314,11 @@ class PromptModel(VirtualTokenModel):
             labels = kw.get("labels")
             if labels is not None and not self.sequence_labels and labels.dim() >= 2 and labels.shape[1] == length:
                 self._grow(kw, "labels", batch, -100)
+            for name in ("start_positions", "end_positions"):  # a question answering model's: they index the input
+                if kw.get(name) is not None:
+                    # The model clamps them to [0, its length] and ignores its length (a span outside the input): a
+                    # negative one stays the first token, one past the input stays past it, none lands on the prompt
+                    kw[name] = kw[name].clamp(min=0) + n
             positions = kw.get("position_ids")
             if positions is not None:
                 front = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
