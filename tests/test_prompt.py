@@ -593,3 +593,13 @@ def test_question_answering_positions_index_the_input_after_the_prompt(method):
     want = (ce(out.start_logits, torch.tensor([N + 2, N]), ignore_index=ignored)
             + ce(out.end_logits, torch.tensor([N + 4, ignored]), ignore_index=ignored)) / 2
     torch.testing.assert_close(out.loss, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("method", ["prompt", "dept"])
+def test_input_ids_and_inputs_embeds_together_are_refused(method, family):
+    """As the model refuses them: the ids were silently dropped for the embeddings."""
+    base, model = prompted(family) if method == "prompt" else dept(family)
+    batch = inputs(family)
+    with torch.no_grad(), pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(**batch, inputs_embeds=base.get_input_embeddings()(batch["input_ids"]))

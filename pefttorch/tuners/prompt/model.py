@@ -268,6 +268,9 @@ class PromptModel(VirtualTokenModel):
         """The input's embeddings (from `kw`'s ids if it has none), whose first token sits at position `start`
         of the input (after the prompt)."""
         embeds = kw.get("inputs_embeds")
+        if embeds is not None and kw.get("input_ids") is not None:
+            # as the model itself: it cannot tell which of the two is the input (the ids were silently dropped)
+            raise ValueError(f"{self.method}: you must specify exactly one of input_ids or inputs_embeds")
         if embeds is None:
             ids = kw.get("input_ids")
             if ids is None:
