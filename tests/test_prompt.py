@@ -603,3 +603,36 @@ def test_input_ids_and_inputs_embeds_together_are_refused(method, family):
     batch = inputs(family)
     with torch.no_grad(), pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(**batch, inputs_embeds=base.get_input_embeddings()(batch["input_ids"]))
+
+
+@pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
+def test_a_multiple_choice_model_gets_the_virtual_tokens_in_front_of_each_choice(method):
+    """(batch, choices, length) inputs are flattened into the batch, as BertForMultipleChoice flattens them (they
+    failed deep inside with shape errors): each choice scores as BertModel with the same adapter scores it."""
+    from transformers import BertForMultipleChoice, BertModel
+
+    from pefttorch import PrefixTuningConfig
+
+    configs = {"prompt": PromptTuningConfig(num_virtual_tokens=N), "prefix": PrefixTuningConfig(num_virtual_tokens=N),
+               "dept": DeptConfig(num_virtual_tokens=N, r=2, max_length=9)}
+    base = _bert_head(BertForMultipleChoice)
+    encoder = BertModel(base.config).eval()
+    encoder.load_state_dict(base.bert.state_dict())
+    model = get_peft_model(base, copy.deepcopy(configs[method]))
+    plain = get_peft_model(encoder, configs[method])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for ours, theirs in zip(model.base_model.adapter_parameters(), plain.base_model.adapter_parameters(),
+                                strict=True):
+            ours.copy_(torch.randn(ours.shape, generator=g))
+            theirs.copy_(ours)
+    ids = torch.randint(1, 95, (2, 3, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 2, -2:] = 0  # padding in one choice
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                    labels=torch.tensor([0, 2]))
+        pooled = plain(input_ids=ids.flatten(0, 1), attention_mask=mask.flatten(0, 1)).pooler_output
+    assert out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.logits, base.classifier(pooled).view(2, 3))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))

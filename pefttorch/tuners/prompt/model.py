@@ -72,6 +72,8 @@ WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch
 # call, not on the model, so that threads sharing a model (nn.DataParallel's replicas) keep their own; per model, so
 # that a prompted classifier called inside another's forward leaves the outer one's entry alone
 _POOL_AT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
+# What a multiple-choice model takes per choice, (batch, choices, length, ...), and flattens into the batch
+PER_CHOICE = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
 
 
 class VirtualTokenModel(HookedModel):
@@ -140,6 +142,31 @@ class VirtualTokenModel(HookedModel):
         if len(args) > len(names):
             raise TypeError(f"{type(module).__name__}: too many positional arguments")
         return {**dict(zip(names, args, strict=False)), **kwargs}
+
+    def _flatten_choices(self, kw: dict) -> tuple[int, int] | None:
+        """A multiple-choice model's input, (batch, choices, length), flattened into the batch in `kw` as the model
+        itself flattens it (BertForMultipleChoice views every input as (batch * choices, length)), so that the
+        virtual tokens go in front of each choice; returns (batch, choices) for `_unflatten_choices`, or None for
+        any other input."""
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if not ((ids is not None and ids.dim() == 3) or (embeds is not None and embeds.dim() == 4)):
+            return None
+        shape = tuple((ids if ids is not None else embeds).shape[:2])
+        for key in PER_CHOICE:
+            value = kw.get(key)
+            if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == shape and value.dim() >= 3:
+                kw[key] = value.flatten(0, 1)
+        return shape
+
+    @staticmethod
+    def _unflatten_choices(kw: dict, shape: tuple[int, int] | None) -> None:
+        """The inputs `_flatten_choices` flattened, (batch, choices, ...) again, now with the virtual tokens."""
+        if shape is None:
+            return
+        for key in PER_CHOICE:
+            value = kw.get(key)
+            if isinstance(value, torch.Tensor) and value.shape[0] == shape[0] * shape[1]:
+                kw[key] = value.unflatten(0, shape)
 
     def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
         """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
@@ -303,6 +330,7 @@ class PromptModel(VirtualTokenModel):
             self._mask_for_encoder_output(kw)
             return (), kw
         n = self.n
+        choices = self._flatten_choices(kw)
         past_length = cache_length(get_cache(kw))
         source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
         if source is None:
@@ -332,6 +360,7 @@ class PromptModel(VirtualTokenModel):
             if type(self).update_embeddings is not PromptModel.update_embeddings:
                 kw["inputs_embeds"], kw["input_ids"] = self._embeddings(kw, start=past_length - n), None
             self._after_virtual_tokens(kw, past_length, length, batch)
+        self._unflatten_choices(kw, choices)
         return (), kw
 
     def _last_real_tokens(self, model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -308,6 +308,7 @@ class PrefixModel(VirtualTokenModel):
         # the sequence the prefix goes in front of: the decoder's, in an encoder-decoder model
         names = ("decoder_input_ids", "decoder_inputs_embeds") if self.encoder_decoder else ("input_ids",
                                                                                                 "inputs_embeds")
+        choices = None if self.encoder_decoder else self._flatten_choices(kw)
         source = next((kw[k] for k in names if kw.get(k) is not None), None)
         if source is None and self.encoder_decoder:  # the decoder input the model makes (see __init__)
             source = kw.get("labels") if self.decoder_from_labels else None
@@ -345,4 +346,5 @@ class PrefixModel(VirtualTokenModel):
         # the input follows the prefix (and, in a later generation step, the tokens before it): positions count
         # from the prefix's end, as the model's own do for a filled cache
         self._after_virtual_tokens(kw, past, length, batch, mask_key, positions_key)
+        self._unflatten_choices(kw, choices)
         return (), kw
