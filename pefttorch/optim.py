@@ -32,6 +32,10 @@ class RankAwareAdamW(torch.optim.Optimizer):
         component_warmup: steps over which a component's learning rate ramps linearly up to ``lr`` once it
             starts training; None (default): the layer's own setting (IncreLoraConfig.new_rank_warmup,
             0 for AdaLoRA). Learning-rate schedulers scale ``lr`` as usual, on top of this.
+
+    Its state dict holds a step count per component (a vector) for ranked factors, which torch.optim.AdamW cannot
+    read: it loads such a state and fails at its first step ("a Tensor with N elements cannot be converted to
+    Scalar"). Switching optimizers mid-run means starting the new one afresh (the reverse is refused in words).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -96,13 +100,15 @@ class RankAwareAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # checked before any parameter moves, as torch.optim.AdamW: raised midway, it left the parameters before the
+        # sparse one stepped (their moments and step counts too) and the rest not
+        if any(p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("RankAwareAdamW does not support sparse gradients")
         for group in self.param_groups:
             ranked = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("RankAwareAdamW does not support sparse gradients")
                 layout = component_layout(p)
                 if layout is None:
                     self._dense_step(p, group)

@@ -1155,6 +1155,20 @@ def test_rank_aware_adamw_refuses_what_it_does_not_implement():
     assert not ours.state
 
 
+def test_rank_aware_adamw_refuses_a_sparse_gradient_before_anything_moves():
+    """The check sat in the loop over parameters: those before the sparse one had stepped when it raised."""
+    torch.manual_seed(0)
+    linear, embedding = torch.nn.Linear(3, 3), torch.nn.Embedding(5, 3, sparse=True)
+    opt = RankAwareAdamW([*linear.parameters(), *embedding.parameters()], lr=0.1)
+    before = copy.deepcopy(linear.state_dict())
+    linear(embedding(torch.tensor([1]))).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    for k, v in linear.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert not opt.state
+
+
 def test_rank_aware_adamw_state_dict_round_trip():
     model = build(incre())
     opt = RankAwareAdamW(model.parameters(), lr=1e-2)
