@@ -976,7 +976,7 @@ def test_config_errors_name_the_field():
                       (dict(layers_to_transform=[-1]), "layers_to_transform must be a layer index or a list"),
                       (dict(target_modules=5), "target_modules must be a list of module names, a regex or None"),
                       (dict(exclude_modules=5), "exclude_modules must be a list of module names, a regex or None"),
-                      (dict(lora_dropout=None), "lora_dropout must be in"),
+                      (dict(lora_dropout=None), "lora_dropout must be a number, got None"),
                       (dict(target_modules=r".*\.q_proj", layers_to_transform=[0]),
                        "layers_to_transform cannot be used with target_modules='.*"),
                       (dict(target_modules="all-linear", layers_to_transform=0),

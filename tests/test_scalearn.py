@@ -144,7 +144,7 @@ def test_errors(tmp_path):
                       (dict(source_adapters=[a], inference_mode=1), "inference_mode must be True or False"),
                       (dict(source_adapters=[a], omega_init_scale=float("nan")), "omega_init_scale must be a finite"),
                       (dict(source_adapters=[a], omega_init_scale=float("inf")), "omega_init_scale must be a finite"),
-                      (dict(source_adapters=[a], omega_init_scale="0.5"), "omega_init_scale must be a finite"),
+                      (dict(source_adapters=[a], omega_init_scale="0.5"), "omega_init_scale must be a number"),
                       (dict(source_configs={"a": 1}), "source_configs must be None or a list")]:
         with pytest.raises(ValueError, match=match):
             ScaLearnConfig(**kw)

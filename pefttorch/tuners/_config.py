@@ -114,6 +114,33 @@ def module_names(value, what: str, owner: str):
     raise ValueError(f"{owner}: {what} must be a list of module names, a regex or None, got {value!r}")
 
 
+# HF PEFT's TaskType values; a config's task_type must be one (or None)
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+_FIELD_KINDS = {"bool": (bool, "True or False"), "int": (numbers.Integral, "a number"),
+                "float": (numbers.Real, "a number")}
+
+
+def check_field_types(config) -> None:
+    """Every field annotated bool (or bool or None) holds one, and every field annotated int or float (or that or
+    None) holds a number, in words naming the field: a string was stored and read as true ("false" for use_rslora
+    turned rsLoRA on), or failed in a comparison naming nothing. (A bool or a float given for an int is left to the
+    config's own checks, which say what the field takes.)"""
+    for f in fields(config):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        optional = "None" in kinds
+        kinds = [k for k in kinds if k != "None"]
+        if len(kinds) != 1 or kinds[0] not in _FIELD_KINDS:
+            continue
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        want, words = _FIELD_KINDS[kinds[0]]
+        if not (isinstance(value, bool) if want is bool else isinstance(value, numbers.Real)):
+            raise ValueError(f"{type(config).__name__}: {f.name} must be {words}{' or None' if optional else ''}, "
+                             f"got {value!r}")
+
+
 # As in HF PEFT: a classification or question-answering model's new head trains in full and is saved with the
 # adapter (the names cover the model types; one match suffices).
 # (pre_classifier: DistilBERT's head is two layers, both new; HF PEFT 0.22 names it, and writes it in its configs)
@@ -126,8 +153,13 @@ def normalize_common(config, *dicts: str) -> None:
     """The fields most configs share: a single layer index or module name becomes a list, and a task's new head
     trains in full (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS and QUESTION_ANS, added to the user's). Numbers
     of any kind (also in the dict fields `dicts`) become plain first (:func:`plain_numbers`): configs call this before
-    checking their own fields."""
+    checking their own fields. The task type must be HF PEFT's (in upper case: "seq_cls" added no head, which
+    stayed frozen and unsaved), and fields annotated bool, int or float must hold one (:func:`check_field_types`)."""
     plain_numbers(config, *dicts)
+    check_field_types(config)
+    if config.task_type is not None and config.task_type not in TASK_TYPES:
+        raise ValueError(f"{type(config).__name__}: task_type must be one of {', '.join(TASK_TYPES)} or None, got "
+                         f"{config.task_type!r}")
     layers = getattr(config, "layers_to_transform", None)
     if isinstance(layers, int) and not isinstance(layers, bool):
         config.layers_to_transform = layers = [layers]
@@ -172,7 +204,8 @@ class SavedConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for name in self.peft_only_fields:
-            d.pop(name)
+            if d[name] is None:  # (an adapter's export writes them as HF PEFT's fields; set, they stay: from_dict
+                d.pop(name)      # reads them back, where dropped, a config of layers_to_transform adapted every layer)
         d["peft_type"] = self.peft_type_name
         return d
 

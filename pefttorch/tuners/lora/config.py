@@ -33,7 +33,6 @@ DEFAULT_TARGET_MODULES = {
     "codegen": ["qkv_proj"],
     "mpt": ["Wqkv"],
 }
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
 
 # Fields of HF PEFT's LoraConfig that pefttorch does not implement; an adapter_config.json that sets one
@@ -124,8 +123,6 @@ class LoraConfig:
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise bad(f"init_lora_weights={self.init_lora_weights!r} is not supported by pefttorch; supported: "
                       f"{', '.join(map(repr, INIT_LORA_WEIGHTS))}")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise bad(f"task_type must be one of {', '.join(TASK_TYPES)} or None, got {self.task_type!r}")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise bad(f"{name} must be a dict of module name (or regex) to value, got {type(pattern).__name__}")
@@ -184,8 +181,9 @@ class LoraConfig:
         ignored; a different adapter type, or a LoRA feature pefttorch does not implement, is an error.
         """
         peft_type = data.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise ValueError(f"adapter type {peft_type!r} is not supported: pefttorch loads LORA adapters")
+        if peft_type not in ("LORA", cls.peft_type):  # (a subclass reads its own to_dict: IncreLoRA's, AdaLoRA's)
+            raise ValueError(f"adapter type {peft_type!r} is not supported: {cls.__name__} loads "
+                             f"{' and '.join(dict.fromkeys(('LORA', cls.peft_type)))} configs")
         for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
             value = data.get(key, default)
             if value not in (default, None, False, {}, []):
@@ -193,6 +191,9 @@ class LoraConfig:
         names = {f.name for f in fields(cls)}
         warn_unknown_fields("LoraConfig", data, names | set(_UNSUPPORTED_PEFT_FIELDS) | set(_IGNORED_PEFT_FIELDS))
         kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("rank_pattern", "alpha_pattern"):  # HF PEFT's AdaLoRA writes null for none
+            if key in kwargs and kwargs[key] is None:
+                del kwargs[key]
         init = kwargs.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise ValueError(f"this LoRA adapter was initialised with init_lora_weights={init!r}, after which HF PEFT "

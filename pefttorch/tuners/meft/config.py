@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...ops import coupling_compute_dtype, coupling_scale_ok
-from .._config import normalize_common, reject_unknown_fields, save_config
+from .._config import normalize_common, reject_unknown_fields, save_config, warn_unknown_fields
 
 PEFT_TYPE = "MEFT"
 
@@ -130,4 +130,5 @@ class MeftConfig:
         if data.get("peft_type") != PEFT_TYPE:
             raise ValueError(f"not a MEFT adapter config (peft_type {data.get('peft_type')!r})")
         names = {f.name for f in fields(cls) if f.init}
+        warn_unknown_fields(cls.__name__, data, names)  # (a misspelt field was dropped without a word)
         return cls(**{k: v for k, v in data.items() if k in names})
