@@ -100,8 +100,8 @@ class RankAwareAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # checked before any parameter moves, as torch.optim.AdamW: raised midway, it left the parameters before the
-        # sparse one stepped (their moments and step counts too) and the rest not
+        # checked before any parameter moves: raised midway (as torch.optim.AdamW does), it left the parameters
+        # before the sparse one stepped (their moments and step counts too) and the rest not
         if any(p.grad is not None and p.grad.is_sparse for group in self.param_groups for p in group["params"]):
             raise RuntimeError("RankAwareAdamW does not support sparse gradients")
         for group in self.param_groups:

@@ -257,21 +257,26 @@ class PeftModel(Forwarding):
         for p in params:
             p.requires_grad_(requires_grad)
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
-                    **save_kwargs) -> str:
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, tags: list[str] | None = None, **save_kwargs) -> str:
         """Uploads the adapters as :meth:`save_pretrained` writes them (``save_kwargs`` go there) to the hub repo
         `repo_id`, created if missing; returns the commit's URL. (The lookup used to reach the wrapped
-        transformers model's push_to_hub, which uploaded the whole model with LoRA-renamed keys.)"""
+        transformers model's push_to_hub, which uploaded the whole model with LoRA-renamed keys.) `tags` go into
+        a model card, which pefttorch does not write: refused."""
         import tempfile
 
         from huggingface_hub import create_repo, upload_folder
 
+        if tags:
+            raise ValueError("push_to_hub(tags=...): pefttorch writes no model card to put tags in; add them on the "
+                             "hub")
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
             return upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
-                                 create_pr=create_pr, commit_message=commit_message or "Upload adapter (pefttorch)")
+                                 create_pr=create_pr, commit_message=commit_message or "Upload adapter (pefttorch)",
+                                 commit_description=commit_description)
 
     def __getattr__(self, name: str):
         if name in _HF_PEFT_ONLY:
@@ -410,18 +415,22 @@ class PeftModel(Forwarding):
                 wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
         if safe_merge:
             self.merge_adapter(adapter_names, safe_merge=True)
-        self._detach_density_loss()
         if isinstance(self.base_model, LoraModel):
-            return self.base_model.unload(merge=True, adapter_names=adapter_names)
-        # the other tuners hold one adapter set: the checked names are that one (or an empty list, nothing to merge)
-        return self.base_model.unload(merge=adapter_names is None or bool(adapter_names))
+            model = self.base_model.unload(merge=True, adapter_names=adapter_names)
+        else:  # the other tuners hold one adapter set: the checked names are that one (or [], nothing to merge)
+            model = self.base_model.unload(merge=adapter_names is None or bool(adapter_names))
+        # after the unload, which may refuse (a base weight it cannot merge into): the model then trains on as
+        # before, with its density loss (detached first, the loss changed in silence)
+        self._detach_density_loss()
+        return model
 
     def unload(self) -> nn.Module:
         """The base model as it was, adapter layers (and density loss hooks) removed, nothing merged: modules in
         modules_to_save are the originals, as HF PEFT 0.22 gives them back (0.21 gave the trained copies);
         merge_and_unload() keeps the trained copies."""
-        self._detach_density_loss()
-        return self.base_model.unload(merge=False)
+        model = self.base_model.unload(merge=False)
+        self._detach_density_loss()  # after, as in merge_and_unload
+        return model
 
     def _detach_density_loss(self) -> None:
         if self.density_loss is not None:
@@ -473,6 +482,10 @@ class PeftModel(Forwarding):
         nothing, as HF PEFT."""
         from .integrations.hf_format import save_adapter, saved_embedding_tensors
 
+        if not isinstance(safe_serialization, bool):
+            # save_pretrained(d, ["b"]) chose adapters before the order became HF PEFT's: said, not saving them all
+            raise TypeError(f"save_pretrained: safe_serialization (the second argument, as in HF PEFT) is True or "
+                            f"False, got {safe_serialization!r}; pass the adapters as selected_adapters=")
         del safe_serialization
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError("save_pretrained(path_initial_model_for_weight_conversion=...) converts PiSSA/OLoRA "

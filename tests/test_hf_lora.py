@@ -1538,19 +1538,22 @@ def test_a_corrupt_adapter_file_is_named(tmp_path):
             PeftModel.from_pretrained(fresh("llama"), broken)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "adalora"])
 def test_merging_into_a_computed_weight_is_refused(method):
     """A base layer whose weight a parametrization computes (weight_norm here): merging wrote the update into a fresh
-    tensor, lost, while the adapter counted as merged and was skipped: the merged model was the base model."""
+    tensor, lost, while the adapter counted as merged and was skipped: the merged model was the base model. The
+    refusal changes nothing: merge_and_unload had detached the density loss (and AdaLoRA's orthogonality term)
+    before it, and training went on with another loss."""
     from torch.nn.utils.parametrizations import weight_norm
 
-    from pefttorch import IA3Config
+    from pefttorch import AdaLoraConfig, DensityLossConfig, IA3Config
 
     family = FAMILIES["llama"]
     base = fresh(family)
     weight_norm(base.model.layers[0].self_attn.q_proj, "weight")
-    config = (LoraConfig(r=2, target_modules=["q_proj"]) if method == "lora"
-              else IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    config = {"lora": LoraConfig(r=2, target_modules=["q_proj"], density_loss=DensityLossConfig()),
+              "ia3": IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+              "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=100, target_modules=["q_proj"])}[method]
     model = get_peft_model(base, config)
     with torch.no_grad():
         for p in model.parameters():
@@ -1558,11 +1561,15 @@ def test_merging_into_a_computed_weight_is_refused(method):
                 p.add_(0.5)  # an adapter that changes the output
     inp = inputs_of(family)
     before = logits(model, inp)
+    model.train()
+    loss = model(**inp, labels=inp["input_ids"]).loss.detach()
     for call in (model.merge_adapter, model.merge_and_unload):
         with pytest.raises(RuntimeError, match=r"merging: the weight of .*q_proj.* is not a parameter of it: a "
                                                r"parametrization \(_WeightNorm\)"):
             call()
         torch.testing.assert_close(logits(model, inp), before, rtol=0, atol=0)  # nothing merged, still adapted
+        model.train()
+        torch.testing.assert_close(model(**inp, labels=inp["input_ids"]).loss.detach(), loss, rtol=0, atol=0)
 
 
 def two_adapter_models(family):
@@ -1628,6 +1635,9 @@ def test_save_pretrained_takes_hf_peft_arguments(tmp_path):
     _, model = two_adapter_models(FAMILIES["llama"])
     model.save_pretrained(tmp_path / "positional", True, ["b"])
     assert sorted(p.name for p in (tmp_path / "positional").iterdir()) == ["b"]
+    with pytest.raises(TypeError, match=r"safe_serialization \(the second argument, as in HF PEFT\) is True or False, "
+                                        r"got \['b'\]; pass the adapters as selected_adapters="):
+        model.save_pretrained(tmp_path / "old_order", ["b"])  # pefttorch's order before: it saved every adapter
     model.save_pretrained(tmp_path / "none", selected_adapters=[])
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
     with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion=.... converts PiSSA/OLoRA"):
@@ -1653,10 +1663,15 @@ def test_push_to_hub_uploads_the_adapter(tmp_path, monkeypatch):
 
     def upload_folder(*, repo_id, folder_path, **kwargs):
         uploaded.update(repo=repo_id, files=sorted(str(p.relative_to(folder_path))
-                                                   for p in Path(folder_path).rglob("*") if p.is_file()))
+                                                   for p in Path(folder_path).rglob("*") if p.is_file()),
+                        description=kwargs.get("commit_description"))
         return "https://hub/commit"
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    assert model.push_to_hub("me/adapter", selected_adapters=["default"]) == "https://hub/commit"
-    assert uploaded == {"repo": "me/adapter", "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    assert model.push_to_hub("me/adapter", selected_adapters=["default"], commit_description="why") \
+        == "https://hub/commit"
+    assert uploaded == {"repo": "me/adapter", "files": ["adapter_config.json", "adapter_model.safetensors"],
+                        "description": "why"}
+    with pytest.raises(ValueError, match=r"push_to_hub\(tags=...\): pefttorch writes no model card"):
+        model.push_to_hub("me/adapter", tags=["t"])  # (they went into save_pretrained's **kwargs, unused)

@@ -222,7 +222,7 @@ def _computed(module: nn.Module, name: str) -> str | None:
     if parametrize.is_parametrized(module, name):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
         return f"a parametrization ({kinds}) computes it from module.parametrizations.{name}.original"
-    value = getattr(module, name)
+    value = getattr(module, name, None)  # (a norm without a bias attribute: RMSNorm)
     if value is None or (module._parameters.get(name) is not None and value is module._parameters[name]):
         return None
     # the hooks name their tensor: WeightNorm as `name`, the pruning methods (and their container) as `_tensor_name`

@@ -228,8 +228,9 @@ class RankedLoraModel(LoraModel):
         return lora, self.adapter_state_dict(name)
 
     def unload(self, merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        self._orth_hook.remove()
-        return super().unload(merge, adapter_names)
+        model = super().unload(merge, adapter_names)
+        self._orth_hook.remove()  # after: a refused merge leaves the orthogonality term in the loss
+        return model
 
 
 def _check_allocator_state(model: RankedLoraModel, state_dict: dict, prefix: str, *_) -> None:
