@@ -1207,8 +1207,8 @@ def test_all_linear_warns_of_weights_it_leaves_alone():
 
 
 def test_modules_to_save_match_as_in_hf_peft_and_only_task_heads_may_match_nothing(tmp_path):
-    """HF PEFT's rule is a name ending with the entry: its DistilBERT SEQ_CLS adapter holds pre_classifier too, which
-    a dotted-suffix rule refused to load; a task's heads named otherwise (BART's classification_head) were refused
+    """HF PEFT 0.22 adds pre_classifier to a SEQ_CLS adapter's modules_to_save: its DistilBERT adapter holds it, which
+    pefttorch once refused to load; a task's heads named otherwise (BART's classification_head) were refused
     (HF PEFT loads them, the head frozen: a warning now); and a typo beside a task head that matched passed."""
     import transformers
 
@@ -1675,3 +1675,70 @@ def test_push_to_hub_uploads_the_adapter(tmp_path, monkeypatch):
                         "description": "why"}
     with pytest.raises(ValueError, match=r"push_to_hub\(tags=...\): pefttorch writes no model card"):
         model.push_to_hub("me/adapter", tags=["t"])  # (they went into save_pretrained's **kwargs, unused)
+
+
+class _Heads(torch.nn.Module):
+    """Heads whose names end with another's: cls_classifier, distillation_classifier (DeiT with a teacher) and
+    pre_classifier (DistilBERT) beside classifier; `again` is `shared` registered a second time."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.shared = torch.nn.Linear(8, 8)
+        self.again = self.shared
+        self.pre_classifier = torch.nn.Linear(8, 8)
+        self.classifier = torch.nn.Linear(8, 3)
+        self.cls_classifier = torch.nn.Linear(8, 3)
+        self.distillation_classifier = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.again(torch.relu(self.shared(self.body(x))))
+        h = torch.relu(self.pre_classifier(h))
+        return self.classifier(h) + self.cls_classifier(h) + self.distillation_classifier(h)
+
+
+def _heads():
+    torch.manual_seed(0)
+    return _Heads().eval()
+
+
+def _wrapped(model):
+    return sorted(n.split(".modules_to_save.")[0].removeprefix("base_model.model.") for n, p in
+                  model.named_parameters() if p.requires_grad and n.endswith(".modules_to_save.default.bias"))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("names", [["classifier"], ["again"], ["shared", "again"]])
+def test_modules_to_save_wrap_what_hf_peft_wraps_and_its_adapters_load(method, names, tmp_path):
+    """HF PEFT's rule is the name or its end after a dot, over every name of every module: a bare suffix took
+    cls_classifier, distillation_classifier and pre_classifier for "classifier" (trained and saved beside what HF PEFT
+    trains, its adapters refused as missing them), and the second name of a module registered twice matched nothing
+    (HF PEFT wraps it there, and its adapters were refused: "matched no module")."""
+    import pefttorch
+
+    def config(lib):
+        if method == "lora":
+            return lib.LoraConfig(r=2, target_modules=["body"], modules_to_save=names, init_lora_weights=False)
+        return lib.IA3Config(target_modules=["body"], feedforward_modules=[], modules_to_save=names,
+                             init_ia3_weights=False)
+
+    x = torch.randn(3, 8)
+    theirs = peft.get_peft_model(_heads(), config(peft))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.5)
+    ours = get_peft_model(_heads(), config(pefttorch))
+    assert _wrapped(ours) == _wrapped(theirs) == sorted(names)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = PeftModel.from_pretrained(_heads(), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), theirs(x))
+    loaded.save_pretrained(tmp_path / "ours")
+    keys = []
+    for d in ("theirs", "ours"):
+        with safe_open(tmp_path / d / "adapter_model.safetensors", "pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unload()(x), _heads()(x))  # the original back under each name

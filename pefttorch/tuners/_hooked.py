@@ -23,6 +23,7 @@ from .lora.model import (
     _matches,
     _set_submodule,
     check_modules_to_save,
+    module_names,
     saves_module,
 )
 
@@ -50,9 +51,11 @@ class HookedModel(Forwarding):
         config = self.method_config
         name = self.active_adapters[0]
         inside: tuple[str, ...] = ()  # wrapped subtrees: the copy trains whole (a wrapper inside was never called)
-        for path, module in list(self.model.named_modules()):
+        # under every name (HF PEFT's walk): a module registered twice is wrapped where the matched name reaches it
+        for path in module_names(self.model):
             if not path or path.startswith(inside):
                 continue
+            module = self.model.get_submodule(path)  # as it is now: wrapped already through a shared parent, maybe
             if isinstance(module, ModulesToSaveWrapper):
                 inside += (path + ".",)
             elif saves_module(path, config.modules_to_save):

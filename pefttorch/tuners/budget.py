@@ -42,7 +42,7 @@ def _saved_parameters(model: nn.Module, modules_to_save, also=()) -> int:
     counted once (a bias may be both)."""
     seen = {id(p): p.numel() for p in also}
     if modules_to_save:
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(remove_duplicate=False):  # the names the wrapping matches
             if saves_module(name, modules_to_save):
                 seen.update({id(p): p.numel() for p in module.parameters()})
     return sum(seen.values())

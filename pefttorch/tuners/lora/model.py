@@ -67,9 +67,11 @@ TASK_HEADS = {h for heads in TASK_MODULES_TO_SAVE.values() for h in heads}
 
 
 def saves_module(name: str, modules_to_save) -> bool:
-    """HF PEFT's rule for modules_to_save: the module's name ends with an entry. So "classifier" takes DistilBERT's
-    pre_classifier too, as HF PEFT trains and saves it (and its adapters hold it: a stricter rule refused them)."""
-    return bool(name and modules_to_save) and any(name.endswith(k) for k in modules_to_save)
+    """HF PEFT's rule for modules_to_save (its ``_is_valid_match``): the module's name is an entry or ends with
+    ``.entry``. A bare suffix match took DeiT's cls_classifier and distillation_classifier, and DistilBERT's
+    pre_classifier, for "classifier": trained and saved beside what HF PEFT trains, its adapters then refused as
+    missing them. (The task heads are listed whole, pre_classifier among them, as HF PEFT adds them.)"""
+    return bool(name and modules_to_save) and any(name == k or name.endswith(f".{k}") for k in modules_to_save)
 
 
 def _in_modules_to_save(name: str, modules_to_save) -> bool:
@@ -79,24 +81,31 @@ def _in_modules_to_save(name: str, modules_to_save) -> bool:
     return any(saves_module(".".join(parts[:i]), modules_to_save) for i in range(1, len(parts) + 1))
 
 
+def module_names(model: nn.Module) -> list[str]:
+    """Every name of every module, a module registered twice (``self.again = self.shared``) under each: HF PEFT
+    matches modules_to_save against these, and wraps the module under the name matched."""
+    return [n for n, _ in model.named_modules(remove_duplicate=False)]
+
+
 def check_modules_to_save(model: nn.Module, modules_to_save) -> None:
     """Refuses entries of modules_to_save that name no module; the task heads HF PEFT adds (``classifier`` and
     ``score`` for SEQ_CLS, ...) need not all be there, since a model has one of them or its head is named otherwise
     (BART's classification_head: then a warning, as its head stays frozen)."""
     if not modules_to_save:
         return
-    names = [n for n, _ in model.named_modules()]
+    names = module_names(model)
     unmatched = [m for m in modules_to_save if not any(saves_module(n, [m]) for n in names)]
     given = [m for m in unmatched if m not in TASK_HEADS]
     if given:  # a typo once passed when another entry (a task head) matched
         near_top = [n for n in names if n and n.count(".") <= 1]
         raise ValueError(f"modules_to_save={modules_to_save}: {given} matched no module of the model: each entry is "
-                         f"a module's name or its end (HF PEFT's rule; not a regular expression), e.g. one of "
-                         f"{near_top[:12]}")
+                         f"a module's name or its end after a '.' (HF PEFT's rule; not a regular expression), e.g. "
+                         f"one of {near_top[:12]}")
     if unmatched and len(unmatched) == len(modules_to_save):
         warnings.warn(f"modules_to_save={modules_to_save} (the task's heads) names no module of "
                       f"{type(model).__name__}: a new head named otherwise stays frozen and unsaved; name it in "
                       "modules_to_save to train it", UserWarning, stacklevel=3)
+
 
 
 @dataclass
@@ -306,9 +315,11 @@ class LoraModel(Forwarding):
             dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
                 else w_dtype
             self.add_to_layer(layer, t, config, adapter_name, dtype)
-        for name, module in list(self.model.named_modules()):
+        # under every name (HF PEFT's walk): a module registered twice is wrapped where the matched name reaches it
+        for name in module_names(self.model):
             if not saves_module(name, config.modules_to_save):
                 continue
+            module = self.model.get_submodule(name)  # as it is now: a wrapper put in under another name, maybe
             parents = self._parents(name)
             if any(isinstance(p, LoraLayer) for p in parents):
                 # an adapter's name (lora_A.<name>) taken for a module's: its factors would be copied and trained
@@ -316,8 +327,9 @@ class LoraModel(Forwarding):
                 raise ValueError(f"modules_to_save={config.modules_to_save} matches {name}, part of a LoRA layer: an "
                                  f"adapter's name is also a name in modules_to_save; rename the adapter")
             if isinstance(module, ModulesToSaveWrapper):
-                copied.append(module)
-                module.add_adapter(adapter_name)
+                if adapter_name not in module.modules_to_save:  # (else reached again: a parent registered twice)
+                    copied.append(module)
+                    module.add_adapter(adapter_name)
             elif not any(isinstance(p, ModulesToSaveWrapper) for p in parents):
                 # recorded first: the wrapper freezes the original before copying it, which may fail
                 wrapped.append((name, module, [p.requires_grad for p in module.parameters()]))

@@ -44,8 +44,9 @@ def chosen_parameters(model: nn.Module, config: BitFitConfig | LNTuningConfig):
     """(module path, module, parameter names) of what `config` trains in `model`, found without changing it."""
     bitfit = isinstance(config, BitFitConfig)
     accept, what = (has_bias, "modules with a bias") if bitfit else (is_norm, "LayerNorm/RMSNorm modules")
+    found = find_modules(model, config.target_modules, config, accept, what)
     return [(path, m, ["bias"] if bitfit else [n for n, p in m._parameters.items() if p is not None])
-            for path, m in find_modules(model, config.target_modules, config, accept, what)]
+            for path, m in found]
 
 
 class SelectiveModel(HookedModel):
