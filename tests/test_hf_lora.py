@@ -1742,3 +1742,43 @@ def test_modules_to_save_wrap_what_hf_peft_wraps_and_its_adapters_load(method, n
     assert keys[0] == keys[1]
     with torch.no_grad():
         torch.testing.assert_close(loaded.unload()(x), _heads()(x))  # the original back under each name
+
+
+@pytest.mark.parametrize("container", ["ModuleDict", "ModuleList"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_modules_to_save_refuse_containers_as_hf_peft(container, method):
+    """A ModuleDict or ModuleList is indexed or iterated by the model, never called: wrapped, the model's forward
+    failed ("'ModulesToSaveWrapper' object is not subscriptable"); HF PEFT refuses it at get_peft_model, and so does
+    every tuner that wraps modules_to_save here, the model left as it came."""
+    import pefttorch
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(8, 8)
+            heads = [torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)]
+            self.heads = (torch.nn.ModuleDict({"a": heads[0], "b": heads[1]}) if container == "ModuleDict"
+                          else torch.nn.ModuleList(heads))
+
+        def forward(self, x):
+            return self.heads["a" if container == "ModuleDict" else 0](self.body(x))
+
+    def config(lib):
+        if method == "lora":
+            return lib.LoraConfig(r=2, target_modules=["body"], modules_to_save=["heads"])
+        if method == "ia3":
+            return lib.IA3Config(target_modules=["body"], feedforward_modules=[], modules_to_save=["heads"])
+        return lib.BitFitConfig(target_modules=["body"], modules_to_save=["heads"])
+
+    if method != "bitfit":  # (HF PEFT has no BitFit)
+        with pytest.raises(TypeError, match=f"cannot be applied to modules of type .*{container}"):
+            peft.get_peft_model(Model(), config(peft))
+    base = Model()
+    with pytest.raises(TypeError, match=rf"modules_to_save cannot be applied to modules of type {container} \(heads"):
+        get_peft_model(base, config(pefttorch))
+    assert type(base.heads).__name__ == container and all(p.requires_grad for p in base.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    model = get_peft_model(Model(), dataclasses.replace(config(pefttorch), modules_to_save=["heads.0" if container ==
+                                                                                             "ModuleList" else "a"]))
+    model(torch.randn(2, 8)).sum().backward()  # the heads inside it are wrapped, as named
+

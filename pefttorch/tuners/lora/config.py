@@ -71,7 +71,7 @@ class LoraConfig:
             too, for tests) or ``"gaussian"`` (A normal with std 1/r).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new classifier), by name: a
             module matches if its name equals one or ends with ``.name`` (HF PEFT's rule), under any of its names
-            (a module registered twice is wrapped under the name matched).
+            (a module registered twice is wrapped under the name matched). Not containers (nn.ModuleDict, ...).
         rank_pattern, alpha_pattern: per-module r / lora_alpha, keyed by module name or regex.
         layers_to_transform, layers_pattern: adapt only these layer indices (of the ModuleList named by
             layers_pattern, default: the first numbered one).

@@ -81,16 +81,23 @@ def _in_modules_to_save(name: str, modules_to_save) -> bool:
     return any(saves_module(".".join(parts[:i]), modules_to_save) for i in range(1, len(parts) + 1))
 
 
+# What a modules_to_save wrapper cannot stand in for: containers, whose forward is never called (the model indexes or
+# iterates them), HF PEFT's list
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 def module_names(model: nn.Module) -> list[str]:
     """Every name of every module, a module registered twice (``self.again = self.shared``) under each: HF PEFT
     matches modules_to_save against these, and wraps the module under the name matched."""
     return [n for n, _ in model.named_modules(remove_duplicate=False)]
 
 
-def check_modules_to_save(model: nn.Module, modules_to_save) -> None:
+def check_modules_to_save(model: nn.Module, modules_to_save, wrapped: bool = True) -> None:
     """Refuses entries of modules_to_save that name no module; the task heads HF PEFT adds (``classifier`` and
     ``score`` for SEQ_CLS, ...) need not all be there, since a model has one of them or its head is named otherwise
-    (BART's classification_head: then a warning, as its head stays frozen)."""
+    (BART's classification_head: then a warning, as its head stays frozen). Where the modules are `wrapped` (a
+    trained copy beside the original), refuses containers as HF PEFT does: the wrapper has no items to index, so
+    the model's forward failed on it ("'ModulesToSaveWrapper' object is not subscriptable")."""
     if not modules_to_save:
         return
     names = module_names(model)
@@ -105,7 +112,14 @@ def check_modules_to_save(model: nn.Module, modules_to_save) -> None:
         warnings.warn(f"modules_to_save={modules_to_save} (the task's heads) names no module of "
                       f"{type(model).__name__}: a new head named otherwise stays frozen and unsaved; name it in "
                       "modules_to_save to train it", UserWarning, stacklevel=3)
-
+    containers = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+                  if wrapped and isinstance(m, CONTAINERS) and saves_module(n, modules_to_save)]
+    if containers:
+        name, module = containers[0]
+        raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module).__name__} ({name}, "
+                        f"matched by modules_to_save={modules_to_save}): the model indexes or iterates it, which a "
+                        f"trained copy's wrapper does not support (HF PEFT refuses it too); name the modules inside "
+                        f"it instead, e.g. {name}.{next(iter(module._modules), '0')}")
 
 
 @dataclass

@@ -197,9 +197,9 @@ class MeftModel(Forwarding):
 
     @staticmethod
     def _modules_to_save(model: nn.Module, config: MeftConfig) -> list[tuple[str, nn.Module]]:
-        # LoRA's rules; a module registered twice (``self.again = self.shared``) is found under the name matched
-        # (HF PEFT's walk), once
-        check_modules_to_save(model, config.modules_to_save)
+        # LoRA's rules; trained in place, so a container is fine, and a module registered twice (``self.again =
+        # self.shared``) is found under the name matched (HF PEFT's walk), once
+        check_modules_to_save(model, config.modules_to_save, wrapped=False)
         found: dict[int, tuple[str, nn.Module]] = {}
         for n, m in model.named_modules(remove_duplicate=False):
             if saves_module(n, config.modules_to_save):
