@@ -383,3 +383,64 @@ def test_we_load_hf_peft_ia3_on_the_lm_head(tmp_path):
     ours = PeftModel.from_pretrained(fresh("llama"), tmp_path)
     batch = inputs("llama")
     torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-6)
+
+
+class _Shared(torch.nn.Module):
+    """One Linear called twice, registered under two names (`again` is `shared`); `block` holds another, reached
+    through it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.again = self.shared
+        self.block = nn.Sequential(nn.Linear(8, 8))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.block(self.again(torch.relu(self.shared(x)))))
+
+
+def test_ia3_refuses_a_module_registered_under_two_names_where_lora_matches_hf_peft(tmp_path):
+    """(IA)^3's hooks act on the module, so on its call through either name, while HF PEFT's layer stands under the
+    name matched only: the same adapter file gave other outputs here. Refused now, from get_peft_model and from HF
+    PEFT's file, saying why; LoRA swaps the layer in under the name as HF PEFT does, and matches it. A module inside
+    a shared parent is reached one way, and stays accepted."""
+    peft = pytest.importorskip("peft")
+    import pefttorch
+
+    def model():
+        torch.manual_seed(0)
+        return _Shared().eval()
+
+    x = torch.randn(3, 8)
+    ia3 = dict(target_modules=["shared"], feedforward_modules=[], init_ia3_weights=False)
+    theirs = peft.get_peft_model(model(), peft.IA3Config(**ia3))
+    theirs.save_pretrained(tmp_path / "ia3")
+    why = r"shared is one module registered under more than one name \(shared, again\)"
+    with pytest.raises(ValueError, match=why):
+        get_peft_model(model(), IA3Config(**ia3))
+    base = model()
+    with pytest.raises(ValueError, match=why):
+        PeftModel.from_pretrained(base, tmp_path / "ia3")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    norm = nn.LayerNorm(8)  # LayerNorm tuning swaps the module's parameters, HF PEFT the module under its name
+    with pytest.raises(ValueError, match=r"LayerNorm tuning: 0 is one module registered under more than one name"):
+        get_peft_model(nn.Sequential(norm, norm), pefttorch.LNTuningConfig())
+    get_peft_model(model(), IA3Config(target_modules=["out"], feedforward_modules=[]))  # not the shared one: fine
+    get_peft_model(model(), SsfConfig(target_modules=["shared"]))  # pefttorch's own: the module's, on every call
+
+    def ia3_block(lib):
+        return lib.IA3Config(target_modules=["block.0"], feedforward_modules=[], init_ia3_weights=False)
+    shared_parent = model()
+    shared_parent.other = shared_parent.block  # block.0 is one module in one place, reached through either name
+    theirs = peft.get_peft_model(copy.deepcopy(shared_parent), ia3_block(peft)).eval()
+    ours = get_peft_model(copy.deepcopy(shared_parent), ia3_block(pefttorch))
+    with torch.no_grad():
+        ours.base_model.scales["block_0"].copy_(theirs.base_model.model.block[0].ia3_l["default"])
+        torch.testing.assert_close(ours(x), theirs(x))
+
+    lora = dict(target_modules=["shared"], init_lora_weights=False)
+    theirs = peft.get_peft_model(model(), peft.LoraConfig(**lora)).eval()
+    theirs.save_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(model(), tmp_path / "lora")(x), theirs(x))

@@ -196,6 +196,26 @@ def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tupl
     return found
 
 
+def refuse_shared_modules(model: nn.Module, found, method: str) -> None:
+    """Refuses a found module registered in more than one place (``self.again = self.shared``; not one inside a
+    shared parent, reached through it alone). HF PEFT puts its layer in the place its name reaches, and the model's
+    call through the other place runs the plain module; this method acts on the module object, so on every call
+    through it: the same adapter file gave other outputs here than in HF PEFT. `found`: (path, module) pairs."""
+    places: dict[int, set[tuple[int, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), set()).add((id(parent), attr))
+    shared = [(path, m) for path, m in found if len(places.get(id(m), ())) > 1]
+    if shared:
+        path, module = shared[0]
+        names = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+        raise ValueError(f"{method}: {path} is one module registered under more than one name ({', '.join(names)}); "
+                         f"{method} act on the module, so on the model's call through each name, while HF PEFT's, "
+                         f"on the one its name reaches only (the same adapter would compute otherwise there). "
+                         f"Leave it out (exclude_modules=[{path!r}]) or give each use its own module")
+
+
 def exact_regex(paths) -> str | None:
     """A regex that matches exactly these module paths (for saved configs that must pick the same modules)."""
     return "|".join(re.escape(p) for p in paths) if paths else None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...nn.lora import refuse_computed_weights
-from .._hooked import HookedModel, exact_regex, find_modules
+from .._hooked import HookedModel, exact_regex, find_modules, refuse_shared_modules
 from ..adapter.model import adapter_dtype
 from ..lora.layer import is_linear, linear_dims
 from ..lora.model import PREFIX, _matches, warn_of_tied_weights
@@ -71,6 +71,7 @@ def find_sites(model: nn.Module, config: IA3Config | SsfConfig) -> list[Site]:
     if isinstance(config, IA3Config):
         spec, feedforward = ia3_targets(model, config)
         modules = find_modules(model, spec, config, is_linear, "linear layers")
+        refuse_shared_modules(model, modules, "(IA)^3 vectors")  # (SSF is pefttorch's own: the module's, throughout)
         return [Site(path, m, linear_dims(m)[0 if on_input else 1], on_input)
                 for path, m in modules for on_input in [bool(feedforward) and _matches(feedforward, path)]]
     modules = find_modules(model, config.target_modules, config, lambda m: is_linear(m) or is_norm(m),

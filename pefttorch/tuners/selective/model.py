@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import nn
 
-from .._hooked import HookedModel, exact_regex, find_modules
+from .._hooked import HookedModel, exact_regex, find_modules, refuse_shared_modules
 from ..lora.model import PREFIX
 from ..scaling.model import is_norm
 from .config import BitFitConfig, LNTuningConfig
@@ -45,6 +45,8 @@ def chosen_parameters(model: nn.Module, config: BitFitConfig | LNTuningConfig):
     bitfit = isinstance(config, BitFitConfig)
     accept, what = (has_bias, "modules with a bias") if bitfit else (is_norm, "LayerNorm/RMSNorm modules")
     found = find_modules(model, config.target_modules, config, accept, what)
+    if not bitfit:  # (BitFit is pefttorch's own: a bias is the module's, on every call)
+        refuse_shared_modules(model, found, "LayerNorm tuning")
     return [(path, m, ["bias"] if bitfit else [n for n, p in m._parameters.items() if p is not None])
             for path, m in found]
 
