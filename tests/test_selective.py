@@ -61,6 +61,40 @@ def test_bitfit_default_takes_every_bias():
     assert names == biases
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])  # (eval: MHA's fast path reads them too)
+def test_bitfit_takes_multihead_attentions_biases(train, tmp_path):
+    """BitFit's biases are every parameter named as one: nn.MultiheadAttention's in_proj_bias (its query, key and
+    value biases) and bias_k / bias_v stayed frozen under "every module with a bias", as they are not named `bias`.
+    They train, save, load, switch off and unload as the others. (Compared within rounding: MHA takes its fast
+    path where no parameter requires a gradient.)"""
+    def build():
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        layer.extra = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+        return layer.train(train)
+
+    mha = {f"{m}.{n}" for m in ("self_attn", "extra") for n in ("in_proj_bias", "out_proj.bias")} | {
+        "extra.bias_k", "extra.bias_v"}
+    biases = {n for n, _ in build().named_parameters() if "bias" in n}
+    model = get_peft_model(build(), BitFitConfig())
+    trained = {n.removeprefix("base_model.model.") for n, p in model.named_parameters()
+               if p.requires_grad and n.startswith("base_model.model.")}
+    assert mha <= biases == trained
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        for p in model.base_model.tuned.values():
+            p.add_(torch.randn_like(p))
+        adapted = model(x)
+        plain = build()(x)
+        assert not torch.allclose(adapted, plain)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), plain)
+        model.save_pretrained(tmp_path)
+        torch.testing.assert_close(PeftModel.from_pretrained(build(), tmp_path)(x), adapted)
+        torch.testing.assert_close(copy.deepcopy(model).merge_and_unload()(x), adapted)
+        torch.testing.assert_close(model.unload()(x), plain)
+
+
 def test_disable_unload_and_merge():
     base = fresh("bert")
     model = get_peft_model(copy.deepcopy(base), BitFitConfig())

@@ -19,11 +19,12 @@ class BitFitConfig(TargetedConfig):
     Args:
         target_modules: the modules whose biases train: names (a module matches if its name equals one or ends
             with ``.name``) or a regex over the whole name. None: every module with a bias (linear layers and
-            norms alike, as in the paper).
+            norms alike, as in the paper). A module's biases are its parameters named ``bias``, ``*_bias`` or
+            ``bias_*``: nn.MultiheadAttention's in_proj_bias (and bias_k, bias_v) train with its out_proj's bias.
         exclude_modules, layers_to_transform, modules_to_save: as in the other configs.
     The trained biases replace the originals in place, so the model computes exactly as before at no extra
     cost; ``disable_adapter`` puts the originals back for its block and ``unload`` for good. Saved in
-    pefttorch's format (HF PEFT has no BitFit): ``base_model.model.<module>.bias``.
+    pefttorch's format (HF PEFT has no BitFit): ``base_model.model.<module>.<bias name>``.
     """
 
     peft_type: str = field(default=BITFIT, init=False)

@@ -36,8 +36,15 @@ def is_swapped_in(p: torch.Tensor) -> bool:
     return ref is not None and ref() is p
 
 
+def bias_names(module: nn.Module) -> list[str]:
+    """The module's own bias parameters: ``bias``, and those named as biases otherwise (nn.MultiheadAttention's
+    in_proj_bias, and bias_k / bias_v with add_bias_kv), which BitFit's "every bias" once left frozen."""
+    return [n for n, p in module._parameters.items()
+            if isinstance(p, torch.Tensor) and (n == "bias" or n.endswith("_bias") or n.startswith("bias_"))]
+
+
 def has_bias(module: nn.Module) -> bool:
-    return isinstance(module._parameters.get("bias"), torch.Tensor)
+    return bool(bias_names(module))
 
 
 def chosen_parameters(model: nn.Module, config: BitFitConfig | LNTuningConfig):
@@ -47,7 +54,7 @@ def chosen_parameters(model: nn.Module, config: BitFitConfig | LNTuningConfig):
     found = find_modules(model, config.target_modules, config, accept, what)
     if not bitfit:  # (BitFit is pefttorch's own: a bias is the module's, on every call)
         refuse_shared_modules(model, found, "LayerNorm tuning")
-    return [(path, m, ["bias"] if bitfit else [n for n, p in m._parameters.items() if p is not None])
+    return [(path, m, bias_names(m) if bitfit else [n for n, p in m._parameters.items() if p is not None])
             for path, m in found]
 
 
