@@ -633,3 +633,32 @@ def test_the_backbones_fresh_start_comes_once_per_forward(case):
     want = reference.density_loss(torch.cat([a.flatten() for a in calls]), 1e-7)
     assert len(calls) == (3 if case == "albert" else 4 if case == "chunked" else 1)
     torch.testing.assert_close(handle.loss(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_that_raised_leaves_no_term_behind():
+    """A training forward that raised (a batch that ran out of memory, skipped) kept its partial losses: they held its
+    graph, and the next good step warned that a term went into no loss - once, so a real misuse later was silent."""
+    import warnings
+    import weakref
+
+    torch.manual_seed(0)
+    model = get_peft_model(FAMILIES["llama"].build(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                 density_loss=DensityLossConfig())).train()
+    ids = torch.randint(1, 95, (2, 9), generator=torch.Generator().manual_seed(1))
+    layers = model.get_base_model().model.layers
+    seen = []
+    layers[0].mlp.act_fn.register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    failing = layers[-1].mlp.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(input_ids=ids, labels=ids)
+    failing.remove()
+    import gc
+
+    gc.collect()
+    assert seen[0]() is None  # the failed call's graph is gone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, labels=ids).loss.backward()  # a good step: nothing to say
+    model(input_ids=ids).logits.sum().backward()  # its term goes into no loss ...
+    with pytest.warns(UserWarning, match="was not added to any loss"):
+        model(input_ids=ids).logits.sum().backward()  # ... which the next forward says

@@ -3,6 +3,7 @@ save/load and bad input, on tiny BERT and Llama models built from configs."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 import weakref
@@ -851,3 +852,37 @@ def test_streams_of_two_dtypes_are_refused_up_front(grad):
         reversible.reversible_stack(layers, x1, x2, {}, torch.float32)
     y1, y2 = reversible.reversible_stack(layers, x1, x2.detach().double().requires_grad_(grad), {}, torch.float32)
     assert y1.dtype == y2.dtype == torch.float64
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_unload_puts_the_users_layer_list_back(variant):
+    """unload() built a new ModuleList: the user's container (its hooks, attributes, identity) was gone, and an
+    eval-mode model came back with its layer list in training mode."""
+    model = build("llama").eval()
+    layers = model.model.layers
+    layers.register_forward_pre_hook(lambda *a: None)
+    layers.note = "kept"
+    peft_model = pefttorch.get_peft_model(model, pefttorch.MeftConfig(variant=variant, bottleneck=4))
+    peft_model.eval()
+    base = copy.deepcopy(peft_model).unload()  # a copy keeps its own (copied) container
+    assert base.model.layers is not layers and base.model.layers.note == "kept"
+    base = peft_model.unload()
+    assert base.model.layers is layers and layers.note == "kept" and len(layers._forward_pre_hooks) == 1
+    assert not base.training and not layers.training
+    assert not any(hasattr(layer, "meft_adapters") for layer in layers)
+    assert list(layers) == list(model.model.layers)
+
+
+def test_a_nan_row_of_input_is_no_reconstruction_failure():
+    """A NaN in one row (the user's data) made the reconstruction error NaN: the once-only warning blamed rounding
+    ("use float64 streams") and stayed silent for a real failure later. The other row reconstructs exactly."""
+    model = pefttorch.get_peft_model(build("llama", layers=4), pefttorch.MeftConfig(
+        variant="meft1", bottleneck=4, stream_dtype=torch.float64)).train()
+    ids = torch.randint(1, VOCAB - 1, (2, 6), generator=torch.Generator().manual_seed(0))
+    embeds = model.get_input_embeddings()(ids).detach().double().float()
+    embeds[0, 2] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(inputs_embeds=embeds).logits[1].sum().backward()
+    assert model.reconstruction_error() <= 1e-12
+    assert not model.base_model._report.warned

@@ -161,8 +161,18 @@ class ReconstructionReport:
 
 
 def _relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
+    """The largest error of `got` against `want`, relative to want's largest magnitude, over the rows (first
+    dimension: the batch) whose input is finite. A NaN or inf in a row of the user's data reconstructs that row as
+    NaN whatever the arithmetic (attention spreads it along the row); counted, it blamed rounding in the once-only
+    warning, which then stayed silent for a real failure later. (0.0 where no row is finite: nothing to measure.)"""
     if want[0].numel() == 0 or want[0].is_meta:  # an empty batch, or shapes only: nothing to measure
         return 0.0
+    if want[0].dim() > 0:
+        rows = torch.stack([w.reshape(w.shape[0], -1).isfinite().all(1) for w in want]).all(0)
+        if not rows.all():
+            if not rows.any():
+                return 0.0
+            got, want = tuple(g[rows] for g in got), tuple(w[rows] for w in want)
     scale = max(max(w.abs().max().item() for w in want), 1e-30)
     return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)) / scale
 

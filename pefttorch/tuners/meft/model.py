@@ -150,6 +150,9 @@ class MeftModel(Forwarding):
         self.disabled = False
         self._family = family
         self._container = (parent, attr)
+        # the user's container itself, which unload() puts back (its hooks, attributes, identity); in __dict__, not
+        # registered as a submodule: its layers would show twice in the state dict
+        self.__dict__["_original_layers"] = layers
         self._num_rev = n_rev
         self._report = ReconstructionReport(debug=config.debug_reconstruction)
         self._remember_trainability(model)
@@ -353,7 +356,12 @@ class MeftModel(Forwarding):
         for hook in self._hooks:
             hook.remove()
         parent, attr = self._container
-        layers = nn.ModuleList(list(self.layers._modules.values()))
+        layers = self.__dict__.get("_original_layers")  # (absent from models pickled before it was kept)
+        if layers is None:
+            layers = nn.ModuleList()
+        layers._modules.clear()
+        layers._modules.update(self.layers._modules)  # the layers in place now (one may have been replaced)
+        layers.training = self.layers.training  # the wrapper, not it, followed train()/eval()
         for layer in layers:
             del layer.meft_adapters
         setattr(parent, attr, layers)
