@@ -636,3 +636,24 @@ def test_a_multiple_choice_model_gets_the_virtual_tokens_in_front_of_each_choice
     assert out.logits.shape == (2, 3)
     torch.testing.assert_close(out.logits, base.classifier(pooled).view(2, 3))
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
+
+
+def test_a_classifier_whose_forward_raised_is_freed():
+    """Where a call pools was cleared by the head's hook: a forward that raised before the head (an id past the
+    vocabulary) left its entry, keyed by the model, and the whole model stayed alive after the caller let it go."""
+    import gc
+    import weakref
+
+    import transformers
+
+    base = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3))
+    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=N, task_type="SEQ_CLS"))
+    with pytest.raises(IndexError):
+        model(input_ids=torch.tensor([[5, 7, 1000, 0]]))
+    freed = weakref.ref(base)
+    del base, model
+    gc.collect()
+    assert freed() is None
+

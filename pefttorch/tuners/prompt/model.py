@@ -68,9 +68,10 @@ def _parameter_names(cls: type) -> list[str]:
 # True while an adapter is built only to have saved weights copied into it (PeftModel.from_pretrained): the initial
 # prompt is then not computed; a TEXT one needed its tokenizer, which a saved adapter does not (HF PEFT skips it too)
 WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch_weights_follow", default=False)
-# {model: where its sequence classifier pools each row}, from the top hook to the head's hook of the same call: per
-# call, not on the model, so that threads sharing a model (nn.DataParallel's replicas) keep their own; per model, so
-# that a prompted classifier called inside another's forward leaves the outer one's entry alone
+# {model: where its sequence classifier pools each row}, from the top hook to the head's hook (or the call's end, if it
+# raised before the head) of the same call: per call, not on the model, so that threads sharing a model
+# (nn.DataParallel's replicas) keep their own; per model, so that a prompted classifier called inside another's
+# forward leaves the outer one's entry alone
 _POOL_AT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
 # What a multiple-choice model takes per choice, (batch, choices, length, ...), and flattens into the batch
 PER_CHOICE = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
@@ -251,6 +252,7 @@ class PromptModel(VirtualTokenModel):
         self._traced_pool: torch.Tensor | None = None  # _POOL_AT's entry while torch.compile traces (see _pool_at)
         if self._pools:
             self.hook(head.register_forward_hook(self._pool_hook))
+            self.hook(model.register_forward_hook(self._end_pool, always_call=True))
 
     @torch.no_grad()
     def _initial_prompt(self, config: PromptTuningConfig, rows: int) -> torch.Tensor:
@@ -395,6 +397,12 @@ class PromptModel(VirtualTokenModel):
         output = output.clone()
         output[rows, -1] = output[rows, last.to(output.device)]
         return output
+
+    def _end_pool(self, module, args, output) -> None:
+        """Clears this call's _POOL_AT entry however the call ends: a forward that raised before the head (an id
+        past the vocabulary) left it, and its key (this model) kept the whole model alive after the caller let it
+        go."""
+        self._pool_at(None)
 
     def _mask_for_encoder_output(self, kw: dict) -> None:
         """An encoder-decoder model's attention mask (also the decoder's cross-attention mask) must cover the
