@@ -506,3 +506,49 @@ def test_a_seq2seq_lm_without_any_decoder_input_gives_its_own_error():
         base(input_ids=ids)
     with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
         model(input_ids=ids)
+
+
+def test_two_threads_on_one_model_keep_their_own_cache():
+    """The cache a call started was kept on the model from its hook to its check: a call in another thread that
+    started in between replaced it, and the first call's check read the second's (not yet read by its layers):
+    "attention layers [0, 1] did not read the prefix" on a correct call. The hooks below only force that order."""
+    import threading
+
+    _, model = prefixed("llama")
+    model.eval()
+    calls = {"A": torch.randint(1, 95, (2, 7)), "B": torch.randint(1, 95, (3, 5))}
+    with torch.no_grad():
+        want = {k: model(input_ids=v).logits for k, v in calls.items()}
+    b_started, a_done = threading.Event(), threading.Event()
+
+    def a_ends_after_b_starts(*_):
+        if threading.current_thread().name == "A":
+            assert b_started.wait(10)
+        elif not a_done.is_set():
+            b_started.set()
+            assert a_done.wait(10)
+
+    hook = model.base_model.model.model.layers[0].register_forward_pre_hook(a_ends_after_b_starts)
+    got, errors = {}, []
+
+    def run(key):
+        try:
+            with torch.no_grad():
+                got[key] = model(input_ids=calls[key]).logits
+        except Exception as e:  # noqa: BLE001 (reported below, from the main thread)
+            errors.append(f"{key}: {e}")
+        finally:
+            if key == "A":
+                a_done.set()
+            else:
+                b_started.set()
+
+    threads = [threading.Thread(target=run, args=(k,), name=k) for k in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    assert not errors
+    for k in calls:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)

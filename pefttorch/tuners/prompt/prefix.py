@@ -9,7 +9,9 @@ tuning hooks do. Later generation steps find the prefix in the cache they are gi
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import threading
 
 import torch
 from torch import nn
@@ -21,6 +23,16 @@ from .model import VirtualTokenModel, _parameter_names, _task_of_class_name
 
 def _first(config, *names):
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
+
+# {model: its running calls, innermost last: (the cache each started, or None; whether it let the checkpointed layers
+# keep the cache)}, from the hook that starts a call to the check when it returns. Per call, not on the model: two
+# threads calling one model took each other's cache (the check read the other call's, and "layers did not read the
+# prefix" was raised on a correct call); per model, so that a prefix-tuned model called inside another's forward
+# leaves the outer one's alone; a stack, so that a call nested in the same model's leaves the outer call's.
+_RUNNING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pefttorch_prefix_running", default=None)
+# Guards the count of running calls that let the checkpointed layers (shared by all threads) keep the cache
+_GRANTS = threading.Lock()
 
 
 def _text_config(config):
@@ -156,8 +168,8 @@ class PrefixModel(VirtualTokenModel):
         else:
             init = torch.zeros if zero else torch.randn
             self.prefix_embeddings = nn.Parameter(init(self.n, width, **factory))
-        self._pending = None  # the cache a running call started with, checked when it returns
-        self._granted = False  # whether checkpointed layers were let keep the cache for the running call
+        self._traced_calls: tuple = ()  # _RUNNING's entry while torch.compile traces (see _set_calls)
+        self._grants = 0  # running calls (in any thread) that let the checkpointed layers keep the cache
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self._cache_classes = _cache_classes()
@@ -233,9 +245,10 @@ class PrefixModel(VirtualTokenModel):
                    rows[step * i + 1].unsqueeze(0).expand(batch, -1, -1, -1))
 
     def _prefilled_cache(self, batch: int, read_only: bool, given=None):
-        """The cache a new sequence starts with, the prefix in every layer. `given`, an empty cache the caller
-        passed (as to the base model, to step on with it), is filled in place: replaced, it stayed empty and the
-        caller's next step computed without the prefix and the tokens, silently."""
+        """The cache a new sequence starts with, the prefix in every layer, and its part that holds the prefix (what
+        `_check` reads). `given`, an empty cache the caller passed (as to the base model, to step on with it), is
+        filled in place: replaced, it stayed empty and the caller's next step computed without the prefix and the
+        tokens, silently."""
         classes = self._cache_classes
         if given is not None:
             if read_only:
@@ -246,31 +259,62 @@ class PrefixModel(VirtualTokenModel):
             cache = given.self_attention_cache if isinstance(given, classes["enc_dec"]) else given
             for i, (key, value) in enumerate(self._layer_prefixes(batch)):
                 cache.update(key, value, i)
-            self._pending = cache
-            return given
+            return given, cache
         # a decoder-only model's config says which layers slide (their cache keeps a window); an encoder-decoder
         # model's may count its encoder's layers: there the cache grows its layers as they come
         cache = classes["prefix"](config=None if self.encoder_decoder else self.model.config)
         for i, (key, value) in enumerate(self._layer_prefixes(batch)):
             cache.update(key, value, i)
         cache.read_only, cache.reads = read_only, set()
-        self._pending = cache
         if not self.encoder_decoder:
-            return cache
+            return cache, cache
         if not read_only:
-            return classes["enc_dec"](cache, classes["dynamic"]())
+            return classes["enc_dec"](cache, classes["dynamic"]()), cache
         both = classes["enc_dec"](cache, classes["cross"]())
         both.is_updated = _NeverUpdated()
-        return both
+        return both, cache
 
     def _checkpointing(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and any(m.gradient_checkpointing
                                                                      for m in self._checkpointed)
 
+    # ------------------------------------------------------------------ the running calls
+
+    def _calls(self) -> tuple:
+        """This model's running calls in this context (thread), innermost last."""
+        return self._traced_calls if torch.compiler.is_compiling() else (_RUNNING.get() or {}).get(self, ())
+
+    def _set_calls(self, calls: tuple) -> None:
+        """Sets this model's entry in _RUNNING; the dict is replaced, never changed in place, since other contexts
+        may hold it. While torch.compile traces, on the model: dynamo cannot trace a ContextVar (a graph break per
+        call, an error with fullgraph), and a trace runs in one thread."""
+        if torch.compiler.is_compiling():
+            self._traced_calls = calls
+            return
+        running = {m: v for m, v in (_RUNNING.get() or {}).items() if m is not self}
+        if calls:
+            running[self] = calls
+        _RUNNING.set(running)
+
+    def _grant(self, on: bool) -> None:
+        """Lets the checkpointed layers keep a cache (transformers drops any other it hands them) for a call (on),
+        or no longer once the last call that needed it, in any thread, has returned (off)."""
+        if torch.compiler.is_compiling():  # one thread; dynamo cannot trace a lock
+            self._grants += 1 if on else -1
+        else:
+            with _GRANTS:
+                self._grants += 1 if on else -1
+        for m in self._checkpointed:
+            if self._grants:
+                m._can_checkpoint_with_cache = True
+            else:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+
     def _layer_hook(self, layer, args, kwargs):
         """A model that hands its checkpointed layers no cache (GPT-2 does, under gradient checkpointing) would fail
         deep in attention on a mask made for the prefix: say why, before the layer runs."""
-        cache = self._pending
+        calls = self._calls()
+        cache = calls[-1][0] if calls else None
         if cache is None or not getattr(cache, "read_only", False) or not layer.gradient_checkpointing:
             return
         if not any(isinstance(a, self._cache_classes["any"]) for a in (*args, *kwargs.values())):
@@ -281,11 +325,13 @@ class PrefixModel(VirtualTokenModel):
     def _check(self, module, args, output):
         """After a call that started the cache: every attention layer must have read the prefix (a layer that
         was handed no cache computed without it: its gradient would be silently wrong)."""
-        cache, self._pending = self._pending, None
-        if self._granted:
-            for m in self._checkpointed:
-                m.__dict__.pop("_can_checkpoint_with_cache", None)
-            self._granted = False
+        calls = self._calls()
+        if not calls:  # the model's hook did not run (one before it raised)
+            return
+        (cache, granted), calls = calls[-1], calls[:-1]
+        self._set_calls(calls)
+        if granted:
+            self._grant(False)
         if output is None:  # the call raised (this hook runs anyway, to clean up): its own error stands
             return
         if cache is None:
@@ -302,6 +348,9 @@ class PrefixModel(VirtualTokenModel):
                                   if self._checkpointing(module) else "") + ")")
 
     def _hook(self, module, args, kwargs):
+        # this call's entry, first (nothing before it can raise): `_check`, which runs however the call ends, takes
+        # the innermost one off, which must be this call's
+        self._set_calls((*self._calls(), (None, False)))
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
@@ -337,12 +386,11 @@ class PrefixModel(VirtualTokenModel):
                                    "checkpointing: use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                                    "{'use_reentrant': False}) (transformers' default), or fold_prefix() first")
             # an empty cache passed in is filled (one an earlier call filled is not: use_cache=False computes anew)
-            kw[key] = self._prefilled_cache(batch, read_only, given if cache_length(given) == 0 else None)
+            kw[key], cache = self._prefilled_cache(batch, read_only, given if cache_length(given) == 0 else None)
             past = self.n
+            self._set_calls((*self._calls()[:-1], (cache, read_only)))
             if read_only:  # checkpointed layers keep a cache that only reads (transformers drops others)
-                for m in self._checkpointed:
-                    m._can_checkpoint_with_cache = True
-                self._granted = True
+                self._grant(True)
         # the input follows the prefix (and, in a later generation step, the tokens before it): positions count
         # from the prefix's end, as the model's own do for a filled cache
         self._after_virtual_tokens(kw, past, length, batch, mask_key, positions_key)
