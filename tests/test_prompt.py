@@ -657,3 +657,28 @@ def test_a_classifier_whose_forward_raised_is_freed():
     gc.collect()
     assert freed() is None
 
+
+def _virtual_tokens(method, family, task_type=None):
+    from pefttorch import PrefixTuningConfig
+
+    config = {"prompt": PromptTuningConfig, "dept": DeptConfig, "prefix": PrefixTuningConfig}[method]
+    base = fresh(family)
+    return base, get_peft_model(copy.deepcopy(base), config(num_virtual_tokens=N, task_type=task_type))
+
+
+@pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
+def test_a_mask_that_is_not_2d_is_refused_up_front(method):
+    """A custom 4-D mask (batch, 1, queries, keys), or a 3-D one, which the model takes, has no rows and columns for
+    the virtual tokens: it failed deep inside attention ("size of tensor a (9) must match") or with an IndexError."""
+    base, model = _virtual_tokens(method, "llama")
+    ids = inputs("llama")["input_ids"]
+    length = ids.shape[1]
+    mask4d = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None].expand(ids.shape[0], 1, -1, -1)
+    name = {"prompt": "prompt tuning", "dept": "DePT", "prefix": "prefix tuning"}[method]
+    with torch.no_grad():
+        base(input_ids=ids, attention_mask=mask4d)  # the base model takes it
+        for mask in (mask4d, mask4d[:, 0, -1:, :]):
+            with pytest.raises(ValueError, match=rf"{name} takes a 2-D attention_mask \(batch, length\); got shape "
+                                                 rf"\({ids.shape[0]}, 1, "):
+                model(input_ids=ids, attention_mask=mask)
+

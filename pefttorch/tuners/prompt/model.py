@@ -169,6 +169,13 @@ class VirtualTokenModel(HookedModel):
             if isinstance(value, torch.Tensor) and value.shape[0] == shape[0] * shape[1]:
                 kw[key] = value.unflatten(0, shape)
 
+    def _refuse_other_masks(self, kw: dict, key: str = "attention_mask") -> None:
+        """A 4-D (batch, 1, queries, keys) or 3-D mask has no rows and columns for the virtual tokens (it failed
+        deep inside attention on the sizes, or indexed past its end): refused before anything runs."""
+        mask = kw.get(key)
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            raise ValueError(f"{self.method} takes a 2-D {key} (batch, length); got shape {tuple(mask.shape)}")
+
     def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
         """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
         value = kw.get(key)
@@ -329,10 +336,12 @@ class PromptModel(VirtualTokenModel):
             return None
         kw = self._keywords(module, args, kwargs)
         if self.encoder_decoder:
+            self._refuse_other_masks(kw)
             self._mask_for_encoder_output(kw)
             return (), kw
         n = self.n
         choices = self._flatten_choices(kw)
+        self._refuse_other_masks(kw)
         past_length = cache_length(get_cache(kw))
         source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
         if source is None:
@@ -423,6 +432,7 @@ class PromptModel(VirtualTokenModel):
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
+        self._refuse_other_masks(kw)
         mask, source = kw.get("attention_mask"), kw.get("inputs_embeds")
         source = kw.get("input_ids") if source is None else source
         if mask is not None and source is not None and mask.shape[1] == source.shape[1] + self.n:

@@ -358,6 +358,9 @@ class PrefixModel(VirtualTokenModel):
         names = ("decoder_input_ids", "decoder_inputs_embeds") if self.encoder_decoder else ("input_ids",
                                                                                                 "inputs_embeds")
         choices = None if self.encoder_decoder else self._flatten_choices(kw)
+        mask_key, positions_key = (("decoder_attention_mask", "decoder_position_ids") if self.encoder_decoder
+                                   else ("attention_mask", "position_ids"))
+        self._refuse_other_masks(kw, mask_key)
         source = next((kw[k] for k in names if kw.get(k) is not None), None)
         if source is None and self.encoder_decoder:  # the decoder input the model makes (see __init__)
             source = kw.get("labels") if self.decoder_from_labels else None
@@ -368,8 +371,6 @@ class PrefixModel(VirtualTokenModel):
                              + (" (or the input_ids or labels the model makes it from)" if self.encoder_decoder
                                 else ""))
         batch, length = source.shape[:2]
-        mask_key, positions_key = (("decoder_attention_mask", "decoder_position_ids") if self.encoder_decoder
-                                   else ("attention_mask", "position_ids"))
         key = cache_key(kw, _parameter_names(type(module)))
         # without use_cache a call computes its whole sequence; a cache it is handed is the one an earlier call
         # returned (generate passes it on even then), holding that call's keys after the prefix
