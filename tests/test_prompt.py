@@ -682,3 +682,20 @@ def test_a_mask_that_is_not_2d_is_refused_up_front(method):
                                                  rf"\({ids.shape[0]}, 1, "):
                 model(input_ids=ids, attention_mask=mask)
 
+
+@pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_an_input_past_the_position_limit_with_the_virtual_tokens_is_refused(method, family):
+    """Within the model's 64 positions, past them with the 3 virtual tokens: GPT-2 failed with "index out of range
+    in self", BERT on an unrelated size. Llama's rotary positions have no limit: it is not refused."""
+    base, model = _virtual_tokens(method, family, "SEQ_CLS" if family == "bert" else None)
+    ids = torch.randint(1, 95, (2, 62))
+    with torch.no_grad():
+        base(input_ids=ids)
+        if family == "llama":
+            model(input_ids=ids)
+            return
+        with pytest.raises(ValueError, match=r"62 tokens after 3 virtual tokens take 65 positions, more than the 64 "
+                                             r"of .*; pass at most 61 tokens"):
+            model(input_ids=ids)
+        model(input_ids=ids[:, :61])

@@ -75,6 +75,27 @@ WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("pefttorch
 _POOL_AT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pefttorch_pool_at", default=None)
 # What a multiple-choice model takes per choice, (batch, choices, length, ...), and flattens into the batch
 PER_CHOICE = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
+# The modules that hold learned (or fixed sinusoidal) absolute positions, one row per position: GPT-2's and GPT-Neo's
+# `wpe`, BERT's `position_embeddings`, BART's, OPT's and Marian's `embed_positions`. A model without one (rotary,
+# relative or ALiBi positions) has no hard length limit.
+POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with absolute position embeddings has (config.max_position_embeddings, GPT-2's
+    n_positions), or None for a model without them."""
+    if not any(isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+               for name, m in model.named_modules()):
+        return None
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = _first(config, "max_position_embeddings", "n_positions")
+    return int(limit) if limit else None
+
+
+def _first(config, *names):
+    """The first of a config's fields `names` that is set (models name the same field differently)."""
+    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
 
 
 class VirtualTokenModel(HookedModel):
@@ -87,6 +108,7 @@ class VirtualTokenModel(HookedModel):
         super().__init__(model, config, adapter_name)
         self.n = config.num_virtual_tokens
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.max_positions = position_limit(model)
 
     def generate(self, *args, **kwargs):
         """The model's generate; continuing from a cache an earlier call returned (``past_key_values=``, with the
@@ -175,6 +197,17 @@ class VirtualTokenModel(HookedModel):
         mask = kw.get(key)
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             raise ValueError(f"{self.method} takes a 2-D {key} (batch, length); got shape {tuple(mask.shape)}")
+
+    def _refuse_past_positions(self, cached: int, length: int) -> None:
+        """The virtual tokens take positions too: an input within the model's limit may not be once they are added
+        (GPT-2 failed with "index out of range in self", BERT on an unrelated size). `cached`: the positions in
+        front of the input's `length` tokens (the virtual tokens, and any tokens in the cache)."""
+        if self.max_positions is not None and cached + length > self.max_positions:
+            past = f" and {cached - self.n} cached tokens" if cached > self.n else ""
+            raise ValueError(f"{self.method}: {length} tokens after {self.n} virtual tokens{past} take "
+                             f"{cached + length} positions, more than the {self.max_positions} of "
+                             f"{type(self.model).__name__} (config.max_position_embeddings); pass at most "
+                             f"{self.max_positions - cached} tokens")
 
     def _grow(self, kw: dict, key: str, batch: int, fill: int) -> None:
         """`kw[key]` (batch, length, ...) with `n` entries of `fill` in front."""
@@ -335,7 +368,7 @@ class PromptModel(VirtualTokenModel):
         if self.disabled:
             return None
         kw = self._keywords(module, args, kwargs)
-        if self.encoder_decoder:
+        if self.encoder_decoder:  # the encoder's hook checks the input's length against the positions
             self._refuse_other_masks(kw)
             self._mask_for_encoder_output(kw)
             return (), kw
@@ -347,6 +380,7 @@ class PromptModel(VirtualTokenModel):
         if source is None:
             raise ValueError("prompt tuning needs input_ids or inputs_embeds")
         batch, length = source.shape[:2]
+        self._refuse_past_positions(past_length or n, length)  # a generation step's cache holds the prompt
         if past_length == 0:  # the whole input: the prompt goes in front
             refuse_static(get_cache(kw), self.method)
             self._pool_at(self._last_real_tokens(module, kw.get("input_ids")))
@@ -435,6 +469,8 @@ class PromptModel(VirtualTokenModel):
         self._refuse_other_masks(kw)
         mask, source = kw.get("attention_mask"), kw.get("inputs_embeds")
         source = kw.get("input_ids") if source is None else source
+        if source is not None:
+            self._refuse_past_positions(self.n, source.shape[1])
         if mask is not None and source is not None and mask.shape[1] == source.shape[1] + self.n:
             # the top hook widened it for the encoder output: the input's own columns are the ones DePT's
             # positions count, and the prompt's (ones) go back in front below

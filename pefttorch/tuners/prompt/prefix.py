@@ -18,12 +18,7 @@ from torch import nn
 
 from .._cache import cache_key, cache_length, refuse_static
 from .config import PrefixTuningConfig
-from .model import VirtualTokenModel, _parameter_names, _task_of_class_name
-
-
-def _first(config, *names):
-    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
-
+from .model import VirtualTokenModel, _first, _parameter_names, _task_of_class_name
 
 # {model: its running calls, innermost last: (the cache each started, or None; whether it let the checkpointed layers
 # keep the cache)}, from the hook that starts a call to the check when it returns. Per call, not on the model: two
@@ -376,6 +371,7 @@ class PrefixModel(VirtualTokenModel):
         # returned (generate passes it on even then), holding that call's keys after the prefix
         given = kw.get(key)
         past = 0 if kw.get("use_cache") is False else cache_length(given)
+        self._refuse_past_positions(past or self.n, length)  # a later step's cache holds the prefix
         if past == 0:  # a new sequence: the cache starts with the prefix
             refuse_static(given, self.method)
             read_only = self._checkpointing(module)
