@@ -62,6 +62,18 @@ def _tuner_for(config) -> type:
     return tuner
 
 
+def _offloaded(model: nn.Module) -> str | None:
+    """The first module whose weights 🤗 Accelerate offloads (cpu_offload, a device_map with "cpu"/"disk" entries):
+    they sit on the meta device and its hook loads them for each call. A new adapter there was created on the meta
+    device too, never loaded by the hook (not among its weights): the outputs were uninitialised memory (NaN with
+    disk offload), and backward failed on a meta gradient."""
+    for path, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return path or "the top"
+    return None
+
+
 def _adapter_trace(model: nn.Module) -> str | None:
     """Where `model` holds a pefttorch tuner's layers or hooks (left by a get_peft_model that was not unloaded), or
     None. The density loss's hooks do not count: it is attached on its own, and combines with any tuner."""
@@ -135,6 +147,12 @@ class PeftModel(Forwarding):
         tuner = _tuner_for(config)
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
+        offloaded = _offloaded(model)
+        if offloaded is not None:
+            raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}: on the meta device, "
+                             "loaded for each call), where an adapter cannot be created (its weights would be "
+                             "uninitialised memory); load the model without offloading (a device_map of devices only), "
+                             "add the adapter, then offload if needed")
         trace = _adapter_trace(model)
         if trace is not None:
             # a second tuner on the same modules would re-initialise the first one's adapter in place and leave

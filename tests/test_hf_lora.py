@@ -1809,3 +1809,33 @@ def test_multihead_attention_out_proj_is_left_to_it():
     assert [s.path for s in get_peft_model(Model(), pefttorch.SsfConfig()).base_model.sites] == ["fc"]
     bitfit = get_peft_model(Model(), pefttorch.BitFitConfig())  # a swapped bias is read like the module's own
     assert "base_model.model.attn.out_proj.bias" in [n for n, p in bitfit.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_an_offloaded_model_is_refused(method):
+    """🤗 Accelerate's offloaded weights sit on the meta device, loaded per call: adapters were created there too and
+    never loaded, so the outputs were uninitialised memory (changing from call to call, NaN with disk offload)."""
+    accelerate = pytest.importorskip("accelerate")
+    from pefttorch import IA3Config, PromptTuningConfig
+
+    model = fresh(FAMILIES["llama"])
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    config = {"lora": LoraConfig(r=4, target_modules=["q_proj"]),
+              "ia3": IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+              "prompt": PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")}[method]
+    with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* where an adapter cannot be created"):
+        get_peft_model(model, config)
+    # offloading after the adapter is in works (LoRA: its layers are called, and the hook loads their weights)
+    model = get_peft_model(fresh(FAMILIES["llama"]), LoraConfig(r=4, target_modules=["q_proj"]))
+    inp = inputs_of(FAMILIES["llama"])
+    want = logits(model, inp)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    torch.testing.assert_close(logits(model, inp), want)
+
+
+def test_a_model_with_an_hf_peft_adapter_is_refused_with_the_way_out():
+    """The message said HF PEFT's layers were not Linear while naming them "(Linear)"."""
+    model = fresh(FAMILIES["llama"])
+    model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]))  # transformers' PeftAdapterMixin
+    with pytest.raises(ValueError, match=r"q_proj \(Linear of HF PEFT .*pefttorch\.accelerate\(model\)"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))

@@ -184,6 +184,10 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if not linear:
             why = not_called.get(id(base))
             why = f": {why}, so an adapter there has no effect" if why else ""
+            if type(module).__module__.startswith("peft."):  # ("Linear" said nothing: HF PEFT's layer is named so)
+                why = (f" of HF PEFT ({type(module).__module__}): the model carries an HF PEFT adapter, e.g. one "
+                       "added by transformers' add_adapter; pefttorch.accelerate(model) runs it with pefttorch's "
+                       "kernels, or remove it first")
             unsupported.append(f"{name} ({type(module).__name__}{why})")
             continue
         r = _pattern_value(config.rank_pattern, name, config.r)
