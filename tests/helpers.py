@@ -29,3 +29,14 @@ def assert_close_to_oracle(name: str, out: torch.Tensor, baseline: torch.Tensor,
     assert out.dtype == baseline.dtype, f"{name}: dtype {out.dtype} != {baseline.dtype}"
     acc = check_accuracy(out, baseline, oracle, factor)
     assert acc.ok, f"{name} ({out.dtype}): {acc}"
+
+
+def run_in_threads(run, keys) -> None:
+    """`run(key)` for each key, each in a thread of its own (named by the key), all started, then all joined."""
+    import threading
+
+    threads = [threading.Thread(target=run, args=(k,), name=k) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

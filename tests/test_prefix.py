@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from helpers import run_in_threads
 from hf_models import check_generate_with_and_without_cache, fresh, inputs, loss
 
 from pefttorch import PeftModel, PrefixTuningConfig, config_for_budget, get_peft_model
@@ -543,11 +544,7 @@ def test_two_threads_on_one_model_keep_their_own_cache():
             else:
                 b_started.set()
 
-    threads = [threading.Thread(target=run, args=(k,), name=k) for k in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(run, calls)
     hook.remove()
     assert not errors
     for k in calls:

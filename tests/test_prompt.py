@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_in_threads
 from hf_models import check_generate_with_and_without_cache, fresh, inputs
 
 from pefttorch import DeptConfig, PeftModel, PromptTuningConfig, get_peft_model
@@ -509,11 +510,7 @@ def test_concurrent_calls_pool_their_own_rows():
             if key == "A":
                 a_done.set()
 
-    threads = [threading.Thread(target=run, args=(k,), name=k) for k in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(run, calls)
     for h in hooks:
         h.remove()
     for k in calls:
