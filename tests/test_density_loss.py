@@ -662,3 +662,9 @@ def test_a_forward_that_raised_leaves_no_term_behind():
     model(input_ids=ids).logits.sum().backward()  # its term goes into no loss ...
     with pytest.warns(UserWarning, match="was not added to any loss"):
         model(input_ids=ids).logits.sum().backward()  # ... which the next forward says
+    # a no-grad (reference) call that raises keeps the training forward's losses, as one that returns does
+    model(input_ids=ids)
+    term = model.density_loss.loss()
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(input_ids=ids * 0 + 10_000)
+    torch.testing.assert_close(model.density_loss.loss(), term)

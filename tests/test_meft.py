@@ -871,6 +871,9 @@ def test_unload_puts_the_users_layer_list_back(variant):
     assert not base.training and not layers.training
     assert not any(hasattr(layer, "meft_adapters") for layer in layers)
     assert list(layers) == list(model.model.layers)
+    with pytest.raises(RuntimeError, match="MEFT: this model was unloaded already"):
+        peft_model.unload()  # (it emptied the restored list: a model without layers, in silence)
+    assert len(base.model.layers) == 2
 
 
 def test_a_nan_row_of_input_is_no_reconstruction_failure():

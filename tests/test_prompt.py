@@ -696,3 +696,24 @@ def test_an_input_past_the_position_limit_with_the_virtual_tokens_is_refused(met
                                              r"of .*; pass at most 61 tokens"):
             model(input_ids=ids)
         model(input_ids=ids[:, :61])
+
+
+@pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
+def test_roberta_s_position_limit_counts_its_padding_offset(method):
+    """RoBERTa numbers positions from padding_idx + 1: of 64, 62 are usable. The limit was taken as 64: 60 and 61
+    tokens after 3 virtual ones failed inside the model ("index 64 is out of bounds"), and the refusal said 61."""
+    import transformers
+
+    from pefttorch import PrefixTuningConfig
+
+    torch.manual_seed(0)
+    base = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, pad_token_id=1)).eval()
+    config = {"prompt": PromptTuningConfig, "dept": DeptConfig, "prefix": PrefixTuningConfig}[method]
+    model = get_peft_model(base, config(num_virtual_tokens=3, task_type="SEQ_CLS")).eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(4, 95, (1, 59)))
+        with pytest.raises(ValueError, match=r"60 tokens after 3 virtual tokens take 63 positions, more than the 62 "
+                                             r"of .*; pass at most 59 tokens"):
+            model(input_ids=torch.randint(4, 95, (1, 60)))

@@ -226,15 +226,16 @@ class DensityLoss:
 
     def _end_inner(self, module, args, output):
         self._inner_depth -= 1  # (also when the forward raised: always_call)
-        if output is None and self._inner_depth == 0 and not self._root_grad:
-            self._fresh()  # a backbone call that raised: as _end for the model's own call
+        if (output is None and self._inner_depth == 0 and not self._root_grad and module.training
+                and torch.is_grad_enabled()):
+            self._fresh()  # a training call of the backbone that raised: as _end for the model's own call
 
     def _end(self, module, args, output):
-        self._root_grad = False  # also when the forward raised: the next direct call of the backbone starts afresh
-        if output is None:
-            # the forward raised (a batch that ran out of memory, skipped): its partial losses went into no loss, and
-            # kept, they held its graph and made the next good step warn of an unused term (which said it once, and
-            # then never of a real one)
+        root_grad, self._root_grad = self._root_grad, False  # also when the forward raised: the next direct call
+        if output is None and root_grad:                     # of the backbone starts afresh
+            # a training forward that raised (a batch that ran out of memory, skipped): its partial losses went into
+            # no loss, and kept, they held its graph and made the next good step warn of an unused term (which said
+            # it once, and then never of a real one). A no-grad call that raised keeps the training forward's.
             self._fresh()
 
     def _fresh(self) -> None:

@@ -353,10 +353,13 @@ class MeftModel(Forwarding):
         keep what they learned: they were trained in place)."""
         if merge:
             self.merge_adapter()
+        parent, attr = self._container
+        if not isinstance(getattr(parent, attr), ReversibleLayerList):
+            # a second unload() emptied the restored layer list (it is the original container then)
+            raise RuntimeError("MEFT: this model was unloaded already; its layers are the base model's again")
         for hook in self._hooks:
             hook.remove()
-        parent, attr = self._container
-        layers = self.__dict__.get("_original_layers")  # (absent from models pickled before it was kept)
+        layers = self.__dict__.pop("_original_layers", None)  # (absent from models pickled before it was kept)
         if layers is None:
             layers = nn.ModuleList()
         layers._modules.clear()

@@ -83,14 +83,18 @@ POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
 
 def position_limit(model: nn.Module) -> int | None:
     """How many positions a model with absolute position embeddings has (config.max_position_embeddings, GPT-2's
-    n_positions), or None for a model without them."""
-    if not any(isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
-               for name, m in model.named_modules()):
+    n_positions), or None for a model without them. A table with a padding index (RoBERTa, XLM-R, CamemBERT)
+    numbers positions from padding_idx + 1: those in front are used up (the limit was 2 too high there)."""
+    table = next((m for name, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES), None)
+    if table is None:
         return None
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = _first(config, "max_position_embeddings", "n_positions")
-    return int(limit) if limit else None
+    if not limit:
+        return None
+    return int(limit) - (table.padding_idx + 1 if table.padding_idx is not None else 0)
 
 
 def _first(config, *names):
