@@ -1783,34 +1783,6 @@ def test_modules_to_save_refuse_containers_as_hf_peft(container, method):
     model(torch.randn(2, 8)).sum().backward()  # the heads inside it are wrapped, as named
 
 
-def test_multihead_attention_out_proj_is_left_to_it():
-    """nn.MultiheadAttention reads its out_proj's weight instead of calling it: "all-linear" gave it a LoRA layer
-    that never ran (no gradient, no effect); it is left out now, and refused where named, saying why (HF PEFT has an
-    MHA layer of its own for it, pefttorch has none)."""
-    import pefttorch
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = torch.nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0])
-
-    model = get_peft_model(Model(), LoraConfig(r=2, target_modules="all-linear"))
-    assert [n for n, m in model.named_modules() if isinstance(m, LoraLayer)] == ["base_model.model.fc"]
-    why = r"attn\.out_proj \(NonDynamicallyQuantizableLinear: nn\.MultiheadAttention reads its weight and bias instead"
-    for config in (LoraConfig(r=2, target_modules=["out_proj"]),
-                   pefttorch.IA3Config(target_modules=["out_proj", "fc"], feedforward_modules=[]),
-                   pefttorch.SsfConfig(target_modules=["out_proj"])):
-        with pytest.raises(ValueError, match=why):
-            get_peft_model(Model(), config)
-    assert [s.path for s in get_peft_model(Model(), pefttorch.SsfConfig()).base_model.sites] == ["fc"]
-    bitfit = get_peft_model(Model(), pefttorch.BitFitConfig())  # a swapped bias is read like the module's own
-    assert "base_model.model.attn.out_proj.bias" in [n for n, p in bitfit.named_parameters() if p.requires_grad]
-
-
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
 def test_an_offloaded_model_is_refused(method):
     """🤗 Accelerate's offloaded weights sit on the meta device, loaded per call: adapters were created there too and

@@ -24,7 +24,6 @@ from .lora.model import (
     _set_submodule,
     check_modules_to_save,
     module_names,
-    read_not_called,
     saves_module,
 )
 
@@ -158,15 +157,11 @@ class HookedModel(Forwarding):
         return self.peft_config[name], self.adapter_state_dict(name)
 
 
-def find_modules(model: nn.Module, spec, config, accept, what: str,
-                 hooked: bool = False) -> list[tuple[str, nn.Module]]:
+def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tuple[str, nn.Module]]:
     """Modules that `spec` (names, a regex, "all-linear", or None: every module `accept`s) selects in `model`,
     minus exclude_modules, modules outside layers_to_transform and modules_to_save; each must satisfy `accept`.
-    Raises naming what could have matched. With `hooked` (the method runs in forward hooks), modules the model
-    never calls (:func:`read_not_called`) are left out of "all-linear" and None, and refused where named."""
+    Raises naming what could have matched."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    # (a swapped parameter, BitFit's, is read there like any other)
-    not_called = read_not_called(model) if hooked else {}
     found, rejected, candidates = [], [], Counter()
     inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
@@ -175,21 +170,18 @@ def find_modules(model: nn.Module, spec, config, accept, what: str,
         if isinstance(module, ModulesToSaveWrapper):
             inside += (name + ".",)
             continue
-        why = not_called.get(id(module))
-        if accept(module) and not why:
+        if accept(module):
             candidates[name.rsplit(".", 1)[-1]] += 1
         if spec is None:
-            matched = accept(module) and not why
-        elif spec == ALL_LINEAR:
-            matched = is_linear(module) and module is not head and not why
+            matched = accept(module)
         else:
-            matched = _matches(spec, name)
+            matched = (is_linear(module) and module is not head) if spec == ALL_LINEAR else _matches(spec, name)
         if (not matched or (config.exclude_modules and _matches(config.exclude_modules, name))
                 or _in_modules_to_save(name, config.modules_to_save)
                 or (config.layers_to_transform and _layer_index(name, None) not in config.layers_to_transform)):
             continue
-        if not accept(module) or why:
-            rejected.append(f"{name} ({type(module).__name__}{f': {why}, so it is never run' if why else ''})")
+        if not accept(module):
+            rejected.append(f"{name} ({type(module).__name__})")
             continue
         found.append((name, module))
     if rejected:

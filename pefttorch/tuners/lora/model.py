@@ -122,15 +122,6 @@ def check_modules_to_save(model: nn.Module, modules_to_save, wrapped: bool = Tru
                         f"it instead, e.g. {name}.{next(iter(module._modules), '0')}")
 
 
-def read_not_called(model: nn.Module) -> dict[int, str]:
-    """Linear layers the model reads the weights of instead of calling them (by id: why): nn.MultiheadAttention's
-    out_proj, whose weight and bias its forward passes to F.multi_head_attention_forward. A LoRA layer or a hook
-    there is never run: "all-linear" adapted it with no effect (its factors got no gradient). HF PEFT has an MHA
-    layer of its own for this; pefttorch has none."""
-    return {id(m.out_proj): "nn.MultiheadAttention reads its weight and bias instead of calling it"
-            for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-
-
 @dataclass
 class Target:
     name: str
@@ -161,7 +152,6 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     spec = resolve_target_modules(model, config)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets, unsupported, linear_names = [], [], Counter()
-    not_called = read_not_called(model)
     inside: tuple[str, ...] = ()  # subtrees of LoraLayers and modules_to_save wrappers: not candidates
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
@@ -171,7 +161,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             if isinstance(module, ModulesToSaveWrapper):
                 continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        linear = is_linear(base) and id(base) not in not_called  # ("all-linear" leaves those out)
+        linear = is_linear(base)
         if linear:
             linear_names[name.rsplit(".", 1)[-1]] += 1
         # the head may already carry another adapter: then `module` is it, and its base is not
@@ -182,13 +172,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                     and _layer_index(name, config.layers_pattern, top_level=False) not in config.layers_to_transform)):
             continue
         if not linear:
-            why = not_called.get(id(base))
-            why = f": {why}, so an adapter there has no effect" if why else ""
-            if type(module).__module__.startswith("peft."):  # ("Linear" said nothing: HF PEFT's layer is named so)
-                why = (f" of HF PEFT ({type(module).__module__}): the model carries an HF PEFT adapter, e.g. one "
-                       "added by transformers' add_adapter; pefttorch.accelerate(model) runs it with pefttorch's "
-                       "kernels, or remove it first")
-            unsupported.append(f"{name} ({type(module).__name__}{why})")
+            unsupported.append(f"{name} ({type(module).__name__})")
             continue
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)

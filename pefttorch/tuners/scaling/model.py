@@ -70,12 +70,12 @@ def find_sites(model: nn.Module, config: IA3Config | SsfConfig) -> list[Site]:
     """Where `config` puts vectors in `model`, found without changing it."""
     if isinstance(config, IA3Config):
         spec, feedforward = ia3_targets(model, config)
-        modules = find_modules(model, spec, config, is_linear, "linear layers", hooked=True)
+        modules = find_modules(model, spec, config, is_linear, "linear layers")
         refuse_shared_modules(model, modules, "(IA)^3 vectors")  # (SSF is pefttorch's own: the module's, throughout)
         return [Site(path, m, linear_dims(m)[0 if on_input else 1], on_input)
                 for path, m in modules for on_input in [bool(feedforward) and _matches(feedforward, path)]]
     modules = find_modules(model, config.target_modules, config, lambda m: is_linear(m) or is_norm(m),
-                           "linear layers and LayerNorm/RMSNorm modules", hooked=True)
+                           "linear layers and LayerNorm/RMSNorm modules")
     return [Site(path, m, linear_dims(m)[1] if is_linear(m) else m.weight.numel(), False) for path, m in modules]
 
 
