@@ -74,6 +74,24 @@ def _offloaded(model: nn.Module) -> str | None:
     return None
 
 
+def _refuse_foreign_state(model: nn.Module) -> None:
+    """Refuses a model where no adapter can be added: one whose weights 🤗 Accelerate offloads (see _offloaded), and
+    one that carries HF PEFT's layers (transformers' add_adapter, or peft's get_peft_model): pefttorch's LoRA went
+    onto their base layers and onto their own lora_A/lora_B under "all-linear" (LoRA on LoRA), or a named target was
+    refused as "(Linear)", HF PEFT's layer's class name."""
+    offloaded = _offloaded(model)
+    if offloaded is not None:
+        raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}: on the meta device, "
+                         "loaded for each call), where an adapter cannot be created (its weights would be "
+                         "uninitialised memory); load the model without offloading (a device_map of devices only), "
+                         "add the adapter, then offload if needed")
+    hf = next((path for path, m in model.named_modules() if type(m).__module__.startswith("peft.tuners.")), None)
+    if hf is not None:
+        raise ValueError(f"the model carries an HF PEFT adapter (at {hf}; added by transformers' add_adapter or by "
+                         "peft.get_peft_model): pefttorch.accelerate(model) runs it with pefttorch's kernels, or "
+                         "remove it before adding a pefttorch adapter")
+
+
 def _adapter_trace(model: nn.Module) -> str | None:
     """Where `model` holds a pefttorch tuner's layers or hooks (left by a get_peft_model that was not unloaded), or
     None. The density loss's hooks do not count: it is attached on its own, and combines with any tuner."""
@@ -147,12 +165,7 @@ class PeftModel(Forwarding):
         tuner = _tuner_for(config)
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
-        offloaded = _offloaded(model)
-        if offloaded is not None:
-            raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}: on the meta device, "
-                             "loaded for each call), where an adapter cannot be created (its weights would be "
-                             "uninitialised memory); load the model without offloading (a device_map of devices only), "
-                             "add the adapter, then offload if needed")
+        _refuse_foreign_state(model)
         trace = _adapter_trace(model)
         if trace is not None:
             # a second tuner on the same modules would re-initialise the first one's adapter in place and leave
@@ -334,6 +347,7 @@ class PeftModel(Forwarding):
             have = list(peft_config.modules_to_save or [])
             peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
         active = self.active_adapters
+        _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # the density loss attached inside the injection: refused (another config's is on), it undoes the
             # adapter too
@@ -582,6 +596,7 @@ class PeftModel(Forwarding):
         model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
         active = self.active_adapters
+        _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter
             # left empty LoRA layers and modules_to_save wrappers, and the model frozen again)

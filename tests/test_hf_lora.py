@@ -1803,11 +1803,20 @@ def test_an_offloaded_model_is_refused(method):
     want = logits(model, inp)
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     torch.testing.assert_close(logits(model, inp), want)
+    with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate"):  # ... but no new adapter goes onto it
+        model.add_adapter("b", LoraConfig(r=4, target_modules=["k_proj"]))
+    assert "b" not in model.peft_config
 
 
 def test_a_model_with_an_hf_peft_adapter_is_refused_with_the_way_out():
-    """The message said HF PEFT's layers were not Linear while naming them "(Linear)"."""
+    """A named target was refused as "(Linear)" (HF PEFT's layer's class name) and "all-linear" put LoRA on HF PEFT's
+    base layers and its own lora_A/lora_B (LoRA on LoRA), in silence."""
+    from pefttorch import IA3Config
+
     model = fresh(FAMILIES["llama"])
     model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]))  # transformers' PeftAdapterMixin
-    with pytest.raises(ValueError, match=r"q_proj \(Linear of HF PEFT .*pefttorch\.accelerate\(model\)"):
-        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    for config in (LoraConfig(r=4, target_modules=["q_proj"]), LoraConfig(r=4, target_modules="all-linear"),
+                   IA3Config(target_modules=["q_proj"], feedforward_modules=[])):
+        with pytest.raises(ValueError, match=r"the model carries an HF PEFT adapter \(at .*q_proj.*\).*"
+                                             r"pefttorch\.accelerate\(model\)"):
+            get_peft_model(model, config)

@@ -118,8 +118,10 @@ def check_modules_to_save(model: nn.Module, modules_to_save, wrapped: bool = Tru
         name, module = containers[0]
         raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module).__name__} ({name}, "
                         f"matched by modules_to_save={modules_to_save}): the model indexes or iterates it, which a "
-                        f"trained copy's wrapper does not support (HF PEFT refuses it too); name the modules inside "
-                        f"it instead, e.g. {name}.{next(iter(module._modules), '0')}")
+                        f"trained copy's wrapper does not support (HF PEFT refuses it too); "
+                        + (f"name the modules inside it instead, e.g. {name}.{next(iter(module._modules), '0')}"
+                           if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else
+                           "name the module that holds it"))  # (a parameter container holds no modules to name)
 
 
 @dataclass
