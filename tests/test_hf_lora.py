@@ -1820,3 +1820,29 @@ def test_a_model_with_an_hf_peft_adapter_is_refused_with_the_way_out():
         with pytest.raises(ValueError, match=r"the model carries an HF PEFT adapter \(at .*q_proj.*\).*"
                                              r"pefttorch\.accelerate\(model\)"):
             get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_an_adapter_on_multihead_attentions_out_proj_is_warned_of(method):
+    """nn.MultiheadAttention reads its out_proj's weight instead of calling it: an adapter there has no effect (as in
+    HF PEFT) and its factors got no gradient, in silence. A warning (refusing it refused SigLIP-like models)."""
+    from pefttorch import IA3Config
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    config = (LoraConfig(r=2, target_modules="all-linear") if method == "lora"
+              else IA3Config(target_modules=["out_proj", "fc"], feedforward_modules=[]))
+    with pytest.warns(UserWarning, match=r"on \['attn\.out_proj'\]: nn\.MultiheadAttention reads its out_proj's "
+                                         r"weight instead of calling the layer"):
+        model = get_peft_model(Model(), config)
+    model(torch.randn(2, 3, 8)).sum().backward()  # it still runs (and fc's adapter trains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(Model(), dataclasses.replace(config, exclude_modules=["attn.out_proj"]))

@@ -25,6 +25,7 @@ from .lora.model import (
     check_modules_to_save,
     module_names,
     saves_module,
+    warn_of_uncalled,
 )
 
 
@@ -193,6 +194,7 @@ def find_modules(model: nn.Module, spec, config, accept, what: str) -> list[tupl
                          + (f" (layers_to_transform={config.layers_to_transform!r})"
                             if config.layers_to_transform else "")
                          + f"; available to match: {available or 'none'}")
+    warn_of_uncalled(model, found, type(config).__name__)
     return found
 
 

@@ -181,6 +181,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         targets.append(Target(name, module, r, alpha))
     if spec == ALL_LINEAR:
         _warn_of_fused_weights(model)
+    warn_of_uncalled(model, [(t.name, t.module) for t in targets], "LoRA")
     if unsupported:
         raise ValueError(
             "pefttorch LoRA adapts nn.Linear and transformers Conv1D layers; these matched modules are not: "
@@ -198,6 +199,20 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                else "")
         )
     return targets
+
+
+def warn_of_uncalled(model: nn.Module, found: list[tuple[str, nn.Module]], method: str) -> None:
+    """Warns of targets the model reads the weights of instead of calling them: nn.MultiheadAttention's out_proj,
+    whose weight and bias its forward hands to F.multi_head_attention_forward. An adapter there (a LoRA layer, a
+    hook) never runs: no effect, no gradient, as in HF PEFT (which has an MHA layer of its own for it). A warning,
+    not a refusal: naming out_proj, the usual attention target, must not refuse a model that holds an MHA anywhere
+    (SigLIP's pooling head), nor HF PEFT's adapters for it."""
+    read = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    names = [name for name, module in found if id(getattr(module, "base_layer", module)) in read]
+    if names:
+        warnings.warn(f"{method} on {names[:5]}{' ...' if len(names) > 5 else ''}: nn.MultiheadAttention reads its "
+                      "out_proj's weight instead of calling the layer, so an adapter there has no effect (as in HF "
+                      "PEFT); exclude_modules leaves them out", UserWarning, stacklevel=4)
 
 
 def _warn_of_fused_weights(model: nn.Module) -> None:
