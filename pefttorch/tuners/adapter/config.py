@@ -18,12 +18,6 @@ STYLES = {
 }
 
 
-def check_flag(owner: str, name: str, value, optional: bool = False) -> None:
-    """`value` must be True or False (or None where `optional`): "yes" and 0 would pass as truthy."""
-    if not isinstance(value, bool) and not (optional and value is None):
-        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
-
-
 def check_finite(owner: str, name: str, value) -> None:
     """`value` must be a finite number (not a bool, a string or NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -82,10 +76,6 @@ class AdapterConfig(SavedConfig):
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
                 or not self.reduction_factor > 0:
             raise bad(f"reduction_factor must be a number > 0, got {self.reduction_factor!r}")
-        for name in ("layer_norm", "cross_attention", "inference_mode"):
-            check_flag("AdapterConfig", name, getattr(self, name))
-        for name in ("after_attention", "after_ffn", "parallel_ffn"):
-            check_flag("AdapterConfig", name, getattr(self, name), optional=True)
         if self.activation not in ACTIVATIONS:
             raise bad(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         check_finite("AdapterConfig", "scaling", self.scaling)

@@ -23,7 +23,7 @@ from .._hooked import HookedModel
 from ..lora.model import _in_modules_to_save
 from ..prompt.model import WEIGHTS_FOLLOW
 from .config import PEFT_TYPE as ADAPTER
-from .config import AdapterConfig, check_finite, check_flag
+from .config import AdapterConfig, check_finite
 from .model import AdapterModel, Site, build_adapters, find_sites
 
 SCALEARN = "SCALEARN"
@@ -80,8 +80,6 @@ class ScaLearnConfig(SavedConfig):
         if self.omega_shape not in SHAPES:
             raise ValueError(f"ScaLearnConfig: omega_shape must be one of {', '.join(SHAPES)}, got "
                              f"{self.omega_shape!r}")
-        check_flag("ScaLearnConfig", "shared", self.shared)  # "no" would pass as truthy: one shared set
-        check_flag("ScaLearnConfig", "inference_mode", self.inference_mode)
         check_finite("ScaLearnConfig", "omega_init_scale", self.omega_init_scale)
 
 
