@@ -174,6 +174,22 @@ def test_rmsnorms_with_other_arithmetic_are_left_alone():
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_a_layernorm_without_bias_is_left_alone_at_any_width(dtype):
+    """Cohere's CohereLayerNorm subtracts the mean (a LayerNorm with no bias): on a zero-mean probe it was within
+    bf16's tolerance of an RMSNorm at Command-R's widths, and was switched, off by half its output."""
+    cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere")
+    torch.manual_seed(0)
+    module = cohere.CohereLayerNorm(2048, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(rand(2048, dtype=dtype))
+    x = rand(2, 5, 2048, dtype=dtype) + 1.0
+    before = module(x)
+    report = pefttorch.fuse_norms(torch.nn.Sequential(module))
+    assert not report.switched and "not x * rsqrt" in report.skipped["0"]
+    assert torch.equal(module(x), before)
+
+
 def test_modules_the_probe_cannot_run_are_left_alone():
     class GatedRMSNorm(torch.nn.Module):  # a forward with a second required input
         def __init__(self):
