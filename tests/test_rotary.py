@@ -4,6 +4,8 @@ input, opcheck, gradcheck; and the HF-compatible apply_rotary_pos_emb against tr
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from helpers import DEVICES, assert_close_to_oracle, rand
@@ -195,6 +197,12 @@ def test_fuse_rotary_is_undone_and_leaves_other_families_and_calls_alone(unfused
     q, k, cos, sin = rand(1, 2, 3, 8), rand(1, 1, 3, 8), rand(1, 3, 8, dtype=torch.float64), rand(1, 3, 8)
     got = llama.apply_rotary_pos_emb(q, k, cos, sin)
     assert all(torch.equal(g, w) for g, w in zip(got, original(q, k, cos, sin), strict=True))
+    # a whole model saved with torch.save loads while switched (transformers' `kernels` wrapper, of which each
+    # attention layer keeps a copy, unpickles as type(modeling.apply_rotary_pos_emb)()) and computes the same
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(logits(torch.load(buffer, weights_only=False), batch), before, rtol=1e-5, atol=1e-6)
     assert pefttorch.unfuse_rotary() == 1 and llama.apply_rotary_pos_emb is original
     assert torch.equal(logits(model, batch), before)
 

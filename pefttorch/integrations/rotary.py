@@ -71,9 +71,21 @@ def _fused(original, partial: bool):
             return original(q, k, cos, sin, *args, **kwargs)
         return _rotate(q, cos_u, sin_u), _rotate(k, cos_u, sin_u)
 
-    apply_rotary_pos_emb.pefttorch_original = original
-    apply_rotary_pos_emb.__doc__ = "pefttorch's rotary kernel in place of transformers' function (fuse_rotary)."
-    return apply_rotary_pos_emb
+    class FusedRotary:
+        """pefttorch's rotary kernel in place of transformers' function (fuse_rotary)."""
+
+        pefttorch_original = original
+
+        def __call__(self, *args, **kwargs):
+            return apply_rotary_pos_emb(*args, **kwargs)
+
+        def __new__(cls):
+            # transformers wraps the function in a `kernels` module, and each attention layer keeps a private copy
+            # of it that unpickles as type(modeling.apply_rotary_pos_emb)(): while switched, that must still build
+            # transformers' wrapper (a whole model saved with torch.save failed to load)
+            return type(original)()
+
+    return object.__new__(FusedRotary)
 
 
 def _probe_mismatch(fn, width: int = 8) -> str | None:
