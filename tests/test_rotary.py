@@ -225,6 +225,34 @@ def test_fuse_rotary_leaves_other_arithmetic_alone(unfused, monkeypatch):
     assert modeling.apply_rotary_pos_emb is interleaved
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fuse_rotary_reports_a_model_that_calls_the_interleaved_variant(unfused, monkeypatch, interleave):
+    """DeepSeek-V3 with rope_interleave=True calls apply_rotary_pos_emb_interleave: the module was reported switched
+    and the kernel never ran; it is reported left alone. Without the flag the kernel runs."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("no DeepSeek-V3 in this transformers")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, rope_interleave=interleave)).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    before = model(input_ids=ids).logits
+    calls = []
+    kernel = ops.rotary_embedding
+    monkeypatch.setattr(ops, "rotary_embedding", lambda *a: calls.append(1) or kernel(*a))
+    report = pefttorch.fuse_rotary(model)
+    name = "transformers.models.deepseek_v3.modeling_deepseek_v3"
+    if interleave:
+        assert not report.switched and "rope_interleave=True" in report.skipped[name]
+    else:
+        assert report.switched == [name] and not report.skipped
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (not interleave)
+
+
 def test_fuse_rotary_passes_calls_without_k_to_the_original(unfused, monkeypatch):
     """Families whose function takes k as optional (Qwen4-Exp: `apply_rotary_pos_emb(q, k=None, cos=None,
     sin=None, unsqueeze_dim=1)`, called with q alone and cos/sin by keyword) passed the probe, made with q and k,

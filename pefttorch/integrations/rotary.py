@@ -133,6 +133,12 @@ def fuse_rotary(model: nn.Module, verbose: bool = True) -> AccelerateReport:
         fn = getattr(modeling, _NAME, None)
         if fn is None:
             continue  # no rotary embedding there (BERT, GPT-2, T5, ...)
+        if getattr(getattr(module, "config", None), "rope_interleave", False) and hasattr(
+                modeling, f"{_NAME}_interleave"):
+            # DeepSeek-V3, Mistral4: with this flag the attention calls the interleaved variant, which the kernel does
+            # not compute; switching the half-split function would be reported and never run
+            report.skipped[name] = f"the model's config has rope_interleave=True: it calls {_NAME}_interleave"
+            continue
         if name in _switched:
             report.switched.append(name)
             continue
