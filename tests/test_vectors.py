@@ -16,20 +16,12 @@ from pefttorch import IA3Config, PeftModel, SsfConfig, get_peft_model
 FAMILY_NAMES = ["bert", "llama", "t5", "marian", "gpt2"]
 
 
-
-
-
-
-
-
 def randomize(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.base_model.adapter_parameters():
             p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if p.dim() == 2 or "scale" in _name(model, p)
                     else 0.3 * torch.randn(p.shape, generator=g))
-
-
 
 
 def _name(model, param):
@@ -166,6 +158,24 @@ def test_disable_merge_unmerge_unload(config):
     torch.testing.assert_close(logits(unloaded, batch), plain, rtol=1e-4, atol=1e-5)
     assert set(unloaded.state_dict()) == set(base.state_dict())
     assert all(p.requires_grad for p in unloaded.parameters())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_a_float64_model_merges_in_float64(config):
+    """The fold computed in float32 whatever the weight's dtype: a float64 model's merged weights were rounded
+    through float32 (3e-9 off), and unmerging left that rounding in its base weights for good."""
+    model = get_peft_model(fresh("llama").double(), copy.deepcopy(config))
+    randomize(model)
+    vm = model.base_model
+    before = {n: p.detach().clone() for n, p in vm.model.named_parameters() if not p.requires_grad}
+    batch = inputs("llama")
+    adapted = logits(model, batch)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-12, atol=1e-12)
+    model.unmerge_adapter()
+    for n, p in vm.model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=1e-13, atol=1e-13, msg=n)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])

@@ -235,18 +235,20 @@ class VectorModel(HookedModel):
         with the vectors applied; a shift on a module without a bias folds into a zero bias."""
         m = site.module
         w = m.weight
-        s = scale.to(device=w.device, dtype=torch.float32)
+        # float32 arithmetic for half weights (one rounding to their dtype), float64 for float64 ones
+        acc = torch.promote_types(w.dtype, torch.float32)
+        s = scale.to(device=w.device, dtype=acc)
         if isinstance(m, nn.Linear) or is_norm(m):
             # nn.Linear stores (out, in): an output scale is a row scale, an input scale a column scale
             shaped = s.view(1, -1) if site.on_input else s.view(-1, *([1] * (w.dim() - 1)))
         else:  # transformers' Conv1D stores (in, out)
             shaped = s.view(-1, 1) if site.on_input else s.view(1, -1)
-        weight = (w.float() * shaped).to(w.dtype)
+        weight = (w.to(acc) * shaped).to(w.dtype)
         b = m.bias
         if site.on_input or (b is None and shift is None):
             return weight, None
         b = torch.zeros(site.features, device=w.device, dtype=w.dtype) if b is None else b
-        bias = b.float() * s + (0 if shift is None else shift.to(device=b.device, dtype=torch.float32))
+        bias = b.to(acc) * s + (0 if shift is None else shift.to(device=b.device, dtype=acc))
         return weight, bias.to(b.dtype)
 
     def _fold(self, site: Site, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
