@@ -78,3 +78,19 @@ def test_meft_config_warns_of_an_unknown_field():
     """It was dropped without a word (every other config warns): a misspelt bottleneck silently became 8."""
     with pytest.warns(UserWarning, match=r"MeftConfig: the saved config has field\(s\) \['bottlenek'\]"):
         pefttorch.MeftConfig.from_dict({"peft_type": "MEFT", "variant": "meft3", "bottlenek": 32})
+
+
+def test_hf_peft_fields_read_back_as_given_or_at_hf_peft_defaults():
+    """LoraConfig accepts HF PEFT's fields it lacks at their defaults (use_dora=False); code written for HF PEFT
+    reads them back (`if config.use_dora:`), which raised AttributeError."""
+    peft = pytest.importorskip("peft")
+    config = pefttorch.LoraConfig(use_dora=False, loftq_config={"loftq_bits": 4})
+    hf = peft.LoraConfig()
+    assert config.use_dora is False and config.loftq_config == {"loftq_bits": 4}
+    for name in ("lora_bias", "target_parameters", "layer_replication", "trainable_token_indices", "eva_config",
+                 "megatron_core", "qalora_group_size", "ensure_weight_tying"):
+        assert getattr(pefttorch.LoraConfig(), name) == getattr(hf, name), name
+    assert pefttorch.AdaLoraConfig(total_step=10).use_dora is False  # the subclasses read them too
+    with pytest.raises(AttributeError, match="no attribute 'no_such_field'"):
+        config.no_such_field  # noqa: B018 - the attribute access is the test
+    assert "use_dora" not in config.to_dict()  # nothing new in the saved file

@@ -15,8 +15,12 @@ from typing import Any, ClassVar
 CONFIG_NAME = "adapter_config.json"
 
 
-# A FOREIGN_FIELDS default meaning "any value": a field that does not change what the adapter computes
-ANY_VALUE = object()
+class AnyValue:
+    """A FOREIGN_FIELDS entry for a field that takes any value (it does not change what a loaded adapter computes);
+    `default` is HF PEFT's, which the config reads back when the field was not given."""
+
+    def __init__(self, default=None):
+        self.default = default
 
 
 def _is_default(value, default) -> bool:
@@ -37,9 +41,10 @@ def reject_unknown_fields(cls):
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
         foreign = getattr(type(self), "FOREIGN_FIELDS", {})
+        given = {}
         for k in [k for k in kwargs if k not in names and k in foreign]:
-            value = kwargs.pop(k)
-            if foreign[k] is not ANY_VALUE and not _is_default(value, foreign[k]):
+            given[k] = value = kwargs.pop(k)
+            if not isinstance(foreign[k], AnyValue) and not _is_default(value, foreign[k]):
                 raise ValueError(f"{cls.__name__}: {k}={value!r} is an HF PEFT feature that pefttorch does not "
                                  "implement")
         unknown = [k for k in kwargs if k not in names]
@@ -49,9 +54,23 @@ def reject_unknown_fields(cls):
                 close = difflib.get_close_matches(k, names, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise TypeError(f"{cls.__name__} got unknown field(s) {', '.join(hints)}; fields are: {', '.join(names)}")
+        if given:
+            self.__dict__["_hf_peft_fields"] = given
         init(self, *args, **kwargs)
 
+    def foreign_field(self, name):
+        # HF PEFT code reads its fields back (`if config.use_dora:`): they read as given, or as HF PEFT's default
+        foreign = getattr(type(self), "FOREIGN_FIELDS", {})
+        if name in foreign:
+            given = self.__dict__.get("_hf_peft_fields", {})
+            if name in given:
+                return given[name]
+            return foreign[name].default if isinstance(foreign[name], AnyValue) else foreign[name]
+        raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
+
     cls.__init__ = checked_init
+    if getattr(cls, "FOREIGN_FIELDS", None):
+        cls.__getattr__ = foreign_field
     return cls
 
 

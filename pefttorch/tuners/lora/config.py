@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._config import (
-    ANY_VALUE,
     CONFIG_NAME,
+    AnyValue,
     module_names,
     normalize_common,
     read_config,
@@ -45,8 +45,10 @@ _UNSUPPORTED_PEFT_FIELDS = {
 }
 # Fields of HF PEFT's LoraConfig that do not change what a loaded adapter computes: initialisation settings (the
 # weights are loaded), distributed and runtime options, VeLoRA's backward-only compression.
-_IGNORED_PEFT_FIELDS = ("corda_config", "eva_config", "loftq_config", "lora_ga_config", "ensure_weight_tying",
-                        "megatron_core", "qalora_group_size", "runtime_config", "velora_config")
+# (name -> HF PEFT's default; runtime_config's, a LoraRuntimeConfig, reads as None)
+_IGNORED_PEFT_FIELDS = {"corda_config": None, "eva_config": None, "loftq_config": {}, "lora_ga_config": None,
+                        "megatron_core": "megatron.core", "qalora_group_size": 16, "runtime_config": None,
+                        "velora_config": None}
 # Initialisations after which HF PEFT's loading changes the base weights too (it subtracts the principal part the
 # adapter started from, or quantizes): the saved factors alone are not the adapter.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -106,7 +108,8 @@ class LoraConfig:
     peft_type = "LORA"
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
     # (ensure_weight_tying=True ties a trained embedding copy to lm_head in HF PEFT: not ignored when training)
-    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS, **dict.fromkeys(_IGNORED_PEFT_FIELDS, ANY_VALUE),
+    FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS,
+                                      **{k: AnyValue(v) for k, v in _IGNORED_PEFT_FIELDS.items()},
                                       "ensure_weight_tying": False}
 
     def __post_init__(self) -> None:
