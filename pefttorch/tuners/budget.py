@@ -4,6 +4,7 @@ as in the machine-translation study of PEFT methods (Ustun and Cooper Stickland,
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections import Counter
 from dataclasses import dataclass
 
@@ -164,7 +165,7 @@ def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: 
     if method not in METHODS:
         raise ValueError(f"config_for_budget: unknown or not yet supported method {method!r}; supported: "
                          f"{', '.join(METHODS)}")
-    if not 0 < budget < 1:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget < 1:
         raise ValueError(f"config_for_budget: budget is a share of the model's parameters in (0, 1), got {budget!r}")
     plan_fn, config_cls = METHODS[method]
     for unit in ("r", "bottleneck", "num_virtual_tokens"):
