@@ -94,3 +94,11 @@ def test_hf_peft_fields_read_back_as_given_or_at_hf_peft_defaults():
     with pytest.raises(AttributeError, match="no attribute 'no_such_field'"):
         config.no_such_field  # noqa: B018 - the attribute access is the test
     assert "use_dora" not in config.to_dict()  # nothing new in the saved file
+
+
+def test_patterns_given_as_none_are_empty():
+    """HF PEFT takes rank_pattern=None and alpha_pattern=None for none; pefttorch refused them at construction."""
+    config = pefttorch.LoraConfig(rank_pattern=None, alpha_pattern=None)
+    assert config.rank_pattern == {} and config.alpha_pattern == {}
+    assert pefttorch.AdaLoraConfig(total_step=10, rank_pattern=None).rank_pattern == {}
+    assert pefttorch.LoraConfig.from_dict({"r": 4, "rank_pattern": None}).rank_pattern == {}

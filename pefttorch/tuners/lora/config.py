@@ -116,6 +116,9 @@ class LoraConfig:
         def bad(msg: str) -> ValueError:
             return ValueError(f"LoraConfig: {msg}")
 
+        # None for none, as HF PEFT takes it (its AdaLoRA writes null for them)
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
         normalize_common(self, "rank_pattern", "alpha_pattern")  # the subclasses' fields too (IncreLoRA's, AdaLoRA's)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad(f"r must be a positive integer, got {self.r!r}")
@@ -196,9 +199,6 @@ class LoraConfig:
         names = {f.name for f in fields(cls)}
         warn_unknown_fields("LoraConfig", data, names | set(_UNSUPPORTED_PEFT_FIELDS) | set(_IGNORED_PEFT_FIELDS))
         kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("rank_pattern", "alpha_pattern"):  # HF PEFT's AdaLoRA writes null for none
-            if key in kwargs and kwargs[key] is None:
-                del kwargs[key]
         init = kwargs.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise ValueError(f"this LoRA adapter was initialised with init_lora_weights={init!r}, after which HF PEFT "
