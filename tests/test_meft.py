@@ -719,6 +719,44 @@ def test_task_type_heads_train_and_one_name_of_modules_to_save_suffices():
     assert any(p.requires_grad for n, p in model.named_parameters() if ".classifier." in n)
 
 
+def test_disable_adapter_computes_with_the_original_modules_to_save(tmp_path):
+    """modules_to_save train in place under MEFT: disable_adapter() kept the trained (or loaded) head, 1.0 off the
+    base model's logits, where HF PEFT and the docstring give the original modules. Training and saving are as
+    before, and unload() keeps what was learned."""
+    inputs = batch(torch.Generator().manual_seed(4), "bert")
+    inputs.pop("labels")
+    with torch.no_grad():
+        want = build("bert").eval()(**inputs).logits
+    config = pefttorch.MeftConfig(variant="meft1", modules_to_save=["classifier"])
+    model = pefttorch.get_peft_model(build("bert"), config).eval()
+    head = model.base_model.model.classifier.weight
+    with torch.no_grad():
+        head.add_(1.0)  # stands in for training
+        trained_head = head.clone()
+        trained = model(**inputs).logits
+        for attempt in range(2):  # the context, then the layer switches
+            if attempt == 0:
+                with model.disable_adapter():
+                    torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
+            else:
+                model.disable_adapter_layers()
+                torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
+                model.disable_adapter_layers()  # twice: still the originals, not the trained head again
+                torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
+                model.enable_adapter_layers()
+            assert model.base_model.model.classifier.weight is head  # the same parameter: an optimizer holds it
+            torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = pefttorch.PeftModel.from_pretrained(build("bert"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, trained, rtol=0, atol=0)
+        with loaded.disable_adapter():
+            torch.testing.assert_close(loaded(**inputs).logits, want, rtol=0, atol=0)
+        model.disable_adapter_layers()
+        unloaded = model.unload()  # disabled when unloaded: the trained head is put back, as unload() keeps it
+        assert unloaded.classifier.weight is head and torch.equal(head, trained_head)
+
+
 def test_lam_and_beta_outside_the_kernels_compute_dtype_are_refused_by_the_config():
     """The kernels compute in float32 (float64 for float64 streams) and refuse a scale that is not a normal number
     there: the config passed lam=1e-40 and beta=1e39, and the first forward failed about a 'scale'."""

@@ -53,7 +53,8 @@ class MeftConfig:
             cast guard of :mod:`pefttorch.nn.reversible`) keep a 16-layer bf16 meft1/meft2 stack within about
             1e-7 to 1e-6, growing with the width (measured: 8e-8 at hidden 64, 3e-7 at 256, 2e-6 at 2048).
         modules_to_save: modules (by name, e.g. a new classifier) trained in full, in place, and saved
-            with the adapters; one name must match (as for LoRA).
+            with the adapters; one name must match (as for LoRA). A copy of their original tensors is kept (as
+            HF PEFT keeps the original module) for ``disable_adapter()``, which computes with it.
         task_type: HF PEFT's task type; as for the other configs, SEQ_CLS and TOKEN_CLS add ``classifier`` and
             ``score`` to modules_to_save, QUESTION_ANS ``qa_outputs`` (the new head trains).
         debug_reconstruction: after each backward, ``model.reconstruction_errors()`` gives the error of

@@ -120,6 +120,18 @@ def _adapter_kinds(variant: str, reversible: bool) -> tuple[str, ...]:
     return ("ffn", "coupling") if reversible else ("ffn",)
 
 
+def _saved_tensors(targets) -> dict[tuple[str, str], torch.Tensor]:
+    """The parameters and buffers of the modules_to_save `targets` ((path, module) pairs) by (path, name), each
+    tensor once (a tied weight, or a saved module inside another: exchanged twice, it would be back)."""
+    out, seen = {}, set()
+    for path, module in targets:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[path, name] = t
+    return out
+
+
 class MeftModel(Forwarding):
     """Holds the adapted model as ``self.model`` and the config as ``self.peft_config[adapter_name]``."""
 
@@ -180,6 +192,10 @@ class MeftModel(Forwarding):
             layer.meft_adapters.requires_grad_(trainable)
         for _, module in targets:
             module.requires_grad_(trainable)
+        # modules_to_save train in place: the base model's own tensors are kept aside (as HF PEFT keeps the original
+        # module) for disable_adapter(), which computed with the trained ones (see set_adapters_disabled)
+        self.__dict__["_saved_originals"] = {k: t.detach().clone() for k, t in _saved_tensors(targets).items()}
+        self._saved_paths = [path for path, _ in targets]
 
     @staticmethod
     def _refuse_split_shared_layers(layers: nn.ModuleList, n_rev: int, variant: str) -> None:
@@ -340,7 +356,20 @@ class MeftModel(Forwarding):
         raise NotImplementedError("MEFT holds one adapter per model: use unload() to remove it")
 
     def set_adapters_disabled(self, disabled: bool) -> None:
+        if disabled != self.disabled:
+            self._swap_saved_originals()
         self.disabled = disabled
+
+    def _swap_saved_originals(self) -> None:
+        """Exchanges the modules_to_save's tensors with those kept aside: with adapters disabled the model computes
+        with the base model's own (the parameters stay the same objects, so an optimizer is unaffected)."""
+        kept = self.__dict__.get("_saved_originals", {})  # (absent from models pickled before it was kept)
+        if not kept:
+            return
+        for key, t in _saved_tensors([(p, self.model.get_submodule(p)) for p in self._saved_paths]).items():
+            current = t.data
+            t.data = kept[key].to(device=current.device, dtype=current.dtype)  # (the model may have moved since)
+            kept[key] = current
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         raise NotImplementedError("MEFT's adapters change how layers connect: they cannot be merged into weights")
@@ -357,6 +386,8 @@ class MeftModel(Forwarding):
         if not isinstance(getattr(parent, attr), ReversibleLayerList):
             # a second unload() emptied the restored layer list (it is the original container then)
             raise RuntimeError("MEFT: this model was unloaded already; its layers are the base model's again")
+        self.set_adapters_disabled(False)  # the trained modules_to_save in place, which the model keeps
+        self.__dict__.pop("_saved_originals", None)
         for hook in self._hooks:
             hook.remove()
         layers = self.__dict__.pop("_original_layers", None)  # (absent from models pickled before it was kept)
