@@ -569,6 +569,28 @@ def test_a_refused_delete_of_a_merged_adapter_changes_nothing():
     assert list(model.peft_config) == ["default"]
 
 
+def test_modules_to_save_naming_another_adapters_lora_layer_is_refused():
+    """modules_to_save naming a layer another adapter adapts with LoRA wrapped the whole LoRA layer: its factors were
+    copied and trained in full, and the saves held them under the wrapper's keys, which pefttorch could not load (HF
+    PEFT refuses it, a TypeError). Refused; the model is left as it was."""
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                     init_lora_weights=False))
+    before = logits(model, inp)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    second = {"r": 2, "target_modules": ["k_proj"], "modules_to_save": ["lm_head"]}
+    with pytest.raises(TypeError, match=r"modules_to_save=\['lm_head'\] matches lm_head, which adapter\(s\) "
+                                        r"\['default'\] adapt with LoRA"):
+        model.add_adapter("b", LoraConfig(**second))
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError):
+        theirs.add_adapter("b", peft.LoraConfig(**second))
+    assert list(model.peft_config) == ["default"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable  # no k_proj layers left either
+    torch.testing.assert_close(logits(model, inp), before, rtol=0, atol=0)
+
+
 def test_one_adapter_per_model_may_train_biases():
     """The biases are the base model's, shared by all adapters: a second adapter with bias != 'none' was accepted,
     and training it changed the first adapter's outputs (HF PEFT refuses it)."""

@@ -357,6 +357,14 @@ class LoraModel(Forwarding):
                 # in full (HF PEFT refuses this too); raised here, the injection is undone
                 raise ValueError(f"modules_to_save={config.modules_to_save} matches {name}, part of a LoRA layer: an "
                                  f"adapter's name is also a name in modules_to_save; rename the adapter")
+            if isinstance(module, LoraLayer):
+                # another adapter's LoRA layer (this one's targets leave its modules_to_save out): the wrapper took
+                # the whole layer, its factors copied and trained in full, and the saves did not load (HF PEFT
+                # refuses this too); raised here, the injection is undone
+                raise TypeError(f"modules_to_save={config.modules_to_save} matches {name}, which adapter(s) "
+                                f"{list(module.lora_A)} adapt with LoRA: a trained copy cannot be made of a LoRA "
+                                f"layer; remove {name} from this adapter's modules_to_save or from the other "
+                                f"adapter's target_modules")
             if isinstance(module, ModulesToSaveWrapper):
                 if adapter_name not in module.modules_to_save:  # (else reached again: a parent registered twice)
                     copied.append(module)
