@@ -591,6 +591,27 @@ def test_modules_to_save_naming_another_adapters_lora_layer_is_refused():
     torch.testing.assert_close(logits(model, inp), before, rtol=0, atol=0)
 
 
+def test_a_target_that_another_adapter_keeps_a_copy_of_is_refused():
+    """target_modules naming a module another adapter wraps as a module to save skipped it in silence: the new
+    adapter went without LoRA there (HF PEFT refuses it). Refused where the spec matches it; specs that leave it out
+    keep working, and so does the adapter's own copy of it."""
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"target_modules=\['lm_head', 'q_proj'\] matches lm_head, which "
+                                         r"adapter\(s\) \['default'\] keep a trained copy of \(modules_to_save\)"):
+        model.add_adapter("c", LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    theirs = peft.get_peft_model(fresh(family), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError):
+        theirs.add_adapter("c", peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert list(model.peft_config) == ["default"]
+    model.add_adapter("regex", LoraConfig(r=2, target_modules=r".*\.(q|v)_proj"))
+    model.add_adapter("linear", LoraConfig(r=2, target_modules="all-linear"))
+    model.add_adapter("excluded", LoraConfig(r=2, target_modules=["q_proj", "lm_head"], exclude_modules=["lm_head"]))
+    model.add_adapter("own", LoraConfig(r=2, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]))
+    assert list(model.base_model.model.lm_head.modules_to_save) == ["default", "own"]
+
+
 def test_one_adapter_per_model_may_train_biases():
     """The biases are the base model's, shared by all adapters: a second adapter with bias != 'none' was accepted,
     and training it changed the first adapter's outputs (HF PEFT refuses it)."""

@@ -160,8 +160,6 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             continue
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
             inside += (name + ".",)
-            if isinstance(module, ModulesToSaveWrapper):
-                continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         linear = is_linear(base)
         if linear:
@@ -173,6 +171,13 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                 or (config.layers_to_transform
                     and _layer_index(name, config.layers_pattern, top_level=False) not in config.layers_to_transform)):
             continue
+        if isinstance(module, ModulesToSaveWrapper):
+            # another adapter's trained copy: skipped in silence, the new adapter went without LoRA there (HF PEFT
+            # refuses it too)
+            raise ValueError(f"target_modules={spec!r} matches {name}, which adapter(s) "
+                             f"{list(module.modules_to_save)} keep a trained copy of (modules_to_save): LoRA cannot "
+                             f"go on it; leave it out of target_modules (or exclude_modules), or name it in this "
+                             f"adapter's modules_to_save for a copy of its own")
         if not linear:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
