@@ -612,6 +612,35 @@ def test_a_target_that_another_adapter_keeps_a_copy_of_is_refused():
     assert list(model.base_model.model.lm_head.modules_to_save) == ["default", "own"]
 
 
+def test_set_adapter_and_add_adapter_take_out_every_merged_adapter_as_hf_peft():
+    """set_adapter unmerged only when the active adapters changed: "default" merged by name while "b" was active
+    stayed in the weights after set_adapter("b") (and add_adapter, which sets the active adapters again), added to
+    b's outputs in silence. HF PEFT unmerges whatever is merged there; so does pefttorch."""
+    import pefttorch
+
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    models = {}
+    for lib in (peft, pefttorch):
+        model = lib.get_peft_model(fresh(family), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+        model.set_adapter("b")
+        models[lib] = model
+    ours, theirs = models[pefttorch], models[peft]
+    ours.load_state_dict(theirs.state_dict())
+    only_b = logits(theirs, inp)
+    for lib, model in models.items():
+        model.merge_adapter(adapter_names=["default"])
+        with pytest.warns(UserWarning, match="nmerging"):
+            model.set_adapter("b")
+        torch.testing.assert_close(logits(model, inp), only_b, rtol=1e-5, atol=1e-5)
+        model.merge_adapter(adapter_names=["default"])
+        model.add_adapter("c", lib.LoraConfig(r=2, target_modules=["o_proj"]))
+        torch.testing.assert_close(logits(model, inp), only_b, rtol=1e-5, atol=1e-5)
+    assert not any(m.merged for m in ours.modules() if isinstance(m, LoraLayer))
+
+
 def test_one_adapter_per_model_may_train_biases():
     """The biases are the base model's, shared by all adapters: a second adapter with bias != 'none' was accepted,
     and training it changed the first adapter's outputs (HF PEFT refuses it)."""

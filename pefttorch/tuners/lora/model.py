@@ -404,8 +404,9 @@ class LoraModel(Forwarding):
                 raise ValueError(f"adapters {both} each keep their own copy of {path} (modules_to_save); only one "
                                  "of them can be active at a time")
         merged = [layer for _, layer in self.lora_layers() if layer.merged]
-        if merged and set(names) != set(self.active_adapters):
-            # a merged adapter left in the weights would add to the new ones: take it out (as HF PEFT does)
+        if merged:
+            # a merged adapter left in the weights adds to the active ones, also to themselves (an inactive adapter
+            # merged by name stayed in when the active adapters were set again): take all out, as HF PEFT does
             warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
             for layer in merged:
                 layer.unmerge()
