@@ -346,14 +346,12 @@ class PeftModel(Forwarding):
             # as HF PEFT: on a classification model every adapter gets its own trainable copy of the new head
             have = list(peft_config.modules_to_save or [])
             peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
-        active = self.active_adapters
         _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # the density loss attached inside the injection: refused (another config's is on), it undoes the
-            # adapter too
+            # adapter too. The new adapter is added frozen, not activated; what trained before trains still
             self.base_model.inject_adapter(peft_config, adapter_name,
                                            then=lambda: self._attach_density_loss(peft_config))
-        self.base_model.set_adapter(active)
 
     @contextlib.contextmanager
     def _adapter_autocast(self, autocast_adapter_dtype: bool):
@@ -387,13 +385,12 @@ class PeftModel(Forwarding):
         and with `inference_mode` they are frozen (they alone). The methods that hold one adapter set leave it as
         it is, and `inference_mode` freezes the whole model."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)  # (an iterator, once)
-        self.base_model.set_adapter(names)  # checks the names before anything changes
-        # looked up on the class: a tuner forwards missing attributes to the user's model, which may have one
-        set_trainable = getattr(type(self.base_model), "set_trainable", None)
-        if set_trainable is not None:
-            set_trainable(self.base_model, names, not inference_mode)
-        elif inference_mode:
-            self.requires_grad_(False)
+        if isinstance(self.base_model, LoraModel):
+            self.base_model.set_adapter(names, inference_mode=inference_mode)
+        else:
+            self.base_model.set_adapter(names)  # checks the names before anything changes
+            if inference_mode:
+                self.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -595,20 +592,19 @@ class PeftModel(Forwarding):
         del torch_device, low_cpu_mem_usage
         model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
-        active = self.active_adapters
         _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter
             # left empty LoRA layers and modules_to_save wrappers, and the model frozen again)
             self.base_model.inject_adapter(config, adapter_name,
                                            then=lambda: self._load_weights(model_id, adapter_name))
-        self.base_model.set_adapter(active)  # the loaded adapter is added, not activated
-        owned = getattr(self.base_model, "_owned_parameters", None)
+        owned = getattr(type(self.base_model), "_owned_parameters", None)  # (on the class: see set_requires_grad)
         if is_trainable and owned is not None:
-            # ... and trainable, inactive, as HF PEFT leaves it (set_adapter above froze it): an optimizer built from
-            # the parameters that require grad, before set_adapter activates it, left it out (until the next
-            # set_adapter, which trains the active adapters only, here and in HF PEFT)
-            for p in owned(adapter_name):
+            # the loaded adapter is added frozen, not activated, and made trainable as HF PEFT leaves it: an
+            # optimizer built from the parameters that require grad, before set_adapter activates it, left it out.
+            # Adding or loading another adapter later leaves it so (until the next set_adapter, which trains the
+            # active adapters only, here and in HF PEFT)
+            for p in owned(self.base_model, adapter_name):
                 p.requires_grad_(True)
         if not is_trainable:
             self.eval()  # for inference: dropout (the adapters' and the model's) off, as HF PEFT's load_adapter

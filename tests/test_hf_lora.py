@@ -498,15 +498,14 @@ def test_save_pretrained_takes_hf_pefts_distributed_arguments(method, tmp_path):
 
 def test_switching_adapters_leaves_what_the_user_unfroze_alone():
     """set_adapter and delete_adapter froze the whole model again, so an embedding the user made trainable after
-    get_peft_model silently stopped training (HF PEFT's set_adapter leaves it). Adding an adapter freezes the model
-    as the first injection did (as HF PEFT)."""
+    get_peft_model silently stopped training (HF PEFT's set_adapter leaves it). Adding an adapter leaves it too, as
+    HF PEFT 0.22's injection does (it froze the model again, as the first injection)."""
     family = FAMILIES["llama"]
     model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     embed = model.get_base_model().model.embed_tokens.weight
     embed.requires_grad_(True)
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert not embed.requires_grad
-    embed.requires_grad_(True)
+    assert embed.requires_grad
 
     def trainable():
         return {n for n, p in model.named_parameters() if p.requires_grad}
@@ -639,6 +638,46 @@ def test_set_adapter_and_add_adapter_take_out_every_merged_adapter_as_hf_peft():
         model.add_adapter("c", lib.LoraConfig(r=2, target_modules=["o_proj"]))
         torch.testing.assert_close(logits(model, inp), only_b, rtol=1e-5, atol=1e-5)
     assert not any(m.merged for m in ours.modules() if isinstance(m, LoraLayer))
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_what_trains_after_adding_loading_and_deleting_adapters_is_hf_peft_s(tmp_path):
+    """HF PEFT 0.22's rules: set_adapter trains the active adapters (unless inference_mode) and freezes the others;
+    adding or loading an adapter changes nothing that trained before (the new one is frozen, unless loaded with
+    is_trainable=True); deleting the active adapter activates what remains, trainable, deleting another changes
+    nothing. pefttorch froze an inactive adapter loaded to train when another came, and remembered an
+    inference_mode past set_adapter, keeping an adapter frozen after a delete and overriding set_requires_grad."""
+    import pefttorch
+
+    family = FAMILIES["llama"]
+    get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["v_proj"])).save_pretrained(tmp_path)
+    runs = {}
+    for lib in (pefttorch, peft):
+        model = lib.get_peft_model(fresh(family), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.load_adapter(tmp_path, "loaded", is_trainable=True)
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["k_proj"]))
+        model.load_adapter(tmp_path, "reference")
+        steps = [_trainable(model)]
+        model.set_adapter("default", inference_mode=True)
+        model.add_adapter("c", lib.LoraConfig(r=2, target_modules=["o_proj"]))
+        steps.append(_trainable(model))
+        model.delete_adapter("loaded")  # inactive, trainable
+        model.delete_adapter("reference")
+        steps.append(_trainable(model))
+        model.set_adapter("b")
+        model.set_requires_grad("default")
+        model.delete_adapter("c")  # inactive
+        steps.append(_trainable(model))
+        model.set_adapter("default", inference_mode=True)
+        model.set_adapter("b")
+        model.delete_adapter("b")  # active: "default" takes over, and trains
+        steps.append((_trainable(model), model.active_adapters))
+        runs[lib] = steps
+    assert runs[pefttorch] == runs[peft]
+    assert any(".loaded." in n for n in runs[peft][0]) and runs[peft][-1][0]
 
 
 def test_one_adapter_per_model_may_train_biases():

@@ -273,7 +273,7 @@ class LoraModel(Forwarding):
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.inject_adapter(config, adapter_name)
-        self.set_adapter([adapter_name])
+        self.set_adapter([adapter_name], inference_mode=config.inference_mode)
 
     # ------------------------------------------------------------------ adapters
 
@@ -301,6 +301,10 @@ class LoraModel(Forwarding):
                              f"already: one adapter per model may have bias other than 'none', as in HF PEFT")
         targets = plan_targets(self.model, config)
         check_modules_to_save(self.model, config.modules_to_save)
+        # what trains when a later adapter comes stays so, as HF PEFT's injection keeps it: setting the active
+        # adapters again froze an inactive adapter loaded to train, unfroze an active one set with inference_mode,
+        # and froze what the user had unfrozen
+        kept = [(p, p.requires_grad) for p in self.model.parameters()] if self.peft_config else []
         # What an error halfway (a layer refusing its settings, out of memory) must undo: layers swapped in, the
         # adapter's entries in layers that had other adapters, modules_to_save wrappers and copies.
         swapped, extended, wrapped, copied = [], [], [], []
@@ -324,6 +328,12 @@ class LoraModel(Forwarding):
                 _set_submodule(self.model, name, module)
             raise
         self.model.requires_grad_(False)  # as HF PEFT's injection: set_adapter then marks what trains
+        if kept:
+            # the new layers follow the active adapters, a merged adapter is taken out (HF PEFT's injection calls
+            # set_adapter too); the new adapter stays frozen, load_adapter(is_trainable=True) unfreezes it
+            self.set_adapter(self.active_adapters)
+            for p, requires_grad in kept:
+                p.requires_grad_(requires_grad)
         if corrected:
             # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
             # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
@@ -390,8 +400,9 @@ class LoraModel(Forwarding):
         parts = name.split(".")
         return [self.model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
-    def set_adapter(self, names: str | list[str]) -> None:
-        """Makes these adapters the active ones (their parameters train; the others are frozen)."""
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
+        """Makes these adapters the active ones: their parameters train (with `inference_mode` they are frozen), the
+        others' are frozen, as HF PEFT's set_adapter. Merged adapters are taken out of the weights first."""
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
@@ -410,33 +421,28 @@ class LoraModel(Forwarding):
             warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
             for layer in merged:
                 layer.unmerge()
+        self._activate(names, inference_mode)
+
+    def _activate(self, names: list[str], inference_mode: bool = False) -> None:
+        """set_adapter without the unmerging (delete_adapter's, as HF PEFT's layers switch there)."""
         self.active_adapters = names
         for _, layer in self.lora_layers():
             layer.active_adapters = [n for n in names if n in layer.lora_A]
         for _, wrapper in self.save_wrappers():
             wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
-        self._mark_trainable()
+        self._mark_trainable(inference_mode)
 
-    def _mark_trainable(self) -> None:
-        """The active adapters' parameters (and the biases their configs train) train, every other adapter's are
-        frozen. Parameters no adapter owns keep what they have: frozen when an adapter was injected, unless the user
-        unfroze one since (an embedding, say), which switching adapters leaves alone, as HF PEFT's set_adapter."""
+    def _mark_trainable(self, inference_mode: bool = False) -> None:
+        """HF PEFT's set_adapter rule: the active adapters' parameters (and the biases their configs train) train,
+        unless `inference_mode`, every other adapter's are frozen; nothing is remembered (an adapter loaded for
+        inference trains once activated). Parameters no adapter owns keep what they have (an embedding the user
+        unfroze, say), as HF PEFT's set_adapter leaves them."""
         for name in self.peft_config:
             for p in self._owned_parameters(name):
                 p.requires_grad_(False)
-        # (read from __dict__: a tuner forwards missing attributes to the user's model; absent from old pickles)
-        trainable = self.__dict__.get("_trainable", {})
-        for name in self.active_adapters:
-            if trainable.get(name, not self.peft_config[name].inference_mode):
-                for p in self._owned_parameters(name):
-                    p.requires_grad_(True)
-
-    def set_trainable(self, names: list[str], trainable: bool) -> None:
-        """Whether these adapters train when active, whatever their config says (PeftModel.set_adapter: HF PEFT's
-        activated adapter trains, also one loaded for inference); kept here, not in the configs, which may be
-        the user's own objects."""
-        self.__dict__.setdefault("_trainable", {}).update(dict.fromkeys(names, trainable))
-        self._mark_trainable()
+        for name in [] if inference_mode else self.active_adapters:
+            for p in self._owned_parameters(name):
+                p.requires_grad_(True)
 
     def _owned_parameters(self, name: str):
         """What adapter `name` trains: its factors, its modules_to_save copies, and the biases its config trains."""
@@ -463,21 +469,19 @@ class LoraModel(Forwarding):
             raise RuntimeError(f"adapter {name!r} is merged into the base weight of {merged[0]}"
                                f"{f' and {len(merged) - 1} more' if len(merged) > 1 else ''}; unmerge before deleting "
                                "it")
-        for p in self._owned_parameters(name):  # its biases stay in the model: set_adapter below marks what trains
+        was_active = name in self.active_adapters
+        for p in self._owned_parameters(name):  # its biases stay in the model
             p.requires_grad_(False)
-        self.__dict__.get("_trainable", {}).pop(name, None)  # a new adapter of this name follows its own config
         for _, layer in self.lora_layers():
             layer.delete_adapter(name)
         for _, wrapper in self.save_wrappers():
             if name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[name]
         del self.peft_config[name]
-        remaining = [a for a in self.active_adapters if a != name]
-        if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
-        self.active_adapters = remaining
-        if remaining:
-            self.set_adapter(remaining)
+        if was_active:
+            # as HF PEFT: the adapters active now train (also one frozen by set_adapter(..., inference_mode=True)),
+            # merged ones stay merged; deleting an inactive adapter leaves what trains as it was
+            self._activate([a for a in self.active_adapters if a != name] or [next(iter(self.peft_config))])
 
     def set_adapters_disabled(self, disabled: bool) -> None:
         for _, layer in self.lora_layers():
