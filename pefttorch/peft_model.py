@@ -263,7 +263,7 @@ class PeftModel(Forwarding):
 
     def disable_adapter_layers(self) -> None:
         """Switches every adapter off until :meth:`enable_adapter_layers` (HF PEFT's; ``disable_adapter()`` is
-        the same as a context manager)."""
+        the same as a context manager); adapters added meanwhile start disabled (HF PEFT's would run)."""
         self.base_model.set_adapters_disabled(True)
 
     def enable_adapter_layers(self) -> None:
@@ -399,7 +399,8 @@ class PeftModel(Forwarding):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within the block the model computes as the base model (modules_to_save use their originals)."""
+        """Within the block the model computes as the base model (modules_to_save use their originals), also with
+        adapters added in it: they start disabled, and are enabled with the others on leaving it."""
         self.base_model.set_adapters_disabled(True)
         try:
             yield

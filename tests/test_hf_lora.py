@@ -680,6 +680,37 @@ def test_what_trains_after_adding_loading_and_deleting_adapters_is_hf_peft_s(tmp
     assert any(".loaded." in n for n in runs[peft][0]) and runs[peft][-1][0]
 
 
+def test_an_adapter_added_while_adapters_are_disabled_starts_disabled():
+    """Inside disable_adapter() the model computes as the base model (its docstring), but an adapter added there ran
+    once activated (HF PEFT's does too). Its layers start disabled, and are enabled on leaving with the others; the
+    same between disable_adapter_layers() and enable_adapter_layers()."""
+    from pefttorch.tuners.lora.layer import ModulesToSaveWrapper
+
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    original = logits(fresh(family), inp)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+
+    def switched_off():
+        return {m.disable_adapters for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))}
+
+    with model.disable_adapter():
+        model.add_adapter("d", LoraConfig(r=2, target_modules=["down_proj"], modules_to_save=["lm_head"],
+                                          init_lora_weights=False))
+        model.set_adapter("d")
+        assert switched_off() == {True}
+        torch.testing.assert_close(logits(model, inp), original)
+    assert switched_off() == {False}
+    with_d = logits(model, inp)
+    assert not torch.allclose(with_d, original)
+    model.disable_adapter_layers()
+    model.add_adapter("e", LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False))
+    model.set_adapter(["d", "e"])
+    torch.testing.assert_close(logits(model, inp), original)
+    model.enable_adapter_layers()
+    assert switched_off() == {False} and not torch.allclose(logits(model, inp), with_d)
+
+
 def test_one_adapter_per_model_may_train_biases():
     """The biases are the base model's, shared by all adapters: a second adapter with bias != 'none' was accepted,
     and training it changed the first adapter's outputs (HF PEFT refuses it)."""

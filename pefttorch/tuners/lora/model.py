@@ -305,6 +305,8 @@ class LoraModel(Forwarding):
         # adapters again froze an inactive adapter loaded to train, unfroze an active one set with inference_mode,
         # and froze what the user had unfrozen
         kept = [(p, p.requires_grad) for p in self.model.parameters()] if self.peft_config else []
+        # inside disable_adapter() the new layers start disabled too: the model computes as the base model there
+        disabled = any(m.disable_adapters for _, m in (*self.lora_layers(), *self.save_wrappers()))
         # What an error halfway (a layer refusing its settings, out of memory) must undo: layers swapped in, the
         # adapter's entries in layers that had other adapters, modules_to_save wrappers and copies.
         swapped, extended, wrapped, copied = [], [], [], []
@@ -334,6 +336,8 @@ class LoraModel(Forwarding):
             self.set_adapter(self.active_adapters)
             for p, requires_grad in kept:
                 p.requires_grad_(requires_grad)
+        if disabled:
+            self.set_adapters_disabled(True)
         if corrected:
             # The layer type decides the layout (Conv1D stores its weight (in, out), nn.Linear (out, in)); a
             # Conv1D with the default fan_in_fan_out=False is simply served as what it is.
