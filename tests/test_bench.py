@@ -281,6 +281,32 @@ def test_an_interrupted_run_leaves_a_file_that_says_so(tmp_path, monkeypatch, ca
     assert json.loads((tmp_path / "r2.json").read_text())["meta"]["complete"] is True
 
 
+def test_a_run_cut_short_in_its_first_suite_leaves_a_file_that_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or an error) in the first suite left the previous run's file at --json, still marked complete, and a
+    later --compare compared with it as if it were this run's."""
+    from pefttorch.bench import cli as bench_cli
+
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"meta": {"date": "the previous run", "suites": ["lora"], "complete": True},
+                               "suites": {"lora": {"rows": []}}}))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_cli, "_run_lora", interrupted)
+    args = ["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--repeat", "1"]
+    assert main([*args, "--json", str(out)]) == 130
+    data = json.loads(out.read_text())
+    assert data["meta"]["date"] != "the previous run" and data["meta"]["complete"] is False
+    assert data["meta"]["suites"] == ["lora"] and data["suites"] == {}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args, "--json", str(tmp_path / "r2.json"), "--compare", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the earlier run was cut short: it has results for no suite of lora" in printed
+    assert "the earlier run has no lora results" in printed
+
+
 def test_results_paths_and_compare_file_are_checked_before_running(tmp_path, capsys):
     """A --json naming a directory failed after the run (IsADirectoryError, results lost); a --compare file that is
     JSON but not results failed after it too; a --plot without a suffix was printed as written, matplotlib had

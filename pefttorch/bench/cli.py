@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     # error leaves a file that says so, and that --compare names as such)
     meta.update(quick=quick, repeat=args.repeat, suites=suites, complete=False)
     results, ok = {}, True
+    # written before the first suite too: cut short in it, the previous run's file, still marked complete, was left
+    # at --json, and a later --compare took it for this run's
+    _write_json(args.json, {"meta": meta, "suites": results})
     runners = {"lora": _run_lora, "model": _run_model, "sparse": _run_sparse, "rank": _run_rank,
                "meft": _run_meft, "adapter": _run_adapter}
     for suite in suites:
