@@ -247,12 +247,51 @@ def test_runs_naming_none_of_a_suites_runs_skip_it_among_several(tmp_path, monke
     assert list(json.loads(out.read_text())["suites"]) == ["model"]
 
 
-@pytest.mark.parametrize(("suite", "option"), [("sparse", ["--runs", "increlora"]), ("lora", ["--steps", "3"]),
-                                               ("adapter", ["--tokens", "8"]), ("model", ["--shapes", "8x16x16r2"])])
-def test_options_no_selected_suite_reads_are_refused(suite, option, capsys):
-    """`bench sparse --runs increlora` ran the sparse suite and ignored --runs without a word."""
-    err = usage_error(["bench", suite, "--device", "cpu", *option], capsys)
-    assert f"{option[0]} applies to the " in err and "none of them is selected" in err
+# The suites that read each option that only some read, as its help says, and a value of it; every suite reads the
+# others (EVERY_SUITE_READS)
+SUITE_OPTIONS = {"--shapes": (("lora", "sparse", "adapter"), "8x16x16r2"), "--impls": (("lora",), "base"),
+                 "--runs": (("model", "meft", "rank"), "full"), "--repeat": (("lora", "sparse", "adapter"), "1"),
+                 "--tokens": (("sparse",), "1"), "--densities": (("sparse",), "0.5"),
+                 "--steps": (("model", "meft", "rank"), "1"), "--r": (("model", "meft", "rank"), "2"),
+                 "--dropout": (("model", "meft", "rank"), "0"), "--bottleneck": (("meft",), "8"),
+                 "--stream-dtype": (("meft",), "float32"), "--small-model": (("model", "meft", "rank"), None)}
+EVERY_SUITE_READS = {"--device", "--dtype", "--quick", "--json", "--plot", "--compare"}
+
+
+def test_every_option_is_read_by_every_suite_or_checked():
+    """An option added for some suites only, and left out of the check, is ignored in silence by the others."""
+    import argparse
+
+    from pefttorch.bench import cli as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    options = {a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"}
+    assert options == set(SUITE_OPTIONS) | EVERY_SUITE_READS
+
+
+@pytest.mark.parametrize("option", SUITE_OPTIONS)
+def test_options_no_selected_suite_reads_are_refused(tmp_path, option, capsys):
+    """`bench sparse --runs increlora` ran the sparse suite and ignored --runs without a word; so did rank with --repeat
+    or --impls (whose default, all implementations, hid whether it was given), and lora with --small-model,
+    --stream-dtype or --dropout."""
+    import argparse
+
+    from pefttorch.bench import cli as bench_cli
+
+    readers, value = SUITE_OPTIONS[option]
+    given = [option] if value is None else [option, value]
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    for suite in bench_cli.SUITES:
+        if suite in readers:  # passes the check (running the suite is for its own tests)
+            bench_cli._check_suite_options(parser.parse_args([suite, *given]), [suite])
+            continue
+        out = tmp_path / "r.json"
+        err = usage_error(["bench", suite, "--device", "cpu", "--json", str(out), *given], capsys)
+        assert f"{option} applies to the {', '.join(readers)} suite(s); none of them is selected" in " ".join(
+            err.split()), suite
+        assert not out.exists()
 
 
 def test_an_interrupted_run_leaves_a_file_that_says_so(tmp_path, monkeypatch, capsys):

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "comma-separated HIDDENxINTER[xOUT]:ACTIVATION[:gated][:bias], e.g. 4096x11008:silu:gated; adapter: "
                    "comma-separated TOKENSxD:BOTTLENECK[:ACTIVATION] (activation relu, gelu, gelu_tanh or silu; "
                    "default relu), e.g. 8192x4096:256:relu")
-    p.add_argument("--impls", default=",".join(lora.IMPLS), help="lora: implementations to run")
+    p.add_argument("--impls", default=None, help="lora: implementations to run (default: all)")
     p.add_argument("--runs", default=None, help="model, rank, meft: comma-separated runs to make (default: all of "
                    "the suite's; with several suites, each makes the ones named that are its own)")
     p.add_argument("--repeat", type=positive_int, default=None,
@@ -60,14 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=positive_int, default=None,
                    help="model, meft: LoRA rank (default 16); rank: the target rank, average per module at the end "
                    "(default 8; 2 or more for increlora, which starts at 1)")
-    p.add_argument("--dropout", type=probability, default=0.0, help="model, meft: LoRA dropout (0: losses are "
-                   "cross-checked), MEFT's adapter dropout; rank: the adapters' dropout")
-    p.add_argument("--bottleneck", type=positive_int, default=model.MEFT_BOTTLENECK,
+    # the suites' own defaults are put in where read (None here), so that one given to no suite that reads it is told
+    # from one not given, and refused
+    p.add_argument("--dropout", type=probability, default=None, help="model, meft: LoRA dropout (0: losses are "
+                   "cross-checked), MEFT's adapter dropout; rank: the adapters' dropout (default 0)")
+    p.add_argument("--bottleneck", type=positive_int, default=None,
                    help=f"meft: the MEFT adapters' bottleneck (default {model.MEFT_BOTTLENECK})")
-    p.add_argument("--stream-dtype", default=str(model.MEFT_STREAMS).removeprefix("torch."),
-                   choices=("float32", "float64"), help="meft: dtype of MEFT's two streams (default float64: with "
-                   "float32 a bf16 model's reconstruction fails within a few layers)")
-    p.add_argument("--small-model", action="store_true", help="model, rank, meft: the CPU-sized model even on a GPU")
+    p.add_argument("--stream-dtype", default=None, choices=("float32", "float64"), help="meft: dtype of MEFT's two "
+                   "streams (default float64: with float32 a bf16 model's reconstruction fails within a few layers)")
+    p.add_argument("--small-model", action="store_true", default=None,
+                   help="model, rank, meft: the CPU-sized model even on a GPU")
     p.add_argument("--json", type=Path, default=Path("build/bench/bench.json"),
                    help="results file (default build/bench/bench.json)")
     p.add_argument("--plot", type=Path, default=None,
@@ -170,16 +172,20 @@ def _write_json(path: Path, data: dict) -> None:
     part.replace(path)
 
 
-# Options that only some suites read: given to a run of none of those, they were silently ignored. (Those with a
-# default that is a value, --dropout or --bottleneck, cannot be told given from not.)
-_SUITE_OPTIONS = {"runs": ("model", "meft", "rank"), "steps": ("model", "meft", "rank"), "r": ("model", "meft", "rank"),
-                  "tokens": ("sparse",), "densities": ("sparse",), "shapes": ("lora", "sparse", "adapter")}
+# Options that only some suites read (each of them None when not given): given to a run of none of those, they were
+# silently ignored. Every suite reads the others: --device, --dtype, --quick, --json, --plot and --compare.
+_TRAINING = ("model", "meft", "rank")
+_SUITE_OPTIONS = {"shapes": ("lora", "sparse", "adapter"), "impls": ("lora",), "runs": _TRAINING,
+                  "repeat": ("lora", "sparse", "adapter"), "tokens": ("sparse",), "densities": ("sparse",),
+                  "steps": _TRAINING, "r": _TRAINING, "dropout": _TRAINING, "bottleneck": ("meft",),
+                  "stream_dtype": ("meft",), "small_model": _TRAINING}
 
 
 def _check_suite_options(args: argparse.Namespace, suites: list[str]) -> None:
     for option, readers in _SUITE_OPTIONS.items():
         if getattr(args, option) is not None and not set(readers) & set(suites):
-            raise UsageError(f"--{option} applies to the {', '.join(readers)} suite(s); none of them is selected")
+            raise UsageError(f"--{option.replace('_', '-')} applies to the {', '.join(readers)} suite(s); none of "
+                             "them is selected")
 
 
 def script_main(suite: str, argv: list[str] | None = None) -> int:
@@ -314,7 +320,7 @@ def _lora_inputs(args, device, quick) -> dict:
     from . import lora
 
     return {"shapes": _shapes(args, "lora", lora.Shape.parse, lambda: lora.default_shapes(device, quick)),
-            "impls": _names(args.impls, lora.IMPLS, "implementations")}
+            "impls": _names(args.impls, lora.IMPLS, "implementations") if args.impls is not None else list(lora.IMPLS)}
 
 
 def _sparse_inputs(args, device, quick) -> dict:
@@ -402,29 +408,31 @@ def _run_training(suite, args, inputs, device, dtype, quick, no_peft, console):
     runs = inputs["runs"]
     if no_peft:
         runs = [r for r in runs if not r.startswith("peft+") and r != "peft"]
-    meft = model.MeftOptions(args.bottleneck, getattr(torch, args.stream_dtype))
+    stream_dtype = args.stream_dtype or str(model.MEFT_STREAMS).removeprefix("torch.")
+    meft = model.MeftOptions(args.bottleneck or model.MEFT_BOTTLENECK, getattr(torch, stream_dtype))
     steps = args.steps or (4 if quick else 10)
     r = 16 if args.r is None else args.r
+    dropout = args.dropout or 0.0
     results, adapter_state = [], None
     for run in tqdm(runs, desc=suite, unit="run"):
         try:
             result, initial = model.run_one(run, shape, dtype, device, steps, 2 if quick else 3, r,
-                                            args.dropout, adapter_state, meft)
+                                            dropout, adapter_state, meft)
         except torch.OutOfMemoryError as err:
             result, initial = model.RunResult(run, ok=False, note=f"out of memory: {err}"), None
         model.release(device)
         adapter_state = adapter_state or initial
         results.append(result)
-    model.compare(results, dtype, check_losses=args.dropout == 0.0)
+    model.compare(results, dtype, check_losses=dropout == 0.0)
     targets = model.check_targets(results, suite)
     rows = model.as_dicts(results)
     title = f"{shape.label}, LoRA r={r} all-linear"
     if any(run in model.MEFT_VARIANTS for run in runs):
-        title += f", MEFT bottleneck {meft.bottleneck} with {args.stream_dtype} streams"
+        title += f", MEFT bottleneck {meft.bottleneck} with {stream_dtype} streams"
     report.print_model_table(report.metadata(device, dtype), title, rows, targets, console)
     extra = {"model": shape.label, "r": r, "steps": steps, "peak": report.peak_label({"device_type": device.type})}
     if suite == "meft":
-        extra.update(bottleneck=meft.bottleneck, stream_dtype=args.stream_dtype)
+        extra.update(bottleneck=meft.bottleneck, stream_dtype=stream_dtype)
     return rows, targets, all(res.ok for res in results), extra
 
 
@@ -441,13 +449,14 @@ def _run_rank(args, inputs, device, dtype, quick, no_peft, console):
     kind = "cuda" if device.type == "cuda" else "cpu"
     steps = args.steps or (RANK_STEPS_QUICK if quick else RANK_STEPS)[kind]
     target = 8 if args.r is None else args.r
+    dropout = args.dropout or 0.0
     with tqdm(total=len(runs), desc="rank", unit="run") as bar:
         def progress(run):
             bar.set_postfix_str(run)
             if run != runs[0]:
                 bar.update(1)
 
-        results, plan = rank.run_suite(runs, shape, dtype, device, steps, 2 if quick else 3, target, args.dropout,
+        results, plan = rank.run_suite(runs, shape, dtype, device, steps, 2 if quick else 3, target, dropout,
                                        progress)
         bar.update(1)
     targets = rank.check_targets(results)
