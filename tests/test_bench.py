@@ -365,14 +365,17 @@ def test_results_paths_and_compare_file_are_checked_before_running(tmp_path, cap
     ({"meta": {}, "suites": {"lora": {"rows": [{"shape": "8x8->8 r1 p0", "impl": "base", "ms": 1.0}]}}},
      "a lora row is not one of pefttorch bench's (each names shape, mode, impl and a time ms)"),
     ({"meta": [], "suites": {"lora": {"rows": []}}}, "meta is not an object"),
+    ({"meta": {"suites": 5, "complete": False}, "suites": {}}, "meta's suites is not a list of names: 5"),
+    ({"meta": {"suites": ["lora", 1], "complete": False}, "suites": {}}, "meta's suites is not a list of names"),
+    ({"meta": {"suites": ["lora"], "complete": "no"}, "suites": {}}, "meta's complete is not true or false: 'no'"),
     ({"suites": {"lora": []}}, "suite 'lora' is not an object with a list of rows"),
     ({"suites": {"lora": {"rows": [[1]]}}}, "a lora row is not one of pefttorch bench's"),
     ({"suites": {"lora": {"rows": [{"shape": "s", "mode": "fwd", "impl": "base", "ms": "1"}]}}}, "a time ms"),
     ({"suites": {"rank": {"rows": [{"run": ["x"], "mean_ms": 1.0}]}}}, "a rank row is not one of"),
 ])
 def test_compare_file_rows_are_checked_before_running(tmp_path, capsys, results, message):
-    """--compare checked only for a "suites" object: rows or meta of another shape crashed the comparison at the very
-    end, a traceback after the run."""
+    """--compare checked only for a "suites" object: rows or meta of another shape (meta's suites not a list of names,
+    too) crashed the comparison at the very end, a traceback after the run."""
     old = tmp_path / "old.json"
     old.write_text(json.dumps(results))
     err = usage_error(["bench", "lora", "--device", "cpu", "--shapes", "8x16x16r2", "--impls", "base", "--json",

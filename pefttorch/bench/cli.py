@@ -251,8 +251,18 @@ def _read_compare(path: Path) -> dict:
     if not isinstance(earlier, dict) or not isinstance(earlier.get("suites"), dict):
         raise UsageError(f"--compare {path}: not a results file of pefttorch bench (no suites)")
     # what compare() reads of it, checked now: found wanting there, after the run, it was a traceback
-    if not isinstance(earlier.get("meta", {}), dict):
+    meta = earlier.get("meta", {})
+    if not isinstance(meta, dict):
         raise UsageError(f"--compare {path}: not a results file of pefttorch bench (meta is not an object)")
+    # of meta, compare() joins the suites asked for and tests complete; the rest it prints or tests for equality only,
+    # which any JSON value takes
+    suites = meta.get("suites", [])
+    if not (isinstance(suites, list) and all(isinstance(s, str) for s in suites)):
+        raise UsageError(f"--compare {path}: not a results file of pefttorch bench (meta's suites is not a list of "
+                         f"names: {suites!r})"[:300])
+    if not isinstance(meta.get("complete", False), bool):
+        raise UsageError(f"--compare {path}: not a results file of pefttorch bench (meta's complete is not true or "
+                         f"false: {meta['complete']!r})"[:300])
     for suite, data in earlier["suites"].items():
         if suite not in _ROW_KEYS:  # not a suite of this version: never compared
             continue
