@@ -470,6 +470,29 @@ def test_compare_with_older_cpu_results_says_no_difference():
     assert notes({"device": "AMD EPYC", "device_type": "cpu", "dtype": "float32"}, now) == 1  # two CPUs named
 
 
+def test_compare_names_rows_of_one_run_only():
+    """Rows without a counterpart in the earlier run (another implementation, shape or run), and the earlier run's
+    rows this one has not, were left out without a word: the change of every row was promised."""
+    import io
+
+    from rich.console import Console
+
+    from pefttorch.bench import cli
+
+    def row(impl, ms):
+        return {"shape": "8x16->16 r2 p0", "mode": "fwd", "impl": impl, "ms": ms}
+
+    old = {"meta": {}, "suites": {"lora": {"rows": [row("base", 1.0), row("torch", 2.0), row("peft", None)]}}}
+    now = {"lora": {"rows": [row("base", 1.5), row("pefttorch", 0.5), row("peft", 3.0)]}}
+    console = Console(file=io.StringIO(), width=200)
+    cli.compare(console, old, now)
+    out = " ".join(console.file.getvalue().split())
+    assert "1.000 -> 1.500 ms (+50.0%)" in out
+    assert "note: lora 8x16->16 r2 p0 fwd pefttorch is new: the earlier run has no figure for it (now 0.500 ms)" in out
+    assert "note: lora 8x16->16 r2 p0 fwd torch is gone: this run has no figure for it (earlier 2.000 ms)" in out
+    assert "note: lora 8x16->16 r2 p0 fwd peft: no change to give (earlier no time, now 3.000 ms)" in out
+
+
 def test_the_commit_is_pefttorchs_own_checkouts_only(tmp_path, monkeypatch):
     """An installed copy inside another project's checkout (a venv in its tree) recorded that project's commit."""
     import subprocess

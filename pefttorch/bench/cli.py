@@ -557,9 +557,10 @@ def _differ(key: str, old: dict, now: dict) -> bool:
 
 
 def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> None:
-    """The change of each row's time against an earlier run (same suite and row). Rows are matched by shape and
-    implementation (or run); what they do not name (the device, the dtype, the training suites' model) is compared
-    once, and a difference said, since the times are then not of the same thing."""
+    """The change of each row's time against an earlier run (same suite and row); a row of one run only is said to be
+    new or gone. Rows are matched by shape and implementation (or run); what they do not name (the device, the dtype,
+    the training suites' model) is compared once, and a difference said, since the times are then not of the same
+    thing."""
     meta = old.get("meta", {})
     console.print(f"change against commit {meta.get('commit')} of {meta.get('date')} on {meta.get('device')}:")
     if meta.get("complete") is False:
@@ -579,10 +580,28 @@ def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> 
                 console.print(f"[yellow]  note: {suite}: the earlier run's {key} was {earlier[key]}, this one's "
                               f"{data[key]}[/yellow]")
         before = {_row_key(suite, r): r for r in earlier.get("rows", [])}
+        # a row on one side only, or without a time on one, is said too: left out, a row new in this run (another
+        # shape, implementation or run) or one gone from it could not be told from one that did not change
         for row in data["rows"]:
-            o = before.get(_row_key(suite, row))
+            o = before.pop(_row_key(suite, row), None)
             new_ms, old_ms = _row_ms(suite, row), _row_ms(suite, o) if o else None
-            if new_ms and old_ms:
-                label = " ".join(str(k) for k in _row_key(suite, row) if k is not None)
-                console.print(f"  {suite:6} {label:52} {old_ms:9.3f} -> {new_ms:9.3f} ms "
+            if o is None:
+                console.print(f"[yellow]  note: {suite} {_row_label(suite, row)} is new: the earlier run has no "
+                              f"figure for it (now {_ms_text(new_ms)})[/yellow]")
+            elif new_ms and old_ms:
+                console.print(f"  {suite:6} {_row_label(suite, row):52} {old_ms:9.3f} -> {new_ms:9.3f} ms "
                               f"({(new_ms / old_ms - 1) * 100:+.1f}%)")
+            else:  # a run that failed (or ran out of memory) on one side
+                console.print(f"[yellow]  note: {suite} {_row_label(suite, row)}: no change to give (earlier "
+                              f"{_ms_text(old_ms)}, now {_ms_text(new_ms)})[/yellow]")
+        for o in before.values():  # the earlier run's rows this one has not
+            console.print(f"[yellow]  note: {suite} {_row_label(suite, o)} is gone: this run has no figure for it "
+                          f"(earlier {_ms_text(_row_ms(suite, o))})[/yellow]")
+
+
+def _row_label(suite: str, row: dict) -> str:
+    return " ".join(str(k) for k in _row_key(suite, row) if k is not None)
+
+
+def _ms_text(ms) -> str:
+    return f"{ms:.3f} ms" if ms else "no time"
