@@ -406,19 +406,28 @@ def test_a_cache_handed_through_kwargs_takes_the_installed_transformers_name(mon
     assert _cache.cache_key({"cache": object()}, ()) == "cache"  # the one given
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
 @pytest.mark.parametrize("method", ["prefix", "prompt", "dept"])
-def test_a_static_cache_is_refused_with_a_clear_error(method):
+def test_a_static_cache_is_refused_with_a_clear_error(method, family):
     """generate(cache_implementation="static") sizes and masks the cache without the virtual tokens: prompt tuning
     and DePT overflowed it (an IndexError inside the cache), prefix tuning's own cache no longer matched the mask
-    (on a padded batch a silent wrong answer). LoRA, which adds no tokens, works with it."""
+    (on a padded batch a silent wrong answer). LoRA, which adds no tokens, works with it. On an encoder-decoder,
+    prefix tuning named a 4-D decoder_attention_mask the user never gave (generate's, for the static cache)."""
     from pefttorch import DeptConfig, LoraConfig, PromptTuningConfig
 
     config = {"prefix": PrefixTuningConfig(num_virtual_tokens=N), "prompt": PromptTuningConfig(num_virtual_tokens=N),
               "dept": DeptConfig(num_virtual_tokens=N, r=2, max_length=16)}[method]
-    ids = inputs("llama")["input_ids"]
-    model = get_peft_model(fresh("llama"), config).eval()
+    config.task_type = TASKS[family]
+    ids = inputs(family)["input_ids"]
+    model = get_peft_model(fresh(family), config).eval()
+    if family == "t5" and method != "prefix":  # the virtual tokens go to the encoder: the decoder's cache is as sized
+        static = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, model.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+        return
     with pytest.raises(ValueError, match="does not work with a static key/value cache"):
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    if family != "llama":
+        return
     lora = get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"])).eval()
     static = lora.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert torch.equal(static, lora.generate(input_ids=ids, max_new_tokens=3, do_sample=False))

@@ -355,6 +355,10 @@ class PrefixModel(VirtualTokenModel):
         choices = None if self.encoder_decoder else self._flatten_choices(kw)
         mask_key, positions_key = (("decoder_attention_mask", "decoder_position_ids") if self.encoder_decoder
                                    else ("attention_mask", "position_ids"))
+        key = cache_key(kw, _parameter_names(type(module)))
+        given = kw.get(key)
+        # first: generate masks a static cache 4-D, which the mask check refused, naming a mask the user never gave
+        refuse_static(given, self.method)
         self._refuse_other_masks(kw, mask_key)
         source = next((kw[k] for k in names if kw.get(k) is not None), None)
         if source is None and self.encoder_decoder:  # the decoder input the model makes (see __init__)
@@ -366,14 +370,11 @@ class PrefixModel(VirtualTokenModel):
                              + (" (or the input_ids or labels the model makes it from)" if self.encoder_decoder
                                 else ""))
         batch, length = source.shape[:2]
-        key = cache_key(kw, _parameter_names(type(module)))
         # without use_cache a call computes its whole sequence; a cache it is handed is the one an earlier call
         # returned (generate passes it on even then), holding that call's keys after the prefix
-        given = kw.get(key)
         past = 0 if kw.get("use_cache") is False else cache_length(given)
         self._refuse_past_positions(past or self.n, length)  # a later step's cache holds the prefix
         if past == 0:  # a new sequence: the cache starts with the prefix
-            refuse_static(given, self.method)
             read_only = self._checkpointing(module)
             if read_only and self.projected and any(_reentrant(m) for m in self._checkpointed
                                                     if m.gradient_checkpointing):
