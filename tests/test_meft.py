@@ -738,6 +738,9 @@ def test_disable_adapter_computes_with_the_original_modules_to_save(tmp_path):
             if attempt == 0:
                 with model.disable_adapter():
                     torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
+                    # what is saved meanwhile is what was learned (the originals are in the parameters now)
+                    model.save_pretrained(tmp_path / "inside")
+                    assert torch.equal(model.state_dict()["base_model.model.classifier.weight"], trained_head)
             else:
                 model.disable_adapter_layers()
                 torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)
@@ -746,15 +749,19 @@ def test_disable_adapter_computes_with_the_original_modules_to_save(tmp_path):
                 model.enable_adapter_layers()
             assert model.base_model.model.classifier.weight is head  # the same parameter: an optimizer holds it
             torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=0)
+    with torch.enable_grad(), model.disable_adapter():  # a reference forward: the original head is frozen, as HF's
+        assert not model(**inputs).logits.requires_grad
+    assert head.requires_grad
     model.save_pretrained(tmp_path)
-    loaded = pefttorch.PeftModel.from_pretrained(build("bert"), tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, trained, rtol=0, atol=0)
-        with loaded.disable_adapter():
-            torch.testing.assert_close(loaded(**inputs).logits, want, rtol=0, atol=0)
-        model.disable_adapter_layers()
-        unloaded = model.unload()  # disabled when unloaded: the trained head is put back, as unload() keeps it
-        assert unloaded.classifier.weight is head and torch.equal(head, trained_head)
+    for folder in (tmp_path, tmp_path / "inside"):
+        loaded = pefttorch.PeftModel.from_pretrained(build("bert"), folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, trained, rtol=0, atol=0)
+            with loaded.disable_adapter():
+                torch.testing.assert_close(loaded(**inputs).logits, want, rtol=0, atol=0)
+    model.disable_adapter_layers()
+    unloaded = model.unload()  # disabled when unloaded: the trained head is put back, as unload() keeps it
+    assert unloaded.classifier.weight is head and torch.equal(head, trained_head) and head.requires_grad
 
 
 def test_lam_and_beta_outside_the_kernels_compute_dtype_are_refused_by_the_config():

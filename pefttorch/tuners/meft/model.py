@@ -122,11 +122,12 @@ def _adapter_kinds(variant: str, reversible: bool) -> tuple[str, ...]:
 
 def _saved_tensors(targets) -> dict[tuple[str, str], torch.Tensor]:
     """The parameters and buffers of the modules_to_save `targets` ((path, module) pairs) by (path, name), each
-    tensor once (a tied weight, or a saved module inside another: exchanged twice, it would be back)."""
+    tensor once (a tied weight, or a saved module inside another: exchanged twice, it would be back), MEFT's own
+    adapters left out (a saved layer holds them: they are the adapter, which disabling switches off otherwise)."""
     out, seen = {}, set()
     for path, module in targets:
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if id(t) not in seen:
+            if id(t) not in seen and not f".{name}".count(".meft_adapters."):
                 seen.add(id(t))
                 out[path, name] = t
     return out
@@ -196,6 +197,9 @@ class MeftModel(Forwarding):
         # module) for disable_adapter(), which computed with the trained ones (see set_adapters_disabled)
         self.__dict__["_saved_originals"] = {k: t.detach().clone() for k, t in _saved_tensors(targets).items()}
         self._saved_paths = [path for path, _ in targets]
+        # while disabled, what is saved is still what was learned (the originals are in the parameters then)
+        self._hooks += [module.register_state_dict_post_hook(functools.partial(self._trained_state, path))
+                        for path, module in targets]
 
     @staticmethod
     def _refuse_split_shared_layers(layers: nn.ModuleList, n_rev: int, variant: str) -> None:
@@ -357,19 +361,37 @@ class MeftModel(Forwarding):
 
     def set_adapters_disabled(self, disabled: bool) -> None:
         if disabled != self.disabled:
-            self._swap_saved_originals()
+            self._swap_saved_originals(disabled)
         self.disabled = disabled
 
-    def _swap_saved_originals(self) -> None:
+    def _swap_saved_originals(self, disabling: bool) -> None:
         """Exchanges the modules_to_save's tensors with those kept aside: with adapters disabled the model computes
-        with the base model's own (the parameters stay the same objects, so an optimizer is unaffected)."""
+        with the base model's own (the parameters stay the same objects, so an optimizer is unaffected), frozen as
+        HF PEFT's original module is (a reference forward in the block sent gradients to the trained head)."""
         kept = self.__dict__.get("_saved_originals", {})  # (absent from models pickled before it was kept)
         if not kept:
             return
+        trainable = self.__dict__.setdefault("_saved_trainable", {})
         for key, t in _saved_tensors([(p, self.model.get_submodule(p)) for p in self._saved_paths]).items():
             current = t.data
             t.data = kept[key].to(device=current.device, dtype=current.dtype)  # (the model may have moved since)
             kept[key] = current
+            if isinstance(t, nn.Parameter):
+                if disabling:
+                    trainable[key] = t.requires_grad
+                    t.requires_grad_(False)
+                else:
+                    t.requires_grad_(trainable.pop(key, t.requires_grad))
+
+    def _trained_state(self, path: str, module: nn.Module, state: dict, prefix: str, metadata) -> None:
+        """state_dict hook of a module_to_save: while disabled, its trained tensors (kept aside then) are saved."""
+        if not self.disabled:
+            return
+        kept = self.__dict__.get("_saved_originals", {})
+        for name in list(state):
+            key = (path, name[len(prefix):])
+            if name.startswith(prefix) and key in kept:
+                state[name] = kept[key]
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         raise NotImplementedError("MEFT's adapters change how layers connect: they cannot be merged into weights")
