@@ -419,13 +419,17 @@ def test_a_static_cache_is_refused_with_a_clear_error(method, family):
               "dept": DeptConfig(num_virtual_tokens=N, r=2, max_length=16)}[method]
     config.task_type = TASKS[family]
     ids = inputs(family)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a padded batch: generate's 4-D mask for the static cache was refused, naming the mask
     model = get_peft_model(fresh(family), config).eval()
     if family == "t5" and method != "prefix":  # the virtual tokens go to the encoder: the decoder's cache is as sized
         static = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
         assert torch.equal(static, model.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
         return
-    with pytest.raises(ValueError, match="does not work with a static key/value cache"):
-        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    for attention_mask in (None, mask):
+        with pytest.raises(ValueError, match="does not work with a static key/value cache"):
+            model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False,
+                           cache_implementation="static")
     if family != "llama":
         return
     lora = get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"])).eval()

@@ -378,6 +378,8 @@ class PromptModel(VirtualTokenModel):
             return (), kw
         n = self.n
         choices = self._flatten_choices(kw)
+        # first: generate masks a static cache 4-D, which the mask check refused, naming a mask the user never gave
+        refuse_static(get_cache(kw), self.method)
         self._refuse_other_masks(kw)
         past_length = cache_length(get_cache(kw))
         source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
@@ -386,7 +388,6 @@ class PromptModel(VirtualTokenModel):
         batch, length = source.shape[:2]
         self._refuse_past_positions(past_length or n, length)  # a generation step's cache holds the prompt
         if past_length == 0:  # the whole input: the prompt goes in front
-            refuse_static(get_cache(kw), self.method)
             self._pool_at(self._last_real_tokens(module, kw.get("input_ids")))
             self._with_prompt(kw)
             self._grow(kw, "attention_mask", batch, 1)
