@@ -464,8 +464,11 @@ def test_budget_out_of_reach_says_the_range():
     with pytest.raises(ValueError, match="chooses layers_to_transform itself"):
         config_for_budget(base, "ssf", 0.01, layers_to_transform=[0])
     for budget in ("0.01", None, True, float("nan")):  # a string was "'<' not supported between ..."
-        with pytest.raises(ValueError, match=r"budget is a share of the model's parameters in \(0, 1\)"):
+        with pytest.raises(ValueError, match=r"budget is a share of the model's parameters, a real number in \(0, "):
             config_for_budget(base, "lora", budget)
+    # a numpy scalar or a 0-d tensor from a sweep is a number
+    assert config_for_budget(base, "lora", torch.tensor(0.01), verbose=False) == config_for_budget(
+        base, "lora", 0.01, verbose=False)
 
 
 def test_bf16_model_keeps_fp32_adapters_and_trains():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._config import plain_number
 from .adapter.config import AdapterConfig
 from .adapter.model import find_sites
 from .lora.config import LoraConfig
@@ -165,8 +166,10 @@ def config_for_budget(model: nn.Module, method: str, budget: float, *, verbose: 
     if method not in METHODS:
         raise ValueError(f"config_for_budget: unknown or not yet supported method {method!r}; supported: "
                          f"{', '.join(METHODS)}")
+    budget = plain_number(budget)  # a numpy scalar or 0-d tensor from a sweep: a plain float
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget < 1:
-        raise ValueError(f"config_for_budget: budget is a share of the model's parameters in (0, 1), got {budget!r}")
+        raise ValueError(f"config_for_budget: budget is a share of the model's parameters, a real number in (0, 1), "
+                         f"got {budget!r}")
     plan_fn, config_cls = METHODS[method]
     for unit in ("r", "bottleneck", "num_virtual_tokens"):
         if unit in kwargs:
