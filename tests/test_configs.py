@@ -90,6 +90,10 @@ def test_hf_peft_fields_read_back_as_given_or_at_hf_peft_defaults():
     for name in ("lora_bias", "target_parameters", "layer_replication", "trainable_token_indices", "eva_config",
                  "megatron_core", "qalora_group_size", "ensure_weight_tying"):
         assert getattr(pefttorch.LoraConfig(), name) == getattr(hf, name), name
+    assert pefttorch.LoraConfig().runtime_config.ephemeral_gpu_offload is False  # HF PEFT's LoRA code reads it
+    fresh = pefttorch.LoraConfig()
+    fresh.loftq_config["loftq_bits"] = 4  # a mutable default of its own, kept: not shared with other configs
+    assert fresh.loftq_config == {"loftq_bits": 4} and pefttorch.LoraConfig().loftq_config == {}
     assert pefttorch.AdaLoraConfig(total_step=10).use_dora is False  # the subclasses read them too
     with pytest.raises(AttributeError, match="no attribute 'no_such_field'"):
         config.no_such_field  # noqa: B018 - the attribute access is the test

@@ -17,10 +17,11 @@ CONFIG_NAME = "adapter_config.json"
 
 class AnyValue:
     """A FOREIGN_FIELDS entry for a field that takes any value (it does not change what a loaded adapter computes);
-    `default` is HF PEFT's, which the config reads back when the field was not given."""
+    `default` (a value, or a factory of a fresh mutable one) is HF PEFT's, which the config reads back when the field
+    was not given."""
 
-    def __init__(self, default=None):
-        self.default = default
+    def __init__(self, default=None, factory=None):
+        self.default, self.factory = default, factory
 
 
 def _is_default(value, default) -> bool:
@@ -65,7 +66,11 @@ def reject_unknown_fields(cls):
             given = self.__dict__.get("_hf_peft_fields", {})
             if name in given:
                 return given[name]
-            return foreign[name].default if isinstance(foreign[name], AnyValue) else foreign[name]
+            entry = foreign[name]
+            if isinstance(entry, AnyValue) and entry.factory is not None:
+                # a mutable default of this config's own, kept (one shared by every config leaked edits across them)
+                return self.__dict__.setdefault("_hf_peft_fields", {}).setdefault(name, entry.factory())
+            return entry.default if isinstance(entry, AnyValue) else entry
         raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
 
     cls.__init__ = checked_init

@@ -43,12 +43,21 @@ _UNSUPPORTED_PEFT_FIELDS = {
     "use_bdlora": None, "megatron_config": None, "kasa_config": None, "monteclora_config": None,
     "astra_config": None,  # HF PEFT 0.22: builds the adapter layers its own way
 }
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """HF PEFT's runtime options of a LoRA config, as its code reads them (pefttorch has none of them)."""
+
+    ephemeral_gpu_offload: bool = False
+
+
 # Fields of HF PEFT's LoraConfig that do not change what a loaded adapter computes: initialisation settings (the
-# weights are loaded), distributed and runtime options, VeLoRA's backward-only compression.
-# (name -> HF PEFT's default; runtime_config's, a LoraRuntimeConfig, reads as None)
-_IGNORED_PEFT_FIELDS = {"corda_config": None, "eva_config": None, "loftq_config": {}, "lora_ga_config": None,
-                        "megatron_core": "megatron.core", "qalora_group_size": 16, "runtime_config": None,
-                        "velora_config": None}
+# weights are loaded), distributed and runtime options, VeLoRA's backward-only compression (name -> HF PEFT's
+# default, read back when not given)
+_IGNORED_PEFT_FIELDS = {"corda_config": None, "eva_config": None, "loftq_config": AnyValue(factory=dict),
+                        "lora_ga_config": None, "megatron_core": "megatron.core", "qalora_group_size": 16,
+                        "runtime_config": AnyValue(factory=LoraRuntimeConfig), "velora_config": None}
 # Initialisations after which HF PEFT's loading changes the base weights too (it subtracts the principal part the
 # adapter started from, or quantizes): the saved factors alone are not the adapter.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -109,7 +118,8 @@ class LoraConfig:
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
     # (ensure_weight_tying=True ties a trained embedding copy to lm_head in HF PEFT: not ignored when training)
     FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS,
-                                      **{k: AnyValue(v) for k, v in _IGNORED_PEFT_FIELDS.items()},
+                                      **{k: v if isinstance(v, AnyValue) else AnyValue(v)
+                                         for k, v in _IGNORED_PEFT_FIELDS.items()},
                                       "ensure_weight_tying": False}
 
     def __post_init__(self) -> None:
