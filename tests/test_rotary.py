@@ -4,6 +4,7 @@ input, opcheck, gradcheck; and the HF-compatible apply_rotary_pos_emb against tr
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -203,6 +204,8 @@ def test_fuse_rotary_is_undone_and_leaves_other_families_and_calls_alone(unfused
     torch.save(model, buffer)
     buffer.seek(0)
     torch.testing.assert_close(logits(torch.load(buffer, weights_only=False), batch), before, rtol=1e-5, atol=1e-6)
+    fused = llama.apply_rotary_pos_emb  # copied as a function is: itself
+    assert copy.copy(fused) is fused and copy.deepcopy({"rope": fused})["rope"] is fused
     assert pefttorch.unfuse_rotary() == 1 and llama.apply_rotary_pos_emb is original
     assert torch.equal(logits(model, batch), before)
 

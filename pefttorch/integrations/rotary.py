@@ -85,6 +85,12 @@ def _fused(original, partial: bool):
             # transformers' wrapper (a whole model saved with torch.save failed to load)
             return type(original)()
 
+        def __copy__(self):  # copied as a function is, itself (copy's default would build transformers' wrapper)
+            return self
+
+        def __deepcopy__(self, memo):
+            return self
+
     return object.__new__(FusedRotary)
 
 
