@@ -491,6 +491,11 @@ def test_compare_names_rows_of_one_run_only():
     assert "note: lora 8x16->16 r2 p0 fwd pefttorch is new: the earlier run has no figure for it (now 0.500 ms)" in out
     assert "note: lora 8x16->16 r2 p0 fwd torch is gone: this run has no figure for it (earlier 2.000 ms)" in out
     assert "note: lora 8x16->16 r2 p0 fwd peft: no change to give (earlier no time, now 3.000 ms)" in out
+    # a row given twice in this run (--shapes naming a shape twice) is compared both times, not called new
+    console = Console(file=io.StringIO(), width=200)
+    cli.compare(console, old, {"lora": {"rows": [row("base", 1.5), row("base", 0.5)]}})
+    out = " ".join(console.file.getvalue().split())
+    assert "1.000 -> 1.500 ms (+50.0%)" in out and "1.000 -> 0.500 ms (-50.0%)" in out and "base is new" not in out
 
 
 def test_the_commit_is_pefttorchs_own_checkouts_only(tmp_path, monkeypatch):

@@ -581,9 +581,13 @@ def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> 
                               f"{data[key]}[/yellow]")
         before = {_row_key(suite, r): r for r in earlier.get("rows", [])}
         # a row on one side only, or without a time on one, is said too: left out, a row new in this run (another
-        # shape, implementation or run) or one gone from it could not be told from one that did not change
+        # shape, implementation or run) or one gone from it could not be told from one that did not change. (A row
+        # given twice, --shapes naming a shape twice, is compared each time.)
+        matched = set()
         for row in data["rows"]:
-            o = before.pop(_row_key(suite, row), None)
+            key = _row_key(suite, row)
+            o = before.get(key)
+            matched.add(key)
             new_ms, old_ms = _row_ms(suite, row), _row_ms(suite, o) if o else None
             if o is None:
                 console.print(f"[yellow]  note: {suite} {_row_label(suite, row)} is new: the earlier run has no "
@@ -594,7 +598,7 @@ def compare(console, old: dict, results: dict, meta_now: dict | None = None) -> 
             else:  # a run that failed (or ran out of memory) on one side
                 console.print(f"[yellow]  note: {suite} {_row_label(suite, row)}: no change to give (earlier "
                               f"{_ms_text(old_ms)}, now {_ms_text(new_ms)})[/yellow]")
-        for o in before.values():  # the earlier run's rows this one has not
+        for o in (o for key, o in before.items() if key not in matched):  # the earlier run's rows this one has not
             console.print(f"[yellow]  note: {suite} {_row_label(suite, o)} is gone: this run has no figure for it "
                           f"(earlier {_ms_text(_row_ms(suite, o))})[/yellow]")
 
