@@ -668,3 +668,70 @@ def test_a_forward_that_raised_leaves_no_term_behind():
     with torch.no_grad(), pytest.raises(IndexError):
         model(input_ids=ids * 0 + 10_000)
     torch.testing.assert_close(model.density_loss.loss(), term)
+
+
+def _bart():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=64, dropout=0.0)).train()
+
+
+def test_a_seq2seq_model_given_encoder_outputs_adds_the_encoders_term():
+    """The model called with encoder_outputs= from its encoder, called on its own just before (the same step), started
+    a fresh set of losses and dropped the encoder's: out.loss and loss() held the decoder's MLPs alone (and the next
+    step warned of an unused term). The encoder's losses join the model's call, which runs only the decoder; a model
+    call that runs its encoder itself, or a step whose term was taken, starts afresh."""
+    import warnings
+
+    model = _bart()
+    handle = attach_density_loss(model)
+    seen, _ = capture(model, handle.layers)
+    ids, dec = torch.randint(2, 64, (2, 7)), torch.randint(2, 64, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            enc = model.get_encoder()(input_ids=ids)
+            out = model(encoder_outputs=enc, decoder_input_ids=dec, labels=dec)
+            want = torch.stack([reference.density_loss(seen[n], 1e-7) for n in handle.layers]).mean()
+            torch.testing.assert_close(handle.loss(), want)
+            with torch.no_grad():
+                plain = model(encoder_outputs=enc, decoder_input_ids=dec, labels=dec)
+            torch.testing.assert_close(out.loss.detach(), plain.loss + want.detach())
+            out.loss.backward()
+    # the encoder's call, then a model call that runs the encoder itself: the term is the model call's alone, and the
+    # encoder call's went into no loss
+    model.get_encoder()(input_ids=ids)
+    with pytest.warns(UserWarning, match="was not added to any loss"):
+        model(input_ids=ids, decoder_input_ids=dec, labels=dec).loss.backward()
+    want = torch.stack([reference.density_loss(seen[n], 1e-7) for n in handle.layers]).mean()
+    torch.testing.assert_close(handle.loss(), want)
+    assert all(len(calls) == 1 for calls in handle._losses.values())
+
+
+def test_a_loop_over_an_encoder_decoders_encoder_adds_each_steps_own_term():
+    """Training an encoder-decoder's encoder alone, adding loss() itself: only the modules holding every hooked layer
+    started a step, which the encoder is not, so its losses piled up and the second backward went through the first
+    step's freed graph."""
+    model = _bart()
+    handle = attach_density_loss(model)
+    name = "model.encoder.layers.0.activation_fn"
+    seen, _ = capture(model, [name])
+    ids = torch.randint(2, 64, (2, 7))
+    for _ in range(3):
+        hidden = model.get_encoder()(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(handle.loss(), reference.density_loss(seen[name], 1e-7))
+        (hidden.pow(2).mean() + handle.loss()).backward()
+    # and the encoder and decoder called one after the other, as a step of their own: both layers in the term
+    hidden = model.get_encoder()(input_ids=ids).last_hidden_state
+    model.get_decoder()(input_ids=ids, encoder_hidden_states=hidden)
+    assert sorted(handle._losses) == sorted(handle.layers)
+    handle.loss()
+    # a backward through the encoder's call ends its step too, though loss() was not read (a term that went nowhere)
+    model.get_encoder()(input_ids=ids).last_hidden_state.sum().backward()
+    with pytest.warns(UserWarning, match="was not added to any loss"):
+        model.get_decoder()(input_ids=ids, encoder_hidden_states=hidden.detach())
+    assert list(handle._losses) == ["model.decoder.layers.0.activation_fn"]
+

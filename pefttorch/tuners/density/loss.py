@@ -8,6 +8,7 @@ uses for an unrelated method.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -139,15 +140,18 @@ class DensityLoss:
         self.config = config
         _check_not_attached(model)
         self.modules = _activation_modules(model, config)
-        # per layer, (loss, elements) of each of its calls in the latest training forward: a module that runs several
+        # per layer, (loss, elements) of each of its calls in this step's training calls: a module that runs several
         # times in one forward (BERT's chunked feed-forward, a layer shared across depths) is one layer
         self._losses: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self._earlier: set[str] = set()  # the layers of _losses recorded before the call now running (see _begin_call)
+        self._backward_seen = False  # whether a backward went through this step's activations (see _begin_call)
+        self._step = 0  # counts the steps, so that a late backward through an earlier step's graph marks no other
         self._no_grad_layers: set[str] = set()  # layers that ran in training mode without grad (see loss())
         self._reversible = False  # whether they ran inside a reversible (MEFT) stack's forward
         self._sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._counts: dict[str, dict[str, int]] = defaultdict(dict)
         self._root_grad = False  # whether the model's current call is a training forward with grad
-        self._used = False  # whether the latest training forward's term went into a loss (see _start)
+        self._used = False  # whether this step's term went into a loss (see _begin_call)
         self._warned_unused = False
         self._share = None  # this call's share of the Trainer's accumulated batch (see _start)
         # Hooks are picklable objects (not closures), so models with the loss can be saved and deep-copied.
@@ -156,15 +160,16 @@ class DensityLoss:
         self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._add_to_output))
         self._handles.append(model.register_forward_hook(self._end, always_call=True))
-        # So does the outermost call among the modules below the model that hold all the layers, for a user who runs
-        # the backbone (or model.forward) and adds loss() to a loss of their own: the losses of every call of a layer
-        # are kept, and without a fresh start they piled up step after step (a second backward through a freed
-        # graph). Every such module is hooked, since which of them the user calls is not known (a PeftModel's tuner
-        # is never called: hooked alone, the backbone's calls piled up); only the outermost call starts afresh, since
-        # an inner one may run several times in one forward (ALBERT's shared layer, a chunked feed-forward), and each
-        # call wiped the earlier ones.
+        # So does the outermost call among the modules below the model that hold hooked layers, for a user who runs
+        # the backbone (or model.forward, or an encoder-decoder's encoder alone) and adds loss() to a loss of their
+        # own: the losses of every call of a layer are kept, and without a start of their own they piled up step
+        # after step (a second backward through a freed graph). Every such module is hooked, since which of them the
+        # user calls is not known (a PeftModel's tuner is never called: hooked alone, the backbone's calls piled up;
+        # hooking only the modules holding all the layers missed an encoder called alone); only the outermost call
+        # starts, since an inner one may run several times in one forward (ALBERT's shared layer, a chunked
+        # feed-forward), and each call wiped the earlier ones.
         self._inner_depth = 0
-        for ancestor in _backbone_chain(model, list(self.modules)):
+        for ancestor in _callable_ancestors(model, list(self.modules)):
             self._handles.append(ancestor.register_forward_pre_hook(self._start_inner))
             self._handles.append(ancestor.register_forward_hook(self._end_inner, always_call=True))
 
@@ -172,7 +177,7 @@ class DensityLoss:
         # the latest forward's losses carry its autograd graph: not part of a saved or copied model
         state = self.__dict__.copy()
         state.update(_losses={}, _no_grad_layers=set(), _reversible=False, _root_grad=False, _share=None,
-                     _inner_depth=0)
+                     _inner_depth=0, _earlier=set(), _backward_seen=False)
         return state
 
     @staticmethod
@@ -206,7 +211,11 @@ class DensityLoss:
             return
         mode = "train" if module.training else "eval"
         if module.training and torch.is_grad_enabled():
+            if name in self._earlier:
+                self._drop_earlier()  # a layer of an earlier call runs again: that call was a step of its own
             self._losses.setdefault(name, []).append((loss, output.numel()))
+            if output.requires_grad and not torch.compiler.is_compiling():
+                output.register_hook(functools.partial(self._backward_through, self._step))
         elif module.training and self._root_grad:
             self._no_grad_layers.add(name)
             self._reversible = self._reversible or in_reversible_forward()
@@ -217,12 +226,43 @@ class DensityLoss:
         sums[name] = sums[name] + density * n if name in sums else density * n
         self._counts[mode][name] = self._counts[mode].get(name, 0) + n
 
+    def _backward_through(self, step: int, grad):
+        if step == self._step:
+            self._backward_seen = True
+
+    def _begin_call(self) -> None:
+        """A training call of the model, or of a module below it holding hooked layers, begins. Its records join those
+        of the step's earlier calls, so that the term covers every layer that ran for the step's graph: an encoder
+        called on its own, whose outputs the model then takes (encoder_outputs=), and the model's call, which runs
+        only the decoder. The step is over, and its records are dropped, once its term was taken (loss(), or the
+        model's output took it) or a backward went through its activations, or when this call runs a layer of an
+        earlier one again (see _record: a model that runs its encoder itself, the next forward of a loop)."""
+        self._earlier = set(self._losses)
+        if self._used or self._backward_seen:
+            self._drop_earlier()
+
+    def _drop_earlier(self) -> None:
+        """Drops the records of the calls before the one now running (see _begin_call)."""
+        if self._earlier and not self._used and self.config.weight and not self._warned_unused:
+            # Their term went into no loss: the model's output had none to add it to (the HF Trainer computes the
+            # loss itself under label_smoothing_factor or compute_loss_func) and nobody read loss(). Training then
+            # silently ignores the density loss.
+            self._warned_unused = True
+            warnings.warn("the density loss term of the previous training forward was not added to any loss: the "
+                          "model's output had no loss to add it to (the HF Trainer computes the loss itself with "
+                          "label_smoothing_factor or compute_loss_func) and handle.loss() was not read. Add "
+                          "handle.loss() to your loss (e.g. in a compute_loss_func)", UserWarning, stacklevel=2)
+        self._losses = {name: calls for name, calls in self._losses.items() if name not in self._earlier}
+        self._earlier = set()
+        self._used = self._backward_seen = False
+        self._step += 1
+
     def _start_inner(self, module, args):
         self._inner_depth += 1
-        # (the model's own call started a fresh set already; a recomputation in backward is no new forward)
+        # (the model's own call began already; a recomputation in backward is no new call)
         if (self._inner_depth == 1 and not self._root_grad and module.training and torch.is_grad_enabled()
                 and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1)):
-            self._fresh()
+            self._begin_call()
 
     def _end_inner(self, module, args, output):
         self._inner_depth -= 1  # (also when the forward raised: always_call)
@@ -242,22 +282,15 @@ class DensityLoss:
         self._losses = {}
         self._no_grad_layers = set()
         self._reversible = False
+        self._earlier = set()
+        self._used = self._backward_seen = False
+        self._step += 1
 
     def _start(self, module, args, kwargs):
         self._root_grad = module.training and torch.is_grad_enabled()
         if not self._root_grad:
             return  # a no-grad call (evaluation, a reference pass) keeps the training forward's losses
-        if self._losses and not self._used and self.config.weight and not self._warned_unused:
-            # The previous training forward's term went into no loss: its output had none to add it to (the HF
-            # Trainer computes the loss itself under label_smoothing_factor or compute_loss_func) and nobody read
-            # loss(). Training then silently ignores the density loss.
-            self._warned_unused = True
-            warnings.warn("the density loss term of the previous training forward was not added to any loss: the "
-                          "model's output had no loss to add it to (the HF Trainer computes the loss itself with "
-                          "label_smoothing_factor or compute_loss_func) and handle.loss() was not read. Add "
-                          "handle.loss() to your loss (e.g. in a compute_loss_func)", UserWarning, stacklevel=2)
-        self._used = False
-        self._fresh()
+        self._begin_call()
         # With the HF Trainer's loss kwargs the task loss is a sum over the micro-batch divided by the items
         # of the whole accumulated (and, across processes, gathered) batch, and the Trainer neither divides
         # by the accumulation steps nor averages over processes. Weigh the term by this micro-batch's share of
@@ -301,7 +334,9 @@ class DensityLoss:
         return with_loss(output, task_loss + term.to(task_loss.device, task_loss.dtype))
 
     def loss(self) -> torch.Tensor:
-        """``weight * mean over layers of mean(a^2 / (a^2 + eps))`` of the latest training forward."""
+        """``weight * mean over layers of mean(a^2 / (a^2 + eps))`` of this step: the latest training forward (or
+        call of a module holding hooked layers), with the earlier calls whose layers it did not run (an encoder called
+        on its own for the model's encoder_outputs=) since a term was last taken or a backward went through them."""
         self._check_complete()
         if not self._losses:
             raise RuntimeError("no density loss recorded: run a forward pass in training mode with grad enabled")
@@ -353,23 +388,19 @@ class DensityLoss:
         return f"DensityLoss({len(self.modules)} layers, {self.config})"
 
 
-def _backbone_chain(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    """The modules below `model` that hold all the modules `names` and may be called as they run, outermost first,
-    down to the first ModuleList or ModuleDict of layers (not called itself; the layers below it are not hooked,
-    since MEFT refuses hooks on the layers it computes itself)."""
-    parts = [n.split(".")[:-1] for n in names]  # each module's parent
-    common = []
-    for level in zip(*parts, strict=False):  # as deep as the shortest name
-        if len(set(level)) > 1:
-            break
-        common.append(level[0])
-    chain = []
-    for depth in range(1, len(common) + 1):
-        module = model.get_submodule(".".join(common[:depth]))
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            break
-        chain.append(module)
-    return chain
+def _callable_ancestors(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules below `model` that hold any of the modules `names` and may be called as they run (the backbone,
+    an encoder-decoder's encoder and decoder), each down to the first ModuleList or ModuleDict of layers (not called
+    itself; the layers below it are not hooked, since MEFT refuses hooks on the layers it computes itself)."""
+    found = {}
+    for name in names:
+        path = name.split(".")[:-1]  # the module's parent, and its parents
+        for depth in range(1, len(path) + 1):
+            module = model.get_submodule(".".join(path[:depth]))
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                break
+            found[id(module)] = module
+    return list(found.values())
 
 
 def _mean_over_calls(calls: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
