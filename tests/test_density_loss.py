@@ -735,3 +735,27 @@ def test_a_loop_over_an_encoder_decoders_encoder_adds_each_steps_own_term():
         model.get_decoder()(input_ids=ids, encoder_hidden_states=hidden.detach())
     assert list(handle._losses) == ["model.decoder.layers.0.activation_fn"]
 
+
+def test_a_mixture_of_experts_is_refused_unless_every_mlp_is_a_supported_block():
+    """Qwen2-MoE's routed experts are one fused module (3-D weights) beside a shared expert that is a gated MLP, and
+    Qwen3-MoE's mlp_only_layers are dense beside expert layers: the model was taken for the blocks found, so the loss
+    left the experts out of its term and sparsify left them dense, silently. Refused, naming the experts; a Qwen3-MoE
+    whose layers are all dense is an ordinary model."""
+    import transformers
+
+    from pefttorch import sparsify
+
+    size = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2)
+    qwen2 = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(shared_expert_intermediate_size=40, **size))
+    qwen3 = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(mlp_only_layers=[0], **size))
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **{k: v for k, v in size.items() if k not in ("moe_intermediate_size", "num_experts")}, num_local_experts=4))
+    for model, experts in ((qwen2, r"model\.layers\.0\.mlp\.experts, model\.layers\.1\.mlp\.experts"),
+                           (qwen3, r"model\.layers\.1\.mlp\.experts"), (mixtral, r"model\.layers\.0\.mlp\.experts")):
+        for call in (attach_density_loss, sparsify):
+            with pytest.raises(ValueError, match=rf"{type(model).__name__} has mixture-of-experts modules .*{experts}"):
+                call(model)
+        assert DensityLoss.attached_to(model) is None
+    dense = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(mlp_only_layers=[0, 1], **size))
+    assert attach_density_loss(dense).layers == ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]

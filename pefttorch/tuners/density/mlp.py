@@ -81,7 +81,8 @@ def layout_of(module: nn.Module) -> MlpLayout | None:
 
 
 def find_mlp_blocks(model: nn.Module) -> list[MlpBlock]:
-    """Every MLP block of `model` in module order; raises if there is none, naming the supported families."""
+    """Every MLP block of `model` in module order; raises if there is none, naming the supported families, or if the
+    model has experts that are no such block."""
     blocks, inside = [], ()
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
@@ -90,9 +91,37 @@ def find_mlp_blocks(model: nn.Module) -> list[MlpBlock]:
         if layout is not None:
             blocks.append(MlpBlock(name, module, layout))
             inside += (f"{name}." if name else "",)
+    experts = _experts_outside(model, blocks)
+    if experts:
+        # Qwen2-MoE's shared expert (and Qwen3-MoE's dense mlp_only_layers) is a gated MLP beside fused routed
+        # experts: taking the model for the blocks found, the density loss left the experts out of its term and
+        # sparsify left them dense, silently
+        others = (f"they would cover only its {len(blocks)} other MLP block(s) (a shared expert, dense layers), "
+                  "leaving the experts dense and out of the density term" if blocks else "it has no other MLP")
+        raise ValueError(f"{type(model).__name__} has mixture-of-experts modules whose experts are no MLP block of a "
+                         f"supported family ({', '.join(experts[:3])}{' ...' if len(experts) > 3 else ''}: "
+                         f"{type(model.get_submodule(experts[0])).__name__}), which the density loss and sparsify "
+                         f"cannot cover: {others}. A model whose layers are all dense MLPs (Qwen3-MoE with every "
+                         f"layer in mlp_only_layers) is supported. Supported are the MLPs of {SUPPORTED}")
     if not blocks:
         raise ValueError(f"found no MLP block in {type(model).__name__}: supported are the MLPs of {SUPPORTED}")
     return blocks
+
+
+def _experts_outside(model: nn.Module, blocks: list[MlpBlock]) -> list[str]:
+    """The mixture-of-experts modules of `model` that are neither in nor around an MLP block found: transformers 5 fuses
+    a layer's experts into one module of 3-D weights (Qwen2MoeExperts, MixtralExperts). Found by the name the
+    models give them (experts) or by their class's (...Experts); a list of experts of a known layout (Switch
+    Transformers') holds blocks, and is covered."""
+    found = [f"{b.name}." for b in blocks]
+    names = []
+    for name, module in model.named_modules():
+        if not (name.rpartition(".")[2] == "experts" or "expert" in type(module).__name__.lower()):
+            continue
+        if any(f"{name}.".startswith(f) or f.startswith(f"{name}.") for f in found + [f"{n}." for n in names]):
+            continue  # in a block, around blocks, or in experts already named
+        names.append(name)
+    return names
 
 
 # activation module class name -> the kernels' activation name
