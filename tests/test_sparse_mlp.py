@@ -535,3 +535,30 @@ def test_a_part_read_by_the_forward_is_refused_in_words():
     with pytest.raises(ValueError, match="ReadsFc1 computes something between the parts .*'Identity' object has no"):
         pefttorch.sparsify(model)
     assert isinstance(model.mlp.fc1, torch.nn.Linear) and isinstance(model.mlp.fc2, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_an_mlp_shared_by_several_layers_is_replaced_at_every_path(family):
+    """A block one module object holds for several layers (layer-wise weight sharing) was replaced at its first path
+    only, which named_modules gives: the other layers stayed dense, silently. Every path gets the one SparseMLP, so the
+    layers share it still, and every path is named."""
+    torch.manual_seed(0)
+    fam = FAMILIES[family]
+    model = fam.build().eval()
+    layers = model.model.layers if family == "llama" else model.bert.encoder.layer
+    if family == "llama":
+        layers[1].mlp = layers[0].mlp
+        want_names = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    else:
+        layers[1] = layers[0]  # BERT's whole layer, whose output.dense becomes the SparseMLP
+        want_names = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    inputs = fam.inputs(torch.Generator().manual_seed(0))
+    inputs.pop("labels", None)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    assert pefttorch.sparsify(model) == want_names
+    sparse = [model.get_submodule(n) for n in want_names]
+    assert isinstance(sparse[0], SparseMLP) and sparse[0] is sparse[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...nn.sparse_mlp import SparseMLP
-from .mlp import find_mlp_blocks, layout_of
+from .mlp import MlpBlock, find_mlp_blocks, layout_of
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -16,7 +16,8 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     """Replaces the MLP blocks of `model` by :class:`pefttorch.nn.SparseMLP` with `threshold`, in place,
     and puts the model in eval mode (SparseMLP is for inference). Returns the names of the replaced
-    SparseMLP modules.
+    SparseMLP modules: a block several layers share (one module object at several paths) is replaced at every path
+    by one SparseMLP, so they share it still, and each path is named.
 
     At threshold 0 the model computes as before up to rounding; above 0 each MLP's error is bounded as
     SparseMLP documents. Merge LoRA adapters into the weights first (``merge_and_unload()``). All blocks are
@@ -32,13 +33,20 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
         if not block.layout.replace:
             _check_bypass_holds_only_the_mlp(block)
             _check_nothing_else_reads_the_activation(block, sparse)
+    # named_modules (and find_mlp_blocks) names a shared module once: replaced there only, the other layers stayed
+    # dense, silently
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
     names = []
     for block, sparse in built:
-        target = block.name if block.layout.replace else block.part_name(block.layout.down)
-        for path in () if block.layout.replace else block.layout.bypass:
-            _set(model, block.part_name(path), nn.Identity())  # SparseMLP computes the gate and activation now
-        _set(model, target, sparse)
-        names.append(target)
+        for name in paths[id(block.module)]:
+            at = MlpBlock(name, block.module, block.layout)
+            target = at.name if at.layout.replace else at.part_name(at.layout.down)
+            for path in () if at.layout.replace else at.layout.bypass:
+                _set(model, at.part_name(path), nn.Identity())  # SparseMLP computes the gate and activation now
+            _set(model, target, sparse)
+            names.append(target)
     model.eval()
     return names
 
