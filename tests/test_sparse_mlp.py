@@ -562,3 +562,20 @@ def test_an_mlp_shared_by_several_layers_is_replaced_at_every_path(family):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
 
+
+def test_sparsify_refuses_a_threshold_that_is_not_a_number():
+    """float() took sparsify(model, True) as threshold 1.0 and "0.1" as 0.1; numpy's and 0-d tensors are numbers."""
+    np = pytest.importorskip("numpy")
+    model = FAMILIES["llama"].build().eval()
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    for bad in (True, "0.1", None):
+        with pytest.raises(ValueError, match=rf"sparsify: threshold must be a number >= 0, got {type(bad).__name__}"):
+            pefttorch.sparsify(model, bad)
+        with pytest.raises(ValueError, match="SparseMLP: threshold must be a number >= 0"):
+            SparseMLP.from_linears(fc1, fc2, "relu", threshold=bad)
+    with pytest.raises(ValueError, match="sparsify: threshold must be >= 0, got nan"):
+        pefttorch.sparsify(model, float("nan"))
+    assert not any(isinstance(m, SparseMLP) for m in model.modules())
+    assert SparseMLP.from_linears(fc1, fc2, "relu", threshold=np.float32(0.5)).threshold == 0.5
+    pefttorch.sparsify(model, torch.tensor(0.25))
+    assert model.model.layers[0].mlp.threshold == 0.25

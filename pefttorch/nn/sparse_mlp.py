@@ -114,6 +114,18 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach()
 
 
+def checked_threshold(threshold, where: str) -> float:
+    """`threshold` as a float, or a clear error from `where`: float() took True as 1.0 and "0.1" as 0.1."""
+    from ..tuners._config import plain_number
+
+    value = plain_number(threshold)  # numpy's and 0-d tensors are numbers
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: threshold must be a number >= 0, got {type(threshold).__name__} {threshold!r}")
+    if not value >= 0.0:  # also refuses NaN
+        raise ValueError(f"{where}: threshold must be >= 0, got {float(value)}")
+    return float(value)
+
+
 class SparseMLP(NotScriptable, nn.Module):
     """``y = mask(h) W_down^T + b_down``, ``h = act(x W_in^T + b_in)`` (times ``x W_up^T + b_up`` if gated),
     where the mask zeroes every neuron whose activation has magnitude <= ``threshold``.
@@ -143,9 +155,7 @@ class SparseMLP(NotScriptable, nn.Module):
                  b_down: torch.Tensor | None = None, activation: str = "relu", threshold: float = 0.0,
                  input_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        threshold = float(threshold)
-        if not threshold >= 0.0:  # also refuses NaN
-            raise ValueError(f"SparseMLP: threshold must be >= 0, got {threshold}")
+        threshold = checked_threshold(threshold, "SparseMLP")
         from ..reference import ACTIVATIONS
 
         if activation not in ACTIVATIONS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...nn.sparse_mlp import SparseMLP
+from ...nn.sparse_mlp import SparseMLP, checked_threshold
 from .mlp import MlpBlock, find_mlp_blocks, layout_of
 
 
@@ -23,6 +23,7 @@ def sparsify(model: nn.Module, threshold: float = 0.0) -> list[str]:
     SparseMLP documents. Merge LoRA adapters into the weights first (``merge_and_unload()``). All blocks are
     built before any is swapped: on error the model is unchanged.
     """
+    threshold = checked_threshold(threshold, "sparsify")  # before the model is searched: not a block's error
     blocks = find_mlp_blocks(model)
     if any(b.name == "" for b in blocks):
         raise ValueError("the model itself is an MLP block: use SparseMLP.from_mlp(model) instead")
