@@ -1988,3 +1988,20 @@ def test_an_adapter_on_multihead_attentions_out_proj_is_warned_of(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(Model(), dataclasses.replace(config, exclude_modules=["attn.out_proj"]))
+
+
+def test_an_adapter_saved_from_a_compiled_base_loads_into_a_plain_one_and_back(tmp_path):
+    """torch.compile(model) before get_peft_model: the saved keys hold the wrapper's `_orig_mod.`, and pefttorch
+    refused its own file on a plain base (HF PEFT loads it), and a plain save on a compiled base."""
+    llama = FAMILIES["llama"]
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    compiled = get_peft_model(torch.compile(fresh(llama), backend="eager"), config)
+    batch = inputs_of(llama)
+    want = logits(compiled, batch)
+    compiled.save_pretrained(tmp_path / "compiled")
+    plain = PeftModel.from_pretrained(fresh(llama), tmp_path / "compiled")
+    plain.save_pretrained(tmp_path / "plain")
+    again = PeftModel.from_pretrained(torch.compile(fresh(llama), backend="eager"), tmp_path / "plain")
+    hf = peft.PeftModel.from_pretrained(fresh(llama), tmp_path / "compiled")
+    for model in (plain, again, hf):
+        torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)

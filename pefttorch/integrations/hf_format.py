@@ -95,12 +95,29 @@ def saved_embedding_tensors(model: torch.nn.Module, adapter: str, setting: bool 
     return {key: value for path, module in chosen for key, value in _keyed(path, module).items()}
 
 
+def _unwrapped(key: str) -> str:
+    """`key` without the segments wrappers add to a module path: torch.compile's ``_orig_mod`` anywhere, and
+    DataParallel's or DDP's ``module`` right below the PEFT model's ``base_model.model``."""
+    parts = [p for p in key.split(".") if p != "_orig_mod"]
+    if parts[:3] == ["base_model", "model", "module"]:
+        del parts[2]
+    return ".".join(parts)
+
+
+def _match_wrappers(saved: dict, expected: dict) -> dict:
+    """The saved tensors under this model's keys where they differ only by a wrapper of the base model: an adapter
+    saved from a compiled base (``_orig_mod.`` in its keys) loads into a plain one and back, as in HF PEFT."""
+    ours = {_unwrapped(k): k for k in expected}
+    return {k if k in expected else ours.get(_unwrapped(k), k): v for k, v in saved.items()}
+
+
 def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None:
     """Copies the saved tensors into adapter `adapter_name` of `lora_model` (a LoraModel or another tuner
     model), after checking that the file has exactly the tensors, of exactly the shapes, that this model's
     adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
+    saved = _match_wrappers(saved, expected)
     embeddings = embedding_tensors(lora_model.model)
     expected.update({key: embeddings[key] for key in set(saved) - set(expected) if key in embeddings})
     if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
