@@ -148,6 +148,17 @@ def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
             table[attr] = original
 
 
+def _with_task_heads(config, task_type):
+    """`config` with the new head of `task_type` (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS, QUESTION_ANS) in
+    its modules_to_save: a copy where one is missing, else `config` itself."""
+    heads = TASK_MODULES_TO_SAVE.get(task_type)
+    if not (heads and dataclasses.is_dataclass(config) and hasattr(config, "modules_to_save")):
+        return config
+    have = list(config.modules_to_save or [])
+    missing = [h for h in heads if h not in have]
+    return dataclasses.replace(config, modules_to_save=have + missing) if missing else config
+
+
 class PeftModel(Forwarding):
     """A model with a PEFT method's adapter: LoRA (IncreLoRA's or AdaLoRA's of changing rank), MEFT's reversible
     adapters, bottleneck adapters (and ScaLearn's mix of several), (IA)^3, SSF, BitFit, LayerNorm tuning, prompt
@@ -163,6 +174,9 @@ class PeftModel(Forwarding):
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         tuner = _tuner_for(config)
+        # a task_type set after the config was made (the config adds its heads when made): the head trains and is
+        # saved all the same, as HF PEFT derives it here (it stayed frozen and unsaved, and the save did not load)
+        config = _with_task_heads(config, getattr(config, "task_type", None))
         if isinstance(model, PeftModel):
             raise TypeError("the model has adapters already: use add_adapter() to add another")
         _refuse_foreign_state(model)
@@ -341,11 +355,8 @@ class PeftModel(Forwarding):
         if _tuner_for(peft_config) is not type(self.base_model):
             raise TypeError(f"add_adapter: this model's adapters are {type(self.base_model).__name__}'s; a "
                             f"{type(peft_config).__name__} cannot join them (one method per model)")
-        heads = TASK_MODULES_TO_SAVE.get(getattr(next(iter(self.peft_config.values())), "task_type", None))
-        if heads and dataclasses.is_dataclass(peft_config) and hasattr(peft_config, "modules_to_save"):
-            # as HF PEFT: on a classification model every adapter gets its own trainable copy of the new head
-            have = list(peft_config.modules_to_save or [])
-            peft_config = dataclasses.replace(peft_config, modules_to_save=have + [h for h in heads if h not in have])
+        # as HF PEFT: on a classification model every adapter gets its own trainable copy of the new head
+        peft_config = _with_task_heads(peft_config, getattr(next(iter(self.peft_config.values())), "task_type", None))
         _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # the density loss attached inside the injection: refused (another config's is on), it undoes the

@@ -2005,3 +2005,26 @@ def test_an_adapter_saved_from_a_compiled_base_loads_into_a_plain_one_and_back(t
     hf = peft.PeftModel.from_pretrained(fresh(llama), tmp_path / "compiled")
     for model in (plain, again, hf):
         torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_a_task_type_set_after_the_config_was_made_trains_and_saves_the_head(tmp_path, method):
+    """HF PEFT derives the new head from task_type when the model is built; pefttorch only when the config was
+    made, so `config.task_type = "SEQ_CLS"` afterwards left the classifier frozen and unsaved, and the save (whose
+    config says SEQ_CLS) did not load."""
+    import pefttorch
+
+    bert = FAMILIES["bert"]
+    config = {"lora": LoraConfig(r=2, target_modules=["query"]), "ia3": pefttorch.IA3Config(),
+              "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2)}[method]
+    config.task_type = "SEQ_CLS"
+    model = get_peft_model(fresh(bert), config)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "classifier" in n and p.requires_grad:
+                p.add_(0.1)
+    batch = inputs_of(bert)
+    want = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh(bert), tmp_path), batch), want, rtol=0, atol=0)
