@@ -352,9 +352,7 @@ class PeftModel(Forwarding):
         `autocast_adapter_dtype` for this adapter (float32 in a 16-bit model, or with False the model's dtype; the
         model's own setting was used), `low_cpu_mem_usage` accepted and ignored (the adapter is created in place)."""
         del low_cpu_mem_usage
-        if _tuner_for(peft_config) is not type(self.base_model):
-            raise TypeError(f"add_adapter: this model's adapters are {type(self.base_model).__name__}'s; a "
-                            f"{type(peft_config).__name__} cannot join them (one method per model)")
+        self._refuse_other_method(peft_config, "add_adapter")
         # as HF PEFT: on a classification model every adapter gets its own trainable copy of the new head
         peft_config = _with_task_heads(peft_config, getattr(next(iter(self.peft_config.values())), "task_type", None))
         _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
@@ -363,6 +361,11 @@ class PeftModel(Forwarding):
             # adapter too. The new adapter is added frozen, not activated; what trained before trains still
             self.base_model.inject_adapter(peft_config, adapter_name,
                                            then=lambda: self._attach_density_loss(peft_config))
+
+    def _refuse_other_method(self, config, caller: str) -> None:
+        if _tuner_for(config) is not type(self.base_model):
+            raise TypeError(f"{caller}: this model's adapters are {type(self.base_model).__name__}'s; a "
+                            f"{type(config).__name__} cannot join them (one method per model)")
 
     @contextlib.contextmanager
     def _adapter_autocast(self, autocast_adapter_dtype: bool):
@@ -604,6 +607,7 @@ class PeftModel(Forwarding):
         del torch_device, low_cpu_mem_usage
         model_id = _adapter_folder(model_id, kwargs, "load_adapter")
         config = _load_config(model_id, is_trainable)
+        self._refuse_other_method(config, "load_adapter")  # (an IA3 folder into a LoRA model: "no attribute 'bias'")
         _refuse_foreign_state(self.get_base_model())  # (offloaded after get_peft_model: adapters on meta)
         with self._adapter_autocast(autocast_adapter_dtype):
             # weights loaded inside the injection: a file that does not fit undoes it whole (deleting the adapter

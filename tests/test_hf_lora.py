@@ -2028,3 +2028,18 @@ def test_a_task_type_set_after_the_config_was_made_trains_and_saves_the_head(tmp
     want = logits(model, batch)
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh(bert), tmp_path), batch), want, rtol=0, atol=0)
+
+
+def test_load_adapter_of_another_method_is_refused_as_add_adapter_is(tmp_path):
+    """An (IA)^3 folder loaded into a LoRA model failed with "'IA3Config' object has no attribute 'bias'"."""
+    import pefttorch
+
+    llama = FAMILIES["llama"]
+    get_peft_model(fresh(llama), pefttorch.IA3Config()).save_pretrained(tmp_path)
+    model = get_peft_model(fresh(llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    batch = inputs_of(llama)
+    want = logits(model, batch)
+    with pytest.raises(TypeError, match="load_adapter: this model's adapters are LoraModel's; a IA3Config cannot join"):
+        model.load_adapter(tmp_path, adapter_name="ia3")
+    assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
