@@ -178,6 +178,21 @@ def test_a_float64_model_merges_in_float64(config):
             torch.testing.assert_close(p, before[n], rtol=1e-13, atol=1e-13, msg=n)
 
 
+def test_merging_shifts_into_new_biases_warns_that_from_pretrained_drops_them():
+    """SSF on Llama's bias-less linears: merge_and_unload adds biases the config does not declare (attention_bias,
+    mlp_bias), which transformers' from_pretrained of the merged model's save dropped with a load report only."""
+    model = get_peft_model(fresh("llama"), SsfConfig())
+    randomize(model)
+    with pytest.warns(UserWarning, match=r"new biases on \d+ module\(s\) that had none .*from_pretrained"):
+        merged = model.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj.bias is not None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BERT's linears have biases: nothing new, nothing said
+        get_peft_model(fresh("bert"), SsfConfig(target_modules=["query"])).merge_and_unload()
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
 def test_unmerge_refused_changes_nothing(config):
     # a zero scale on the last site only: the refusal must come before the earlier sites are divided

@@ -8,6 +8,7 @@ they run as plain PyTorch ops (one fused multiply(-add) kernel each); merging fo
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -268,6 +269,16 @@ class VectorModel(HookedModel):
         if not merge and self.merged:
             self.unmerge_adapter()
         if merge:
+            self.merge_adapter()  # (the base unload merges too: merged already, it does nothing more)
+            created = [n for n, m in self.model.named_modules() if any(m is c for c in self._created_biases)]
+            if created and hasattr(getattr(self.model, "config", None), "to_json_string"):
+                # transformers builds a layer's bias from the config (attention_bias, mlp_bias, ...), not the
+                # checkpoint: from_pretrained of the saved merged model dropped these biases (only a load report)
+                warnings.warn(f"merging put the shifts into new biases on {len(created)} module(s) that had none "
+                              f"({created[0]}{', ...' if len(created) > 1 else ''}), which the model's config does "
+                              "not declare: transformers' from_pretrained of its save_pretrained drops them. Keep the "
+                              "adapter unmerged (save_pretrained of the PEFT model) to reload it, or load the merged "
+                              "model's state_dict into a model built with biases", UserWarning, stacklevel=3)
             self._created_biases = []  # merged for good
         return super().unload(merge)
 
