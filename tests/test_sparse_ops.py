@@ -178,6 +178,21 @@ def test_density_loss_nan_propagates(device, dtype):
     assert torch.equal(density, reference.activation_density(a, 1e-7**0.5))  # NaN is not counted as active
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_density_loss_of_huge_finite_activations_is_their_limit(device, dtype):
+    """|a| above sqrt of the compute dtype's max: a^2 overflowed to inf, and inf / inf made the loss NaN (the gradient,
+    0 there, was right) from finite activations; each such term is its limit, 1."""
+    big = 1e200 if dtype == torch.float64 else 2e19
+    a = torch.tensor([big, -big, 1.0, 0.0], dtype=dtype, device=device).requires_grad_()
+    loss, _ = functional.density_loss(a, 1e-7)
+    want = (2 + 1 / (1 + 1e-7)) / 4
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert reference.density_loss(a.detach(), 1e-7).item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(a.grad).all() and a.grad[0] == 0 and a.grad[3] == 0
+
+
 # ==================================================================================================
 # sparse_mlp
 

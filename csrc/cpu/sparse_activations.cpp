@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "../common/checks.h"
 #include "../ops.h"
@@ -33,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> density_forward_cpu(const at::Tensor& a, doub
         const int64_t stop = std::min(a.numel(), (c + 1) * kChunk);
         for (int64_t i = c * kChunk; i < stop; ++i) {
           const acc_t v = static_cast<acc_t>(p[i]), v2 = v * v;
-          s += static_cast<double>(v2 / (v2 + e));
+          // |v| above sqrt(max): v2 is inf and inf / inf NaN, where the term's limit is 1 (the gradient's is 0)
+          s += v2 > std::numeric_limits<acc_t>::max() ? 1.0 : static_cast<double>(v2 / (v2 + e));
           n += std::abs(v) > thr;
         }
         sums[c] = s;

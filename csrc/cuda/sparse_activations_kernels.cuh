@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace pefttorch::cuda {
 
@@ -50,7 +51,8 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const acc_t v = static_cast<acc_t>(a[i]), v2 = v * v;
-    sum += static_cast<double>(v2 / (v2 + e));
+    // |v| above sqrt(max): v2 is inf and inf / inf NaN, where the term's limit is 1 (the gradient's is 0)
+    sum += v2 > std::numeric_limits<acc_t>::max() ? 1.0 : static_cast<double>(v2 / (v2 + e));
     cnt += (v < 0 ? -v : v) > thr;
   }
   s_sum[threadIdx.x] = sum;
