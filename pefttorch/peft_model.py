@@ -34,6 +34,7 @@ from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfi
 from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
 from .tuners.prompt.model import WEIGHTS_FOLLOW, VirtualTokenModel
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
+from .tuners.rank.layer import Components
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
 from .tuners.selective import BitFitConfig, LNTuningConfig, SelectiveModel
@@ -136,7 +137,16 @@ def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
             tables = [t for t in own if t.get(attr) is not None]
             if not tables:
                 if owner is not None and attr == "_extra_state":
-                    continue  # a module's own state (the rank allocator's): not an adapter tensor
+                    # a module's own state, not an adapter tensor: the rank allocator's statistics pass, but a layer's
+                    # ranks and component order, which the export reads from the model, must be the model's now (an
+                    # earlier snapshot of IncreLoRA/AdaLoRA was saved with today's ranks: wrong, or not loadable)
+                    current = owner.get_extra_state() if isinstance(owner, Components) else None
+                    if current is not None and not (isinstance(value, torch.Tensor) and value.shape == current.shape
+                                                    and torch.equal(value.cpu(), current)):
+                        raise ValueError(f"save_pretrained: the state_dict's ranks at {owner_name} are not the model's "
+                                         "now (a snapshot from before a rank allocation): keep a copy of the model "
+                                         "instead (copy.deepcopy) and save_pretrained that")
+                    continue
                 raise ValueError(f"save_pretrained: state_dict key {key!r} is not a parameter or buffer of this model "
                                  f"(give the state dict of the PeftModel itself, keyed as its state_dict())")
             for table, name in places.get(id(tables[0][attr]), [(tables[0], attr)]):

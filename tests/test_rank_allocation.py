@@ -1308,6 +1308,30 @@ def test_save_writes_a_plain_lora_with_the_final_ranks(tmp_path, kind):
         torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["incre", "ada"])
+def test_save_of_a_state_dict_from_before_an_allocation_is_refused(tmp_path, kind):
+    """save_pretrained(state_dict=snapshot) read the ranks from the model: a snapshot taken before the ranks changed
+    was saved with today's ranks (AdaLoRA: another adapter in silence; IncreLoRA: a file that did not load)."""
+    targets = ["q_proj", "v_proj"]
+    config = (incre(target_modules=targets, target_rank=3, top_h=2) if kind == "incre"
+              else ada(target_modules=targets, init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2))
+    base, model, ids = _grow_then_train(config, steps=1)
+    snapshot = copy.deepcopy(model.state_dict())
+    model.save_pretrained(tmp_path / "same", state_dict=snapshot)  # nothing allocated since: fine
+    before = model.rank_pattern()
+    model.train()
+    opt = RankAwareAdamW(model.parameters(), lr=3e-2)
+    for step in range(1, 12):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    assert model.rank_pattern() != before
+    with pytest.raises(ValueError, match="state_dict's ranks at .* are not the model's now"):
+        model.save_pretrained(tmp_path / "old", state_dict=snapshot)
+    assert not (tmp_path / "old" / "adapter_model.safetensors").exists()
+
+
 def test_state_dict_round_trip_restores_ranks():
     base, model, ids = _grow_then_train(incre(target_modules=["q_proj", "v_proj"], target_rank=3, top_h=1))
     state = model.state_dict()
