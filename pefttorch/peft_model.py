@@ -102,12 +102,21 @@ def _adapter_trace(model: nn.Module) -> str | None:
     for path, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper, MeftAdapter, ReversibleLayerList)):
             return f"{type(module).__name__} at {path or 'the top'}"
-        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-            source = getattr(hook, "func", hook)  # functools.partial
-            source = getattr(source, "__self__", source)  # a bound method: its tuner
-            where = source.__module__ if isinstance(source, types.FunctionType) else type(source).__module__
-            if where.startswith("pefttorch.tuners.") and not where.startswith("pefttorch.tuners.density"):
-                return f"a hook of {'.'.join(where.split('.')[:3])} on {path or 'the top'}"
+        tuner = _tuner_hook(module)
+        if tuner is not None:
+            return f"a hook of {tuner} on {path or 'the top'}"
+    return None
+
+
+def _tuner_hook(module: nn.Module) -> str | None:
+    """The pefttorch tuner (e.g. pefttorch.tuners.scaling) whose forward hook is on `module`, or None (the density
+    loss's hooks do not count)."""
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        source = getattr(hook, "func", hook)  # functools.partial
+        source = getattr(source, "__self__", source)  # a bound method: its tuner
+        where = source.__module__ if isinstance(source, types.FunctionType) else type(source).__module__
+        if where.startswith("pefttorch.tuners.") and not where.startswith("pefttorch.tuners.density"):
+            return ".".join(where.split(".")[:3])
     return None
 
 
@@ -229,6 +238,20 @@ class PeftModel(Forwarding):
         return self.base_model.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ inspection
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' resize, refused where it would replace a module that carries a tuner's hook ((IA)^3's or
+        SSF's vector on lm_head): the new module has none, and the vector stopped applying and training in silence
+        (HF PEFT's and pefttorch's LoRA layers are refused by transformers itself)."""
+        model = self.get_base_model()
+        for kind in ("input", "output"):
+            module = getattr(model, f"get_{kind}_embeddings", lambda: None)()
+            tuner = None if module is None else _tuner_hook(module)
+            if tuner is not None:
+                raise TypeError(f"resize_token_embeddings would replace the {kind} embeddings, which carry a hook of "
+                                f"{tuner} (the adapter there would stop applying): resize the base model before "
+                                "get_peft_model, or leave that module out of the adapter's target_modules")
+        return model.resize_token_embeddings(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

@@ -194,6 +194,24 @@ def test_merging_shifts_into_new_biases_warns_that_from_pretrained_drops_them():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
+def test_resizing_the_embeddings_under_a_vector_is_refused(config):
+    """transformers' resize_token_embeddings replaces lm_head with a new module: the vector's hook stayed on the old
+    one, so it stopped applying and training in silence (HF PEFT refuses it). Elsewhere the resize works."""
+    config = copy.deepcopy(config)
+    config.target_modules = ["lm_head", "down_proj"]
+    if isinstance(config, IA3Config):
+        config.feedforward_modules = ["down_proj"]
+    model = get_peft_model(fresh("llama"), config)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with pytest.raises(TypeError, match="would replace the output embeddings, which carry a hook of"):
+        model.resize_token_embeddings(vocab + 8)
+    assert model.get_output_embeddings().weight.shape[0] == vocab
+    other = get_peft_model(fresh("llama"), IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
+    other.resize_token_embeddings(vocab + 8)
+    assert other.get_output_embeddings().weight.shape[0] == vocab + 8
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["ia3", "ssf"])
 def test_unmerge_refused_changes_nothing(config):
     # a zero scale on the last site only: the refusal must come before the earlier sites are divided
     model = get_peft_model(fresh("llama"), copy.deepcopy(config))
