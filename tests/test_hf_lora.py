@@ -2043,3 +2043,16 @@ def test_load_adapter_of_another_method_is_refused_as_add_adapter_is(tmp_path):
         model.load_adapter(tmp_path, adapter_name="ia3")
     assert list(model.peft_config) == ["default"]
     torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
+
+
+def test_a_whole_models_state_dict_as_the_adapter_file_is_named_as_such(tmp_path):
+    """torch.save(model.state_dict()) as adapter_model.bin: the error listed the factors as missing (they are there,
+    under the adapter's name) and the base weights as unexpected, without saying what the file is."""
+    llama = FAMILIES["llama"]
+    model = get_peft_model(fresh(llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"of the file's tensors are the base model's own: it looks like a whole "
+                                         r"model's state dict"):
+        PeftModel.from_pretrained(fresh(llama), tmp_path)

@@ -146,8 +146,13 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
         def listing(title, items):
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
 
+        own = set(lora_model.model.state_dict())
+        whole = sum(k.removeprefix("base_model.model.") in own for k in unexpected)
         raise ValueError(
             f"the adapter in {directory} does not fit this model"
+            # (HF PEFT picks the adapter out of such a file; it is not what save_pretrained writes)
+            + (f"\n  {whole} of the file's tensors are the base model's own: it looks like a whole model's state dict "
+               "(torch.save(model.state_dict())), not an adapter; save adapters with save_pretrained" if whole else "")
             + (listing("missing from the file", missing) if missing else "")
             + (listing("in the file but not in the model", unexpected) if unexpected else "")
             + (listing("shape mismatches", mismatched) if mismatched else "")
