@@ -175,7 +175,12 @@ def _with_task_heads(config, task_type):
         return config
     have = list(config.modules_to_save or [])
     missing = [h for h in heads if h not in have]
-    return dataclasses.replace(config, modules_to_save=have + missing) if missing else config
+    if not missing:
+        return config
+    copied = dataclasses.replace(config, modules_to_save=have + missing)
+    if "_hf_peft_fields" in config.__dict__:  # HF PEFT's fields given to the config (see reject_unknown_fields)
+        copied.__dict__["_hf_peft_fields"] = dict(config.__dict__["_hf_peft_fields"])
+    return copied
 
 
 class PeftModel(Forwarding):

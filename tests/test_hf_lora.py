@@ -1991,35 +1991,53 @@ def test_an_adapter_on_multihead_attentions_out_proj_is_warned_of(method):
 
 
 def test_an_adapter_saved_from_a_compiled_base_loads_into_a_plain_one_and_back(tmp_path):
-    """torch.compile(model) before get_peft_model: the saved keys hold the wrapper's `_orig_mod.`, and pefttorch
-    refused its own file on a plain base (HF PEFT loads it), and a plain save on a compiled base."""
+    """torch.compile(model) before get_peft_model: the saved keys held the wrapper's `_orig_mod.`, which HF PEFT
+    does not load (it kept its own init) and pefttorch refused on a plain base; a plain save was refused on a compiled
+    base. The keys are written without it, and read either way, embedding tensors too."""
+    from safetensors.torch import load_file
+
     llama = FAMILIES["llama"]
-    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    config = LoraConfig(r=2, target_modules=["q_proj"])
     compiled = get_peft_model(torch.compile(fresh(llama), backend="eager"), config)
+    with torch.no_grad():
+        for n, p in compiled.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # trained: not what any init gives
     batch = inputs_of(llama)
     want = logits(compiled, batch)
-    compiled.save_pretrained(tmp_path / "compiled")
+    compiled.save_pretrained(tmp_path / "compiled", save_embedding_layers=True)
+    assert not any("_orig_mod" in k for k in load_file(tmp_path / "compiled" / "adapter_model.safetensors"))
     plain = PeftModel.from_pretrained(fresh(llama), tmp_path / "compiled")
-    plain.save_pretrained(tmp_path / "plain")
+    plain.save_pretrained(tmp_path / "plain", save_embedding_layers=True)
     again = PeftModel.from_pretrained(torch.compile(fresh(llama), backend="eager"), tmp_path / "plain")
     hf = peft.PeftModel.from_pretrained(fresh(llama), tmp_path / "compiled")
     for model in (plain, again, hf):
         torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
+    # a file written with the wrapper's segments (earlier pefttorch) still loads
+    old = {k.replace("base_model.model.", "base_model.model._orig_mod.", 1): v
+           for k, v in load_file(tmp_path / "plain" / "adapter_model.safetensors").items()}
+    from safetensors.torch import save_file
+
+    save_file(old, tmp_path / "plain" / "adapter_model.safetensors")
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh(llama), tmp_path / "plain"), batch), want,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
 def test_a_task_type_set_after_the_config_was_made_trains_and_saves_the_head(tmp_path, method):
     """HF PEFT derives the new head from task_type when the model is built; pefttorch only when the config was
     made, so `config.task_type = "SEQ_CLS"` afterwards left the classifier frozen and unsaved, and the save (whose
-    config says SEQ_CLS) did not load."""
+    config says SEQ_CLS) did not load. HF PEFT's fields given to the config are kept."""
     import pefttorch
 
     bert = FAMILIES["bert"]
-    config = {"lora": LoraConfig(r=2, target_modules=["query"]), "ia3": pefttorch.IA3Config(),
-              "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2)}[method]
+    config = {"lora": LoraConfig(r=2, target_modules=["query"], loftq_config={"loftq_bits": 4}),
+              "ia3": pefttorch.IA3Config(), "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2)}[method]
     config.task_type = "SEQ_CLS"
     model = get_peft_model(fresh(bert), config)
     assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    if method == "lora":
+        assert model.peft_config["default"].loftq_config == {"loftq_bits": 4}
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "classifier" in n and p.requires_grad:

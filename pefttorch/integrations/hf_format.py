@@ -26,9 +26,10 @@ def save_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.T
     saved = copy.copy(config)
     saved.inference_mode = True
     saved.save(directory)
-    # safetensors refuses tensors that share memory (tied weights in a saved head): write copies.
-    save_file({k: v.detach().clone().contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    # safetensors refuses tensors that share memory (tied weights in a saved head): write copies. Keys without the
+    # segments a wrapper of the base model adds (torch.compile's _orig_mod): HF PEFT loads them into a plain model
+    save_file({_unwrapped(k): v.detach().clone().contiguous().cpu() for k, v in tensors.items()},
+              str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +107,8 @@ def _unwrapped(key: str) -> str:
 
 def _match_wrappers(saved: dict, expected: dict) -> dict:
     """The saved tensors under this model's keys where they differ only by a wrapper of the base model: an adapter
-    saved from a compiled base (``_orig_mod.`` in its keys) loads into a plain one and back, as in HF PEFT."""
+    saved from a compiled base (``_orig_mod.`` in its keys, as HF PEFT and earlier pefttorch wrote them) loads into a
+    plain one, and one saved from a plain base into a compiled one."""
     ours = {_unwrapped(k): k for k in expected}
     return {k if k in expected else ours.get(_unwrapped(k), k): v for k, v in saved.items()}
 
@@ -117,8 +119,8 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
     adapter has."""
     saved = read_adapter_tensors(directory)
     expected = lora_model.adapter_state_dict(adapter_name)
-    saved = _match_wrappers(saved, expected)
     embeddings = embedding_tensors(lora_model.model)
+    saved = _match_wrappers(saved, {**embeddings, **expected})
     expected.update({key: embeddings[key] for key in set(saved) - set(expected) if key in embeddings})
     if getattr(lora_model.peft_config[adapter_name], "bias", "none") != "none":
         # LoRA family only (the other tuners' configs have no `bias`): a trained bias of a module saved without
