@@ -764,6 +764,30 @@ def test_disable_adapter_computes_with_the_original_modules_to_save(tmp_path):
     assert unloaded.classifier.weight is head and torch.equal(head, trained_head) and head.requires_grad
 
 
+def test_a_tied_module_to_save_is_saved_trained_under_each_name_while_disabled(tmp_path):
+    """A weight tied between two modules_to_save (BERT MLM's word embeddings and decoder): saved inside
+    disable_adapter(), the second name held the original (the trained tensor was kept under the first only)."""
+    from safetensors.torch import load_file
+
+    transformers = pytest.importorskip("transformers")
+
+    def fresh():
+        torch.manual_seed(0)
+        return transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, tie_word_embeddings=True))
+
+    config = pefttorch.MeftConfig(variant="meft1", modules_to_save=["word_embeddings", "decoder"])
+    model = pefttorch.get_peft_model(fresh(), config).eval()
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight.add_(1.0)  # stands in for training
+    model.save_pretrained(tmp_path / "outside")
+    with model.disable_adapter():
+        model.save_pretrained(tmp_path / "inside")
+    outside, inside = (load_file(tmp_path / f / "adapter_model.safetensors") for f in ("outside", "inside"))
+    assert outside.keys() == inside.keys() and all(torch.equal(outside[k], inside[k]) for k in outside)
+
+
 def test_lam_and_beta_outside_the_kernels_compute_dtype_are_refused_by_the_config():
     """The kernels compute in float32 (float64 for float64 streams) and refuse a scale that is not a normal number
     there: the config passed lam=1e-40 and beta=1e39, and the first forward failed about a 'scale'."""

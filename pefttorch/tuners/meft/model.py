@@ -120,16 +120,22 @@ def _adapter_kinds(variant: str, reversible: bool) -> tuple[str, ...]:
     return ("ffn", "coupling") if reversible else ("ffn",)
 
 
-def _saved_tensors(targets) -> dict[tuple[str, str], torch.Tensor]:
+def _saved_tensors(targets, aliases: dict | None = None) -> dict[tuple[str, str], torch.Tensor]:
     """The parameters and buffers of the modules_to_save `targets` ((path, module) pairs) by (path, name), each
     tensor once (a tied weight, or a saved module inside another: exchanged twice, it would be back), MEFT's own
-    adapters left out (a saved layer holds them: they are the adapter, which disabling switches off otherwise)."""
-    out, seen = {}, set()
+    adapters left out (a saved layer holds them: they are the adapter, which disabling switches off otherwise).
+    `aliases`, if given, receives every (path, name) of each tensor -> the key it is listed under."""
+    out, first = {}, {}
     for path, module in targets:
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if id(t) not in seen and not f".{name}".count(".meft_adapters."):
-                seen.add(id(t))
-                out[path, name] = t
+        for name, t in [*module.named_parameters(remove_duplicate=False),
+                        *module.named_buffers(remove_duplicate=False)]:
+            if f".{name}".count(".meft_adapters."):
+                continue
+            key = first.setdefault(id(t), (path, name))
+            if key == (path, name):
+                out[key] = t
+            if aliases is not None:
+                aliases[path, name] = key
     return out
 
 
@@ -195,7 +201,10 @@ class MeftModel(Forwarding):
             module.requires_grad_(trainable)
         # modules_to_save train in place: the base model's own tensors are kept aside (as HF PEFT keeps the original
         # module) for disable_adapter(), which computed with the trained ones (see set_adapters_disabled)
-        self.__dict__["_saved_originals"] = {k: t.detach().clone() for k, t in _saved_tensors(targets).items()}
+        aliases = {}
+        self.__dict__["_saved_originals"] = {k: t.detach().clone()
+                                             for k, t in _saved_tensors(targets, aliases).items()}
+        self._saved_aliases = aliases  # a tied weight's every name -> its key there (see _trained_state)
         self._saved_paths = [path for path, _ in targets]
         # while disabled, what is saved is still what was learned (the originals are in the parameters then)
         self._hooks += [module.register_state_dict_post_hook(functools.partial(self._trained_state, path))
@@ -388,8 +397,9 @@ class MeftModel(Forwarding):
         if not self.disabled:
             return
         kept = self.__dict__.get("_saved_originals", {})
+        aliases = getattr(self, "_saved_aliases", {})
         for name in list(state):
-            key = (path, name[len(prefix):])
+            key = aliases.get((path, name[len(prefix):]))
             if name.startswith(prefix) and key in kept:
                 state[name] = kept[key]
 
