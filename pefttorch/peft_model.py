@@ -402,7 +402,7 @@ class PeftModel(Forwarding):
 
     def _refuse_other_method(self, config, caller: str) -> None:
         if _tuner_for(config) is not type(self.base_model):
-            raise TypeError(f"{caller}: this model's adapters are {type(self.base_model).__name__}'s; a "
+            raise TypeError(f"{caller}: this model's adapters are {type(self.base_model).__name__}'s; an adapter of "
                             f"{type(config).__name__} cannot join them (one method per model)")
 
     @contextlib.contextmanager

@@ -2057,7 +2057,8 @@ def test_load_adapter_of_another_method_is_refused_as_add_adapter_is(tmp_path):
     model = get_peft_model(fresh(llama), LoraConfig(r=2, target_modules=["q_proj"]))
     batch = inputs_of(llama)
     want = logits(model, batch)
-    with pytest.raises(TypeError, match="load_adapter: this model's adapters are LoraModel's; a IA3Config cannot join"):
+    with pytest.raises(TypeError, match="load_adapter: this model's adapters are LoraModel's; an adapter of "
+                                        "IA3Config cannot join"):
         model.load_adapter(tmp_path, adapter_name="ia3")
     assert list(model.peft_config) == ["default"]
     torch.testing.assert_close(logits(model, batch), want, rtol=0, atol=0)
