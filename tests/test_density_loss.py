@@ -339,20 +339,25 @@ def test_torch_compile_gives_the_eager_loss_and_gradients_in_one_graph(checkpoin
 
 
 @pytest.mark.slow
-def test_torch_compile_keeps_the_term_after_a_model_of_the_class_compiled_without_it(monkeypatch):
+def test_torch_compile_keeps_the_term_after_a_model_of_the_class_compiled_without_it():
     """torch.compile does not guard on module hooks by default: the graph of a model of the same class compiled
     without the density loss (an earlier model of a sweep) was reused for one with it, and the term left the loss in
     silence (loss() said nothing was recorded)."""
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # torch's default
-    torch.compiler.reset()
-    fam = FAMILIES["llama"]
-    plain = get_peft_model(fam.build(), LoraConfig(r=4, target_modules="all-linear")).train()
-    ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
-    torch.compile(plain, backend="aot_eager")(input_ids=ids, labels=ids)
-    model, ids, want, want_grads = lora_with_density_loss_and_eager_step()
-    got = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
-    assert_same_step(model, ids, got, want, want_grads)
-    assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    # torch's default (config.patch, not monkeypatch: undoing a setattr of a config option deleted it)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        torch.compiler.reset()
+        fam = FAMILIES["llama"]
+        plain = get_peft_model(fam.build(), LoraConfig(r=4, target_modules="all-linear")).train()
+        ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+        torch.compile(plain, backend="aot_eager")(input_ids=ids, labels=ids)
+        model, ids, want, want_grads = lora_with_density_loss_and_eager_step()
+        got = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+        assert_same_step(model, ids, got, want, want_grads)
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+        # a model with the loss loaded in a process where the option is torch's default again sets it too
+        torch._dynamo.config.skip_nnmodule_hook_guards = True
+        copy.deepcopy(model)
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False
 
 
 @pytest.mark.slow

@@ -184,6 +184,10 @@ class DensityLoss:
                      _inner_depth=0, _earlier=set(), _backward_seen=False)
         return state
 
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        _guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
+
     @staticmethod
     def attached_to(model: nn.Module) -> DensityLoss | None:
         """The density loss whose hooks are on `model` or on a module inside it (None: none is), e.g. the copy that
@@ -441,7 +445,7 @@ def _guard_module_hooks() -> None:
     loss (an earlier model of a sweep, or this one before attaching) was reused, and the term left the loss in
     silence. Graphs compiled before, without those guards, are dropped (they recompile on their next call)."""
     config = torch._dynamo.config
-    if config.skip_nnmodule_hook_guards:
+    if getattr(config, "skip_nnmodule_hook_guards", False):  # (an option a later torch may drop)
         logger.info("pefttorch: torch.compile now guards on module hooks (the density loss is hooks; "
                     "torch._dynamo.config.skip_nnmodule_hook_guards=False), and its compiled graphs were reset")
         config.skip_nnmodule_hook_guards = False
