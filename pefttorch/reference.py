@@ -128,8 +128,9 @@ def density_loss(a: torch.Tensor, eps: float) -> torch.Tensor:
     """mean(a^2 / (a^2 + eps)), in float32 (float64 for float64 a): near 1 for |a| >> sqrt(eps), 0 at 0."""
     a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
     a2 = a * a
-    # |a| above sqrt(max): a2 is inf, and inf / inf NaN where the term's limit is 1
-    return torch.where(a2.isinf(), 1.0, a2 / (a2 + eps)).mean()
+    # |a| above sqrt(max): a2 is inf, and inf / inf NaN where the term's limit is 1 (an inf a stays NaN, as its
+    # gradient is)
+    return torch.where(a2.isinf() & a.isfinite(), 1.0, a2 / (a2 + eps)).mean()
 
 
 def activation_density(a: torch.Tensor, threshold: float) -> torch.Tensor:

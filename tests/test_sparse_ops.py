@@ -191,6 +191,9 @@ def test_density_loss_of_huge_finite_activations_is_their_limit(device, dtype):
     assert reference.density_loss(a.detach(), 1e-7).item() == pytest.approx(want, rel=1e-6)
     loss.backward()
     assert torch.isfinite(a.grad).all() and a.grad[0] == 0 and a.grad[3] == 0
+    # an inf activation (an overflow) stays NaN in the loss, as in its gradient: not a plausible value
+    inf = torch.tensor([float("inf"), 1.0], dtype=dtype, device=device)
+    assert functional.density_loss(inf, 1e-7)[0].isnan() and reference.density_loss(inf, 1e-7).isnan()
 
 
 # ==================================================================================================
