@@ -161,6 +161,15 @@ def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
             for table, name in places.get(id(tables[0][attr]), [(tables[0], attr)]):
                 swapped.append((table, name, table[name]))
                 table[name] = value
+        # ... and a snapshot of an IncreLoRA/AdaLoRA layer's factors must carry its ranks to be checked (above): one of
+        # parameters alone was saved under today's ranks
+        for path, module in model.named_modules():
+            layer = path.rpartition(".lora_components.")[0]
+            if (isinstance(module, Components) and f"{path}._extra_state" not in state_dict
+                    and any(k.startswith(f"{layer}.") for k in state_dict)):
+                raise ValueError(f"save_pretrained: the state_dict has tensors of {layer} but not its ranks "
+                                 f"({path}._extra_state): give the model's whole state_dict() (IncreLoRA/AdaLoRA "
+                                 "save the ranks the tensors have), or keep a copy of the model and save that")
         yield
     finally:
         for table, attr, original in reversed(swapped):

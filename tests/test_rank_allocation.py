@@ -1329,6 +1329,9 @@ def test_save_of_a_state_dict_from_before_an_allocation_is_refused(tmp_path, kin
     assert model.rank_pattern() != before
     with pytest.raises(ValueError, match="state_dict's ranks at .* are not the model's now"):
         model.save_pretrained(tmp_path / "old", state_dict=snapshot)
+    params = {k: v for k, v in snapshot.items() if not k.endswith("_extra_state")}  # the trainable tensors alone
+    with pytest.raises(ValueError, match="has tensors of .* but not its ranks"):
+        model.save_pretrained(tmp_path / "old", state_dict=params)
     assert not (tmp_path / "old" / "adapter_model.safetensors").exists()
 
 

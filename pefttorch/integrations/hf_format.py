@@ -149,7 +149,8 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
 
         own = set(lora_model.model.state_dict())
-        whole = sum(k.removeprefix("base_model.model.") in own for k in unexpected)
+        own = {_unwrapped(f"base_model.model.{k}") for k in own}
+        whole = sum(_unwrapped(k.removeprefix("_orig_mod.")) in own for k in unexpected)
         raise ValueError(
             f"the adapter in {directory} does not fit this model"
             # (HF PEFT picks the adapter out of such a file; it is not what save_pretrained writes)
