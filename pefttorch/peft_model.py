@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import os
 import types
@@ -146,30 +145,27 @@ def _tensors_from(model: nn.Module, state_dict: dict[str, torch.Tensor] | None):
             tables = [t for t in own if t.get(attr) is not None]
             if not tables:
                 if owner is not None and attr == "_extra_state":
-                    # a module's own state, not an adapter tensor: the rank allocator's statistics pass, but a layer's
-                    # ranks and component order, which the export reads from the model, must be the model's now (an
-                    # earlier snapshot of IncreLoRA/AdaLoRA was saved with today's ranks: wrong, or not loadable)
-                    current = owner.get_extra_state() if isinstance(owner, Components) else None
-                    if current is not None and not (isinstance(value, torch.Tensor) and value.shape == current.shape
-                                                    and torch.equal(value.cpu(), current)):
-                        raise ValueError(f"save_pretrained: the state_dict's ranks at {owner_name} are not the model's "
-                                         "now (a snapshot from before a rank allocation): keep a copy of the model "
-                                         "instead (copy.deepcopy) and save_pretrained that")
-                    continue
+                    continue  # a module's own state, not an adapter tensor (IncreLoRA/AdaLoRA's ranks: see below)
                 raise ValueError(f"save_pretrained: state_dict key {key!r} is not a parameter or buffer of this model "
                                  f"(give the state dict of the PeftModel itself, keyed as its state_dict())")
             for table, name in places.get(id(tables[0][attr]), [(tables[0], attr)]):
                 swapped.append((table, name, table[name]))
                 table[name] = value
-        # ... and a snapshot of an IncreLoRA/AdaLoRA layer's factors must carry its ranks to be checked (above): one of
-        # parameters alone was saved under today's ranks
+        # An IncreLoRA/AdaLoRA layer's ranks and component order, which the export reads from the model, must be the
+        # model's now where the state dict has the layer's tensors: a snapshot from before a rank allocation (or of
+        # parameters alone, without the ranks) was saved under today's ranks, wrong or not loadable
         for path, module in model.named_modules():
+            if not isinstance(module, Components):
+                continue
             layer = path.rpartition(".lora_components.")[0]
-            if (isinstance(module, Components) and f"{path}._extra_state" not in state_dict
-                    and any(k.startswith(f"{layer}.") for k in state_dict)):
-                raise ValueError(f"save_pretrained: the state_dict has tensors of {layer} but not its ranks "
-                                 f"({path}._extra_state): give the model's whole state_dict() (IncreLoRA/AdaLoRA "
-                                 "save the ranks the tensors have), or keep a copy of the model and save that")
+            if not any(f"{layer}.{n}" in state_dict for n, _ in model.get_submodule(layer).named_parameters()):
+                continue
+            ranks = state_dict.get(f"{path}._extra_state")
+            if not (isinstance(ranks, torch.Tensor) and torch.equal(ranks.cpu(), module.get_extra_state())):
+                what = (f"has tensors of {layer} but not its ranks ({path}._extra_state)" if ranks is None
+                        else f"'s ranks at {path} are not the model's now (a snapshot from before a rank allocation)")
+                raise ValueError(f"save_pretrained: the state_dict{' ' if ranks is None else ''}{what}: keep a copy of "
+                                 "the model instead (copy.deepcopy) and save_pretrained that")
         yield
     finally:
         for table, attr, original in reversed(swapped):
@@ -180,16 +176,11 @@ def _with_task_heads(config, task_type):
     """`config` with the new head of `task_type` (HF PEFT's modules_to_save for SEQ_CLS, TOKEN_CLS, QUESTION_ANS) in
     its modules_to_save: a copy where one is missing, else `config` itself."""
     heads = TASK_MODULES_TO_SAVE.get(task_type)
-    if not (heads and dataclasses.is_dataclass(config) and hasattr(config, "modules_to_save")):
+    if not (heads and hasattr(config, "replace") and hasattr(config, "modules_to_save")):
         return config
     have = list(config.modules_to_save or [])
     missing = [h for h in heads if h not in have]
-    if not missing:
-        return config
-    copied = dataclasses.replace(config, modules_to_save=have + missing)
-    if "_hf_peft_fields" in config.__dict__:  # HF PEFT's fields given to the config (see reject_unknown_fields)
-        copied.__dict__["_hf_peft_fields"] = dict(config.__dict__["_hf_peft_fields"])
-    return copied
+    return config.replace(modules_to_save=have + missing) if missing else config
 
 
 class PeftModel(Forwarding):

@@ -73,9 +73,18 @@ def reject_unknown_fields(cls):
             return entry.default if isinstance(entry, AnyValue) else entry
         raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
 
+    def replace(self, **changes):
+        """dataclasses.replace, keeping HF PEFT's fields given to this config (which it rebuilds without)."""
+        copied = dataclasses.replace(self, **changes)
+        if "_hf_peft_fields" in self.__dict__:
+            copied.__dict__["_hf_peft_fields"] = dict(self.__dict__["_hf_peft_fields"])
+        return copied
+
     cls.__init__ = checked_init
     if getattr(cls, "FOREIGN_FIELDS", None):
         cls.__getattr__ = foreign_field
+    if not hasattr(cls, "replace"):  # (SavedConfig's own: its configs take no HF PEFT fields of their own)
+        cls.replace = replace
     return cls
 
 
