@@ -129,7 +129,7 @@ def _saved_tensors(targets, aliases: dict | None = None) -> dict[tuple[str, str]
     for path, module in targets:
         for name, t in [*module.named_parameters(remove_duplicate=False),
                         *module.named_buffers(remove_duplicate=False)]:
-            if f".{name}".count(".meft_adapters."):
+            if ".meft_adapters." in f".{name}":
                 continue
             key = first.setdefault(id(t), (path, name))
             if key == (path, name):

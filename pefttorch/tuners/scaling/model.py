@@ -270,7 +270,8 @@ class VectorModel(HookedModel):
             self.unmerge_adapter()
         if merge:
             self.merge_adapter()  # (the base unload merges too: merged already, it does nothing more)
-            created = [n for n, m in self.model.named_modules() if any(m is c for c in self._created_biases)]
+            ids = {id(m) for m in self._created_biases}
+            created = [n for n, m in self.model.named_modules() if id(m) in ids]
             if created and hasattr(getattr(self.model, "config", None), "to_json_string"):
                 # transformers builds a layer's bias from the config (attention_bias, mlp_bias, ...), not the
                 # checkpoint: from_pretrained of the saved merged model dropped these biases (only a load report)
