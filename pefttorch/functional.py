@@ -163,7 +163,7 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     scaling = _finite_scale(op, "scaling", scaling, weight.dtype)
     sign = _finite_scale(op, "sign", sign)
     scaling = _finite_scale(op, "sign * scaling", sign * scaling, weight.dtype)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = ops.opmath_dtype(weight.dtype)
     delta = (lora_b.to(acc) @ lora_a.to(acc)) * scaling
     if fan_in_fan_out:
         delta = delta.t()

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _extension
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, opmath_dtype
 
 _C = _extension.load()
 
@@ -344,17 +344,13 @@ def lora_linear_backward(grad_y, x, weight, lora_a, lora_b, s, scaling: float, d
 # density_loss (DEFT): loss and activation density in one pass; backward in one pass over a
 
 
-def _stat_dtype(a: torch.Tensor) -> torch.dtype:
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("pefttorch::density_loss")
 def _density_loss_fake(a, eps, threshold):
     _check_float("density_loss", a, "a")
     _check_eps("density_loss", a, eps)
     _check("density_loss", threshold >= 0.0, lambda: f"threshold must be >= 0, got {threshold}")
     _check("density_loss", a.numel() > 0, lambda: "a is empty: the mean over no activations is undefined")
-    return a.new_empty((), dtype=_stat_dtype(a)), a.new_empty((), dtype=_stat_dtype(a))
+    return a.new_empty((), dtype=opmath_dtype(a.dtype)), a.new_empty((), dtype=opmath_dtype(a.dtype))
 
 
 @torch.library.register_fake("pefttorch::density_loss_backward")
@@ -447,16 +443,11 @@ def _reversible_coupling_fake(x, f, scale):
     return x.new_empty(x.shape)
 
 
-def coupling_compute_dtype(stream_dtype: torch.dtype) -> torch.dtype:
-    """The dtype reversible_coupling computes in: float64 for float64 streams, float32 for the others."""
-    return torch.float64 if stream_dtype == torch.float64 else torch.float32
-
-
 def coupling_scale_ok(scale: float, stream_dtype: torch.dtype) -> bool:
     """csrc/reversible.cpp's rule for a coupling's scale (MEFT's lam and beta): a normal number of the compute dtype
     (finite, nonzero and not subnormal: backward divides by it). Shared by the checks of the op, of
     nn.reversible.reversible_stack and of MeftConfig."""
-    info = torch.finfo(coupling_compute_dtype(stream_dtype))
+    info = torch.finfo(opmath_dtype(stream_dtype))
     return math.isfinite(scale) and info.tiny <= abs(scale) <= info.max
 
 
@@ -867,7 +858,7 @@ def _rotary_embedding_backward(ctx, grad):
     grad_x = _rotary_embedding(grad, cos, sin, not ctx.transpose) if need_x else None
     grad_cos = grad_sin = None
     if need_cos or need_sin:  # a rare path (trained frequencies): plain tensor ops in x's opmath dtype
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(x.dtype)
         g, xa = grad.to(acc), x.to(acc)
         if need_cos:
             grad_cos = (g * xa).sum_to_size(cos.shape).to(cos.dtype)

@@ -11,6 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels (and these references) compute in for tensors of `dtype`: float64 for float64,
+    float32 for the others (half and bfloat16 values are widened, and results rounded back once)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -126,7 +132,7 @@ def ranked_lora_linear(
 
 def density_loss(a: torch.Tensor, eps: float) -> torch.Tensor:
     """mean(a^2 / (a^2 + eps)), in float32 (float64 for float64 a): near 1 for |a| >> sqrt(eps), 0 at 0."""
-    a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
+    a = a.to(opmath_dtype(a.dtype))
     a2 = a * a
     # |a| above sqrt(max): a2 is inf, and inf / inf NaN where the term's limit is 1 (an inf a stays NaN, as its
     # gradient is)
@@ -137,7 +143,7 @@ def activation_density(a: torch.Tensor, threshold: float) -> torch.Tensor:
     """Share of the elements of a with |a| > threshold (compared in float32; float64 for float64 a), the count
     divided by the size exactly and then rounded: a float32 mean would depend on the device (CUDA multiplies by
     1/n, one ulp off the quotient)."""
-    a = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
+    a = a.to(opmath_dtype(a.dtype))
     return ((a.abs() > threshold).sum(dtype=torch.float64) / a.numel()).to(a.dtype)
 
 
@@ -176,17 +182,13 @@ def sparse_mlp(
     return y + b_down if b_down is not None else y
 
 
-def _opmath(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def reversible_coupling(x: torch.Tensor, f: torch.Tensor, scale: float) -> torch.Tensor:
     """One half of a reversible layer (MEFT): y = scale * x + f, in x's dtype (the stream's).
 
     f (the output of F or G, in the model's dtype) is widened; the sum is formed in float32 (float64
     for float64 streams) and rounded once.
     """
-    acc = _opmath(x)
+    acc = opmath_dtype(x.dtype)
     return (scale * x.to(acc) + f.to(acc)).to(x.dtype)
 
 
@@ -200,7 +202,7 @@ def reversible_coupling_backward(
     gradient updated with the vector-Jacobian product of f: grad_other + vjp. Results in y's dtype,
     each formed in float32 (float64 for float64 streams) and rounded once.
     """
-    acc = _opmath(y)
+    acc = opmath_dtype(y.dtype)
     x = ((y.to(acc) - f.to(acc)) / scale).to(y.dtype)
     grad_x = (scale * grad_y.to(acc)).to(y.dtype)
     grad_other_out = (grad_other.to(acc) + vjp.to(acc)).to(y.dtype)
@@ -274,7 +276,7 @@ def component_adamw_(
     for p, g, m, v, s, n, w in zip(params, grads, exp_avgs, exp_avg_sqs, steps, rows, warmup, strict=True):
         if n == 0:
             continue
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(p.dtype)
         s = s[:n].to(acc).unsqueeze(1)
         lr_k = lr * (torch.clamp(s / w, max=1.0) if w > 0 else torch.ones_like(s))
         pn, gn, mn, vn = (t[:n].to(acc) for t in (p, g, m, v))
@@ -295,7 +297,7 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tran
     as x): ``x * cos + cat(x[..., h:] * sin[..., h:], -(x[..., :h] * sin[..., :h]))``. Formed in float32 (float64
     for float64 x), each product and sum rounded there, the result rounded once to x's dtype; contiguous.
     """
-    acc = _opmath(x)
+    acc = opmath_dtype(x.dtype)
     xa, c, s = x.to(acc), cos.to(acc), sin.to(acc)
     h = x.shape[-1] // 2
     if transpose:

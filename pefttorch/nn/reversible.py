@@ -357,7 +357,7 @@ def reversible_stack(layers: Sequence[ReversibleLayer], x1: torch.Tensor, x2: to
                         "other's, e.g. x2.to(x1.dtype)")
     # the kernels' rule (ops.coupling_scale_ok: each coupling divides by it in backward), said with the layer's name
     # for it before anything runs; float32 is the compute dtype unless the streams are float64
-    compute = ops.coupling_compute_dtype(x1.dtype)
+    compute = ops.opmath_dtype(x1.dtype)
     for i, layer in enumerate(layers):
         for name in ("lam", "beta"):
             value = getattr(layer, name)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ...ops import coupling_compute_dtype, coupling_scale_ok
+from ...ops import coupling_scale_ok, opmath_dtype
 from .._config import normalize_common, reject_unknown_fields, save_config, warn_unknown_fields
 
 PEFT_TYPE = "MEFT"
@@ -104,7 +104,7 @@ class MeftConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise bad(f"{name} must be a number, got {value!r}")
             if not coupling_scale_ok(value, self.stream_dtype):
-                info = torch.finfo(coupling_compute_dtype(self.stream_dtype))
+                info = torch.finfo(opmath_dtype(self.stream_dtype))
                 raise bad(f"{name} must be a finite non-zero number (backward divides by it), normal in {info.dtype}, "
                           f"the reversible kernels' compute dtype for {str(self.stream_dtype).removeprefix('torch.')} "
                           f"streams (magnitude {info.tiny:.4g} to {info.max:.4g}), got {value!r}")
