@@ -33,7 +33,7 @@ from .tuners.prompt import DeptConfig, DeptModel, PrefixModel, PrefixTuningConfi
 from .tuners.prompt.config import DEPT, PREFIX_TUNING, PROMPT_TUNING
 from .tuners.prompt.model import WEIGHTS_FOLLOW, VirtualTokenModel
 from .tuners.rank import AdaLoraConfig, IncreLoraConfig, RankedLoraModel
-from .tuners.rank.layer import Components
+from .tuners.rank.layer import Components, RankedLoraLayer
 from .tuners.scaling import IA3Config, SsfConfig, VectorModel
 from .tuners.scaling.config import IA3, SSF
 from .tuners.selective import BitFitConfig, LNTuningConfig, SelectiveModel
@@ -208,10 +208,13 @@ class PeftModel(Forwarding):
         if trace is not None:
             # a second tuner on the same modules would re-initialise the first one's adapter in place and leave
             # its saves inconsistent (HF PEFT warns of the same and goes on)
+            # only LoRA holds several adapters: the others refuse add_adapter, which was a circular hint for them
+            several = any(isinstance(m, LoraLayer) and not isinstance(m, RankedLoraLayer) for m in model.modules())
+            advice = ("Use that PeftModel's add_adapter() for another adapter, or its unload() first" if several else
+                      "Its method holds one adapter set per model: call that PeftModel's unload() first")
             raise ValueError(
-                f"the model holds a pefttorch adapter already ({trace}): it was given to get_peft_model before. Use "
-                "that PeftModel's add_adapter() for another adapter, or its unload() first; to adapt the model "
-                "twice independently, deep-copy it before the first get_peft_model")
+                f"the model holds a pefttorch adapter already ({trace}): it was given to get_peft_model before. "
+                f"{advice}; to adapt the model twice independently, deep-copy it before the first get_peft_model")
         # (the tuners with parameters of a dtype, and their subclasses: ScaLearn's sources and scales)
         if issubclass(tuner, (LoraModel, VectorModel, AdapterModel)):
             self.base_model = tuner(model, config, adapter_name, autocast_adapter_dtype)

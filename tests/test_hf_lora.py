@@ -330,8 +330,10 @@ def test_a_second_get_peft_model_on_the_same_model_is_refused(first, tmp_path):
         with pytest.raises(ValueError, match="swapped in by BitFit or LayerNorm tuning"):
             get_peft_model(copy.deepcopy(first_model).get_base_model(), LoraConfig(r=4, target_modules=["v_proj"]))
     before = logits(first_model, batch)
-    with pytest.raises(ValueError, match=r"holds a pefttorch adapter already .* given to get_peft_model before"):
+    with pytest.raises(ValueError, match=r"holds a pefttorch adapter already .* given to get_peft_model before") as e:
         get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))
+    # the advice fits the method: add_adapter() only where it holds several adapters (it refuses for the others)
+    assert ("add_adapter()" in str(e.value)) == (first == "lora"), str(e.value)
     torch.testing.assert_close(logits(first_model, batch), before, rtol=0, atol=0)
     first_model.unload()
     get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"]))
