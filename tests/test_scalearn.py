@@ -150,6 +150,10 @@ def test_errors(tmp_path):
             ScaLearnConfig(**kw)
     with pytest.raises(ValueError, match="other places than source 0"):
         get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a, p]))
+    # a difference the style and layers do not show is named (the two sides once read the same)
+    _, a2 = source(tmp_path, "a2", after_ffn=False)
+    with pytest.raises(ValueError, match=r"source 1 \(.*after_ffn=False.*\) .* source 0 \(.*after_ffn=True"):
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a, a2]))
     with pytest.raises(FileNotFoundError, match="not a saved adapter"):
         get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[tmp_path]))
     lora = get_peft_model(fresh("bert"), LoraConfig(target_modules=["query"]))
@@ -181,3 +185,13 @@ def test_autocast_adapter_dtype(tmp_path, autocast):
     want = torch.float32 if autocast else torch.bfloat16
     assert {p.dtype for p in model.base_model.sources.parameters()} == {want}
     assert {p.dtype for p in model.base_model.omega.parameters()} == {want}
+
+
+def test_a_source_s_other_tensors_are_named_as_unused(tmp_path):
+    """ScaLearn mixes the sources' adapters only: a source's trained head (modules_to_save) was dropped in silence,
+    so the model with the source at scale 1 differed from the source's; it is said, and the adapters still load."""
+    model, a = source(tmp_path, "a", modules_to_save=["classifier"])
+    with pytest.warns(UserWarning, match=r"only its adapters are mixed; its file also holds \['.*classifier.*'\]"):
+        mixed = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a]))
+    for name, p in mixed.base_model.sources[0].state_dict().items():
+        torch.testing.assert_close(p, model.base_model.adapters.state_dict()[name], rtol=0, atol=0)

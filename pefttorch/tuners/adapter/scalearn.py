@@ -11,6 +11,7 @@ source folders.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -83,6 +84,14 @@ class ScaLearnConfig(SavedConfig):
         check_finite("ScaLearnConfig", "omega_init_scale", self.omega_init_scale)
 
 
+def _placement(config: AdapterConfig) -> str:
+    """What decides where a source's adapters go, as the config says it."""
+    after_attention, after_ffn, parallel = config.placement
+    return (f"style {config.style!r}, after_attention={after_attention}, after_ffn={after_ffn}, "
+            f"parallel_ffn={parallel}, cross_attention={config.cross_attention}, "
+            f"layers_to_transform={config.layers_to_transform}")
+
+
 def _read_source(path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     from ...integrations.hf_format import read_adapter_tensors
     from ...peft_model import _load_config  # PeftModel's reader of every saved type (it imports this module)
@@ -123,15 +132,22 @@ class ScaLearnModel(AdapterModel):
                              f"{inside}; name modules outside them (e.g. a new classifier head)")
         for i, c in enumerate(configs[1:], 1):
             if [(s.key, s.kind) for s in find_sites(model, c)] != [(s.key, s.kind) for s in self.sites]:
-                raise ValueError(f"ScaLearn: source {i} ({c.style}, layers {c.layers_to_transform}) puts its "
-                                 f"adapters at other places than source 0 ({configs[0].style}, layers "
-                                 f"{configs[0].layers_to_transform}); all sources must share their sites")
+                raise ValueError(f"ScaLearn: source {i} ({_placement(c)}) puts its adapters at other places than "
+                                 f"source 0 ({_placement(configs[0])}); all sources must share their sites")
         self.sources = nn.ModuleList(build_adapters(model, self.sites, c, autocast_adapter_dtype) for c in configs)
         reference = next(self.sources.parameters())
         factory = {"device": reference.device, "dtype": reference.dtype}
         if sources is not None:
             for i, (source, (_, tensors)) in enumerate(zip(self.sources, sources, strict=True)):
                 state = {k[len("adapters."):]: v for k, v in tensors.items() if k.startswith("adapters.")}
+                unused = sorted(k for k in tensors if not k.startswith("adapters."))
+                if unused:
+                    # a source's trained head (modules_to_save) or resized embeddings: not a mixable adapter,
+                    # and dropping them in silence made the model differ from the source's
+                    warnings.warn(f"ScaLearn source {config.source_adapters[i]}: only its adapters are mixed; its "
+                                  f"file also holds {unused} (its modules_to_save or embeddings), which are not "
+                                  "used: name the modules to train in this ScaLearnConfig's modules_to_save",
+                                  UserWarning, stacklevel=2)
                 try:
                     source.load_state_dict(state)
                 except RuntimeError as error:
