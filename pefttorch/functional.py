@@ -63,9 +63,15 @@ def lora_linear(
 
 
 def _number(op: str, name: str, value) -> float:
-    """`value` as a float; a string is refused in words naming `op` and `name` (float() would parse it)."""
+    """`value` as a float; a string is refused in words naming `op` and `name` (float() would parse it), and so is a
+    tensor that requires grad (the ops take the number as a constant: its gradient was lost in silence) or any
+    tensor under torch.compile (float() of a traced tensor failed deep inside dynamo)."""
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+    if isinstance(value, torch.Tensor) and (value.requires_grad or torch.compiler.is_compiling()):
+        why = (f"requires grad (the op takes {name} as a constant: no gradient would reach it)" if value.requires_grad
+               else "torch.compile cannot read as a number")
+        raise TypeError(f"{op}: {name} must be a Python number; got a tensor that {why}; pass float(t)")
     return float(value)
 
 
@@ -88,7 +94,7 @@ def dropout_seed(name: str, dropout: float, training: bool,
                  generator: torch.Generator | None = None) -> tuple[float, torch.Tensor | None]:
     """(probability in effect, seed) of a LoRA dropout: p = 0 and no seed outside training or without dropout;
     a dropout outside [0, 1) is an error naming `name`."""
-    dropout = float(dropout)
+    dropout = _number(name, "dropout", dropout)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
     p = dropout if training else 0.0
@@ -187,7 +193,9 @@ def density_loss(
 
 def default_density_threshold(eps: float) -> float:
     """|a| above which an activation counts as active: sqrt(eps), where a^2 / (a^2 + eps) = 1/2."""
-    eps = float(eps)
+    eps = _number("density_loss", "eps", eps)
+    if torch.compiler.is_compiling():  # symbolic with dynamic shapes; the fake kernel checks it (see _finite_scale)
+        return eps ** 0.5
     # sqrt of a negative eps is complex, which the op's schema then refuses in words about that; an infinite one
     # makes every gradient NaN
     if not (eps > 0.0 and math.isfinite(eps)):

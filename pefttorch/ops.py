@@ -64,6 +64,10 @@ def _register_autograd(name: str, backward, setup_context):
             if torch._C._are_functorch_transforms_active():
                 return func_function.apply(*args)  # torch.compile over torch.func: as eager torch.func
             return op(*args)  # traced: the registered op and formula
+        if torch.jit.is_tracing():
+            # torch.jit.trace records the registered op (a TorchScript-callable schema op, with its formula) alike
+            # with and without grad; an autograd.Function here made the two traces its check compares differ
+            return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             # (under torch.func.grad the inputs it differentiates require grad, so only this branch asks)
             return (func_function if torch._C._are_functorch_transforms_active() else function).apply(*args)
@@ -179,6 +183,28 @@ def _register_loop_vmap(name: str) -> None:
 
 for _name in ("lora_linear_backward", "ranked_lora_factors_backward", "bottleneck_adapter_backward"):
     _register_loop_vmap(_name)
+
+
+def no_legacy_batching(name: str):
+    """Decorates the backward of an op whose backward kernel has optional outputs (those above): under torch's
+    legacy vmap, which torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional.jacobian(
+    vectorize=True) batch a backward with, it raises an error saying what to use instead. That vmap takes no
+    registered rule (the one above is torch.func's) and its generic fallback cannot run an op with optional
+    outputs: the error named our internal backward op and no way out."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if any(isinstance(g, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
+                raise RuntimeError(
+                    f"{name}'s gradient cannot be batched by torch.autograd.grad(is_grads_batched=True) or "
+                    "torch.autograd.functional.jacobian(vectorize=True) (torch's legacy vmap); use torch.func.jacrev, "
+                    "torch.func.vmap over torch.func.vjp, or vectorize=False")
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,6 +333,7 @@ def _lora_linear_setup_context(ctx, inputs, output):
     ctx.mask = [need_x, need_w, need_a, need_b, bias is not None and need_bias]
 
 
+@no_legacy_batching("pefttorch::lora_linear")
 @first_order_only("pefttorch::lora_linear")
 def _lora_linear_backward(ctx, grad_y, grad_s):
     # s is an internal result handed to backward, not part of the function's value: its gradient is
@@ -605,6 +632,7 @@ def _ranked_lora_factors_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros (see the backward)
 
 
+@no_legacy_batching("pefttorch::ranked_lora_factors")
 @first_order_only("pefttorch::ranked_lora_factors")
 def _ranked_lora_factors_backward(ctx, grad_a_n, grad_b_n):
     lora_a, lora_e, lora_b_t = ctx.saved_tensors
@@ -759,6 +787,7 @@ def _bottleneck_adapter_setup_context(ctx, inputs, output):
     ctx.unkept_dependence = need[0] and not need[1] and activation != "relu"
 
 
+@no_legacy_batching("pefttorch::bottleneck_adapter")
 @first_order_only("pefttorch::bottleneck_adapter")
 def _bottleneck_adapter_backward(ctx, grad_y, grad_h):
     x, w_down, b_down, w_up, h = ctx.saved_tensors

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import HAS_CUDA, rand
 
-from pefttorch import functional, ops
+from pefttorch import functional, ops, reference
 
 
 def args(**over):
@@ -65,6 +65,25 @@ def test_bad_scaling_is_refused(scaling, error, match):
     with pytest.raises(error, match=match.replace("lora_linear", "merge_lora_")):  # filled the weight with NaN
         functional.merge_lora_(weight, a["lora_a"], a["lora_b"], scaling)
     assert torch.equal(weight, a["weight"])
+
+
+def test_a_tensor_that_requires_grad_is_refused_as_a_constant():
+    """A scaling, dropout or eps given as a tensor that requires grad was read as its number in silence: no gradient
+    reached it (or backward failed with "does not require grad" when it was the only one); a plain tensor is read."""
+    a = args()
+    s = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(TypeError, match=r"lora_linear: scaling must be a Python number; got a tensor that requires "
+                                        r"grad"):
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=s)
+    with pytest.raises(TypeError, match="lora_linear: dropout must be a Python number; got a tensor"):
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], dropout=s.detach().requires_grad_())
+    with pytest.raises(TypeError, match="density_loss: eps must be a Python number; got a tensor"):
+        functional.density_loss(a["x"], eps=torch.tensor(0.1, requires_grad=True))
+    with pytest.raises(TypeError, match="lora_linear: dropout must be a number, got '0.5'"):
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], dropout="0.5")
+    torch.testing.assert_close(
+        functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=torch.tensor(2.0)),
+        reference.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=2.0))
 
 
 def test_a_scale_beyond_float32_is_refused_in_words():
@@ -165,3 +184,17 @@ def test_compiled_call_refuses_a_non_finite_scaling(dynamic):
                                functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=0.5))
     with pytest.raises(Exception, match=r"lora_linear_forward: scaling must be finite, got nan"):
         compiled(a["x"], a["weight"], a["lora_a"], a["lora_b"], float("nan"))
+
+
+@pytest.mark.slow
+def test_compiled_density_loss_takes_each_eps():
+    """The default threshold's check of eps (math.isfinite) could not be traced: a compiled density_loss failed under
+    fullgraph once eps changed between calls (or on the first call with dynamic=True)."""
+    torch._dynamo.reset()
+    a = torch.randn(3, 8)
+    for dynamic in (False, True):
+        compiled = torch.compile(lambda a, eps: functional.density_loss(a, eps), fullgraph=True, dynamic=dynamic,
+                                 backend="eager")
+        for eps in (1e-3, 1e-2):
+            for got, want in zip(compiled(a, eps), functional.density_loss(a, eps), strict=True):
+                torch.testing.assert_close(got, want)

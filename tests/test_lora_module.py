@@ -10,7 +10,7 @@ import torch.nn.utils.prune
 from helpers import DEVICES, DTYPES
 
 import pefttorch
-from pefttorch.nn import LoRALinear
+from pefttorch.nn import BottleneckAdapter, LoRALinear
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,6 +80,14 @@ def test_bad_sizes_and_dropout_are_refused_in_words():
     layer = LoRALinear(np.int64(5), np.int32(7), lora_dropout=np.float32(0.25))
     assert (type(layer.in_features), type(layer.out_features), layer.lora_dropout) == (int, int, 0.25)
     assert layer.weight.shape == (7, 5)
+    # a string or number for a flag was truthy: use_rslora="no" switched rsLoRA on and changed the scaling
+    for name in ("use_rslora", "bias"):
+        for flag in ("no", 1, None):
+            with pytest.raises(ValueError, match=f"LoRALinear: {name} must be True or False, got "):
+                LoRALinear(5, 7, **{name: flag})
+    assert LoRALinear(5, 7, r=4, lora_alpha=8, use_rslora=np.bool_(True), bias=np.bool_(False)).scaling == 4.0
+    with pytest.raises(ValueError, match="BottleneckAdapter: layer_norm must be True or False, got 'no'"):
+        BottleneckAdapter(5, 2, layer_norm="no")
 
 
 @pytest.mark.parametrize("device", DEVICES)

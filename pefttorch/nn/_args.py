@@ -15,3 +15,8 @@ def is_integer(value) -> bool:
 def is_real(value) -> bool:
     """A Python or numpy real number; not a bool nor a string (float() would parse '0.1')."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_flag(value) -> bool:
+    """A bool (Python's or numpy's); a string such as "no" or a number is not one, though truthy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))

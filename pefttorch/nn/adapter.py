@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional, reference
-from ._args import is_integer, is_real
+from ._args import is_flag, is_integer, is_real
 from ._scripting import NotScriptable
 
 
@@ -45,7 +45,9 @@ class BottleneckAdapter(NotScriptable, nn.Module):
                              f"{features!r} and {bottleneck!r}")
         if not is_real(scale) or not math.isfinite(scale):
             raise ValueError(f"BottleneckAdapter: scale must be a finite number, got {scale!r}")
-        features, bottleneck = int(features), int(bottleneck)
+        if not is_flag(layer_norm):
+            raise ValueError(f"BottleneckAdapter: layer_norm must be True or False, got {layer_norm!r}")
+        features, bottleneck, layer_norm = int(features), int(bottleneck), bool(layer_norm)
         factory = {"device": device, "dtype": dtype}
         self.features, self.bottleneck, self.activation, self.scale = features, bottleneck, activation, float(scale)
         self.layer_norm = nn.LayerNorm(features, **factory) if layer_norm else None

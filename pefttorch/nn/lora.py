@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import functional
-from ._args import is_integer, is_real
+from ._args import is_flag, is_integer, is_real
 from ._scripting import NotScriptable
 
 
@@ -46,7 +46,11 @@ class LoRALinear(NotScriptable, nn.Module):
             raise ValueError(f"LoRALinear: lora_alpha must be a finite number, got {lora_alpha!r}")
         if not is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:  # (NaN fails the comparison too)
             raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        for name, value in (("use_rslora", use_rslora), ("bias", bias)):
+            if not is_flag(value):  # use_rslora="no" was true, and changed the scaling in silence
+                raise ValueError(f"LoRALinear: {name} must be True or False, got {value!r}")
         in_features, out_features, r = int(in_features), int(out_features), int(r)
+        use_rslora, bias = bool(use_rslora), bool(bias)
         lora_alpha, lora_dropout = float(lora_alpha), float(lora_dropout)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
