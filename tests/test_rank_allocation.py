@@ -1597,6 +1597,26 @@ def test_merging_a_ranked_adapter_keeps_the_output(family, targets, method):
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["increlora", "adalora"])
+def test_merging_16_bit_factors_rounds_once(method):
+    """With autocast_adapter_dtype=False the factors are bfloat16 like the weight: e * a was formed in bfloat16
+    before merge_lora_ formed the update in float32, a second rounding that moved about a third of the merged
+    weights by a bfloat16 step. Now the merged weight is W + scaling * B diag(e) A formed in float64 and rounded
+    once, exactly, as for plain LoRA."""
+    torch.manual_seed(0)
+    base = FAMILIES["llama"].build().to(torch.bfloat16)
+    config = (IncreLoraConfig(target_modules=["q_proj"], target_rank=3, init_rank=2, lora_alpha=4)
+              if method == "increlora" else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+    model = get_peft_model(base, config, autocast_adapter_dtype=False)
+    _randomised(model)
+    layer = next(m for m in model.modules() if isinstance(m, RankedLoraLayer))
+    assert layer.lora_A["default"].dtype == torch.bfloat16
+    want = (layer.base_layer.weight.double() + layer.delta_weight("default").double()).to(torch.bfloat16)
+    with torch.no_grad():
+        model.merge_adapter()
+    assert torch.equal(layer.base_layer.weight, want)
+
+
 def test_ranked_dropout_is_off_in_eval_mode():
     """lora_dropout applies in training only: in eval mode two forwards agree with each other and with the same
     adapter without dropout."""

@@ -303,6 +303,41 @@ def test_bf16_model_keeps_fp32_vectors_and_trains():
     assert all(p.grad is not None for p in model.base_model.adapter_parameters())
 
 
+@pytest.mark.parametrize("config", [IA3Config, SsfConfig])
+def test_each_vector_takes_its_module_s_dtype_as_hf_peft(config, tmp_path):
+    """A 16-bit T5 keeps `wo` in float32 (transformers' _keep_in_fp32_modules). With autocast_adapter_dtype=False
+    every vector took the model's first parameter's dtype: `wo`'s was bfloat16, where HF PEFT's follows the module,
+    and a saved float32 vector was rounded on load."""
+    base = fresh("t5").to(torch.bfloat16)
+    for name, module in base.named_modules():
+        if name.endswith(".wo"):
+            module.float()
+    model = get_peft_model(copy.deepcopy(base), config(), autocast_adapter_dtype=False)
+    sites = {key: site.module.weight.dtype for key, site in zip(model.base_model.keys, model.base_model.sites,
+                                                                    strict=True)}
+    assert torch.float32 in sites.values() and torch.bfloat16 in sites.values()
+    for key, dtype in sites.items():
+        assert model.base_model.scales[key].dtype == dtype, key
+        if config is SsfConfig:
+            assert model.base_model.shifts[key].dtype == dtype, key
+    if config is IA3Config:  # and as HF PEFT's
+        import peft
+
+        hf = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type="SEQ_2_SEQ_LM"),
+                                 autocast_adapter_dtype=False)
+        hf_dtypes = {n.removeprefix("base_model.model.").removesuffix(".ia3_l.default").replace(".", "_"): p.dtype
+                     for n, p in hf.named_parameters() if "ia3_l" in n}
+        assert hf_dtypes == sites
+        randomize(model)
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False)
+        for key, p in model.base_model.scales.items():
+            assert torch.equal(loaded.base_model.scales[key], p), key
+    # the default: float32 vectors beside the 16-bit and the float32 modules alike
+    model = get_peft_model(copy.deepcopy(base), config())
+    assert all(p.dtype == torch.float32 for p in model.base_model.adapter_parameters())
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, "must be among target_modules"),
     ({"target_modules": 3}, "list of module names"),

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...nn.adapter import BottleneckAdapter
 from .._hooked import HookedModel
-from ..lora.model import _in_modules_to_save, _layer_index
+from ..lora.model import _in_modules_to_save, _layer_index, adapter_dtype
 from .config import AdapterConfig
 
 # Per model type: the attention output projections (self, then cross), and the FFN as (input module, output
@@ -94,20 +94,13 @@ def find_sites(model: nn.Module, config: AdapterConfig) -> list[Site]:
     return sites
 
 
-def adapter_dtype(model: nn.Module, autocast_adapter_dtype: bool = True) -> torch.dtype:
-    """The dtype of new adapter parameters, as HF PEFT's autocast_adapter_dtype: float32 in a 16-bit model (cast to
-    its dtype in forward), or with False the model's own."""
-    weight_dtype = next(model.parameters()).dtype
-    return torch.float32 if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16) \
-        else weight_dtype
-
-
 def build_adapters(model: nn.Module, sites: list[Site], config: AdapterConfig,
                    autocast_adapter_dtype: bool = True) -> nn.ModuleDict:
-    """One adapter of `config` per site, on the model's device, in :func:`adapter_dtype`."""
+    """One adapter of `config` per site, on the model's device, in :func:`adapter_dtype` of the model's dtype (its
+    first parameter's: a site's output is no one weight's)."""
     hidden = max(s.features for s in sites)
     weight = next(model.parameters())
-    dtype = adapter_dtype(model, autocast_adapter_dtype)
+    dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
     return nn.ModuleDict({
         s.key: BottleneckAdapter(s.features, config.width(hidden), config.activation, config.scaling,
                                  config.layer_norm, device=weight.device, dtype=dtype)

@@ -124,6 +124,14 @@ def check_modules_to_save(model: nn.Module, modules_to_save, wrapped: bool = Tru
                            "name the module that holds it"))  # (a parameter container holds no modules to name)
 
 
+def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of new adapter parameters beside a weight of `weight_dtype`, as HF PEFT's autocast_adapter_dtype:
+    float32 beside a 16-bit weight (cast to its dtype in forward), or with False the weight's own."""
+    if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
 @dataclass
 class Target:
     name: str
@@ -361,10 +369,8 @@ class LoraModel(Forwarding):
                 layer = self.layer_cls(t.module, fan_in_fan_out=fan_in_fan_out)
                 _set_submodule(self.model, t.name, layer)
                 swapped.append((t.name, layer))
-            w_dtype = layer.base_layer.weight.dtype
-            dtype = torch.float32 if self.autocast_adapter_dtype and w_dtype in (torch.float16, torch.bfloat16) \
-                else w_dtype
-            self.add_to_layer(layer, t, config, adapter_name, dtype)
+            self.add_to_layer(layer, t, config, adapter_name,
+                              adapter_dtype(layer.base_layer.weight.dtype, self.autocast_adapter_dtype))
         # under every name (HF PEFT's walk): a module registered twice is wrapped where the matched name reaches it
         for name in module_names(self.model):
             if not saves_module(name, config.modules_to_save):

@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ... import functional, ops
+from ...reference import opmath_dtype
 from ..lora.layer import LoraLayer, calls_only_linear, dropout_p
 
 # dim 0 of each factor indexes components; kinds name the factor for the optimizer
@@ -423,7 +424,9 @@ class RankedLoraLayer(LoraLayer):
         c = self.lora_components[name]
         if c.in_use == 0:
             return
-        a, e, b_t = (t[:c.in_use] for t in self.factors(name))
+        # e * a formed in the precision merge_lora_ computes in: in 16-bit factors' dtype it was rounded once more
+        acc = opmath_dtype(self.base_layer.weight.dtype)
+        a, e, b_t = (t[:c.in_use].to(acc) for t in self.factors(name))
         functional.merge_lora_(self.base_layer.weight, e * a, b_t.t(), c.scaling, sign=sign,
                                fan_in_fan_out=self.fan_in_fan_out)
 

@@ -16,9 +16,8 @@ from torch import nn
 
 from ...nn.lora import refuse_computed_weights
 from .._hooked import HookedModel, exact_regex, find_modules, refuse_shared_modules
-from ..adapter.model import adapter_dtype
 from ..lora.layer import is_linear, linear_dims
-from ..lora.model import PREFIX, _matches, warn_of_tied_weights
+from ..lora.model import PREFIX, _matches, adapter_dtype, warn_of_tied_weights
 from .config import IA3_ALIASES, IA3_DEFAULTS, IA3Config, SsfConfig
 
 
@@ -120,13 +119,14 @@ class VectorModel(HookedModel):
         self.method = "(IA)^3 vectors" if self.ia3 else "SSF vectors"
         self.sites = find_sites(model, config)
         self.keys = [re.sub(r"\W", "_", s.path) for s in self.sites]
-        dtype = adapter_dtype(model, autocast_adapter_dtype)  # fp32 vectors in a 16-bit model, unless False
         random = not (config.init_ia3_weights if self.ia3 else config.init_ssf_weights)
         self.scales, self.shifts = nn.ParameterDict(), nn.ParameterDict()
         for key, s in zip(self.keys, self.sites, strict=True):
             # (IA)^3 vectors are stored in HF PEFT's shapes: (out, 1), or (1, in) on a feedforward input
             shape = ((1, s.features) if s.on_input else (s.features, 1)) if self.ia3 else (s.features,)
-            device = s.module.weight.device
+            # each vector in its module's dtype (as HF PEFT): T5 keeps `wo` in float32 in a 16-bit model, whose
+            # vector was rounded to 16 bits (on load too) with autocast_adapter_dtype=False
+            device, dtype = s.module.weight.device, adapter_dtype(s.module.weight.dtype, autocast_adapter_dtype)
             scale = torch.ones(shape, device=device, dtype=dtype)
             self.scales[key] = nn.Parameter(scale + 0.1 * torch.randn_like(scale) if random else scale)
             if not self.ia3:
