@@ -952,6 +952,20 @@ def test_default_targets_per_model_type():
     assert {"qwen3", "opt", "gemma2", "falcon", "phi"} <= set(ours)
     for model_type in set(ours) & set(theirs):
         assert ours[model_type] == theirs[model_type], model_type
+    # and AdaLoRA's, which HF PEFT keeps apart: wider for T5, BART, OPT, RoBERTa, DeBERTa-v2 (q and v alone were
+    # adapted here, with a third of HF PEFT's budget)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as theirs_ada
+
+    from pefttorch import AdaLoraConfig
+
+    ours_ada = AdaLoraConfig.default_target_modules
+    assert ours_ada["opt"] != ours["opt"]
+    for model_type in set(ours_ada) & set(theirs_ada):
+        assert ours_ada[model_type] == theirs_ada[model_type], model_type
+    hf = peft.get_peft_model(fresh(FAMILIES["t5"]), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10))
+    ada = get_peft_model(fresh(FAMILIES["t5"]), AdaLoraConfig(init_r=4, target_r=2, total_step=10))
+    assert sorted(ada.base_model.rank_pattern()) == sorted(n.removeprefix("base_model.model.")
+                                                           for n, m in hf.named_modules() if hasattr(m, "lora_E"))
 
 
 def test_hf_peft_code_runs_unchanged(tmp_path):

@@ -1605,8 +1605,9 @@ def test_merging_16_bit_factors_rounds_once(method):
     once, exactly, as for plain LoRA."""
     torch.manual_seed(0)
     base = FAMILIES["llama"].build().to(torch.bfloat16)
-    config = (IncreLoraConfig(target_modules=["q_proj"], target_rank=3, init_rank=2, lora_alpha=4)
-              if method == "increlora" else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+    targets = ["q_proj"]
+    config = (IncreLoraConfig(target_modules=targets, target_rank=3, init_rank=2, lora_alpha=4)
+              if method == "increlora" else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets))
     model = get_peft_model(base, config, autocast_adapter_dtype=False)
     _randomised(model)
     layer = next(m for m in model.modules() if isinstance(m, RankedLoraLayer))

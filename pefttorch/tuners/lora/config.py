@@ -115,6 +115,8 @@ class LoraConfig:
     density_loss: Any = None  # DensityLossConfig | dict | None
 
     peft_type = "LORA"
+    # target_modules per model_type when the config gives none (AdaLoRA has HF PEFT's list of its own)
+    default_target_modules: ClassVar[dict[str, list[str]]] = DEFAULT_TARGET_MODULES
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
     # (ensure_weight_tying=True ties a trained embedding copy to lm_head in HF PEFT: not ignored when training)
     FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS,

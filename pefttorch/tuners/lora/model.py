@@ -13,7 +13,7 @@ from torch import nn
 from ...nn.lora import refuse_computed_weights
 from .._config import TASK_MODULES_TO_SAVE
 from .._forwarding import Forwarding
-from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .config import LoraConfig
 from .layer import LoraLayer, ModulesToSaveWrapper, is_linear
 
 ALL_LINEAR = "all-linear"
@@ -144,11 +144,12 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGET_MODULES:
-        return DEFAULT_TARGET_MODULES[model_type]
+    defaults = type(config).default_target_modules
+    if model_type in defaults:
+        return defaults[model_type]
     raise ValueError(
-        f"LoraConfig.target_modules is not set and pefttorch has no default for model type {model_type!r}; "
-        f"set it to module names, a regex or 'all-linear' (defaults exist for: {', '.join(DEFAULT_TARGET_MODULES)})"
+        f"{type(config).__name__}.target_modules is not set and pefttorch has no default for model type "
+        f"{model_type!r}; set it to module names, a regex or 'all-linear' (defaults exist for: {', '.join(defaults)})"
     )
 
 

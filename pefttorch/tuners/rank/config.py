@@ -11,7 +11,20 @@ import warnings
 from dataclasses import dataclass
 
 from .._config import reject_unknown_fields
-from ..lora.config import LoraConfig
+from ..lora.config import DEFAULT_TARGET_MODULES, LoraConfig
+
+# HF PEFT's AdaLoRA defaults where they differ from its LoRA ones: every attention projection and the feedforward
+# (a default AdaLoraConfig on these models pruned among q and v alone, with a third of HF PEFT's budget); Marian and
+# mBART, which HF PEFT has no default for, as BART (as for LoRA)
+_BART = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ADALORA_DEFAULT_TARGET_MODULES = {
+    **DEFAULT_TARGET_MODULES,
+    **dict.fromkeys(("bart", "marian", "mbart", "opt"), _BART),
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
 
 
 def _check_common(config, name: str, rank_fields: str) -> None:
@@ -138,6 +151,8 @@ class AdaLoraConfig(LoraConfig):
 
     Args:
         target_r, init_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight, total_step: as in HF PEFT.
+        target_modules: as in LoraConfig; without it, HF PEFT's AdaLoRA default for the model type, which for T5,
+            BART, OPT, RoBERTa and DeBERTa-v2 is every attention projection and the feedforward (LoRA's: q and v).
     """
 
     target_r: int = 8
@@ -151,6 +166,7 @@ class AdaLoraConfig(LoraConfig):
     total_step: int | None = None
 
     peft_type = "ADALORA"
+    default_target_modules = ADALORA_DEFAULT_TARGET_MODULES
 
     def __post_init__(self) -> None:
         super().__post_init__()
