@@ -1618,6 +1618,40 @@ def test_merging_16_bit_factors_rounds_once(method):
     assert torch.equal(layer.base_layer.weight, want)
 
 
+@pytest.mark.parametrize("method", ["increlora", "adalora"])
+def test_training_while_merged_leaves_the_factors_alone(method):
+    """Merged (say for an evaluation) and trained on: the orthogonality term alone trained the factors, which then
+    came out of the weight at unmerge as another update (the base weight was lost), and IncreLoRA grew ranks from
+    nothing. Now the term skips a merged adapter and update_and_allocate says to unmerge first."""
+    fam = FAMILIES["llama"]
+    ids = fam.inputs(torch.Generator().manual_seed(2))["input_ids"]
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj"]
+    config = (IncreLoraConfig(target_modules=targets, target_rank=3, init_rank=1, incre_interval=1, init_warmup=0,
+                              top_h=1, modules_to_save=["lm_head"]) if method == "increlora"
+              else AdaLoraConfig(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=10,
+                                 target_modules=targets, modules_to_save=["lm_head"]))
+    model = get_peft_model(fam.build(), config).train()
+    _randomised(model)
+    layers = [m for m in model.modules() if isinstance(m, RankedLoraLayer)]
+    weights = [m.base_layer.weight.detach().clone() for m in layers]
+    factors = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.merge_adapter()
+    model(input_ids=ids, labels=ids).loss.backward()  # the head trains
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" in n)
+    with pytest.raises(RuntimeError, match=r"update_and_allocate\(0\): the adapter is merged .* unmerge_adapter\(\)"):
+        model.update_and_allocate(0)
+    model.unmerge_adapter()
+    for layer, weight in zip(layers, weights, strict=True):
+        torch.testing.assert_close(layer.base_layer.weight, weight)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, factors[n]), n
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.update_and_allocate(0)  # unmerged, training and allocation go on
+
+
 def test_ranked_dropout_is_off_in_eval_mode():
     """lora_dropout applies in training only: in eval mode two forwards agree with each other and with the same
     adapter without dropout."""

@@ -130,6 +130,12 @@ class RankedLoraModel(LoraModel):
             return None
         if loss_scale is not None and not (float(loss_scale) > 0 and math.isfinite(float(loss_scale))):
             raise ValueError(f"update_and_allocate: loss_scale must be positive and finite, got {loss_scale}")
+        merged = [path for path, layer in self.allocator.layers if layer.merged]
+        if merged:
+            # no gradient reaches merged factors: IncreLoRA grew ranks from nothing, AdaLoRA blamed the call order
+            raise RuntimeError(f"update_and_allocate({step}): the adapter is merged into the weights at {merged[:3]}"
+                               f"{' ...' if len(merged) > 3 else ''} (merge_adapter()), so training does not reach "
+                               "its factors: call unmerge_adapter() before training on")
         changed = self.allocator.update_and_allocate(step, loss_scale)
         self.allocator.last_step = step
         return changed
@@ -297,7 +303,9 @@ class _OrthRegHook:
         loss = output_loss(output)  # (a return_dict=False tuple's too: the term was left out of it, without a word)
         if not module.training or weight == 0 or not torch.is_grad_enabled():
             return None
-        if any(layer.disable_adapters for _, layer in owner.allocator.layers):
+        # disabled or merged: the factors are out of the forward, and the term alone trained them (a merged
+        # factor's change then came out of the weight at unmerge as a different update: the base weight was lost)
+        if any(layer.disable_adapters or layer.merged for _, layer in owner.allocator.layers):
             return None
         if loss is None:
             if isinstance(output, (dict, tuple)) and not getattr(self, "warned", False):  # (a tensor: its user's loss)
