@@ -362,6 +362,21 @@ def test_model_errors_leave_the_model_as_it_was():
     assert not unloaded._forward_pre_hooks
 
 
+@pytest.mark.parametrize("cls", ["T5EncoderModel", "T5ForTokenClassification", "T5ForQuestionAnswering"])
+def test_t5_models_that_hand_their_layers_no_cache_are_refused(cls):
+    """T5's encoder stack reads no cache and its QA model gives its decoder cache=None: the prefix reached no layer,
+    and the call failed inside T5 (on the grown padding mask, or with "multiple values for keyword argument")."""
+    import transformers
+
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=100,
+                                   decoder_start_token_id=0, pad_token_id=0, num_labels=3)
+    base = getattr(transformers, cls)(config)
+    with pytest.raises(ValueError, match=f"prefix tuning cannot adapt {cls}: its attention layers are handed no "
+                                         "key/value cache"):
+        get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3))
+    assert not base._forward_pre_hooks
+
+
 def test_zero_init_and_disable():
     base, model = prefixed("llama", init_weights="zero")
     assert not model.base_model.prefix_embeddings.any()

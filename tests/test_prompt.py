@@ -698,6 +698,25 @@ def test_an_input_past_the_position_limit_with_the_virtual_tokens_is_refused(met
         model(input_ids=ids[:, :61])
 
 
+@pytest.mark.parametrize("method", ["prompt", "dept"])
+def test_roberta_s_own_position_ids_change_nothing(method):
+    """Given position_ids, the prompt took positions 0..n-1, where RoBERTa numbers from padding_idx + 1 (its own
+    positions for the prompt when none are given): passing the model's default positions changed the output."""
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.RobertaForTokenClassification(transformers.RobertaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, pad_token_id=1, num_labels=3)).eval()
+    config = {"prompt": PromptTuningConfig, "dept": DeptConfig}[method]
+    model = get_peft_model(base, config(num_virtual_tokens=3, task_type="TOKEN_CLS")).eval()
+    ids = torch.randint(4, 95, (2, 6))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = model(input_ids=ids, position_ids=torch.arange(2, 8).expand(2, 6)).logits  # RoBERTa's own numbering
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])
 def test_roberta_s_position_limit_counts_its_padding_offset(method):
     """RoBERTa numbers positions from padding_idx + 1: of 64, 62 are usable. The limit was taken as 64: 60 and 61

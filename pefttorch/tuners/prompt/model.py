@@ -81,20 +81,30 @@ PER_CHOICE = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", 
 POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
 
 
+def _position_table(model: nn.Module) -> nn.Embedding | None:
+    return next((m for name, m in model.named_modules()
+                 if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES), None)
+
+
+def first_position(model: nn.Module) -> int:
+    """The position a model numbers its first token with: padding_idx + 1 for a position table with a padding index
+    (RoBERTa, XLM-R, CamemBERT), else 0."""
+    table = _position_table(model)
+    return table.padding_idx + 1 if table is not None and table.padding_idx is not None else 0
+
+
 def position_limit(model: nn.Module) -> int | None:
     """How many positions a model with absolute position embeddings has (config.max_position_embeddings, GPT-2's
-    n_positions), or None for a model without them. A table with a padding index (RoBERTa, XLM-R, CamemBERT)
-    numbers positions from padding_idx + 1: those in front are used up (the limit was 2 too high there)."""
-    table = next((m for name, m in model.named_modules()
-                  if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES), None)
-    if table is None:
+    n_positions), or None for a model without them. Those before its first_position are used up (RoBERTa's limit was
+    2 too high)."""
+    if _position_table(model) is None:
         return None
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = _first(config, "max_position_embeddings", "n_positions")
     if not limit:
         return None
-    return int(limit) - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    return int(limit) - first_position(model)
 
 
 def _first(config, *names):
@@ -293,6 +303,9 @@ class PromptModel(VirtualTokenModel):
         head = next((h for h in (getattr(model, n, None) for n in ("score", "classifier")) if isinstance(h, nn.Module)),
                     None)  # CTRL's and ModernBERT-decoder's are `classifier`; an encoder's, 2-D, is left alone
         self._pools = self.sequence_labels and self.encoder is None and head is not None
+        # given position_ids, the prompt sits where the model's own numbering puts it: RoBERTa's from padding_idx + 1
+        # (at 0 it sat on the padding row and before, and the output differed from the same call without them)
+        self._first_position = first_position(model)
         self._traced_pool: torch.Tensor | None = None  # _POOL_AT's entry while torch.compile traces (see _pool_at)
         if self._pools:
             self.hook(head.register_forward_hook(self._pool_hook))
@@ -402,7 +415,8 @@ class PromptModel(VirtualTokenModel):
                     kw[name] = kw[name].clamp(min=0) + n
             positions = kw.get("position_ids")
             if positions is not None:
-                front = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
+                front = torch.arange(self._first_position, self._first_position + n, device=positions.device,
+                                     dtype=positions.dtype).expand(positions.shape[0], n)
                 kw["position_ids"] = torch.cat([front, positions + n], dim=1)
             if kw.get("cache_position") is not None:
                 kw["cache_position"] = torch.arange(n + length, device=kw["cache_position"].device)

@@ -127,6 +127,14 @@ class PrefixModel(VirtualTokenModel):
     method = "prefix tuning"
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
+        name = type(model).__name__
+        if name.endswith(("T5EncoderModel", "T5ForTokenClassification", "T5ForQuestionAnswering")):
+            # (T5, mT5, UMT5) the encoder stack reads no cache, and the QA model hands its decoder cache=None: the
+            # prefix reached no layer. The call failed inside the model (on the grown mask, or on a second cache
+            # argument) or, unmasked, after the forward; HF PEFT refuses the first two as well
+            raise ValueError(f"prefix tuning cannot adapt {name}: its attention layers are handed no key/value cache, "
+                             "which is where the prefix goes (an encoder-only T5 reads none; the question answering "
+                             "model gives its decoder none); use prompt tuning, LoRA or (IA)^3")
         layers, heads, head_dim, enc_dec = attention_shape(model)
         given = {"num_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
                  "token_dim": config.token_dim}
@@ -146,7 +154,7 @@ class PrefixModel(VirtualTokenModel):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         # An encoder-decoder model left without a decoder input makes one: a seq2seq LM (BART's, T5's
         # ...ForConditionalGeneration) from its labels, the token labels it is trained on; BART-family models and
-        # T5's classification and QA heads from input_ids (their labels are per sequence or are positions).
+        # T5's classification head from input_ids (their labels are per sequence or are positions).
         self.decoder_from_labels = (_task_of_class_name(type(model).__name__) or config.task_type) == "SEQ_2_SEQ_LM"
         weight = next(p for p in model.parameters() if p.is_floating_point())
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
