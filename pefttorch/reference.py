@@ -17,6 +17,7 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     float32 for the others (half and bfloat16 values are widened, and results rounded back once)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
