@@ -499,6 +499,7 @@ class PeftModel(Forwarding):
             for _, wrapper in self.base_model.save_wrappers():
                 wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
         if safe_merge:
+            self._refuse_non_finite_kept(adapter_names)
             self.merge_adapter(adapter_names, safe_merge=True)
         if isinstance(self.base_model, LoraModel):
             model = self.base_model.unload(merge=True, adapter_names=adapter_names)
@@ -508,6 +509,25 @@ class PeftModel(Forwarding):
         # before, with its density loss (detached first, the loss changed in silence)
         self._detach_density_loss()
         return model
+
+    def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
+        """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained
+        copies of modules_to_save and trained biases (LoRA's bias="all"/"lora_only"). A NaN there was kept in
+        silence, where the same tensor trained by BitFit or LayerNorm tuning was refused."""
+        kept = []
+        for path, wrapper in self.base_model.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                continue
+            module = wrapper.merged_module(adapter_names if isinstance(self.base_model, LoraModel) else None)
+            if module is not wrapper.original_module:
+                kept += [(f"{path}.{name}", p) for name, p in module.named_parameters()]
+        kept += [(name, p) for name, p in self.base_model.model.named_parameters()
+                 if p.requires_grad and name.endswith("bias") and "lora_" not in name
+                 and ".modules_to_save." not in name and ".original_module." not in name]
+        bad = [name for name, p in kept if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"safe_merge: NaN or inf in the trained {', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}, which the merged model would keep; nothing was merged")
 
     def unload(self) -> nn.Module:
         """The base model as it was, adapter layers (and density loss hooks) removed, nothing merged: modules in
@@ -539,6 +559,10 @@ class PeftModel(Forwarding):
         # With reentrant checkpointing a segment whose inputs need no grad returns outputs that need none
         # either: the frozen embeddings would cut the adapters off from the loss. Make them need grad.
         model = self.base_model.model
+        # once: transformers' gradient_checkpointing_enable may have called it already, and a second call replaces
+        # the handles it keeps, so that disable_input_require_grads() left the first hook firing for good
+        if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+            return
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 

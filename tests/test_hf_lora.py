@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -409,6 +410,77 @@ def test_safe_merge_for_every_method(method):
     for n, p in before.items():  # nothing folded: the base weights are as they were (the NaN is the adapter's)
         if n in after and after[n] is not trained:
             torch.testing.assert_close(after[n], p, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
+def test_a_refused_safe_merge_leaves_every_weight_bit_for_bit():
+    """A NaN in a later layer's update was found after the earlier layers had merged; they were undone by
+    subtracting their update, which does not round back: in bfloat16 the refused merge moved base weights by a step."""
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family).to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                        init_lora_weights=False))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+        layers[-1].lora_B["default"].weight[0, 0] = float("nan")
+    before = {n: p.clone() for n, p in model.get_base_model().state_dict().items()}
+    for call in (lambda: model.merge_adapter(safe_merge=True), lambda: model.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match="safe_merge: merging into .* gives a weight with NaN or inf"):
+            call()
+        after = model.get_base_model().state_dict()
+        assert all(torch.equal(after[n], p) for n, p in before.items() if "lora_" not in n)
+        assert not any(layer.merged for layer in layers)
+
+
+@pytest.mark.parametrize("kept", ["modules_to_save", "bias", "ia3_modules_to_save"])
+def test_safe_merge_refuses_a_non_finite_tensor_the_merged_model_keeps(kept):
+    """The trained copy of a modules_to_save module and LoRA's trained biases are kept as they are by
+    merge_and_unload: a NaN there passed safe_merge, where BitFit or LayerNorm tuning refused the same tensor."""
+    import pefttorch
+
+    family = FAMILIES["gpt2"]
+    config = {"modules_to_save": LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"]),
+              "bias": LoraConfig(r=2, target_modules=["c_attn"], bias="all"),
+              "ia3_modules_to_save": pefttorch.IA3Config(modules_to_save=["ln_f"])}[kept]
+    model = get_peft_model(fresh(family), config)
+    with torch.no_grad():
+        if kept == "bias":
+            model.base_model.model.transformer.h[0].mlp.c_fc.bias[0] = float("nan")
+        else:
+            model.base_model.model.transformer.ln_f.modules_to_save["default"].weight[0] = float("nan")
+    before = {n: p.clone() for n, p in model.get_base_model().state_dict().items()}
+    where = "transformer.h.0.mlp.c_fc.bias" if kept == "bias" else "transformer.ln_f.weight"
+    with pytest.raises(ValueError, match=f"safe_merge: NaN or inf in the trained {re.escape(where)}.*nothing was "
+                                         "merged"):
+        model.merge_and_unload(safe_merge=True)
+    after = model.get_base_model().state_dict()
+    assert all(torch.equal(after[n], p) for n, p in before.items() if p.isfinite().all())
+    model.merge_and_unload()  # without safe_merge: kept as it is, as HF PEFT
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_gradient_checkpointing_leaves_one_input_hook_that_disable_removes(method):
+    """transformers' gradient_checkpointing_enable registers the input-require-grads hook already; registering it
+    again replaced the handles the model keeps, so disable_input_require_grads() left one hook firing for good
+    (outputs required grad with every parameter frozen)."""
+    import pefttorch
+
+    family = FAMILIES["llama"]
+    config = {"lora": LoraConfig(r=2, target_modules=["q_proj"]), "ia3": pefttorch.IA3Config(),
+              "prompt": pefttorch.PromptTuningConfig(num_virtual_tokens=2)}[method]
+    model = get_peft_model(fresh(family), config)
+    base = model.get_base_model()
+    names = ["gradient_checkpointing_enable"] + (["activation_checkpointing_enable"]  # (transformers 5's other name)
+                                                 if hasattr(base, "activation_checkpointing_enable") else [])
+    for name in names:
+        getattr(model, name)(**{name.replace("_enable", "_kwargs"): {"use_reentrant": True}})
+        assert len(base.get_input_embeddings()._forward_hooks) == 1
+        base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+        assert not base.get_input_embeddings()._forward_hooks
+    base = model.unload()
+    base.requires_grad_(False)
+    assert not base(**inputs_of(family)).logits.requires_grad
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "meft", "ln"])

@@ -508,20 +508,23 @@ class LoraModel(Forwarding):
         again, and a ValueError says where."""
         self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
-        done = []  # (layer, adapters it had merged before this call)
-        for name, layer in self.lora_layers():
-            before = list(layer.merged_adapters)
-            weight = layer.base_layer.weight.detach().clone() if safe_merge else None
-            layer.merge(adapter_names)
-            if weight is not None and not torch.isfinite(layer.base_layer.weight).all():
+        if safe_merge:
+            # a dry run first, one layer at a time, each restored from its copy: a failure found after other layers
+            # had merged was undone there by subtracting the update, which does not round back to the weight (the
+            # refused merge changed the base weights by up to a bfloat16 step), and copies of them all would double
+            # the memory of the adapted weights
+            for name, layer in self.lora_layers():
+                before, weight = list(layer.merged_adapters), layer.base_layer.weight.detach().clone()
+                layer.merge(adapter_names)
+                finite = bool(torch.isfinite(layer.base_layer.weight).all())
                 with torch.no_grad():
                     layer.base_layer.weight.copy_(weight)
                 layer.merged_adapters[:] = before
-                for other, had in done:
-                    while len(other.merged_adapters) > len(had):
-                        other._merge(other.merged_adapters.pop(), -1.0)
-                raise ValueError(f"safe_merge: merging into {name} gives a weight with NaN or inf; nothing was merged")
-            done.append((layer, before))
+                if not finite:
+                    raise ValueError(f"safe_merge: merging into {name} gives a weight with NaN or inf; nothing was "
+                                     "merged")
+        for _, layer in self.lora_layers():
+            layer.merge(adapter_names)
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         merging = []
