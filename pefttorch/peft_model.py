@@ -466,6 +466,7 @@ class PeftModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a merge that would
         leave a non-finite weight is undone and raises instead."""
         self._check_adapter_names(adapter_names)
+        self._refuse_offloaded_merge()
         if safe_merge:
             self.base_model.merge_adapter(adapter_names, safe_merge=True)
         else:
@@ -495,6 +496,7 @@ class PeftModel(Forwarding):
         (merging is a pass over the adapted layers, quick enough not to need one)."""
         del progressbar
         self._check_adapter_names(adapter_names)
+        self._refuse_offloaded_merge()
         if isinstance(self.base_model, LoraModel):
             for _, wrapper in self.base_model.save_wrappers():
                 wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
@@ -509,6 +511,15 @@ class PeftModel(Forwarding):
         # before, with its density loss (detached first, the loss changed in silence)
         self._detach_density_loss()
         return model
+
+    def _refuse_offloaded_merge(self) -> None:
+        """A merge writes into the weights, which 🤗 Accelerate's offloading keeps on the meta device, loading its own
+        copy for each call: the merge went into the placeholder, and the merged model computed the base model."""
+        offloaded = _offloaded(self.get_base_model())
+        if offloaded is not None:
+            raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}), where a merge "
+                             "cannot write (it would be lost in silence); merge before offloading, or load the model "
+                             "without offloading (a device_map of devices only) to merge")
 
     def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
         """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained

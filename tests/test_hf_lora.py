@@ -2038,6 +2038,56 @@ def test_an_offloaded_model_is_refused(method):
     assert "b" not in model.peft_config
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "adalora"])
+def test_an_offloaded_model_refuses_merges_and_ranked_layers_say_why_they_fail(method):
+    """Offloaded after get_peft_model: a merge wrote into the meta placeholders and the merged model computed the
+    base model in silence; AdaLoRA/IncreLoRA factors are never loaded by the hooks, and the op failed naming neither
+    the cause nor a way out."""
+    accelerate = pytest.importorskip("accelerate")
+    from pefttorch import AdaLoraConfig, IA3Config
+
+    config = {"lora": LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+              "ia3": IA3Config(target_modules=["q_proj"], feedforward_modules=[], init_ia3_weights=False),
+              "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])}[method]
+    model = get_peft_model(fresh(FAMILIES["llama"]), config)
+    inp = inputs_of(FAMILIES["llama"])
+    want = logits(model, inp)
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    if method == "adalora":
+        with pytest.raises(RuntimeError, match="the adapter's factors are on the meta device: the model is offloaded "
+                                               "by 🤗 Accelerate"):
+            logits(model, inp)
+    else:
+        torch.testing.assert_close(logits(model, inp), want)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* where a merge cannot write"):
+            merge()
+    if method != "adalora":
+        torch.testing.assert_close(logits(model, inp), want)
+
+
+def test_a_shape_only_meta_forward_measures_no_density():
+    """A dry run on meta tensors added meta densities to the running sums: every later sum was meta, and
+    densities() failed on .item() for good."""
+    import pefttorch
+
+    family = FAMILIES["llama"]
+    model = get_peft_model(fresh(family), LoraConfig(r=2, target_modules=["q_proj"],
+                                                     density_loss=pefttorch.DensityLossConfig(weight=1.0))).train()
+    meta = copy.deepcopy(model).to("meta")
+    ids = inputs_of(family)["input_ids"]
+    meta(input_ids=ids.to("meta"), labels=ids.to("meta"))
+    assert meta.density_loss.densities() == {}
+    meta.to_empty(device="cpu").load_state_dict(model.state_dict())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, b in meta.named_buffers():  # (the rotary frequencies are not in the state dict)
+            b.copy_(buffers[name])
+    meta(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert meta.density_loss.densities() == model.density_loss.densities() != {}
+
+
 def test_a_model_with_an_hf_peft_adapter_is_refused_with_the_way_out():
     """A named target was refused as "(Linear)" (HF PEFT's layer's class name) and "all-linear" put LoRA on HF PEFT's
     base layers and its own lora_A/lora_B (LoRA on LoRA), in silence."""

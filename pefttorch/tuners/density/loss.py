@@ -227,6 +227,10 @@ class DensityLoss:
         elif module.training and self._root_grad:
             self._no_grad_layers.add(name)
             self._reversible = self._reversible or in_reversible_forward()
+        if output.is_meta:
+            # a shape-only dry run measures nothing; added in, its meta sum made every later sum meta, and
+            # densities() failed on .item() for good
+            return
         # weighted by the elements: the share over all of them, whatever the batch sizes (a short last eval batch
         # weighed as much as a full one)
         n = output.numel()
