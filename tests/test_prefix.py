@@ -386,6 +386,18 @@ def test_zero_init_and_disable():
 
 
 @pytest.mark.slow
+def test_a_compiled_encoder_without_an_attention_mask_gives_the_eager_logits():
+    """Traced, BERT derives a mask for the input alone when none is given (eager skips masking): it failed to
+    broadcast against the prefixed keys inside scaled_dot_product_attention, naming nothing of prefix tuning."""
+    torch._dynamo.reset()
+    _, model = prefixed("bert")
+    batch = {k: v for k, v in inputs("bert").items() if k != "attention_mask"}
+    with torch.no_grad():
+        want = model(**batch).logits
+        torch.testing.assert_close(torch.compile(model, backend="eager")(**batch).logits, want)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "marian"])
 def test_torch_compile_gives_the_eager_logits_and_trains_in_one_graph(family):
     """fullgraph: the hooks import nothing from transformers while traced (an import of its lazy module broke the

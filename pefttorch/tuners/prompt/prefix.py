@@ -400,5 +400,9 @@ class PrefixModel(VirtualTokenModel):
         # the input follows the prefix (and, in a later generation step, the tokens before it): positions count
         # from the prefix's end, as the model's own do for a filled cache
         self._after_virtual_tokens(kw, past, length, batch, mask_key, positions_key)
+        if kw.get(mask_key) is None and torch.compiler.is_compiling():
+            # without a mask, eager transformers skips masking; traced, BERT's derives one for the input alone,
+            # which failed to broadcast against the prefixed keys: an all-ones mask covering both means the same
+            kw[mask_key] = torch.ones(batch, past + length, dtype=torch.long, device=source.device)
         self._unflatten_choices(kw, choices)
         return (), kw
