@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .nn.lora import offloaded_at, refuse_offloaded
 from .tuners._config import TASK_MODULES_TO_SAVE, read_config
 from .tuners._forwarding import Forwarding
 from .tuners._hooked import HookedModel
@@ -25,7 +26,7 @@ from .tuners.adapter.config import PEFT_TYPE as ADAPTER
 from .tuners.adapter.scalearn import SCALEARN
 from .tuners.lora.config import CONFIG_NAME, LoraConfig
 from .tuners.lora.layer import LoraLayer, ModulesToSaveWrapper
-from .tuners.lora.model import LoraModel
+from .tuners.lora.model import LoraModel, _is_bias
 from .tuners.meft.config import PEFT_TYPE as MEFT
 from .tuners.meft.config import MeftConfig
 from .tuners.meft.model import MeftAdapter, MeftModel, ReversibleLayerList
@@ -62,24 +63,14 @@ def _tuner_for(config) -> type:
     return tuner
 
 
-def _offloaded(model: nn.Module) -> str | None:
-    """The first module whose weights 🤗 Accelerate offloads (cpu_offload, a device_map with "cpu"/"disk" entries):
-    they sit on the meta device and its hook loads them for each call. A new adapter there was created on the meta
-    device too, never loaded by the hook (not among its weights): the outputs were uninitialised memory (NaN with
-    disk offload), and backward failed on a meta gradient."""
-    for path, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
-            return path or "the top"
-    return None
-
-
 def _refuse_foreign_state(model: nn.Module) -> None:
-    """Refuses a model where no adapter can be added: one whose weights 🤗 Accelerate offloads (see _offloaded), and
+    """Refuses a model where no adapter can be added: one whose weights 🤗 Accelerate offloads (see offloaded_at), and
     one that carries HF PEFT's layers (transformers' add_adapter, or peft's get_peft_model): pefttorch's LoRA went
     onto their base layers and onto their own lora_A/lora_B under "all-linear" (LoRA on LoRA), or a named target was
     refused as "(Linear)", HF PEFT's layer's class name."""
-    offloaded = _offloaded(model)
+    # (a new adapter was created on the meta device too, never loaded by the hook, not among its weights: the outputs
+    # were uninitialised memory, NaN with disk offload, and backward failed on a meta gradient)
+    offloaded = offloaded_at(model)
     if offloaded is not None:
         raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}: on the meta device, "
                          "loaded for each call), where an adapter cannot be created (its weights would be "
@@ -319,6 +310,7 @@ class PeftModel(Forwarding):
     def disable_adapter_layers(self) -> None:
         """Switches every adapter off until :meth:`enable_adapter_layers` (HF PEFT's; ``disable_adapter()`` is
         the same as a context manager); adapters added meanwhile start disabled (HF PEFT's would run)."""
+        self._refuse_offloaded_unmerge()
         self.base_model.set_adapters_disabled(True)
 
     def enable_adapter_layers(self) -> None:
@@ -456,6 +448,7 @@ class PeftModel(Forwarding):
     def disable_adapter(self):
         """Within the block the model computes as the base model (modules_to_save use their originals), also with
         adapters added in it: they start disabled, and are enabled with the others on leaving it."""
+        self._refuse_offloaded_unmerge()
         self.base_model.set_adapters_disabled(True)
         try:
             yield
@@ -466,7 +459,6 @@ class PeftModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a merge that would
         leave a non-finite weight is undone and raises instead."""
         self._check_adapter_names(adapter_names)
-        self._refuse_offloaded_merge()
         if safe_merge:
             self.base_model.merge_adapter(adapter_names, safe_merge=True)
         else:
@@ -496,7 +488,7 @@ class PeftModel(Forwarding):
         (merging is a pass over the adapted layers, quick enough not to need one)."""
         del progressbar
         self._check_adapter_names(adapter_names)
-        self._refuse_offloaded_merge()
+        refuse_offloaded(self.get_base_model(), "a merge")  # (first: safe_merge's checks come before the tuner's)
         if isinstance(self.base_model, LoraModel):
             for _, wrapper in self.base_model.save_wrappers():
                 wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
@@ -512,14 +504,12 @@ class PeftModel(Forwarding):
         self._detach_density_loss()
         return model
 
-    def _refuse_offloaded_merge(self) -> None:
-        """A merge writes into the weights, which 🤗 Accelerate's offloading keeps on the meta device, loading its own
-        copy for each call: the merge went into the placeholder, and the merged model computed the base model."""
-        offloaded = _offloaded(self.get_base_model())
-        if offloaded is not None:
-            raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {offloaded}), where a merge "
-                             "cannot write (it would be lost in silence); merge before offloading, or load the model "
-                             "without offloading (a device_map of devices only) to merge")
+    def _refuse_offloaded_unmerge(self) -> None:
+        """Disabling a merged adapter unmerges it, which offloaded weights cannot take (see refuse_offloaded)."""
+        base = self.get_base_model()
+        if getattr(self.base_model, "merged", False) is True or any(isinstance(m, LoraLayer) and m.merged
+                                                                     for m in base.modules()):
+            refuse_offloaded(base, "disabling a merged adapter (an unmerge)")
 
     def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
         """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained
@@ -532,9 +522,17 @@ class PeftModel(Forwarding):
             module = wrapper.merged_module(adapter_names if isinstance(self.base_model, LoraModel) else None)
             if module is not wrapper.original_module:
                 kept += [(f"{path}.{name}", p) for name, p in module.named_parameters()]
-        kept += [(name, p) for name, p in self.base_model.model.named_parameters()
-                 if p.requires_grad and name.endswith("bias") and "lora_" not in name
-                 and ".modules_to_save." not in name and ".original_module." not in name]
+        # the biases LoRA's bias setting trains, by the configs merged (requires_grad is off in a loaded adapter)
+        if isinstance(self.base_model, LoraModel):
+            names = adapter_names if adapter_names is not None else self.base_model.active_adapters
+            bias = {self.peft_config[n].bias for n in names}
+            if "all" in bias:
+                kept += [(name, p) for name, p in self.base_model.model.named_parameters()
+                         if _is_bias(name) and "lora_" not in name and ".modules_to_save." not in name
+                         and ".original_module." not in name]
+            elif "lora_only" in bias:
+                kept += [(f"{path}.base_layer.bias", layer.base_layer.bias) for path, layer in
+                         self.base_model.lora_layers() if layer.base_layer.bias is not None]
         bad = [name for name, p in kept if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:
             raise ValueError(f"safe_merge: NaN or inf in the trained {', '.join(bad[:3])}"

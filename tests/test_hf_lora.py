@@ -433,7 +433,7 @@ def test_a_refused_safe_merge_leaves_every_weight_bit_for_bit():
 
 
 @pytest.mark.parametrize("kept", ["modules_to_save", "bias", "ia3_modules_to_save"])
-def test_safe_merge_refuses_a_non_finite_tensor_the_merged_model_keeps(kept):
+def test_safe_merge_refuses_a_non_finite_tensor_the_merged_model_keeps(kept, tmp_path):
     """The trained copy of a modules_to_save module and LoRA's trained biases are kept as they are by
     merge_and_unload: a NaN there passed safe_merge, where BitFit or LayerNorm tuning refused the same tensor."""
     import pefttorch
@@ -455,6 +455,11 @@ def test_safe_merge_refuses_a_non_finite_tensor_the_merged_model_keeps(kept):
         model.merge_and_unload(safe_merge=True)
     after = model.get_base_model().state_dict()
     assert all(torch.equal(after[n], p) for n, p in before.items() if p.isfinite().all())
+    if kept == "bias":  # a loaded adapter (nothing requires grad) is checked by its config's bias setting too
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
+        with pytest.raises(ValueError, match=f"safe_merge: NaN or inf in the trained {re.escape(where)}"):
+            loaded.merge_and_unload(safe_merge=True)
     model.merge_and_unload()  # without safe_merge: kept as it is, as HF PEFT
 
 
@@ -2059,11 +2064,44 @@ def test_an_offloaded_model_refuses_merges_and_ranked_layers_say_why_they_fail(m
             logits(model, inp)
     else:
         torch.testing.assert_close(logits(model, inp), want)
-    for merge in (model.merge_adapter, model.merge_and_unload):
+    for merge in (model.merge_adapter, model.merge_and_unload, model.base_model.merge_adapter):
         with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* where a merge cannot write"):
             merge()
     if method != "adalora":
         torch.testing.assert_close(logits(model, inp), want)
+    # merged first, as the message advises, then offloaded: unmerging or disabling (which unmerges) is refused too
+    # (both wrote into the placeholders: the adapter stayed in, or was applied twice)
+    model = get_peft_model(fresh(FAMILIES["llama"]), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.fill_(1.0)  # (AdaLoRA starts at zero: a merge would change nothing to see)
+    with model.disable_adapter():
+        base_logits = logits(model, inp)
+    model.merge_adapter()
+    want = logits(model, inp)
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    for unmerge in (model.unmerge_adapter, model.base_model.unmerge_adapter, model.disable_adapter().__enter__,
+                    model.disable_adapter_layers, model.unload):
+        with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* cannot write"):
+            unmerge()
+    torch.testing.assert_close(logits(model, inp), want)
+    assert not torch.allclose(want, base_logits, atol=1e-4)
+
+
+def test_a_pruned_ranked_module_on_an_offloaded_model_says_why_it_fails():
+    """A module pruned to rank 0 joins its factors to the output by an empty sum: on the meta placeholders that
+    failed with torch's device error before the offload check was reached."""
+    accelerate = pytest.importorskip("accelerate")
+    from pefttorch import AdaLoraConfig
+
+    model = get_peft_model(fresh(FAMILIES["llama"]), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                    target_modules=["q_proj"])).train()
+    for layer in (m for m in model.modules() if hasattr(m, "lora_components")):
+        layer.lora_components["default"].rank = 0
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="the adapter's factors are on the meta device"):
+        model(**inputs_of(FAMILIES["llama"]))
 
 
 def test_a_shape_only_meta_forward_measures_no_density():

@@ -715,6 +715,21 @@ def test_roberta_s_own_position_ids_change_nothing(method):
         want = model(input_ids=ids).logits
         got = model(input_ids=ids, position_ids=torch.arange(2, 8).expand(2, 6)).logits  # RoBERTa's own numbering
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # whatever the caller's numbering starts from (generate's from 0), the prompt takes the row's first positions and
+    # the input follows it, one position per token (a prompt moved to RoBERTa's start overlapped a 0-based input);
+    # padding, masked, is not counted (generate numbers it 1)
+    seen = []
+    model.get_base_model().roberta.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    for start in (0, 2, 5):
+        positions = torch.arange(start, start + 6).expand(2, 6).clone()
+        positions[1] = (mask[1].cumsum(0) - 1 + start).masked_fill(mask[1] == 0, 1)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        assert seen[-1][0].tolist() == list(range(start, start + 9))
+        assert seen[-1][1].tolist() == [*range(start, start + 3), 4, 4, *range(start + 3, start + 7)]
 
 
 @pytest.mark.parametrize("method", ["prompt", "dept", "prefix"])

@@ -1601,8 +1601,8 @@ def test_merging_a_ranked_adapter_keeps_the_output(family, targets, method):
 def test_merging_16_bit_factors_rounds_once(method):
     """With autocast_adapter_dtype=False the factors are bfloat16 like the weight: e * a was formed in bfloat16
     before merge_lora_ formed the update in float32, a second rounding that moved about a third of the merged
-    weights by a bfloat16 step. Now the merged weight is W + scaling * B diag(e) A formed in float64 and rounded
-    once, exactly, as for plain LoRA."""
+    weights by a bfloat16 step. Now the merged weight is W + scaling * B diag(e) A formed in float32 (delta_weight)
+    and rounded once to bfloat16, exactly, as for plain LoRA."""
     torch.manual_seed(0)
     base = FAMILIES["llama"].build().to(torch.bfloat16)
     targets = ["q_proj"]

@@ -338,6 +338,33 @@ def test_each_vector_takes_its_module_s_dtype_as_hf_peft(config, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.base_model.adapter_parameters())
 
 
+@pytest.mark.parametrize("config", [IA3Config, SsfConfig])
+def test_a_module_with_an_integer_weight_gets_float32_vectors(config):
+    """A weight-only quantized layer keeps integers: its vectors took the int8 dtype (with the per-module rule) and
+    get_peft_model failed on a parameter that cannot require grad; HF PEFT gives float32 there."""
+
+    class Int8Linear(nn.Linear):
+        def __init__(self, linear):
+            super().__init__(linear.in_features, linear.out_features, bias=False)
+            scale = linear.weight.abs().amax(1, keepdim=True) / 127
+            self.weight = nn.Parameter((linear.weight / scale).round().to(torch.int8), requires_grad=False)
+            self.register_buffer("scale", scale.detach())
+
+        def forward(self, x):
+            return x @ (self.weight.to(x.dtype) * self.scale.to(x.dtype)).t()
+
+    base = fresh("llama")
+    attention = base.model.layers[0].self_attn
+    attention.v_proj = Int8Linear(attention.v_proj)
+    kw = {"feedforward_modules": []} if config is IA3Config else {}
+    for autocast in (True, False):
+        model = get_peft_model(base, config(target_modules=["v_proj"], **kw), autocast_adapter_dtype=autocast)
+        assert all(p.dtype == torch.float32 for p in model.base_model.adapter_parameters())
+        loss(model(**inputs("llama"))).backward()
+        assert all(p.grad is not None for p in model.base_model.adapter_parameters())
+        base = model.unload()
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, "must be among target_modules"),
     ({"target_modules": 3}, "list of module names"),

@@ -206,6 +206,27 @@ _REMOVE_FIRST = ("remove it first (torch.nn.utils.parametrize.remove_parametriza
                  "torch.nn.utils.remove_weight_norm or torch.nn.utils.prune.remove)")
 
 
+def offloaded_at(model: nn.Module) -> str | None:
+    """The first module whose weights 🤗 Accelerate offloads (cpu_offload, a device_map with "cpu"/"disk" entries):
+    they sit on the meta device and its hook loads them for each call. None where nothing is offloaded."""
+    for path, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return path or "the top"
+    return None
+
+
+def refuse_offloaded(model: nn.Module, doing: str) -> None:
+    """Refuses `doing` (a merge, an unmerge) on offloaded weights: it wrote into the meta placeholders while the hooks
+    went on loading the weights as they were, so the merged model computed the base model (and an unmerge or a
+    disable applied the adapter twice), in silence."""
+    at = offloaded_at(model)
+    if at is not None:
+        raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {at}), where {doing} cannot "
+                         "write (it would be lost in silence); merge and unmerge before offloading, or load the model "
+                         "without offloading (a device_map of devices only)")
+
+
 def refuse_computed_weights(op: str, modules: list[tuple[str, nn.Module]]) -> None:
     """Refuses, before anything is written, to merge into the weight or bias of any of `modules` (path, module) that
     is computed rather than a parameter (see :func:`_computed`): the update written in place went into a fresh

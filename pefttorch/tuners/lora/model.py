@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...nn.lora import refuse_computed_weights
+from ...nn.lora import refuse_computed_weights, refuse_offloaded
 from .._config import TASK_MODULES_TO_SAVE
 from .._forwarding import Forwarding
 from .config import LoraConfig
@@ -126,8 +126,10 @@ def check_modules_to_save(model: nn.Module, modules_to_save, wrapped: bool = Tru
 
 def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
     """The dtype of new adapter parameters beside a weight of `weight_dtype`, as HF PEFT's autocast_adapter_dtype:
-    float32 beside a 16-bit weight (cast to its dtype in forward), or with False the weight's own."""
-    if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+    float32 beside a 16-bit weight (cast to its dtype in forward), or with False the weight's own; float32 beside a
+    weight that is not floating point (a quantized layer's integers, which no parameter that trains can have)."""
+    if not weight_dtype.is_floating_point or (autocast_adapter_dtype and weight_dtype in (torch.float16,
+                                                                                        torch.bfloat16)):
         return torch.float32
     return weight_dtype
 
@@ -506,6 +508,7 @@ class LoraModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
+        refuse_offloaded(self.model, "a merge")
         self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
         if safe_merge:
@@ -543,6 +546,8 @@ class LoraModel(Forwarding):
         warn_of_tied_weights(self.model, merging, stacklevel=5)
 
     def unmerge_adapter(self) -> None:
+        if any(layer.merged for _, layer in self.lora_layers()):
+            refuse_offloaded(self.model, "an unmerge")
         for _, layer in self.lora_layers():
             layer.unmerge()
 
@@ -552,6 +557,8 @@ class LoraModel(Forwarding):
         copy if `merge` (see ModulesToSaveWrapper.merged_module), else the original (the model as it came, as HF
         PEFT 0.22 gives it; 0.21 gave the trained copy)."""
         # first: a refusal (two merged adapters with a copy each) comes before anything changed
+        if merge or any(layer.merged for _, layer in self.lora_layers()):
+            refuse_offloaded(self.model, "a merge" if merge else "an unmerge")
         kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
                 for name, wrapper in self.save_wrappers()}
         if merge:

@@ -303,9 +303,6 @@ class PromptModel(VirtualTokenModel):
         head = next((h for h in (getattr(model, n, None) for n in ("score", "classifier")) if isinstance(h, nn.Module)),
                     None)  # CTRL's and ModernBERT-decoder's are `classifier`; an encoder's, 2-D, is left alone
         self._pools = self.sequence_labels and self.encoder is None and head is not None
-        # given position_ids, the prompt sits where the model's own numbering puts it: RoBERTa's from padding_idx + 1
-        # (at 0 it sat on the padding row and before, and the output differed from the same call without them)
-        self._first_position = first_position(model)
         self._traced_pool: torch.Tensor | None = None  # _POOL_AT's entry while torch.compile traces (see _pool_at)
         if self._pools:
             self.hook(head.register_forward_hook(self._pool_hook))
@@ -415,8 +412,15 @@ class PromptModel(VirtualTokenModel):
                     kw[name] = kw[name].clamp(min=0) + n
             positions = kw.get("position_ids")
             if positions is not None:
-                front = torch.arange(self._first_position, self._first_position + n, device=positions.device,
-                                     dtype=positions.dtype).expand(positions.shape[0], n)
+                # the prompt takes the positions from the row's first real token on, and the input moves past it:
+                # the caller's numbering kept, whatever it starts from (RoBERTa's own from padding_idx + 1, where a
+                # prompt at 0 sat on the padding row; generate's from 0; padding, masked, not counted)
+                positions = positions.expand(batch, positions.shape[-1]) if positions.dim() == 2 else positions
+                mask = kw.get("attention_mask")
+                real = mask[:, n:] != 0 if mask is not None and mask.dim() == 2 and mask.shape[1] == n + length \
+                    else torch.ones_like(positions, dtype=torch.bool)
+                start = torch.where(real, positions, positions.max()).amin(dim=1, keepdim=True)
+                front = start + torch.arange(n, device=positions.device, dtype=positions.dtype)
                 kw["position_ids"] = torch.cat([front, positions + n], dim=1)
             if kw.get("cache_position") is not None:
                 kw["cache_position"] = torch.arange(n + length, device=kw["cache_position"].device)

@@ -390,6 +390,14 @@ class RankedLoraLayer(LoraLayer):
         n = c.in_use
         if getattr(self.lora_A[name], "_pefttorch_components", None) is None:
             self._tag(name)  # (before the rank-0 return: the optimizer must know a pruned module's factors too)
+        if self.lora_A[name].is_meta and not x.is_meta:
+            # 🤗 Accelerate's offloading keeps weights on the meta device and loads a module's own for its calls;
+            # the factors' containers are never called, so they stay placeholders (the op failed on "weight is on
+            # meta", naming neither the cause nor a way out; a rank-0 module failed adding them)
+            raise RuntimeError(f"{type(self).__name__}: the adapter's factors are on the meta device: the model is "
+                               "offloaded by 🤗 Accelerate (cpu_offload, a device_map with 'cpu' or 'disk'), which "
+                               "does not load AdaLoRA/IncreLoRA factors; keep the model on devices (a device_map of "
+                               "devices only)")
         if n == 0:  # pruned away entirely: the base layer alone
             y = base(x)
             if torch.is_grad_enabled() and self.lora_A[name].requires_grad:
@@ -398,14 +406,6 @@ class RankedLoraLayer(LoraLayer):
                 y = y + sum(p[:0].sum() for p in self.factors(name)).to(y.dtype)
             return y
         a, e, b_t = self.factors(name)
-        if a.is_meta and not x.is_meta:
-            # 🤗 Accelerate's offloading keeps weights on the meta device and loads a module's own for its calls;
-            # the factors' containers are never called, so they stay placeholders (the op failed on "weight is on
-            # meta", naming neither the cause nor a way out)
-            raise RuntimeError(f"{type(self).__name__}: the adapter's factors are on the meta device: the model is "
-                               "offloaded by 🤗 Accelerate (cpu_offload, a device_map with 'cpu' or 'disk'), which "
-                               "does not load AdaLoRA/IncreLoRA factors; keep the model on devices (a device_map of "
-                               "devices only)")
         p, seed = functional.dropout_seed(type(self).__name__, *dropout_p(self.lora_dropout[name]))
         if calls_only_linear(base):
             weight, bias, y = base.weight.t() if self.fan_in_fan_out else base.weight, base.bias, None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...nn.lora import refuse_computed_weights
+from ...nn.lora import refuse_computed_weights, refuse_offloaded
 from .._hooked import HookedModel, exact_regex, find_modules, refuse_shared_modules
 from ..lora.layer import is_linear, linear_dims
 from ..lora.model import PREFIX, _matches, adapter_dtype, warn_of_tied_weights
@@ -195,6 +195,7 @@ class VectorModel(HookedModel):
         names the module, with nothing merged."""
         if self.merged:
             return
+        refuse_offloaded(self.model, "a merge")
         self._check_mergeable()
         warn_of_tied_weights(self.model, [(s.path, f"{s.path}.weight", s.module.weight) for s in self.sites],
                              stacklevel=5)  # (torch.no_grad's wrapper is a frame too)
@@ -214,6 +215,7 @@ class VectorModel(HookedModel):
         """Takes the vectors out of the weights again (exact up to rounding; a scale of zero cannot be undone)."""
         if not self.merged:
             return
+        refuse_offloaded(self.model, "an unmerge")
         vectors = [(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
                    for key, s in zip(self.keys, self.sites, strict=True)]
         # every site is checked before any weight changes: a raise midway left the earlier sites divided and the
