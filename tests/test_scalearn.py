@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -195,3 +196,6 @@ def test_a_source_s_other_tensors_are_named_as_unused(tmp_path):
         mixed = get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a]))
     for name, p in mixed.base_model.sources[0].state_dict().items():
         torch.testing.assert_close(p, model.base_model.adapters.state_dict()[name], rtol=0, atol=0)
+    with warnings.catch_warnings():  # the advice followed: the head is this model's own to train, nothing to say
+        warnings.simplefilter("error")
+        get_peft_model(fresh("bert"), ScaLearnConfig(source_adapters=[a], modules_to_save=["classifier"]))

@@ -140,7 +140,9 @@ class ScaLearnModel(AdapterModel):
         if sources is not None:
             for i, (source, (_, tensors)) in enumerate(zip(self.sources, sources, strict=True)):
                 state = {k[len("adapters."):]: v for k, v in tensors.items() if k.startswith("adapters.")}
-                unused = sorted(k for k in tensors if not k.startswith("adapters."))
+                # (not those of modules this config trains itself: the advice below, followed, still warned)
+                unused = sorted(k for k in tensors if not k.startswith("adapters.") and not _in_modules_to_save(
+                    k.removeprefix("base_model.model.").rpartition(".")[0], config.modules_to_save))
                 if unused:
                     # a source's trained head (modules_to_save) or resized embeddings: not a mixable adapter,
                     # and dropping them in silence made the model differ from the source's

@@ -121,6 +121,10 @@ class _NeverUpdated(dict):
         pass
 
 
+# the model types built on T5's stacks, whose encoder-only and question answering models hand their layers no cache
+_T5_TYPES = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
 class PrefixModel(VirtualTokenModel):
     """A model with a learned key/value prefix in every attention layer (one adapter set)."""
 
@@ -128,8 +132,9 @@ class PrefixModel(VirtualTokenModel):
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
         name = type(model).__name__
-        if name.endswith(("T5EncoderModel", "T5ForTokenClassification", "T5ForQuestionAnswering")):
-            # (T5, mT5, UMT5) the encoder stack reads no cache, and the QA model hands its decoder cache=None: the
+        t5_like = getattr(getattr(model, "config", None), "model_type", None) in _T5_TYPES
+        if t5_like and name.endswith(("EncoderModel", "ForTokenClassification", "ForQuestionAnswering")):
+            # T5's encoder stack (and its kin's) reads no cache, and the QA model hands its decoder cache=None: the
             # prefix reached no layer. The call failed inside the model (on the grown mask, or on a second cache
             # argument) or, unmasked, after the forward; HF PEFT refuses the first two as well
             raise ValueError(f"prefix tuning cannot adapt {name}: its attention layers are handed no key/value cache, "
