@@ -64,14 +64,18 @@ def lora_linear(
 
 def _number(op: str, name: str, value) -> float:
     """`value` as a float; a string is refused in words naming `op` and `name` (float() would parse it), and so is a
-    tensor that requires grad (the ops take the number as a constant: its gradient was lost in silence) or any
-    tensor under torch.compile (float() of a traced tensor failed deep inside dynamo)."""
+    tensor that would get a gradient (grad mode on and it requires grad: the ops take the number as a constant, and
+    its gradient was lost in silence) or any tensor under torch.compile (float() of a traced tensor failed deep
+    inside dynamo)."""
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
-    if isinstance(value, torch.Tensor) and (value.requires_grad or torch.compiler.is_compiling()):
-        why = (f"requires grad (the op takes {name} as a constant: no gradient would reach it)" if value.requires_grad
-               else "torch.compile cannot read as a number")
-        raise TypeError(f"{op}: {name} must be a Python number; got a tensor that {why}; pass float(t)")
+    if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling():
+            raise TypeError(f"{op}: {name} must be a Python number under torch.compile, got a tensor (which it cannot "
+                            "read as one, also through float()): pass a number into the compiled function")
+        if value.requires_grad and torch.is_grad_enabled():
+            raise TypeError(f"{op}: {name} must be a Python number; got a tensor that requires grad (the op takes "
+                            f"{name} as a constant: no gradient would reach it); pass float(t)")
     return float(value)
 
 
@@ -194,8 +198,8 @@ def density_loss(
 def default_density_threshold(eps: float) -> float:
     """|a| above which an activation counts as active: sqrt(eps), where a^2 / (a^2 + eps) = 1/2."""
     eps = _number("density_loss", "eps", eps)
-    if torch.compiler.is_compiling():  # symbolic with dynamic shapes; the fake kernel checks it (see _finite_scale)
-        return eps ** 0.5
+    if torch.compiler.is_compiling():  # maybe symbolic: the op's fake kernel checks it (see _finite_scale)
+        return abs(eps) ** 0.5  # (abs: a negative eps reaches that check, not a complex threshold)
     # sqrt of a negative eps is complex, which the op's schema then refuses in words about that; an infinite one
     # makes every gradient NaN
     if not (eps > 0.0 and math.isfinite(eps)):

@@ -470,6 +470,9 @@ def _reversible_coupling_fake(x, f, scale):
     return x.new_empty(x.shape)
 
 
+coupling_compute_dtype = opmath_dtype  # the dtype reversible_coupling computes in (its name before opmath_dtype)
+
+
 def coupling_scale_ok(scale: float, stream_dtype: torch.dtype) -> bool:
     """csrc/reversible.cpp's rule for a coupling's scale (MEFT's lam and beta): a normal number of the compute dtype
     (finite, nonzero and not subnormal: backward divides by it). Shared by the checks of the op, of

@@ -84,6 +84,14 @@ def test_a_tensor_that_requires_grad_is_refused_as_a_constant():
     torch.testing.assert_close(
         functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=torch.tensor(2.0)),
         reference.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=2.0))
+    # where no gradient is asked for (no_grad, merge_lora_), such a tensor is read as its number
+    want = reference.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=2.0)
+    with torch.no_grad():
+        got = functional.lora_linear(a["x"], a["weight"], a["lora_a"], a["lora_b"], scaling=s)
+    torch.testing.assert_close(got, want)
+    weight = a["weight"].clone()
+    functional.merge_lora_(weight, a["lora_a"], a["lora_b"], s)
+    torch.testing.assert_close(weight, a["weight"] + 2.0 * a["lora_b"] @ a["lora_a"])
 
 
 def test_a_scale_beyond_float32_is_refused_in_words():
@@ -198,3 +206,5 @@ def test_compiled_density_loss_takes_each_eps():
         for eps in (1e-3, 1e-2):
             for got, want in zip(compiled(a, eps), functional.density_loss(a, eps), strict=True):
                 torch.testing.assert_close(got, want)
+        with pytest.raises(Exception, match="eps must be positive and finite, got -0.001"):  # not a complex threshold
+            compiled(a, -1e-3)
