@@ -1753,6 +1753,51 @@ def test_save_embedding_layers_writes_a_resized_vocabulary_as_hf_peft_does(tmp_p
             tmp_path / "x", save_embedding_layers="yes")
 
 
+def test_embedding_layers_saved_beside_modules_to_save_copies_load_both_ways(tmp_path):
+    """modules_to_save on the embeddings with save_embedding_layers=True: HF PEFT's file (which also holds
+    <path>.modules_to_save.weight and <path>.original_module.weight) was refused as not fitting, and pefttorch wrote
+    the whole wrapper keyed with the adapter's name, which no other name (and not HF PEFT) could load."""
+    import warnings
+
+    family = FAMILIES["llama"]
+    ids = inputs_of(family)["input_ids"]
+
+    def trained(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    config = {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}
+    hf = trained(peft.get_peft_model(fresh(family), peft.LoraConfig(**config)))
+    hf.save_pretrained(tmp_path / "hf", save_embedding_layers=True)
+    ours = trained(get_peft_model(fresh(family), LoraConfig(**config), adapter_name="mine"))
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
+    for path, model in ((tmp_path / "hf", hf), (tmp_path / "ours" / "mine", ours)):
+        want = logits(model, {"input_ids": ids})
+        for loader in (PeftModel, peft.PeftModel):
+            with warnings.catch_warnings():
+                if loader is PeftModel:  # (an HF PEFT save's fields are all known; HF PEFT warns of its own keys)
+                    warnings.simplefilter("error", UserWarning)
+                loaded = loader.from_pretrained(fresh(family), path)
+            torch.testing.assert_close(logits(loaded, {"input_ids": ids}), want, rtol=0, atol=0)
+
+
+def test_an_hf_adapter_with_ensure_weight_tying_is_refused_by_name(tmp_path):
+    """HF PEFT's ensure_weight_tying=True ties a trained embedding copy to lm_head; its save holds an lm_head that
+    was loaded into the (tied) base embedding here in silence, so disable_adapter() and unload() no longer gave the
+    base model, and a re-save dropped the setting."""
+    family = FAMILIES["llama"]
+    base = fresh(family)
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                              ensure_weight_tying=True)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="this LoRA adapter uses ensure_weight_tying=True, which pefttorch does not"):
+        PeftModel.from_pretrained(fresh(family), tmp_path)
+
+
 def test_a_corrupt_adapter_file_is_named(tmp_path):
     """A config that is not JSON or not an object, and a truncated weights file, raised JSONDecodeError,
     AttributeError ('list' object has no attribute 'get') and SafetensorError, none naming the file."""

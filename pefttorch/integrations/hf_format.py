@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tuners.lora.config import LoraConfig
+from ..tuners.lora.layer import ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older HF PEFT saves (a pickled state dict)
@@ -57,6 +58,13 @@ def _embedding_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
         except (AttributeError, NotImplementedError):
             continue
         if layer is None:
+            continue
+        if isinstance(layer, ModulesToSaveWrapper):
+            # the layer's own tensors are its original's (HF PEFT's key: <path>.original_module.<key>); the trained
+            # copy is saved as modules_to_save (keyed with the adapter's name, the whole wrapper was written, under a
+            # key no other name could load)
+            if id(layer) in names:
+                out.append((f"{names[id(layer)]}.original_module", layer.original_module, layer))
             continue
         wrapped = getattr(layer, "base_layer", None)
         module = layer if wrapped is None else wrapped
@@ -140,6 +148,13 @@ def load_adapter_weights(directory: Path, lora_model, adapter_name: str) -> None
                 expected[key] = params[found].detach()
                 if found == plain and "base_model.model." + plain not in saved:
                     expected.pop("base_model.model." + plain, None)  # the file has it under the other key
+    # HF PEFT's save_embedding_layers=True also writes a modules_to_save copy of an embedding layer under its
+    # wrapper's key without the adapter name (<path>.modules_to_save.weight), the values of <path>.weight: the copy
+    for key in [k for k in set(saved) - set(expected) if ".modules_to_save." in k]:
+        plain = key.replace(".modules_to_save.", ".", 1)
+        if plain in expected:
+            value = saved.pop(key)
+            saved.setdefault(plain, value)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"

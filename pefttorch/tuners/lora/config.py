@@ -42,6 +42,9 @@ _UNSUPPORTED_PEFT_FIELDS = {
     "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "use_bdlora": None, "megatron_config": None, "kasa_config": None, "monteclora_config": None,
     "astra_config": None,  # HF PEFT 0.22: builds the adapter layers its own way
+    # ties a trained embedding copy to lm_head: a saved adapter with it holds an lm_head that was loaded into the
+    # (tied) base embedding here, and disable_adapter()/unload() no longer gave the base model
+    "ensure_weight_tying": False,
 }
 
 
@@ -118,11 +121,9 @@ class LoraConfig:
     # target_modules per model_type when the config gives none (AdaLoRA has HF PEFT's list of its own)
     default_target_modules: ClassVar[dict[str, list[str]]] = DEFAULT_TARGET_MODULES
     # HF PEFT's fields pefttorch lacks, accepted at their defaults (see reject_unknown_fields)
-    # (ensure_weight_tying=True ties a trained embedding copy to lm_head in HF PEFT: not ignored when training)
     FOREIGN_FIELDS: ClassVar[dict] = {**_UNSUPPORTED_PEFT_FIELDS,
                                       **{k: v if isinstance(v, AnyValue) else AnyValue(v)
-                                         for k, v in _IGNORED_PEFT_FIELDS.items()},
-                                      "ensure_weight_tying": False}
+                                         for k, v in _IGNORED_PEFT_FIELDS.items()}}
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
