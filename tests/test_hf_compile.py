@@ -95,3 +95,32 @@ def test_every_method_compiles_in_one_graph_with_eagers_gradients(name):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     finally:
         pefttorch.unfuse_rotary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ia3", "ssf", "adapter"])
+def test_a_hooked_adapter_added_to_a_model_compiled_in_place_is_not_left_out(method):
+    """torch.compile does not guard on module hooks by default: a base model compiled in place and run once (a
+    baseline evaluation) kept its graph once (IA)^3, SSF or adapter hooks were added, and computed the base model in
+    silence. The hooked methods make it guard, as the density loss does."""
+    import pefttorch
+
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default
+        torch.compiler.reset()
+        fam = FAMILIES["llama"]
+        base = fam.build().eval()
+        ids = fam.inputs(torch.Generator().manual_seed(0))["input_ids"]
+        base.compile(backend="eager")
+        with torch.no_grad():
+            plain = base(input_ids=ids).logits
+        config = {"ia3": pefttorch.IA3Config, "ssf": pefttorch.SsfConfig, "adapter": pefttorch.AdapterConfig}[method]()
+        model = pefttorch.get_peft_model(base, config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn_like(p))
+            got = model(input_ids=ids).logits
+            base._compiled_call_impl = None  # the same model, eager
+            want = model(input_ids=ids).logits
+        assert not torch.allclose(want, plain, atol=1e-3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ attribute forwarding to the wrapped model, modules_to_save, trainability, hooks,
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 
@@ -27,6 +28,23 @@ from .lora.model import (
     saves_module,
     warn_of_uncalled,
 )
+
+logger = logging.getLogger("pefttorch")
+
+
+def guard_module_hooks() -> None:
+    """Makes torch.compile guard its graphs on module hooks, which these methods (and the density loss) are made of.
+    By default it does not (torch._dynamo.config.skip_nnmodule_hook_guards): a graph compiled before the hooks were
+    added (the base model compiled in place and run once, or an earlier model of the same class in a sweep) was
+    reused, and the adapter or the loss term left out in silence. Graphs compiled before, without those guards, are
+    dropped (they recompile on their next call)."""
+    config = torch._dynamo.config
+    if getattr(config, "skip_nnmodule_hook_guards", False):  # (an option a later torch may drop)
+        logger.info("pefttorch: torch.compile now guards on module hooks (pefttorch's hooked methods and the density "
+                    "loss are hooks; torch._dynamo.config.skip_nnmodule_hook_guards=False), and its compiled graphs "
+                    "were reset")
+        config.skip_nnmodule_hook_guards = False
+        torch.compiler.reset()
 
 
 class HookedModel(Forwarding):
@@ -72,7 +90,12 @@ class HookedModel(Forwarding):
 
     def hook(self, handle) -> None:
         """Keeps a hook's handle, removed by unload()."""
+        guard_module_hooks()
         self._handles.append(handle)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
 
     def _wrappers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]

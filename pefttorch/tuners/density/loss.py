@@ -9,7 +9,6 @@ uses for an unrelated method.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import re
 import warnings
@@ -22,9 +21,8 @@ from torch import nn
 from ... import functional
 from ...nn.reversible import in_reversible_forward
 from .._config import module_names, plain_number
+from .._hooked import guard_module_hooks
 from .mlp import find_mlp_blocks
-
-logger = logging.getLogger("pefttorch")
 
 
 def output_loss(output) -> torch.Tensor | None:
@@ -143,7 +141,7 @@ class DensityLoss:
         self.config = config
         _check_not_attached(model)
         self.modules = _activation_modules(model, config)
-        _guard_module_hooks()
+        guard_module_hooks()
         # per layer, (loss, elements) of each of its calls in this step's training calls: a module that runs several
         # times in one forward (BERT's chunked feed-forward, a layer shared across depths) is one layer
         self._losses: dict[str, list[tuple[torch.Tensor, int]]] = {}
@@ -186,7 +184,7 @@ class DensityLoss:
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        _guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
+        guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
 
     @staticmethod
     def attached_to(model: nn.Module) -> DensityLoss | None:
@@ -443,14 +441,3 @@ def attach_density_loss(model: nn.Module, config: DensityLossConfig | None = Non
     return DensityLoss(model, config or DensityLossConfig())
 
 
-def _guard_module_hooks() -> None:
-    """Makes torch.compile guard its graphs on module hooks, which the density loss is made of. By default it does
-    not (torch._dynamo.config.skip_nnmodule_hook_guards): a graph compiled for a model of the same class without the
-    loss (an earlier model of a sweep, or this one before attaching) was reused, and the term left the loss in
-    silence. Graphs compiled before, without those guards, are dropped (they recompile on their next call)."""
-    config = torch._dynamo.config
-    if getattr(config, "skip_nnmodule_hook_guards", False):  # (an option a later torch may drop)
-        logger.info("pefttorch: torch.compile now guards on module hooks (the density loss is hooks; "
-                    "torch._dynamo.config.skip_nnmodule_hook_guards=False), and its compiled graphs were reset")
-        config.skip_nnmodule_hook_guards = False
-        torch.compiler.reset()
