@@ -3,6 +3,8 @@ to_dict/from_dict round trip of each."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import pefttorch
@@ -106,3 +108,24 @@ def test_patterns_given_as_none_are_empty():
     assert config.rank_pattern == {} and config.alpha_pattern == {}
     assert pefttorch.AdaLoraConfig(total_step=10, rank_pattern=None).rank_pattern == {}
     assert pefttorch.LoraConfig.from_dict({"r": 4, "rank_pattern": None}).rank_pattern == {}
+
+
+@pytest.mark.parametrize("name", ["LoraConfig", "IA3Config", "PromptTuningConfig", "AdapterConfig"])
+def test_modules_to_save_given_as_a_set_is_saved(name, tmp_path):
+    """HF PEFT takes a set of names; kept as given, it failed in json.dumps when the adapter was saved, after the
+    training (a task head added to it turned it into a list, hiding the bug for classifiers)."""
+    config = getattr(pefttorch, name)(modules_to_save={"lm_head", "embed_tokens"}, task_type="CAUSAL_LM")
+    assert config.modules_to_save == ["embed_tokens", "lm_head"]
+    config.save(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert type(config).from_dict(saved).modules_to_save == ["embed_tokens", "lm_head"]
+
+
+def test_replace_derives_incre_lora_s_defaults_again():
+    """incre_rank_num and new_rank_warmup left None are derived from target_rank and incre_interval; replace() passed
+    the old derived values back in, so a sweep built with base.replace(target_rank=r) grew by the base's rank step."""
+    base = pefttorch.IncreLoraConfig(target_rank=8, incre_interval=100)
+    assert base.replace(target_rank=16, incre_interval=10) == pefttorch.IncreLoraConfig(target_rank=16,
+                                                                                       incre_interval=10)
+    given = pefttorch.IncreLoraConfig(target_rank=8, incre_rank_num=3, new_rank_warmup=7)
+    assert (given.replace(target_rank=16).incre_rank_num, given.replace(incre_interval=2).new_rank_warmup) == (3, 7)

@@ -74,7 +74,10 @@ def reject_unknown_fields(cls):
         raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
 
     def replace(self, **changes):
-        """dataclasses.replace, keeping HF PEFT's fields given to this config (which it rebuilds without)."""
+        """dataclasses.replace, keeping HF PEFT's fields given to this config (which it rebuilds without), with the
+        fields the config derived from others (left None, filled in by __post_init__, listed in its `_derived`)
+        derived again: they followed the old values (IncreLoRA's incre_rank_num after replace(target_rank=...))."""
+        changes = {**{name: None for name in self.__dict__.get("_derived", ())}, **changes}
         copied = dataclasses.replace(self, **changes)
         if "_hf_peft_fields" in self.__dict__:
             copied.__dict__["_hf_peft_fields"] = dict(self.__dict__["_hf_peft_fields"])
@@ -207,6 +210,10 @@ def normalize_common(config, *dicts: str) -> None:
                          "default) to adapt every layer")
     if isinstance(config.modules_to_save, str):
         config.modules_to_save = [config.modules_to_save]
+    elif isinstance(config.modules_to_save, (set, frozenset)):  # (passed on to the JSON file, a set failed there)
+        config.modules_to_save = sorted(config.modules_to_save)
+    elif isinstance(config.modules_to_save, tuple):
+        config.modules_to_save = list(config.modules_to_save)
     heads = TASK_MODULES_TO_SAVE.get(config.task_type)
     if heads:  # added to the user's own, as HF PEFT does (given a list, the new head stayed frozen and unsaved)
         have = list(config.modules_to_save or [])

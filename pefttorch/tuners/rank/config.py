@@ -118,8 +118,10 @@ class IncreLoraConfig(LoraConfig):
         if self.target_rank < self.init_rank:
             raise bad(f"target_rank ({self.target_rank}) is below init_rank ({self.init_rank}): IncreLoRA only "
                       f"grows ranks (AdaLoraConfig prunes them)")
+        derived = self.__dict__.setdefault("_derived", set())  # what replace() derives again (see _config)
         if self.incre_rank_num is None:
             self.incre_rank_num = max(1, self.target_rank // 2)
+            derived.add("incre_rank_num")
         if not _positive_int(self.incre_rank_num):
             raise bad(f"incre_rank_num must be a positive integer, got {self.incre_rank_num!r}")
         if isinstance(self.init_warmup, bool) or not isinstance(self.init_warmup, int) or self.init_warmup < 0:
@@ -130,6 +132,7 @@ class IncreLoraConfig(LoraConfig):
                       f"{self.max_rank_per_module!r}: otherwise the budget cannot be reached")
         if self.new_rank_warmup is None:
             self.new_rank_warmup = self.incre_interval
+            derived.add("new_rank_warmup")
         if isinstance(self.new_rank_warmup, bool) or not isinstance(self.new_rank_warmup, int) \
                 or self.new_rank_warmup < 0:
             raise bad(f"new_rank_warmup must be an integer >= 0, got {self.new_rank_warmup!r}")
