@@ -488,7 +488,6 @@ class PeftModel(Forwarding):
         (merging is a pass over the adapted layers, quick enough not to need one)."""
         del progressbar
         self._check_adapter_names(adapter_names)
-        refuse_offloaded(self.get_base_model(), "a merge")  # (first: safe_merge's checks come before the tuner's)
         if isinstance(self.base_model, LoraModel):
             for _, wrapper in self.base_model.save_wrappers():
                 wrapper.merged_module(adapter_names)  # refuses two trained copies to keep before anything merges
@@ -505,11 +504,10 @@ class PeftModel(Forwarding):
         return model
 
     def _refuse_offloaded_unmerge(self) -> None:
-        """Disabling a merged adapter unmerges it, which offloaded weights cannot take (see refuse_offloaded)."""
-        base = self.get_base_model()
-        if getattr(self.base_model, "merged", False) is True or any(isinstance(m, LoraLayer) and m.merged
-                                                                     for m in base.modules()):
-            refuse_offloaded(base, "disabling a merged adapter (an unmerge)")
+        """Disabling merged vectors unmerges them, which offloaded weights cannot take (see refuse_offloaded; LoRA's
+        and BitFit's tuners check their own)."""
+        if getattr(self.base_model, "merged", False) is True:
+            refuse_offloaded(self.get_base_model(), "disabling a merged adapter (an unmerge)")
 
     def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
         """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained
@@ -522,10 +520,10 @@ class PeftModel(Forwarding):
             module = wrapper.merged_module(adapter_names if isinstance(self.base_model, LoraModel) else None)
             if module is not wrapper.original_module:
                 kept += [(f"{path}.{name}", p) for name, p in module.named_parameters()]
-        # the biases LoRA's bias setting trains, by the configs merged (requires_grad is off in a loaded adapter)
+        # the biases LoRA's bias setting trains, by every adapter's config (requires_grad is off in a loaded adapter;
+        # the biases are the base model's, kept whichever adapters merge)
         if isinstance(self.base_model, LoraModel):
-            names = adapter_names if adapter_names is not None else self.base_model.active_adapters
-            bias = {self.peft_config[n].bias for n in names}
+            bias = {c.bias for c in self.peft_config.values()}
             if "all" in bias:
                 kept += [(name, p) for name, p in self.base_model.model.named_parameters()
                          if _is_bias(name) and "lora_" not in name and ".modules_to_save." not in name
@@ -533,7 +531,9 @@ class PeftModel(Forwarding):
             elif "lora_only" in bias:
                 kept += [(f"{path}.base_layer.bias", layer.base_layer.bias) for path, layer in
                          self.base_model.lora_layers() if layer.base_layer.bias is not None]
-        bad = [name for name, p in kept if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        # (an offloaded tensor, on the meta device, holds no values to check: the merge's own refusal speaks)
+        bad = [name for name, p in kept
+               if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all())]
         if bad:
             raise ValueError(f"safe_merge: NaN or inf in the trained {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''}, which the merged model would keep; nothing was merged")

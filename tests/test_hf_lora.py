@@ -455,6 +455,11 @@ def test_safe_merge_refuses_a_non_finite_tensor_the_merged_model_keeps(kept, tmp
         model.merge_and_unload(safe_merge=True)
     after = model.get_base_model().state_dict()
     assert all(torch.equal(after[n], p) for n, p in before.items() if p.isfinite().all())
+    if kept == "bias":  # the biases stay whichever adapter merges: another adapter's merge is checked too
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"]))
+        with pytest.raises(ValueError, match=f"safe_merge: NaN or inf in the trained {re.escape(where)}"):
+            model.merge_and_unload(safe_merge=True, adapter_names=["other"])
+        model.delete_adapter("other")
     if kept == "bias":  # a loaded adapter (nothing requires grad) is checked by its config's bias setting too
         model.save_pretrained(tmp_path)
         loaded = PeftModel.from_pretrained(fresh(family), tmp_path)
@@ -2126,12 +2131,36 @@ def test_an_offloaded_model_refuses_merges_and_ranked_layers_say_why_they_fail(m
     model.merge_adapter()
     want = logits(model, inp)
     accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
-    for unmerge in (model.unmerge_adapter, model.base_model.unmerge_adapter, model.disable_adapter().__enter__,
-                    model.disable_adapter_layers, model.unload):
+    unmerges = [model.unmerge_adapter, model.base_model.unmerge_adapter, model.disable_adapter().__enter__,
+                model.disable_adapter_layers, model.unload]
+    if method != "ia3":  # (LoRA's layers unmerge in forward once disabled, or for set_adapter)
+        unmerges += [lambda: model.base_model.set_adapters_disabled(True), lambda: model.set_adapter("default")]
+    for unmerge in unmerges:
         with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* cannot write"):
             unmerge()
     torch.testing.assert_close(logits(model, inp), want)
     assert not torch.allclose(want, base_logits, atol=1e-4)
+    # merged before offloading, as advised, it merges and unloads (nothing left to write)
+    torch.testing.assert_close(logits(model.merge_and_unload(), inp), want)
+
+
+def test_an_offloaded_bitfit_model_refuses_to_swap_its_parameters():
+    """BitFit and LayerNorm tuning disable and unload by putting the original parameters back in the modules; an
+    offload hook loads its own copy of the tuned ones for each call, so the "base model" was the tuned one."""
+    accelerate = pytest.importorskip("accelerate")
+    from pefttorch import BitFitConfig
+
+    model = get_peft_model(fresh(FAMILIES["gpt2"]), BitFitConfig())
+    with torch.no_grad():
+        for p in model.base_model.adapter_parameters():
+            p.add_(0.5)
+    inp = inputs_of(FAMILIES["gpt2"])
+    want = logits(model, inp)
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    for swap in (model.disable_adapter().__enter__, model.unload, model.merge_and_unload):
+        with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* cannot write"):
+            swap()
+    torch.testing.assert_close(logits(model, inp), want)
 
 
 def test_a_pruned_ranked_module_on_an_offloaded_model_says_why_it_fails():

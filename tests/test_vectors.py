@@ -362,6 +362,12 @@ def test_a_module_with_an_integer_weight_gets_float32_vectors(config):
         assert all(p.dtype == torch.float32 for p in model.base_model.adapter_parameters())
         loss(model(**inputs("llama"))).backward()
         assert all(p.grad is not None for p in model.base_model.adapter_parameters())
+        # ... and no merge into the integers (the scaled weight was rounded and wrapped back into int8 in silence)
+        weight = attention.v_proj.weight.clone()
+        with pytest.raises(ValueError, match=r"cannot be merged into \['model.layers.0.self_attn.v_proj'\]: its "
+                                             r"weight is not floating point"):
+            model.merge_adapter()
+        assert torch.equal(attention.v_proj.weight, weight)
         base = model.unload()
 
 

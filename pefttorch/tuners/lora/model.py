@@ -431,6 +431,7 @@ class LoraModel(Forwarding):
         if merged:
             # a merged adapter left in the weights adds to the active ones, also to themselves (an inactive adapter
             # merged by name stayed in when the active adapters were set again): take all out, as HF PEFT does
+            refuse_offloaded(self.model, "unmerging for set_adapter")
             warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
             for layer in merged:
                 layer.unmerge()
@@ -497,6 +498,8 @@ class LoraModel(Forwarding):
             self._activate([a for a in self.active_adapters if a != name] or [next(iter(self.peft_config))])
 
     def set_adapters_disabled(self, disabled: bool) -> None:
+        if disabled and any(layer.merged for _, layer in self.lora_layers()):
+            refuse_offloaded(self.model, "disabling a merged adapter (an unmerge)")  # (the layers unmerge in forward)
         for _, layer in self.lora_layers():
             layer.disable_adapters = disabled
         for _, wrapper in self.save_wrappers():
@@ -508,7 +511,8 @@ class LoraModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
-        refuse_offloaded(self.model, "a merge")
+        if self._pending(adapter_names):  # (merged before offloading: nothing to write)
+            refuse_offloaded(self.model, "a merge")
         self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
         if safe_merge:
@@ -528,6 +532,11 @@ class LoraModel(Forwarding):
                                      "merged")
         for _, layer in self.lora_layers():
             layer.merge(adapter_names)
+
+    def _pending(self, adapter_names: list[str] | None) -> bool:
+        """Whether merging the active (or the given) adapters would write into a weight (one is not merged yet)."""
+        return any(n in layer.lora_A and n not in layer.merged_adapters for _, layer in self.lora_layers()
+                   for n in (layer.active_adapters if adapter_names is None else adapter_names))
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         merging = []
@@ -557,7 +566,7 @@ class LoraModel(Forwarding):
         copy if `merge` (see ModulesToSaveWrapper.merged_module), else the original (the model as it came, as HF
         PEFT 0.22 gives it; 0.21 gave the trained copy)."""
         # first: a refusal (two merged adapters with a copy each) comes before anything changed
-        if merge or any(layer.merged for _, layer in self.lora_layers()):
+        if self._pending(adapter_names) if merge else any(layer.merged for _, layer in self.lora_layers()):
             refuse_offloaded(self.model, "a merge" if merge else "an unmerge")
         kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
                 for name, wrapper in self.save_wrappers()}

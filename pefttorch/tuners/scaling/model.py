@@ -179,6 +179,11 @@ class VectorModel(HookedModel):
 
     def _check_mergeable(self) -> None:
         refuse_computed_weights("merging", [(s.path, s.module) for s in self.sites])
+        integer = [s.path for s in self.sites if not s.module.weight.is_floating_point()]
+        if integer:
+            # a quantized layer's integers: the scaled weight was rounded (and wrapped) back into them in silence
+            raise ValueError(f"{self.method} cannot be merged into {integer[:3]}{' ...' if len(integer) > 3 else ''}: "
+                             "its weight is not floating point (a quantized layer); unload() without merging")
         for s in self.sites:
             if is_linear(s.module) or isinstance(s.module, nn.LayerNorm):
                 continue

@@ -12,6 +12,7 @@ import weakref
 import torch
 from torch import nn
 
+from ...nn.lora import refuse_offloaded
 from .._hooked import HookedModel, exact_regex, find_modules, refuse_shared_modules
 from ..lora.model import PREFIX
 from ..scaling.model import is_norm
@@ -109,6 +110,8 @@ class SelectiveModel(HookedModel):
         return {f"{PREFIX}{path}.{middle}{name}": self.tuned[key] for path, _, name, key in self.slots}
 
     def on_disabled(self, disabled: bool) -> None:
+        # offloaded, the hooks load their own copy of the tuned values for each call: a swap changed nothing there
+        refuse_offloaded(self.model, "swapping the tuned parameters out (or in)")
         self._swap(tuned=not disabled)
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
@@ -123,6 +126,7 @@ class SelectiveModel(HookedModel):
     def restore(self, merge: bool) -> None:
         # the original Parameter objects go back (references the user holds stay valid), with the tuned values
         # when merging
+        refuse_offloaded(self.model, "giving the original parameters back")
         if merge:
             for key in self.tuned:
                 self.originals[key].copy_(self.tuned[key])
