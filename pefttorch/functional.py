@@ -71,8 +71,8 @@ def _number(op: str, name: str, value) -> float:
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
     if isinstance(value, torch.Tensor):
         if torch.compiler.is_compiling():
-            raise TypeError(f"{op}: {name} must be a Python number under torch.compile, got a tensor (which it cannot "
-                            "read as one, also through float()): pass a number into the compiled function")
+            raise TypeError(f"{op}: {name} must be a Python number under torch.compile, got a tensor (a graph break, "
+                            "an error under fullgraph=True): pass a number into the compiled function")
         if value.requires_grad and torch.is_grad_enabled():
             raise TypeError(f"{op}: {name} must be a Python number; got a tensor that requires grad (the op takes "
                             f"{name} as a constant: no gradient would reach it); pass float(t)")

@@ -470,7 +470,9 @@ def _reversible_coupling_fake(x, f, scale):
     return x.new_empty(x.shape)
 
 
-coupling_compute_dtype = opmath_dtype  # the dtype reversible_coupling computes in (its name before opmath_dtype)
+def coupling_compute_dtype(stream_dtype: torch.dtype) -> torch.dtype:
+    """The dtype reversible_coupling computes in (this name and argument came before reference.opmath_dtype)."""
+    return opmath_dtype(stream_dtype)
 
 
 def coupling_scale_ok(scale: float, stream_dtype: torch.dtype) -> bool:

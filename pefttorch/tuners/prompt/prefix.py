@@ -122,7 +122,7 @@ class _NeverUpdated(dict):
 
 
 # the model types built on T5's stacks, whose encoder-only and question answering models hand their layers no cache
-_T5_TYPES = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+_T5_TYPES = ("t5", "mt5", "umt5", "longt5", "switch_transformers", "udop")
 
 
 class PrefixModel(VirtualTokenModel):
