@@ -124,3 +124,18 @@ def test_a_hooked_adapter_added_to_a_model_compiled_in_place_is_not_left_out(met
             want = model(input_ids=ids).logits
         assert not torch.allclose(want, plain, atol=1e-3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_without_hooks_leaves_the_compile_guards_alone():
+    """BitFit and LayerNorm tuning swap parameters and add no hooks: copying such a model set the hook guards and
+    reset every compiled graph of the process all the same."""
+    import copy
+
+    import pefttorch
+
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        model = pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.LNTuningConfig())
+        copy.deepcopy(model)
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is True
+        copy.deepcopy(pefttorch.get_peft_model(FAMILIES["llama"].build(), pefttorch.IA3Config()))
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False

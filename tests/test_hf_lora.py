@@ -2144,6 +2144,50 @@ def test_an_offloaded_model_refuses_merges_and_ranked_layers_say_why_they_fail(m
     torch.testing.assert_close(logits(model.merge_and_unload(), inp), want)
 
 
+def test_offload_refusals_go_by_the_modules_written(tmp_path):
+    """Merged and disabled before offloading, the LoRA layers unmerged lazily in their forward into the placeholders
+    (the output stayed adapted, then the adapter applied twice); refusals went by the whole model, so offloading the
+    embeddings alone refused LayerNorm tuning's disable and LoRA's merge; safe_merge of a model merged before
+    offloading failed on meta weights."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import offload_state_dict
+
+    from pefttorch import LNTuningConfig
+
+    family = FAMILIES["llama"]
+    inp = inputs_of(family)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.merge_adapter()
+    model.disable_adapter_layers()
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded by 🤗 Accelerate .* where an unmerge cannot write"):
+        logits(model, inp)
+    model = get_peft_model(fresh(family), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    want = logits(model, inp)
+    model.merge_adapter()
+    accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    torch.testing.assert_close(logits(model.merge_and_unload(safe_merge=True), inp), want)
+    for i, config in enumerate((LNTuningConfig(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                init_lora_weights=False))):
+        base = fresh(family)
+        base_logits = logits(base, inp)
+        model = get_peft_model(base, config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3)
+        want = logits(model, inp)
+        tmp_folder = tmp_path / str(i)
+        offload_state_dict(tmp_folder, {"model.embed_tokens.weight": base.model.embed_tokens.weight.detach()})
+        accelerate.dispatch_model(base, device_map={"model.embed_tokens": "disk", "model.layers": "cpu",
+                                                    "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"},
+                                  main_device="cpu", offload_dir=tmp_folder)
+        with model.disable_adapter():
+            torch.testing.assert_close(logits(model, inp), base_logits, rtol=1e-5, atol=1e-5)
+        model.merge_adapter()  # the adapted modules are in memory: written as usual
+        torch.testing.assert_close(logits(model, inp), want, rtol=1e-4, atol=1e-4)
+
+
 def test_an_offloaded_bitfit_model_refuses_to_swap_its_parameters():
     """BitFit and LayerNorm tuning disable and unload by putting the original parameters back in the modules; an
     offload hook loads its own copy of the tuned ones for each call, so the "base model" was the tuned one."""

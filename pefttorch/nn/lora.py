@@ -216,15 +216,18 @@ def offloaded_at(model: nn.Module) -> str | None:
     return None
 
 
-def refuse_offloaded(model: nn.Module, doing: str) -> None:
-    """Refuses `doing` (a merge, an unmerge) on offloaded weights: it wrote into the meta placeholders while the hooks
-    went on loading the weights as they were, so the merged model computed the base model (and an unmerge or a
-    disable applied the adapter twice), in silence."""
-    at = offloaded_at(model)
-    if at is not None:
-        raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {at}), where {doing} cannot "
-                         "write (it would be lost in silence); merge and unmerge before offloading, or load the model "
-                         "without offloading (a device_map of devices only)")
+def refuse_offloaded(modules, doing: str, advice: str = "merge and unmerge before offloading") -> None:
+    """Refuses `doing` (a merge, an unmerge) on offloaded weights, those of the (path, module) pairs `modules`: it
+    wrote into the meta placeholders while the hooks went on loading the weights as they were, so the merged model
+    computed the base model (and an unmerge or a disable applied the adapter twice), in silence. Modules that are not
+    offloaded (another part of the model may be) are written as usual."""
+    for path, module in modules:
+        at = offloaded_at(module)
+        if at is not None:
+            at = path if at == "the top" else f"{path}.{at}" if path else at
+            raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {at}), where {doing} cannot "
+                             f"write (it would be lost in silence); {advice}, or load the model without offloading (a "
+                             "device_map of devices only)")
 
 
 def refuse_computed_weights(op: str, modules: list[tuple[str, nn.Module]]) -> None:

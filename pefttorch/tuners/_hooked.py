@@ -95,7 +95,8 @@ class HookedModel(Forwarding):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
+        if self._handles:  # (BitFit and LayerNorm tuning swap parameters: no hooks to guard)
+            guard_module_hooks()  # a loaded (or copied) model's process may have torch's default still
 
     def _wrappers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]

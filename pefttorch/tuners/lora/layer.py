@@ -17,6 +17,7 @@ from torch.nn.modules import module as module_globals
 
 from ... import functional
 from ...nn._scripting import NotScriptable
+from ...nn.lora import refuse_offloaded
 
 _conv1d: list = []  # transformers' Conv1D once looked up: an import statement per call cost every forward ~0.7 us
 
@@ -195,10 +196,13 @@ class LoraLayer(NotScriptable, nn.Module):
         """Adds the active (or the given) adapters into the base weight, each once."""
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
+                refuse_offloaded([("a LoRA layer's base_layer", self.base_layer)], "a merge")
                 self._merge(name, 1.0)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if self.merged_adapters:  # (also the disabled forward's: merged and disabled before offloading)
+            refuse_offloaded([("a LoRA layer's base_layer", self.base_layer)], "an unmerge")
         while self.merged_adapters:
             self._merge(self.merged_adapters.pop(), -1.0)
 

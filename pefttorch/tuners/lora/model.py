@@ -431,7 +431,7 @@ class LoraModel(Forwarding):
         if merged:
             # a merged adapter left in the weights adds to the active ones, also to themselves (an inactive adapter
             # merged by name stayed in when the active adapters were set again): take all out, as HF PEFT does
-            refuse_offloaded(self.model, "unmerging for set_adapter")
+            refuse_offloaded(self._bases(merged), "unmerging for set_adapter")
             warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
             for layer in merged:
                 layer.unmerge()
@@ -498,8 +498,9 @@ class LoraModel(Forwarding):
             self._activate([a for a in self.active_adapters if a != name] or [next(iter(self.peft_config))])
 
     def set_adapters_disabled(self, disabled: bool) -> None:
-        if disabled and any(layer.merged for _, layer in self.lora_layers()):
-            refuse_offloaded(self.model, "disabling a merged adapter (an unmerge)")  # (the layers unmerge in forward)
+        if disabled:  # (the layers unmerge in forward)
+            refuse_offloaded(self._bases(layer for _, layer in self.lora_layers() if layer.merged),
+                             "disabling a merged adapter (an unmerge)")
         for _, layer in self.lora_layers():
             layer.disable_adapters = disabled
         for _, wrapper in self.save_wrappers():
@@ -511,8 +512,8 @@ class LoraModel(Forwarding):
         """Adds the active (or the given) adapters into the base weights. With `safe_merge`, a layer whose merged
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
-        if self._pending(adapter_names):  # (merged before offloading: nothing to write)
-            refuse_offloaded(self.model, "a merge")
+        pending = self._pending(adapter_names)
+        refuse_offloaded(self._bases(pending), "a merge")  # (merged before offloading: nothing to write)
         self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
         if safe_merge:
@@ -521,6 +522,8 @@ class LoraModel(Forwarding):
             # refused merge changed the base weights by up to a bfloat16 step), and copies of them all would double
             # the memory of the adapted weights
             for name, layer in self.lora_layers():
+                if layer not in pending:
+                    continue
                 before, weight = list(layer.merged_adapters), layer.base_layer.weight.detach().clone()
                 layer.merge(adapter_names)
                 finite = bool(torch.isfinite(layer.base_layer.weight).all())
@@ -533,10 +536,16 @@ class LoraModel(Forwarding):
         for _, layer in self.lora_layers():
             layer.merge(adapter_names)
 
-    def _pending(self, adapter_names: list[str] | None) -> bool:
-        """Whether merging the active (or the given) adapters would write into a weight (one is not merged yet)."""
-        return any(n in layer.lora_A and n not in layer.merged_adapters for _, layer in self.lora_layers()
-                   for n in (layer.active_adapters if adapter_names is None else adapter_names))
+    def _pending(self, adapter_names: list[str] | None) -> list[LoraLayer]:
+        """The layers merging the active (or the given) adapters would write into (one is not merged there yet)."""
+        return [layer for _, layer in self.lora_layers()
+                if any(n in layer.lora_A and n not in layer.merged_adapters
+                       for n in (layer.active_adapters if adapter_names is None else adapter_names))]
+
+    def _bases(self, layers) -> list[tuple[str, nn.Module]]:
+        """(path, base layer) of `layers`, for refuse_offloaded."""
+        paths = {id(layer): path for path, layer in self.lora_layers()}
+        return [(f"{paths[id(layer)]}.base_layer", layer.base_layer) for layer in layers]
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         merging = []
@@ -555,8 +564,7 @@ class LoraModel(Forwarding):
         warn_of_tied_weights(self.model, merging, stacklevel=5)
 
     def unmerge_adapter(self) -> None:
-        if any(layer.merged for _, layer in self.lora_layers()):
-            refuse_offloaded(self.model, "an unmerge")
+        refuse_offloaded(self._bases(layer for _, layer in self.lora_layers() if layer.merged), "an unmerge")
         for _, layer in self.lora_layers():
             layer.unmerge()
 
@@ -566,8 +574,8 @@ class LoraModel(Forwarding):
         copy if `merge` (see ModulesToSaveWrapper.merged_module), else the original (the model as it came, as HF
         PEFT 0.22 gives it; 0.21 gave the trained copy)."""
         # first: a refusal (two merged adapters with a copy each) comes before anything changed
-        if self._pending(adapter_names) if merge else any(layer.merged for _, layer in self.lora_layers()):
-            refuse_offloaded(self.model, "a merge" if merge else "an unmerge")
+        written = self._pending(adapter_names) if merge else [layer for _, layer in self.lora_layers() if layer.merged]
+        refuse_offloaded(self._bases(written), "a merge" if merge else "an unmerge")
         kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
                 for name, wrapper in self.save_wrappers()}
         if merge:

@@ -109,9 +109,13 @@ class SelectiveModel(HookedModel):
         middle = "" if self.bitfit else "ln_tuning_layers."
         return {f"{PREFIX}{path}.{middle}{name}": self.tuned[key] for path, _, name, key in self.slots}
 
+    def _slot_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(path, module) for path, module, _, _ in self.slots]
+
     def on_disabled(self, disabled: bool) -> None:
         # offloaded, the hooks load their own copy of the tuned values for each call: a swap changed nothing there
-        refuse_offloaded(self.model, "swapping the tuned parameters out (or in)")
+        refuse_offloaded(self._slot_modules(), "swapping the tuned parameters out (or in)",
+                         "disable or unload before offloading")
         self._swap(tuned=not disabled)
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
@@ -126,7 +130,7 @@ class SelectiveModel(HookedModel):
     def restore(self, merge: bool) -> None:
         # the original Parameter objects go back (references the user holds stay valid), with the tuned values
         # when merging
-        refuse_offloaded(self.model, "giving the original parameters back")
+        refuse_offloaded(self._slot_modules(), "giving the original parameters back", "unload before offloading")
         if merge:
             for key in self.tuned:
                 self.originals[key].copy_(self.tuned[key])
