@@ -2186,6 +2186,16 @@ def test_offload_refusals_go_by_the_modules_written(tmp_path):
             torch.testing.assert_close(logits(model, inp), base_logits, rtol=1e-5, atol=1e-5)
         model.merge_adapter()  # the adapted modules are in memory: written as usual
         torch.testing.assert_close(logits(model, inp), want, rtol=1e-4, atol=1e-4)
+    # preload_module_classes hooks the decoder layers and nothing below them: the modules written have no hook of
+    # their own, but their weights are placeholders on the meta device (a merge went through, wrong, in silence)
+    for config in (LNTuningConfig(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)):
+        model = get_peft_model(fresh(family), config)
+        layer_class = type(model.get_base_model().model.layers[0]).__name__
+        accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"),
+                               preload_module_classes=[layer_class])
+        write = model.disable_adapter().__enter__ if isinstance(config, LNTuningConfig) else model.merge_adapter
+        with pytest.raises(ValueError, match=r"offloaded by 🤗 Accelerate \(at model.layers.0.* on the meta device\)"):
+            write()
 
 
 def test_an_offloaded_bitfit_model_refuses_to_swap_its_parameters():

@@ -192,17 +192,24 @@ class LoraLayer(NotScriptable, nn.Module):
         functional.merge_lora_(self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], sign=sign, fan_in_fan_out=self.fan_in_fan_out)
 
+    def _written(self) -> list[tuple[str, nn.Module]]:
+        """What a merge or unmerge of this layer writes and reads, named for refuse_offloaded (the tuner, which knows
+        the layer's path, checks first; this catches the disabled forward's lazy unmerge)."""
+        return [(f"this {type(self).__name__}'s {name}", getattr(self, name)) for name in ("base_layer", "lora_A",
+                                                                                         "lora_B")
+                if isinstance(getattr(self, name, None), nn.Module)]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Adds the active (or the given) adapters into the base weight, each once."""
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                refuse_offloaded([("a LoRA layer's base_layer", self.base_layer)], "a merge")
+                refuse_offloaded(self._written(), "a merge")
                 self._merge(name, 1.0)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         if self.merged_adapters:  # (also the disabled forward's: merged and disabled before offloading)
-            refuse_offloaded([("a LoRA layer's base_layer", self.base_layer)], "an unmerge")
+            refuse_offloaded(self._written(), "an unmerge", "merge, unmerge and disable adapters before offloading")
         while self.merged_adapters:
             self._merge(self.merged_adapters.pop(), -1.0)
 

@@ -543,9 +543,11 @@ class LoraModel(Forwarding):
                        for n in (layer.active_adapters if adapter_names is None else adapter_names))]
 
     def _bases(self, layers) -> list[tuple[str, nn.Module]]:
-        """(path, base layer) of `layers`, for refuse_offloaded."""
+        """(path, module) of what a merge or unmerge of `layers` writes and reads (the base layers, and the factors,
+        whose own offloading failed the merge half-way inside the kernel), for refuse_offloaded."""
         paths = {id(layer): path for path, layer in self.lora_layers()}
-        return [(f"{paths[id(layer)]}.base_layer", layer.base_layer) for layer in layers]
+        return [(f"{paths[id(layer)]}.{name}", getattr(layer, name)) for layer in layers
+                for name in ("base_layer", "lora_A", "lora_B") if isinstance(getattr(layer, name, None), nn.Module)]
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         merging = []

@@ -114,8 +114,8 @@ class SelectiveModel(HookedModel):
 
     def on_disabled(self, disabled: bool) -> None:
         # offloaded, the hooks load their own copy of the tuned values for each call: a swap changed nothing there
-        refuse_offloaded(self._slot_modules(), "swapping the tuned parameters out (or in)",
-                         "disable or unload before offloading")
+        refuse_offloaded(self._slot_modules(), f"swapping the tuned parameters {'out' if disabled else 'in'}",
+                         f"{'disable' if disabled else 'enable'} or unload before offloading")
         self._swap(tuned=not disabled)
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
