@@ -508,7 +508,7 @@ class PeftModel(Forwarding):
         and BitFit's tuners check their own)."""
         if getattr(self.base_model, "merged", False) is True:
             refuse_offloaded([(s.path, s.module) for s in getattr(self.base_model, "sites", [])],
-                             "disabling a merged adapter (an unmerge)")
+                             "disabling a merged adapter (an unmerge)", root=self.get_base_model())
 
     def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
         """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained

@@ -216,23 +216,25 @@ def offloaded_at(model: nn.Module) -> str | None:
     return None
 
 
-def refuse_offloaded(modules, doing: str, advice: str = "merge and unmerge before offloading") -> None:
+def refuse_offloaded(modules, doing: str, advice: str = "merge and unmerge before offloading", root=None) -> None:
     """Refuses `doing` (a merge, an unmerge) on offloaded weights, those of the (path, module) pairs `modules`: it
     wrote into the meta placeholders while the hooks went on loading the weights as they were, so the merged model
     computed the base model (and an unmerge or a disable applied the adapter twice), in silence. Modules that are not
     offloaded (another part of the model may be) are written as usual. A module counts as offloaded where a hook
-    under it offloads, or where a parameter of it is on the meta device: accelerate's preload_module_classes hooks
-    an ancestor and nothing below it (and a write into a meta tensor is lost whatever put it there)."""
+    under it offloads, or where a parameter of it is on the meta device while the model `root` is offloaded somewhere
+    (root True: the caller knows it is, its inputs being real): accelerate's preload_module_classes hooks an ancestor
+    and nothing below it. A model on the meta device alone (built there, no hooks) is no concern of this check."""
     for path, module in modules:
         at = offloaded_at(module)
         if at is not None:
             at = path if at == "the top" else f"{path}.{at}" if path else at
-        elif any(p.is_meta for p in module.parameters()):
+        elif root is not None and any(p.is_meta for p in module.parameters()) and (
+                root is True or offloaded_at(root) is not None):
             at = path
         if at is not None:
             raise ValueError(f"the model's weights are offloaded by 🤗 Accelerate (at {at}: on the meta device), where "
-                             f"{doing} cannot write (it would be lost in silence); {advice}, or load the model "
-                             "without offloading (a device_map of devices only)")
+                             f"{doing} cannot happen (a write there is lost in silence, a read finds no values); "
+                             f"{advice}, or load the model without offloading (a device_map of devices only)")
 
 
 def refuse_computed_weights(op: str, modules: list[tuple[str, nn.Module]]) -> None:

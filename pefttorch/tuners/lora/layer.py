@@ -84,7 +84,7 @@ def lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     if layer.disable_adapters and layer.merged:
         # disabled means the base model's output: take merged adapters back out first (as HF PEFT does)
-        layer.unmerge()
+        layer.unmerge(inputs_real=not x.is_meta)
     if layer.disable_adapters or layer.merged or not active:
         return base(x)
     if not all(calls_only_linear(m) for m in (base, layer.lora_A[active[0]], layer.lora_B[active[0]])):
@@ -207,9 +207,12 @@ class LoraLayer(NotScriptable, nn.Module):
                 self._merge(name, 1.0)
                 self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def unmerge(self, inputs_real: bool = False) -> None:
+        """Takes the merged adapters out of the base weight; `inputs_real`: called by a forward given real tensors,
+        where weights on the meta device are offloaded placeholders."""
         if self.merged_adapters:  # (also the disabled forward's: merged and disabled before offloading)
-            refuse_offloaded(self._written(), "an unmerge", "merge, unmerge and disable adapters before offloading")
+            refuse_offloaded(self._written(), "an unmerge", "merge, unmerge and disable adapters before offloading",
+                             root=True if inputs_real else None)
         while self.merged_adapters:
             self._merge(self.merged_adapters.pop(), -1.0)
 

@@ -431,7 +431,7 @@ class LoraModel(Forwarding):
         if merged:
             # a merged adapter left in the weights adds to the active ones, also to themselves (an inactive adapter
             # merged by name stayed in when the active adapters were set again): take all out, as HF PEFT does
-            refuse_offloaded(self._bases(merged), "unmerging for set_adapter")
+            refuse_offloaded(self._bases(merged), "unmerging for set_adapter", root=self.model)
             warnings.warn("set_adapter on a merged model: unmerging the merged adapters first", stacklevel=3)
             for layer in merged:
                 layer.unmerge()
@@ -500,7 +500,7 @@ class LoraModel(Forwarding):
     def set_adapters_disabled(self, disabled: bool) -> None:
         if disabled:  # (the layers unmerge in forward)
             refuse_offloaded(self._bases(layer for _, layer in self.lora_layers() if layer.merged),
-                             "disabling a merged adapter (an unmerge)")
+                             "disabling a merged adapter (an unmerge)", root=self.model)
         for _, layer in self.lora_layers():
             layer.disable_adapters = disabled
         for _, wrapper in self.save_wrappers():
@@ -513,7 +513,8 @@ class LoraModel(Forwarding):
         weight would hold a NaN or an inf is restored from a copy, what this call merged elsewhere is taken out
         again, and a ValueError says where."""
         pending = self._pending(adapter_names)
-        refuse_offloaded(self._bases(pending), "a merge")  # (merged before offloading: nothing to write)
+        # (merged before offloading: nothing to write)
+        refuse_offloaded(self._bases(pending), "a merge", root=self.model)
         self._check_mergeable(adapter_names)
         self._warn_of_tied_weights(adapter_names)
         if safe_merge:
@@ -566,7 +567,8 @@ class LoraModel(Forwarding):
         warn_of_tied_weights(self.model, merging, stacklevel=5)
 
     def unmerge_adapter(self) -> None:
-        refuse_offloaded(self._bases(layer for _, layer in self.lora_layers() if layer.merged), "an unmerge")
+        refuse_offloaded(self._bases(layer for _, layer in self.lora_layers() if layer.merged), "an unmerge",
+                         root=self.model)
         for _, layer in self.lora_layers():
             layer.unmerge()
 
@@ -577,7 +579,7 @@ class LoraModel(Forwarding):
         PEFT 0.22 gives it; 0.21 gave the trained copy)."""
         # first: a refusal (two merged adapters with a copy each) comes before anything changed
         written = self._pending(adapter_names) if merge else [layer for _, layer in self.lora_layers() if layer.merged]
-        refuse_offloaded(self._bases(written), "a merge" if merge else "an unmerge")
+        refuse_offloaded(self._bases(written), "a merge" if merge else "an unmerge", root=self.model)
         kept = {name: wrapper.merged_module(adapter_names) if merge else wrapper.original_module
                 for name, wrapper in self.save_wrappers()}
         if merge:

@@ -382,7 +382,7 @@ class RankedLoraLayer(LoraLayer):
         active = [n for n in self.active_adapters if n in self.lora_A]
         base = self.base_layer
         if self.disable_adapters and self.merged:
-            self.unmerge()  # disabled means the base model's output (see lora_forward)
+            self.unmerge(inputs_real=not x.is_meta)  # disabled means the base model's output (see lora_forward)
         if self.disable_adapters or self.merged or not active:
             return base(x)
         name = active[0]  # one ranked adapter per model (RankedLoraModel enforces it)

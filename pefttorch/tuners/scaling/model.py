@@ -200,7 +200,7 @@ class VectorModel(HookedModel):
         names the module, with nothing merged."""
         if self.merged:
             return
-        refuse_offloaded([(s.path, s.module) for s in self.sites], "a merge")
+        refuse_offloaded([(s.path, s.module) for s in self.sites], "a merge", root=self.model)
         self._check_mergeable()
         warn_of_tied_weights(self.model, [(s.path, f"{s.path}.weight", s.module.weight) for s in self.sites],
                              stacklevel=5)  # (torch.no_grad's wrapper is a frame too)
@@ -220,7 +220,7 @@ class VectorModel(HookedModel):
         """Takes the vectors out of the weights again (exact up to rounding; a scale of zero cannot be undone)."""
         if not self.merged:
             return
-        refuse_offloaded([(s.path, s.module) for s in self.sites], "an unmerge")
+        refuse_offloaded([(s.path, s.module) for s in self.sites], "an unmerge", root=self.model)
         vectors = [(s, self.scales[key].view(-1), self.shifts[key] if key in self.shifts else None)
                    for key, s in zip(self.keys, self.sites, strict=True)]
         # every site is checked before any weight changes: a raise midway left the earlier sites divided and the

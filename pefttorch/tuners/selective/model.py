@@ -115,7 +115,7 @@ class SelectiveModel(HookedModel):
     def on_disabled(self, disabled: bool) -> None:
         # offloaded, the hooks load their own copy of the tuned values for each call: a swap changed nothing there
         refuse_offloaded(self._slot_modules(), f"swapping the tuned parameters {'out' if disabled else 'in'}",
-                         f"{'disable' if disabled else 'enable'} or unload before offloading")
+                         f"{'disable' if disabled else 'enable'} or unload before offloading", root=self.model)
         self._swap(tuned=not disabled)
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
@@ -130,7 +130,8 @@ class SelectiveModel(HookedModel):
     def restore(self, merge: bool) -> None:
         # the original Parameter objects go back (references the user holds stay valid), with the tuned values
         # when merging
-        refuse_offloaded(self._slot_modules(), "giving the original parameters back", "unload before offloading")
+        refuse_offloaded(self._slot_modules(), "giving the original parameters back", "unload before offloading",
+                         root=self.model)
         if merge:
             for key in self.tuned:
                 self.originals[key].copy_(self.tuned[key])
