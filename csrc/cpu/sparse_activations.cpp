@@ -6,9 +6,9 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 #include "../common/checks.h"
+#include "../common/density.h"
 #include "../ops.h"
 
 namespace pefttorch {
@@ -33,11 +33,8 @@ std::tuple<at::Tensor, at::Tensor> density_forward_cpu(const at::Tensor& a, doub
         int64_t n = 0;
         const int64_t stop = std::min(a.numel(), (c + 1) * kChunk);
         for (int64_t i = c * kChunk; i < stop; ++i) {
-          const acc_t v = static_cast<acc_t>(p[i]), v2 = v * v;
-          // |v| above sqrt(max): v2 is inf and inf / inf NaN, where the term's limit is 1 (the gradient's is 0)
-          // (an inf activation stays NaN, as its gradient is: only a finite one's square is taken to its limit)
-          s += v2 > std::numeric_limits<acc_t>::max() && std::abs(v) <= std::numeric_limits<acc_t>::max()
-                   ? 1.0 : static_cast<double>(v2 / (v2 + e));
+          const acc_t v = static_cast<acc_t>(p[i]);
+          s += density_term(v, e);
           n += std::abs(v) > thr;
         }
         sums[c] = s;

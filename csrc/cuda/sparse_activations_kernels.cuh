@@ -15,7 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
+
+#include "../common/density.h"
 
 namespace pefttorch::cuda {
 
@@ -50,11 +51,8 @@ __global__ void __launch_bounds__(kReduceThreads)
   long long cnt = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const acc_t v = static_cast<acc_t>(a[i]), v2 = v * v;
-    // |v| above sqrt(max): v2 is inf and inf / inf NaN, where the term's limit is 1 (the gradient's is 0)
-    // (an inf activation stays NaN, as its gradient is: only a finite one's square is taken to its limit)
-    const acc_t big = std::numeric_limits<acc_t>::max();
-    sum += v2 > big && (v < 0 ? -v : v) <= big ? 1.0 : static_cast<double>(v2 / (v2 + e));
+    const acc_t v = static_cast<acc_t>(a[i]);
+    sum += density_term(v, e);
     cnt += (v < 0 ? -v : v) > thr;
   }
   s_sum[threadIdx.x] = sum;
