@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn.lora import offloaded_at, refuse_offloaded
+from .nn.lora import offloaded_at
 from .tuners._config import TASK_MODULES_TO_SAVE, read_config
 from .tuners._forwarding import Forwarding
 from .tuners._hooked import HookedModel
@@ -310,7 +310,6 @@ class PeftModel(Forwarding):
     def disable_adapter_layers(self) -> None:
         """Switches every adapter off until :meth:`enable_adapter_layers` (HF PEFT's; ``disable_adapter()`` is
         the same as a context manager); adapters added meanwhile start disabled (HF PEFT's would run)."""
-        self._refuse_offloaded_unmerge()
         self.base_model.set_adapters_disabled(True)
 
     def enable_adapter_layers(self) -> None:
@@ -448,7 +447,6 @@ class PeftModel(Forwarding):
     def disable_adapter(self):
         """Within the block the model computes as the base model (modules_to_save use their originals), also with
         adapters added in it: they start disabled, and are enabled with the others on leaving it."""
-        self._refuse_offloaded_unmerge()
         self.base_model.set_adapters_disabled(True)
         try:
             yield
@@ -502,13 +500,6 @@ class PeftModel(Forwarding):
         # before, with its density loss (detached first, the loss changed in silence)
         self._detach_density_loss()
         return model
-
-    def _refuse_offloaded_unmerge(self) -> None:
-        """Disabling merged vectors unmerges them, which offloaded weights cannot take (see refuse_offloaded; LoRA's
-        and BitFit's tuners check their own)."""
-        if getattr(self.base_model, "merged", False) is True:
-            refuse_offloaded([(s.path, s.module) for s in getattr(self.base_model, "sites", [])],
-                             "disabling a merged adapter (an unmerge)", root=self.get_base_model())
 
     def _refuse_non_finite_kept(self, adapter_names: list[str] | None) -> None:
         """safe_merge's check of what merge_and_unload keeps as trained, beside the merged weights: the trained
